@@ -63,6 +63,7 @@ def train(
     grace: float = 5.0,
     hang_s: float = 12.0,
     dp: int = 1,
+    data_parallel: str | None = None,
     accumulate: int = 1,
 ) -> None:
     """Train `steps` SGD steps of zoo `model` on the pipeline; rank 0 saves losses and the full state dict."""
@@ -89,6 +90,7 @@ def train(
         heartbeat_timeout=heartbeat_timeout,
         grace=grace,
         mesh=mesh,
+        data_parallel=data_parallel,
     )
     materialized = sum(t.numel() for t in pipe.state_dict().values() if not t.is_meta)
     opt = torch.optim.SGD(pipe.parameters(), lr=lr)
@@ -131,7 +133,11 @@ def train(
     state = pipe.full_state_dict()
     pipe.close()
     if rank == 0 and out:
-        torch.save({"losses": losses, "state": state, "times": times, "materialized": materialized}, out)
+        wrappers = [type(m).__name__ for m in pipe.stage_submodules]
+        torch.save(
+            {"losses": losses, "state": state, "times": times, "materialized": materialized, "wrappers": wrappers},
+            out,
+        )
 
 
 def reference(

@@ -21,7 +21,7 @@ import torch
 import partitioner
 import zoo
 from partitioner.launch import free_port, spawn
-from partitioner.runtime.distributed import PEER_FAILURE_EXIT_CODE, StageAdapter, stage_ranks
+from partitioner.runtime.distributed import PEER_FAILURE_EXIT_CODE, StageAdapter, data_parallel_mode, stage_ranks
 from partitioner.runtime.materialize import materialize_modules, record_init
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -170,16 +170,46 @@ def test_pipeline_training_20_steps(model: str, stages: int, ranks: int, schedul
     _assert_matches_reference(model, 20, got)
 
 
+_DP_CASES = [  # (wrapper, schedule, stages): zbv puts the tied embedding and LM head on one rank (one Parameter)
+    ("ddp", "1f1b", 2),
+    ("fsdp", "zbv", 4),
+    pytest.param("fsdp", "1f1b", 2, marks=pytest.mark.slow),
+    pytest.param("ddp", "interleaved", 4, marks=pytest.mark.slow),
+    pytest.param("fsdp", "interleaved", 4, marks=pytest.mark.slow),
+    pytest.param("fsdp", "zero-bubble", 4, marks=pytest.mark.slow),
+]
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_data_parallel_pipelines_match_single_process_on_the_whole_batch(tmp_path: Path) -> None:
-    """dp=2 x pp=2 on a ("dp", "pp") DeviceMesh: each replica trains on its half of a 2x batch."""
-    results, got = _run(4, tmp_path, model="gpt3-tiny", stages=2, schedule="1f1b", steps=3, dp=2)
+@pytest.mark.parametrize(("wrapper", "schedule", "stages"), _DP_CASES)
+def test_data_parallel_pipelines_match_single_process_on_the_whole_batch(
+    wrapper: str, schedule: str, stages: int, tmp_path: Path
+) -> None:
+    """dp=2 x pp=2 on a ("dp", "pp") DeviceMesh, stages in torch's DDP or FSDP2: each replica trains on its half of
+    a 2x batch; losses and the gathered weights equal single-process training on the whole batch."""
+    results, got = _run(
+        4, tmp_path, model="gpt3-tiny", stages=stages, schedule=schedule, steps=3, dp=2, data_parallel=wrapper
+    )
     _assert_ok(results)
+    expected = {"ddp": "DistributedDataParallel", "fsdp": "FSDPStageAdapter"}[wrapper]
+    assert got["wrappers"] == [expected] * (stages // 2)
     losses, state = reference("gpt3-tiny", microbatches=2 * MICRO, batch=2 * BATCH, steps=3, lr=LR, seed=SEED)
     assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
+    assert set(got["state"]) == set(state)
     for name, ref in state.items():
-        torch.testing.assert_close(got["state"][name], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["state"][name], ref, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_ddp_is_refused_for_zero_bubble_schedules_and_fsdp_is_their_default() -> None:
+    """DDP's reducer does not see the split (input / weight) backward: it would leave gradients unreduced."""
+    assert data_parallel_mode(None, "1f1b") == "ddp" and data_parallel_mode(None, "interleaved") == "ddp"
+    assert data_parallel_mode(None, "zbv") == "fsdp" and data_parallel_mode("fsdp", "gpipe") == "fsdp"
+    for schedule in ("zero-bubble", "zbv"):
+        with pytest.raises(ValueError, match="use data_parallel='fsdp'"):
+            data_parallel_mode("ddp", schedule)
+    with pytest.raises(ValueError, match="choose one of"):
+        data_parallel_mode("zero3", "1f1b")
 
 
 @pytest.mark.distributed

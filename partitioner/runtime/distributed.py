@@ -51,9 +51,13 @@ Contracts (what ``DistributedPipeline`` guarantees):
 
 Meshes: pass ``mesh``, a ``DeviceMesh`` with a "pp" dim and optionally "dp" and "tp". Every line of the mesh
 along "pp" is one pipeline (tied-weight groups are built per line from global ranks). Data parallelism ("dp"):
-each replica is fed its own shard of the batch; after the step every gradient is averaged over "dp" (one flat
-all-reduce, not overlapped with the backward, unlike DDP) and the returned loss is the mean over replicas, so
-dp x pp equals single-process training on the concatenated batch (tested: dp=2 x pp=2). Tensor parallelism
+each replica is fed its own shard of the batch; every stage is wrapped in torch's ``DistributedDataParallel``
+or ``fully_shard`` (FSDP2) over "dp" (``data_parallel=``; see ``partitioner.runtime.data_parallel``), which
+torch's schedules drive (no sync until the last microbatch's backward, or the final REDUCE_GRAD); tied copies
+are left out of the wrappers and averaged over "dp" after their owners' sum. The returned loss is the mean over
+replicas, so dp x pp equals single-process training on the concatenated batch (tested: dp=2 x pp=2 with DDP
+and FSDP, every schedule). With FSDP, ``state_dict()`` holds DTensor shards and ``full_state_dict()`` gathers
+them (collective over the whole world then). Tensor parallelism
 ("tp"): the stage modules given are then one tp rank's (``passes.tensor_parallel.tensor_parallel_rank`` before
 the split), their collectives run over the "tp" group inside the stage; this runtime does not look inside
 (tested: pp=2 x tp=2 on GPT-3 and BERT tiny; ``state_dict`` then holds tp shards under the original names, see
@@ -64,10 +68,6 @@ the plan check and the fault monitor span the whole world.
 from __future__ import annotations
 
 import hashlib
-import os
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -85,6 +85,8 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 from partitioner.capture import CapturedGraph
 from partitioner.passes.split import StageModule
 from partitioner.plan.schema import Plan
+from partitioner.runtime.data_parallel import DATA_PARALLEL_MODES, full_tensor, load_into, wrap_stage
+from partitioner.runtime.faults import PEER_FAILURE_EXIT_CODE, FaultMonitor, PeerFailureError
 from partitioner.runtime.materialize import StateDictSource, WeightSource, materialize_modules
 
 __all__ = [
@@ -95,6 +97,7 @@ __all__ = [
     "PeerFailureError",
     "PlanMismatchError",
     "StageAdapter",
+    "data_parallel_mode",
     "distribute",
     "init_process_group",
     "stage_ranks",
@@ -110,19 +113,10 @@ SCHEDULE_CLASSES: dict[str, str] = {
     "zbv": "ZBVZeroBubble",
 }
 _SINGLE_STAGE = ("gpipe", "1f1b")
-PEER_FAILURE_EXIT_CODE = 75  # a watchdog ended this rank because another rank failed
 
 
 class PlanMismatchError(RuntimeError):
     """Ranks were started with different plans (or schedules, or stage counts)."""
-
-
-class PeerFailureError(RuntimeError):
-    """This rank's step failed because another rank failed; `failed_rank` says which."""
-
-    def __init__(self, message: str, failed_rank: int | None):
-        super().__init__(message)
-        self.failed_rank = failed_rank
 
 
 def init_process_group(timeout_s: float = 60.0, backend: str = "gloo") -> dist.ProcessGroup:
@@ -180,6 +174,26 @@ def distribute(
     rank_gm = tensor_parallel_rank(cm.captured.graph_module, cm.tensor_parallel_plan, comm.rank, comm, source=source)
     stages = split_stages(rank_gm, stage_of_rank_nodes(rank_gm, plan.node_stage), plan.num_stages)
     return DistributedPipeline(plan, cm.captured, stages, weights=weights, mesh=mesh, **kwargs)
+
+
+def data_parallel_mode(requested: str | None, schedule: str) -> str:
+    """The data-parallel wrapper for `schedule`: `requested`, or by default "ddp" ("fsdp" for zero-bubble ones).
+
+    torch pipelining drives DDP's reducer from the full backward of the last microbatch; zero-bubble schedules
+    split that backward into input and weight parts, which DDP's hooks do not follow (its gradients would go
+    unreduced: replicas would drift apart silently), so "ddp" is refused there. FSDP2 is reduced by the
+    schedule's own REDUCE_GRAD action and works with every schedule.
+    """
+    if requested is not None and requested not in DATA_PARALLEL_MODES:
+        raise ValueError(f"data_parallel={requested!r}: choose one of {DATA_PARALLEL_MODES}")
+    split_backward = schedule in ("zero-bubble", "zbv")
+    if requested == "ddp" and split_backward:
+        raise ValueError(
+            f"data_parallel='ddp' cannot be used with schedule {schedule!r}: torch pipelining splits its backward "
+            "into input and weight gradients, which DDP's reducer does not see; use data_parallel='fsdp' (or "
+            "leave it unset), or a gpipe / 1f1b / interleaved schedule"
+        )
+    return requested or ("fsdp" if split_backward else "ddp")
 
 
 def stage_ranks(schedule: str, num_stages: int, ranks: int) -> list[int]:
@@ -306,169 +320,6 @@ def _scalar_inputs(module: fx.GraphModule) -> dict[int, str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Fault monitor
-# --------------------------------------------------------------------------------------------------------------
-
-
-class FaultMonitor:
-    """Failure reports, heartbeats and a watchdog over the rendezvous store of one pipeline group.
-
-    Keys (under a per-pipeline prefix): ``fail/{rank}`` = "<error>" posted by a rank whose step raised;
-    ``hb/{rank}`` = wall time, refreshed every ``heartbeat_s`` by a daemon thread. While ``watch()`` is active
-    (the body of a step), the thread also checks the peers: when one has posted a failure, or its heartbeat is
-    older than ``heartbeat_timeout``, and this rank is still inside the step ``grace`` seconds later, it writes
-    the reason to stderr and ends the process with ``PEER_FAILURE_EXIT_CODE``. Losing the store itself (it
-    lives on global rank 0) counts as rank 0's failure.
-    """
-
-    def __init__(
-        self,
-        store: dist.Store,
-        rank: int,
-        world: int,
-        *,
-        heartbeat_s: float = 1.0,
-        heartbeat_timeout: float = 10.0,
-        grace: float = 5.0,
-        exit_on_peer_failure: bool = True,
-    ):
-        self.store, self.rank, self.world = store, rank, world
-        self.heartbeat_s, self.heartbeat_timeout, self.grace = heartbeat_s, heartbeat_timeout, grace
-        self.exit_on_peer_failure = exit_on_peer_failure
-        self._in_step = threading.Event()
-        self._stop = threading.Event()
-        self._beat()
-        self._thread = threading.Thread(target=self._run, name=f"partitioner-watchdog-{rank}", daemon=True)
-        self._thread.start()
-
-    # -- reports ------------------------------------------------------------------------------------------------
-    def report(self, error: BaseException) -> None:
-        """Post this rank's failure (first lines of the error and of its root cause) for the peers; never raises."""
-        root = error
-        while root.__cause__ is not None:
-            root = root.__cause__
-        text = _first_line(error) + (f" (caused by {_first_line(root)})" if root is not error else "")
-        try:
-            self.store.set(f"fail/{self.rank}", text[:500])
-        except Exception:  # the store may be gone with its host; the peers see our heartbeat stop instead
-            pass
-
-    def failures(self) -> dict[int, str]:
-        """Failures posted by the other ranks so far: rank -> error text."""
-        keys = [f"fail/{r}" for r in range(self.world) if r != self.rank]
-        found = {}
-        for r, key in zip([r for r in range(self.world) if r != self.rank], keys):
-            if self.store.check([key]):
-                found[r] = self.store.get(key).decode(errors="replace")
-        return found
-
-    def stale(self) -> dict[int, float]:
-        """Peers whose heartbeat is older than `heartbeat_timeout`: rank -> seconds since it beat."""
-        now, out = time.time(), {}
-        for r in range(self.world):
-            if r == self.rank:
-                continue
-            key = f"hb/{r}"
-            if self.store.check([key]):
-                age = now - float(self.store.get(key).decode())
-                if age > self.heartbeat_timeout:
-                    out[r] = age
-        return out
-
-    def diagnose(self, wait: float) -> tuple[int | None, str]:
-        """Which peer failed, waiting up to `wait` s for a report or a stale heartbeat: (rank, reason)."""
-        deadline = time.time() + wait
-        while True:
-            try:
-                failed = self.failures()
-                if failed:
-                    r = min(failed)
-                    return r, f"rank {r} failed: {failed[r]}"
-                stale = self.stale()
-                if stale:
-                    r = min(stale)
-                    return r, f"rank {r} stopped (no heartbeat for {stale[r]:.1f} s: it died or was killed)"
-            except Exception as e:  # the store is served by global rank 0
-                return 0, f"rank 0 (host of the rendezvous store) is unreachable ({type(e).__name__}: {e})"
-            if time.time() >= deadline:
-                return None, "no peer reported a failure"
-            time.sleep(0.2)
-
-    # -- the step guard -----------------------------------------------------------------------------------------
-    def watch(self) -> _Watch:
-        """Context manager for the body of a step (see the class docstring)."""
-        return _Watch(self)
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def _beat(self) -> None:
-        self.store.set(f"hb/{self.rank}", repr(time.time()))
-
-    def _run(self) -> None:
-        first_seen: float | None = None
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                self._beat()
-            except Exception:
-                pass
-            if not self._in_step.is_set():
-                first_seen = None
-                continue
-            rank, reason = self.diagnose(wait=0.0)
-            if rank is None:
-                first_seen = None
-                continue
-            first_seen = first_seen or time.time()
-            if time.time() - first_seen >= self.grace and self._in_step.is_set() and self.exit_on_peer_failure:
-                sys.stderr.write(
-                    f"[partitioner rank {self.rank}] pipeline peer failure: {reason}; this rank is blocked in "
-                    f"the pipeline, exiting with code {PEER_FAILURE_EXIT_CODE}\n"
-                )
-                sys.stderr.flush()
-                os._exit(PEER_FAILURE_EXIT_CODE)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
-def _is_comm_error(exc: BaseException) -> bool:
-    """Whether `exc` (or its causes) is a collective / p2p failure rather than an error of this rank's code."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        text = str(seen)
-        if isinstance(seen, dist.DistError) or "gloo" in text or "Connection closed" in text or "Timed out" in text:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-class _Watch:
-    def __init__(self, monitor: FaultMonitor):
-        self.monitor = monitor
-
-    def __enter__(self) -> None:
-        self.monitor._in_step.set()
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> bool:
-        self.monitor._in_step.clear()
-        if exc is None or isinstance(exc, PeerFailureError):
-            return False
-        # Did a peer fail first? Its report explains our error; a communication error with no report waits for a
-        # dead peer's heartbeat to go stale. Otherwise the failure is ours: report it for the peers.
-        wait = self.monitor.heartbeat_timeout + 2.0 if _is_comm_error(exc) else 1.0
-        rank, reason = self.monitor.diagnose(wait=wait)
-        if rank is not None:
-            raise PeerFailureError(f"pipeline rank {self.monitor.rank}: step failed because {reason}", rank) from exc
-        self.monitor.report(exc)
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"raised on pipeline rank {self.monitor.rank}")
-        return False
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------------------------
 
@@ -505,6 +356,7 @@ class DistributedPipeline:
         monitor: bool = True,
         heartbeat_timeout: float = 10.0,
         grace: float = 5.0,
+        data_parallel: str | None = None,
     ):
         self.plan, self.captured = plan, captured
         dims = tuple(mesh.mesh_dim_names or ()) if mesh is not None else ()
@@ -520,6 +372,7 @@ class DistributedPipeline:
         self.ranks = dist.get_world_size(self.group)
         self.device = torch.device(device)
         self.schedule_name = schedule or plan.schedule
+        self.data_parallel = data_parallel_mode(data_parallel, self.schedule_name)
         self.num_stages = plan.num_stages
         self.microbatches = plan.microbatches
         self.stage_rank = stage_ranks(self.schedule_name, self.num_stages, self.ranks)
@@ -550,17 +403,24 @@ class DistributedPipeline:
                         dist.broadcast(p.data, src=self._global(tied.ranks[0]), group=tied.group)
                         break
 
-        # Phase 5: torch stages (optionally checkpointed), static metadata when known.
+        # Phase 5: torch stages (optionally checkpointed; wrapped in DDP or FSDP over "dp"), static metadata when known.
         ckpt = set(range(self.num_stages)) if checkpoint is True else set(checkpoint or ())
+        tied_tensors = [t for tied in self._tied for t in self._tensors_named(tied.canonical)]
+        self.stage_submodules: list[nn.Module] = []
+        for st in self.local_stages:
+            adapter: nn.Module = StageAdapter(
+                st.module,
+                _scalar_inputs(st.module),
+                checkpoint=st.index in ckpt,
+                clone_outputs=self.schedule_name in ("zero-bubble", "zbv"),
+                device=self.device,
+            )
+            if self.dp > 1:
+                adapter = wrap_stage(adapter, self.data_parallel, self.mesh["dp"], exclude=tied_tensors)
+            self.stage_submodules.append(adapter)
         self.pipeline_stages = [
             PipelineStage(
-                StageAdapter(
-                    st.module,
-                    _scalar_inputs(st.module),
-                    checkpoint=st.index in ckpt,
-                    clone_outputs=self.schedule_name in ("zero-bubble", "zbv"),
-                    device=self.device,
-                ),
+                adapter,
                 st.index,
                 self.num_stages,
                 self.device,
@@ -568,7 +428,7 @@ class DistributedPipeline:
                 output_args=self._static[st.index][1] if self._static else None,
                 group=self.group,
             )
-            for st in self.local_stages
+            for st, adapter in zip(self.local_stages, self.stage_submodules)
         ]
         self._schedule: Any = None
         self._schedule_loss: Callable | None = None
@@ -691,7 +551,7 @@ class DistributedPipeline:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every shard of this pipeline gathered to its rank 0 (CPU copies), None on other ranks. Collective."""
-        shard = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        shard = {k: full_tensor(v).detach().cpu() for k, v in self.state_dict().items()}  # FSDP: gathered over dp
         gathered: list[Any] = [None] * self.ranks if self.rank == 0 else None
         dist.gather_object(shard, gathered, dst=self._global(0), group=self.group)
         if self.rank != 0:
@@ -711,7 +571,7 @@ class DistributedPipeline:
                     if strict:
                         raise KeyError(f"rank {self.rank}: the state dict has no entry for {name!r} (nor its aliases)")
                     continue
-                t.copy_(src)
+                load_into(t, src)
 
     # -- training ---------------------------------------------------------------------------------------------------
     def _make_schedule(self, loss_fn: Callable[[Any, Any], torch.Tensor]) -> Any:
@@ -770,7 +630,6 @@ class DistributedPipeline:
                     if p.grad is not None:
                         p.grad.div_(self.microbatches)
                 self._reduce_tied_grads()
-                self._average_over_replicas()
                 for p in params:
                     if id(p) in earlier:
                         p.grad = earlier[id(p)] if p.grad is None else p.grad.add_(earlier[id(p)])
@@ -784,29 +643,20 @@ class DistributedPipeline:
                     loss = buf
         return loss
 
-    def _average_over_replicas(self) -> None:
-        """Data parallelism: average every gradient over the replicas (one flat all-reduce, after the step)."""
-        if self.dp_group is None or self.dp == 1:
-            return
-        params = self.parameters()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch._utils._flatten_dense_tensors([p.grad for p in params])
-        dist.all_reduce(flat, group=self.dp_group)
-        flat /= self.dp
-        for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, [p.grad for p in params])):
-            p.grad.copy_(g)
-
     def _reduce_tied_grads(self) -> None:
+        """Tied copies (left out of DDP/FSDP): sum the gradient over the owner ranks, then average it over dp."""
         for tied in self._tied:
-            if tied.group is None:
-                continue
             held = self._tensors_named(tied.canonical)
+            if not held:
+                continue
             p = held[0]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=tied.group)
+            if tied.group is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=tied.group)
+            if self.dp_group is not None and self.dp > 1:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.dp_group)
+                p.grad /= self.dp
 
     def close(self) -> None:
         """Stop the watchdog (the process group is the caller's)."""
