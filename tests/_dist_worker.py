@@ -141,11 +141,16 @@ def train(
 
 
 def reference(
-    model: str, *, microbatches: int, batch: int, steps: int, lr: float, seed: int
+    model: str, *, microbatches: int, batch: int, steps: int, lr: float, seed: int, start: str | None = None
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Single-process training with the pipeline's loss: mean over equal microbatches of loss_fn, SGD."""
+    """Single-process training with the pipeline's loss: mean over equal microbatches of loss_fn, SGD.
+
+    From the seeded init, or from the checkpoint saved at `start` (full state dict, original names).
+    """
     torch.manual_seed(seed)
     net = zoo.get(model)
+    if start:
+        net.load_state_dict(torch.load(start))
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     inputs = zoo.example_inputs(model, batch=batch)
     targets = zoo.example_targets(model, batch=batch)
@@ -285,40 +290,55 @@ if __name__ == "__main__":
 
 
 def train_pp_tp(
-    *, model: str, pp: int, tp: int, microbatches: int = 4, batch: int = 8, steps: int = 3, lr: float = 0.1,
-    seed: int = 0, out: str | None = None,
+    *, model: str, pp: int, tp: int, dp: int = 1, microbatches: int = 4, batch: int = 8, steps: int = 3,
+    lr: float = 0.1, seed: int = 0, out: str | None = None, load_path: str | None = None,
+    data_parallel: str | None = None,
 ) -> None:  # fmt: skip
-    """pp x tp through `distribute` (the torchrun entry point): tp-rewritten stages on a ("pp", "tp") mesh."""
+    """dp x pp x tp through `distribute` (the torchrun entry point): tp-rewritten stages on a mesh from the plan.
+
+    Weights: the replayed seeded init, or a full single-process checkpoint (`load_path`) sliced to the shards.
+    Rank 0 saves the losses, the merged ``full_state_dict()``, and the largest difference of any rank's local
+    tensors from the single-process weights (`reference` after `steps` more steps, from the checkpoint if any).
+    """
+    from partitioner.passes.tensor_parallel import local_param_slices
     from partitioner.runtime.distributed import distribute
 
     meta, init = record_init(lambda: zoo.get(model), seed=seed)
     cm = partitioner.compile(
-        meta, devices=pp * tp, example_inputs=zoo.example_inputs(model, batch=batch, device="meta"),
+        meta, devices=dp * pp * tp, example_inputs=zoo.example_inputs(model, batch=batch, device="meta"),
         device_type="cpu", microbatches=microbatches, schedule="1f1b", pipeline=pp, tensor_parallel=tp,
     )  # fmt: skip
-    assert cm.tensor_parallel_plan is not None and cm.plan.num_stages == pp and cm.plan.data_degree == 1
-    pipe = distribute(cm, weights=init)  # the ("pp", "tp") mesh from the plan's degrees
+    assert cm.tensor_parallel_plan is not None and cm.plan.num_stages == pp and cm.plan.data_degree == dp
+    pipe = distribute(cm, weights=init, data_parallel=data_parallel)  # the mesh from the plan's degrees
+    if load_path:
+        pipe.load_state_dict(torch.load(load_path))
     comm_rank = pipe.mesh.get_local_rank("tp")
+    replica = pipe.mesh.get_local_rank("dp") if dp > 1 else 0
+    rows = slice(replica * batch, (replica + 1) * batch)
+    inputs = tuple(x[rows] for x in zoo.example_inputs(model, batch=batch * dp))
+    targets = zoo.example_targets(model, batch=batch * dp)[rows]
     opt = torch.optim.SGD(pipe.parameters(), lr=lr)
-    inputs, targets = zoo.example_inputs(model, batch=batch), zoo.example_targets(model, batch=batch)
     losses = []
     for _ in range(steps):
         losses.append(float(pipe.step(inputs, targets, zoo.loss_fn(model))))
         opt.step()
         pipe.zero_grad()
+    full = pipe.full_state_dict()
     # Every local tensor (a tp shard: local = cat(full[s] for s in slices)) against single-process training.
-    from partitioner.passes.tensor_parallel import local_param_slices
-
-    _, ref = reference(model, microbatches=microbatches, batch=batch, steps=steps, lr=lr, seed=seed)
+    _, ref = reference(
+        model, microbatches=microbatches * dp, batch=batch * dp, steps=steps, lr=lr, seed=seed, start=load_path
+    )
     slices = local_param_slices(cm.tensor_parallel_plan, cm.captured.graph_module, comm_rank)
     err = torch.zeros(())
     for name, t in pipe.state_dict().items():
-        full = ref[name]
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP: the tp shard, gathered over dp
+        expected = ref[name]
         if name in slices:
             dim = cm.tensor_parallel_plan.param_shard[name]["dim"]
-            full = torch.cat([full[s] for s in slices[name]], dim)
-        err = torch.maximum(err, (t - full).abs().max())
+            expected = torch.cat([expected[s] for s in slices[name]], dim)
+        err = torch.maximum(err, (t.detach() - expected).abs().max())
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    wrappers = [type(m).__name__ for m in pipe.stage_submodules]
     pipe.close()
     if dist.get_rank() == 0 and out:
-        torch.save({"losses": losses, "max_weight_error": float(err)}, out)
+        torch.save({"losses": losses, "max_weight_error": float(err), "state": full, "wrappers": wrappers}, out)

@@ -212,18 +212,60 @@ def test_ddp_is_refused_for_zero_bubble_schedules_and_fsdp_is_their_default() ->
         data_parallel_mode("zero3", "1f1b")
 
 
+def _run_pp_tp(tmp_path: Path, ranks: int, timeout: float = 100, **kw: object) -> dict:
+    out = tmp_path / "out.pt"
+    kw = {"microbatches": MICRO, "batch": BATCH, "steps": 3, "lr": LR, "seed": SEED, "out": str(out), **kw}
+    _assert_ok(spawn("tests._dist_worker:train_pp_tp", ranks, kw, timeout=timeout, pg_timeout=30))
+    return torch.load(out)
+
+
+def _assert_state_equal(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected), "the merged state dict must carry the model's own names, full tensors"
+    for name, ref in expected.items():
+        torch.testing.assert_close(got[name], ref, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("model", ["gpt3-tiny", pytest.param("bert-tiny", marks=pytest.mark.slow)])
 def test_pipeline_of_tensor_parallel_stages_matches_single_process(model: str, tmp_path: Path) -> None:
-    """pp=2 x tp=2 on a ("pp", "tp") mesh: tp-rewritten graph, split, each stage's collectives over its tp group."""
-    out = tmp_path / "out.pt"
-    kw = dict(model=model, pp=2, tp=2, microbatches=MICRO, batch=BATCH, steps=3, lr=LR, seed=SEED, out=str(out))
-    _assert_ok(spawn("tests._dist_worker:train_pp_tp", 4, kw, timeout=100, pg_timeout=30))
-    got = torch.load(out)
-    losses, _ = reference(model, microbatches=MICRO, batch=BATCH, steps=3, lr=LR, seed=SEED)
+    """pp=2 x tp=2 on a ("pp", "tp") mesh: tp-rewritten graph, split, each stage's collectives over its tp group.
+
+    Every rank's shards match the single-process weights, and ``full_state_dict`` merges them back into the
+    unpartitioned model's state dict."""
+    got = _run_pp_tp(tmp_path, 4, model=model, pp=2, tp=2)
+    losses, state = reference(model, microbatches=MICRO, batch=BATCH, steps=3, lr=LR, seed=SEED)
     assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
     assert got["max_weight_error"] < 1e-5  # every rank's shards against the single-process weights
+    _assert_state_equal(got["state"], state)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_full_checkpoint_loads_into_tensor_parallel_shards(tmp_path: Path) -> None:
+    """A single-process checkpoint (full tensors) is sliced into pp=2 x tp=2 shards; training goes on from it."""
+    _, state = reference("gpt3-tiny", microbatches=MICRO, batch=BATCH, steps=2, lr=LR, seed=SEED)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(state, ckpt)
+    got = _run_pp_tp(tmp_path, 4, model="gpt3-tiny", pp=2, tp=2, steps=2, load_path=str(ckpt))
+    losses, final = reference("gpt3-tiny", microbatches=MICRO, batch=BATCH, steps=4, lr=LR, seed=SEED)
+    assert got["losses"] == pytest.approx(losses[2:], abs=1e-5, rel=0)  # SGD without momentum: no optimizer state
+    assert got["max_weight_error"] < 1e-5
+    _assert_state_equal(got["state"], final)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_data_tensor_and_pipeline_parallel_together(wrapper: str, tmp_path: Path) -> None:
+    """dp=2 x pp=2 x tp=2 (8 processes) through ``distribute``: equals single-process training on the 2x batch."""
+    got = _run_pp_tp(tmp_path, 8, timeout=280, model="gpt3-tiny", pp=2, tp=2, dp=2, data_parallel=wrapper)
+    assert got["wrappers"] == [{"ddp": "DistributedDataParallel", "fsdp": "FSDPStageAdapter"}[wrapper]]
+    losses, state = reference("gpt3-tiny", microbatches=2 * MICRO, batch=2 * BATCH, steps=3, lr=LR, seed=SEED)
+    assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
+    assert got["max_weight_error"] < 1e-5
+    _assert_state_equal(got["state"], state)
 
 
 @pytest.mark.distributed

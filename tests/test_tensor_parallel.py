@@ -30,6 +30,8 @@ from partitioner.passes.tensor_parallel import (
     TPCollective,
     count_collectives,
     local_param_slices,
+    merge_shards,
+    shard_of,
     stage_of_rank_nodes,
     tensor_parallel_rank,
 )
@@ -438,6 +440,30 @@ def test_meta_model_rank_holds_only_local_shapes_and_loads_from_a_source() -> No
     full = real.state_dict()["h.0.attn.q_proj.weight"]
     assert torch.equal(loaded.get_submodule("h.0.attn.q_proj").weight, full[slices["h.0.attn.q_proj.weight"][0]])
     assert loaded.get_submodule("wte").weight is loaded.get_submodule("lm_head").weight  # tied stays tied
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("model", ["nano", "gpt3-tiny"])
+def test_rank_tensors_merge_back_into_the_full_state_dict(model: str, tp: int) -> None:
+    """What ``full_state_dict`` does under tp: every rank's parameters (by original name) -> the full tensors."""
+    torch.manual_seed(0)
+    if model == "nano":
+        gm, _ = nano_graph("sdpa")  # fused c_attn: q, k, v parts interleave
+    else:
+        gm, _ = prepare(zoo.get(model), zoo.example_inputs(model, batch=2, seq=8))
+    plan = plan_tensor_parallel(gm, tp)
+    threads = ThreadGroup(tp)
+    shards = [dict(tensor_parallel_rank(gm, plan, r, threads.comm(r)).named_parameters(remove_duplicate=False))
+              for r in range(tp)]  # fmt: skip
+    full = dict(gm.named_parameters(remove_duplicate=False))
+    assert any(spec["parts"] == 3 for spec in plan.param_shard.values()) == (model == "nano")
+    merged = merge_shards(plan, shards)
+    assert set(merged) == set(full)
+    for name, t in full.items():
+        assert torch.equal(merged[name], t), name
+        assert torch.equal(shard_of(plan, name, t, tp - 1), shards[tp - 1][name]), name
+    with pytest.raises(ValueError, match=f"all {tp} ranks"):
+        merge_shards(plan, shards[:-1])
 
 
 # ----------------------------------------------------------------------------------------------- pipeline stages

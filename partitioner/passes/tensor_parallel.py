@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -51,7 +52,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from partitioner.plan.tensor import TensorParallelPlan, shard_slices, shard_tensor
+from partitioner.plan.tensor import TensorParallelPlan, shard_slices, shard_tensor, unshard_tensor
 
 __all__ = [
     "GroupComm",
@@ -62,6 +63,8 @@ __all__ = [
     "VocabParallelEmbedding",
     "count_collectives",
     "local_param_slices",
+    "merge_shards",
+    "shard_of",
     "stage_of_rank_nodes",
     "tensor_parallel_rank",
 ]
@@ -234,6 +237,28 @@ def local_param_slices(plan: TensorParallelPlan, gm: fx.GraphModule, rank: int) 
         if spec["dim"] is not None:
             out[name] = shard_slices(tuple(p.shape), spec["dim"], spec["parts"], rank, plan.tp)
     return out
+
+
+def merge_shards(plan: TensorParallelPlan, shards: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Full tensors by original name from every tp rank's tensors (``shards[r]``: rank r's, original names).
+
+    The inverse of the slicing in ``local_param_slices``: sharded entries are joined with ``unshard_tensor``
+    (fused QKV parts interleave back), replicated ones are taken from rank 0. Every rank must hold the same
+    names (a pipeline stage's tp ranks do).
+    """
+    if len(shards) != plan.tp:
+        raise ValueError(f"merging tensor-parallel shards needs all {plan.tp} ranks' tensors, got {len(shards)}")
+    out = {}
+    for name, t in shards[0].items():
+        spec = plan.param_shard.get(name, {"dim": None})
+        out[name] = t if spec["dim"] is None else unshard_tensor([s[name] for s in shards], spec["dim"], spec["parts"])
+    return out
+
+
+def shard_of(plan: TensorParallelPlan, name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rank `rank`'s local value of parameter `name` given its full value (itself when replicated)."""
+    spec = plan.param_shard.get(name, {"dim": None})
+    return full if spec["dim"] is None else shard_tensor(full, spec["dim"], spec["parts"], rank, plan.tp)
 
 
 class _Params:

@@ -57,12 +57,15 @@ torch's schedules drive (no sync until the last microbatch's backward, or the fi
 are left out of the wrappers and averaged over "dp" after their owners' sum. The returned loss is the mean over
 replicas, so dp x pp equals single-process training on the concatenated batch (tested: dp=2 x pp=2 with DDP
 and FSDP, every schedule). With FSDP, ``state_dict()`` holds DTensor shards and ``full_state_dict()`` gathers
-them (collective over the whole world then). Tensor parallelism
-("tp"): the stage modules given are then one tp rank's (``passes.tensor_parallel.tensor_parallel_rank`` before
-the split), their collectives run over the "tp" group inside the stage; this runtime does not look inside
-(tested: pp=2 x tp=2 on GPT-3 and BERT tiny; ``state_dict`` then holds tp shards under the original names, see
-``local_param_slices``). ``full_state_dict`` gathers each pipeline to its rank 0 (tp shards are not merged);
-the plan check and the fault monitor span the whole world.
+them (collective over the whole world then).
+
+Tensor parallelism ("tp"): the stage modules given are then one tp rank's
+(``passes.tensor_parallel.tensor_parallel_rank`` before the split), their collectives run over the "tp" group
+inside the stage; this runtime does not look inside (tested: pp=2 x tp=2 on GPT-3 and BERT tiny).
+``state_dict()`` then holds tp shards under the original names (see ``local_param_slices``);
+``full_state_dict()`` merges them into full tensors (``merge_shards``) and ``load_state_dict`` slices full
+tensors to this rank's shards, so checkpoints move between tp degrees too. The plan check and the fault
+monitor span the whole world.
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from partitioner.capture import CapturedGraph
 from partitioner.passes.split import StageModule
+from partitioner.passes.tensor_parallel import merge_shards, shard_of
 from partitioner.plan.schema import Plan
+from partitioner.plan.tensor import TensorParallelPlan
 from partitioner.runtime.data_parallel import DATA_PARALLEL_MODES, full_tensor, load_into, wrap_stage
 from partitioner.runtime.faults import PEER_FAILURE_EXIT_CODE, FaultMonitor, PeerFailureError
 from partitioner.runtime.materialize import StateDictSource, WeightSource, materialize_modules
@@ -173,7 +178,16 @@ def distribute(
     comm = GroupComm(mesh.get_group("tp"))
     rank_gm = tensor_parallel_rank(cm.captured.graph_module, cm.tensor_parallel_plan, comm.rank, comm, source=source)
     stages = split_stages(rank_gm, stage_of_rank_nodes(rank_gm, plan.node_stage), plan.num_stages)
-    return DistributedPipeline(plan, cm.captured, stages, weights=weights, mesh=mesh, **kwargs)
+    return DistributedPipeline(
+        plan,
+        cm.captured,
+        stages,
+        weights=weights,
+        mesh=mesh,
+        tensor_plan=cm.tensor_parallel_plan,
+        unused=unused_tensors(cm),
+        **kwargs,
+    )
 
 
 def data_parallel_mode(requested: str | None, schedule: str) -> str:
@@ -357,6 +371,7 @@ class DistributedPipeline:
         heartbeat_timeout: float = 10.0,
         grace: float = 5.0,
         data_parallel: str | None = None,
+        tensor_plan: TensorParallelPlan | None = None,
     ):
         self.plan, self.captured = plan, captured
         dims = tuple(mesh.mesh_dim_names or ()) if mesh is not None else ()
@@ -367,6 +382,15 @@ class DistributedPipeline:
         self.mesh = mesh
         self.dp_group = mesh.get_group("dp") if "dp" in dims else None
         self.dp = mesh.size(dims.index("dp")) if "dp" in dims else 1
+        self.tp_group = mesh.get_group("tp") if "tp" in dims else None
+        self.tp = mesh.size(dims.index("tp")) if "tp" in dims else 1
+        self.tp_rank = mesh.get_local_rank("tp") if "tp" in dims else 0
+        if self.tp > 1 and (tensor_plan is None or tensor_plan.tp != self.tp):
+            raise ValueError(
+                f"a mesh with tp={self.tp} needs the compiled model's tensor_plan (cm.tensor_parallel_plan) of the "
+                "same degree, to merge and slice tensor-parallel shards by original names; build with distribute()"
+            )
+        self.tensor_plan = tensor_plan if self.tp > 1 else None
         self.group = group or dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.ranks = dist.get_world_size(self.group)
@@ -456,15 +480,7 @@ class DistributedPipeline:
         """
         if cm.plan is None:
             raise ValueError("compile the model with example_inputs (or call it once) before distributing it")
-        used = {name for st in cm.stages for name, _ in _named_tensors(st.module)}
-        aliases = {n: group for group in cm.plan.tied_params.values() for n in group}
-        used |= {a for n in list(used) for a in aliases.get(n, [n])}
-        unused = {
-            name: t
-            for name, t in _named_tensors(cm.model)
-            if name not in used and not any(a in used for a in aliases.get(name, []))
-        }
-        return cls(cm.plan, cm.captured, cm.stages, unused=unused, **kwargs)
+        return cls(cm.plan, cm.captured, cm.stages, unused=unused_tensors(cm), **kwargs)
 
     def _aliases(self) -> dict[str, list[str]]:
         return {n: group for group in self.plan.tied_params.values() for n in group}
@@ -550,7 +566,12 @@ class DistributedPipeline:
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Every shard of this pipeline gathered to its rank 0 (CPU copies), None on other ranks. Collective."""
+        """The whole model's tensors by original names (CPU copies) on the replica's first rank, None elsewhere.
+
+        Collective over the world: every pipeline gathers to its rank 0; with tp > 1 those ranks then gather the
+        tp shards to tp rank 0, which merges them (``merge_shards``); FSDP shards are gathered over dp first. One
+        dict per data-parallel replica (equal ones), on the rank with pp = tp = 0.
+        """
         shard = {k: full_tensor(v).detach().cpu() for k, v in self.state_dict().items()}  # FSDP: gathered over dp
         gathered: list[Any] = [None] * self.ranks if self.rank == 0 else None
         dist.gather_object(shard, gathered, dst=self._global(0), group=self.group)
@@ -559,10 +580,19 @@ class DistributedPipeline:
         full: dict[str, torch.Tensor] = {}
         for part in gathered:
             full.update(part)
+        if self.tensor_plan is not None:
+            parts: list[Any] = [None] * self.tp if self.tp_rank == 0 else None
+            dist.gather_object(full, parts, dst=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+            if self.tp_rank != 0:
+                return None
+            full = merge_shards(self.tensor_plan, parts)
         return dict(sorted(full.items()))
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-        """Copy the entries this rank holds from `state` (full or a shard, original names)."""
+        """Copy the entries this rank holds from `state` (full or a shard, original names).
+
+        Full tensors of tensor-parallel parameters are sliced to this rank's shard; FSDP shards take their chunk.
+        """
         aliases = self._aliases()
         with torch.no_grad():
             for name, t in self.state_dict(keep_vars=True).items():
@@ -571,6 +601,8 @@ class DistributedPipeline:
                     if strict:
                         raise KeyError(f"rank {self.rank}: the state dict has no entry for {name!r} (nor its aliases)")
                     continue
+                if self.tensor_plan is not None and tuple(src.shape) != tuple(t.shape):
+                    src = shard_of(self.tensor_plan, name, src, self.tp_rank)
                 load_into(t, src)
 
     # -- training ---------------------------------------------------------------------------------------------------
@@ -698,6 +730,18 @@ def _static_metas(
             values = adapter(*ins)
             out.append((ins, tuple(v.detach().requires_grad_(v.requires_grad) for v in values)))
     return out
+
+
+def unused_tensors(cm: Any) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a compiled model that no stage reads (e.g. BERT's pooler), by original name."""
+    used = {name for st in cm.stages for name, _ in _named_tensors(st.module)}
+    aliases = {n: group for group in cm.plan.tied_params.values() for n in group}
+    used |= {a for n in list(used) for a in aliases.get(n, [n])}
+    return {
+        name: t
+        for name, t in _named_tensors(cm.model)
+        if name not in used and not any(a in used for a in aliases.get(name, []))
+    }
 
 
 def _holder(tensors: Mapping[str, torch.Tensor]) -> nn.Module:
