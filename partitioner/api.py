@@ -18,7 +18,7 @@ from torch import nn
 
 from partitioner.annotate import annotate
 from partitioner.capture import CapturedGraph, capture
-from partitioner.cost import node_costs
+from partitioner.cost import node_costs, profile_node_times
 from partitioner.devices import DeviceSpec, get_device_spec
 from partitioner.passes.split import StageModule, split_stages
 from partitioner.plan.graph import PlanningGraph, build_planning_graph
@@ -111,6 +111,7 @@ class CompiledModel:
 
 AUTO_SCHEDULES = ("1f1b", "interleaved", "zero-bubble", "zbv")
 DEFAULT_SCHEDULES = ("1f1b", "gpipe")
+COST_MODELS = ("roofline", "profile")
 
 
 def compile(  # noqa: A001  (the product's name for it, as torch.compile)
@@ -129,6 +130,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     stages_per_device: int | None = None,
     plan: Plan | str | None = None,
     mincut: bool = True,
+    cost: str = "roofline",
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -145,6 +147,9 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     gpipe where torch's 1F1B refuses the microbatch count: it needs one per stage at least); the
     multi-stage ones place stages_per_device stages on each device (default 2). plan: a Plan (or its JSON) to
     apply instead of planning.
+    cost: "roofline" (analytic, from FLOPs and bytes on `device_type`; meta models work) or "profile" (every
+    node's forward and backward timed on this machine with the real weights and example inputs, calibrated to
+    a whole step: partitioner.cost.profile_node_times; `device_type` then prices only memory and links).
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
@@ -171,6 +176,8 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         raise ValueError(f"schedule {schedule!r} runs one stage per device; got stages_per_device={stages_per_device}")
     if stages_per_device is not None and schedule == "zbv" and stages_per_device != 2:
         raise ValueError(f"schedule 'zbv' runs exactly 2 stages per device; got stages_per_device={stages_per_device}")
+    if cost not in COST_MODELS:
+        raise ValueError(f"cost={cost!r}: choose one of {COST_MODELS}")
     spec = get_device_spec(device_type)
     if isinstance(plan, str):
         plan = Plan.from_json(plan)
@@ -186,6 +193,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         stages_per_device=stages_per_device,
         saved_plan=plan,
         mincut=mincut,
+        cost=cost,
     )
     compiled = CompiledModel(model=model, options=options)
     if example_inputs is not None or example_kwargs is not None:
@@ -220,6 +228,18 @@ def _tp_model_factory(gm: fx.GraphModule, spec: DeviceSpec, training: bool, stri
     return build
 
 
+def _profile(model: nn.Module, gm: fx.GraphModule, inputs: list[Any], training: bool) -> dict[str, tuple[float, float]]:
+    """Profile mode's per-node (forward, backward) seconds on this machine, or a clear error on meta tensors."""
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta or any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):
+        what = f"parameter {meta[0]!r} is" if meta else "the example inputs are"
+        raise ValueError(
+            f'cost="profile" times the model on this machine, but {what} on the meta device: pass real weights '
+            'and example inputs, or use cost="roofline" (the default) to plan a meta model'
+        )
+    return profile_node_times(gm, inputs, backward=training)
+
+
 def _batch_size(inputs: list[torch.Tensor]) -> int | None:
     return int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else None
 
@@ -236,7 +256,8 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     inputs = captured.flatten_inputs(args, kwargs)
     annotate(gm, inputs, training=o["training"])
-    costs = node_costs(gm, o["spec"], training=o["training"])
+    measured = _profile(cm.model, gm, inputs, o["training"]) if o["cost"] == "profile" else None
+    costs = node_costs(gm, o["spec"], training=o["training"], measured=measured)
     pg = build_planning_graph(gm, costs, o["spec"], training=o["training"])
     times["annotate"] = time.perf_counter() - t0
 
@@ -399,4 +420,5 @@ def _make_plan(
         predicted=_predicted(gm, best, o["spec"], o["devices"]),
         alternatives=[c.row() for c in evaluated if c is not best][:6],
         tensor=json.loads(tp_layout.to_json()) if tp_layout is not None else {},
+        cost_model=o["cost"],
     )

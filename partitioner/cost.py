@@ -7,8 +7,13 @@ no gradient have no backward.
 
 Profile mode (`profile_node_times`) runs the graph with real tensors on this machine and times each
 node's forward, and its backward alone (the node re-run on inputs that require grad, autograd.grad
-timed), best of a few repeats. It exists so the analytic model can be checked against reality, and
-to price plans for the machine at hand (tests compare stage rankings; bench reports the error).
+timed), best of a few repeats. Nodes timed one by one miss what a real training step adds around them:
+autograd recording in the forward, the engine's scheduling and the gradient accumulation into `.grad`
+in the backward (~10% on a small GPT on one CPU thread). With `calibrate` (the default), the graph is
+also run whole, forward with grad then backward, and every node's forward (backward) time is scaled by
+whole / sum-of-nodes, so the per-node times keep their measured proportions and sum to what a step
+costs. It exists so the analytic model can be checked against reality, and to price plans for the
+machine at hand (`compile(..., cost="profile")`; bench reports the error).
 """
 
 from __future__ import annotations
@@ -120,14 +125,22 @@ class _TimingInterpreter(fx.Interpreter):
 
 
 def profile_node_times(
-    gm: fx.GraphModule, inputs: list[Any], *, repeats: int = 3, threads: int | None = None, backward: bool = True
+    gm: fx.GraphModule,
+    inputs: list[Any],
+    *,
+    repeats: int = 3,
+    threads: int | None = None,
+    backward: bool = True,
+    calibrate: bool = True,
 ) -> dict[str, tuple[float, float]]:
     """Measured (forward, backward) seconds per node (best of `repeats` after a warm-up), on real tensors.
 
     The graph must hold real (not meta) weights. Python-level nodes measure their interpreter
     overhead, which is what they cost here too. `threads` pins torch's intra-op thread count while
     measuring (1 makes per-node timings robust to other processes: multi-threaded ops otherwise
-    stall at their barriers whenever a core is taken).
+    stall at their barriers whenever a core is taken). `calibrate`: scale to the whole graph's
+    measured forward and backward (module docstring). The model is left as found: buffers (e.g.
+    BatchNorm statistics), gradients and the RNG state are restored.
     """
     for p in gm.parameters():
         if p.is_meta:
@@ -136,19 +149,58 @@ def profile_node_times(
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
+    grads = {p: p.grad for p in gm.parameters()}
     try:
-        with torch.no_grad():
-            _TimingInterpreter(gm, {}, backward).run(*inputs)  # warm-up (allocator, lazy init)
-            for _ in range(repeats):
-                _TimingInterpreter(gm, times, backward).run(*inputs)
+        with torch.random.fork_rng(devices=[]):
+            with torch.no_grad():
+                _TimingInterpreter(gm, {}, backward).run(*inputs)  # warm-up (allocator, lazy init)
+                for _ in range(repeats):
+                    _TimingInterpreter(gm, times, backward).run(*inputs)
+            if calibrate:
+                whole_fwd, whole_bwd = _time_whole_graph(gm, inputs, repeats, backward)
+                fwd_sum = sum(f for f, _ in times.values())
+                bwd_sum = sum(b for _, b in times.values())
+                fs = whole_fwd / fwd_sum if fwd_sum > 0 else 1.0
+                bs = whole_bwd / bwd_sum if bwd_sum > 0 and whole_bwd > 0 else 1.0
+                times = {name: (f * fs, b * bs) for name, (f, b) in times.items()}
     finally:
         torch.set_num_threads(previous)
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(buffers[name])
+        for p, g in grads.items():
+            p.grad = g
     return times
 
 
+def _time_whole_graph(gm: fx.GraphModule, inputs: list[Any], repeats: int, backward: bool) -> tuple[float, float]:
+    """Best-of-`repeats` seconds of the whole graph's forward (grad recorded when `backward`) and backward.
+
+    The backward seeds every floating output that requires grad with ones and accumulates into `.grad` as a
+    training step does (the caller restores the gradients).
+    """
+    best_fwd = best_bwd = float("inf")
+    for i in range(repeats + 1):  # the first run warms the autograd path up
+        with torch.set_grad_enabled(backward):
+            t0 = time.perf_counter()
+            out = gm(*inputs)
+            fwd = time.perf_counter() - t0
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        bwd = 0.0
+        if backward and outs:
+            t0 = time.perf_counter()
+            torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+            bwd = time.perf_counter() - t0
+        del out, outs
+        if i > 0:
+            best_fwd, best_bwd = min(best_fwd, fwd), min(best_bwd, bwd)
+    return best_fwd, best_bwd
+
+
 def profile_forward_times(
-    gm: fx.GraphModule, inputs: list[Any], *, repeats: int = 3, threads: int | None = None
+    gm: fx.GraphModule, inputs: list[Any], *, repeats: int = 3, threads: int | None = None, calibrate: bool = True
 ) -> dict[str, float]:
     """Measured forward seconds per node (profile_node_times without the backward runs)."""
-    times = profile_node_times(gm, inputs, repeats=repeats, threads=threads, backward=False)
+    times = profile_node_times(gm, inputs, repeats=repeats, threads=threads, backward=False, calibrate=calibrate)
     return {name: fwd for name, (fwd, _) in times.items()}

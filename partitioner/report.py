@@ -35,7 +35,7 @@ def format_plan(plan: Plan) -> str:
         f"Plan for {plan.model} on {plan.devices} x {dev['name']} "
         f"(pipeline {plan.pipeline_degree} x tensor {plan.tensor_degree} x data {plan.data_degree}; "
         f"{plan.microbatches} microbatches, {plan.schedule}; {'training' if plan.training else 'inference'}; "
-        f"captured with {plan.capture})",
+        f"captured with {plan.capture}; {plan.cost_model} costs)",
         "",
     ]
     rows = []

@@ -235,6 +235,76 @@ def test_vision_models_compile_at_four_devices_and_match(name, overrides):
     torch.testing.assert_close(cm(*inputs), expected, rtol=0, atol=0)
 
 
+class _SortBlock(nn.Module):
+    """Sorting: no FLOPs for the roofline to count (it prices the bytes), real time on any machine."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sort(x.repeat(1, 8), dim=0).values.reshape(-1, 8, x.shape[1]).mean(1)
+
+
+def test_compile_with_profile_costs_plans_for_what_the_machine_measures():
+    """An op the roofline underprices (sort) gets a stage of its own once its time is measured."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_SortBlock(), *[nn.Linear(128, 128) for _ in range(6)])
+    x = torch.randn(1024, 128)
+    options = dict(devices=2, example_inputs=(x,), device_type="cpu", pipeline=2, tensor_parallel=1)
+    roofline = partitioner.compile(net, **options)
+    profiled = partitioner.compile(net, **options, cost="profile")
+    assert (roofline.plan.cost_model, profiled.plan.cost_model) == ("roofline", "profile")
+    assert "profile costs" in profiled.plan.summary()
+    linears = lambda cm: sum(m.startswith(("1", "2", "3", "4", "5", "6")) for m in cm.plan.stages[0].modules)
+    assert linears(profiled) < linears(roofline), (roofline.plan.stages[0].modules, profiled.plan.stages[0].modules)
+    torch.testing.assert_close(profiled(x), net(x), rtol=0, atol=0)
+    assert partitioner.Plan.from_json(profiled.plan.to_json()) == profiled.plan
+    with pytest.raises(ValueError, match='cost="profile" times the model on this machine'):
+        partitioner.compile(
+            copy.deepcopy(net).to("meta"), **{**options, "example_inputs": (x.to("meta"),)}, cost="profile"
+        )
+    with pytest.raises(ValueError, match="choose one of"):
+        partitioner.compile(net, **options, cost="measured")
+
+
+def test_profile_calibration_scales_nodes_to_the_whole_graph(monkeypatch):
+    """Calibrated per-node times keep the per-node proportions and sum to the whole graph's forward/backward."""
+    import partitioner.cost as cost
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    x = torch.randn(256, 64)
+    gm = capture(model, (x,)).graph_module
+    annotate(gm, [x], training=True)
+    whole = {}
+
+    def fake_whole(gm, inputs, repeats, backward):  # stands in for the timed whole-graph run
+        return whole["fwd"], whole["bwd"]
+
+    raw = profile_node_times(gm, [x], repeats=2, threads=1, calibrate=False)
+    whole.update(fwd=3 * sum(f for f, _ in raw.values()), bwd=0.5 * sum(b for _, b in raw.values()))
+    monkeypatch.setattr(cost, "_time_whole_graph", fake_whole)
+    calibrated = profile_node_times(gm, [x], repeats=2, threads=1)
+    fwd, bwd = sum(f for f, _ in calibrated.values()), sum(b for _, b in calibrated.values())
+    assert fwd == pytest.approx(whole["fwd"]) and bwd == pytest.approx(whole["bwd"])
+    linear = [
+        n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)
+    ]
+    assert all(calibrated[n][0] > 0 and calibrated[n][1] > 0 for n in linear)
+
+
+def test_profiling_leaves_buffers_gradients_and_rng_as_found():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Dropout(0.5), nn.Linear(32, 4)).train()
+    x = torch.randn(64, 16)
+    gm = capture(model, (x,)).graph_module
+    annotate(gm, [x], training=True)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    rng = torch.get_rng_state()
+    profile_node_times(gm, [x], repeats=2, threads=1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm's running statistics and batch count included
+    assert [p.grad for p in gm.parameters()] == [None] * len(list(gm.parameters()))
+
+
 def test_profile_node_times_measures_backward_of_each_node():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))

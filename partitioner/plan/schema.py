@@ -67,6 +67,7 @@ class Plan:
     predicted: dict[str, float] = field(default_factory=dict)  # step_time, bubble_fraction, ...
     alternatives: list[dict[str, Any]] = field(default_factory=list)  # runners-up of the search
     tensor: dict[str, Any] = field(default_factory=dict)  # the TP layout (plan.tensor) when tensor_degree > 1
+    cost_model: str = "roofline"  # "roofline" | "profile": how node times were priced (compile's `cost`)
     version: int = PLAN_VERSION
 
     @property
@@ -111,7 +112,7 @@ class Plan:
         expected = {f.name for f in fields(cls)}
         unknown, missing = (
             set(data) - expected,
-            {f.name for f in fields(cls) if f.name not in data} - {"predicted", "alternatives", "tensor"},
+            {f.name for f in fields(cls) if f.name not in data} - {"predicted", "alternatives", "tensor", "cost_model"},
         )
         if unknown or missing:
             raise ValueError(
