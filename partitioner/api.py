@@ -8,6 +8,7 @@ modules share the model's parameters (so training the compiled model trains the 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,7 @@ class CompiledModel:
     simulation: SimResult | None = None  # the schedule replayed with the plan's stage costs
     tensor_parallel_plan: Any = None  # plan.tensor.TensorParallelPlan of the chosen tp degree (tp > 1)
     _runner: LocalPipeline | None = None
+    _pipeline: Any = None  # this rank's DistributedPipeline under torchrun, built by distributed()
     _input_meta: list[tuple[str, int, torch.dtype]] = field(default_factory=list)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -96,13 +98,72 @@ class CompiledModel:
         Call on every rank under torchrun (world size = plan.devices) after compiling with the same
         options or the same saved plan. weights: a state dict by original names, or a ReplayInit from
         partitioner.runtime.materialize.record_init when the model was built on the meta device.
-        Returns a DistributedPipeline: step(inputs, targets, loss_fn), state_dict(), full_state_dict().
+        Returns a DistributedPipeline: step(inputs, targets, loss_fn), state_dict(), full_state_dict();
+        `cm.step` / `cm.parameters()` use it from then on.
         """
         from partitioner.runtime.distributed import distribute
 
         if self.plan is None:
             raise ValueError("compile with example_inputs (or call the model once) before distributing it")
-        return distribute(self, weights=weights, mesh=mesh, **kwargs)
+        self._pipeline = distribute(self, weights=weights, mesh=mesh, **kwargs)
+        return self._pipeline
+
+    # -- training: the same script in one process or under torchrun --------------------------------------------
+    @property
+    def pipeline(self) -> Any:
+        """This rank's DistributedPipeline once ``distributed()`` (or a step under torchrun) built it, else None."""
+        return self._pipeline
+
+    def step(
+        self, inputs: tuple, targets: Any, loss_fn: Any, *, kwargs: dict[str, Any] | None = None
+    ) -> torch.Tensor | None:
+        """One training step (forward + backward over the plan's microbatches); returns the mean loss.
+
+        `inputs`/`targets` are the global batch on every rank. Under torchrun (WORLD_SIZE == plan.devices > 1)
+        this rank runs its stages with torch's pipeline schedule (``distributed()`` is called on the first
+        step unless it was called already, e.g. with weights for a meta model) on its data-parallel replica's
+        rows (``tensor_split`` of dim 0 into data-degree parts); otherwise every stage runs here on the whole
+        batch, split into microbatches x data-degree chunks. Same loss either way: the gradient of the mean
+        microbatch loss lands in ``.grad``. The optimizer step and ``zero_grad()`` are the caller's.
+        """
+        if self.plan is None:
+            _build(self, tuple(inputs), dict(kwargs or {}))
+        if self._pipeline is None and _torchrun_world(self.plan.devices) > 1:
+            self.distributed()
+        if self._pipeline is not None:
+            pipe = self._pipeline
+            if pipe.dp > 1:  # every rank is given the global batch; its replica trains on its rows
+                replica = pipe.mesh.get_local_rank("dp")
+                rows = lambda v: torch.tensor_split(v, pipe.dp)[replica] if isinstance(v, torch.Tensor) else v
+                inputs, targets = tuple(rows(a) for a in inputs), rows(targets)
+                kwargs = {k: rows(v) for k, v in (kwargs or {}).items()}
+            return pipe.step(inputs, targets, loss_fn, kwargs=kwargs)
+        self._check_inputs(tuple(inputs), dict(kwargs or {}))
+        chunks = self.plan.microbatches * self.plan.data_degree
+        return self._runner.step(tuple(inputs), targets, loss_fn, chunks, kwargs)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains: this rank's parameters under torchrun, else every stage's (the model's own)."""
+        if self._pipeline is not None:
+            return self._pipeline.parameters()
+        if self.plan is None:
+            return list(self.model.parameters())
+        seen: dict[int, nn.Parameter] = {}
+        for st in self.stages:
+            for p in st.module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's state by original names: gathered from every rank under torchrun (on the first rank of each
+        replica, None elsewhere; collective), else the model's own ``state_dict()``."""
+        if self._pipeline is not None:
+            return self._pipeline.full_state_dict()
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     @property
     def stage_modules(self) -> list[fx.GraphModule]:
@@ -238,6 +299,17 @@ def _profile(model: nn.Module, gm: fx.GraphModule, inputs: list[Any], training: 
             'and example inputs, or use cost="roofline" (the default) to plan a meta model'
         )
     return profile_node_times(gm, inputs, backward=training)
+
+
+def _torchrun_world(devices: int) -> int:
+    """WORLD_SIZE under torchrun (1 without it); a world that does not match the plan is a clear error."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and world != devices:
+        raise ValueError(
+            f"running under torchrun with WORLD_SIZE={world}, but the model was compiled for devices={devices}: "
+            f"launch torchrun with --nproc-per-node {devices} (x nodes), or compile with devices={world}"
+        )
+    return world
 
 
 def _batch_size(inputs: list[torch.Tensor]) -> int | None:

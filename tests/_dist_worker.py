@@ -342,3 +342,43 @@ def train_pp_tp(
     pipe.close()
     if dist.get_rank() == 0 and out:
         torch.save({"losses": losses, "max_weight_error": float(err), "state": full, "wrappers": wrappers}, out)
+
+
+def train_with_compiled_step(
+    *, model: str, devices: int, pipeline: int, microbatches: int = 4, batch: int = 8, steps: int = 3,
+    lr: float = 0.1, seed: int = 0, out: str | None = None,
+) -> None:  # fmt: skip
+    """The same training script in one process or under torchrun: ``cm.step`` / ``cm.parameters()`` only.
+
+    Every rank passes the global batch; with devices / pipeline data-parallel replicas each trains on its rows.
+    """
+    torch.manual_seed(seed)
+    net = zoo.get(model)
+    cm = partitioner.compile(
+        net, devices=devices, example_inputs=zoo.example_inputs(model, batch=batch), device_type="cpu",
+        microbatches=microbatches, schedule="1f1b", pipeline=pipeline, tensor_parallel=1,
+    )  # fmt: skip
+    assert cm.plan.data_degree == devices // pipeline
+    opt = torch.optim.SGD(cm.parameters(), lr=lr)
+    inputs, targets = zoo.example_inputs(model, batch=batch), zoo.example_targets(model, batch=batch)
+    losses, rows = [], [0]
+
+    def loss_fn(output: Any, target: torch.Tensor) -> torch.Tensor:  # counts the rows this rank's loss sees
+        rows[0] += target.shape[0]
+        return zoo.loss_fn(model)(output, target)
+
+    for _ in range(steps):
+        rows[0] = 0  # the last step's count (torch infers stage shapes with an extra call at the first)
+        losses.append(float(cm.step(inputs, targets, loss_fn)))
+        opt.step()
+        cm.zero_grad()
+    if dist.is_initialized():  # the last stage's rank computed the loss
+        seen = torch.tensor(rows[0])
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        rows[0] = int(seen)
+    state = cm.full_state_dict()
+    distributed = cm.pipeline is not None
+    if distributed:
+        cm.pipeline.close()
+    if (not dist.is_initialized() or dist.get_rank() == 0) and out:
+        torch.save({"losses": losses, "state": state, "distributed": distributed, "rows": rows[0]}, out)

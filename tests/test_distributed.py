@@ -322,6 +322,47 @@ def test_saved_plan_runs_in_fresh_torchrun_processes(tmp_path: Path) -> None:
     _assert_matches_reference("gpt3-tiny", 3, torch.load(out))
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pipeline", [2, 1])
+def test_the_same_script_trains_in_one_process_and_under_torchrun(pipeline: int, tmp_path: Path) -> None:
+    """``cm.step`` / ``cm.parameters()`` / ``cm.full_state_dict()``: all stages here without torchrun, one stage
+    per rank under it (WORLD_SIZE == devices; pipeline=1: two data-parallel replicas, each on its half of the
+    global batch); both equal single-process training."""
+    from tests._dist_worker import train_with_compiled_step
+
+    kw = dict(model="gpt3-tiny", devices=2, pipeline=pipeline, microbatches=MICRO, batch=BATCH, steps=3, lr=LR)
+    here = tmp_path / "here.pt"
+    train_with_compiled_step(**kw, seed=SEED, out=str(here))
+    there = tmp_path / "there.pt"
+    _assert_ok(
+        spawn("tests._dist_worker:train_with_compiled_step", 2, dict(kw, seed=SEED, out=str(there)), timeout=100)
+    )
+    local, ranks = torch.load(here), torch.load(there)
+    assert (local["distributed"], ranks["distributed"]) == (False, True)
+    dp = 2 // pipeline
+    assert (local["rows"], ranks["rows"]) == (BATCH, BATCH // dp)  # a replica's loss sees only its rows
+    losses, state = reference("gpt3-tiny", microbatches=MICRO * dp, batch=BATCH, steps=3, lr=LR, seed=SEED)
+    for got in (local, ranks):
+        assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
+        _assert_state_equal(got["state"], state)
+
+
+def test_compiled_step_refuses_a_torchrun_world_of_another_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    cm = partitioner.compile(
+        zoo.get("gpt3-tiny"), devices=2, example_inputs=zoo.example_inputs("gpt3-tiny", batch=BATCH),
+        device_type="cpu", pipeline=2, tensor_parallel=1,
+    )  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="--nproc-per-node 2"):
+        cm.step(
+            zoo.example_inputs("gpt3-tiny", batch=BATCH),
+            zoo.example_targets("gpt3-tiny", batch=BATCH),
+            zoo.loss_fn("gpt3-tiny"),
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Faults
 # ----------------------------------------------------------------------------------------------------------------

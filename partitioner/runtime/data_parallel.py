@@ -13,8 +13,9 @@ Invariants:
   several pipeline ranks) are left out of both wrappers and stay plain tensors; the caller reduces their
   gradients itself (over the owners, then over dp), because two wrappers hooking one Parameter would reduce
   it twice, at the wrong times.
-* Buffers are per replica (``broadcast_buffers=False``): broadcasting them each forward would add a collective
-  per microbatch, and the replicas start equal (same init or the same checkpoint).
+* Buffers are not synced each forward (DDP's ``forward_sync_buffers=False``): that would add a collective per
+  microbatch, and the replicas start equal (same init or the same checkpoint); BatchNorm statistics are each
+  replica's own, as with DDP's default off.
 * FSDP shards are made from parameters that are already materialized on every replica (``fully_shard`` of a
   real module keeps this rank's dim-0 chunk and frees the rest): a stage's full weights exist transiently at
   start-up, never during training.
@@ -22,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection
 
 import torch
@@ -51,7 +53,10 @@ def wrap_stage(module: nn.Module, mode: str, dp_mesh: DeviceMesh, exclude: Colle
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
         if not any(p.requires_grad and id(p) not in excluded for p in module.parameters()):
             return module  # nothing for DDP to reduce (it refuses such a module)
-        return DistributedDataParallel(module, process_group=dp_mesh.get_group(), broadcast_buffers=False)
+        # Buffers are not broadcast each forward (torch >= 2.13 names that forward_sync_buffers).
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+        return DistributedDataParallel(module, process_group=dp_mesh.get_group(), **no_buffer_sync)
     from torch.distributed.fsdp import fully_shard
 
     ignored = {p for p in module.parameters() if id(p) in excluded}

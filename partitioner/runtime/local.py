@@ -6,7 +6,10 @@ parameters, so outputs and gradients equal the unpartitioned model's bit for bit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from partitioner.capture import CapturedGraph
 from partitioner.passes.split import StageModule
@@ -36,3 +39,30 @@ class LocalPipeline:
                     e.add_note(f"raised in pipeline stage {stage.index} (nodes {stage.module.graph})"[:300])
                 raise
         return self.captured.unflatten_output(list(values))
+
+    def step(
+        self,
+        inputs: tuple,
+        targets: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        microbatches: int,
+        kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """One training step with the distributed runtime's numerics, in this process.
+
+        Every tensor of the call and `targets` is split into `microbatches` chunks along dim 0 (torch's
+        ``tensor_split``, as the pipeline schedules do); each chunk's ``loss_fn(output, target) / microbatches``
+        is back-propagated, so ``.grad`` receives the gradient of the mean microbatch loss (accumulating, like
+        ``loss.backward()``). Returns that mean loss, detached.
+        """
+        split = lambda v: torch.tensor_split(v, microbatches) if isinstance(v, torch.Tensor) else [v] * microbatches
+        args = [split(a) for a in inputs]
+        kw = {k: split(v) for k, v in (kwargs or {}).items()}
+        tgt = split(targets)
+        total = torch.zeros(())
+        for i in range(microbatches):
+            out = self(*[a[i] for a in args], **{k: v[i] for k, v in kw.items()})
+            loss = loss_fn(out, tgt[i])
+            (loss / microbatches).backward()
+            total = total + loss.detach().float().cpu()
+        return total / microbatches
