@@ -18,6 +18,7 @@ machine at hand (`compile(..., cost="profile")`; bench reports the error).
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -175,12 +176,13 @@ def profile_node_times(
 
 
 def _time_whole_graph(gm: fx.GraphModule, inputs: list[Any], repeats: int, backward: bool) -> tuple[float, float]:
-    """Best-of-`repeats` seconds of the whole graph's forward (grad recorded when `backward`) and backward.
+    """Median seconds of the whole graph's forward (grad recorded when `backward`) and backward over `repeats` runs.
 
-    The backward seeds every floating output that requires grad with ones and accumulates into `.grad` as a
-    training step does (the caller restores the gradients).
+    The median, not the best: the calibrated total stands for a typical step (per-node proportions come from
+    best-of timings, which are robust to interference). The backward seeds every floating output that requires
+    grad with ones and accumulates into `.grad` as a training step does (the caller restores the gradients).
     """
-    best_fwd = best_bwd = float("inf")
+    fwds, bwds = [], []
     for i in range(repeats + 1):  # the first run warms the autograd path up
         with torch.set_grad_enabled(backward):
             t0 = time.perf_counter()
@@ -194,8 +196,9 @@ def _time_whole_graph(gm: fx.GraphModule, inputs: list[Any], repeats: int, backw
             bwd = time.perf_counter() - t0
         del out, outs
         if i > 0:
-            best_fwd, best_bwd = min(best_fwd, fwd), min(best_bwd, bwd)
-    return best_fwd, best_bwd
+            fwds.append(fwd)
+            bwds.append(bwd)
+    return statistics.median(fwds), statistics.median(bwds)
 
 
 def profile_forward_times(

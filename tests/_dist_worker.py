@@ -65,6 +65,7 @@ def train(
     dp: int = 1,
     data_parallel: str | None = None,
     accumulate: int = 1,
+    calls: list[dict[str, int]] | None = None,
 ) -> None:
     """Train `steps` SGD steps of zoo `model` on the pipeline; rank 0 saves losses and the full state dict."""
     rank = dist.get_rank()
@@ -122,6 +123,8 @@ def train(
     losses, times = [], []
     for i in range(steps):
         step[0] = i
+        if calls:  # another batch size / sequence length this step
+            inputs, targets = zoo.example_inputs(model, **calls[i]), zoo.example_targets(model, **calls[i])
         t0 = time.perf_counter()
         loss = pipe.step(inputs, targets, loss_fn)
         for _ in range(accumulate - 1):  # gradient accumulation: the same batch again adds the same gradient
@@ -141,22 +144,31 @@ def train(
 
 
 def reference(
-    model: str, *, microbatches: int, batch: int, steps: int, lr: float, seed: int, start: str | None = None
+    model: str,
+    *,
+    microbatches: int,
+    batch: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    start: str | None = None,
+    calls: list[dict[str, int]] | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single-process training with the pipeline's loss: mean over equal microbatches of loss_fn, SGD.
 
-    From the seeded init, or from the checkpoint saved at `start` (full state dict, original names).
+    From the seeded init, or from the checkpoint saved at `start` (full state dict, original names). `calls`:
+    per step, the zoo example's keyword arguments (e.g. {"batch": 4, "seq": 8}) instead of `batch`.
     """
     torch.manual_seed(seed)
     net = zoo.get(model)
     if start:
         net.load_state_dict(torch.load(start))
     opt = torch.optim.SGD(net.parameters(), lr=lr)
-    inputs = zoo.example_inputs(model, batch=batch)
-    targets = zoo.example_targets(model, batch=batch)
     loss_fn = zoo.loss_fn(model)
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        call = calls[step] if calls else {"batch": batch}
+        inputs, targets = zoo.example_inputs(model, **call), zoo.example_targets(model, **call)
         chunks = [torch.tensor_split(x, microbatches) for x in inputs]
         tchunks = torch.tensor_split(targets, microbatches)
         total = 0.0
@@ -177,7 +189,7 @@ def reference(
 BENCH_MODEL = dict(n_layer=4, d_model=256, n_head=4, vocab_size=512, n_ctx=128)  # gpt3-tiny resized: compute-bound
 
 
-def bench_main(batch: int = 16, seq: int = 128, microbatches: int = 4, steps: int = 5, warmup: int = 2) -> None:
+def bench_main(batch: int = 16, seq: int = 128, microbatches: int = 4, steps: int = 8, warmup: int = 2) -> None:
     """Print predicted vs measured step time of the planned split and of every hand-placed block split.
 
     Predicted: ``simulate(to_stage_costs(...), schedule="1f1b")`` with stage costs priced two ways: the roofline on

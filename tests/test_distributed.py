@@ -324,6 +324,28 @@ def test_saved_plan_runs_in_fresh_torchrun_processes(tmp_path: Path) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
+def test_batch_size_and_sequence_length_may_change_between_steps(tmp_path: Path) -> None:
+    """A meta-built pipeline (shapes from meta runs) takes other batch sizes and sequence lengths, and
+    goes back to one it has seen (cached stages); each step equals single-process training."""
+    calls = [{"batch": 8}, {"batch": 4}, {"batch": 12, "seq": 8}, {"batch": 8}]
+    results, got = _run(2, tmp_path, model="gpt3-tiny", stages=2, schedule="1f1b", steps=4, calls=calls)
+    _assert_ok(results)
+    losses, state = reference("gpt3-tiny", microbatches=MICRO, batch=BATCH, steps=4, lr=LR, seed=SEED, calls=calls)
+    assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
+    _assert_state_equal(got["state"], state)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_a_batch_that_does_not_split_into_microbatches_is_a_clear_error(tmp_path: Path) -> None:
+    results, _ = _run(2, tmp_path, model="gpt3-tiny", stages=2, schedule="1f1b", steps=1, calls=[{"batch": 6}])
+    r0, r1 = results
+    assert r0.returncode != 0 and "does not split into 4 equal microbatches" in r0.stderr, r0.stderr[-2000:]
+    assert r1.returncode != 0 and "rank 0 failed" in r1.stderr, r1.stderr[-2000:]  # its peer says who and why
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("pipeline", [2, 1])
 def test_the_same_script_trains_in_one_process_and_under_torchrun(pipeline: int, tmp_path: Path) -> None:
     """``cm.step`` / ``cm.parameters()`` / ``cm.full_state_dict()``: all stages here without torchrun, one stage

@@ -35,9 +35,12 @@ Contracts (what ``DistributedPipeline`` guarantees):
   unpartitioned model, parameters the graph never reads (e.g. BERT's pooler) included: they are held by the
   rank of stage 0. ``load_state_dict(sd)`` takes such a dict (full or shard) and loads what this rank holds, so
   checkpoints move between partitionings.
-* Shapes. With a meta-device model, every boundary's microbatch shapes come from one meta run of the whole
-  chain on the compiled example (batch / microbatches rows), handed to ``PipelineStage`` as static metadata;
-  ``step`` refuses another batch size. Otherwise torch infers them at the first step (as it fixes them then).
+* Shapes. Every boundary's microbatch shapes come from a meta run of the whole chain (meta stand-ins for the
+  weights), handed to ``PipelineStage`` as static metadata. Each step, stage 0's rank broadcasts the
+  microbatch input shapes (one small int64 broadcast); a new shape (another batch size or sequence length)
+  gets its own PipelineStages and schedule, cached. The batch must split into equal microbatches.
+  Graphs specialized to their example's shapes (torch.export capture) refuse other shapes in
+  ``flatten_inputs``.
   Python ints, ``torch.Size``s and devices crossing a boundary are carried in tensor shapes (``StageAdapter``).
 * Start-up checks. All ranks all-gather (plan fingerprint, plan JSON hash, schedule, stages, microbatches) and
   raise ``PlanMismatchError`` naming the ranks that differ, before any stage communication.
@@ -406,8 +409,9 @@ class DistributedPipeline:
         # Phase 1: every rank runs the same plan (checked before any stage communication).
         self._check_plans()
 
-        # Phase 2: static stage metadata, from a meta-device run of the whole chain on one example microbatch.
-        self._static = _static_metas(captured, stages, self.microbatches * plan.data_degree)
+        # Phase 2: the compiled example's microbatch input shapes (stage metadata follows from them, per shape).
+        self._all_stages = list(stages)
+        self._example_shapes = _example_microbatch_shapes(captured, self.microbatches * plan.data_degree)
 
         # Phase 3: keep only this rank's stages and materialize exactly their tensors (+ unused ones on stage 0's rank).
         self.local_stages = [st for st in stages if self.stage_rank[st.index] == self.rank]
@@ -442,20 +446,12 @@ class DistributedPipeline:
             if self.dp > 1:
                 adapter = wrap_stage(adapter, self.data_parallel, self.mesh["dp"], exclude=tied_tensors)
             self.stage_submodules.append(adapter)
-        self.pipeline_stages = [
-            PipelineStage(
-                adapter,
-                st.index,
-                self.num_stages,
-                self.device,
-                input_args=self._static[st.index][0] if self._static else None,
-                output_args=self._static[st.index][1] if self._static else None,
-                group=self.group,
-            )
-            for st, adapter in zip(self.local_stages, self.stage_submodules)
-        ]
+        # torch's PipelineStages fix every boundary's shapes: one set per microbatch input shape seen (cached).
+        self._by_shape: dict[tuple, list[PipelineStage]] = {}
+        self._shape: tuple | None = None
+        self.pipeline_stages = self._stages_for(self._example_shapes)
         self._schedule: Any = None
-        self._schedule_loss: Callable | None = None
+        self._schedule_key: tuple | None = None
         store = store if store is not None else dist.distributed_c10d._get_default_store()
         prefix = f"partitioner/{plan.fingerprint}/{hashlib.sha256(plan.to_json().encode()).hexdigest()[:8]}"
         self.monitor = (
@@ -606,6 +602,53 @@ class DistributedPipeline:
                 load_into(t, src)
 
     # -- training ---------------------------------------------------------------------------------------------------
+    def _stages_for(self, shapes: tuple | None) -> list[PipelineStage]:
+        """This rank's PipelineStages for microbatch inputs of `shapes` (static metadata from a meta run; None:
+        unknown, torch infers the metadata at the first step and fixes it)."""
+        if shapes not in self._by_shape:
+            static = _static_metas(self.captured, self._all_stages, shapes) if shapes is not None else None
+            self._by_shape[shapes] = [
+                PipelineStage(
+                    adapter,
+                    st.index,
+                    self.num_stages,
+                    self.device,
+                    input_args=static[st.index][0] if static else None,
+                    output_args=static[st.index][1] if static else None,
+                    group=self.group,
+                )
+                for st, adapter in zip(self.local_stages, self.stage_submodules)
+            ]
+        self._shape = shapes
+        return self._by_shape[shapes]
+
+    def _agree_on_shapes(self, args: tuple, holds_first: bool) -> tuple | None:
+        """The step's microbatch input shapes, sent by stage 0's rank to the pipeline (one small broadcast).
+
+        None when the compiled example has no recorded shapes (torch then infers them at the first step).
+        """
+        if self._example_shapes is None:
+            return None
+        ndims = [len(s) for s in self._example_shapes]
+        buf = torch.zeros(sum(ndims), dtype=torch.int64)
+        if holds_first:
+            if [a.dim() for a in args] != ndims:
+                raise ValueError(f"inputs have {[a.dim() for a in args]} dims, the model was compiled for {ndims}")
+            for a in args:
+                if a.shape[0] % self.microbatches:
+                    raise ValueError(
+                        f"batch {a.shape[0]} does not split into {self.microbatches} equal microbatches: pass a "
+                        f"multiple of {self.microbatches} rows (torch's schedules need equal microbatch shapes)"
+                    )
+            buf = torch.tensor([d for a in args for d in (a.shape[0] // self.microbatches, *a.shape[1:])])
+        if self.ranks > 1:
+            dist.broadcast(buf, src=self._global(self.stage_rank[0]), group=self.group)
+        flat, out = buf.tolist(), []
+        for n in ndims:
+            out.append(tuple(flat[:n]))
+            flat = flat[n:]
+        return tuple(out)
+
     def _make_schedule(self, loss_fn: Callable[[Any, Any], torch.Tensor]) -> Any:
         captured = self.captured
 
@@ -632,30 +675,25 @@ class DistributedPipeline:
         inputs/kwargs: the model's call for the whole batch (read on stage 0's rank only; others may pass None).
         targets: the whole batch's targets (read on the last stage's rank only).
         """
-        if self._schedule is None or self._schedule_loss is not loss_fn:
-            self._schedule, self._schedule_loss = self._make_schedule(loss_fn), loss_fn
         holds_first = any(st.index == 0 for st in self.local_stages)
         holds_last = any(st.index == self.num_stages - 1 for st in self.local_stages)
-        args = tuple(self.captured.flatten_inputs(tuple(inputs or ()), dict(kwargs or {}))) if holds_first else ()
-        args = tuple(a.to(self.device) for a in args)
-        if self._static and holds_first:
-            got = [tuple(torch.tensor_split(a, self.microbatches)[0].shape) for a in args]
-            want = [tuple(t.shape) for t in self._static[0][0]]
-            if got != want:
-                raise ValueError(
-                    f"microbatch input shapes {got} differ from the compiled example's {want} (batch / "
-                    f"{self.microbatches} microbatches): stage shapes are fixed at construction; compile with "
-                    "example inputs of the training batch size"
-                )
-        target = targets.to(self.device) if holds_last and isinstance(targets, torch.Tensor) else targets
-        losses: list[torch.Tensor] = []
         # Gradients of earlier steps (accumulation) are set aside: the scaling and reductions below are this step's.
         params = self.parameters()
         earlier = {id(p): p.grad for p in params if p.grad is not None}
-        for p in params:
-            p.grad = None
         guard = self.monitor.watch() if self.monitor is not None else _Nothing()
-        with guard:
+        with guard:  # bad inputs on stage 0's rank are reported to the peers waiting for its shapes
+            flat = self.captured.flatten_inputs(tuple(inputs or ()), dict(kwargs or {})) if holds_first else ()
+            args = tuple(a.to(self.device) for a in flat)
+            shapes = self._agree_on_shapes(args, holds_first)
+            if shapes is not None and shapes != self._shape:
+                self.pipeline_stages = self._stages_for(shapes)
+            key = (id(loss_fn), shapes)
+            if self._schedule is None or self._schedule_key != key:
+                self._schedule, self._schedule_key = self._make_schedule(loss_fn), key
+            target = targets.to(self.device) if holds_last and isinstance(targets, torch.Tensor) else targets
+            losses: list[torch.Tensor] = []
+            for p in params:
+                p.grad = None
             self._schedule.step(*args, target=target if holds_last else None, losses=losses, return_outputs=False)
             with torch.no_grad():
                 for p in self.parameters():
@@ -704,30 +742,39 @@ class _Nothing:
         return False
 
 
-def _static_metas(
-    captured: CapturedGraph, stages: Sequence[StageModule], microbatches: int
-) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None:
-    """(inputs, outputs) of every stage for one microbatch of the compiled example, as meta tensors (boxed).
-
-    Run on the meta device before any weight is real, so every rank knows every boundary's shapes without
-    communication, and torch's schedules skip their dynamic metadata inference (which feeds later stages
-    uninitialized tensors: garbage token ids crossing a boundary would index out of range). None when some
-    stage holds real weights or an input has no recorded shape: then torch infers the metadata at the first step.
-    """
-    if any(not t.is_meta for st in stages for _, t in _named_tensors(st.module)):
-        return None
+def _example_microbatch_shapes(captured: CapturedGraph, chunks: int) -> tuple | None:
+    """Shapes of one microbatch of every flat input of the compiled example (batch / `chunks` rows), or None."""
     vals = [n.meta.get("val") for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
-    if not vals or any(not isinstance(v, torch.Tensor) for v in vals):
+    if not vals or any(not isinstance(v, torch.Tensor) or v.dim() == 0 for v in vals):
         return None
+    return tuple((v.shape[0] // chunks, *v.shape[1:]) for v in vals)
+
+
+def _static_metas(
+    captured: CapturedGraph, stages: Sequence[StageModule], shapes: tuple
+) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    """(inputs, outputs) of every stage for one microbatch of input `shapes`, as meta tensors (boxed).
+
+    The whole chain runs on the meta device with meta stand-ins for every stage's tensors (real, meta or
+    FSDP-sharded: their full shapes), so every rank knows every boundary's shapes without communication
+    and torch's schedules skip their dynamic metadata inference (which feeds later stages uninitialized
+    tensors: garbage token ids crossing a boundary would index out of range).
+    """
+    vals = [n.meta.get("val") for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
     values: tuple = tuple(
-        torch.tensor_split(torch.empty(v.shape, dtype=v.dtype, device="meta"), microbatches)[0] for v in vals
+        torch.empty(shape, dtype=v.dtype, device="meta").requires_grad_(v.requires_grad and v.is_floating_point())
+        for shape, v in zip(shapes, vals)
     )
     out = []
     with torch.enable_grad():
         for st in stages:
             adapter = StageAdapter(st.module, _scalar_inputs(st.module), device="meta")
+            stand_ins = {
+                f"module.{name}": torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
+                for name, t in [*st.module.named_parameters(), *st.module.named_buffers()]  # tied: once, tied back
+            }
             ins = tuple(v.detach().requires_grad_(v.requires_grad) for v in values)
-            values = adapter(*ins)
+            values = torch.func.functional_call(adapter, stand_ins, ins)
             out.append((ins, tuple(v.detach().requires_grad_(v.requires_grad) for v in values)))
     return out
 
