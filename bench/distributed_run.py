@@ -24,7 +24,36 @@ import torch.distributed as dist
 import partitioner
 import zoo
 
-__all__ = ["measure", "rank_step_times"]
+__all__ = ["add_loss_cost", "measure", "rank_step_times", "time_loss"]
+
+
+def time_loss(model: torch.nn.Module, inputs: tuple, targets: torch.Tensor, loss_fn: Any, repeats: int = 10) -> tuple:
+    """Median (forward, backward) seconds of `loss_fn` on the model's output for one microbatch.
+
+    The loss runs on the last stage in every training step, outside the captured graph, so neither cost
+    model sees it; the bench adds it to the node that produces the output (``add_loss_cost``).
+    """
+    with torch.no_grad():
+        output = model(*inputs)
+    fwds, bwds = [], []
+    for _ in range(repeats + 1):
+        out = output.detach().requires_grad_(True) if isinstance(output, torch.Tensor) else output
+        t0 = time.perf_counter()
+        loss = loss_fn(out, targets)
+        t1 = time.perf_counter()
+        loss.backward()
+        fwds.append(t1 - t0)
+        bwds.append(time.perf_counter() - t1)
+    return statistics.median(fwds[1:]), statistics.median(bwds[1:])
+
+
+def add_loss_cost(pg: Any, forward: float, backward: float) -> Any:
+    """`pg` with the loss's seconds added to the last node that feeds the model output."""
+    last = max(i for i, succ in enumerate(pg.succs) if pg.n in succ)
+    fwd, bwd = pg.forward.copy(), pg.backward.copy()
+    fwd[last] += forward
+    bwd[last] += backward
+    return dataclasses.replace(pg, forward=fwd, backward=bwd)
 
 
 def rank_step_times(
@@ -89,6 +118,8 @@ def measure(
     annotate(cap.graph_module, flat, training=True)
     times = profile_node_times(cap.graph_module, flat, repeats=5, threads=1)
     pg = build_planning_graph(cap.graph_module, node_costs(cap.graph_module, spec, measured=times), spec, training=True)
+    pg = add_loss_cost(pg, *time_loss(model, one, zoo.example_targets(name, batch=max(batch // m, 1), **extra),
+                                      zoo.loss_fn(name)))  # fmt: skip
     scale = batch / max(batch // m, 1)
     pg = dataclasses.replace(pg, forward=pg.forward * scale, backward=pg.backward * scale,
                              out_bytes=pg.out_bytes * scale, saved_bytes=pg.saved_bytes * scale)  # fmt: skip

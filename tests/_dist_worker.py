@@ -194,7 +194,8 @@ def bench_main(batch: int = 16, seq: int = 128, microbatches: int = 4, steps: in
 
     Predicted: ``simulate(to_stage_costs(...), schedule="1f1b")`` with stage costs priced two ways: the roofline on
     ``measure_cpu()`` (one thread, as each rank runs with OMP_NUM_THREADS=1), and profile mode (every node's
-    forward and backward measured on one microbatch, ``profile_node_times``). Measured: median wall time of
+    forward and backward measured on one microbatch, ``profile_node_times``, plus the loss's measured time on
+    the output node: it runs on the last stage, outside the graph). Measured: median wall time of
     ``steps`` steps on 2 gloo processes (barrier to barrier). Throughput = batch * seq / measured step time (tokens/s).
     """
     import dataclasses
@@ -235,6 +236,11 @@ def bench_main(batch: int = 16, seq: int = 128, microbatches: int = 4, steps: in
     measured_pg = build_planning_graph(
         cap.graph_module, node_costs(cap.graph_module, spec, measured=times), spec, training=True
     )
+    # The loss runs on the last stage every microbatch, outside the graph: priced the same way.
+    from bench.distributed_run import add_loss_cost, time_loss
+
+    one_targets = zoo.example_targets("gpt3-tiny", batch=batch // microbatches, seq=seq, **BENCH_MODEL)
+    measured_pg = add_loss_cost(measured_pg, *time_loss(real, one, one_targets, zoo.loss_fn("gpt3-tiny")))
     m = microbatches
     profiled = dataclasses.replace(
         measured_pg,

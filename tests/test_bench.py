@@ -149,3 +149,21 @@ def test_cli_execute_on_two_gloo_processes(tmp_path):
     assert code == 0
     e = json.loads(next(tmp_path.glob("*.json")).read_text())["execute"]
     assert e["processes"] == 2 and e["measured_step_time"] > 0 and e["profile_prediction"] > 0
+
+
+def test_loss_cost_lands_on_the_node_that_feeds_the_output():
+    """The loss runs on the last stage, outside the graph: the bench adds its measured time to the output's node."""
+    from bench.distributed_run import add_loss_cost, time_loss
+
+    torch.manual_seed(0)
+    model = zoo.get("gpt3-tiny")
+    x, y = zoo.example_inputs("gpt3-tiny", batch=2), zoo.example_targets("gpt3-tiny", batch=2)
+    cm = partitioner.compile(model, devices=2, example_inputs=x, device_type="cpu", pipeline=2, tensor_parallel=1)
+    pg = cm.planning_graph
+    fwd, bwd = time_loss(model, x, y, zoo.loss_fn("gpt3-tiny"), repeats=3)
+    assert fwd > 0 and bwd > 0
+    priced = add_loss_cost(pg, fwd, bwd)
+    changed = [pg.names[i] for i in range(pg.n) if priced.compute[i] != pg.compute[i]]
+    assert len(changed) == 1 and pg.n in pg.succs[pg.names.index(changed[0])]
+    assert priced.compute.sum() == pytest.approx(pg.compute.sum() + fwd + bwd)
+    assert [p.grad for p in model.parameters()] == [None] * len(list(model.parameters()))  # timing trains nothing

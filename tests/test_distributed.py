@@ -240,6 +240,18 @@ def test_pipeline_of_tensor_parallel_stages_matches_single_process(model: str, t
     _assert_state_equal(got["state"], state)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("model", ["gpt3-tiny", "bert-tiny"])
+def test_pipeline_of_tensor_parallel_stages_20_steps(model: str, tmp_path: Path) -> None:
+    got = _run_pp_tp(tmp_path, 4, timeout=280, model=model, pp=2, tp=2, steps=20)
+    losses, state = reference(model, microbatches=MICRO, batch=BATCH, steps=20, lr=LR, seed=SEED)
+    assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
+    assert got["max_weight_error"] < 1e-5
+    _assert_state_equal(got["state"], state)
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_full_checkpoint_loads_into_tensor_parallel_shards(tmp_path: Path) -> None:
