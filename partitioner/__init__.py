@@ -3,6 +3,7 @@
     cm = partitioner.compile(model, devices=8, example_inputs=(x,))
     y = cm(x)              # runs all stages in this process (exactly the original numerics)
     print(cm.plan.summary())
+    loss = cm.step(inputs, targets, loss_fn)  # training: all stages here, or this rank's under torchrun
     pipe = cm.distributed()  # under torchrun: this rank's stages on torch.distributed.pipelining
 """
 
