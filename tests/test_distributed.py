@@ -44,12 +44,24 @@ def _assert_ok(results: list) -> None:
         assert r.returncode == 0, f"rank {r.rank} exited {r.returncode}:\n{r.stderr[-4000:]}"
 
 
+def _assert_state_equal(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected), "the merged state dict must carry the model's own names, full tensors"
+    for name, ref in expected.items():
+        torch.testing.assert_close(got[name], ref, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def _assert_matches_reference(model: str, steps: int, got: dict) -> None:
     losses, state = reference(model, microbatches=MICRO, batch=BATCH, steps=steps, lr=LR, seed=SEED)
     assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
-    assert set(got["state"]) == set(state), "the gathered state dict must carry the model's own names"
-    for name, ref in state.items():
-        torch.testing.assert_close(got["state"][name], ref, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_state_equal(got["state"], state)
+
+
+def _checkpoint_after(model: str, steps: int, tmp_path: Path) -> Path:
+    """The single-process state after `steps` reference steps, saved by original names."""
+    _, state = reference(model, microbatches=MICRO, batch=BATCH, steps=steps, lr=LR, seed=SEED)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(state, ckpt)
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,9 +208,7 @@ def test_data_parallel_pipelines_match_single_process_on_the_whole_batch(
     assert got["wrappers"] == [expected] * (stages // 2)
     losses, state = reference("gpt3-tiny", microbatches=2 * MICRO, batch=2 * BATCH, steps=3, lr=LR, seed=SEED)
     assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
-    assert set(got["state"]) == set(state)
-    for name, ref in state.items():
-        torch.testing.assert_close(got["state"][name], ref, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_state_equal(got["state"], state)
 
 
 def test_ddp_is_refused_for_zero_bubble_schedules_and_fsdp_is_their_default() -> None:
@@ -219,51 +229,41 @@ def _run_pp_tp(tmp_path: Path, ranks: int, timeout: float = 100, **kw: object) -
     return torch.load(out)
 
 
-def _assert_state_equal(got: dict, expected: dict) -> None:
-    assert set(got) == set(expected), "the merged state dict must carry the model's own names, full tensors"
-    for name, ref in expected.items():
-        torch.testing.assert_close(got[name], ref, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+def _assert_tp_run_matches(got: dict, losses: list[float], state: dict) -> None:
+    """Losses, every rank's local shards (max_weight_error) and the merged state against single-process training."""
+    assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
+    assert got["max_weight_error"] < 1e-5
+    _assert_state_equal(got["state"], state)
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("model", ["gpt3-tiny", pytest.param("bert-tiny", marks=pytest.mark.slow)])
-def test_pipeline_of_tensor_parallel_stages_matches_single_process(model: str, tmp_path: Path) -> None:
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("model", "steps"),
+    [
+        ("gpt3-tiny", 3),
+        pytest.param("bert-tiny", 3, marks=pytest.mark.slow),
+        pytest.param("gpt3-tiny", 20, marks=pytest.mark.slow),
+        pytest.param("bert-tiny", 20, marks=pytest.mark.slow),
+    ],
+)
+def test_pipeline_of_tensor_parallel_stages_matches_single_process(model: str, steps: int, tmp_path: Path) -> None:
     """pp=2 x tp=2 on a ("pp", "tp") mesh: tp-rewritten graph, split, each stage's collectives over its tp group.
 
     Every rank's shards match the single-process weights, and ``full_state_dict`` merges them back into the
     unpartitioned model's state dict."""
-    got = _run_pp_tp(tmp_path, 4, model=model, pp=2, tp=2)
-    losses, state = reference(model, microbatches=MICRO, batch=BATCH, steps=3, lr=LR, seed=SEED)
-    assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
-    assert got["max_weight_error"] < 1e-5  # every rank's shards against the single-process weights
-    _assert_state_equal(got["state"], state)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("model", ["gpt3-tiny", "bert-tiny"])
-def test_pipeline_of_tensor_parallel_stages_20_steps(model: str, tmp_path: Path) -> None:
-    got = _run_pp_tp(tmp_path, 4, timeout=280, model=model, pp=2, tp=2, steps=20)
-    losses, state = reference(model, microbatches=MICRO, batch=BATCH, steps=20, lr=LR, seed=SEED)
-    assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
-    assert got["max_weight_error"] < 1e-5
-    _assert_state_equal(got["state"], state)
+    got = _run_pp_tp(tmp_path, 4, timeout=280, model=model, pp=2, tp=2, steps=steps)
+    _assert_tp_run_matches(got, *reference(model, microbatches=MICRO, batch=BATCH, steps=steps, lr=LR, seed=SEED))
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_full_checkpoint_loads_into_tensor_parallel_shards(tmp_path: Path) -> None:
     """A single-process checkpoint (full tensors) is sliced into pp=2 x tp=2 shards; training goes on from it."""
-    _, state = reference("gpt3-tiny", microbatches=MICRO, batch=BATCH, steps=2, lr=LR, seed=SEED)
-    ckpt = tmp_path / "ckpt.pt"
-    torch.save(state, ckpt)
+    ckpt = _checkpoint_after("gpt3-tiny", 2, tmp_path)
     got = _run_pp_tp(tmp_path, 4, model="gpt3-tiny", pp=2, tp=2, steps=2, load_path=str(ckpt))
     losses, final = reference("gpt3-tiny", microbatches=MICRO, batch=BATCH, steps=4, lr=LR, seed=SEED)
-    assert got["losses"] == pytest.approx(losses[2:], abs=1e-5, rel=0)  # SGD without momentum: no optimizer state
-    assert got["max_weight_error"] < 1e-5
-    _assert_state_equal(got["state"], final)
+    _assert_tp_run_matches(got, losses[2:], final)  # SGD without momentum: no optimizer state to carry
 
 
 @pytest.mark.slow
@@ -274,25 +274,21 @@ def test_data_tensor_and_pipeline_parallel_together(wrapper: str, tmp_path: Path
     """dp=2 x pp=2 x tp=2 (8 processes) through ``distribute``: equals single-process training on the 2x batch."""
     got = _run_pp_tp(tmp_path, 8, timeout=280, model="gpt3-tiny", pp=2, tp=2, dp=2, data_parallel=wrapper)
     assert got["wrappers"] == [{"ddp": "DistributedDataParallel", "fsdp": "FSDPStageAdapter"}[wrapper]]
-    losses, state = reference("gpt3-tiny", microbatches=2 * MICRO, batch=2 * BATCH, steps=3, lr=LR, seed=SEED)
-    assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
-    assert got["max_weight_error"] < 1e-5
-    _assert_state_equal(got["state"], state)
+    _assert_tp_run_matches(
+        got, *reference("gpt3-tiny", microbatches=2 * MICRO, batch=2 * BATCH, steps=3, lr=LR, seed=SEED)
+    )
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_single_process_checkpoint_resumes_on_another_partitioning(tmp_path: Path) -> None:
     """3 single-process steps, checkpoint by original names, 2 more on a zero-bubble 4-stage / 2-rank pipeline."""
-    _, state = reference("bert-tiny", microbatches=MICRO, batch=BATCH, steps=3, lr=LR, seed=SEED)
-    ckpt = tmp_path / "ckpt.pt"
-    torch.save(state, ckpt)
+    ckpt = _checkpoint_after("bert-tiny", 3, tmp_path)
     results, got = _run(2, tmp_path, model="bert-tiny", stages=4, schedule="zero-bubble", steps=2, load_path=str(ckpt))
     _assert_ok(results)
     losses, final = reference("bert-tiny", microbatches=MICRO, batch=BATCH, steps=5, lr=LR, seed=SEED)
     assert got["losses"] == pytest.approx(losses[3:], abs=1e-5, rel=0)  # SGD without momentum: no optimizer state
-    for name, ref in final.items():
-        torch.testing.assert_close(got["state"][name], ref, atol=1e-5, rtol=0)
+    _assert_state_equal(got["state"], final)
 
 
 @pytest.mark.slow
@@ -304,8 +300,7 @@ def test_gradients_accumulate_across_steps(tmp_path: Path) -> None:
     _assert_ok(results)
     losses, state = reference("gpt3-tiny", microbatches=MICRO, batch=BATCH, steps=3, lr=2 * LR, seed=SEED)
     assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
-    for name, ref in state.items():
-        torch.testing.assert_close(got["state"][name], ref, atol=1e-5, rtol=0)
+    _assert_state_equal(got["state"], state)
 
 
 @pytest.mark.distributed

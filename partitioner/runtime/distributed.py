@@ -58,9 +58,9 @@ each replica is fed its own shard of the batch; every stage is wrapped in torch'
 or ``fully_shard`` (FSDP2) over "dp" (``data_parallel=``; see ``partitioner.runtime.data_parallel``), which
 torch's schedules drive (no sync until the last microbatch's backward, or the final REDUCE_GRAD); tied copies
 are left out of the wrappers and averaged over "dp" after their owners' sum. The returned loss is the mean over
-replicas, so dp x pp equals single-process training on the concatenated batch (tested: dp=2 x pp=2 with DDP
-and FSDP, every schedule). With FSDP, ``state_dict()`` holds DTensor shards and ``full_state_dict()`` gathers
-them (collective over the whole world then).
+replicas, so dp x pp equals single-process training on the concatenated batch (tested: dp=2 x pp=2 with DDP on
+1f1b and interleaved, FSDP on 1f1b, interleaved, zero-bubble and zbv). With FSDP, ``state_dict()`` holds DTensor
+shards and ``full_state_dict()`` gathers them (collective over the whole world then).
 
 Tensor parallelism ("tp"): the stage modules given are then one tp rank's
 (``passes.tensor_parallel.tensor_parallel_rank`` before the split), their collectives run over the "tp" group
@@ -93,7 +93,7 @@ from partitioner.passes.split import StageModule
 from partitioner.passes.tensor_parallel import merge_shards, shard_of
 from partitioner.plan.schema import Plan
 from partitioner.plan.tensor import TensorParallelPlan
-from partitioner.runtime.data_parallel import DATA_PARALLEL_MODES, full_tensor, load_into, wrap_stage
+from partitioner.runtime.data_parallel import data_parallel_mode, full_tensor, load_into, wrap_stage
 from partitioner.runtime.faults import PEER_FAILURE_EXIT_CODE, FaultMonitor, PeerFailureError
 from partitioner.runtime.materialize import StateDictSource, WeightSource, materialize_modules
 
@@ -191,26 +191,6 @@ def distribute(
         unused=unused_tensors(cm),
         **kwargs,
     )
-
-
-def data_parallel_mode(requested: str | None, schedule: str) -> str:
-    """The data-parallel wrapper for `schedule`: `requested`, or by default "ddp" ("fsdp" for zero-bubble ones).
-
-    torch pipelining drives DDP's reducer from the full backward of the last microbatch; zero-bubble schedules
-    split that backward into input and weight parts, which DDP's hooks do not follow (its gradients would go
-    unreduced: replicas would drift apart silently), so "ddp" is refused there. FSDP2 is reduced by the
-    schedule's own REDUCE_GRAD action and works with every schedule.
-    """
-    if requested is not None and requested not in DATA_PARALLEL_MODES:
-        raise ValueError(f"data_parallel={requested!r}: choose one of {DATA_PARALLEL_MODES}")
-    split_backward = schedule in ("zero-bubble", "zbv")
-    if requested == "ddp" and split_backward:
-        raise ValueError(
-            f"data_parallel='ddp' cannot be used with schedule {schedule!r}: torch pipelining splits its backward "
-            "into input and weight gradients, which DDP's reducer does not see; use data_parallel='fsdp' (or "
-            "leave it unset), or a gpipe / 1f1b / interleaved schedule"
-        )
-    return requested or ("fsdp" if split_backward else "ddp")
 
 
 def stage_ranks(schedule: str, num_stages: int, ranks: int) -> list[int]:
@@ -346,6 +326,7 @@ class _Tied:
     canonical: str
     ranks: list[int]  # group ranks of the owners
     group: dist.ProcessGroup | None  # None when this rank is not an owner or there is one owner
+    held: torch.Tensor | None  # this rank's copy (one Parameter for every local alias), None when not an owner
 
 
 class DistributedPipeline:
@@ -427,13 +408,11 @@ class DistributedPipeline:
         with torch.no_grad():
             for tied in self._tied:
                 if tied.group is not None:
-                    for p in self._tensors_named(tied.canonical):
-                        dist.broadcast(p.data, src=self._global(tied.ranks[0]), group=tied.group)
-                        break
+                    dist.broadcast(tied.held.data, src=self._global(tied.ranks[0]), group=tied.group)
 
         # Phase 5: torch stages (optionally checkpointed; wrapped in DDP or FSDP over "dp"), static metadata when known.
         ckpt = set(range(self.num_stages)) if checkpoint is True else set(checkpoint or ())
-        tied_tensors = [t for tied in self._tied for t in self._tensors_named(tied.canonical)]
+        tied_tensors = [tied.held for tied in self._tied if tied.held is not None]
         self.stage_submodules: list[nn.Module] = []
         for st in self.local_stages:
             adapter: nn.Module = StageAdapter(
@@ -525,7 +504,8 @@ class DistributedPipeline:
                     ranks = [row[r] for r in owners]
                     group = dist.new_group(ranks)
                     mine = group if me in ranks else mine
-            out.append(_Tied(canonical, owners, mine))
+            held = self._tensors_named(canonical)
+            out.append(_Tied(canonical, owners, mine, held[0] if held else None))
         return out
 
     # -- tensors --------------------------------------------------------------------------------------------------
@@ -716,10 +696,9 @@ class DistributedPipeline:
     def _reduce_tied_grads(self) -> None:
         """Tied copies (left out of DDP/FSDP): sum the gradient over the owner ranks, then average it over dp."""
         for tied in self._tied:
-            held = self._tensors_named(tied.canonical)
-            if not held:
+            p = tied.held
+            if p is None:
                 continue
-            p = held[0]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if tied.group is not None:
