@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import partitioner  # noqa: E402
 import zoo  # noqa: E402
 from bench.baselines import BASELINES, NotApplicable  # noqa: E402
-from partitioner.plan.graph import price  # noqa: E402
+from partitioner.plan.graph import price, tied_sync_time  # noqa: E402
 from partitioner.report import format_bytes, format_seconds  # noqa: E402
 from partitioner.simulate import StageCost, simulate  # noqa: E402
 
@@ -105,8 +105,10 @@ def _default_seq(name: str) -> int | None:
 
 def _simulate(pg: Any, stage_of: list[int], stages: int, m: int, schedule: str, ranks: int) -> dict[str, float]:
     metrics, sim = price(pg, stage_of, stages, microbatches=m, schedule=schedule, num_ranks=ranks)
+    # Priced as the plan's own step is: the pipeline, then the tied-weight gradient all-reduce (pp only, no dp).
+    tied = tied_sync_time(pg, stage_of, sim.stage_to_rank, internode=ranks > pg.spec.devices_per_node)
     return {
-        "step_time": sim.step_time,
+        "step_time": sim.step_time + tied,
         "bubble_fraction": sim.bubble_fraction,
         "bottleneck": max(s.time for s in metrics),
         "peak_memory": max(sim.peak_memory),

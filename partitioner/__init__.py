@@ -5,6 +5,8 @@
     print(cm.plan.summary())
     loss = cm.step(inputs, targets, loss_fn)  # training: all stages here, or this rank's under torchrun
     pipe = cm.distributed()  # under torchrun: this rank's stages on torch.distributed.pipelining
+
+README.md walks through the rest; docs/design.md records the design decisions.
 """
 
 from partitioner.api import CompiledModel, compile

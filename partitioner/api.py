@@ -418,6 +418,7 @@ def _predicted(gm: fx.GraphModule, best: Candidate, spec: DeviceSpec, devices: i
         "step_time": best.step_time,
         "pipeline_time": sim.step_time,
         "data_parallel_sync": best.dp_sync,
+        "tied_weight_sync": best.tied_sync,
         "bubble_fraction": sim.bubble_fraction,
         "peak_memory": max(sim.peak_memory),
         "model_flops": float(flops),
@@ -462,6 +463,7 @@ def _make_plan(
                 peak_memory=met.peak_memory,
                 send_bytes=met.send_bytes,
                 activation_bytes=met.activation_bytes,
+                overlaps_comm=met.overlaps_comm,
             )
         )
     shared = {p: sorted(s for s in range(num_stages) if p in held[s]) for p in pg.param_static}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DeviceSpec", "PRESETS", "get_device_spec", "measure_cpu"]
+__all__ = ["DeviceSpec", "PRESETS", "get_device_spec", "measure_cpu", "measure_link"]
 
 GB = 1e9
 GiB = 2**30
@@ -27,6 +27,12 @@ class DeviceSpec:
 
     peak_flops maps a dtype name ("float32", "bfloat16", ...) to dense peak FLOP/s of the matrix
     units for that dtype. Link bandwidths are per direction, bytes/s; latency is per message.
+
+    overlaps_comm says whether point-to-point transfers run beside compute. On GPUs they do: NCCL
+    moves the bytes with its own kernels on its own stream, so a stage costs max(compute, transfers).
+    On a CPU with gloo they do not: the sending process copies the bytes into the socket with the
+    same cores its compute needs, and torch's 1F1B loop waits for each send, so a stage costs
+    compute + transfers and every send holds its rank (plan.graph, simulate).
     """
 
     name: str
@@ -40,6 +46,7 @@ class DeviceSpec:
     compute_efficiency: float = 0.75  # fraction of peak FLOP/s that large GEMMs reach
     memory_efficiency: float = 0.85  # fraction of peak bandwidth that streaming kernels reach
     kernel_overhead: float = 5e-6  # seconds of launch / fixed cost per kernel
+    overlaps_comm: bool = True  # transfers run beside compute (NCCL); False: they take the sender's time (gloo)
     source: str = ""
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -116,20 +123,22 @@ PRESETS: dict[str, DeviceSpec] = {
         internode_bandwidth=25 * GB,  # one 200 Gb/s HDR NIC per GPU
         source="NVIDIA A100 SXM4 80GB datasheet",
     ),
-    # A small 2-core x86 server (AVX2 FMA) with processes talking over loopback gloo. Rough figures:
-    # for fidelity checks on a real machine use measure_cpu().
+    # A small 2-core x86 server (AVX2 FMA) with processes talking over loopback gloo. The link figures
+    # are measure_link() on the 2-core dev box (2026-11-25: 63-79 us + 3.1-3.4 GB/s over four runs).
+    # For fidelity checks on a real machine use measure_cpu(link=True).
     "cpu": DeviceSpec(
         name="cpu",
         peak_flops={"float32": 100e9, "bfloat16": 25e9, "float16": 25e9},
         memory_bandwidth=15 * GB,
         memory_bytes=16 * GiB,
-        link_bandwidth=2 * GB,
-        link_latency=50e-6,
+        link_bandwidth=3.2 * GB,
+        link_latency=75e-6,
         internode_bandwidth=1 * GB,
         devices_per_node=1,
         compute_efficiency=1.0,
         memory_efficiency=1.0,
         kernel_overhead=10e-6,
+        overlaps_comm=False,
         source="nominal 2-core CPU; see measure_cpu()",
     ),
 }
@@ -147,10 +156,12 @@ def get_device_spec(device: str | DeviceSpec) -> DeviceSpec:
         ) from None
 
 
-def measure_cpu(*, matmul_size: int = 512, copy_mib: int = 64, repeats: int = 5) -> DeviceSpec:
+def measure_cpu(*, matmul_size: int = 512, copy_mib: int = 64, repeats: int = 5, link: bool = False) -> DeviceSpec:
     """A DeviceSpec for this machine's CPU from a float32 GEMM and a memory copy (best of `repeats`).
 
     Takes well under a second. Efficiencies are 1.0: the measured figures already are achieved rates.
+    With `link=True` the link latency and bandwidth come from `measure_link()` (two gloo processes on
+    this machine, a few seconds) instead of the preset's figures.
     """
     a = torch.randn(matmul_size, matmul_size)
     b = torch.randn(matmul_size, matmul_size)
@@ -173,10 +184,72 @@ def measure_cpu(*, matmul_size: int = 512, copy_mib: int = 64, repeats: int = 5)
     bandwidth = 2 * src.numel() * 4 / best  # read + write
 
     base = PRESETS["cpu"]
+    source = f"measured: {matmul_size}^3 fp32 GEMM and a {copy_mib} MiB copy"
+    links = {}
+    if link:
+        latency, link_bandwidth = measure_link()
+        links = dict(link_latency=latency, link_bandwidth=link_bandwidth)
+        source += f", gloo ping-pong {latency * 1e6:.0f} us + {link_bandwidth / GB:.2f} GB/s"
     return dataclasses.replace(
         base,
         name="cpu-measured",
         peak_flops={"float32": flops, "bfloat16": flops / 4, "float16": flops / 4},
         memory_bandwidth=bandwidth,
-        source=f"measured: {matmul_size}^3 fp32 GEMM and a {copy_mib} MiB copy",
+        source=source,
+        **links,
     )
+
+
+_PING_SIZES = (4 * 2**10, 4 * 2**20)  # bytes: latency-bound and bandwidth-bound messages
+
+
+def measure_link(*, repeats: int = 20, timeout: float = 120.0) -> tuple[float, float]:
+    """(latency seconds, bandwidth bytes/s) of one point-to-point message between two gloo processes here.
+
+    Two ranks (partitioner.launch.spawn, one thread each) ping-pong a small and a large tensor through
+    ``batch_isend_irecv``, as the pipeline stages send; the one-way time is half the median round trip.
+    The line through the two (bytes, time) points gives bandwidth (slope) and latency (intercept), which
+    includes Python's and gloo's per-message cost: what a stage pays per send.
+    """
+    import tempfile
+
+    from partitioner.launch import spawn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/link.pt"
+        results = spawn("partitioner.devices:_ping_pong", 2, {"repeats": repeats, "out": out}, timeout=timeout,
+                        env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+        failed = [r for r in results if r.returncode]
+        if failed:
+            raise RuntimeError(f"measure_link: rank {failed[0].rank} failed:\n{failed[0].stderr[-2000:]}")
+        small, large = torch.load(out)
+    (s_bytes, l_bytes) = _PING_SIZES
+    bandwidth = (l_bytes - s_bytes) / max(large - small, 1e-9)
+    latency = max(small - s_bytes / bandwidth, 0.0)
+    return latency, bandwidth
+
+
+def _ping_pong(repeats: int, out: str) -> None:
+    """Rank side of `measure_link`: median one-way seconds per message size; rank 0 saves them to `out`."""
+    import statistics
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank, peer = dist.get_rank(), 1 - dist.get_rank()
+    one_way = []
+    for nbytes in _PING_SIZES:
+        buf = torch.zeros(nbytes // 4)
+        times = []
+        for i in range(repeats + 3):  # 3 warm-ups
+            dist.barrier()
+            t0 = time.perf_counter()
+            for sender in (0, 1):
+                op = dist.isend if rank == sender else dist.irecv
+                for work in dist.batch_isend_irecv([dist.P2POp(op, buf, peer)]):
+                    work.wait()
+            if i >= 3:
+                times.append((time.perf_counter() - t0) / 2)
+        one_way.append(statistics.median(times))
+    if rank == 0:
+        torch.save(one_way, out)

@@ -2,7 +2,8 @@
 
 One row per rank (rank 0 on top), one bar per event: forward blue, full backward orange, input-grad
 backward red, weight-grad backward green; later stages on the same rank (interleaved / V schedules) are
-drawn lighter and hatched. Each bar is labelled with its microbatch number (``stage:microbatch`` when a rank
+drawn lighter and hatched. Where sends hold their sender (``SimResult.send_holds``, CPUs with gloo) a thin grey
+bar marks each one. Each bar is labelled with its microbatch number (``stage:microbatch`` when a rank
 holds several stages). The title carries the schedule, step time and bubble fraction. Nothing but the file
 is written: the figure is created with the Agg backend and closed, whatever pyplot state the caller has.
 """
@@ -16,6 +17,7 @@ from .simulate import SimResult
 __all__ = ["KIND_COLORS", "plot_gantt"]
 
 KIND_COLORS: dict[str, str] = {"F": "#4C72B0", "B": "#DD8452", "I": "#C44E52", "W": "#55A868"}
+SEND_COLOR = "#8C8C8C"
 _KIND_NAMES = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)"}
 
 
@@ -63,6 +65,10 @@ def plot_gantt(result: SimResult, path: str | Path, *, title: str = "") -> Path:
         label = f"{e.stage}:{e.microbatch}" if multi else str(e.microbatch)
         ax.text(x0 + width / 2, y, label, ha="center", va="center", fontsize=7, color="black", clip_on=True)
 
+    for rank, start, end in result.send_holds:
+        y = ranks - 1 - rank
+        ax.broken_barh([(start * scale, (end - start) * scale)], (y - 0.2, 0.4), facecolors=SEND_COLOR, linewidth=0)
+
     # Axes, legend, title with step time and bubble.
     ax.set_yticks(range(ranks), [f"rank {ranks - 1 - y}" for y in range(ranks)])
     ax.set_ylim(-0.6, ranks - 0.4)
@@ -71,6 +77,8 @@ def plot_gantt(result: SimResult, path: str | Path, *, title: str = "") -> Path:
     ax.grid(axis="x", linestyle=":", linewidth=0.5)
     kinds = [k for k in KIND_COLORS if any(e.kind == k for e in result.events)]
     handles = [Patch(facecolor=KIND_COLORS[k], label=_KIND_NAMES[k]) for k in kinds]
+    if result.send_holds:
+        handles.append(Patch(facecolor=SEND_COLOR, label="send (holds the sender)"))
     if multi:
         handles.append(Patch(facecolor="lightgray", hatch="//", label="later stage on rank (stage:mb)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=8, frameon=False)

@@ -60,7 +60,12 @@ def format_plan(plan: Plan) -> str:
     lines += [
         "",
         f"bottleneck stage time: {format_seconds(plan.bottleneck_time)} per step "
-        f"(balance {plan.balance:.3f} = bottleneck / (total compute / {plan.num_stages}))",
+        f"(balance {plan.balance:.3f} = bottleneck / (total compute / {plan.num_stages}); "
+        + (
+            "sends overlap compute)"
+            if all(s.overlaps_comm for s in plan.stages)
+            else "sends add to compute on this device)"
+        ),
         f"memory limit per device: {format_bytes(plan.memory_limit)}; "
         f"peak stage: {format_bytes(max(s.peak_memory for s in plan.stages))}",
     ]

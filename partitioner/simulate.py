@@ -43,8 +43,12 @@ Replay rules (checked independently by ``check_events``), for stage ``s``, micro
 * ``W(s, i)`` needs ``I(s, i)``. Durations: F = ``forward``, B = ``backward``,
   I = ``backward_input_fraction * backward``, W = the rest.
 * Sends are asynchronous and links unlimited: communication overlaps compute and never queues; a dependent
-  action waits for arrival. Same-rank stage hand-offs are free. (torch's 1F1B loop actually waits on fused
-  send/recv pairs; with ``send_time=0`` this makes no difference.)
+  action waits for arrival. Same-rank stage hand-offs are free.
+* With ``blocking_sends=True`` (devices whose transfers do not overlap compute, ``DeviceSpec.overlaps_comm``:
+  gloo on CPUs) a send also holds its sender: after an F whose output goes to another rank, or a B / I whose
+  input gradient does, the rank is free only ``send_time`` later (``SimResult.send_holds``). The data still
+  arrives at the end of that send. This is what torch's 1F1B loop does on any backend (it waits on each fused
+  send/recv pair before the next action), and what gloo's copies cost a CPU in every schedule.
 * Memory on a rank = static bytes of its stages + ``activation_bytes`` of every microbatch whose F has
   started and whose backward (B, or W for split backward) has not finished. Frees at a time are applied before
   allocations at the same time.
@@ -172,11 +176,12 @@ class Event(NamedTuple):
 class SimResult:
     """Outcome of replaying one training step.
 
-    Invariants: ``step_time`` is the latest event end (the step starts at 0); ``busy[r]`` is the sum of event
-    durations on rank ``r``; ``bubble_fraction == 1 - sum(busy) / (num_ranks * step_time)`` (0 for an empty
-    step); ``memory_timeline[r]`` is a step function [(time, bytes)] starting at (0, static bytes), times
-    increasing after that first point (a change at time 0 is a second point at 0), whose maximum is
-    ``peak_memory[r]``; ``peak_inflight[r]`` is the most microbatch-stages whose activations rank ``r`` holds.
+    Invariants: ``step_time`` is the latest event or send-hold end (the step starts at 0); ``busy[r]`` is the
+    sum of event (compute) durations on rank ``r``, send holds excluded;
+    ``bubble_fraction == 1 - sum(busy) / (num_ranks * step_time)`` (0 for an empty step); ``memory_timeline[r]``
+    is a step function [(time, bytes)] starting at (0, static bytes), times increasing after that first point
+    (a change at time 0 is a second point at 0), whose maximum is ``peak_memory[r]``; ``peak_inflight[r]`` is
+    the most microbatch-stages whose activations rank ``r`` holds.
     """
 
     schedule: str
@@ -190,6 +195,9 @@ class SimResult:
     peak_memory: tuple[float, ...]  # per rank, bytes
     peak_inflight: tuple[int, ...]  # per rank
     memory_timeline: tuple[tuple[tuple[float, float], ...], ...]  # per rank: ((time, bytes), ...)
+    blocking_sends: bool = False  # sends held their sender (see the module docstring)
+    # (rank, start, end) of each time a rank was held by its own send (blocking_sends only), sorted
+    send_holds: tuple[tuple[int, float, float], ...] = ()
 
     def summary(self) -> str:
         """A few lines: step time, bubble, and per-rank busy time and peak memory."""
@@ -342,6 +350,15 @@ def _arrival(
     return producer.end + (stages[send_stage].send_time if mapping[producer.stage] != rank else 0.0)
 
 
+def _send_stage(a: Action, stage_ranks: Sequence[int]) -> int | None:
+    """The stage whose send time `a`'s cross-rank send costs (its output or input gradient), or None."""
+    if a.kind == "F" and a.stage + 1 < len(stage_ranks) and stage_ranks[a.stage + 1] != stage_ranks[a.stage]:
+        return a.stage
+    if a.kind in ("B", "I") and a.stage > 0 and stage_ranks[a.stage - 1] != stage_ranks[a.stage]:
+        return a.stage - 1
+    return None
+
+
 def replay(
     actions: dict[int, list[Action]],
     stages: Sequence[StageCost],
@@ -349,11 +366,13 @@ def replay(
     *,
     num_microbatches: int,
     schedule: str = "custom",
+    blocking_sends: bool = False,
 ) -> SimResult:
     """Replay per-rank action lists with `stages`' costs; the core of ``simulate`` (any lists, e.g. hand-made).
 
     Each rank runs its list in order; an action starts at max(rank free, inputs arrived) (rules in the module
-    docstring). Raises RuntimeError naming the stuck actions if no rank can make progress.
+    docstring); with `blocking_sends` a cross-rank send also holds its sender. Raises RuntimeError naming the
+    stuck actions if no rank can make progress.
     """
     num_stages = len(stages)
     num_ranks = len(actions)
@@ -366,6 +385,7 @@ def replay(
     done: dict[Action, Event] = {}
     heads = {r: 0 for r in actions}
     free = {r: 0.0 for r in actions}
+    holds: list[tuple[int, float, float]] = []
 
     def ready_time(rank: int, a: Action) -> float | None:
         """Earliest start allowed by dependencies, or None while one of them has not run yet."""
@@ -404,6 +424,10 @@ def replay(
                     raise ValueError(f"action {a} appears twice")
                 done[a] = event
                 free[rank] = event.end
+                sent = _send_stage(a, stage_ranks) if blocking_sends else None
+                if sent is not None and stages[sent].send_time > 0:
+                    free[rank] = event.end + stages[sent].send_time
+                    holds.append((rank, event.end, free[rank]))
                 heads[rank] += 1
                 progress = True
     stuck = {r: order[heads[r]] for r, order in actions.items() if heads[r] < len(order)}
@@ -415,7 +439,7 @@ def replay(
 
     # Phase 2: time and utilization.
     events = tuple(sorted(done.values(), key=lambda e: (e.start, e.rank)))
-    step_time = max((e.end for e in events), default=0.0)
+    step_time = max([e.end for e in events] + [end for _, _, end in holds], default=0.0)
     busy = [0.0] * num_ranks
     for e in events:
         busy[e.rank] += e.end - e.start
@@ -461,29 +485,42 @@ def replay(
         peak_memory=tuple(peaks),
         peak_inflight=tuple(inflight),
         memory_timeline=tuple(timelines),
+        blocking_sends=blocking_sends,
+        send_holds=tuple(sorted(holds, key=lambda h: (h[1], h[0]))),
     )
 
 
 def simulate(
-    stages: Sequence[StageCost], *, num_microbatches: int, schedule: str, num_ranks: int | None = None
+    stages: Sequence[StageCost],
+    *,
+    num_microbatches: int,
+    schedule: str,
+    num_ranks: int | None = None,
+    blocking_sends: bool = False,
 ) -> SimResult:
     """Predict one training step of ``schedule`` over ``stages`` by replaying torch's own action lists.
 
     ``len(stages)`` is the number of pipeline stages; stage ``s`` runs on rank ``result.stage_to_rank[s]``.
+    ``blocking_sends``: sends hold their sender (devices whose transfers do not overlap compute).
     Raises ValueError for an unknown schedule or a combination torch refuses (numbers in the message).
     """
     ranks = _check_counts(schedule, len(stages), num_microbatches, num_ranks)
     orders, stage_ranks = _torch_orders(schedule, len(stages), num_microbatches, ranks)
     actions = {rank: list(order) for rank, order in enumerate(orders)}
-    return replay(actions, stages, stage_ranks, num_microbatches=num_microbatches, schedule=schedule)
+    return replay(
+        actions, stages, stage_ranks, num_microbatches=num_microbatches, schedule=schedule,
+        blocking_sends=blocking_sends,
+    )  # fmt: skip
 
 
 def check_events(result: SimResult, stages: Sequence[StageCost]) -> None:
     """Assert the replay rules on a result's events (written independently of ``replay``, for tests).
 
     Rules: (1) every (stage, microbatch) has exactly one F and either one B or one I and one W, each on the
-    stage's rank, lasting its cost; (2) events on a rank never overlap; (3) F(s,i) starts after F(s-1,i) ends
-    (+ send time across ranks); (4) B/I(s,i) start after F(s,i) and after B/I(s+1,i) (+ send time across ranks);
+    stage's rank, lasting its cost; (2) events and send holds on a rank never overlap, and with blocking sends
+    each F or B/I whose output or input gradient goes to another rank is directly followed by a send hold of
+    that send time (and nothing else is); (3) F(s,i) starts after F(s-1,i) ends (+ send time across ranks);
+    (4) B/I(s,i) start after F(s,i) and after B/I(s+1,i) (+ send time across ranks);
     (5) W(s,i) starts after I(s,i). Raises AssertionError naming the first broken rule and the events.
     """
     by_action: dict[tuple[int, str, int], list[Event]] = defaultdict(list)
@@ -513,14 +550,35 @@ def check_events(result: SimResult, stages: Sequence[StageCost]) -> None:
             )
     assert len(result.events) == sum(len(v) for v in by_action.values())
 
-    # Rule 2: a rank does one thing at a time.
-    per_rank: dict[int, list[Event]] = defaultdict(list)
+    # Rule 2: a rank does one thing at a time; a send hold follows the event that sends.
+    ends = {(e.rank, round(e.end, 12)): e for e in result.events}
+    for r, start, end in result.send_holds:
+        e = ends.get((r, round(start, 12)))
+        assert e is not None, f"rule 2: send hold on rank {r} at {start} follows no event"
+        receiver = e.stage + 1 if e.kind == "F" else e.stage - 1
+        assert e.kind != "W" and 0 <= receiver < len(stages) and ranks[receiver] != r, (
+            f"rule 2: send hold after {e}, which sends nothing across ranks"
+        )
+        want = stages[min(e.stage, receiver)].send_time
+        assert abs((end - start) - want) <= _EPS * max(1.0, want), f"rule 2: hold after {e} should last {want}"
+    if result.blocking_sends:
+        held = {(r, round(start, 12)) for r, start, _ in result.send_holds}
+        for e in result.events:
+            receiver = e.stage + 1 if e.kind == "F" else e.stage - 1
+            sends = e.kind != "W" and 0 <= receiver < len(stages) and ranks[receiver] != e.rank
+            if sends and stages[min(e.stage, receiver)].send_time > 0:
+                assert (e.rank, round(e.end, 12)) in held, f"rule 2: {e} sends across ranks but holds no time"
+    else:
+        assert not result.send_holds, "rule 2: send holds without blocking_sends"
+    per_rank: dict[int, list[tuple[float, float, object]]] = defaultdict(list)
     for e in result.events:
-        per_rank[e.rank].append(e)
-    for r, evs in per_rank.items():
-        evs.sort(key=lambda e: e.start)
-        for a, b in pairwise(evs):
-            assert b.start >= a.end - _EPS, f"rule 2: {a} and {b} overlap on rank {r}"
+        per_rank[e.rank].append((e.start, e.end, e))
+    for r, start, end in result.send_holds:
+        per_rank[r].append((start, end, f"send hold [{start:.6g},{end:.6g}]"))
+    for r, spans in per_rank.items():
+        spans.sort(key=lambda span: (span[0], span[1]))
+        for a, b in pairwise(spans):
+            assert b[0] >= a[1] - _EPS, f"rule 2: {a[2]} and {b[2]} overlap on rank {r}"
 
     # Rules 3-5: data dependencies.
     last = len(stages) - 1

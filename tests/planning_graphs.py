@@ -25,6 +25,7 @@ def synthetic_graph(
     param_static: dict[str, int] | None = None,
     saved_bytes: list[float] | None = None,
     training: bool = True,
+    overlaps_comm: bool = True,
 ) -> PlanningGraph:
     """A PlanningGraph over nodes 0..n-1 (topological order; the first num_inputs are inputs).
 
@@ -40,7 +41,9 @@ def synthetic_graph(
         preds[v].add(u)
     for u in outputs if outputs is not None else [n - 1]:
         succs[u].add(n)
-    spec = dataclasses.replace(PRESETS["h100"], link_bandwidth=link_bandwidth, link_latency=link_latency)
+    spec = dataclasses.replace(
+        PRESETS["h100"], link_bandwidth=link_bandwidth, link_latency=link_latency, overlaps_comm=overlaps_comm
+    )
     c = np.asarray(compute, dtype=np.float64)
     params = params or [[] for _ in range(n)]
     param_static = param_static or {}
@@ -83,7 +86,8 @@ def brute_force(pg: PlanningGraph, num_stages: int, *, microbatches: int = 1, me
 
 @st.composite
 def random_dags(draw, max_nodes: int = 7, chain: bool = False, comm: bool = True):
-    """A random DAG with one input, random compute and bytes; `chain` gives a path graph."""
+    """A random DAG with one input, random compute and bytes; `chain` gives a path graph. Its device's
+    transfers overlap compute or not, and pay a latency per message or not, at random."""
     n = draw(st.integers(3, max_nodes))
     compute = [0.0] + [draw(st.floats(0.0, 10.0, allow_nan=False)) for _ in range(n - 1)]
     out_bytes = [draw(st.floats(0.0, 5e3 if comm else 0.0, allow_nan=False)) for _ in range(n)]
@@ -95,4 +99,5 @@ def random_dags(draw, max_nodes: int = 7, chain: bool = False, comm: bool = True
             # every node has at least one producer, so nothing floats free of the input
             producers = draw(st.lists(st.integers(0, v - 1), min_size=1, max_size=3, unique=True))
             edges += [(u, v) for u in producers]
-    return synthetic_graph(compute, edges, out_bytes)
+    latency = draw(st.sampled_from([0.0, 0.05])) if comm else 0.0
+    return synthetic_graph(compute, edges, out_bytes, overlaps_comm=draw(st.booleans()), link_latency=latency)

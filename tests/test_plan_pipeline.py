@@ -94,6 +94,34 @@ def test_mincut_finds_a_non_contiguous_cut():
     assert evaluate(pg, before, 2)[0].send_bytes == 1001.0
 
 
+def test_sends_add_to_stage_time_where_they_do_not_overlap_compute():
+    # A chain n0 (input) -> n1 -> n2 -> n3 with compute 2, 1, 3 and 1e3 bytes/s. Cutting after n1 (2 | 4)
+    # sends 10 bytes (0.01 s each way); cutting after n2 (3 | 3) sends 2000 (2 s each way). Overlapped (NCCL):
+    # max(3, 2) = 3 beats max(4, 0.01) = 4. Blocking (gloo on a CPU) each stage pays its own sends, forward
+    # activations or returned gradients: 3 + 2 = 5 loses to 4 + 0.01.
+    compute, edges = [0.0, 2.0, 1.0, 3.0], [(0, 1), (1, 2), (2, 3)]
+    for overlaps, stage_of, want in ((True, [0, 0, 0, 1], 3.0), (False, [0, 0, 1, 1], 4.01)):
+        pg = synthetic_graph(compute, edges, [0.0, 10.0, 2000.0, 0.0], overlaps_comm=overlaps)
+        plan = plan_pipeline(pg, 2)
+        assert plan.stage_of == stage_of
+        assert plan.bottleneck == pytest.approx(want)
+    # With cheap bytes (20 at the balanced cut) both pick the balanced cut; blocking, its sends still add.
+    for overlaps, want in ((True, 3.0), (False, 3.02)):
+        pg = synthetic_graph(compute, edges, [0.0, 0.1, 20.0, 0.0], overlaps_comm=overlaps)
+        plan = plan_pipeline(pg, 2)
+        assert plan.stage_of == [0, 0, 0, 1]
+        assert [m.time for m in evaluate(pg, plan.stage_of, 2)] == pytest.approx([want, want])
+
+
+def test_every_crossing_value_is_a_message():
+    # Two values cross after n1 (n0 and n1 both feed n2), one after n2. At 0.1 s per message and free bytes,
+    # a cut after n1 costs 2 messages each way and one after n2 costs 1.
+    pg = synthetic_graph([0, 1, 1, 1], [(0, 1), (0, 2), (1, 2), (2, 3)], [0, 0, 0, 0], link_latency=0.1)
+    two, one = evaluate(pg, [0, 0, 1, 1], 2, microbatches=3), evaluate(pg, [0, 0, 0, 1], 2, microbatches=3)
+    assert (two[0].send_messages, two[1].recv_messages, one[0].send_messages) == (2, 2, 1)
+    assert two[0].comm == pytest.approx(3 * 2 * 0.1) and one[0].comm == pytest.approx(3 * 1 * 0.1)
+
+
 def test_value_read_by_several_later_nodes_crosses_once():
     # n1 is read by n2 and n3, both on stage 1: it must be counted once.
     pg = synthetic_graph([0, 1, 1, 1], [(0, 1), (1, 2), (1, 3), (2, 3)], [0, 100, 7, 0])

@@ -35,8 +35,10 @@ def equal_stages(num_stages: int, per_rank: int = 1, **kw: float) -> list[StageC
     return [StageCost(forward=F / per_rank, backward=B / per_rank, **kw) for _ in range(num_stages)]
 
 
-def sim(schedule: str, stages: list[StageCost], m: int, ranks: int | None = None) -> SimResult:
-    result = simulate(stages, num_microbatches=m, schedule=schedule, num_ranks=ranks)
+def sim(
+    schedule: str, stages: list[StageCost], m: int, ranks: int | None = None, *, blocking: bool = False
+) -> SimResult:
+    result = simulate(stages, num_microbatches=m, schedule=schedule, num_ranks=ranks, blocking_sends=blocking)
     check_events(result, stages)  # every simulation in this file obeys the written rules
     return result
 
@@ -281,6 +283,50 @@ def test_same_rank_hand_offs_are_free() -> None:
     assert ev[(1, "F", 0)].start == ev[(0, "F", 0)].end + 0.5
 
 
+# --- Sends that hold their sender (CPUs with gloo) ------------------------------------------------------------
+
+
+def test_blocking_sends_by_hand() -> None:
+    # 2 stages, 1F1B, 2 microbatches, f=1, b=2, send 0.5. Rank 0 runs F0 F1 B0 B1, rank 1 F0 B0 F1 B1.
+    # Rank 0: F0 [0,1] send [1,1.5], F1 [1.5,2.5] send [2.5,3]; rank 1: F0 [1.5,2.5], B0 [2.5,4.5] send [4.5,5],
+    # F1 (arrived at 3) [5,6], B1 [6,8] send [8,8.5]; rank 0: B0 (gradient at 5) [5,7], B1 (at 8.5) [8.5,10.5].
+    stages = equal_stages(2, send_time=0.5)
+    r = sim("1f1b", stages, 2, blocking=True)
+    assert r.step_time == 10.5
+    assert r.send_holds == ((0, 1.0, 1.5), (0, 2.5, 3.0), (1, 4.5, 5.0), (1, 8.0, 8.5))
+    assert r.busy == (6.0, 6.0)  # compute only
+    # Overlapped sends: rank 1 starts F1 at 4.5 instead of 5, rank 0 gets the last gradient at 8 instead of 8.5.
+    assert sim("1f1b", stages, 2).step_time == 10.0
+
+
+@given(pipelines(), st.floats(0.0, 5.0), st.sampled_from(["gpipe", "1f1b", "interleaved", "zero-bubble", "zbv"]))
+def test_blocking_sends_never_help_and_vanish_without_send_time(
+    pipe: tuple[list[StageCost], int], send: float, schedule: str
+) -> None:
+    stages, m = pipe
+    ranks = len(stages)
+    if schedule not in ("gpipe", "1f1b"):
+        stages = stages + stages[::-1]  # two stages per rank
+        if schedule in ("interleaved", "zero-bubble") and m % max(1, m // ranks):
+            return  # a microbatch count torch refuses (tested below)
+    timed = [StageCost(**{**vars(s), "send_time": send}) for s in stages]
+    held, overlapped = sim(schedule, timed, m, ranks, blocking=True), sim(schedule, timed, m, ranks)
+    assert held.step_time >= overlapped.step_time - 1e-9
+    assert sim(schedule, stages, m, ranks, blocking=True).step_time == sim(schedule, stages, m, ranks).step_time
+
+
+def test_validator_catches_a_missing_or_misplaced_send_hold() -> None:
+    stages = equal_stages(2, send_time=0.5)
+    good = sim("1f1b", stages, 2, blocking=True)
+    with pytest.raises(AssertionError, match="holds no time"):
+        check_events(SimResult(**{**vars(good), "send_holds": good.send_holds[1:]}), stages)
+    early = ((0, 1.0, 2.0),) + good.send_holds[1:]  # lasts 1.0 and runs into F1
+    with pytest.raises(AssertionError, match="rule 2"):
+        check_events(SimResult(**{**vars(good), "send_holds": early}), stages)
+    with pytest.raises(AssertionError, match="without blocking_sends"):
+        check_events(SimResult(**{**vars(good), "blocking_sends": False}), stages)
+
+
 # --- Failures -------------------------------------------------------------------------------------------------
 
 
@@ -341,7 +387,8 @@ def test_gantt_png_is_written(tmp_path, schedule: str, num_stages: int, ranks: i
     pytest.importorskip("matplotlib")
     from partitioner.gantt import plot_gantt
 
-    r = sim(schedule, equal_stages(num_stages, num_stages // ranks, send_time=0.05), 8, ranks)
+    r = sim(schedule, equal_stages(num_stages, num_stages // ranks, send_time=0.05), 8, ranks, blocking=True)
+    assert r.send_holds
     out = plot_gantt(r, tmp_path / f"{schedule}.png", title=schedule)
     data = out.read_bytes()
     assert out.exists() and len(data) > 5000 and data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,15 +5,20 @@ Planned nodes are every node except `get_attr` (a parameter goes wherever its re
 output node (a virtual consumer at position n, always on the last stage). Placeholders come first
 and are pinned to stage 0: in a pipeline only the first stage receives the model's inputs.
 
-Stage time model (per training step, all microbatches together):
-    time(s) = max(forward(s) + backward(s), comm(bytes sent forward by s) + comm(gradient bytes sent back by s))
-Point-to-point transfers overlap compute: torch.distributed.pipelining posts them with batch_isend_irecv
-(on NCCL they run on their own stream), so in steady state a stage is limited by the slower of its
-compute and its link; the latency transfers add to the critical path is charged by the simulator
-(partitioner.simulate), which replays the schedule with per-microbatch send times.
+Stage time model (per training step, all microbatches together), with
+comm(s) = comm(bytes sent forward by s) + comm(gradient bytes sent back by s):
+    time(s) = max(forward(s) + backward(s), comm(s))    where transfers overlap compute (DeviceSpec.overlaps_comm)
+    time(s) = forward(s) + backward(s) + comm(s)         where they do not (gloo on CPUs)
+On GPUs torch.distributed.pipelining posts transfers with batch_isend_irecv and NCCL runs them on its own
+stream, so in steady state a stage is limited by the slower of its compute and its link; the latency
+transfers add to the critical path is charged by the simulator (partitioner.simulate), which replays the
+schedule with per-microbatch send times. On a CPU the sending process spends its own cores on each copy,
+so sends add to the stage's time, and the simulator holds the sender for each send (blocking_sends).
 A value crosses boundary s|s+1 when it is produced at a stage <= s and consumed at a stage > s
 (values forwarded through intermediate stages cross every boundary they pass; a value consumed by
-several later nodes crosses once per boundary). Backward sends carry the same bytes as forward sends.
+several later nodes crosses once per boundary). Each crossing value is its own message per microbatch
+(torch.distributed.pipelining posts one isend per tensor), so comm(bytes, k values) over m microbatches is
+m x k x latency + bytes / bandwidth. Backward sends carry the same bytes and messages as forward sends.
 Memory(s) = static bytes of the parameters the stage reads (weights, grads, Adam state) +
 saved activations per microbatch x microbatches in flight at stage s (given by the schedule).
 """
@@ -36,7 +41,9 @@ __all__ = [
     "build_planning_graph",
     "evaluate",
     "price",
+    "stage_time",
     "static_bytes_per_param",
+    "tied_sync_time",
     "to_stage_costs",
 ]
 
@@ -84,11 +91,11 @@ class PlanningGraph:
         """Index of each node's last consumer (n for the model output; the node itself if unused)."""
         return np.array([max(s) if s else i for i, s in enumerate(self.succs)], dtype=np.int64)
 
-    def comm_time(self, nbytes: float, microbatches: int) -> float:
-        """One direction of one boundary for a whole step: m messages of nbytes/m each."""
-        if nbytes <= 0:
+    def comm_time(self, nbytes: float, microbatches: int, messages: float = 1) -> float:
+        """One direction of one boundary for a whole step: `messages` values per microbatch, nbytes in all."""
+        if messages <= 0 and nbytes <= 0:
             return 0.0
-        return microbatches * self.spec.link_latency + nbytes / self.spec.link_bandwidth
+        return microbatches * max(messages, 1) * self.spec.link_latency + nbytes / self.spec.link_bandwidth
 
 
 def build_planning_graph(
@@ -166,6 +173,11 @@ def build_planning_graph(
     )
 
 
+def stage_time(compute: float, comm: float, *, overlaps_comm: bool) -> float:
+    """A stage's steady-state seconds per step from its compute and its sends (module docstring)."""
+    return max(compute, comm) if overlaps_comm else compute + comm
+
+
 @dataclass(frozen=True)
 class StageMetrics:
     """Exact figures of one stage under an assignment (see module docstring for the model)."""
@@ -180,6 +192,9 @@ class StageMetrics:
     activation_bytes: float  # saved activations per step (all microbatches)
     peak_memory: float  # static + activations of the microbatches in flight
     num_nodes: int
+    overlaps_comm: bool = True  # the device's transfers run beside compute (DeviceSpec.overlaps_comm)
+    send_messages: int = 0  # values sent to the next stage per microbatch (one message each)
+    recv_messages: int = 0  # the device's transfers run beside compute (DeviceSpec.overlaps_comm)
 
     @property
     def compute(self) -> float:
@@ -187,8 +202,8 @@ class StageMetrics:
 
     @property
     def time(self) -> float:
-        """Steady-state time of the stage: compute and transfers overlap (see module docstring)."""
-        return max(self.forward + self.backward, self.comm)
+        """Steady-state time of the stage: compute and transfers overlapped, or added (see module docstring)."""
+        return stage_time(self.forward + self.backward, self.comm, overlaps_comm=self.overlaps_comm)
 
 
 def evaluate(
@@ -234,6 +249,10 @@ def evaluate(
     np.add.at(cross, stage_of + 1, pg.out_bytes)
     np.add.at(cross, last + 1, -pg.out_bytes)
     send = np.cumsum(cross)[1:]  # send[s] = bytes crossing s|s+1
+    count = np.zeros(num_stages + 1, dtype=np.int64)
+    np.add.at(count, stage_of + 1, 1)
+    np.add.at(count, last + 1, -1)
+    sends = np.cumsum(count)[1:]  # sends[s] = values crossing s|s+1
     fwd = np.bincount(stage_of, weights=pg.forward, minlength=num_stages)
     bwd = np.bincount(stage_of, weights=pg.backward, minlength=num_stages)
     act = np.bincount(stage_of, weights=pg.saved_bytes, minlength=num_stages)
@@ -243,9 +262,11 @@ def evaluate(
 
     out = []
     for s in range(num_stages):
-        send_s = send[s] if s < num_stages - 1 else 0.0
-        recv_s = send[s - 1] if s > 0 else 0.0
-        comm = pg.comm_time(send_s, microbatches) + (pg.comm_time(recv_s, microbatches) if pg.training else 0.0)
+        send_s, k_send = (send[s], int(sends[s])) if s < num_stages - 1 else (0.0, 0)
+        recv_s, k_recv = (send[s - 1], int(sends[s - 1])) if s > 0 else (0.0, 0)
+        comm = pg.comm_time(send_s, microbatches, k_send)
+        if pg.training:  # the gradients of what this stage received go back
+            comm += pg.comm_time(recv_s, microbatches, k_recv)
         static = float(sum(pg.param_static[p] for p in held[s]))
         act_s = float(act[s])
         out.append(
@@ -261,6 +282,9 @@ def evaluate(
                 # saved_bytes is 0 without training, so inference memory is the static bytes.
                 peak_memory=static + act_s / microbatches * min(in_flight[s], microbatches),
                 num_nodes=int(counts[s]),
+                overlaps_comm=pg.spec.overlaps_comm,
+                send_messages=k_send,
+                recv_messages=k_recv,
             )
         )
     return out
@@ -270,19 +294,43 @@ def to_stage_costs(pg: PlanningGraph, metrics: Sequence[StageMetrics], microbatc
     """Per-microbatch stage costs for the simulator from per-step stage metrics.
 
     Compute and activations scale with the microbatch (per step / m); one activation message per
-    microbatch crosses each boundary (latency + bytes / m / bandwidth).
+    microbatch crosses each boundary (a latency per value + bytes / m / bandwidth).
     """
     m = microbatches
     return [
         StageCost(
             forward=s.forward / m,
             backward=s.backward / m,
-            send_time=pg.comm_time(s.send_bytes / m, 1),
+            send_time=pg.comm_time(s.send_bytes / m, 1, s.send_messages),
             activation_bytes=s.activation_bytes / m,
             static_bytes=s.static_bytes,
         )
         for s in metrics
     ]
+
+
+def tied_sync_time(
+    pg: PlanningGraph, stage_of: Sequence[int], stage_to_rank: Sequence[int], *, internode: bool = False
+) -> float:
+    """Seconds after the pipeline step to sum the gradients of tied tensors held on several ranks.
+
+    The runtime all-reduces each such tensor's gradient over the ranks that hold a copy (Megatron's
+    embedding group), one after another once the schedule has finished: ring all-reduce over k ranks,
+    latency + 2 (k - 1) / k x bytes / bandwidth each. Copies on stages of one rank cost nothing here.
+    """
+    if not pg.training or not pg.tied:
+        return 0.0
+    ranks_of: dict[str, set[int]] = {}
+    for i, ps in enumerate(pg.params):
+        for p in ps:
+            ranks_of.setdefault(p, set()).add(stage_to_rank[stage_of[i]])
+    bandwidth = pg.spec.internode_bandwidth if internode else pg.spec.link_bandwidth
+    total = 0.0
+    for canonical in pg.tied:
+        k = len(ranks_of.get(canonical, ()))
+        if k > 1:
+            total += pg.spec.link_latency + 2 * (k - 1) / k * pg.param_bytes[canonical] / bandwidth
+    return total
 
 
 def price(
@@ -294,6 +342,6 @@ def price(
     metrics = evaluate(pg, stage_of, num_stages, microbatches=microbatches, in_flight=in_flight)
     sim = simulate(
         to_stage_costs(pg, metrics, microbatches), num_microbatches=microbatches, schedule=schedule,
-        num_ranks=num_ranks,
+        num_ranks=num_ranks, blocking_sends=not pg.spec.overlaps_comm,
     )  # fmt: skip
     return metrics, sim

@@ -2,7 +2,7 @@
 
 Two phases:
 1. `contiguous_partition`: the exact optimum over splits of the topological order into S contiguous
-   stages, minimizing the bottleneck stage time (max of compute and communication, see plan.graph), subject
+   stages, minimizing the bottleneck stage time (compute and communication, see plan.graph), subject
    to per-device memory. Binary search on the bottleneck T; feasibility is a DP over prefixes:
        g[i] = fewest stages covering nodes [0, i) with every stage <= T and within memory
    (g[i] = 1 + min g[j] over cut points j with cost(j, i) <= T). A stage's memory is checked at the
@@ -58,17 +58,21 @@ class _Prefix:
         self.P = np.concatenate([[0.0], np.cumsum(pg.compute)])
         # Bytes crossing a cut between positions b-1 | b of the order (value produced before b,
         # consumed at or after b); the model output counts as a consumer at position n.
-        diff = np.zeros(n + 2)
+        diff, count = np.zeros(n + 2), np.zeros(n + 2)
         last = pg.last_use()
         for u in range(n):
             if last[u] > u:
                 diff[u + 1] += pg.out_bytes[u]
                 diff[last[u] + 1] -= pg.out_bytes[u]
+                count[u + 1] += 1
+                count[last[u] + 1] -= 1
         self.cross = np.cumsum(diff)[: n + 1]
-        self.w = np.array([pg.comm_time(b, microbatches) for b in self.cross])
+        messages = np.cumsum(count)[: n + 1]  # values crossing each cut, one message each per microbatch
+        self.w = np.array([pg.comm_time(b, microbatches, k) for b, k in zip(self.cross, messages)])
         self.w[0] = 0.0
         self.w[n] = 0.0
         self.w_in = self.w if pg.training else np.zeros(n + 1)
+        self.overlaps_comm = pg.spec.overlaps_comm
         # Static memory attributed to each parameter's first reader; activations per node.
         first: dict[str, int] = {}
         for i, ps in enumerate(pg.params):
@@ -80,9 +84,10 @@ class _Prefix:
         self.S = np.concatenate([[0.0], np.cumsum(static)])
         self.A = np.concatenate([[0.0], np.cumsum(pg.saved_bytes)]) / microbatches
 
-    def cost(self, j: int, i: int) -> float:
-        """Time of a stage holding nodes [j, i): compute and transfers overlap."""
-        return max(self.P[i] - self.P[j], self.w[i] + self.w_in[j])
+    def cost(self, j: int | np.ndarray, i: int) -> float | np.ndarray:
+        """Time of a stage holding nodes [j, i) (one j or an array of them): plan.graph.stage_time."""
+        compute, comm = self.P[i] - self.P[j], self.w[i] + self.w_in[j]
+        return np.maximum(compute, comm) if self.overlaps_comm else compute + comm
 
 
 def _min_stage_dp(
@@ -103,7 +108,7 @@ def _min_stage_dp(
             continue
         gj = g[js]
         ok = np.isfinite(gj) & (gj < max_stages)
-        ok &= (pre.P[i] - pre.P[js] <= T) & (pre.w[i] + pre.w_in[js] <= T)
+        ok &= pre.cost(js, i) <= T
         if memory_limit < np.inf:
             stage_idx = np.minimum(gj, max_stages - 1).astype(np.int64)
             mem = pre.S[i] - pre.S[js] + (pre.A[i] - pre.A[js]) * in_flight[stage_idx]

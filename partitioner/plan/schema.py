@@ -14,6 +14,8 @@ from typing import Any
 
 import torch.fx as fx
 
+from partitioner.plan.graph import stage_time
+
 __all__ = ["PLAN_VERSION", "Plan", "StagePlan", "graph_fingerprint"]
 
 PLAN_VERSION = 1
@@ -34,11 +36,12 @@ class StagePlan:
     peak_memory: float  # weights, grads, optimizer state, in-flight activations
     send_bytes: float  # activation bytes sent to the next stage per step
     activation_bytes: float
+    overlaps_comm: bool = True  # the device's transfers run beside compute (DeviceSpec.overlaps_comm)
 
     @property
     def time(self) -> float:
-        """Steady-state stage time: transfers overlap compute (partitioner.plan.graph)."""
-        return max(self.compute_time, self.comm_time)
+        """Steady-state stage time: compute and transfers overlapped, or added (partitioner.plan.graph)."""
+        return stage_time(self.compute_time, self.comm_time, overlaps_comm=self.overlaps_comm)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,7 +79,7 @@ class Plan:
 
     @property
     def bottleneck_time(self) -> float:
-        """Time of the slowest stage, max(compute, communication) (seconds per step)."""
+        """Time of the slowest stage, StagePlan.time (seconds per step)."""
         return max(s.time for s in self.stages)
 
     @property

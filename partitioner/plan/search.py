@@ -9,9 +9,11 @@ Every candidate is priced with the same machinery: the planning graph is scaled 
     step time  = simulated pipeline step + data-parallel gradient all-reduce
                  (ring: 2 (dp-1)/dp x a stage's gradient bytes / bandwidth; not overlapped with backward,
                  a conservative choice: DDP overlaps part of it)
+                 + tied-weight gradient all-reduce over the ranks holding a copy (plan.graph.tied_sync_time)
 
 TP collectives sit on the critical path inside a stage (an all-reduce separates two matmuls), so
-they add to node time; the pipeline's point-to-point sends overlap compute (plan.graph). Placement is
+they add to node time; the pipeline's point-to-point sends overlap compute on GPUs and add to it on
+CPUs (plan.graph, DeviceSpec.overlaps_comm). Placement is
 Megatron's: tp innermost (inside a node of `devices_per_node`), then dp, then pp across nodes.
 
 Candidates are evaluated best-bound first (branch and bound): a candidate's step time can be no less
@@ -27,7 +29,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from partitioner.plan.graph import PlanningGraph, StageMetrics, price
+from partitioner.plan.graph import PlanningGraph, StageMetrics, price, tied_sync_time
 from partitioner.plan.pipeline import InfeasibleMemoryError, devices_needed, plan_pipeline, refine_plan
 from partitioner.simulate import SimResult
 
@@ -75,6 +77,7 @@ class Candidate:
     peak_memory: float = math.inf
     pipeline_time: float = math.inf
     dp_sync: float = 0.0
+    tied_sync: float = 0.0
     note: str = ""  # why it was skipped or does not fit
     stage_of: list[int] | None = None
     metrics: list[StageMetrics] | None = None
@@ -291,7 +294,7 @@ def _memory_failure(c: Candidate) -> bool:
 
 def price_candidate(c: Candidate, stage_of: list[int], in_flight: Sequence[int], devices_per_node: int) -> None:
     """Fill a candidate's figures for an assignment: stage metrics, the replayed schedule, its peak
-    memory, and the step time (pipeline + data-parallel gradient sync)."""
+    memory, and the step time (pipeline + data-parallel and tied-weight gradient syncs)."""
     num_stages = c.degrees.pp * c.stages_per_device
     metrics, sim = price(c.graph, stage_of, num_stages, microbatches=c.microbatches, schedule=c.schedule,
                          num_ranks=c.degrees.pp, in_flight=in_flight)  # fmt: skip
@@ -299,7 +302,9 @@ def price_candidate(c: Candidate, stage_of: list[int], in_flight: Sequence[int],
     c.peak_memory = max(sim.peak_memory)
     c.pipeline_time = sim.step_time
     c.dp_sync = dp_sync_time(c.graph, metrics, c.degrees, devices_per_node)
-    c.step_time = sim.step_time + c.dp_sync
+    d = c.degrees
+    c.tied_sync = tied_sync_time(c.graph, stage_of, sim.stage_to_rank, internode=d.pp * d.tp * d.dp > devices_per_node)
+    c.step_time = sim.step_time + c.dp_sync + c.tied_sync
 
 
 def _evaluate(

@@ -1,0 +1,58 @@
+"""Device specs: which links overlap compute, the measured gloo link, and what the planner does with both."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import partitioner
+import zoo
+from partitioner.devices import PRESETS, measure_link
+from partitioner.plan.graph import tied_sync_time
+
+
+def test_gpus_overlap_transfers_and_the_cpu_does_not() -> None:
+    assert all(PRESETS[name].overlaps_comm for name in ("h100", "h200", "a100"))
+    assert not PRESETS["cpu"].overlaps_comm
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_measure_link_times_two_gloo_processes() -> None:
+    latency, bandwidth = measure_link(repeats=5)
+    # Loopback gloo between two processes: tens to hundreds of microseconds, 0.1-100 GB/s.
+    assert 1e-6 < latency < 5e-3
+    assert 1e8 < bandwidth < 1e11
+    spec = partitioner.measure_cpu(link=True)
+    assert 1e-6 < spec.link_latency < 5e-3 and 1e8 < spec.link_bandwidth < 1e11
+    assert not spec.overlaps_comm and "ping-pong" in spec.source
+
+
+def _gpt(devices: int, spec: partitioner.DeviceSpec) -> partitioner.CompiledModel:
+    with torch.device("meta"):
+        model = zoo.get("gpt3-tiny")
+    example = zoo.example_inputs("gpt3-tiny", batch=8, device="meta")
+    return partitioner.compile(model, devices=devices, example_inputs=example, device_type=spec, pipeline=devices,
+                               microbatches=4, schedule="1f1b")  # fmt: skip
+
+
+def test_tied_embedding_sync_is_priced_once_per_step() -> None:
+    spec = dataclasses.replace(PRESETS["cpu"], link_latency=1e-4, link_bandwidth=1e9)
+    two = _gpt(2, spec)
+    wte = two.planning_graph.param_bytes["wte.weight"]
+    # Ring all-reduce over the 2 owners (first and last stage): latency + 2 (2-1)/2 x bytes / bandwidth.
+    assert two.plan.predicted["tied_weight_sync"] == pytest.approx(1e-4 + wte / 1e9)
+    assert two.plan.predicted["step_time"] == pytest.approx(
+        two.plan.predicted["pipeline_time"] + two.plan.predicted["tied_weight_sync"]
+    )
+    pg = two.planning_graph
+    stage_of = [two.plan.node_stage[n] for n in pg.names]
+    assert tied_sync_time(pg, stage_of, [0, 0]) == 0.0  # both copies on one rank: nothing to send
+    assert _gpt(1, spec).plan.predicted["tied_weight_sync"] == 0.0
+
+
+def test_summary_says_whether_sends_overlap_compute() -> None:
+    assert "sends add to compute" in _gpt(2, PRESETS["cpu"]).plan.summary()
+    assert "sends overlap compute" in _gpt(2, PRESETS["h100"]).plan.summary()
