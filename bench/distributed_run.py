@@ -5,8 +5,9 @@ CPU (pipeline = devices), saves the plan, starts `devices` ranks (partitioner.la
 would), and each rank builds only its own stage from a meta model with the seeded deferred init
 (partitioner.record_init), then times `steps` training steps of torch.distributed.pipelining after
 `warmup` (barrier to barrier). Predictions for the same plan come two ways: the roofline on
-`measure_cpu()` and profile mode (each node's forward and backward measured here, one thread as each
-rank runs), both replayed by the schedule simulator.
+`measure_cpu(link=True)` and profile mode (each node's forward and backward measured here, one thread as each
+rank runs), both replayed by the schedule simulator with sends holding their sender (gloo on a CPU) and the
+tied-weight gradient all-reduce added (`predict_step`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import partitioner
 import zoo
 
-__all__ = ["add_loss_cost", "measure", "rank_step_times", "time_loss"]
+__all__ = ["add_loss_cost", "measure", "predict_step", "profiled_graph", "rank_step_times", "time_loss"]
 
 
 def time_loss(model: torch.nn.Module, inputs: tuple, targets: torch.Tensor, loss_fn: Any, repeats: int = 10) -> tuple:
@@ -54,6 +55,45 @@ def add_loss_cost(pg: Any, forward: float, backward: float) -> Any:
     fwd[last] += forward
     bwd[last] += backward
     return dataclasses.replace(pg, forward=fwd, backward=bwd)
+
+
+def profiled_graph(
+    name: str, overrides: dict[str, Any], model: torch.nn.Module, spec: Any, *, batch: int, seq: int | None,
+    microbatches: int, repeats: int = 10,
+) -> Any:  # fmt: skip
+    """Profile mode for a zoo model: a PlanningGraph of one training step priced by measurement here.
+
+    Every node's forward and backward is measured on one microbatch of `model`'s real weights, one thread as
+    each rank runs (``profile_node_times``, calibrated to the whole graph), the loss is added to the output
+    node (``time_loss``), and times and bytes are scaled from one microbatch to the step.
+    """
+    from partitioner.annotate import annotate
+    from partitioner.capture import capture
+    from partitioner.cost import node_costs, profile_node_times
+    from partitioner.plan.graph import build_planning_graph
+
+    extra = dict(overrides, **({"seq": seq} if seq is not None else {}))
+    rows = max(batch // microbatches, 1)
+    one = zoo.example_inputs(name, batch=rows, **extra)
+    cap = capture(model, one)
+    flat = cap.flatten_inputs(one, {})
+    annotate(cap.graph_module, flat, training=True)
+    times = profile_node_times(cap.graph_module, flat, repeats=repeats, threads=1)
+    pg = build_planning_graph(cap.graph_module, node_costs(cap.graph_module, spec, measured=times), spec, training=True)
+    pg = add_loss_cost(pg, *time_loss(model, one, zoo.example_targets(name, batch=rows, **extra), zoo.loss_fn(name)))
+    scale = batch / rows
+    return dataclasses.replace(pg, forward=pg.forward * scale, backward=pg.backward * scale,
+                               out_bytes=pg.out_bytes * scale, saved_bytes=pg.saved_bytes * scale)  # fmt: skip
+
+
+def predict_step(
+    pg: Any, stage_of: list[int], num_stages: int, *, microbatches: int, schedule: str, ranks: int
+) -> float:
+    """Predicted seconds of one training step: the replayed schedule, then the tied-weight gradient sync."""
+    from partitioner.plan.graph import price, tied_sync_time
+
+    _, sim = price(pg, stage_of, num_stages, microbatches=microbatches, schedule=schedule, num_ranks=ranks)
+    return sim.step_time + tied_sync_time(pg, stage_of, sim.stage_to_rank)
 
 
 def rank_step_times(
@@ -91,18 +131,14 @@ def measure(
     schedule: str | None, steps: int = 5, warmup: int = 2,
 ) -> dict[str, Any]:  # fmt: skip
     """Measured vs predicted step time of the planned split on `devices` gloo processes."""
-    from partitioner.annotate import annotate
-    from partitioner.capture import capture
-    from partitioner.cost import node_costs, profile_node_times
     from partitioner.launch import spawn
-    from partitioner.plan.graph import build_planning_graph, price
 
     entry = zoo.entry(name)
     if entry.example_targets is None or entry.loss is None:
         raise ValueError(f"{name} defines no training targets and loss: it can only be executed in-process")
     extra = dict(overrides, **({"seq": seq} if seq is not None else {}))
     torch.set_num_threads(1)  # each rank runs one thread (OMP_NUM_THREADS=1 below)
-    spec = partitioner.measure_cpu()
+    spec = partitioner.measure_cpu(link=True)
     torch.manual_seed(0)
     model = zoo.get(name, **overrides)
     inputs = zoo.example_inputs(name, batch=batch, **extra)
@@ -111,21 +147,9 @@ def measure(
     plan = cm.plan
     m = plan.microbatches
 
-    # Profile mode: every node measured on one microbatch of real weights, scaled to the step.
-    one = zoo.example_inputs(name, batch=max(batch // m, 1), **extra)
-    cap = capture(model, one)
-    flat = cap.flatten_inputs(one, {})
-    annotate(cap.graph_module, flat, training=True)
-    times = profile_node_times(cap.graph_module, flat, repeats=5, threads=1)
-    pg = build_planning_graph(cap.graph_module, node_costs(cap.graph_module, spec, measured=times), spec, training=True)
-    pg = add_loss_cost(pg, *time_loss(model, one, zoo.example_targets(name, batch=max(batch // m, 1), **extra),
-                                      zoo.loss_fn(name)))  # fmt: skip
-    scale = batch / max(batch // m, 1)
-    pg = dataclasses.replace(pg, forward=pg.forward * scale, backward=pg.backward * scale,
-                             out_bytes=pg.out_bytes * scale, saved_bytes=pg.saved_bytes * scale)  # fmt: skip
+    pg = profiled_graph(name, overrides, model, spec, batch=batch, seq=seq, microbatches=m, repeats=5)
     stage_of = [plan.node_stage[n] for n in pg.names]
-    _, sim = price(pg, stage_of, plan.num_stages, microbatches=m, schedule=plan.schedule, num_ranks=devices)
-    profiled = sim.step_time
+    profiled = predict_step(pg, stage_of, plan.num_stages, microbatches=m, schedule=plan.schedule, ranks=devices)
 
     with tempfile.TemporaryDirectory() as tmp:
         plan_path, out = str(Path(tmp) / "plan.json"), str(Path(tmp) / "times.pt")

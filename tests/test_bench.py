@@ -167,3 +167,22 @@ def test_loss_cost_lands_on_the_node_that_feeds_the_output():
     assert len(changed) == 1 and pg.n in pg.succs[pg.names.index(changed[0])]
     assert priced.compute.sum() == pytest.approx(pg.compute.sum() + fwd + bwd)
     assert [p.grad for p in model.parameters()] == [None] * len(list(model.parameters()))  # timing trains nothing
+
+
+def test_pipeline_fidelity_splits_are_valid_and_cut_at_block_boundaries() -> None:
+    from bench import pipeline_fidelity as pf
+
+    with torch.device("meta"):
+        model = zoo.get("gpt3-tiny", **pf.MODEL)
+    example = zoo.example_inputs("gpt3-tiny", batch=16, seq=128, device="meta", **pf.MODEL)
+    cm = partitioner.compile(model, devices=2, example_inputs=example, device_type="cpu", pipeline=2, microbatches=4,
+                             schedule="1f1b")  # fmt: skip
+    pg = cm.planning_graph
+    splits = pf.splits(pg, cm.plan)
+    assert list(splits) == ["planned", "blocks 0-0 / 1-3", "blocks 0-1 / 2-3", "blocks 0-2 / 3-3"]
+    for name, stage_of in splits.items():
+        metrics = evaluate(pg, stage_of, 2, microbatches=4)  # raises on an invalid split
+        if name != "planned":
+            k = int(name.split("/ ")[1][0])
+            first = pg.names[stage_of.index(1)]
+            assert first.startswith(f"h_{k}_") and metrics[0].send_messages == 1  # the residual stream alone

@@ -1,4 +1,7 @@
-"""Min-cut boundary refinement: move each pipeline boundary to where the fewest bytes cross.
+"""Min-cut boundary refinement: move each pipeline boundary to where crossing costs least.
+
+A crossing value costs its bytes plus one message latency per microbatch, counted in bytes at link
+bandwidth (m x latency x bandwidth), so the cut minimizes transfer time, not bytes alone.
 
 Given a balanced contiguous assignment (plan.pipeline phase 1) with bottleneck T, each boundary k
 (between stages k-1 and k) gets a window of nodes that may change sides: at most half of stage k's
@@ -30,18 +33,19 @@ _SOURCE, _SINK = "S", "T"
 _NON_TENSOR_BYTES = 8.0  # Python values (sizes) are cheap to pass but still count as crossing
 
 
-def _capacity(pg: PlanningGraph, u: int) -> float:
-    return float(pg.out_bytes[u]) if pg.is_tensor[u] else _NON_TENSOR_BYTES
+def _capacity(pg: PlanningGraph, u: int, microbatches: int) -> float:
+    nbytes = float(pg.out_bytes[u]) if pg.is_tensor[u] else _NON_TENSOR_BYTES
+    return nbytes + microbatches * pg.spec.link_latency * pg.spec.link_bandwidth
 
 
-def boundary_network(pg: PlanningGraph, lo: int, hi: int) -> nx.DiGraph:
+def boundary_network(pg: PlanningGraph, lo: int, hi: int, microbatches: int = 1) -> nx.DiGraph:
     """The flow network for moving the boundary within window [lo, hi) of the topological order."""
     G = nx.DiGraph()
     G.add_node(_SOURCE)
     G.add_node(_SINK)
     window = range(lo, hi)
     for u in window:
-        G.add_edge(u, ("out", u), capacity=_capacity(pg, u))
+        G.add_edge(u, ("out", u), capacity=_capacity(pg, u, microbatches))
         for v in pg.succs[u]:
             if v < hi:  # consumer inside the window (consumers always follow producers in the order)
                 G.add_edge(("out", u), v)
@@ -56,7 +60,7 @@ def boundary_network(pg: PlanningGraph, lo: int, hi: int) -> nx.DiGraph:
     for u in producers:
         if max(pg.succs[u]) >= hi:
             continue
-        G.add_edge(_SOURCE, ("in", u), capacity=_capacity(pg, u))
+        G.add_edge(_SOURCE, ("in", u), capacity=_capacity(pg, u, microbatches))
         for v in pg.succs[u]:
             if lo <= v < hi:
                 G.add_edge(("in", u), v)
@@ -94,9 +98,12 @@ def refine_with_mincut(
     microbatches: int = 1,
     in_flight: Sequence[int] | None = None,
     memory_limit: float = np.inf,
+    tolerance: float = 0.0,
 ) -> list[int]:
-    """Contiguous assignment -> assignment with every boundary at a min-bytes cut (see docstring).
+    """Contiguous assignment -> assignment with every boundary at a min-cost cut (see docstring).
 
+    `tolerance` widens the windows to a bottleneck of T x (1 + tolerance): cuts that send less may then
+    make a stage up to that much slower (the caller decides whether the trade is worth it).
     Returns the input unchanged when a refined plan would break memory or leave a stage empty.
     """
     stage_of = list(stage_of)
@@ -105,12 +112,12 @@ def refine_with_mincut(
         raise ValueError("refine_with_mincut expects a contiguous assignment of the topological order")
     metrics = evaluate(pg, stage_of, num_stages, microbatches=microbatches, in_flight=in_flight)
     times = [m.time for m in metrics]
-    T = max(times)
+    T = max(times) * (1 + tolerance)
     new = list(stage_of)
     for k, (lo, hi) in enumerate(_windows(pg, cuts, times, T), start=1):
         if hi - lo < 1:
             continue
-        G = boundary_network(pg, lo, hi)
+        G = boundary_network(pg, lo, hi, microbatches)
         _, (source_side, _) = nx.minimum_cut(G, _SOURCE, _SINK)
         for u in range(lo, hi):
             new[u] = k - 1 if u in source_side else k
