@@ -124,7 +124,7 @@ PRESETS: dict[str, DeviceSpec] = {
         source="NVIDIA A100 SXM4 80GB datasheet",
     ),
     # A small 2-core x86 server (AVX2 FMA) with processes talking over loopback gloo. The link figures
-    # are measure_link() on the 2-core dev box (2026-11-25: 63-79 us + 3.1-3.4 GB/s over four runs).
+    # are measure_link() on the 2-core dev box (2026-11-25: 63-104 us + 3.1-3.4 GB/s over five runs).
     # For fidelity checks on a real machine use measure_cpu(link=True).
     "cpu": DeviceSpec(
         name="cpu",
