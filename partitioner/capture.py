@@ -4,8 +4,15 @@ A fallback chain, most precise first; every step down is recorded (`Fallback`) w
 forced it, and carried into `Plan.fallbacks`:
 1. "fx": torch.fx symbolic tracing of the whole model (module-level graph: nn.Linear & co. stay
    `call_module`, which the tensor-parallel rewrite relies on; shapes stay dynamic).
-2. "export": torch.export, non-strict (ATen-level graph). Export specializes the graph to the example
-   shapes, so calls with other shapes are refused (`input_shapes`).
+2. "export": torch.export, non-strict (ATen-level graph), with every dim of every tensor input marked
+   `Dim.AUTO` (min 1, size-oblivious: no size is assumed to be != 1): export keeps a dim symbolic where the
+   model's code allows and fixes it where the code pins it. Calls are checked against what it kept
+   (`input_shapes`, `DynamicDim`) and against the conditions it derived for the symbolic dims (its guards),
+   so a graph is never run on a shape it does not hold for. Dim 0 is the batch `cm.step` splits into
+   microbatches: when it stays fixed (or only the static export works), `Fallback(path="static shapes")` says
+   why and calls with another batch size get an error saying what to do; when the code tells a one-row batch
+   apart, torch's default export (2+ rows assumed to hold for 1) is taken if its graph matches the model on a
+   row of the example, else `Fallback(path="batch > 1")` (see `_trace_export_dynamic`).
 3. "module-level": fx tracing with a tracer that keeps every submodule fx cannot trace as one opaque
    `call_module` leaf, found top-down: trace, find the innermost module the failure happened in, make it
    a leaf, trace again (a leaf whose output then breaks its parent makes the parent the leaf). A leaf
@@ -20,21 +27,27 @@ Normal form of the result (what every later pass may assume):
   entries of `**kwargs` count as arguments named by their key, elements of `*args` as `<name>_<i>`;
   every other argument (None, ints, floats, flags) is specialized to its example value and checked
   at call time (`constants`);
-- the output node returns a flat tuple of values; `out_spec` (a pytree spec) rebuilds the model's
-  output structure (tensor, tuple, dict, ModelOutput ...);
+- the output node returns a flat tuple of values; `out_spec` (a pytree spec of the model's own return value,
+  recorded before fx or export touch it) rebuilds the model's output with its own container types (tensor,
+  tuple, list, namedtuple, dict, None, HF ModelOutput ...), on every path;
 - parameters and buffers keep their original qualified names;
+- export graphs read symbolic dims with `aten.sym_size.int` nodes and compute on them with `operator` nodes
+  (Python ints, which may cross stage boundaries like any value); `node.meta["val"]` holds export's symbolic
+  example values until annotation replaces them;
 - a leaf node (method "module-level") carries `node.meta["capture_leaf"]` (the reason) and, when the
   model could run, `node.meta["leaf_profile"]` (partitioner.leaves.LeafProfile).
 Example: `forward(self, x, mask=None, scale=2.0)` called as `m(x)` captures to placeholders `[x]`,
-constants `{"mask": None, "scale": 2.0}`.
+constants `{"mask": None, "scale": 2.0}`; captured by export with x of shape (8, 16) where the model fixes
+the feature dim, `input_shapes == {"x": (DynamicDim("s0", 1, None), 16)}`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import keyword
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,7 +55,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["CaptureError", "CapturedGraph", "Fallback", "capture", "flat_arguments"]
+__all__ = ["CaptureError", "CapturedGraph", "DynamicDim", "Fallback", "capture", "flat_arguments"]
 
 _MAX_LEAF_ROUNDS = 256  # module-level fallback: re-traces at most this many times
 
@@ -63,6 +76,21 @@ class Fallback:
         return f"{self.what or '<model>'}: {self.path} ({self.reason})"
 
 
+@dataclass(frozen=True)
+class DynamicDim:
+    """A dim of an input that torch.export kept symbolic: any size from `min` to `max` (None: no bound).
+
+    Dims with the same `symbol` must be equal in a call (export found the model needs them equal).
+    """
+
+    symbol: str  # export's symbol or expression for the dim ("s43")
+    min: int
+    max: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.symbol} in [{self.min}, {'inf' if self.max is None else self.max}]"
+
+
 @dataclass
 class CapturedGraph:
     graph_module: fx.GraphModule
@@ -72,18 +100,26 @@ class CapturedGraph:
     signature: inspect.Signature
     out_spec: pytree.TreeSpec
     fallbacks: list[Fallback] = field(default_factory=list)
-    input_shapes: dict[str, tuple[int, ...]] | None = None  # set when the graph is shape-specialized (export)
+    # export graphs: per tensor input, each dim's size where the graph fixes it, a DynamicDim where it is symbolic.
+    # None (fx, module-level): the graph takes any shape the model's code takes.
+    input_shapes: dict[str, tuple[int | DynamicDim, ...]] | None = None
     leaves: list[str] = field(default_factory=list)  # module paths kept opaque (method "module-level")
     output_constants: dict[int, None] = field(default_factory=dict)  # position in the flat output -> None
     # (module, its `training` flag at capture): the graph bakes the mode (functional dropout, export's
     # batch-norm ops), so a model switched with .train()/.eval() afterwards is refused, not silently run.
     modes: list[tuple[nn.Module, bool]] = field(default_factory=list, repr=False)
+    # export: the conditions export derived for the symbolic dims (e.g. "seq > 1", "seq <= 40"), run on every call
+    input_guards: _ExportGuards | None = field(default=None, repr=False)
+    # buffers registered with persistent=False (qualified names): not part of the model's state_dict()
+    transient: frozenset[str] = frozenset()
 
-    def flatten_inputs(self, args: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    def flatten_inputs(self, args: tuple, kwargs: dict[str, Any], *, shapes: bool = True) -> list[torch.Tensor]:
         """Bind a call to `forward`'s signature and return the placeholder values in order.
 
         Raises ValueError when a specialized argument differs from its captured value, a tensor
-        argument is missing, or (export graphs) a tensor's shape differs, naming the argument and the fix.
+        argument is missing, or (export graphs) a tensor's shape is one the graph does not hold for
+        (`check_shapes`; shapes=False leaves that to the caller, e.g. for a batch it will cut into
+        microbatches), naming the argument and the fix.
         """
         for module, training in self.modes:
             if module.training != training:
@@ -115,20 +151,104 @@ class CapturedGraph:
                 raise ValueError(
                     f"argument {name!r} was a tensor when the model was compiled and is {type(value).__name__} now"
                 )
-            if self.input_shapes is not None and tuple(value.shape) != self.input_shapes[name]:
-                raise ValueError(
-                    f"argument {name!r} has shape {tuple(value.shape)}; the model was captured with torch.export "
-                    f"for shape {self.input_shapes[name]} and the graph is specialized to it: "
-                    f"compile again with inputs of this shape"
-                )
             values.append(value)
+        if shapes:
+            self.check_shapes(dict(zip(self.input_names, values)))
         return values
+
+    def check_shapes(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse tensor inputs (name -> value, every input) the graph does not hold for; fx graphs take any.
+
+        Export graphs: every fixed dim must match, symbolic dims must be in their range and equal where
+        they share a symbol, and export's own guards must pass. A runtime that splits a batch into
+        microbatches checks one microbatch (that is what the graph runs on).
+        """
+        if self.input_shapes is None:
+            return
+        bound: dict[str, tuple[str, int, int]] = {}  # symbol -> (argument, dim, size) that set it
+        for name, value in tensors.items():
+            dims = self.input_shapes[name]
+            if value.dim() != len(dims):
+                raise ValueError(
+                    f"argument {name!r} has {value.dim()} dims; the model was captured with torch.export for "
+                    f"{len(dims)} ({_shape_str(dims)}): pass inputs with {len(dims)} dims, or compile again"
+                )
+            for i, (size, dim) in enumerate(zip(value.shape, dims)):
+                if isinstance(dim, int):
+                    if size != dim:
+                        raise ValueError(self._fixed_dim_error(name, i, size, dim))
+                    continue
+                if size < dim.min or (dim.max is not None and size > dim.max):
+                    step = (
+                        "; cm.step cuts its batch into plan.microbatches x plan.data_degree chunks, which must be in "
+                        "that range too: step on bigger batches or compile with fewer microbatches"
+                    )
+                    raise ValueError(
+                        f"argument {name!r} has size {size} in dim {i}; the graph captured with torch.export holds "
+                        f"for sizes {dim.min} to {dim.max if dim.max is not None else 'any'} there (the model's "
+                        f"code requires it): pass a size in that range{step if i == 0 else ''}"
+                    )
+                if dim.symbol in bound and bound[dim.symbol][2] != size:
+                    other, j, other_size = bound[dim.symbol]
+                    raise ValueError(
+                        f"argument {name!r} has size {size} in dim {i} and {other!r} has {other_size} in dim {j}; "
+                        f"the graph captured with torch.export needs them equal (the model's code combines them)"
+                    )
+                bound.setdefault(dim.symbol, (name, i, size))
+        if self.input_guards is not None:
+            self.input_guards({**self.constants, **tensors})
+
+    def _fixed_dim_error(self, name: str, dim: int, size: int, expected: int) -> str:
+        head = f"argument {name!r} has size {size} in dim {dim}; the model was captured by torch.export for {expected}"
+        static = next((f.reason for f in self.fallbacks if f.path == "static shapes"), None)
+        if dim != 0 or static is None:
+            return (
+                f"{head} there and the graph is specialized to it (the model's code fixes that dim): pass inputs "
+                f"with {expected} in dim {dim}, or compile again with inputs of this shape"
+            )
+        return (
+            f"{head} there: the batch dim could not be made dynamic ({static}). Every call must have {expected} rows, "
+            f"and so must every microbatch of cm.step, which splits its batch into plan.microbatches x "
+            f"plan.data_degree chunks: to train on this graph, compile with microbatches=1 and pipeline=devices (one "
+            f"chunk: no data parallelism) and step on batches of {expected}; to lift the limit, change the code that "
+            f"fixes the batch size"
+        )
 
     def unflatten_output(self, flat: list[Any] | tuple[Any, ...]) -> Any:
         values = list(flat)
         for position, constant in sorted(self.output_constants.items()):
             values.insert(position, constant)
         return pytree.tree_unflatten(values, self.out_spec)
+
+
+class _ExportGuards:
+    """torch.export's guards on the inputs (its `_guards_fn` module, which `ep.module()` calls first thing),
+    run on our flat arguments."""
+
+    def __init__(self, fn: Callable[..., Any], names: list[str]):
+        self.fn = fn
+        self.names = names  # export's placeholders the guards read, in order (tensors and constants)
+
+    def failure(self, flat: dict[str, Any]) -> str | None:
+        """The first condition `flat` breaks (e.g. "input_ids.size()[1] > 1"), or None."""
+        try:
+            self.fn(*[flat[n] for n in self.names])
+        except Exception as e:
+            return str(e).strip().removeprefix("Guard failed: ") or type(e).__name__
+        return None
+
+    def __call__(self, flat: dict[str, Any]) -> None:
+        failed = self.failure(flat)
+        if failed is not None:
+            raise ValueError(
+                f"the inputs break the condition {failed} of the graph captured with torch.export (export derived it "
+                f"from the model's code for the dims it kept dynamic): pass inputs that satisfy it, or compile again "
+                f"with inputs of this shape"
+            )
+
+
+def _shape_str(dims: tuple[int | DynamicDim, ...]) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else d.symbol for d in dims) + ")"
 
 
 def _bind(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> inspect.BoundArguments:
@@ -224,7 +344,8 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
     rebuild = _rebuild_call(signature)
 
     fallbacks: list[Fallback] = []
-    input_shapes: dict[str, tuple[int, ...]] | None = None
+    input_shapes: dict[str, tuple[int | DynamicDim, ...]] | None = None
+    guards: _ExportGuards | None = None
     leaves: list[str] = []
     try:
         gm = _trace_fx(model, flat, tensor_names, rebuild, frozenset())
@@ -233,9 +354,10 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
         fx_reason = f"torch.fx.symbolic_trace failed: {_first_line(e_fx)}"
         fallbacks.append(Fallback("", "torch.export", fx_reason))
         try:
-            gm = _trace_export(model, flat, tensor_names, rebuild)
+            exported, gave_up = _trace_export_dynamic(model, signature, flat, tensor_names, rebuild)
+            gm, input_shapes, guards = exported.graph_module, exported.shapes, exported.guards
             method = "export"
-            input_shapes = {n: tuple(flat[n].shape) for n in tensor_names}
+            fallbacks.extend(gave_up)
         except Exception as e_export:
             export_reason = f"torch.export failed: {_first_line(e_export)}"
             fallbacks.append(Fallback("", "module-level", export_reason))
@@ -266,6 +388,12 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
         leaves,
         output_constants,
         modes,
+        guards,
+        frozenset(
+            f"{path}.{name}" if path else name
+            for path, m in model.named_modules()
+            for name in m._non_persistent_buffers_set
+        ),
     )
     if leaves:
         from partitioner.leaves import attach_leaf_profiles
@@ -312,15 +440,23 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def _root_function(model: nn.Module, flat: dict[str, Any], tensor_names: list[str], rebuild: Callable) -> Any:
-    """`def forward(self, <tensor inputs>)` calling the model's forward with the constants of `flat` filled in."""
+def _root_function(
+    model: nn.Module, flat: dict[str, Any], tensor_names: list[str], rebuild: Callable, recorded: dict[str, Any]
+) -> Any:
+    """`def forward(self, <tensor inputs>)` calling the model's forward with the constants of `flat` filled in.
+
+    It returns the flat leaves of the model's output and puts their pytree spec in `recorded["out_spec"]`:
+    flattened here, before fx turns lists and dicts into its immutable_list / immutable_dict (and a
+    ModelOutput into an immutable_dict), the spec keeps the model's own container types.
+    """
     call_args = ", ".join(f"{n!r}: {n}" for n in tensor_names)
     source = f"def forward(self, {', '.join(tensor_names)}):\n    return _call({{{call_args}}})\n"
     forward = model.forward
 
-    def call(tensors: dict[str, Any]) -> Any:
+    def call(tensors: dict[str, Any]) -> tuple:
         args, kwargs = rebuild({n: tensors.get(n, v) for n, v in flat.items()})
-        return forward(*args, **kwargs)
+        leaves, recorded["out_spec"] = pytree.tree_flatten(forward(*args, **kwargs))
+        return tuple(leaves)
 
     namespace: dict[str, Any] = {"_call": call}
     exec(compile(source, f"<partitioner.capture root of {type(model).__name__}>", "exec"), namespace)
@@ -330,10 +466,12 @@ def _root_function(model: nn.Module, flat: dict[str, Any], tensor_names: list[st
 def _trace_fx(
     model: nn.Module, flat: dict[str, Any], tensor_names: list[str], rebuild: Callable, leaves: frozenset[str]
 ) -> fx.GraphModule:
-    tracer = _Tracer(_root_function(model, flat, tensor_names, rebuild), leaves)
+    recorded: dict[str, Any] = {}
+    tracer = _Tracer(_root_function(model, flat, tensor_names, rebuild, recorded), leaves)
     with _NoTraceTimeMutation(model):
         graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["out_spec"] = recorded["out_spec"]
     for ph, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], tensor_names):
         ph.target = name
         ph.args = ()
@@ -415,11 +553,17 @@ def _make_mutations_explicit(gm: fx.GraphModule) -> None:
     def key(v: fx.Node) -> Any:
         return ("attr", v.target) if v.op == "get_attr" else v
 
+    def newest(v: fx.Node) -> fx.Node:
+        # Versions chain: `buf.add_(1)` makes add_ the buffer's version, `add_.add_(1)` then add__1 add_'s.
+        while key(v) in latest:
+            v = latest[key(v)]
+        return v
+
     for node in list(gm.graph.nodes):
-        if node.op == "output":
+        node.args = fx.node.map_arg(node.args, newest)
+        node.kwargs = fx.node.map_arg(node.kwargs, newest)
+        if node.op == "output":  # the model returns the updated version too (one value crosses, not two)
             break
-        node.args = fx.node.map_arg(node.args, lambda a: latest.get(key(a), a))
-        node.kwargs = fx.node.map_arg(node.kwargs, lambda a: latest.get(key(a), a))
         target = _mutated_argument(gm, node)
         if target is not None:
             latest[key(target)] = node
@@ -484,20 +628,148 @@ def _trace_with_leaves(
 # torch.export (path 2)
 
 
-def _trace_export(model: nn.Module, flat: dict[str, Any], tensor_names: list[str], rebuild: Callable) -> fx.GraphModule:
+@dataclass
+class _Exported:
+    graph_module: fx.GraphModule
+    shapes: dict[str, tuple[int | DynamicDim, ...]]  # CapturedGraph.input_shapes
+    guards: _ExportGuards | None
+
+
+def _trace_export_dynamic(
+    model: nn.Module, signature: inspect.Signature, flat: dict[str, Any], tensor_names: list[str], rebuild: Callable
+) -> tuple[_Exported, list[Fallback]]:
+    """Path 2: export with every input dim left to export (Dim.AUTO, size-oblivious); the static export if that
+    fails. Returns the export and what it gave up: `Fallback(path="static shapes")` when dim 0 of some input
+    stayed fixed, `"batch > 1"` when the graph does not take one-row batches (the model's code tells them
+    apart, and they could not be shown to be computed alike). Raises when the static export fails too.
+
+    One-row batches: with size-oblivious symbols, code such as HF's `if batch_size != position_ids.shape[0]:
+    expand(...)` becomes a guard `batch != 1`, refusing the one-row microbatches a step may cut. torch's default
+    export assumes instead that what it traced for 2+ rows holds for 1 (right for such an expand, wrong for a
+    branch that computes something else at 1). That export is taken only where it is checked: its graph must
+    give what the model gives on the example's first row (so this needs real weights).
+    """
+    try:
+        exported = _trace_export(model, signature, flat, tensor_names, rebuild, dynamic=True)
+    except Exception as e:
+        exported = _trace_export(model, signature, flat, tensor_names, rebuild, dynamic=False)
+        return exported, [Fallback("", "static shapes", f"torch.export with dynamic dims failed: {_first_line(e)}")]
+    fixed = [n for n, dims in exported.shapes.items() if dims and isinstance(dims[0], int)]
+    if fixed:
+        pinned = ", ".join(f"{n!r} to {exported.shapes[n][0]}" for n in fixed)
+        reason = (
+            f"torch.export fixed dim 0 of {pinned}: the model's code pins it (e.g. it combines the input with a "
+            f"tensor of that size, reshapes it to a constant shape, or branches on it)"
+        )
+        return exported, [Fallback("", "static shapes", reason)]
+    refusal = _one_row_refusal(exported, flat, tensor_names)
+    if refusal is None:
+        return exported, []
+    try:
+        assumed: _Exported | None = _trace_export(
+            model, signature, flat, tensor_names, rebuild, dynamic=True, oblivious=False
+        )
+    except Exception:
+        assumed = None
+    why = ""
+    if assumed is not None and _one_row_refusal(assumed, flat, tensor_names, allow=True) is None:
+        different = _same_on_first_row(model, assumed.graph_module, flat, tensor_names, rebuild)
+        if different is None:
+            return assumed, []
+        why = f" ({different})"
+    reason = f"the graph does not take batches of one row{why}: {refusal}; calls and microbatches need more rows"
+    return exported, [Fallback("", "batch > 1", reason)]
+
+
+def _one_row_refusal(
+    exported: _Exported, flat: dict[str, Any], tensor_names: list[str], *, allow: bool = False
+) -> str | None:
+    """Why `exported` refuses the example cut to one row in dim 0, or None. allow: take one row where export's
+    range starts at 2 (torch's default 0/1 assumption); those ranges then start at 1."""
+    batch = {dims[0].symbol for dims in exported.shapes.values() if dims and isinstance(dims[0], DynamicDim)}
+    for name, dims in exported.shapes.items():
+        for i, d in enumerate(dims):
+            if isinstance(d, DynamicDim) and d.symbol in batch and d.min > (2 if allow else 1):
+                return f"dim {i} of {name!r} must be {d.min} or more"
+    if allow:
+        exported.shapes = {
+            n: tuple(replace(d, min=1) if isinstance(d, DynamicDim) and d.symbol in batch else d for d in dims)
+            for n, dims in exported.shapes.items()
+        }
+    if exported.guards is None:
+        return None
+    stand_ins = dict(flat)  # meta tensors of the example's shapes, one row where dim 0 is symbolic
+    for n in tensor_names:
+        dims, t = exported.shapes[n], flat[n]
+        rows = (1,) if dims and isinstance(dims[0], DynamicDim) else tuple(t.shape[:1])
+        stand_ins[n] = torch.empty((*rows, *t.shape[1:]), dtype=t.dtype, device="meta")
+    failed = exported.guards.failure(stand_ins)
+    return None if failed is None else f"export's guard {failed}"
+
+
+def _same_on_first_row(
+    model: nn.Module, gm: fx.GraphModule, flat: dict[str, Any], tensor_names: list[str], rebuild: Callable
+) -> str | None:
+    """None when `gm` (export's flat outputs) gives what the model gives on the first row of the example (dim 0
+    of every tensor input cut to 1), under the same RNG seed; else why not. The model's buffers, Python
+    attributes and the RNG states are put back."""
+    if _on_meta(model, flat):
+        return "it may: the model is on meta, so it was not checked"
+    from partitioner.leaves import _State
+
+    one = {**flat, **{n: flat[n][:1] if flat[n].dim() else flat[n] for n in tensor_names}}
+    args, kwargs = rebuild(one)
+    state = _State(model)
+    cuda = sorted({t.device for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"}, key=str)
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            torch.manual_seed(0)
+            expected = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+            state.restore()
+            torch.manual_seed(0)
+            got = [t for t in pytree.tree_leaves(gm(*[one[n] for n in tensor_names])) if isinstance(t, torch.Tensor)]
+    except Exception as e:
+        return f"the model fails on one row: {_first_line(e)}"
+    finally:
+        state.restore()
+    try:
+        torch.testing.assert_close(got, expected)
+    except AssertionError:
+        return "it computes something else for one row"
+    return None
+
+
+def _on_meta(model: nn.Module, flat: dict[str, Any]) -> bool:
+    tensors = [*model.parameters(), *model.buffers(), *(v for v in flat.values() if isinstance(v, torch.Tensor))]
+    return any(t.is_meta for t in tensors)
+
+
+def _trace_export(
+    model: nn.Module,
+    signature: inspect.Signature,
+    flat: dict[str, Any],
+    tensor_names: list[str],
+    rebuild: Callable,
+    *,
+    dynamic: bool,
+    oblivious: bool = True,
+) -> _Exported:
     args, kwargs = rebuild(flat)
-    with _NoTraceTimeMutation(model):
-        ep = torch.export.export(model, args, kwargs, strict=False)
+    dynamic_shapes = _auto_dynamic_shapes(signature, args, kwargs) if dynamic else None
+    with _NoTraceTimeMutation(model), _size_oblivious(dynamic and oblivious):
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     gm = ep.module()
-    # Drop export's input guard module and its pytree codegen: we bind inputs ourselves.
+    # Export's input guards leave the graph (CapturedGraph.check_shapes runs them on our flat arguments), and so
+    # does its pytree codegen: we bind inputs ourselves.
+    guards = None
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
+            guards = _ExportGuards(gm.get_submodule("_guards_fn"), [a.name for a in node.args])
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     out_spec = gm.graph._codegen.pytree_info.out_spec if hasattr(gm.graph._codegen, "pytree_info") else None
     gm.graph._codegen = fx.graph.CodeGen()
-    gm.meta["export_out_spec"] = out_spec
     # Export makes one placeholder per input leaf, named after its argument; non-tensor ones are
     # specialized (unused) and dropped.
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
@@ -511,28 +783,77 @@ def _trace_export(model: nn.Module, flat: dict[str, Any], tensor_names: list[str
             raise CaptureError(f"torch.export reads the non-tensor input {name!r} in the graph; it must be specialized")
         else:
             gm.graph.erase_node(ph)
+    shapes = {n: _input_dims(placeholders[n].meta.get("val"), flat[n], ep.range_constraints) for n in tensor_names}
     # A plain GraphModule on the same parameters, buffers and constants, without export's input-spec hooks.
     plain = fx.GraphModule(gm, gm.graph, type(model).__name__)
-    plain.meta["export_out_spec"] = gm.meta["export_out_spec"]
-    return plain
+    plain.meta["out_spec"] = out_spec
+    return _Exported(plain, shapes, guards)
+
+
+def _auto_dynamic_shapes(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """export's `dynamic_shapes` for this call: Dim.AUTO (min 1) on every dim of every tensor, keyed by the
+    parameters of `forward` as export binds the call (`*args` a tuple, `**kwargs` a dict)."""
+    auto = torch.export.Dim.AUTO
+    hint = auto(min=1) if callable(auto) else auto  # bounded hints: recent torch
+
+    def dims(value: Any) -> dict[int, Any] | None:
+        return {i: hint for i in range(value.dim())} if isinstance(value, torch.Tensor) and value.dim() else None
+
+    spec: dict[str, Any] = {}
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            spec[name] = tuple(dims(v) for v in value)
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            spec[name] = {k: dims(v) for k, v in value.items()}
+        else:
+            spec[name] = dims(value)
+    return spec
+
+
+def _size_oblivious(on: bool) -> Any:
+    """Size-oblivious reasoning for export's symbolic sizes: no 0/1 specialization, so a dim seen as 8 is not
+    assumed to be != 1 (a branch on `size == 1` becomes a guard, not a silent assumption)."""
+    from torch.fx.experimental import _config
+
+    if on and hasattr(_config, "backed_size_oblivious"):
+        return _config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
+
+
+def _input_dims(val: Any, example: torch.Tensor, ranges: dict[Any, Any]) -> tuple[int | DynamicDim, ...]:
+    """An input's dims from export's example value: ints where fixed, DynamicDim (with its range) where symbolic."""
+    if not isinstance(val, torch.Tensor):
+        return tuple(int(d) for d in example.shape)
+    dims: list[int | DynamicDim] = []
+    for d in val.shape:
+        expr = d.node.expr if isinstance(d, torch.SymInt) else None
+        if expr is None or expr.is_Integer:
+            dims.append(int(d) if expr is None else int(expr))
+            continue
+        vr = ranges.get(expr)
+        low = int(vr.lower) if vr is not None and vr.lower.is_Integer else 0
+        high = int(vr.upper) if vr is not None and vr.upper.is_Integer else None
+        dims.append(DynamicDim(str(expr), low, high))
+    return tuple(dims)
 
 
 def _flatten_output(gm: fx.GraphModule) -> tuple[pytree.TreeSpec, dict[int, None]]:
-    """Make the output node return a flat tuple of nodes; return the spec that rebuilds the original output
-    and the positions of None leaves (kept out of the graph, put back by `unflatten_output`)."""
+    """Make the output node return a flat tuple of nodes; return the spec that rebuilds the model's output
+    (recorded by the capture path in `gm.meta["out_spec"]`) and the positions of None leaves (kept out of the
+    graph, put back by `unflatten_output`)."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    export_spec = gm.meta.pop("export_out_spec", None)
     value = out.args[0]
-    if export_spec is not None:
-        flat = list(value) if isinstance(value, (list, tuple)) else [value]
-        spec = export_spec
-    else:
+    flat = list(value) if isinstance(value, (list, tuple)) else [value]
+    spec = gm.meta.pop("out_spec", None)
+    if spec is None:  # an export without its output spec: the graph's own output structure
         flat, spec = pytree.tree_flatten(value)
     nones = {i: None for i, leaf in enumerate(flat) if leaf is None}
     for leaf in flat:
         if not isinstance(leaf, fx.Node) and leaf is not None:
             raise CaptureError(
-                f"the model returns a constant ({leaf!r}) among its outputs; return tensors only, or drop the constant"
+                f"the model returns a {type(leaf).__name__} ({leaf!r}) among its outputs; return tensors (in tuples, "
+                f"lists, dicts or containers registered with torch.utils._pytree) only, or drop it"
             )
     out.args = (tuple(leaf for leaf in flat if leaf is not None),)
     return spec, nones

@@ -117,7 +117,7 @@ def test_outputs_that_are_not_tensors() -> None:
             self.a(x)
             return "done"
 
-    _refused(lambda m: _compile(m), CaptureError, "returns a constant \\('done'\\).*return tensors only", ReturnsText())
+    _refused(lambda m: _compile(m), CaptureError, "returns a str \\('done'\\).*return tensors", ReturnsText())
 
     class ReturnsSizeAndNone(nn.Module):
         def __init__(self) -> None:

@@ -3,15 +3,18 @@ guarantees around it (no silently baked branch or in-place update, the model lef
 
 from __future__ import annotations
 
+import collections
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 import partitioner
-from partitioner.capture import CaptureError, capture, flat_arguments
+from partitioner.capture import CaptureError, DynamicDim, capture, flat_arguments
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -197,23 +200,124 @@ def test_failure_in_the_models_own_forward_is_a_clear_error() -> None:
     _assert_same_state(m, before)
 
 
-def test_export_path_is_shape_specialized_and_says_so() -> None:
-    class Cond(nn.Module):
+class Cond(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > 0, lambda t: self.lin(t), lambda t: t - 1.0, (x,))
+
+
+def test_export_path_keeps_the_batch_dynamic_and_fixes_what_the_model_fixes() -> None:
+    m, x = Cond(), torch.randn(3, 4)
+    c = capture(m, (x,))
+    assert c.method == "export" and [f.path for f in c.fallbacks] == ["torch.export"]
+    (batch, features) = c.input_shapes["x"]
+    assert isinstance(batch, DynamicDim) and (batch.min, batch.max) == (1, None)
+    assert features == 4  # the weight fixes it
+    assert c.graph_module.get_parameter("lin.weight") is m.lin.weight  # shares the model's parameters
+    for xs in (x.abs(), -x.abs(), torch.randn(1, 4).abs(), -torch.randn(7, 4).abs()):  # any batch, both branches
+        torch.testing.assert_close(_run(c, xs), m(xs))
+    with pytest.raises(ValueError, match=r"'x' has size 5 in dim 1.*torch.export for 4 there.*pass inputs with 4"):
+        c.flatten_inputs((torch.randn(3, 5),), {})
+    with pytest.raises(ValueError, match=r"'x' has 3 dims.*for 2"):
+        c.flatten_inputs((torch.randn(3, 4, 1),), {})
+
+
+def test_export_ranges_and_equal_dims_are_checked() -> None:
+    class Sized(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.lin = nn.Linear(4, 4)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.cond(x.sum() > 0, lambda t: self.lin(t), lambda t: t - 1.0, (x,))
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            h = torch.cond(x.sum() > 0, lambda t: t * 2.0, lambda t: t - 1.0, (self.lin(x) + y,))
+            return h * 2.0 if x.shape[0] > 4 else h  # a branch on the batch size: a range, not a baked branch
 
-    m, x = Cond(), torch.randn(3, 4)
+    m, x, y = Sized(), torch.randn(6, 4), torch.randn(6, 4)
+    c = capture(m, (x, y))
+    assert c.method == "export"
+    bx, by = c.input_shapes["x"][0], c.input_shapes["y"][0]
+    assert bx.symbol == by.symbol and bx.min == 5  # added together: one symbol; the branch: 5 or more
+    assert [f.path for f in c.fallbacks] == ["torch.export", "batch > 1"]
+    assert "dim 0 of 'x' must be 5 or more" in c.fallbacks[-1].reason
+    for rows in (5, 9):
+        xs, ys = torch.randn(rows, 4), torch.randn(rows, 4)
+        torch.testing.assert_close(_run(c, xs, ys), m(xs, ys))
+    with pytest.raises(ValueError, match=r"'x' has size 3 in dim 0.*sizes 5 to any"):
+        c.flatten_inputs((torch.randn(3, 4), torch.randn(3, 4)), {})
+    with pytest.raises(ValueError, match=r"'y' has size 7 in dim 0 and 'x' has 6 in dim 0.*equal"):
+        c.flatten_inputs((x, torch.randn(7, 4)), {})
+
+
+class OneRowApart(nn.Module):
+    """Computes something else for one row: torch's default export (2+ rows assumed to hold for 1) would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cond(x.sum() > 0, lambda t: t * 2.0, lambda t: t - 1.0, (self.lin(x),))
+        return h * 3.0 if x.shape[0] == 1 else h
+
+
+class OneRowAlike(nn.Module):
+    """HF's position-ids pattern: expands only when the batch is not 1, which computes the same for one row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("pos", torch.arange(4.0)[None])  # (1, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos.expand(x.shape[0], -1) if x.shape[0] != self.pos.shape[0] else self.pos
+        return torch.cond(x.sum() > 0, lambda t: t * 2.0, lambda t: t - 1.0, (self.lin(x) + pos,))
+
+
+def test_one_row_batches_are_taken_where_the_graph_is_shown_to_hold_for_them() -> None:
+    x = torch.randn(8, 4)
+    alike = OneRowAlike()
+    c = capture(alike, (x,))
+    assert [f.path for f in c.fallbacks] == ["torch.export"] and c.input_shapes["x"][0].min == 1
+    for rows in (1, 2, 5):
+        torch.testing.assert_close(_run(c, x[:rows]), alike(x[:rows]))
+
+    apart = OneRowApart()
+    c = capture(apart, (x,))
+    assert [f.path for f in c.fallbacks] == ["torch.export", "batch > 1"]
+    assert "computes something else" in c.fallbacks[-1].reason and "x.size()[0] != 1" in c.fallbacks[-1].reason
+    torch.testing.assert_close(_run(c, x[:2]), apart(x[:2]))
+    with pytest.raises(ValueError, match=r"breaks? the condition x.size\(\)\[0\] != 1"):
+        c.flatten_inputs((x[:1],), {})
+
+    with torch.device("meta"):  # no weights to check the graph with: one row stays refused
+        on_meta = OneRowAlike()
+    c = capture(on_meta, (torch.empty(8, 4, device="meta"),))
+    assert "the model is on meta" in c.fallbacks[-1].reason
+
+
+def test_pinned_batch_dim_is_a_static_shapes_fallback_with_a_clear_error() -> None:
+    class Pinned(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("table", torch.randn(6, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cond(x.sum() > 0, lambda t: t * 2.0, lambda t: t - 1.0, (self.lin(x) + self.table,))
+
+    m, x = Pinned(), torch.randn(6, 4)
     c = capture(m, (x,))
-    assert c.method == "export" and c.input_shapes == {"x": (3, 4)}
-    assert c.graph_module.get_parameter("lin.weight") is m.lin.weight  # shares the model's parameters
-    for xs in (x.abs(), -x.abs()):
-        torch.testing.assert_close(_run(c, xs), m(xs))
-    with pytest.raises(ValueError, match=r"shape \(5, 4\).*torch.export.*\(3, 4\).*compile again"):
-        c.flatten_inputs((torch.randn(5, 4),), {})
+    assert c.input_shapes == {"x": (6, 4)}
+    (static,) = [f for f in c.fallbacks if f.path == "static shapes"]
+    assert static.what == "" and "dim 0 of 'x' to 6" in static.reason
+    torch.testing.assert_close(_run(c, x), m(x))
+    with pytest.raises(ValueError, match=r"'x' has size 2 in dim 0.*batch dim could not be made dynamic.*microbatches"):
+        c.flatten_inputs((x[:2],), {})
+    (whole,) = c.flatten_inputs((torch.cat([x, x]),), {}, shapes=False)  # a runtime checks its microbatches instead
+    c.check_shapes({"x": whole[:6]})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,7 +404,7 @@ def test_leaf_profiling_leaves_model_and_rng_untouched() -> None:
 def test_fallbacks_reach_the_plan_and_its_summary() -> None:
     cm = partitioner.compile(Net(), devices=2, example_inputs=(torch.randn(3, 4),), device_type="cpu", pipeline=2)
     assert cm.plan.capture == "module-level"
-    assert {"what": "block.branch", "path": "leaf"}.items() <= cm.plan.fallbacks[-1].items()
+    assert any({"what": "block.branch", "path": "leaf"}.items() <= f.items() for f in cm.plan.fallbacks)
     summary = cm.plan.summary()
     assert "block.branch" in summary and "leaf" in summary
     again = partitioner.Plan.from_json(cm.plan.to_json())
@@ -353,3 +457,91 @@ def test_module_level_plan_is_deterministic_and_reapplies() -> None:
     assert again.plan.node_stage == first.plan.node_stage
     x = torch.randn(3, 4)
     torch.testing.assert_close(again(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# outputs keep their types (not fx's immutable_list / immutable_dict)
+
+Pair = collections.namedtuple("Pair", ["first", "second"])
+
+OUTPUTS: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {
+    "tensor": lambda h, x: h,
+    "list": lambda h, x: [h, x],
+    "tuple": lambda h, x: (h, (x, h)),
+    "namedtuple": lambda h, x: Pair(h, x),
+    "dict": lambda h, x: {"h": h, "rest": [x, {"pair": Pair(h, x)}]},
+    "ordered_dict": lambda h, x: collections.OrderedDict(h=h, x=x),
+    "nested_none": lambda h, x: (h, None, {"none": None, "x": [x, None]}),
+}
+
+
+class Returns(nn.Module):
+    """Returns OUTPUTS[kind]; `path` picks the capture path: fx, export (a branch on a size), module-level (a leaf)."""
+
+    def __init__(self, kind: str, path: str) -> None:
+        super().__init__()
+        self.kind, self.path = kind, path
+        self.lin = nn.Linear(4, 4)
+        self.branch = Branch()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.lin(x)
+        if self.path == "export" and h.shape[-1] != 4:  # fx cannot branch on a traced size; export reads it
+            raise ValueError("expected 4 features")
+        elif self.path == "module-level":
+            h = self.branch(h)
+        return OUTPUTS[self.kind](h, x)
+
+
+def _same_structure(out: Any, ref: Any) -> None:
+    """Same container types all the way down (pytree specs compare types), same tensors."""
+    assert pytree.tree_structure(out) == pytree.tree_structure(ref)
+    assert type(out) is type(ref)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("kind", list(OUTPUTS))
+@pytest.mark.parametrize("path", ["fx", "export", "module-level"])
+def test_outputs_keep_their_types(kind: str, path: str) -> None:
+    m, x = Returns(kind, path), torch.randn(3, 4).abs()
+    c = capture(m, (x,))
+    assert c.method == path
+    out = _run(c, x)
+    _same_structure(out, m(x))
+    if isinstance(out, list):
+        out.append(x)  # fx's immutable_list refused this
+    if isinstance(out, dict):
+        out["new"] = x
+
+
+def test_compiled_model_returns_the_models_own_containers() -> None:
+    m, x = Returns("dict", "module-level"), torch.randn(3, 4).abs()
+    cm = partitioner.compile(m, devices=2, example_inputs=(x,), device_type="cpu", pipeline=2)
+    out = cm(x)
+    _same_structure(out, m(x))
+    out["rest"].append(x)
+
+
+@pytest.mark.parametrize("path", ["export", "module-level"])
+def test_huggingface_model_output_on_export_and_module_level(path: str) -> None:
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Returns("tensor", path)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> Any:
+            h = self.inner(x)
+            return outputs.SequenceClassifierOutput(logits=self.head(h), hidden_states=(x, h))  # loss: None
+
+    m, x = Encoder(), torch.randn(3, 4).abs()
+    cm = partitioner.compile(m, devices=2, example_inputs=(x,), device_type="cpu", pipeline=2)
+    assert cm.plan.capture == path
+    out = cm(x)
+    ref = m(x)
+    _same_structure(out, ref)
+    assert isinstance(out, outputs.SequenceClassifierOutput) and out.loss is None
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out["hidden_states"], ref.hidden_states)
