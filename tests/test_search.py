@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from partitioner.plan.search import Degrees, TensorParallelModel, scale_graph, s
 from tests.planning_graphs import synthetic_graph
 
 
-def _chain(n: int = 12, static: int = 100):
+def _chain(n: int = 12, static: int = 100, saved_bytes: float = 8.0):
     params = [[]] + [[f"p{i}"] for i in range(1, n)]
     return synthetic_graph(
         [0] + [1.0] * (n - 1),
@@ -20,7 +22,7 @@ def _chain(n: int = 12, static: int = 100):
         [1.0] * n,
         params=params,
         param_static={f"p{i}": static for i in range(1, n)},
-        saved_bytes=[8.0] * n,
+        saved_bytes=[saved_bytes] * n,
     )
 
 
@@ -68,6 +70,84 @@ def test_memory_pressure_moves_from_data_to_pipeline_parallelism():
 def test_no_layout_fits_names_memory():
     with pytest.raises(partitioner.InfeasibleMemoryError):
         _search(_chain(), 2, memory_limit=50)
+
+
+def _shard_everything(tp: int) -> TensorParallelModel:
+    """A tp layout of `_chain` that shards every node and parameter (work, activations and weights / tp)."""
+    names = [f"n{i}" for i in range(12)]
+    return TensorParallelModel(
+        tp=tp,
+        node_scale={n: 1 / tp for n in names},
+        comm_by_node={},
+        sharded_params={f"p{i}" for i in range(1, 12)},
+        sharded_values=set(names),
+    )
+
+
+def test_device_hint_counts_tensor_parallelism_beyond_the_devices_given():
+    # Under 1F1B the first stage holds pp microbatches of 1/pp of the chain: at least one sample's activations of
+    # the whole chain (11 x 100 bytes / batch 16 = 69 > 60) whatever pp, so only tp helps: tp 8 (h100's 8 devices
+    # per node cap the model's 16) x 3 stages. One or two devices allow little or no tp; the hint counts it anyway.
+    pg = _chain(saved_bytes=100.0)
+    hint = r"it needs about 24 devices of this size \(pipeline 3 x tensor 8\)"
+    for devices in (1, 2):
+        with pytest.raises(partitioner.InfeasibleMemoryError, match=hint):
+            _search(pg, devices, tp_model=_shard_everything, max_tp=16, memory_limit=60)
+    best, _ = _search(pg, 24, tp_model=_shard_everything, max_tp=16, memory_limit=60)  # and 24 devices do hold it
+    assert best.peak_memory <= 60 and best.degrees.tp == 8
+
+
+def test_a_tp_layout_that_cannot_be_planned_is_left_out_unless_forced():
+    def broken(tp: int) -> TensorParallelModel:
+        raise RuntimeError(f"sharding propagation failed at tp={tp}")
+
+    best, evaluated = _search(_chain(), 4, tp_model=broken, max_tp=4)  # the search goes on without tp
+    assert best.degrees.tp == 1
+    notes = {c.note for c in evaluated if c.degrees.tp == 2}
+    assert notes == {"no tensor-parallel layout at tp=2: sharding propagation failed at tp=2"}
+    with pytest.raises(RuntimeError, match="failed at tp=2"):  # forced: the user's own error
+        _search(_chain(), 4, tp_model=broken, max_tp=4, tensor_parallel=2)
+
+
+def _tiny_gpt_on_meta():
+    with torch.device("meta"):
+        model = zoo.get("gpt3-tiny", n_head=8)  # 8 heads: up to tp 8
+    return model, zoo.example_inputs("gpt3-tiny", batch=4, device="meta")
+
+
+def test_device_hint_is_the_fewest_devices_that_compile():
+    model, x = _tiny_gpt_on_meta()
+    limit = 0.5 * 2**20
+    with pytest.raises(partitioner.InfeasibleMemoryError) as e:
+        partitioner.compile(model, devices=2, example_inputs=x, memory_limit=limit)
+    found = re.search(r"needs about (\d+) devices of this size \(pipeline (\d+) x tensor (\d+)\)", str(e.value))
+    n, pp, tp = map(int, found.groups())
+    # 8 heads allow tp 8 though 2 devices do not; the DP's estimate for tp 2 (pipeline 6, 12 devices) peaks over
+    # the limit once simulated, so the hint is the smallest count the search confirms.
+    assert (n, pp, tp) == (16, 2, 8)
+    cm = partitioner.compile(model, devices=n, example_inputs=x, memory_limit=limit)
+    assert cm.plan.predicted["peak_memory"] <= limit
+    for fewer in range(3, n):
+        with pytest.raises(ValueError):
+            partitioner.compile(model, devices=fewer, example_inputs=x, memory_limit=limit)
+
+
+def test_forced_degrees_that_do_not_fit_report_their_own_figures():
+    model, x = _tiny_gpt_on_meta()
+    with pytest.raises(partitioner.InfeasibleMemoryError) as e:
+        partitioner.compile(model, devices=8, example_inputs=x, pipeline=2, tensor_parallel=2, memory_limit=2**19)
+    msg = str(e.value)
+    assert msg.startswith("pipeline=2, tensor_parallel=2 on 8 devices does not fit in memory: pp2 x tp2 x dp2 1f1b")
+    assert set(re.findall(r"pp\d+ x tp\d+ x dp\d+", msg)) == {"pp2 x tp2 x dp2"}  # no other layout's reasons
+    assert "weights and training state 1.08 MiB in all, activations 523.12 KiB per microbatch" in msg
+    # No count of devices keeps pipeline 2 x tensor 2; what the model needs without them is said as such.
+    assert msg.endswith(
+        "Without pipeline=2, tensor_parallel=2, it needs about 16 devices of this size (pipeline 2 x tensor 8)."
+    )
+    with pytest.raises(partitioner.InfeasibleMemoryError) as e:  # a forced pipeline degree stays in the hint
+        partitioner.compile(model, devices=4, example_inputs=x, pipeline=2, memory_limit=2**19)
+    assert str(e.value).startswith("pipeline=2 on 4 devices does not fit in memory: pp2 x tp1 x dp2 1f1b")
+    assert str(e.value).endswith("With pipeline=2, it needs about 16 devices of this size (pipeline 2 x tensor 8).")
 
 
 def test_scale_graph_divides_sharded_work_and_adds_collectives():

@@ -1,6 +1,7 @@
 """Tensor parallelism: sharding propagation (plan.tensor), the rewrite (passes.tensor_parallel) and the in-process
 check (runtime.tp_local), on the zoo's GPT-3 / BERT / RoBERTa tiny and on nanoGPT-style attention (fused c_attn +
-split, `C // self.n_head` views, `-1` views, explicit softmax attention, loss inside the graph).
+split, `C // self.n_head` views, `-1` views, explicit softmax attention, loss inside the graph), and on sizes read from
+tensors in Python arithmetic (`h.shape[-1] ** -0.5`, `view(x.shape[0] * x.shape[1], -1)`, a torchvision-style ViT).
 
 Everything here runs all tp ranks in one process (threads + barrier collectives); the multi-process gloo checks
 are in test_tp_distributed.py. Equality is fp32 assert_close at 1e-5 against the unsharded graph: outputs on
@@ -21,6 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import partitioner
+import partitioner.plan.tensor as tensor_plan
 import zoo
 from partitioner.annotate import annotate
 from partitioner.capture import capture
@@ -537,3 +540,293 @@ def test_random_stacks_shard_or_fall_back_and_stay_equal(case: tuple[list[tuple[
         mod = gm.get_submodule(next(n for n in gm.graph.nodes if n.name == name).target)
         assert (mod.out_features if rule == "column" else mod.in_features) % tp == 0
     check_tensor_parallel(gm, plan, inputs)
+
+
+# ----------------------------------------------------------------------------------------------- shape arithmetic
+class ShapeArithmeticBlock(nn.Module):
+    """A pre-LN block (d 64, 4 heads, fused qkv) whose sizes come from its tensors, in one of the issue's styles:
+
+    scale:     q * q.shape[-1] ** -0.5 (head dim, replicated) and h * h.shape[-1] ** -0.5 (MLP width, sharded: the
+               size read is made global, so the scale is the unsharded model's)
+    flat_view: the MLP on h.view(h.shape[0] * h.shape[1], -1), then back with x.size(0), x.size(1)
+    double:    h * (h.shape[-1] * 2) on the sharded MLP width (then / 512: the scale is 1 only with global sizes)
+    """
+
+    def __init__(self, style: str, d: int = 64, n_head: int = 4):
+        super().__init__()
+        self.style, self.n_head = style, n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if self.style == "scale":
+            q = q * q.shape[-1] ** -0.5
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.out(y)
+        h = self.ln_2(x)
+        if self.style == "flat_view":
+            h = h.view(h.shape[0] * h.shape[1], -1)  # (B * T, d)
+        h = F.gelu(self.fc(h))  # (…, 4d) sharded on the last dim
+        if self.style == "scale":
+            h = h * h.shape[-1] ** -0.5
+        elif self.style == "double":
+            h = h * (h.shape[-1] * 2) / 512  # 512 only when the size read is global (/ 512 keeps fp32 checks tight)
+        h = self.proj(h)
+        if self.style == "flat_view":
+            h = h.view(x.size(0), x.size(1), -1)
+        return x + h
+
+
+class MiniViT(nn.Module):
+    """torchvision's vit_b_16 forward, shrunk (16x16 images, 4x4 patches, d 64, 4 heads): sizes from x.shape,
+    torch._assert on them, reshape(n, hidden, n_h * n_w), a class token expanded to x.shape[0], nn.MultiheadAttention
+    (no TP rule: stays replicated) and MLP blocks as nn.Sequential (column/row pairs)."""
+
+    def __init__(self, image_size: int = 16, patch_size: int = 4, d: int = 64, n_head: int = 4, layers: int = 2):
+        super().__init__()
+        self.image_size, self.patch_size, self.hidden_dim = image_size, patch_size, d
+        self.conv_proj = nn.Conv2d(3, d, kernel_size=patch_size, stride=patch_size)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embedding = nn.Parameter(torch.randn(1, (image_size // patch_size) ** 2 + 1, d) * 0.02)
+        self.ln_1 = nn.ModuleList([nn.LayerNorm(d) for _ in range(layers)])
+        self.attn = nn.ModuleList([nn.MultiheadAttention(d, n_head, batch_first=True) for _ in range(layers)])
+        self.ln_2 = nn.ModuleList([nn.LayerNorm(d) for _ in range(layers)])
+        self.mlp = nn.ModuleList(
+            [nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(0.0), nn.Linear(2 * d, d)) for _ in range(layers)]
+        )
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.patch_size
+        torch._assert(h == self.image_size, f"Wrong image height! Expected {self.image_size} but got {h}!")
+        torch._assert(w == self.image_size, f"Wrong image width! Expected {self.image_size} but got {w}!")
+        n_h, n_w = h // p, w // p
+        x = self.conv_proj(x).reshape(n, self.hidden_dim, n_h * n_w).permute(0, 2, 1)  # (n, 16, d)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding  # (n, 17, d)
+        for ln_1, attn, ln_2, mlp in zip(self.ln_1, self.attn, self.ln_2, self.mlp):
+            torch._assert(x.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {x.shape}")
+            y = ln_1(x)
+            x = x + attn(y, y, y, need_weights=False)[0]
+            x = x + mlp(ln_2(x))
+        return self.head(self.ln(x)[:, 0])
+
+
+def shape_model(style: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if style == "vit":
+        return MiniViT(), torch.randn(2, 3, 16, 16)
+    return ShapeArithmeticBlock(style), torch.randn(2, 5, 64)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("style", ["scale", "flat_view", "double", "vit"])
+def test_shape_arithmetic_compiles_and_shards(style: str) -> None:
+    """Issue #14: the default search crashed ("has no tensor metadata") on int/float arithmetic on sizes."""
+    model, x = shape_model(style)
+    expected = model(x)
+    cm = partitioner.compile(model, devices=2, example_inputs=(x,), device_type="cpu")  # the default search
+    torch.testing.assert_close(cm(x), expected)
+    cm = partitioner.compile(model, devices=2, example_inputs=(x,), device_type="cpu", tensor_parallel=2)
+    plan = cm.tensor_parallel_plan
+    assert cm.plan.tensor_degree == 2 and not plan.fallbacks, plan.fallbacks
+    if style == "vit":  # the MLPs shard; MultiheadAttention has no rule and stays whole
+        assert plan.module_rules["mlp_0_0"] == "column" and plan.module_rules["mlp_0_3"] == "row"
+    else:  # attention and MLP shard, sizes and all
+        assert plan.module_rules == {"qkv": "column", "out": "row", "fc": "column", "proj": "row"}
+        assert plan.param_shard["qkv.weight"] == {"dim": 0, "parts": 3}
+    torch.testing.assert_close(cm(x), expected)
+    cm.verify_tensor_parallel(x)  # every rank's outputs and gradients against the unsharded model
+
+
+def test_sizes_read_from_a_shard_enter_arithmetic_as_global_values() -> None:
+    gm, _ = prepare(ShapeArithmeticBlock("scale"), (torch.randn(2, 5, 64),))
+    plan = plan_tensor_parallel(gm, 2)
+    assert plan.global_sizes == ["getitem_7"]  # gelu.shape[-1], the sharded MLP width; q.shape[-1] is not sharded
+    code = tensor_parallel_rank(gm, plan, 0, ThreadGroup(2).comm(0)).code
+    assert "pow_1 = getitem_6 ** -0.5" in code  # head dim 16 on every rank
+    assert "tp_global_size_getitem_7 = getitem_7 * 2" in code  # 128 locally -> 256
+    assert "pow_2 = tp_global_size_getitem_7 ** -0.5" in code  # the unsharded model's scale
+    assert "tp_local_size_reshape = getitem_2 // 2" in code  # reshape(B, T, C): C = 64 -> 32 per rank
+
+
+def test_sizes_used_whole_or_data_read_from_a_shard_fall_back_with_reasons() -> None:
+    class WholeSizes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.proj1 = nn.Linear(64, 128), nn.Linear(128, 64)
+            self.fc2, self.proj2 = nn.Linear(64, 128), nn.Linear(128, 64)
+            self.fc3, self.proj3 = nn.Linear(64, 128), nn.Linear(128, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)  # (B, T, 128) shard(2)
+            h = h.view(h.shape[:-1] + (4, 32)).relu().flatten(2)  # one computed tuple of sizes: cannot be made local
+            x = x + self.proj1(h)
+            g = self.fc2(x)
+            x = x + self.proj2(g * g.stride(1))  # a stride of the shard is the rank's own (64, not 128)
+            return x + self.proj3(self.fc3(x).relu())  # this pair shards
+
+    torch.manual_seed(0)
+    model, x = WholeSizes(), torch.randn(2, 5, 64)
+    gm, inputs = prepare(model, (x,))
+    plan = plan_tensor_parallel(gm, 2)
+    reasons = {f["node"]: f["reason"] for f in plan.fallbacks}
+    assert "view sizes come as one computed tuple add" in reasons["fc1"]
+    assert "stride computes a Python value from the sharded tensor fc2" in reasons["fc2"]
+    assert plan.module_rules == {"fc3": "column", "proj3": "row"}
+    check_tensor_parallel(gm, plan, inputs)
+    # forced tp (strict) keeps these fallbacks (they are not divisibility), and they reach plan.fallbacks
+    cm = partitioner.compile(model, devices=2, example_inputs=(x,), device_type="cpu", tensor_parallel=2)
+    assert {f["what"] for f in cm.plan.fallbacks if f["path"] == "replicated"} >= {"fc1", "fc2"}
+    torch.testing.assert_close(cm(x), model(x))
+    cm.verify_tensor_parallel(x)
+
+
+def test_a_rule_failing_without_sharded_inputs_is_recorded_and_refused_when_forced(monkeypatch) -> None:
+    """The propagation's safety net: a rule that fails on a node with no sharded input (nothing to blame) leaves it
+    replicated, which it is on every rank, with the reason; strict mode (forced tensor_parallel) names it instead."""
+
+    def broken(st: object, node: fx.Node) -> None:
+        raise tensor_plan._Conflict("this rule cannot analyse cumsum")
+
+    monkeypatch.setattr(tensor_plan, "_FUNCTION_RULES", [({"cumsum"}, broken), *tensor_plan._FUNCTION_RULES])
+
+    class CumsumMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proj = nn.Linear(64, 128), nn.Linear(128, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(F.gelu(self.fc(x.cumsum(-1))))
+
+    torch.manual_seed(0)
+    model, x = CumsumMLP(), torch.randn(2, 5, 64)
+    gm, inputs = prepare(model, (x,))
+    plan = plan_tensor_parallel(gm, 2)
+    assert plan.fallbacks == [{"node": "cumsum", "reason": "no sharding analysis: this rule cannot analyse cumsum"}]
+    assert plan.module_rules == {"fc": "column", "proj": "row"}
+    check_tensor_parallel(gm, plan, inputs)
+    assert max_tensor_parallel(gm, 8) == 8
+    with pytest.raises(ValueError, match=r"tensor parallel tp=2 \(strict\): cumsum: this rule cannot analyse cumsum"):
+        plan_tensor_parallel(gm, 2, strict=True)
+    with pytest.raises(ValueError, match=r"\(strict\): cumsum: this rule cannot analyse"):
+        partitioner.compile(model, devices=2, example_inputs=(x,), device_type="cpu", tensor_parallel=2)
+    cm = partitioner.compile(model, devices=2, example_inputs=(x,), device_type="h100")  # the search does not crash
+    torch.testing.assert_close(cm(x), model(x))
+
+
+def test_forced_tensor_parallelism_that_shards_nothing_is_refused() -> None:
+    class NormedProjection(nn.Module):  # its only Linear feeds a LayerNorm over the Linear's (sharded) output
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.ln = nn.Linear(8, 16), nn.LayerNorm(16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ln(self.lin(x))
+
+    torch.manual_seed(0)
+    model, x = NormedProjection(), torch.randn(3, 8)
+    gm, _ = prepare(model, (x,))
+    assert plan_tensor_parallel(gm, 2).sharded_nodes() == []  # unforced: a replicated plan, with the reason
+    why = r"nothing in this graph can be sharded \(lin: its shard reaches ln: LayerNorm normalizes over the sharded"
+    with pytest.raises(ValueError, match=rf"tensor parallel tp=2 \(strict\): {why}"):
+        partitioner.compile(model, devices=2, example_inputs=(x,), device_type="cpu", tensor_parallel=2)
+
+
+@pytest.mark.timeout(120)
+def test_size_arithmetic_in_an_export_graph_does_not_crash_the_search() -> None:
+    """HF GPT-2 (transformers 5) is captured by torch.export: `sym_size` products crashed the TP analysis."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    call = {"input_ids": torch.randint(0, 96, (2, 8)), "use_cache": False}
+    cm = partitioner.compile(model, devices=2, example_kwargs=call, device_type="cpu")
+    torch.testing.assert_close(cm(**call).logits, model(**call).logits)
+    # An ATen graph has no nn.Linear to shard: forcing tp says so instead of copying the model onto every rank.
+    with pytest.raises(ValueError, match=r"tp=2 \(strict\): nothing in this graph can be sharded \(embedding: "):
+        partitioner.compile(model, devices=2, example_kwargs=call, device_type="cpu", tensor_parallel=2)
+
+
+class RandomAttention(nn.Module):
+    def __init__(self, d: int, n_head: int, qkv: str, view: str, scale: str, merge: str):
+        super().__init__()
+        self.n_head, self.how = n_head, (qkv, view, scale, merge)
+        self.ln, self.qkv, self.out = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv, view, scale, merge = self.how
+        h = self.ln(x)
+        fused = self.qkv(h)  # (B, T, 3d)
+        q, k, v = fused.chunk(3, dim=-1) if qkv == "chunk" else fused.split(h.size(-1), dim=-1)
+        if view == "sizes":  # t.shape[-1] is read from the shard: global, then // n_head, then divided by tp
+            q, k, v = (t.view(t.size(0), t.shape[1], self.n_head, t.shape[-1] // self.n_head) for t in (q, k, v))
+        else:
+            q, k, v = (t.view(x.shape[0], x.shape[1], self.n_head, -1) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if scale == "shape":
+            q = q * q.shape[-1] ** -0.5
+        elif scale == "size":
+            q = q / q.size(-1)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, T, nh, hd)
+        if merge == "product":  # nh (sharded) x hd: a product of a global and a replicated size
+            y = y.reshape(y.size(0), y.size(1), y.shape[2] * y.shape[3])
+        else:
+            y = y.reshape(y.shape[0], y.shape[1], -1)
+        return x + self.out(y)
+
+
+class RandomMLP(nn.Module):
+    def __init__(self, d: int, ratio: int, flat: bool, scale: bool):
+        super().__init__()
+        self.flat, self.scale = flat, scale
+        self.ln, self.fc, self.proj = nn.LayerNorm(d), nn.Linear(d, ratio * d), nn.Linear(ratio * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        if self.flat:
+            h = h.view(h.shape[0] * h.shape[1], -1)
+        h = F.gelu(self.fc(h))
+        if self.scale:
+            h = h * h.shape[-1] ** -0.5
+        h = self.proj(h)
+        if self.flat:
+            h = h.view(x.size(0), x.size(1), -1)
+        return x + h
+
+
+@st.composite
+def shape_arithmetic_blocks(draw: st.DrawFn) -> tuple[list[tuple], int, int | None]:
+    """Random stacks of attention and MLP blocks (d 64) mixing sizes read from tensors, and a forced tp or None."""
+    attention = st.tuples(
+        st.just("attn"),
+        st.sampled_from(["chunk", "split"]),
+        st.sampled_from(["minus_one", "sizes"]),
+        st.sampled_from(["none", "shape", "size"]),
+        st.sampled_from(["minus_one", "product"]),
+    )
+    mlp = st.tuples(st.just("mlp"), st.sampled_from([2, 4]), st.booleans(), st.booleans())
+    blocks = draw(st.lists(st.one_of(attention, mlp), min_size=1, max_size=3))
+    return blocks, draw(st.sampled_from([2, 4])), draw(st.sampled_from([None, 2]))
+
+
+@pytest.mark.timeout(300)
+@given(shape_arithmetic_blocks())  # examples: the tests/conftest.py profile (ci: 50, deterministic)
+def test_random_shape_arithmetic_blocks_compile_and_verify(case: tuple[list[tuple], int, int | None]) -> None:
+    blocks, n_head, tp = case
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[RandomAttention(64, n_head, *b[1:]) if b[0] == "attn" else RandomMLP(64, *b[1:]) for b in blocks]
+    )
+    x = torch.randn(2, 3, 64)
+    cm = partitioner.compile(model, devices=2, example_inputs=(x,), device_type="h100", tensor_parallel=tp)
+    torch.testing.assert_close(cm(x), model(x))
+    if tp is not None:  # every size here can be made local: nothing falls back
+        assert cm.plan.tensor_degree == tp and not cm.tensor_parallel_plan.fallbacks, cm.tensor_parallel_plan.fallbacks
+    if cm.plan.tensor_degree > 1:
+        cm.verify_tensor_parallel(x)

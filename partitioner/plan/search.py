@@ -20,6 +20,11 @@ Candidates are evaluated best-bound first (branch and bound): a candidate's step
 than its perfect-balance bound (total node time / pp), so once that bound exceeds the best step time
 found the rest are skipped. Each evaluated candidate is kept with its figures, so the summary can say
 why the winner beats the runners-up.
+
+When nothing fits in memory, the error names the fewest devices that would do: over every tp degree the model
+allows (up to `devices_per_node`, even those `devices` leaves no room for), each tp's stage count estimated by
+plan.pipeline.devices_needed and the smallest confirmed by pricing it as the search would. With forced degrees
+the error gives those layouts' own figures, and the count keeps the forced degrees (or says it does not).
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from partitioner.plan.graph import PlanningGraph, StageMetrics, price, tied_sync_time
-from partitioner.plan.pipeline import InfeasibleMemoryError, devices_needed, plan_pipeline, refine_plan
+from partitioner.plan.pipeline import (
+    InfeasibleMemoryError,
+    devices_needed,
+    max_stages,
+    plan_pipeline,
+    refine_plan,
+    too_many_stages,
+)
+from partitioner.report import format_bytes
 from partitioner.simulate import SimResult
 
 __all__ = [
@@ -151,8 +164,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _microbatch_choice(batch: int | None, dp: int, pp: int, requested: int | None) -> int | None:
-    """Requested count, else the largest count <= 4 pp that divides the replica's batch.
+def _microbatch_choice(batch: int | None, dp: int, pp: int, requested: int | None, min_chunk: int = 1) -> int | None:
+    """Requested count, else the largest count <= 4 pp that divides the replica's batch into chunks of at least
+    `min_chunk` samples (what the captured graph holds for: an export graph may need 2). None: no such split.
 
     4 pp keeps the bubble small without microbatches so small that GEMMs lose efficiency (which
     the roofline does not model)."""
@@ -160,10 +174,10 @@ def _microbatch_choice(batch: int | None, dp: int, pp: int, requested: int | Non
         return requested
     if batch is None:
         return 4 * pp
-    if batch % dp:
+    if batch % dp or batch // dp < min_chunk:
         return None
     per_replica = batch // dp
-    return max(m for m in range(1, min(per_replica, 4 * pp) + 1) if per_replica % m == 0)
+    return max(m for m in range(1, min(per_replica // min_chunk, 4 * pp) + 1) if per_replica % m == 0)
 
 
 def search(
@@ -182,8 +196,14 @@ def search(
     stages_per_device: int | None = None,
     mincut: bool = True,
     keep: int = 5,
+    min_chunk: int = 1,
 ) -> tuple[Candidate, list[Candidate]]:
-    """Best candidate and the evaluated ones (best first). Raises InfeasibleMemoryError if none fits."""
+    """Best candidate and the evaluated ones (best first). Raises InfeasibleMemoryError if none fits.
+
+    A tp degree whose layout cannot be planned is left out with its reason (unless forced). When nothing fits,
+    the error gives the fewest devices the search would need (over the tp degrees it may use), and for forced
+    degrees it reports their own layouts' figures only.
+    """
     devices_per_node = pg.spec.devices_per_node
     degrees = []
     for tp in _divisors(devices):
@@ -201,83 +221,212 @@ def search(
             f"tensor_parallel={tensor_parallel} (tensor parallelism up to {min(max_tp, devices_per_node)})"
         )
 
-    tp_models = {d.tp: tp_model(d.tp) if d.tp > 1 else None for d in degrees}
-    scaled: dict[tuple[int, int], PlanningGraph] = {}
+    ev = _Evaluator(pg, tp_model, memory_limit, in_flight, schedules, batch, microbatches, stages_per_device,
+                    forced_tp=tensor_parallel, min_chunk=min_chunk)  # fmt: skip
     candidates: list[Candidate] = []
     for d in degrees:
-        key = (d.tp, d.dp)
-        if key not in scaled:
-            scaled[key] = scale_graph(pg, tp_models[d.tp], d.dp)
-        g = scaled[key]
-        m = _microbatch_choice(batch, d.dp, d.pp, microbatches)
-        for schedule in schedules:
-            k = stages_per_device or (1 if schedule in ("gpipe", "1f1b") else 2)
-            c = Candidate(d, m or 0, schedule, k, graph=g, bound=float(g.compute.sum()) / d.pp)
-            if m is None:
-                c.note = f"batch {batch} does not split over {d.dp} data-parallel replicas"
-            elif d.pp * k > (most := g.n - max(g.num_inputs, 1) + 1):
-                c.note = (
-                    f"{d.pp * k} pipeline stages requested but the graph has only {most} places to put a stage: "
-                    f"use at most {most} stages"
-                )
-            candidates.append(c)
+        candidates += ev.candidates(d)
 
     best: Candidate | None = None
-    plans: dict = {}
     for c in sorted(candidates, key=lambda c: (bool(c.note), c.bound, c.degrees, c.schedule)):
         if c.note:
             continue
         if best is not None and c.bound >= best.step_time:
             c.note = f"skipped: its perfect-balance bound {c.bound:.4g} s is above the best step time"
             continue
-        _evaluate(c, memory_limit, in_flight, devices_per_node, plans)
-        # Out of memory: smaller microbatches hold fewer activations in flight (1F1B holds about pp
-        # of them on the first stage), so retry with twice as many while they divide the batch.
-        while not c.fits and _memory_failure(c) and microbatches is None and batch is not None:
-            per_replica = batch // c.degrees.dp
-            more = c.microbatches * 2
-            if more > per_replica or per_replica % more:
-                break
-            c.microbatches = more
-            _evaluate(c, memory_limit, in_flight, devices_per_node, plans)
+        ev.run(c)
         if c.fits and (best is None or _better(c, best)):
             best = c
     if best is not None and mincut:
         # Candidates are compared on their contiguous plans; the winner's boundaries then move to
         # min-bytes cuts, which never raises its bottleneck (plan.mincut).
-        _evaluate(best, memory_limit, in_flight, devices_per_node, plans, refine=True)
+        _evaluate(best, memory_limit, in_flight, devices_per_node, ev.plans, refine=True)
     evaluated = sorted(candidates, key=lambda c: (not c.fits, c.step_time, c.bound))
     if best is None:
-        reasons = "; ".join(f"{c.degrees} {c.schedule}: {c.note}" for c in evaluated[:keep])
-        memory = all(_memory_failure(c) for c in evaluated if c.note and not c.note.startswith("skipped"))
-        if not memory:
-            most = pg.n - max(pg.num_inputs, 1) + 1
-            if pipeline is not None and pipeline > most:
-                raise ValueError(
-                    f"{pipeline} pipeline stages requested but the graph has only {most} places to put a stage: "
-                    f"use at most {most} stages"
-                )
-            usable = most * min(max_tp, devices_per_node) * (batch or 1)
-            if devices > usable:
-                raise ValueError(
-                    f"{devices} devices are more than this model and batch can use: at most {usable} devices "
-                    f"(pipeline <= {most} stages x tensor <= {min(max_tp, devices_per_node)} x data <= batch "
-                    f"{batch or 1}); use fewer devices or a larger batch"
-                )
-            raise ValueError(f"no parallel layout of {devices} devices works: {reasons}")
-        # One device-count estimate for the user, from the most model-parallel layout tried.
-        widest = max((c for c in evaluated if c.degrees.dp == 1), key=lambda c: c.degrees.tp, default=evaluated[0])
-        stages = devices_needed(
-            widest.graph, memory_limit, microbatches=max(widest.microbatches, 1), start=widest.degrees.pp + 1
-        )
-        hint = (
-            f"it needs about {stages * widest.degrees.tp} devices of this size "
-            f"(pipeline {stages} x tensor {widest.degrees.tp})"
-            if stages
-            else "no number of devices of this size holds it"
-        )
-        raise InfeasibleMemoryError(f"no parallel layout of {devices} devices fits in memory: {hint}. Tried: {reasons}")
+        raise _no_layout_error(ev, evaluated, devices, max_tp, pipeline, tensor_parallel, keep)
     return best, evaluated
+
+
+@dataclass
+class _Evaluator:
+    """Builds and prices candidates the way `search` does, microbatch retries included (the device-count hint
+    prices layouts the search did not try with it). Scaled graphs are kept: the plan cache keys on their id."""
+
+    pg: PlanningGraph
+    tp_model: Callable[[int], TensorParallelModel | None]
+    memory_limit: float
+    in_flight: Callable[[str, int, int], list[int]]
+    schedules: Sequence[str]
+    batch: int | None
+    microbatches: int | None
+    stages_per_device: int | None
+    forced_tp: int | None  # a forced degree whose layout cannot be planned is the user's error (others are left out)
+    min_chunk: int = 1  # the fewest samples a microbatch may hold (the captured graph's smallest batch)
+    tp_models: dict[int, TensorParallelModel | None] = field(default_factory=lambda: {1: None})
+    tp_failed: dict[int, str] = field(default_factory=dict)
+    scaled: dict[tuple[int, int], PlanningGraph] = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)
+
+    @property
+    def devices_per_node(self) -> int:
+        return self.pg.spec.devices_per_node
+
+    def graph(self, tp: int, dp: int) -> PlanningGraph | None:
+        """The planning graph of (tp, dp), or None when the tp layout cannot be planned (reason in tp_failed)."""
+        if tp not in self.tp_models and tp not in self.tp_failed:
+            try:
+                self.tp_models[tp] = self.tp_model(tp)
+            except (ValueError, RuntimeError) as e:
+                if tp == self.forced_tp:
+                    raise
+                self.tp_failed[tp] = f"no tensor-parallel layout at tp={tp}: {e}"
+        if tp in self.tp_failed:
+            return None
+        if (tp, dp) not in self.scaled:
+            self.scaled[(tp, dp)] = scale_graph(self.pg, self.tp_models[tp], dp)
+        return self.scaled[(tp, dp)]
+
+    def candidates(self, d: Degrees) -> list[Candidate]:
+        """One candidate per schedule at degrees d; a note says why one cannot run."""
+        g = self.graph(d.tp, d.dp)
+        m = _microbatch_choice(self.batch, d.dp, d.pp, self.microbatches, self.min_chunk)
+        out = []
+        for schedule in self.schedules:
+            k = self.stages_per_device or (1 if schedule in ("gpipe", "1f1b") else 2)
+            c = Candidate(d, m or 0, schedule, k, graph=g if g is not None else self.pg)
+            c.bound = float(c.graph.compute.sum()) / d.pp
+            if g is None:
+                c.note = self.tp_failed[d.tp]
+            elif m is None:
+                c.note = f"batch {self.batch} does not split over {d.dp} data-parallel replicas"
+                if self.min_chunk > 1:
+                    c.note += f" of at least {self.min_chunk} samples (the captured graph's smallest batch)"
+            elif d.pp * k > max_stages(g):
+                c.note = too_many_stages(g, d.pp * k)
+            out.append(c)
+        return out
+
+    def run(self, c: Candidate) -> None:
+        """Price c; out of memory, retry with twice as many microbatches while they divide the batch: smaller
+        microbatches hold fewer activations in flight (1F1B holds about pp of them on the first stage)."""
+        _evaluate(c, self.memory_limit, self.in_flight, self.devices_per_node, self.plans)
+        while not c.fits and _memory_failure(c) and self.microbatches is None and self.batch is not None:
+            per_replica = self.batch // c.degrees.dp
+            more = c.microbatches * 2
+            if more * self.min_chunk > per_replica or per_replica % more:
+                break
+            c.microbatches = more
+            _evaluate(c, self.memory_limit, self.in_flight, self.devices_per_node, self.plans)
+
+    def fits(self, d: Degrees) -> bool:
+        """Whether the search at pp x tp x dp devices would find a layout at degrees d."""
+        for c in self.candidates(d):
+            if not c.note:
+                self.run(c)
+                if c.fits:
+                    return True
+        return False
+
+
+def _no_layout_error(
+    ev: _Evaluator,
+    evaluated: list[Candidate],
+    devices: int,
+    max_tp: int,
+    pipeline: int | None,
+    tensor_parallel: int | None,
+    keep: int,
+) -> ValueError:
+    """Why no candidate of `search` fits: a non-memory reason, or the memory error with a device-count hint."""
+    pg, devices_per_node, batch = ev.pg, ev.devices_per_node, ev.batch
+    reasons = "; ".join(f"{c.degrees} {c.schedule}: {c.note}" for c in evaluated[:keep])
+    if not all(_memory_failure(c) for c in evaluated if c.note and not c.note.startswith("skipped")):
+        most = pg.n - max(pg.num_inputs, 1) + 1
+        if pipeline is not None and pipeline > most:
+            return ValueError(
+                f"{pipeline} pipeline stages requested but the graph has only {most} places to put a stage: "
+                f"use at most {most} stages"
+            )
+        usable = most * min(max_tp, devices_per_node) * (batch or 1)
+        if devices > usable:
+            return ValueError(
+                f"{devices} devices are more than this model and batch can use: at most {usable} devices "
+                f"(pipeline <= {most} stages x tensor <= {min(max_tp, devices_per_node)} x data <= batch "
+                f"{batch or 1}); use fewer devices or a larger batch"
+            )
+        return ValueError(f"no parallel layout of {devices} devices works: {reasons}")
+    free = _divisors(min(max_tp, devices_per_node))
+    if tensor_parallel is None and pipeline is None:
+        hint = _devices_hint(ev, free, devices, None) or "no number of devices of this size holds it"
+        return InfeasibleMemoryError(
+            f"no parallel layout of {devices} devices fits in memory: {hint}. Tried: {reasons}"
+        )
+    # Forced degrees: their own layouts' figures, then how many devices would do with (or else without) them.
+    forced = ", ".join(f"{k}={v}" for k, v in (("pipeline", pipeline), ("tensor_parallel", tensor_parallel)) if v)
+    own = "; ".join(f"{c.degrees} {c.schedule}, {c.microbatches} microbatches: {c.note}" for c in evaluated[:keep])
+    hint = _devices_hint(ev, [tensor_parallel] if tensor_parallel else free, devices, pipeline)
+    if hint:
+        hint = f" With {forced}, {hint}."
+    elif hint := _devices_hint(ev, free, devices, None):
+        hint = f" Without {forced}, {hint}."
+    return InfeasibleMemoryError(f"{forced} on {devices} devices does not fit in memory: {own}.{hint}")
+
+
+def _most_microbatches(batch: int | None, pp: int, requested: int | None, min_chunk: int = 1) -> int:
+    """The most microbatches the search tries at pp stages and dp 1: its default count, doubled while a layout
+    fails on memory and the count divides the batch into chunks of at least min_chunk (`_Evaluator.run`)."""
+    m = _microbatch_choice(batch, 1, pp, requested, min_chunk) or 1
+    while requested is None and batch is not None and batch % (2 * m) == 0 and batch // (2 * m) >= min_chunk:
+        m *= 2
+    return m
+
+
+def _devices_hint(ev: _Evaluator, tps: Sequence[int], devices: int, pipeline: int | None, tries: int = 6) -> str:
+    """The fewest devices N > `devices` at which the search finds a layout, over the tp degrees `tps` at dp 1 (a
+    forced pipeline degree stays fixed), as "it needs about N devices of this size (pipeline p x tensor t)".
+
+    Why over tp: under 1F1B the first stage holds about pp microbatches of 1/pp of the layers, one batch's worth
+    of their activations whatever pp is, so a model whose activations alone exceed a device needs tp to split them
+    (gpt3-175b, batch 256 x 2048 tokens, on 80 GiB: no pipeline alone holds it, pipeline 8 x tensor 8 does).
+    Each tp's stage count is estimated with plan.pipeline.devices_needed (contiguous DP, 1F1B in-flight counts, the
+    most microbatches), the smallest estimate is then priced as the search would (the simulated peak can exceed
+    the DP's); one that does not fit moves on to one more stage. After `tries` prices the smallest estimate left
+    is given as one; "" when no count holds the model.
+    """
+    queue: list[tuple[int, int, int]] = []  # (devices, pp, tp) estimates
+    for tp in tps:
+        g = ev.graph(tp, 1)
+        if g is None:
+            continue
+        if pipeline is not None:  # the forced pipeline degree: can it fit at this tp?
+            m = _most_microbatches(ev.batch, pipeline, ev.microbatches, ev.min_chunk)
+            fits = pipeline * tp > devices
+            if fits and devices_needed(g, ev.memory_limit, microbatches=m, start=pipeline) == pipeline:
+                queue.append((pipeline * tp, pipeline, tp))
+            continue
+        stages, start = None, devices // tp + 1
+        for _ in range(4):  # the count of microbatches grows with the stages: settle both
+            m = _most_microbatches(ev.batch, start, ev.microbatches, ev.min_chunk)
+            stages = devices_needed(g, ev.memory_limit, microbatches=m, start=start)
+            if stages is None or _most_microbatches(ev.batch, stages, ev.microbatches, ev.min_chunk) >= m:
+                break
+            start = stages
+        if stages is not None:
+            queue.append((stages * tp, stages, tp))
+    most = ev.pg.n - max(ev.pg.num_inputs, 1) + 1
+    for _ in range(tries):
+        if not queue:
+            return ""
+        n, pp, tp = min(queue)
+        queue.remove((n, pp, tp))
+        if ev.fits(Degrees(pp=pp, tp=tp, dp=1)):
+            return f"it needs about {n} devices of this size (pipeline {pp} x tensor {tp})"
+        if pipeline is None and pp < most:
+            queue.append(((pp + 1) * tp, pp + 1, tp))
+    if not queue:
+        return ""
+    n, pp, tp = min(queue)
+    return f"it needs about {n} devices of this size (pipeline {pp} x tensor {tp}; an estimate, not simulated)"
 
 
 def _better(c: Candidate, best: Candidate, tie: float = 1e-3) -> bool:
@@ -289,7 +438,7 @@ def _better(c: Candidate, best: Candidate, tie: float = 1e-3) -> bool:
 
 
 def _memory_failure(c: Candidate) -> bool:
-    return "fits" in c.note or "GiB per device" in c.note
+    return "fits" in c.note or c.note.startswith("peaks at")
 
 
 def price_candidate(c: Candidate, stage_of: list[int], in_flight: Sequence[int], devices_per_node: int) -> None:
@@ -346,4 +495,4 @@ def _evaluate(
         return
     c.note = ""
     if c.peak_memory > memory_limit:
-        c.note = f"peaks at {c.peak_memory / 2**30:.1f} GiB per device, over {memory_limit / 2**30:.1f} GiB"
+        c.note = f"peaks at {format_bytes(c.peak_memory)} per device, over {format_bytes(memory_limit)}"

@@ -22,8 +22,18 @@ table of rules, one per op family (`_RULES`):
     softmax / norm on other d  shard(d)              shard(d)      -
     SDPA / matmul on heads     shard(head dim)       shard         -
     cross_entropy on classes   shard(1)              replicated    vocab-parallel CE (3 small all-reduces)
-    x.size()[d]                shard(d)              int           multiplied by tp (ints stay global)
+    x.size()[d], x.numel()     shard(d)              int           multiplied by tp (ints stay global)
+    x.shape[i:j] without d     shard(d)              replicated    -
+    int / float arithmetic     replicated values     replicated    - (sizes are global, so it computes the
+                                                                   unsharded model's numbers)
     model output               shard(d)              replicated    all-gather (backward: take own slice)
+
+Non-tensor values (ints, floats, SymInts, torch.Size, dtypes) are replicated Python values: every int read from a
+sharded dim is made global right where it is read, so `h * h.shape[-1] ** -0.5`, `view(x.shape[0] * x.shape[1],
+-1)` or `C // n_head` compute what the unsharded model computes, and the only place a local size is needed, a
+view/split size of the sharded dim, divides that global value by tp (a literal, or a `floordiv` node in the graph).
+A Python value that reads a sharded tensor's data, or a whole torch.Size spanning the sharded dim used in another
+way, is a conflict like any other.
 
 A replicated value that needs a gradient and feeds rank-dependent nodes gets Megatron's `f` (identity
 forward, all-reduce backward) in front of those consumers only; a partial value gets `g` (all-reduce forward,
@@ -32,7 +42,10 @@ identity backward) right away. Per transformer layer that is the optimum: 2 all-
 Anything a rule cannot take (a LayerNorm over the sharded dim, a residual add with a full-width replicated
 operand, a size that tp does not divide, an unknown op) is a conflict: the seeds whose shards reached it go
 back to replicated, with the reason recorded in `fallbacks`, and propagation restarts (seeds only shrink, so
-it terminates). `strict=True` turns divisibility fallbacks into a ValueError.
+it terminates). `strict=True` turns divisibility fallbacks into a ValueError. A rule that fails on a node none of
+whose inputs is sharded (so no seed to blame) leaves that node replicated, which is what it is on every rank, and
+records the reason in `fallbacks` under the node's name; `strict=True` raises a ValueError naming it instead, and
+refuses a tp > 1 that would shard nothing at all.
 
 Worked example (GPT block, tp=2): `q = q_proj(ln_1)` column -> shard(2); `view(B, T, 4, 16)` -> shard(2) with
 args `(B, T, 2, 16)`; `transpose(1, 2)` -> shard(1); SDPA(q, k, v) -> shard(1); `transpose` -> shard(2);
@@ -63,6 +76,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from partitioner.devices import DeviceSpec
 
@@ -307,6 +321,8 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _broadcast(st: _State, node: fx.Node, inputs: list[fx.Node]) -> Layout:
     """Elementwise with broadcasting: sharded inputs agree on the (right-aligned) dim; replicated ones have size 1."""
+    if all(st.eff(x) is None for x in inputs):
+        return None
     out_nd = len(_shape(node))
     shard: _Shard | None = None
     for x in inputs:
@@ -382,11 +398,21 @@ def _rule_call_module(st: _State, node: fx.Node) -> Layout:
     return _default(st, node)
 
 
+def _op_name(st: _State, node: fx.Node) -> str:
+    what = node.target if node.op != "call_module" else type(st.gm.get_submodule(str(node.target))).__name__
+    return str(getattr(what, "__name__", what))
+
+
 def _default(st: _State, node: fx.Node) -> Layout:
     for x in node.all_input_nodes:
-        if st.eff(x) is not None:
-            what = node.target if node.op != "call_module" else type(st.gm.get_submodule(str(node.target))).__name__
-            raise _Conflict(f"no sharding rule for {getattr(what, '__name__', what)} on a sharded input")
+        lay = st.eff(x)
+        if isinstance(lay, _SizeOf):
+            raise _Conflict(
+                f"{_op_name(st, node)} takes {x.name}, the torch.Size of a sharded tensor, as a whole (only single "
+                f"sizes, x.shape[i] or x.size(i), are made global)"
+            )
+        if lay is not None:
+            raise _Conflict(f"no sharding rule for {_op_name(st, node)} on a sharded input")
     return None
 
 
@@ -414,6 +440,7 @@ def _rule_reshape(st: _State, node: fx.Node) -> Layout:
         st.divides(node, b[k], parts, f"view dim {k}")
         path = _size_arg_path(node, k, len(b))
         if path is not None:
+            _check_size_arg(st, node, path, k)
             st.rewrite(node, path)
         return _Shard(k, parts, lay.origins)
     raise _Conflict(f"view {list(a)} -> {list(b)} does not keep sharded dim {lay.dim} whole in one output dim")
@@ -434,6 +461,26 @@ def _size_arg_path(node: fx.Node, k: int, out_ndim: int) -> list[Any] | None:
         if dim <= k < dim + len(_arg(node, 2, "sizes")):
             return ["args", sizes_i, k - dim] if len(node.args) > 2 else ["kwargs", "sizes", k - dim]
     return None
+
+
+def _check_size_arg(st: _State, node: fx.Node, path: list[Any], k: int) -> None:
+    """The size written at `path` must be one global int (a literal or an int node) for the applier to divide by tp."""
+    value: Any = node.args if path[0] == "args" else node.kwargs
+    try:
+        for p in path[1:]:
+            value = value[p]
+    except (IndexError, KeyError, TypeError):
+        value = None
+    if isinstance(value, fx.Node):
+        if isinstance(_val(value), (int, torch.SymInt)) and not isinstance(_val(value), bool) and st.eff(value) is None:
+            return
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return
+    sizes = node.args[1] if len(node.args) == 2 else node.kwargs.get("shape")
+    if isinstance(sizes, fx.Node) and not isinstance(_val(sizes), int):  # x.view(t) with t = x.shape[:-1] + (4, 16)
+        raise _Conflict(f"view sizes come as one computed tuple {sizes.name}: only int sizes can be made local")
+    got = value.name if isinstance(value, fx.Node) else repr(value)
+    raise _Conflict(f"the size of sharded view dim {k} is {got}, not an int that can be made local")
 
 
 def _rule_transpose(st: _State, node: fx.Node) -> Layout:
@@ -505,7 +552,10 @@ def _rule_getitem(st: _State, node: fx.Node) -> Layout:
             if _norm_dim(idx, len(_val(src))) == lay.dim:
                 st.global_sizes.append(node.name)
             return None
-        raise _Conflict("slice of the size of a sharded tensor")
+        if isinstance(idx, slice) and all(isinstance(i, (int, type(None))) for i in (idx.start, idx.stop, idx.step)):
+            dims = list(range(len(_val(src))))[idx]  # x.shape[:-1]: the source dims it keeps
+            return _SizeOf(dims.index(lay.dim), lay.origins) if lay.dim in dims else None
+        raise _Conflict(f"index {idx!r} into the torch.Size of a sharded tensor")
     if isinstance(lay, _Shard):  # tensor indexing: only full slices (and None / ...) around the sharded dim
         index = idx if isinstance(idx, tuple) else (idx,)
         if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in index):
@@ -533,6 +583,9 @@ def _rule_size(st: _State, node: fx.Node) -> Layout:
     x = node.args[0]
     lay = st.eff(x)
     if not isinstance(lay, _Shard):
+        return _rule_value(st, node) if not isinstance(_val(node), torch.Tensor) else _default(st, node)
+    if node.target == "numel":  # the shard's numel x tp: shards are equal
+        st.global_sizes.append(node.name)
         return None
     if node.op == "call_function":  # getattr(x, name)
         if node.args[1] == "shape":
@@ -546,6 +599,33 @@ def _rule_size(st: _State, node: fx.Node) -> Layout:
     if _norm_dim(d, len(_shape(x))) == lay.dim:
         st.global_sizes.append(node.name)
     return None
+
+
+def _rule_value(st: _State, node: fx.Node) -> Layout:
+    """A Python value (int, float, bool, SymInt, torch.Size, dtype) computed in the graph: replicated.
+
+    Its inputs are replicated values, or sizes already made global (`global_sizes`), so it equals the unsharded
+    model's value on every rank. Reading a sharded tensor's data, or a whole torch.Size spanning the sharded dim,
+    would give each rank a different value: a conflict.
+    """
+    for x in node.all_input_nodes:
+        lay = st.eff(x)
+        if isinstance(lay, _SizeOf):
+            raise _Conflict(
+                f"{_op_name(st, node)} on {x.name}, the torch.Size of a sharded tensor (only single sizes, "
+                f"x.shape[i] or x.size(i), are made global)"
+            )
+        if lay is not None:
+            raise _Conflict(f"{_op_name(st, node)} computes a Python value from the sharded tensor {x.name}")
+    return None
+
+
+def _is_value(node: fx.Node) -> bool:
+    """Whether a node computes a non-tensor value (no tensor anywhere in its output; None is a side effect's)."""
+    v = _val(node)
+    if v is None or isinstance(v, torch.Tensor):
+        return False
+    return not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v))
 
 
 def _rule_elementwise(st: _State, node: fx.Node) -> Layout:
@@ -656,8 +736,10 @@ _FUNCTION_RULES: list[tuple[set, Callable[[_State, fx.Node], Layout]]] = [
     (_CROSS_ENTROPY, _rule_cross_entropy),
     (_UNARY_FUNCTIONS | _UNARY_METHODS | _BINARY_FUNCTIONS | _BINARY_METHODS | _FIRST_ARG_METHODS, _rule_elementwise),
     ({operator.getitem}, _rule_getitem),
-    ({"size", getattr}, _rule_size),
+    ({"size", "numel", getattr}, _rule_size),
 ]
+_SIZE_RULES = {operator.getitem, "size", "numel", getattr}  # these read sizes of sharded tensors themselves
+_META_METHODS = {"dim", "ndimension", "is_floating_point", "is_complex", "element_size"}  # the same on every rank
 
 
 def _rule(st: _State, node: fx.Node) -> Layout:
@@ -667,8 +749,10 @@ def _rule(st: _State, node: fx.Node) -> Layout:
         return _rule_output(st, node)
     if node.op == "call_module":
         return _rule_call_module(st, node)
-    if node.op == "call_method" and node.target == "dim":
+    if node.op == "call_method" and node.target in _META_METHODS:
         return None
+    if _is_value(node) and not (node.op in ("call_function", "call_method") and _hashable_in(node.target, _SIZE_RULES)):
+        return _rule_value(st, node)
     for keys, rule in _FUNCTION_RULES:
         try:
             if node.target in keys:
@@ -676,6 +760,13 @@ def _rule(st: _State, node: fx.Node) -> Layout:
         except TypeError:  # unhashable target
             break
     return _default(st, node)
+
+
+def _hashable_in(target: Any, keys: set) -> bool:
+    try:
+        return target in keys
+    except TypeError:  # unhashable target
+        return False
 
 
 @dataclass
@@ -698,7 +789,8 @@ def _propagate(st: _State) -> _Outcome:
                 origins = frozenset([node.name])
             if not any(x in tainted for x in node.all_input_nodes):  # downstream of a conflict: maybe spurious
                 conflicts.append((node, c, origins))
-            tainted.add(node)
+            if origins:  # without sharded inputs, replicated is this node's true layout: nothing downstream is off
+                tainted.add(node)
             st.layout[node] = None
         except _PartsRequest as r:
             parts.setdefault(r.seed, r)
@@ -706,7 +798,7 @@ def _propagate(st: _State) -> _Outcome:
             st.layout[node] = None
         if any(x in tainted for x in node.all_input_nodes):
             tainted.add(node)
-    if not conflicts and not parts:
+    if not any(origins for _, _, origins in conflicts) and not parts:
         conflicts += _tied_conflicts(st)
     return _Outcome(st, conflicts, parts)
 
@@ -783,16 +875,19 @@ def _run(
     for _ in range(4 * len(seeds) + 8):
         st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab)
         outcome = _propagate(st)
-        if not outcome.conflicts and not outcome.parts:
+        if tp == 1 or (not outcome.conflicts and not outcome.parts):  # tp 1: nothing sharded, nothing to undo
             return st, fallbacks
         for seed, req in outcome.parts.items():
             seed_parts[seed] = req.parts
             parts_why.setdefault(seed, req)
+        restart = bool(outcome.parts)
         for node, c, origins in outcome.conflicts:
-            if strict and c.divisibility:
+            if strict and (c.divisibility or not origins):
                 raise ValueError(f"tensor parallel tp={tp} (strict): {node.name}: {c.reason}")
-            if not origins:
-                raise RuntimeError(f"sharding conflict at {node.format_node()} with no seed to blame: {c.reason}")
+            if not origins:  # no sharded input: the node is replicated, as on every rank; nothing to undo
+                fallbacks.setdefault(node.name, f"no sharding analysis: {c.reason}")
+                continue
+            restart = True
             for s in origins:
                 seeds.discard(s)
                 where = "" if s == node.name else f" its shard reaches {node.name}:"
@@ -803,6 +898,8 @@ def _run(
                         raise ValueError(f"tensor parallel tp={tp} (strict): {s}: {first.reason}")
                     reason = f"{first.reason}; as {first.parts} blocks: {reason}"
                 fallbacks.setdefault(s, reason)
+        if not restart:
+            return st, fallbacks
     raise RuntimeError("sharding propagation did not converge")  # unreachable: seeds shrink every round
 
 
@@ -816,14 +913,22 @@ def plan_tensor_parallel(
 ) -> TensorParallelPlan:
     """The tensor-parallel layout plan of annotated `gm` at degree `tp` (see the module docstring).
 
-    strict: raise ValueError when tp does not divide a head or hidden size a shardable node needs (instead of
-    falling back); a vocabulary tp does not divide still falls back (pad it to a multiple of tp to shard it).
+    strict (a tensor_parallel degree the user forced): raise ValueError when tp does not divide a head or hidden
+    size a shardable node needs (instead of falling back), when a rule fails on a node without a seed to blame,
+    and when nothing at all is sharded at tp > 1; a vocabulary tp does not divide still falls back (pad it to a
+    multiple of tp to shard it), and so do other conflicts, with their reasons in `fallbacks`.
     gather_output: all-gather sharded model outputs (LM head logits) rather than keeping their producers
     replicated. min_vocab: embeddings with fewer rows stay replicated unless tied to a sharded LM head.
     """
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     st, fallbacks = _run(gm, tp, strict=strict, gather_output=gather_output, min_vocab=min_vocab)
+    if strict and tp > 1 and not st.rules:  # every rank would compute the whole model: refuse rather than copy it
+        why = "; ".join(f"{node}: {reason}" for node, reason in list(fallbacks.items())[:3])
+        raise ValueError(
+            f"tensor parallel tp={tp} (strict): nothing in this graph can be sharded "
+            f"({why or 'it calls no nn.Linear or nn.Embedding module'})"
+        )
     return _to_plan(st, tp, fallbacks)
 
 
