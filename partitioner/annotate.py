@@ -10,6 +10,14 @@ Writes into `node.meta` (consumers check `"flops" in node.meta` rather than re-d
 - "params"       qualified names of the parameters and buffers the node reads
 - "dtype"        the floating dtype the node computes in (for the FLOP rate)
 - "is_tensor"    whether the output holds any tensor
+- "storages"     the storages the output's tensors live in, by name: a storage is named after what first
+                 held it (a parameter or buffer by its qualified name, otherwise the node that created it), so
+                 a view or an in-place op's result carries the name of the tensor it aliases
+- "reads"        storages of the node's tensor inputs (and, for call_module, of the module's own state)
+- "writes"       storages the node wrote in place: the version counter of an input (or of the module's
+                 state) moved while it ran, which covers in-place ops, `out=`, setitem and writes through
+                 views; plus the running statistics of batch/instance norm in training, which ATen updates
+                 without a version bump (`_HIDDEN_WRITES`). Consumers: partitioner.plan.ordering.
 
 Invariant: no real memory is allocated for weights or activations: real parameters are swapped for
 meta tensors while the graph runs (and restored after), so gpt3-175b annotates in a few hundred MB.
@@ -21,16 +29,18 @@ count of other ops is ~0 and their backward is priced by bytes in the cost model
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.utils import stateless
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["AnnotationError", "annotate", "to_meta"]
+__all__ = ["AnnotationError", "StayOnMeta", "annotate", "meta_device", "to_meta"]
 
 
 class AnnotationError(ValueError):
@@ -65,10 +75,15 @@ class _CostInterpreter(fx.Interpreter):
     """Runs nodes on meta tensors, recording per-node costs into node.meta."""
 
     def __init__(self, gm: fx.GraphModule, param_storages: dict[int, str], training: bool):
+        # Every value stays alive for the whole run, so a storage key is never reused for another storage.
         super().__init__(gm, garbage_collect_values=False)
         self.param_storages = param_storages  # storage key -> qualified name
+        self.storage_names = dict(param_storages)  # storage key -> name of what first held it
         self.training = training
         self.saved_seen: set[int] = set()
+
+    def _storage_name(self, t: torch.Tensor, creator: fx.Node) -> str:
+        return self.storage_names.setdefault(_storage_key(t), creator.name)
 
     def run_node(self, n: fx.Node) -> Any:
         saved = [0]
@@ -83,8 +98,10 @@ class _CostInterpreter(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         self._check_dtypes(n, args, kwargs)
         if n.op == "call_function":  # export graphs bake the capture device (aten.to.device(x, cpu)): stay on meta
-            args, kwargs = pytree.tree_map(_meta_device, (args, kwargs))
+            args, kwargs = pytree.tree_map(meta_device, (args, kwargs))
         inputs = _tensors((args, kwargs))
+        watched = inputs + self._module_state(n)
+        versions = [t._version for t in watched]
         try:
             with FlopCounterMode(display=False) as counter, saved_tensors_hooks(pack, lambda t: t):
                 result = getattr(self, n.op)(n.target, args, kwargs)
@@ -117,7 +134,20 @@ class _CostInterpreter(fx.Interpreter):
         n.meta["requires_grad"] = any(t.requires_grad for t in outputs)
         floating = [t.dtype for t in inputs + outputs if t.is_floating_point()]
         n.meta["dtype"] = str(floating[0]).removeprefix("torch.") if floating else "float32"
+        written = [t for t, v in zip(watched, versions) if t._version != v] + _hidden_writes(
+            n, self.module, args, kwargs
+        )
+        n.meta["storages"] = sorted({self._storage_name(t, n) for t in outputs})
+        n.meta["reads"] = sorted({self._storage_name(t, n) for t in watched})
+        n.meta["writes"] = sorted({self._storage_name(t, n) for t in written})
         return result
+
+    def _module_state(self, n: fx.Node) -> list[torch.Tensor]:
+        """The parameters and buffers a call_module node reads besides its arguments (meta while annotating)."""
+        if n.op != "call_module":
+            return []
+        mod = self.module.get_submodule(n.target)
+        return [*mod.parameters(), *mod.buffers()]
 
     def _check_dtypes(self, n: fx.Node, args: tuple, kwargs: dict) -> None:
         """Matrix products need operands of one dtype. Meta kernels do not check (the real ones do),
@@ -173,8 +203,17 @@ class _CostInterpreter(fx.Interpreter):
         return flops * min(grads, 2)
 
 
-def _meta_device(x: Any) -> Any:
+def meta_device(x: Any) -> Any:
     return torch.device("meta") if isinstance(x, torch.device) else x
+
+
+class StayOnMeta(TorchFunctionMode):
+    """Every device argument of a torch call becomes "meta" while active: export graphs bake the capture device
+    (`aten.to.device(x, cpu)`, `arange(..., device=cpu)`), which would copy a meta tensor's (absent) data."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        args, kwargs = pytree.tree_map(meta_device, (args, kwargs or {}))
+        return func(*args, **kwargs)
 
 
 _MATMUL_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Bilinear)
@@ -196,6 +235,38 @@ def _is_embedding(n: fx.Node, root: torch.nn.Module) -> bool:
     return n.op == "call_function" and n.target in _EMBEDDING_FUNCTIONS
 
 
+_NORM_STATISTICS = ("running_mean", "running_var")
+
+
+def _hidden_writes(n: fx.Node, root: torch.nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Running statistics a batch/instance norm updates in training. ATen's schemas do not mark them as
+    written (`Tensor? running_mean`) and the kernels do not bump their version counters, so the version
+    check in run_node cannot see these writes; the op's own arguments say whether it updates them."""
+    if n.op == "call_module":
+        mod = root.get_submodule(n.target)
+        if isinstance(mod, torch.nn.modules.batchnorm._NormBase) and mod.training and mod.track_running_stats:
+            return [t for t in (mod.running_mean, mod.running_var) if isinstance(t, torch.Tensor)]
+        return []
+    if n.op != "call_function":
+        return []
+    bound = _bind_arguments(n.target, args, kwargs)
+    if bound is None or not (bound.get("training") is True or bound.get("use_input_stats") is True):
+        return []
+    return [t for name in _NORM_STATISTICS if isinstance(t := bound.get(name), torch.Tensor)]
+
+
+def _bind_arguments(target: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """Argument name -> value of a call, from the ATen schema or the Python signature (None if unknown)."""
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        names = [a.name for a in schema.arguments]
+        return {**dict(zip(names, args)), **kwargs}
+    try:
+        return dict(inspect.signature(target).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return None
+
+
 def annotate(gm: fx.GraphModule, inputs: list[Any], *, training: bool = True) -> fx.GraphModule:
     """Annotate `gm` in place for placeholder values `inputs` (real or meta tensors); returns `gm`.
 
@@ -207,7 +278,9 @@ def annotate(gm: fx.GraphModule, inputs: list[Any], *, training: bool = True) ->
         if id(t) not in by_tensor:  # tied tensors stay tied on meta
             by_tensor[id(t)] = to_meta(t.detach()).requires_grad_(t.requires_grad and training)
         meta_state[name] = by_tensor[id(t)]
-    param_storages = {_storage_key(t): name for name, t in meta_state.items()}
+    param_storages: dict[int, str] = {}
+    for name, t in meta_state.items():  # a tied tensor is named by its first name, as plan.graph names it
+        param_storages.setdefault(_storage_key(t), name)
 
     meta_inputs = to_meta(list(inputs))
     grad_mode = torch.enable_grad() if training else torch.no_grad()

@@ -10,6 +10,7 @@ Interface of stage s (the pipeline contract):
   outputs of stage s are the inputs of stage s+1 one for one: a value needed two stages later is
   forwarded through the stage between (pipeline stages only talk to their neighbours);
 - the last stage returns the model's flat outputs.
+In-place writes keep their order: an assignment that breaks one (plan.ordering) raises OrderViolation.
 Each stage module holds only the parameters and submodules its own nodes use (`get_attr` is copied
 into every stage that reads the attribute: a tied weight lives on each stage that uses it).
 Example: a -> b -> c with stages [0, 1, 1] and c = a + b gives stage 0: (x) -> (a), stage 1: (a) -> (c).
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
+
+from partitioner.plan.ordering import mutation_order
 
 __all__ = ["StageModule", "split_stages"]
 
@@ -53,6 +56,11 @@ def split_stages(gm: fx.GraphModule, stage_of: dict[str, int], num_stages: int) 
         last_use[n] = max(stages, default=produced[n])
         if stages and min(stages) < produced[n]:
             raise ValueError(f"node {n.name} on stage {produced[n]} is used by an earlier stage {min(stages)}")
+
+    # In-place writes keep their order (plan.ordering); the planner guarantees it, a hand-edited plan may not.
+    writes = mutation_order(planned)
+    if writes:
+        writes.check([produced[n] for n in planned], [last_use[n] for n in planned])
 
     def live_across(s: int) -> list[fx.Node]:
         """Values crossing boundary s | s+1, in topological order."""

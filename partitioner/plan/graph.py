@@ -33,6 +33,7 @@ import torch.fx as fx
 
 from partitioner.cost import NodeCost
 from partitioner.devices import DeviceSpec
+from partitioner.plan.ordering import MutationOrder, mutation_order
 from partitioner.simulate import SimResult, StageCost, simulate
 
 __all__ = [
@@ -78,6 +79,7 @@ class PlanningGraph:
     spec: DeviceSpec
     training: bool
     alias_of: dict[str, str] = field(default_factory=dict)  # tied name -> canonical name
+    order: MutationOrder | None = None  # constraints of in-place writes (plan.ordering); None: no writes
 
     @property
     def n(self) -> int:
@@ -170,6 +172,7 @@ def build_planning_graph(
         spec=spec,
         training=training,
         alias_of=alias_of,
+        order=mutation_order(nodes) or None,
     )
 
 
@@ -217,7 +220,8 @@ def evaluate(
     """Metrics of every stage for `stage_of[i]` = stage of planned node i.
 
     Raises ValueError for an invalid assignment: a stage out of range or empty, an input not on
-    stage 0, or an edge going backwards (consumer on an earlier stage than its producer).
+    stage 0, an edge going backwards (consumer on an earlier stage than its producer), or an in-place
+    write out of order (plan.ordering.OrderViolation, naming the two nodes).
     """
     stage_of = np.asarray(stage_of, dtype=np.int64)
     if len(stage_of) != pg.n:
@@ -245,6 +249,8 @@ def evaluate(
         ],
         dtype=np.int64,
     )
+    if pg.order is not None:
+        pg.order.check(stage_of, last)
     cross = np.zeros(num_stages + 1)
     np.add.at(cross, stage_of + 1, pg.out_bytes)
     np.add.at(cross, last + 1, -pg.out_bytes)

@@ -11,6 +11,7 @@ sides:
 
     u --bytes(u)--> u_out --inf--> v        for every value u and each consumer v
     v --inf--> u                            reverse of every edge: v on the earlier side forces u too
+    then --inf--> first                     every order edge of an in-place write (plan.ordering)
 
 Splitting u into u -> u_out makes a value consumed by several later nodes cost its bytes once; the
 infinite reverse edges make every finite cut a valid pipeline cut (no edge goes backwards). Nodes
@@ -64,6 +65,16 @@ def boundary_network(pg: PlanningGraph, lo: int, hi: int, microbatches: int = 1)
         for v in pg.succs[u]:
             if lo <= v < hi:
                 G.add_edge(("in", u), v)
+    # In-place writes (plan.ordering): stage(first) <= stage(then), so `then` on the early side pulls `first`
+    # there too; an endpoint outside the window is on the early (before lo) or late (from hi) side already.
+    for e in pg.order.edges if pg.order is not None else ():
+        u, v = e.first, e.then
+        if lo <= u < hi and lo <= v < hi:
+            G.add_edge(v, u)
+        elif lo <= u < hi and v < lo:
+            G.add_edge(_SOURCE, u)
+        elif lo <= v < hi and u >= hi:
+            G.add_edge(v, _SINK)
     return G
 
 

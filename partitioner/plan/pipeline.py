@@ -32,6 +32,8 @@ __all__ = [
     "PipelinePlan",
     "contiguous_partition",
     "devices_needed",
+    "max_stages",
+    "too_many_stages",
     "plan_pipeline",
     "refine_plan",
 ]
@@ -90,6 +92,10 @@ class _Prefix:
             static[i] += pg.param_static[p]
         self.S = np.concatenate([[0.0], np.cumsum(static)])
         self.A = np.concatenate([[0.0], np.cumsum(pg.saved_bytes)]) / microbatches
+        # In-place writes (plan.ordering): boundaries that may not exist, and how far a stage may reach.
+        order = pg.order
+        self.allowed = order.allowed_cuts() if order is not None else np.ones(n + 1, dtype=bool)
+        self.limit = order.segment_limits(last) if order is not None else np.full(n + 1, n, dtype=np.int64)
 
     def cost(self, j: int | np.ndarray, i: int) -> float | np.ndarray:
         """Time of a stage holding nodes [j, i) (one j or an array of them): plan.graph.stage_time."""
@@ -107,10 +113,13 @@ def _min_stage_dp(
     g[0] = 0
     lo_valid = max(num_inputs, 1)  # a cut may not separate the model inputs from stage 0
     for i in range(lo_valid, n + 1):
+        if not pre.allowed[i]:
+            continue
         j_lo = int(np.searchsorted(pre.P, pre.P[i] - T, side="left"))
         js = np.arange(max(j_lo, lo_valid), i)
         if j_lo == 0:
             js = np.concatenate([[0], js])
+        js = js[pre.allowed[js] & (pre.limit[js] >= i)]
         if js.size == 0:
             continue
         gj = g[js]
@@ -143,11 +152,16 @@ def _split_to(pre: _Prefix, cuts: list[int], num_stages: int, num_inputs: int) -
         for s in range(len(cuts) - 1):
             j, i = cuts[s], cuts[s + 1]
             for b in range(max(j + 1, num_inputs), i):
+                if not pre.allowed[b] or pre.limit[b] < i:
+                    continue
                 worst = max(pre.cost(j, b), pre.cost(b, i))
                 if best is None or worst < best[0]:
                     best = (worst, b)
         if best is None:
-            raise ValueError(f"cannot make {num_stages} non-empty stages from {pre.n} nodes")
+            why = " and the order of in-place writes (plan.ordering)" if pre.limit.min() < pre.n else ""
+            raise ValueError(
+                f"cannot make {num_stages} non-empty stages from {pre.n} nodes under their data edges{why}"
+            )
         cuts = sorted(cuts + [best[1]])
     return cuts
 
@@ -158,6 +172,26 @@ def _in_flight_array(in_flight: Sequence[int] | None, num_stages: int, microbatc
     return np.minimum(np.asarray(in_flight, dtype=np.float64), microbatches)
 
 
+def max_stages(pg: PlanningGraph) -> int:
+    """The most non-empty pipeline stages `pg` can be split into (boundaries after the inputs, where in-place
+    writes allow one: plan.ordering)."""
+    n = pg.n
+    allowed = pg.order.allowed_cuts() if pg.order is not None else np.ones(n + 1, dtype=bool)
+    return 1 + int(allowed[max(pg.num_inputs, 1) : n].sum())
+
+
+def too_many_stages(pg: PlanningGraph, num_stages: int) -> str:
+    """Why `pg` cannot make `num_stages` stages (num_stages > max_stages(pg)), naming a pinning write if any."""
+    most = max_stages(pg)
+    pinned = ""
+    if most < pg.n - max(pg.num_inputs, 1) + 1 and pg.order is not None:
+        pinned = f"; in-place writes keep some nodes together: {pg.order.reasons_between(0, pg.n)[0]}"
+    return (
+        f"{num_stages} pipeline stages requested but the graph has only {most} places to put a stage "
+        f"({pg.n} nodes, {pg.num_inputs} of them inputs pinned to stage 0{pinned}): use at most {most} stages"
+    )
+
+
 def devices_needed(pg: PlanningGraph, memory_limit: float, *, microbatches: int = 1, start: int = 1) -> int | None:
     """Fewest stages (>= start) whose contiguous split fits `memory_limit` per device, or None.
 
@@ -165,7 +199,7 @@ def devices_needed(pg: PlanningGraph, memory_limit: float, *, microbatches: int 
     found by doubling and then bisecting.
     """
     pre = _Prefix(pg, microbatches)
-    most = pg.n - max(pg.num_inputs, 1) + 1
+    most = max_stages(pg)
 
     def fits(s: int) -> bool:
         flight = _in_flight_array([min(s - k, microbatches) for k in range(s)], s, microbatches)
@@ -196,14 +230,11 @@ def contiguous_partition(
     """Optimal contiguous cuts [0, b1, ..., n] of the topological order (see module docstring)."""
     if num_stages < 1:
         raise ValueError(f"need at least 1 stage, got {num_stages}")
-    # Cut points are 0 and every position after the inputs; each stage needs one node of its own.
-    most = pg.n - max(pg.num_inputs, 1) + 1
-    if num_stages > most:
-        raise ValueError(
-            f"{num_stages} pipeline stages requested but the graph has only {most} places to put a stage "
-            f"({pg.n} nodes, {pg.num_inputs} of them inputs pinned to stage 0): use at most {most} stages"
-        )
+    # Cut points are 0 and every position after the inputs (where in-place writes allow one); each stage needs
+    # one node of its own.
     pre = _Prefix(pg, microbatches)
+    if num_stages > max_stages(pg):
+        raise ValueError(too_many_stages(pg, num_stages))
     flight = _in_flight_array(in_flight, num_stages, microbatches)
 
     g, parent = _min_stage_dp(pre, np.inf, pg.num_inputs, flight, memory_limit, num_stages)
