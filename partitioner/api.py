@@ -22,11 +22,13 @@ from partitioner.capture import CapturedGraph, capture
 from partitioner.cost import node_costs, profile_node_times
 from partitioner.devices import DeviceSpec, get_device_spec
 from partitioner.passes.split import StageModule, split_stages
+from partitioner.plan.batch import BatchFlow, batch_flow
 from partitioner.plan.graph import PlanningGraph, build_planning_graph
 from partitioner.plan.schema import Plan, StagePlan, graph_fingerprint
 from partitioner.plan.search import Candidate, Degrees, TensorParallelModel, price_candidate, scale_graph, search
 from partitioner.runtime.local import LocalPipeline
 from partitioner.simulate import SCHEDULES, SimResult
+from partitioner.validate import as_call, check_batch_split, memory_bytes, positive_int
 
 __all__ = ["CompiledModel", "compile", "in_flight_microbatches"]
 
@@ -48,11 +50,16 @@ def in_flight_microbatches(schedule: str, num_stages: int, microbatches: int) ->
 
 @dataclass
 class CompiledModel:
-    """A partitioned model. Call it like the original; `plan` says how it was split."""
+    """A partitioned model. Call it like the original; `plan` says how it was split.
+
+    The stages hold the model's own parameters, buffers and submodules (training the compiled model trains the
+    model); replacing a submodule or parameter of the model after compile is refused at the next call, since the
+    stages would keep running the old one. Loading weights in place (`load_state_dict`) is fine.
+    """
 
     model: nn.Module
     options: dict[str, Any]
-    plan: Plan | None = None
+    _plan: Plan | None = None
     captured: CapturedGraph | None = None
     stages: list[StageModule] = field(default_factory=list)
     planning_graph: PlanningGraph | None = None
@@ -62,21 +69,53 @@ class CompiledModel:
     _runner: LocalPipeline | None = None
     _pipeline: Any = None  # this rank's DistributedPipeline under torchrun, built by distributed()
     _input_meta: list[tuple[str, int, torch.dtype]] = field(default_factory=list)
+    _structure: dict[str, int] = field(default_factory=dict)  # module/parameter/buffer name -> id at compile
+
+    @property
+    def plan(self) -> Plan:
+        """The plan; planning happens at compile with example inputs, otherwise at the first call."""
+        if self._plan is None:
+            raise RuntimeError(
+                "not planned yet: planning happens at the first call of the compiled model (or pass example_inputs "
+                "to compile to plan right away)"
+            )
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: Plan) -> None:
+        self._plan = plan
+
+    @property
+    def is_planned(self) -> bool:
+        return self._plan is not None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.plan is None:  # planned lazily on the first call, like torch.compile
+        if self._plan is None:  # planned lazily on the first call, like torch.compile
             _build(self, args, kwargs)
+        self._check_structure()
         self._check_inputs(args, kwargs)
         return self._runner(*args, **kwargs)
 
-    def _check_inputs(self, args: tuple, kwargs: dict) -> None:
-        flat = self.captured.flatten_inputs(args, kwargs)
+    def _check_structure(self) -> None:
+        """The stages run in this process hold the model's own submodules and tensors: refuse if one was replaced."""
+        changed = _changed_structure(self.model, self._structure)
+        if changed:
+            raise RuntimeError(
+                f"{changed} of the model was replaced after compile; the compiled stages still hold the old one: "
+                f"compile again (or load new weights in place with load_state_dict)"
+            )
+
+    def _check_inputs(self, args: tuple, kwargs: dict, *, shapes: bool = True) -> dict[str, torch.Tensor]:
+        """The call's tensor inputs by name, after checking them against the compiled example's (shapes=False:
+        the shapes are checked per microbatch by the runtime)."""
+        flat = self.captured.flatten_inputs(args, kwargs, shapes=shapes)
         for (name, ndim, dtype), value in zip(self._input_meta, flat):
             if value.dim() != ndim or value.dtype != dtype:
                 raise ValueError(
                     f"input {name!r} has {value.dim()} dims of {value.dtype}; the model was compiled for "
                     f"{ndim} dims of {dtype}: pass inputs like the example inputs, or compile again"
                 )
+        return dict(zip(self.captured.input_names, flat))
 
     def verify_tensor_parallel(self, *args: Any, **kwargs: Any) -> Any:
         """Run every tensor-parallel rank of the plan in this process (threads with an in-process
@@ -87,10 +126,13 @@ class CompiledModel:
         """
         from partitioner.runtime.tp_local import check_tensor_parallel
 
-        if self.plan is None or self.tensor_parallel_plan is None:
+        if self._plan is None or self.tensor_parallel_plan is None:
             raise ValueError("this plan has no tensor parallelism (tensor_degree 1): nothing to verify")
         inputs = self.captured.flatten_inputs(args, kwargs)
-        return check_tensor_parallel(self.captured.graph_module, self.tensor_parallel_plan, inputs)
+        # An inference plan places no backward collectives: only its outputs are the model's.
+        return check_tensor_parallel(
+            self.captured.graph_module, self.tensor_parallel_plan, inputs, backward=self.plan.training
+        )
 
     def distributed(self, *, weights: Any = None, mesh: Any = None, **kwargs: Any) -> Any:
         """This rank's share of the model on torch.distributed.pipelining (partitioner.runtime.distributed).
@@ -103,7 +145,7 @@ class CompiledModel:
         """
         from partitioner.runtime.distributed import distribute
 
-        if self.plan is None:
+        if self._plan is None:
             raise ValueError("compile with example_inputs (or call the model once) before distributing it")
         self._pipeline = distribute(self, weights=weights, mesh=mesh, **kwargs)
         return self._pipeline
@@ -115,7 +157,7 @@ class CompiledModel:
         return self._pipeline
 
     def step(
-        self, inputs: tuple, targets: Any, loss_fn: Any, *, kwargs: dict[str, Any] | None = None
+        self, inputs: tuple | torch.Tensor, targets: Any, loss_fn: Any, *, kwargs: dict[str, Any] | None = None
     ) -> torch.Tensor | None:
         """One training step (forward + backward over the plan's microbatches); returns the mean loss.
 
@@ -125,12 +167,34 @@ class CompiledModel:
         rows (``tensor_split`` of dim 0 into data-degree parts); otherwise every stage runs here on the whole
         batch, split into microbatches x data-degree chunks. Same loss either way: the gradient of the mean
         microbatch loss lands in ``.grad``. The optimizer step and ``zero_grad()`` are the caller's.
+        `inputs` may be a bare tensor (one positional argument). Every tensor input and target is split along
+        dim 0: all must have the batch's rows, a positive multiple of microbatches x data degree (checked first).
         """
-        if self.plan is None:
-            _build(self, tuple(inputs), dict(kwargs or {}))
+        inputs = as_call(inputs, "inputs")
+        if self._plan is None:
+            _build(self, inputs, dict(kwargs or {}))
+        if not self.plan.training:
+            raise RuntimeError(
+                "this model was compiled with training=False: its plan has no backward (no gradient all-reduces for "
+                "tensor parallelism, no activation memory for backward); compile with training=True to train it"
+            )
+        named = self._check_inputs(inputs, dict(kwargs or {}), shapes=False)
+        dims = {n: self.plan.batch_dims.get(n, 0) for n in self.captured.input_names}
+        target_dim = self.plan.batch_dims.get("targets", 0)
+        check_batch_split(
+            named, targets, microbatches=self.plan.microbatches, data_degree=self.plan.data_degree,
+            batch_dims=dims, target_dim=target_dim,
+        )  # fmt: skip
         if self._pipeline is None and _torchrun_world(self.plan.devices) > 1:
             self.distributed()
         if self._pipeline is not None:
+            if any(d != 0 for d in [*dims.values(), target_dim]):
+                raise NotImplementedError(
+                    f"under torchrun a step splits every input and target along dim 0; this plan's batch dims are "
+                    f"{self.plan.batch_dims}: move the batch to dim 0 (e.g. a wrapper module that transposes), or "
+                    f"train "
+                    f"in one process"
+                )
             pipe = self._pipeline
             if pipe.dp > 1:  # every rank is given the global batch; its replica trains on its rows
                 replica = pipe.mesh.get_local_rank("dp")
@@ -138,15 +202,15 @@ class CompiledModel:
                 inputs, targets = tuple(rows(a) for a in inputs), rows(targets)
                 kwargs = {k: rows(v) for k, v in (kwargs or {}).items()}
             return pipe.step(inputs, targets, loss_fn, kwargs=kwargs)
-        self._check_inputs(tuple(inputs), dict(kwargs or {}))
+        self._check_structure()
         chunks = self.plan.microbatches * self.plan.data_degree
-        return self._runner.step(tuple(inputs), targets, loss_fn, chunks, kwargs)
+        return self._runner.step(inputs, targets, loss_fn, chunks, kwargs, batch_dims=dims, target_dim=target_dim)
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer trains: this rank's parameters under torchrun, else every stage's (the model's own)."""
         if self._pipeline is not None:
             return self._pipeline.parameters()
-        if self.plan is None:
+        if self._plan is None:
             return list(self.model.parameters())
         seen: dict[int, nn.Parameter] = {}
         for st in self.stages:
@@ -178,13 +242,13 @@ COST_MODELS = ("roofline", "profile")
 def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     model: nn.Module,
     devices: int = 8,
-    example_inputs: tuple | None = None,
+    example_inputs: tuple | torch.Tensor | None = None,
     example_kwargs: dict[str, Any] | None = None,
     *,
     device_type: str | DeviceSpec = "h100",
     microbatches: int | None = None,
     training: bool = True,
-    memory_limit: float | None = None,
+    memory_limit: float | str | None = None,
     schedule: str | None = None,
     pipeline: int | None = None,
     tensor_parallel: int | None = None,
@@ -192,12 +256,14 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     plan: Plan | str | None = None,
     mincut: bool = True,
     cost: str = "roofline",
+    batch_dim: int | dict[str, int | None] = 0,
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
     example_inputs/example_kwargs: a call of the model used for capture and costing (shapes only
-    matter; meta tensors work; dim 0 of the first input is the batch the search splits into
-    microbatches and data-parallel replicas). Omitted: planning happens at the first call.
+    matter; meta tensors work; a bare tensor is one positional argument; dim 0 of the tensor inputs is the
+    batch the search splits into microbatches and data-parallel replicas). Omitted: planning happens at the
+    first call. memory_limit also takes a string with a unit ("80GB", "80GiB").
     device_type: a DeviceSpec or preset name ("h100", "h200", "a100", "cpu") the cost model prices.
     pipeline / tensor_parallel: force those degrees; otherwise the search (partitioner.plan.search)
     picks pipeline x tensor x data degrees by simulated step time under the memory limit.
@@ -211,21 +277,31 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     cost: "roofline" (analytic, from FLOPs and bytes on `device_type`; meta models work) or "profile" (every
     node's forward and backward timed on this machine with the real weights and example inputs, calibrated to
     a whole step: partitioner.cost.profile_node_times; `device_type` then prices only memory and links).
+    batch_dim: the dim of the tensor inputs that holds the samples, which a training step splits into microbatches
+    and data-parallel replicas: an int for every input and the targets, or a dict by input name (None: not per
+    sample, passed whole to every microbatch; the key "targets" for the targets; absent: 0). When training, compile
+    proves that samples stay independent through the graph (partitioner.plan.batch); where they meet (a reduction,
+    a product or an attention over the batch dim) the batch is not split (one microbatch, no data parallelism),
+    or, when `microbatches` > 1 asks for a split, compile raises ValueError naming the node.
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"compile expects an nn.Module, got {type(model).__name__}")
-    for name, value in (
-        ("devices", devices),
-        ("microbatches", microbatches),
-        ("pipeline", pipeline),
-        ("tensor_parallel", tensor_parallel),
-        ("stages_per_device", stages_per_device),
-    ):
-        if value is None and name != "devices":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    devices = positive_int("devices", devices)
+    microbatches, pipeline, tensor_parallel, stages_per_device = (
+        None if value is None else positive_int(name, value)
+        for name, value in (
+            ("microbatches", microbatches),
+            ("pipeline", pipeline),
+            ("tensor_parallel", tensor_parallel),
+            ("stages_per_device", stages_per_device),
+        )
+    )
+    if memory_limit is not None:
+        memory_limit = memory_bytes(memory_limit)
+    example_inputs = as_call(example_inputs)
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise ValueError(f"example_kwargs must be a dict of keyword arguments, got {type(example_kwargs).__name__}")
     for name, value in (("pipeline", pipeline), ("tensor_parallel", tensor_parallel)):
         if value is not None and devices % value:
             raise ValueError(f"{name}={value} does not divide devices={devices}")
@@ -239,6 +315,8 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         raise ValueError(f"schedule 'zbv' runs exactly 2 stages per device; got stages_per_device={stages_per_device}")
     if cost not in COST_MODELS:
         raise ValueError(f"cost={cost!r}: choose one of {COST_MODELS}")
+    if not (isinstance(batch_dim, dict) or (isinstance(batch_dim, int) and not isinstance(batch_dim, bool))):
+        raise ValueError(f"batch_dim must be an int or a dict of input name -> dim (or None), got {batch_dim!r}")
     spec = get_device_spec(device_type)
     if isinstance(plan, str):
         plan = Plan.from_json(plan)
@@ -255,10 +333,11 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         saved_plan=plan,
         mincut=mincut,
         cost=cost,
+        batch_dim=batch_dim,
     )
     compiled = CompiledModel(model=model, options=options)
-    if example_inputs is not None or example_kwargs is not None:
-        _build(compiled, tuple(example_inputs or ()), dict(example_kwargs or {}))
+    if example_inputs or example_kwargs is not None:
+        _build(compiled, example_inputs, dict(example_kwargs or {}))
     return compiled
 
 
@@ -312,8 +391,72 @@ def _torchrun_world(devices: int) -> int:
     return world
 
 
-def _batch_size(inputs: list[torch.Tensor]) -> int | None:
-    return int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else None
+def _batch_dims(option: int | dict[str, int | None], names: list[str], inputs: list[Any]) -> dict[str, int | None]:
+    """compile's batch_dim as input name -> dim (None: not per sample), checked against the example inputs."""
+    if isinstance(option, dict):
+        unknown = sorted(set(option) - set(names) - {"targets"})
+        if unknown:
+            raise ValueError(f"batch_dim names {unknown}, which are not tensor inputs of the model (those are {names})")
+    dims = {n: option.get(n, 0) if isinstance(option, dict) else option for n in names}
+    for (name, d), t in zip(dims.items(), inputs):
+        if d is not None and not -t.dim() <= d < t.dim():
+            raise ValueError(
+                f"batch_dim {d} of input {name!r} is out of range for its {t.dim()} dims: name that input's batch dim "
+                f"in a dict (batch_dim={{{name!r}: ...}}), or None if it is not per sample"
+            )
+    return {n: (d % t.dim() if d is not None else None) for (n, d), t in zip(dims.items(), inputs)}
+
+
+def _smallest_chunk(captured: CapturedGraph, dims: dict[str, int | None]) -> int | None:
+    """The fewest samples a microbatch may hold: 1 for fx graphs, the smallest size an export graph holds for on
+    every batched input's batch dim, None where export fixed that dim (the batch cannot be split)."""
+    if captured.input_shapes is None:
+        return 1
+    smallest = 1
+    for name, d in dims.items():
+        if d is None:
+            continue
+        spec = captured.input_shapes[name][d]
+        if isinstance(spec, int):
+            return None
+        smallest = max(smallest, spec.min)
+    return smallest
+
+
+def _batch_size(inputs: list[torch.Tensor], names: list[str], dims: dict[str, int | None]) -> int | None:
+    """The example's number of samples: the size of the first batched input's batch dim."""
+    name, t = next(((n, t) for n, t in zip(names, inputs) if dims.get(n) is not None), (None, None))
+    if t is None:
+        return None
+    batch = int(t.shape[dims[name]])
+    if batch == 0:
+        raise ValueError(
+            f"example input {name!r} has 0 rows: compile needs a non-empty example batch (its batch dim is what the "
+            f"search splits into microbatches and data-parallel replicas)"
+        )
+    return batch
+
+
+def _batch_dims_record(option: int | dict[str, int | None], dims: dict[str, int | None]) -> dict[str, int | None]:
+    """What the plan records: each input's batch dim, and the targets' under "targets"."""
+    target = option.get("targets", 0) if isinstance(option, dict) else option
+    return {**dims, "targets": target}
+
+
+def _structure_of(model: nn.Module) -> dict[str, int]:
+    """Identity of every submodule, parameter and buffer by name: what the compiled stages hold."""
+    ids = {f"submodule {n or '<root>'!r}": id(m) for n, m in model.named_modules(remove_duplicate=False)}
+    ids.update((f"parameter {n!r}", id(p)) for n, p in model.named_parameters(remove_duplicate=False))
+    ids.update((f"buffer {n!r}", id(b)) for n, b in model.named_buffers(remove_duplicate=False))
+    return ids
+
+
+def _changed_structure(model: nn.Module, structure: dict[str, int]) -> str | None:
+    """The first submodule / parameter / buffer whose object differs from `structure` (None: unchanged)."""
+    now = _structure_of(model)
+    if now == structure:
+        return None
+    return next((k for k in (*structure, *now) if structure.get(k) != now.get(k)), None)
 
 
 def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -333,6 +476,16 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
     pg = build_planning_graph(gm, costs, o["spec"], training=o["training"])
     times["annotate"] = time.perf_counter() - t0
 
+    # Training splits the batch: prove that samples stay independent (plan.batch) before planning a split.
+    t0 = time.perf_counter()
+    dims = _batch_dims(o["batch_dim"], captured.input_names, inputs)
+    flow = batch_flow(gm, inputs, captured.input_names, dims) if o["training"] else BatchFlow(dims)
+    refusal = None if flow.splittable else flow.refusal()
+    min_chunk = _smallest_chunk(captured, dims)
+    if min_chunk is None and not refusal:  # an export graph whose batch dim stayed fixed
+        refusal = "the captured graph is specialized to the example's batch size (see plan.fallbacks)"
+    times["batch"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     fingerprint = graph_fingerprint(gm)
     saved: Plan | None = o["saved_plan"]
@@ -348,6 +501,10 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
                 f"the plan is for {saved.devices} devices, compile was asked for {o['devices']}: "
                 f"pass devices={saved.devices} or plan again"
             )
+        if refusal and saved.microbatches * saved.data_degree > 1:
+            raise ValueError(
+                f"the plan splits the batch into {saved.microbatches * saved.data_degree} chunks, but {refusal}"
+            )
         degrees = Degrees(saved.pipeline_degree, saved.tensor_degree, saved.data_degree)
         scaled = scale_graph(pg, tp_model(degrees.tp) if degrees.tp > 1 else None, degrees.dp)
         best = Candidate(
@@ -358,26 +515,40 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
         evaluated = [best]
     else:
         max_tp = 1
-        room_for_tp = o["devices"] // (o["pipeline"] or 1) > 1 and (o["tensor_parallel"] or 0) != 1
-        if room_for_tp:
+        if o["tensor_parallel"] != 1:  # even where the devices leave no room for tp: the memory hint counts it
             from partitioner.plan.tensor import max_tensor_parallel
 
             max_tp = max_tensor_parallel(gm, limit=o["spec"].devices_per_node)
-        best, evaluated = search(
-            pg,
-            o["devices"],
-            tp_model=tp_model,
-            max_tp=max_tp,
-            batch=_batch_size(inputs),
-            memory_limit=o["memory_limit"],
-            schedules=o["schedules"],
-            in_flight=in_flight_microbatches,
-            pipeline=o["pipeline"],
-            tensor_parallel=o["tensor_parallel"],
-            microbatches=o["microbatches"],
-            stages_per_device=o["stages_per_device"],
-            mincut=o["mincut"],
-        )
+        batch = _batch_size(inputs, captured.input_names, dims)
+        if refusal and (o["microbatches"] or 1) > 1:
+            raise ValueError(f"microbatches={o['microbatches']} asks for a split, but {refusal}")
+        if o["microbatches"] and batch and min_chunk and batch // o["microbatches"] < min_chunk:
+            raise ValueError(
+                f"microbatches={o['microbatches']} cuts the batch of {batch} into chunks of "
+                f"{batch // o['microbatches']}, "
+                f"but the captured graph holds only for batches of {min_chunk} or more: use fewer microbatches"
+            )
+        try:
+            best, evaluated = search(
+                pg,
+                o["devices"],
+                tp_model=tp_model,
+                max_tp=max_tp,
+                batch=1 if refusal else batch,  # not splittable: one chunk, no microbatches, no data parallelism
+                memory_limit=o["memory_limit"],
+                schedules=o["schedules"],
+                in_flight=in_flight_microbatches,
+                pipeline=o["pipeline"],
+                tensor_parallel=o["tensor_parallel"],
+                microbatches=o["microbatches"],
+                stages_per_device=o["stages_per_device"],
+                mincut=o["mincut"],
+                min_chunk=min_chunk or 1,
+            )
+        except ValueError as e:
+            if refusal:
+                raise ValueError(f"{e}; the batch stays whole because {refusal}") from e
+            raise
     times["plan"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -387,12 +558,13 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
 
     layouts = getattr(tp_model, "layouts", {})
     tp_layout = layouts[best.degrees.tp][1] if best.degrees.tp in layouts else None
-    plan = saved or _make_plan(cm.model, captured, gm, best, evaluated, fingerprint, o, tp_layout)
-    cm.plan, cm.captured, cm.stages, cm.planning_graph, cm.compile_times = plan, captured, stages, best.graph, times
+    plan = saved or _make_plan(cm.model, captured, gm, best, evaluated, fingerprint, o, tp_layout, flow)
+    cm._plan, cm.captured, cm.stages, cm.planning_graph, cm.compile_times = plan, captured, stages, best.graph, times
     cm.simulation = best.simulation
     cm.tensor_parallel_plan = tp_layout
     cm._runner = LocalPipeline(captured, stages)
     cm._input_meta = [(n, v.dim(), v.dtype) for n, v in zip(captured.input_names, inputs)]
+    cm._structure = _structure_of(cm.model)
 
 
 def _module_path(node: fx.Node) -> str:
@@ -435,6 +607,7 @@ def _make_plan(
     fingerprint: str,
     o: dict,
     tp_layout: Any,
+    flow: BatchFlow,
 ) -> Plan:
     pg, stage_of, metrics = best.graph, best.stage_of, best.metrics
     num_stages = len(metrics)
@@ -470,6 +643,9 @@ def _make_plan(
     fallbacks = [vars(f) for f in captured.fallbacks]
     if tp_layout is not None:
         fallbacks += [{"what": f["node"], "path": "replicated", "reason": f["reason"]} for f in tp_layout.fallbacks]
+    # Where the batch analysis could not prove samples independent (or refused a split), and why.
+    fallbacks += [{"what": node, "path": "batch not split", "reason": reason} for node, reason in flow.mixing]
+    fallbacks += [{"what": node, "path": "batch", "reason": reason} for node, reason in flow.notes]
     d = best.degrees
     return Plan(
         model=type(model).__name__,
@@ -495,4 +671,5 @@ def _make_plan(
         alternatives=[c.row() for c in evaluated if c is not best][:6],
         tensor=json.loads(tp_layout.to_json()) if tp_layout is not None else {},
         cost_model=o["cost"],
+        batch_dims=_batch_dims_record(o["batch_dim"], flow.batch_dims),
     )

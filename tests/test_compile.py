@@ -113,9 +113,11 @@ def test_lazy_planning_at_first_call():
     model = zoo.get("ncf-tiny")
     inputs = zoo.example_inputs("ncf-tiny")
     cm = partitioner.compile(model, devices=2, pipeline=2)
-    assert cm.plan is None
+    assert not cm.is_planned
+    with pytest.raises(RuntimeError, match="planning happens at the first call"):
+        cm.plan.summary()
     torch.testing.assert_close(cm(*inputs), model(*inputs))
-    assert cm.plan is not None and cm.plan.num_stages == 2
+    assert cm.is_planned and cm.plan.num_stages == 2
 
 
 @pytest.mark.parametrize("devices", [0, -1, 1.5, True])

@@ -71,6 +71,9 @@ class Plan:
     alternatives: list[dict[str, Any]] = field(default_factory=list)  # runners-up of the search
     tensor: dict[str, Any] = field(default_factory=dict)  # the TP layout (plan.tensor) when tensor_degree > 1
     cost_model: str = "roofline"  # "roofline" | "profile": how node times were priced (compile's `cost`)
+    # input name -> the dim a step splits into microbatches (None: passed whole), "targets" -> the targets' dim;
+    # empty: dim 0 everywhere (plans saved before batch_dim existed)
+    batch_dims: dict[str, int | None] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     @property
@@ -115,7 +118,8 @@ class Plan:
         expected = {f.name for f in fields(cls)}
         unknown, missing = (
             set(data) - expected,
-            {f.name for f in fields(cls) if f.name not in data} - {"predicted", "alternatives", "tensor", "cost_model"},
+            {f.name for f in fields(cls) if f.name not in data}
+            - {"predicted", "alternatives", "tensor", "cost_model", "batch_dims"},
         )
         if unknown or missing:
             raise ValueError(

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from partitioner.capture import CapturedGraph
 from partitioner.passes.split import StageModule
@@ -25,7 +26,11 @@ class LocalPipeline:
         self.stages = stages
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        values: tuple = tuple(self.captured.flatten_inputs(args, kwargs))
+        return self.run(self.captured.flatten_inputs(args, kwargs))
+
+    def run(self, flat: list[Any]) -> Any:
+        """The model's output for its flat inputs (the captured graph's placeholders, in order)."""
+        values: tuple = tuple(flat)
         for stage in self.stages:
             if any(p.is_meta for p in stage.module.parameters()):
                 raise RuntimeError(
@@ -47,22 +52,35 @@ class LocalPipeline:
         loss_fn: Callable[[Any, Any], torch.Tensor],
         microbatches: int,
         kwargs: dict[str, Any] | None = None,
+        *,
+        batch_dims: dict[str, int | None] | None = None,
+        target_dim: int = 0,
     ) -> torch.Tensor:
         """One training step with the distributed runtime's numerics, in this process.
 
-        Every tensor of the call and `targets` is split into `microbatches` chunks along dim 0 (torch's
-        ``tensor_split``, as the pipeline schedules do); each chunk's ``loss_fn(output, target) / microbatches``
+        Every tensor input is split into `microbatches` chunks along its batch dim (`batch_dims[name]`, default 0;
+        None: not split, every chunk gets it whole) and every tensor of `targets` along `target_dim`, with torch's
+        ``tensor_split`` as the pipeline schedules do; each chunk's ``loss_fn(output, target) / microbatches``
         is back-propagated, so ``.grad`` receives the gradient of the mean microbatch loss (accumulating, like
         ``loss.backward()``). Returns that mean loss, detached.
         """
-        split = lambda v: torch.tensor_split(v, microbatches) if isinstance(v, torch.Tensor) else [v] * microbatches
-        args = [split(a) for a in inputs]
-        kw = {k: split(v) for k, v in (kwargs or {}).items()}
-        tgt = split(targets)
+        batch_dims = batch_dims or {}
+        flat = self.captured.flatten_inputs(inputs, dict(kwargs or {}), shapes=False)  # shapes: per chunk, below
+
+        def split(v: Any, dim: int | None) -> list[Any]:
+            if isinstance(v, torch.Tensor) and dim is not None:
+                return list(torch.tensor_split(v, microbatches, dim=dim))
+            return [v] * microbatches
+
+        chunks = [split(v, batch_dims.get(name, 0)) for name, v in zip(self.captured.input_names, flat)]
+        leaves, spec = pytree.tree_flatten(targets)
+        target_chunks = [split(t, target_dim) for t in leaves]
+        for i in range(microbatches):  # the graph runs on chunks: an export graph checks their shapes, before any runs
+            self.captured.check_shapes({name: c[i] for name, c in zip(self.captured.input_names, chunks)})
         total = torch.zeros(())
         for i in range(microbatches):
-            out = self(*[a[i] for a in args], **{k: v[i] for k, v in kw.items()})
-            loss = loss_fn(out, tgt[i])
+            out = self.run([c[i] for c in chunks])
+            loss = loss_fn(out, pytree.tree_unflatten([c[i] for c in target_chunks], spec))
             (loss / microbatches).backward()
             total = total + loss.detach().float().cpu()
         return total / microbatches

@@ -1,0 +1,723 @@
+"""plan.batch: does splitting the batch into microbatches (and data-parallel replicas) keep rows independent?
+
+A training step splits every tensor input along its batch dim and runs each chunk through the model alone. That
+equals the model on the whole batch only if row i of every output depends on row i of the inputs alone. This
+pass proves it, or names the node that breaks it, by propagating the batch dim through the captured graph: the
+graph runs once on meta tensors (no weights touched) under a TorchDispatchMode that follows the batch dim of
+every tensor through every ATen op (`_RULES`), so fx graphs (whose modules decompose into ATen ops) and export
+graphs are read by one table.
+
+The state of a tensor is `None` (independent of the batch: weights, constants), `Rows(dim, outer)` (dim `dim`
+is `outer` x batch x inner: sample i owns the slices with batch index i; outer is 1 unless a reshape merged the
+batch behind another dim, as (seq, batch, d) -> (seq * batch, d) does), `UNKNOWN` (depends on the batch in a
+way no rule follows) or `REDUCED` (a reduction over the batch: every sample contributes, e.g. a mean). Per op:
+
+    op family                         batch dim                   result
+    pointwise (Tag.pointwise)         aligned under broadcasting  the aligned dim; two different dims: mixing
+    view / reshape                    inside one dim              that dim (with its outer factor); split: UNKNOWN
+    permute / transpose / unsqueeze   moved                       moved
+    select / slice / split / unbind   on the batch dim            mixing (picks rows by position)
+    sum / mean / amax / var ...       reduced over                REDUCED (mixing once combined with rows)
+    softmax / cumsum / sort / flip    along the batch dim         mixing
+    mm / bmm / addmm / conv           contracted                  mixing, else the row dim
+    layer / group norm                normalized over             mixing
+    batch norm in training            statistics over the batch   kept, with a note (per-microbatch statistics,
+                                                                  as GPipe and DDP compute them)
+    attention (SDPA kernels)          sequence or feature dim     mixing, batch or heads: kept
+    embedding / gather / index        indices' dim / not dim      kept / mixing; indexing the batch: UNKNOWN
+    anything else                     -                           UNKNOWN, with a note
+
+Mixing is a finding (`BatchFlow.mixing`, node and reason): compile then refuses to split the batch. UNKNOWN
+values and REDUCED outputs are notes: not proven, or (a loss that means over the batch) equal to the whole
+batch's only when every microbatch counts the same elements. Example: for nn.MultiheadAttention with its
+default (seq, batch, d) layout called on an input whose dim 0 is taken as the batch, the attention's bmm
+contracts dim 0 of the keys: mixing at that node; `batch_dim=1` says where the batch really is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx as fx
+from torch.nn.utils import stateless
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from partitioner.annotate import meta_device, to_meta
+
+__all__ = ["REDUCED", "UNKNOWN", "BatchFlow", "Rows", "batch_flow"]
+
+aten = torch.ops.aten
+
+
+class Rows(NamedTuple):
+    """Dim `dim` holds the batch: its size is outer x batch x inner, sample i owns batch index i.
+
+    `positions`: the values are the batch positions themselves (an arange over the batch, as HF's mask functions
+    build to index the batch with): fine as an index of the batch dim, a finding when used as values.
+    """
+
+    dim: int
+    outer: int = 1
+    positions: bool = False
+
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+UNKNOWN = _Marker("UNKNOWN")
+REDUCED = _Marker("REDUCED")
+State = Any  # None | Rows | UNKNOWN | REDUCED
+
+
+class _Mixing(Exception):
+    """An op combines values of different samples."""
+
+
+class _Note(Exception):
+    """Splitting stays allowed, with this recorded; `state` is the op's result."""
+
+    def __init__(self, reason: str, state: State):
+        super().__init__(reason)
+        self.state = state
+
+
+@dataclass
+class BatchFlow:
+    """Where the batch goes: mixing findings (the batch may not be split) and notes (recorded, splitting allowed)."""
+
+    batch_dims: dict[str, int | None]  # input name -> its batch dim (None: not batched)
+    mixing: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
+    outputs: list[State] = field(default_factory=list)  # state of every flat output
+
+    @property
+    def splittable(self) -> bool:
+        return not self.mixing
+
+    def refusal(self) -> str:
+        """Why the batch may not be split, naming the first mixing node and the fix."""
+        node, reason = self.mixing[0]
+        more = f" (and {len(self.mixing) - 1} more)" if len(self.mixing) > 1 else ""
+        dims = ", ".join(f"{k}: {v}" for k, v in self.batch_dims.items())
+        return (
+            f"the batch cannot be split into microbatches or data-parallel replicas: node {node!r} {reason}{more}, "
+            f"so samples meet (batch dim of each input: {dims}). If the batch is another dim, compile with "
+            f"batch_dim=...; otherwise train with microbatches=1 and no data parallelism"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rules: rule(func, args, kwargs, out, state) -> the state of every tensor output. `state(t)` reads a tensor's
+# state, `state.batch` is the number of samples.
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _norm(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _arg(func: Any, args: tuple, kwargs: dict, name: str, default: Any = None) -> Any:
+    """An argument of an ATen op by its schema name."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            return kwargs.get(name, default) if a.kwarg_only or i >= len(args) else args[i]
+    return default
+
+
+def _dims(value: Any, ndim: int) -> list[int]:
+    """A `dim` argument as a list of non-negative dims; None or [] mean every dim."""
+    if value is None:
+        return list(range(ndim))
+    dims = [value] if isinstance(value, int) else list(value)
+    return [_norm(d, ndim) for d in dims] or list(range(ndim))
+
+
+def _combine(states: Sequence[State], what: str) -> State:
+    """One state from several operands meeting on the same output positions."""
+    if any(isinstance(s, Rows) and s.positions for s in states):
+        raise _Mixing("uses batch positions (an arange over the batch) as values: a microbatch counts its own")
+    rows = {s for s in states if isinstance(s, Rows)}
+    if len(rows) > 1:
+        raise _Mixing(f"{what} batched differently ({', '.join(f'dim {r.dim}' for r in sorted(rows))})")
+    if rows and REDUCED in states:
+        raise _Mixing("combines a reduction over the batch with per-sample values")
+    if UNKNOWN in states:
+        return UNKNOWN
+    if rows:
+        return rows.pop()
+    return REDUCED if REDUCED in states else None
+
+
+def _pointwise(inputs: Sequence[torch.Tensor], out: torch.Tensor, state: Callable) -> State:
+    """Broadcasting: each batched operand's dim, right-aligned to the output."""
+    states = []
+    for t in inputs:
+        s = state(t)
+        if isinstance(s, Rows):
+            aligned = out.dim() - t.dim() + s.dim
+            s = s._replace(dim=aligned) if t.shape[s.dim] == out.shape[aligned] else UNKNOWN  # a batch of 1 broadcast
+        states.append(s)
+    return _combine(states, "combines operands")
+
+
+def _rule_pointwise(func, args, kwargs, out, state):
+    return _pointwise(_tensors((args, kwargs)), _tensors(out)[0], state)
+
+
+def _rule_same(func, args, kwargs, out, state):
+    """Copies, aliases, per-element randomness and fills: the input's layout."""
+    return state(args[0])
+
+
+def _rule_pad(func, args, kwargs, out, state):
+    """constant_pad_nd(x, pad): pairs of (before, after) from the last dim backwards."""
+    s = state(args[0])
+    if isinstance(s, Rows):
+        pad = list(args[1])
+        k = args[0].dim() - 1 - s.dim  # pairs index of the batch dim
+        if 2 * k + 1 < len(pad) and (pad[2 * k] or pad[2 * k + 1]):
+            raise _Mixing("pads the batch dim (rows that belong to no sample)")
+    return _combine([s], "pads")
+
+
+def _rule_uniform(func, args, kwargs, out, state):
+    """*_like factories: the input's shape, values the same for every sample (so per-sample rows where it has some)."""
+    s = state(args[0])
+    return s._replace(positions=False) if isinstance(s, Rows) else None
+
+
+_FACTORY_NAMES = ("empty", "zeros", "ones", "full", "empty_strided", "rand", "randn", "new_empty", "new_zeros",
+                  "new_ones", "new_full")  # fmt: skip
+_FACTORIES = {getattr(aten, n) for n in _FACTORY_NAMES if hasattr(aten, n)}
+_BROADCASTS = _FACTORIES | {aten.expand, aten.repeat}
+
+
+def _rule_copy(func, args, kwargs, out, state):
+    """copy_(dst, src): src broadcast into dst."""
+    return _pointwise([args[0], args[1]], args[0], state)
+
+
+def _rule_view(func, args, kwargs, out, state):
+    """Reshapes: the batch must stay inside one output dim.
+
+    `before` elements precede the batch in the flat layout (the dims ahead of it, times its outer factor); the
+    output dim k whose span starts at or before that point and ends after the whole batch holds it, with outer
+    factor before / (elements ahead of dim k). (B, T, C) -> (B*T, C) keeps Rows(0); (T, B, C) -> (T*B, C) gives
+    Rows(0, outer=T); (B, C) -> (2, B/2, C) splits the batch over two dims (not followed).
+    """
+    x, s = args[0], state(args[0])
+    if not isinstance(s, Rows):
+        return s
+    before = math.prod(x.shape[: s.dim]) * s.outer
+    acc = 1
+    for k, size in enumerate(_tensors(out)[0].shape):
+        if acc * size > before:  # dim k spans the start of the batch
+            outer, rem = divmod(before, acc)
+            if rem == 0 and size % (outer * state.batch) == 0:
+                return s._replace(dim=k, outer=outer)
+            return UNKNOWN
+        acc *= size
+    return UNKNOWN
+
+
+def _rule_expand(func, args, kwargs, out, state):
+    s = state(args[0])
+    if not isinstance(s, Rows):
+        return s
+    o = _tensors(out)[0]
+    k = o.dim() - args[0].dim() + s.dim
+    return s._replace(dim=k) if o.shape[k] == args[0].shape[s.dim] else UNKNOWN
+
+
+def _moved(s: State, new_dim: int) -> State:
+    return s._replace(dim=new_dim) if isinstance(s, Rows) else s
+
+
+def _rule_permute(func, args, kwargs, out, state):
+    s = state(args[0])
+    if not isinstance(s, Rows):
+        return s
+    return _moved(s, [_norm(d, args[0].dim()) for d in args[1]].index(s.dim))
+
+
+def _rule_transpose(func, args, kwargs, out, state):
+    s = state(args[0])
+    if not isinstance(s, Rows):
+        return s
+    nd = args[0].dim()
+    a, b = (_norm(args[1], nd), _norm(args[2], nd)) if len(args) > 2 else (0, 1)  # t(): 0 <-> 1
+    return _moved(s, b if s.dim == a else a if s.dim == b else s.dim)
+
+
+def _rule_unsqueeze(func, args, kwargs, out, state):
+    s = state(args[0])
+    if not isinstance(s, Rows):
+        return s
+    return _moved(s, s.dim + 1 if _norm(args[1], args[0].dim() + 1) <= s.dim else s.dim)
+
+
+def _rule_squeeze(func, args, kwargs, out, state):
+    s = state(args[0])
+    if not isinstance(s, Rows):
+        return s
+    x = args[0]
+    gone = [d for d in _dims(args[1] if len(args) > 1 else None, x.dim()) if x.shape[d] == 1]
+    if s.dim in gone:
+        return UNKNOWN  # a batch of one squeezed away
+    return _moved(s, s.dim - sum(d < s.dim for d in gone))
+
+
+def _rule_picks(what: str) -> Callable:
+    """select / slice / split / unbind / narrow / index_select: on the batch dim they take rows by position."""
+
+    def rule(func, args, kwargs, out, state):
+        s = state(args[0])
+        if not isinstance(s, Rows):
+            return s
+        x = args[0]
+        d = _norm(_arg(func, args, kwargs, "dim", 0), x.dim())
+        if d == s.dim:
+            if func.overloadpacket is aten.slice:
+                start, end = _arg(func, args, kwargs, "start"), _arg(func, args, kwargs, "end")
+                if (
+                    start in (None, 0)
+                    and (end is None or end >= x.shape[d])
+                    and _arg(func, args, kwargs, "step", 1) == 1
+                ):
+                    return s  # the whole dim
+            raise _Mixing(f"{what} on the batch dim (positions decide which samples it takes)")
+        if func.overloadpacket is aten.index_select and state(args[2]) is not None:
+            raise _Mixing("selects with indices that depend on the batch")
+        removes = func.overloadpacket in (aten.select, aten.unbind)
+        return _moved(s, s.dim - 1 if removes and d < s.dim else s.dim)
+
+    return rule
+
+
+def _rule_reduce(func, args, kwargs, out, state):
+    s = state(args[0])
+    if not isinstance(s, Rows):
+        return s
+    dims = _dims(_arg(func, args, kwargs, "dim"), args[0].dim())
+    if s.dim in dims:
+        return REDUCED
+    return _moved(s, s.dim if _arg(func, args, kwargs, "keepdim", False) else s.dim - sum(d < s.dim for d in dims))
+
+
+def _rule_along(what: str) -> Callable:
+    """Ops working along one `dim` (softmax, cumsum, sort, flip, ...): along the batch they mix samples."""
+
+    def rule(func, args, kwargs, out, state):
+        s = state(args[0])
+        named = "dims" if func.overloadpacket in (aten.flip, aten.roll) else "dim"
+        dims = _arg(func, args, kwargs, named, -1 if named == "dim" else None)  # roll(dims=[]): the flattened tensor
+        if isinstance(s, Rows) and s.dim in _dims(dims, args[0].dim()):
+            raise _Mixing(f"takes {what} along the batch dim")
+        return s
+
+    return rule
+
+
+def _rule_mm(func, args, kwargs, out, state):
+    """mm / addmm / bmm / baddbmm: the left operand's rows, the right one's columns and bmm's batch survive."""
+    with_bias = func.overloadpacket in (aten.addmm, aten.baddbmm)
+    a, b = args[1:3] if with_bias else args[:2]
+    o = _tensors(out)[0]
+    states = []
+    for t, contracted, last in ((a, a.dim() - 1, None), (b, b.dim() - 2, b.dim() - 1)):
+        s = state(t)
+        if isinstance(s, Rows):
+            if s.dim == contracted:
+                raise _Mixing("contracts the batch dim in a matrix product (sums over samples)")
+            s = s._replace(dim=o.dim() - 1 if s.dim == last else s.dim)
+        states.append(s)
+    if with_bias:
+        states.append(_pointwise([args[0]], o, state))
+    return _combine(states, "multiplies operands")
+
+
+def _rule_conv(func, args, kwargs, out, state):
+    if state(args[1]) is not None:
+        raise _Mixing("convolves with a kernel that depends on the batch")
+    s = state(args[0])
+    if isinstance(s, Rows) and s != Rows(0):
+        raise _Mixing("convolves over the batch dim" if s.dim >= 2 else "mixes the channels of samples")
+    return _combine([s, *(state(t) for t in args[2:3] if isinstance(t, torch.Tensor))], "adds a bias")
+
+
+def _rule_layer_norm(func, args, kwargs, out, state):
+    s = state(args[0])
+    if isinstance(s, Rows) and s.dim >= args[0].dim() - len(args[1]):
+        raise _Mixing("normalizes over the batch dim")
+    return s
+
+
+def _rule_group_norm(func, args, kwargs, out, state):
+    s = state(args[0])
+    if isinstance(s, Rows) and s != Rows(0):
+        raise _Mixing("normalizes groups that span the batch dim")
+    return s
+
+
+def _rule_batch_norm(func, args, kwargs, out, state):
+    s = state(args[0])
+    training = func.overloadpacket is not aten._native_batch_norm_legit_no_training and _arg(
+        func, args, kwargs, "training", False
+    )
+    if not isinstance(s, Rows):
+        return s
+    if s.dim == 1:
+        raise _Mixing("normalizes per channel with the batch on the channel dim")
+    if training:
+        raise _Note(
+            "batch norm in training: each microbatch normalizes with its own statistics (as GPipe, PiPPy and DDP "
+            "do), which differs from the whole batch's",
+            s,
+        )
+    return s
+
+
+def _rule_attention(func, args, kwargs, out, state):
+    """SDPA kernels, q/k/v of shape (batch, heads, seq, dim): the batch and head dims are independent."""
+    s = _combine([state(t) for t in args[:3]], "attends with query, key and value")
+    if isinstance(s, Rows) and s.dim >= args[0].dim() - 2:
+        raise _Mixing("attends across the batch dim (it is the sequence or feature dim of the attention)")
+    return s
+
+
+def _rule_embedding(func, args, kwargs, out, state):
+    if state(args[0]) is not None:
+        raise _Mixing("looks rows up in a table that depends on the batch")
+    return state(args[1])
+
+
+def _rule_cat(func, args, kwargs, out, state):
+    tensors = [t for t in args[0] if t.dim() > 0 or func.overloadpacket is aten.stack]
+    d = _norm(_arg(func, args, kwargs, "dim", 0), tensors[0].dim() + (func.overloadpacket is aten.stack))
+    s = _combine([state(t) for t in tensors], "joins tensors")
+    if not isinstance(s, Rows):
+        return s
+    if func.overloadpacket is aten.stack:
+        return _moved(s, s.dim + 1 if d <= s.dim else s.dim)
+    if d == s.dim:
+        raise _Mixing("concatenates along the batch dim (rows of several tensors become one batch)")
+    return s
+
+
+def _rule_gather(func, args, kwargs, out, state):
+    x, d, index = args[0], _norm(args[1], args[0].dim()), args[2]
+    if isinstance(state(x), Rows) and state(x).dim == d:
+        raise _Mixing("gathers along the batch dim")
+    return _combine([state(x), state(index)], "gathers with operand and indices")
+
+
+def _rule_scatter(func, args, kwargs, out, state):
+    s = state(args[0])
+    if isinstance(s, Rows) and s.dim == _norm(args[1], args[0].dim()):
+        raise _Mixing("scatters along the batch dim")
+    return _combine([s, *(state(t) for t in _tensors(args[2:]))], "scatters operand, indices and values")
+
+
+def _rule_index(func, args, kwargs, out, state):
+    """x[i0, i1, ...] (aten.index, advanced indexing) and its writes (index_put).
+
+    The batch dim of x indexed by the batch positions (an arange over the batch, broadcast) stays a batch dim;
+    indexed by anything else it is not followed (which samples it takes depends on the values).
+    """
+    x, indices = args[0], list(args[1])
+    s = state(x)
+    used = [k for k, i in enumerate(indices) if i is not None]
+    index_states = [state(i) for i in indices if i is not None]
+    if func.overloadpacket in (aten.index_put, aten.index_put_):
+        if isinstance(s, Rows) and s.dim in used:
+            return UNKNOWN
+        return _combine([s, *index_states, *(state(t) for t in _tensors(args[2:]))], "writes")
+    if not used:
+        return s
+    index_shape = torch.broadcast_shapes(*(i.shape for i in indices if i is not None))
+    adjacent = used == list(range(used[0], used[-1] + 1))
+    first = used[0] if adjacent else 0  # where the broadcast index dims land in the output
+
+    def out_dim_of_index(i: torch.Tensor, d: int) -> int:
+        return first + len(index_shape) - i.dim() + d
+
+    if isinstance(s, Rows) and s.dim in used:
+        position = state(indices[s.dim])
+        others = [st for k, st in zip(used, index_states) if k != s.dim]
+        if isinstance(position, Rows) and position.positions and all(o is None for o in others):
+            return Rows(out_dim_of_index(indices[s.dim], position.dim), s.outer)
+        return UNKNOWN
+    if isinstance(s, Rows):
+        if any(st is not None for st in index_states):
+            return UNKNOWN
+        if not adjacent:  # the index dims go first, then x's other dims in order
+            return _moved(s, len(index_shape) + s.dim - sum(u < s.dim for u in used))
+        return _moved(s, s.dim if s.dim < used[0] else s.dim - len(used) + len(index_shape))
+    batched = [(i, st) for i, st in zip((i for i in indices if i is not None), index_states) if st is not None]
+    if any(isinstance(st, Rows) and st.positions for _, st in batched):
+        raise _Mixing("indexes a tensor that does not depend on the batch with batch positions")
+    rows = {st for _, st in batched}
+    if len(rows) == 1 and isinstance(r := next(iter(rows)), Rows):
+        index = next(i for i, st in batched if st == r)
+        return _moved(r, out_dim_of_index(index, r.dim))
+    return UNKNOWN if rows else None
+
+
+def _rule_loss(func, args, kwargs, out, state):
+    """nll_loss & co.: a mean or sum over the batch unless reduction is 'none' (0)."""
+    s = _combine([state(t) for t in args[:2] if isinstance(t, torch.Tensor)], "compares input and target")
+    if s is None or _arg(func, args, kwargs, "reduction", 1) == 0:
+        return s
+    return REDUCED
+
+
+def _rule_item(func, args, kwargs, out, state):
+    if state(args[0]) is not None:
+        raise _Mixing("reads a value of the batch into Python (.item())")
+    return None
+
+
+def _rule_no_output(func, args, kwargs, out, state):
+    """Checks and asserts (aten._assert_tensor_metadata): nothing flows on."""
+    return None
+
+
+_RULES: dict[Any, Callable] = {}
+
+
+def _register(rule: Callable, *names: str) -> None:
+    for name in names:
+        if hasattr(aten, name):  # some kernels exist only in some torch versions or builds
+            _RULES[getattr(aten, name)] = rule
+
+
+_register(_rule_view, "view", "_unsafe_view", "reshape", "flatten", "unflatten")
+_register(_rule_pad, "constant_pad_nd")
+_register(_rule_same, "clone", "detach", "alias", "_to_copy", "lift_fresh_copy", "contiguous", "to", "native_dropout",
+          "bernoulli", "bernoulli_", "dropout", "fill_", "zero_", "normal_", "uniform_", "random_")  # fmt: skip
+_register(_rule_uniform, "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like")
+_register(_rule_copy, "copy_", "copy")
+_register(_rule_expand, "expand")
+_register(_rule_permute, "permute")
+_register(_rule_transpose, "transpose", "t")
+_register(_rule_unsqueeze, "unsqueeze")
+_register(_rule_squeeze, "squeeze")
+_register(_rule_picks("selects a row"), "select")
+_register(_rule_picks("slices rows"), "slice")
+_register(_rule_picks("splits or picks rows"), "split", "split_with_sizes", "unbind", "chunk", "narrow",
+          "index_select", "tensor_split")  # fmt: skip
+_register(_rule_reduce, "sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "var_mean",
+          "std_mean", "logsumexp", "prod", "any", "all", "norm", "linalg_vector_norm", "count_nonzero", "nansum",
+          "nanmean")  # fmt: skip
+for _what, _names in (
+    ("a softmax", ("_softmax", "_safe_softmax", "softmax", "_log_softmax", "log_softmax")),
+    ("a cumulative op", ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp")),
+    ("a sort", ("sort", "topk", "kthvalue", "argsort")),
+    ("a flip or roll", ("flip", "roll")),
+):
+    _register(_rule_along(_what), *_names)
+_register(_rule_mm, "mm", "addmm", "bmm", "baddbmm")
+_register(_rule_conv, "convolution")
+_register(_rule_layer_norm, "native_layer_norm")
+_register(_rule_group_norm, "native_group_norm")
+_register(_rule_batch_norm, "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+          "_native_batch_norm_legit_no_training")  # fmt: skip
+_register(_rule_attention, "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+          "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+          "_scaled_dot_product_attention_math", "scaled_dot_product_attention")  # fmt: skip
+_register(_rule_embedding, "embedding")
+_register(_rule_cat, "cat", "stack")
+_register(_rule_gather, "gather")
+_register(_rule_scatter, "scatter", "scatter_add", "scatter_reduce", "scatter_", "scatter_add_")
+_register(_rule_index, "index", "index_put", "index_put_")
+_register(_rule_loss, "nll_loss_forward", "nll_loss2d_forward", "mse_loss", "l1_loss", "smooth_l1_loss",
+          "huber_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits", "soft_margin_loss")  # fmt: skip
+_register(_rule_item, "_local_scalar_dense", "item")
+_register(_rule_no_output, "_assert_tensor_metadata")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the propagation
+
+
+class _StateOf:
+    """tensor -> state, as handed to the rules; `batch` is the number of samples."""
+
+    def __init__(self, states: WeakTensorKeyDictionary, batch: int):
+        self.states, self.batch = states, batch
+
+    def __call__(self, t: Any) -> State:
+        return self.states.get(t) if isinstance(t, torch.Tensor) else None
+
+
+class _Tracker(TorchDispatchMode):
+    """Follows the batch through the ATen ops run under it, recording mixing and notes against `node`."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.states = WeakTensorKeyDictionary()
+        self.state = _StateOf(self.states, batch)
+        self.node = ""
+        self.mixing: list[tuple[str, str]] = []
+        self.notes: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        before = [self.state(t) for t in _tensors((args, kwargs))]
+        if func.overloadpacket is aten.arange and out.dim() == 1 and out.numel() == self.state.batch > 1:
+            # 0, 1, ..., B-1: batch positions (the batch size is drawn distinct from every other dim, see batch_flow)
+            start, step = _arg(func, args, kwargs, "start", 0), _arg(func, args, kwargs, "step", 1)
+            if len(args) == 1 or (start == 0 and step == 1):
+                self.states[out] = Rows(0, positions=True)
+            return out
+        if func.overloadpacket in _BROADCASTS and isinstance(out, torch.Tensor) and all(s is None for s in before):
+            # ones(B, S), x.expand(B, -1) & co. on what depends on no sample: the same values in every sample's rows
+            grown = [d for d, size in enumerate(out.shape) if size == self.state.batch]
+            if func.overloadpacket not in _FACTORIES:
+                src = args[0]
+                grown = [d for d in grown if d < out.dim() - src.dim() or src.shape[d - out.dim() + src.dim()] == 1]
+            if len(grown) == 1 and self.state.batch > 1:
+                self.states[out] = Rows(grown[0])
+            return out
+        if all(s is None for s in before):
+            return out  # nothing batched in: nothing batched out (an in-place op keeps its tensor's state)
+        rule = _RULES.get(func.overloadpacket)
+        if rule is None and torch.Tag.pointwise in func.tags:
+            rule = _rule_pointwise
+        op = f"aten.{func.overloadpacket.__name__}"
+        if rule is None:
+            self.notes.append((self.node, f"has no batch rule for {op}: samples assumed independent"))
+            result = UNKNOWN
+        else:
+            try:
+                result = rule(func, args, kwargs, out, self.state)
+            except _Mixing as e:
+                self.mixing.append((self.node, f"{e} ({op})"))
+                result = UNKNOWN
+            except _Note as e:
+                self.notes.append((self.node, str(e)))
+                result = e.state
+            else:
+                if result is UNKNOWN and UNKNOWN not in before:
+                    self.notes.append((self.node, f"{op} moves the batch where no rule follows it"))
+        for t in _tensors(out):
+            if result is None:
+                self.states.pop(t, None)
+            else:
+                self.states[t] = result
+        return out
+
+
+class _Interpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, tracker: _Tracker):
+        super().__init__(gm)
+        self.tracker = tracker
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.tracker.node = n.name
+        if "capture_leaf" in n.meta or isinstance(n.target, torch._ops.HigherOrderOperator):
+            return self._opaque(n)  # leaves cannot run on meta; torch.cond & co. take no dispatch mode
+        with self.tracker:
+            return super().run_node(n)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        # export graphs bake the capture device (aten.to(x, device=cpu)): stay on meta
+        args, kwargs = pytree.tree_map(meta_device, (args, kwargs))
+        return super().call_function(target, args, kwargs)
+
+    def _opaque(self, n: fx.Node) -> Any:
+        """An opaque leaf or a higher-order op (torch.cond): its output, UNKNOWN if it reads the batch."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        val = to_meta(n.meta.get("val"))  # what annotate derived (torch.cond's predicate cannot run on meta alone)
+        if any(self.tracker.state(t) is not None for t in _tensors((args, kwargs))):
+            what = "an opaque module" if "capture_leaf" in n.meta else f"{n.target}, which no rule looks into"
+            self.tracker.notes.append((n.name, f"is {what}: samples assumed independent"))
+            for t in _tensors(val):
+                self.tracker.states[t] = UNKNOWN
+        return val
+
+
+def batch_flow(
+    gm: fx.GraphModule, inputs: Sequence[Any], names: Sequence[str], batch_dims: dict[str, int | None]
+) -> BatchFlow:
+    """Propagate the inputs' batch dims (`batch_dims[name]`; None or absent: not batched) through `gm` on meta.
+
+    `gm` must be annotated (partitioner.annotate: opaque leaves carry their output there). Weights are swapped for
+    meta copies while it runs; nothing is allocated. The run uses a batch size no other dim of the graph has (where
+    the graph takes it), so that a dim of that size is the batch: an arange of it is the batch positions.
+    """
+    meta_state: dict[str, torch.Tensor] = {}
+    by_tensor: dict[int, torch.Tensor] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        meta_state[name] = by_tensor.setdefault(id(t), to_meta(t.detach()))
+    meta_inputs = to_meta(list(inputs))
+    seeds = {
+        name: _norm(batch_dims[name], t.dim())
+        for name, t in zip(names, meta_inputs)
+        if isinstance(t, torch.Tensor) and batch_dims.get(name) is not None
+    }
+    sizes = {int(t.shape[seeds[n]]) for n, t in zip(names, meta_inputs) if n in seeds}
+    flow = BatchFlow(dict(batch_dims))
+    if len(sizes) > 1:
+        flow.mixing.append(("<inputs>", f"has inputs with different batch sizes {sorted(sizes)} on their batch dims"))
+        return flow
+    if not seeds:
+        return flow
+    distinct = _distinct_size(gm, meta_state.values())
+    with stateless._reparametrize_module(gm, meta_state, tie_weights=True), torch.no_grad():
+        for batch in (distinct, sizes.pop()):
+            resized = [_resized(t, seeds.get(n), batch) for n, t in zip(names, meta_inputs)]
+            tracker = _Tracker(batch)
+            for name, t in zip(names, resized):
+                if name in seeds:
+                    tracker.states[t] = Rows(seeds[name])
+            try:
+                out = _Interpreter(gm, tracker).run(*resized)
+                break
+            except Exception:  # the graph is specialized to the example's batch size: use that one
+                if batch != distinct:
+                    raise
+    flow.mixing, flow.notes = tracker.mixing, tracker.notes
+    flow.outputs = [tracker.state(t) for t in pytree.tree_leaves(out)]
+    for i, s in enumerate(flow.outputs):
+        if s is REDUCED:
+            flow.notes.append((
+                f"output {i}",
+                "is a reduction over the batch (a mean or sum): the step's loss is the mean of the microbatches' "
+                "values, equal to the whole batch's for plain means over equal microbatches",
+            ))  # fmt: skip
+    return flow
+
+
+def _distinct_size(gm: fx.GraphModule, weights: Any) -> int:
+    """The smallest prime >= 5 that no tensor of the annotated graph (or weight) has as a dim."""
+    seen = {d for w in weights for d in w.shape}
+    for n in gm.graph.nodes:
+        seen.update(d for t in _tensors(n.meta.get("val")) for d in t.shape if isinstance(d, int))
+    candidate = 5
+    while candidate in seen or any(candidate % p == 0 for p in range(2, int(candidate**0.5) + 1)):
+        candidate += 1
+    return candidate
+
+
+def _resized(t: Any, dim: int | None, size: int) -> Any:
+    if dim is None or not isinstance(t, torch.Tensor):
+        return t
+    shape = list(t.shape)
+    shape[dim] = size
+    return torch.empty(shape, dtype=t.dtype, device="meta")
