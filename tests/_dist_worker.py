@@ -275,3 +275,33 @@ def train_with_compiled_step(
         cm.pipeline.close()
     if (not dist.is_initialized() or dist.get_rank() == 0) and out:
         torch.save({"losses": losses, "state": state, "distributed": distributed, "rows": rows[0]}, out)
+
+
+def train_hf_with_compiled_step(
+    *, case: str, devices: int, pipeline: int, batch: int = 8, seq: int = 8, steps: int = 2, lr: float = 0.1,
+    seed: int = 0, out: str | None = None,
+) -> None:  # fmt: skip
+    """A HuggingFace model (captured by torch.export, tests/test_hf_training.py's tiny configs) trained with
+    ``cm.step`` at the plan's default microbatches: in one process, or one stage per rank under torchrun."""
+    from tests.test_hf_training import CASES
+
+    spec = next(c for c in CASES if c.name == case)
+    torch.manual_seed(seed)
+    model = spec.build()
+    kwargs, targets = spec.call(batch, seq)
+    cm = partitioner.compile(
+        model, devices=devices, pipeline=pipeline, tensor_parallel=1, example_kwargs=kwargs, device_type="cpu"
+    )
+    opt = torch.optim.SGD(cm.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        losses.append(float(cm.step((), targets, spec.loss, kwargs=kwargs)))
+        opt.step()
+        cm.zero_grad()
+    state = cm.full_state_dict()
+    distributed = cm.pipeline is not None
+    if distributed:
+        cm.pipeline.close()
+    if (not dist.is_initialized() or dist.get_rank() == 0) and out:
+        chunks = cm.plan.microbatches * cm.plan.data_degree
+        torch.save({"losses": losses, "state": state, "distributed": distributed, "chunks": chunks}, out)

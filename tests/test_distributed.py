@@ -440,3 +440,23 @@ def test_watchdog_ends_ranks_blocked_on_a_failed_peer(tmp_path: Path) -> None:
     r0 = results[0]
     assert r0.returncode == PEER_FAILURE_EXIT_CODE and r0.seconds < 60, r0.stderr[-2000:]
     assert "rank 1 failed: ValueError: injected failure at step 1" in r0.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case, pipeline", [("gpt2", 2), ("llama", 2), ("bert", 2), ("t5", 2)])
+def test_huggingface_models_train_under_torchrun_as_in_one_process(case: str, pipeline: int, tmp_path: Path) -> None:
+    """Issue #14: export-captured HF models trained with more than one microbatch (their export keeps the batch
+    dim symbolic); under torchrun (gloo, one stage per rank) they equal the same script in one process."""
+    pytest.importorskip("transformers")
+    from tests._dist_worker import train_hf_with_compiled_step
+
+    kw = dict(case=case, devices=pipeline, pipeline=pipeline, steps=2, seed=SEED)
+    here, there = tmp_path / "here.pt", tmp_path / "there.pt"
+    train_hf_with_compiled_step(**kw, out=str(here))
+    _assert_ok(spawn("tests._dist_worker:train_hf_with_compiled_step", pipeline, dict(kw, out=str(there)), timeout=150))
+    local, ranks = torch.load(here), torch.load(there)
+    assert (local["distributed"], ranks["distributed"]) == (False, True)
+    assert local["chunks"] == ranks["chunks"] > 1
+    assert ranks["losses"] == pytest.approx(local["losses"], abs=1e-5, rel=0)
+    _assert_state_equal(ranks["state"], local["state"])

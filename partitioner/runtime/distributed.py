@@ -39,8 +39,8 @@ Contracts (what ``DistributedPipeline`` guarantees):
   weights), handed to ``PipelineStage`` as static metadata. Each step, stage 0's rank broadcasts the
   microbatch input shapes (one small int64 broadcast); a new shape (another batch size or sequence length)
   gets its own PipelineStages and schedule, cached. The batch must split into equal microbatches.
-  Graphs specialized to their example's shapes (torch.export capture) refuse other shapes in
-  ``flatten_inputs``.
+  Export graphs hold for the shapes torch.export kept symbolic (``CapturedGraph.check_shapes``, run on a
+  microbatch before any stage runs).
   Python ints, ``torch.Size``s and devices crossing a boundary are carried in tensor shapes (``StageAdapter``).
 * Start-up checks. All ranks all-gather (plan fingerprint, plan JSON hash, schedule, stages, microbatches) and
   raise ``PlanMismatchError`` naming the ranks that differ, before any stage communication.
@@ -88,6 +88,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+from partitioner.annotate import StayOnMeta
 from partitioner.capture import CapturedGraph
 from partitioner.passes.split import StageModule
 from partitioner.passes.tensor_parallel import merge_shards, shard_of
@@ -453,7 +454,7 @@ class DistributedPipeline:
         Parameters and buffers of the model that no stage reads are kept on stage 0's rank (so checkpoints
         are complete); keyword arguments are those of the constructor.
         """
-        if cm.plan is None:
+        if not cm.is_planned:
             raise ValueError("compile the model with example_inputs (or call it once) before distributing it")
         return cls(cm.plan, cm.captured, cm.stages, unused=unused_tensors(cm), **kwargs)
 
@@ -530,7 +531,8 @@ class DistributedPipeline:
             p.grad = None
 
     def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
-        """This rank's shard, original names, every alias of a tied tensor included (see module docstring)."""
+        """This rank's shard, original names, every alias of a tied tensor included (see module docstring); like
+        ``nn.Module.state_dict``, without the model's non-persistent buffers."""
         out: dict[str, torch.Tensor] = {}
         aliases = self._aliases()
         for st in self.local_stages:
@@ -539,7 +541,7 @@ class DistributedPipeline:
                     out[alias] = t if keep_vars else t.detach()
         for name, t in self._unused.items():
             out[name] = t if keep_vars else t.detach()
-        return out
+        return {k: v for k, v in out.items() if k not in self.captured.transient}
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's tensors by original names (CPU copies) on the replica's first rank, None elsewhere.
@@ -662,7 +664,16 @@ class DistributedPipeline:
         earlier = {id(p): p.grad for p in params if p.grad is not None}
         guard = self.monitor.watch() if self.monitor is not None else _Nothing()
         with guard:  # bad inputs on stage 0's rank are reported to the peers waiting for its shapes
-            flat = self.captured.flatten_inputs(tuple(inputs or ()), dict(kwargs or {})) if holds_first else ()
+            flat = (
+                self.captured.flatten_inputs(tuple(inputs or ()), dict(kwargs or {}), shapes=False)
+                if holds_first
+                else ()
+            )
+            if flat:  # the graph runs on microbatches (equal ones): an export graph checks their shapes
+                first = {
+                    n: torch.tensor_split(a, self.microbatches)[0] for n, a in zip(self.captured.input_names, flat)
+                }
+                self.captured.check_shapes(first)
             args = tuple(a.to(self.device) for a in flat)
             shapes = self._agree_on_shapes(args, holds_first)
             if shapes is not None and shapes != self._shape:
@@ -745,7 +756,7 @@ def _static_metas(
         for shape, v in zip(shapes, vals)
     )
     out = []
-    with torch.enable_grad():
+    with torch.enable_grad(), StayOnMeta():
         for st in stages:
             adapter = StageAdapter(st.module, _scalar_inputs(st.module), device="meta")
             stand_ins = {
