@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -209,7 +209,7 @@ PIECES: dict[str, Callable[[torch.Tensor, nn.Linear], torch.Tensor]] = {
     "reshape-merge": lambda h, lin: h.reshape(h.shape[0] * h.shape[1], 1, h.shape[2]).reshape(h.shape),
     "mean0": lambda h, lin: h - h.mean(0, keepdim=True),
     "mean1": lambda h, lin: h - h.mean(1, keepdim=True),
-    "bmm": lambda h, lin: h @ h.transpose(1, 2) @ h,
+    "bmm": lambda h, lin: torch.tanh(h @ h.transpose(1, 2)) @ h / h.shape[1],  # bounded: no overflow when stacked
     "cumsum0": lambda h, lin: h.cumsum(0),
     "cumsum1": lambda h, lin: h.cumsum(1),
     "roll0": lambda h, lin: h.roll(1, 0),
@@ -231,7 +231,7 @@ class Program(nn.Module):
         return h
 
 
-@settings(max_examples=60)
+@settings(max_examples=max(60, settings().max_examples // 4))  # ci: 60, dev: 500
 @given(st.lists(st.sampled_from(sorted(PIECES)), min_size=1, max_size=5))
 def test_splittable_verdicts_are_sound(pieces: list[str]) -> None:
     """Whenever the analysis proves the batch splittable, running two halves equals running the whole batch."""
@@ -241,8 +241,12 @@ def test_splittable_verdicts_are_sound(pieces: list[str]) -> None:
     flow = _flow(model, x)
     (out_state,) = flow.outputs
     if not flow.splittable or flow.notes or out_state in (UNKNOWN, REDUCED) or out_state.outer != 1:
+        event("mixing found" if not flow.splittable else "not proven either way")
         return
+    event("proven splittable: checked on two halves")
     with torch.no_grad():
         whole = model(x)
+        if not torch.isfinite(whole).all():
+            return
         halves = torch.cat([model(x[:2]), model(x[2:])], dim=out_state.dim)
     torch.testing.assert_close(halves, whole)

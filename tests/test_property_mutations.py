@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -209,7 +209,8 @@ def _run_assignment(
         return sharing, run_on_devices(shared, x.clone())[0]
 
 
-def check_program(program: Program) -> None:
+def check_program(program: Program) -> list[str]:
+    """Run every check of the module docstring; returns what happened, for hypothesis' statistics."""
     torch.manual_seed(0)
     model = ProgramModule(program)
     initial = {k: v.clone() for k, v in model.named_buffers()}
@@ -224,7 +225,8 @@ def check_program(program: Program) -> None:
         )  # fmt: skip
     except ValueError as e:  # a clear refusal: too few places to cut a small graph into this many stages
         assert any(m in str(e) for m in ("places to put a stage", "no parallel layout", "use fewer devices")), e
-        return
+        return ["refused: too many devices for the graph"]
+    happened = [f"captured by {cm.plan.capture}, {cm.plan.num_stages} stages"]
 
     # The planner's plan, sharing memory: outputs, gradients, buffers.
     x1 = x.clone().requires_grad_(program.training)
@@ -249,6 +251,7 @@ def check_program(program: Program) -> None:
     # Soundness: any assignment plan validation accepts runs equal to the original, both ways.
     pg, num_stages = cm.planning_graph, cm.plan.num_stages
     rng = random.Random(repr(program))
+    ran = refused = 0
     for _ in range(6):
         stage_of = [0] * pg.n
         for i in range(pg.num_inputs, pg.n):
@@ -259,17 +262,22 @@ def check_program(program: Program) -> None:
         try:
             evaluate(pg, stage_of, num_stages)
         except OrderViolation:
+            refused += 1
             continue
+        ran += 1
         shared, separate = _run_assignment(cm, stage_of, x, initial)
         where = f"stages {stage_of}"
         torch.testing.assert_close(shared, ref, msg=lambda m, where=where: f"sharing memory, {where}: {m}")
         torch.testing.assert_close(separate, ref, msg=lambda m, where=where: f"separate devices, {where}: {m}")
+    happened.append(f"random assignments: {'some' if ran else 'none'} run, {'some' if refused else 'none'} refused")
+    return happened
 
 
 @settings(max_examples=EXAMPLES)
 @given(programs())
 def test_random_mutating_programs_run_exactly(program: Program) -> None:
-    check_program(program)
+    for what in check_program(program):
+        event(what)
 
 
 @pytest.mark.parametrize(
