@@ -444,7 +444,11 @@ def test_watchdog_ends_ranks_blocked_on_a_failed_peer(tmp_path: Path) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("case, pipeline", [("gpt2", 2), ("llama", 2), ("bert", 2), ("t5", 2)])
+@pytest.mark.parametrize(
+    "case, pipeline",
+    [("gpt2", 2), ("llama", 2), ("bert", 2), ("t5", 2)]
+    + [pytest.param(c, 4, marks=pytest.mark.slow) for c in ("gpt2", "llama", "bert", "t5")],
+)
 def test_huggingface_models_train_under_torchrun_as_in_one_process(case: str, pipeline: int, tmp_path: Path) -> None:
     """Issue #14: export-captured HF models trained with more than one microbatch (their export keeps the batch
     dim symbolic); under torchrun (gloo, one stage per rank) they equal the same script in one process."""
