@@ -17,7 +17,7 @@ Writes into `node.meta` (consumers check `"flops" in node.meta` rather than re-d
 - "writes"       storages the node wrote in place: the version counter of an input (or of the module's
                  state) moved while it ran, which covers in-place ops, `out=`, setitem and writes through
                  views; plus the running statistics of batch/instance norm in training, which ATen updates
-                 without a version bump (`_HIDDEN_WRITES`). Consumers: partitioner.plan.ordering.
+                 without a version bump (`_hidden_writes`). Consumers: partitioner.plan.ordering.
 
 Invariant: no real memory is allocated for weights or activations: real parameters are swapped for
 meta tensors while the graph runs (and restored after), so gpt3-175b annotates in a few hundred MB.

@@ -403,7 +403,9 @@ def _op_name(st: _State, node: fx.Node) -> str:
     return str(getattr(what, "__name__", what))
 
 
-def _default(st: _State, node: fx.Node) -> Layout:
+def _replicated_inputs_only(st: _State, node: fx.Node, sharded: str) -> Layout:
+    """Replicated if no input is sharded; a whole torch.Size of a sharded tensor, or a sharded input (`sharded`
+    says why that is a conflict here), is a conflict naming the input."""
     for x in node.all_input_nodes:
         lay = st.eff(x)
         if isinstance(lay, _SizeOf):
@@ -412,8 +414,12 @@ def _default(st: _State, node: fx.Node) -> Layout:
                 f"sizes, x.shape[i] or x.size(i), are made global)"
             )
         if lay is not None:
-            raise _Conflict(f"no sharding rule for {_op_name(st, node)} on a sharded input")
+            raise _Conflict(sharded.format(op=_op_name(st, node), input=x.name))
     return None
+
+
+def _default(st: _State, node: fx.Node) -> Layout:
+    return _replicated_inputs_only(st, node, "no sharding rule for {op} on a sharded input")
 
 
 def _rule_reshape(st: _State, node: fx.Node) -> Layout:
@@ -608,16 +614,7 @@ def _rule_value(st: _State, node: fx.Node) -> Layout:
     model's value on every rank. Reading a sharded tensor's data, or a whole torch.Size spanning the sharded dim,
     would give each rank a different value: a conflict.
     """
-    for x in node.all_input_nodes:
-        lay = st.eff(x)
-        if isinstance(lay, _SizeOf):
-            raise _Conflict(
-                f"{_op_name(st, node)} on {x.name}, the torch.Size of a sharded tensor (only single sizes, "
-                f"x.shape[i] or x.size(i), are made global)"
-            )
-        if lay is not None:
-            raise _Conflict(f"{_op_name(st, node)} computes a Python value from the sharded tensor {x.name}")
-    return None
+    return _replicated_inputs_only(st, node, "{op} computes a Python value from the sharded tensor {input}")
 
 
 def _is_value(node: fx.Node) -> bool:
