@@ -341,31 +341,65 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     return compiled
 
 
-def _tp_model_factory(gm: fx.GraphModule, spec: DeviceSpec, training: bool, strict: bool):
-    """tp -> TensorParallelModel for the search (layout plans are built lazily, once per degree)."""
-    from partitioner.plan.tensor import plan_tensor_parallel, tp_cost
+@dataclass
+class _TensorParallelLayouts:
+    """tp -> TensorParallelModel for the search: each degree's layout planned once (plan.tensor), or the saved
+    plan's layout (`adopt`), which is then the one priced and run; `layouts` holds every one built."""
 
-    cache: dict[int, tuple[TensorParallelModel, Any]] = {}
+    gm: fx.GraphModule
+    spec: DeviceSpec
+    training: bool
+    strict: bool
+    layouts: dict[int, Any] = field(default_factory=dict)  # tp -> plan.tensor.TensorParallelPlan
+    models: dict[int, TensorParallelModel] = field(default_factory=dict)
 
-    def build(tp: int) -> TensorParallelModel:
-        if tp not in cache:
-            layout = plan_tensor_parallel(gm, tp, strict=strict)
-            cost = tp_cost(layout, gm, spec, training=training)
-            cache[tp] = (
-                TensorParallelModel(
-                    tp=tp,
-                    node_scale=cost.node_scale,
-                    comm_by_node=cost.comm_by_node,
-                    sharded_params={p for p, sh in layout.param_shard.items() if sh.get("dim") is not None},
-                    sharded_values={n for n, lay in layout.node_layout.items() if lay.startswith("shard")},
-                    fallbacks=list(layout.fallbacks),
-                ),
-                layout,
-            )
-        return cache[tp][0]
+    def __call__(self, tp: int) -> TensorParallelModel:
+        if tp not in self.models:
+            from partitioner.plan.tensor import plan_tensor_parallel
 
-    build.layouts = cache  # type: ignore[attr-defined]
-    return build
+            self._priced(plan_tensor_parallel(self.gm, tp, strict=self.strict))
+        return self.models[tp]
+
+    def adopt(self, layout: Any) -> TensorParallelModel:
+        """A saved plan's layout, type-checked against this graph (ValueError naming the node), never replanned."""
+        from partitioner.plan.tensor import check_tensor_parallel_plan
+
+        check_tensor_parallel_plan(self.gm, layout)
+        return self._priced(layout)
+
+    def _priced(self, layout: Any) -> TensorParallelModel:
+        from partitioner.plan.tensor import tp_cost
+
+        cost = tp_cost(layout, self.gm, self.spec, training=self.training)
+        self.layouts[layout.tp] = layout
+        self.models[layout.tp] = TensorParallelModel(
+            tp=layout.tp,
+            node_scale=cost.node_scale,
+            comm_by_node=cost.comm_by_node,
+            sharded_params={p for p, sh in layout.param_shard.items() if sh.get("dim") is not None},
+            sharded_values={n for n, lay in layout.node_layout.items() if lay.startswith("shard")},
+            fallbacks=list(layout.fallbacks),
+        )
+        return self.models[layout.tp]
+
+
+def _saved_layout(saved: Plan) -> Any:
+    """The TP layout a saved plan records (None at tp 1); a plan at tp > 1 without one is refused."""
+    from partitioner.plan.tensor import TensorParallelPlan
+
+    if saved.tensor_degree == 1:
+        return None
+    if not saved.tensor:
+        raise ValueError(f"the plan has tensor degree {saved.tensor_degree} but records no layout: plan again")
+    try:
+        layout = TensorParallelPlan(**saved.tensor)
+    except TypeError as e:
+        raise ValueError(f"corrupt partitioner plan: its tensor-parallel layout: {e}") from None
+    if layout.tp != saved.tensor_degree:
+        raise ValueError(
+            f"corrupt partitioner plan: layout for tp={layout.tp} in a plan of tensor degree {saved.tensor_degree}"
+        )
+    return layout
 
 
 def _profile(model: nn.Module, gm: fx.GraphModule, inputs: list[Any], training: bool) -> dict[str, tuple[float, float]]:
@@ -489,7 +523,7 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     fingerprint = graph_fingerprint(gm)
     saved: Plan | None = o["saved_plan"]
-    tp_model = _tp_model_factory(gm, o["spec"], o["training"], strict=o["tensor_parallel"] is not None)
+    tp_model = _TensorParallelLayouts(gm, o["spec"], o["training"], strict=o["tensor_parallel"] is not None)
     if saved is not None:
         if saved.fingerprint != fingerprint:
             raise ValueError(
@@ -506,7 +540,8 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
                 f"the plan splits the batch into {saved.microbatches * saved.data_degree} chunks, but {refusal}"
             )
         degrees = Degrees(saved.pipeline_degree, saved.tensor_degree, saved.data_degree)
-        scaled = scale_graph(pg, tp_model(degrees.tp) if degrees.tp > 1 else None, degrees.dp)
+        saved_layout = _saved_layout(saved)
+        scaled = scale_graph(pg, tp_model.adopt(saved_layout) if saved_layout is not None else None, degrees.dp)
         best = Candidate(
             degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree, graph=scaled
         )
@@ -556,8 +591,7 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
     stages = split_stages(gm, dict(zip(pg.names, best.stage_of)), num_stages)
     times["split"] = time.perf_counter() - t0
 
-    layouts = getattr(tp_model, "layouts", {})
-    tp_layout = layouts[best.degrees.tp][1] if best.degrees.tp in layouts else None
+    tp_layout = tp_model.layouts.get(best.degrees.tp) if best.degrees.tp > 1 else None
     plan = saved or _make_plan(cm.model, captured, gm, best, evaluated, fingerprint, o, tp_layout, flow)
     cm._plan, cm.captured, cm.stages, cm.planning_graph, cm.compile_times = plan, captured, stages, best.graph, times
     cm.simulation = best.simulation

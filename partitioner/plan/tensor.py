@@ -83,6 +83,7 @@ from partitioner.devices import DeviceSpec
 __all__ = [
     "TPCost",
     "TensorParallelPlan",
+    "check_tensor_parallel_plan",
     "max_tensor_parallel",
     "plan_tensor_parallel",
     "shard_slices",
@@ -859,11 +860,19 @@ def _initial_seeds(gm: fx.GraphModule, min_vocab: int) -> tuple[set[str], dict[s
 
 
 def _run(
-    gm: fx.GraphModule, tp: int | None, *, strict: bool, gather_output: bool, min_vocab: int
+    gm: fx.GraphModule,
+    tp: int | None,
+    *,
+    strict: bool,
+    gather_output: bool,
+    min_vocab: int,
+    exclude: frozenset[str] = frozenset(),
 ) -> tuple[_State, dict[str, str]]:
-    if not all("val" in n.meta for n in gm.graph.nodes if n.op not in ("output",)):
-        raise ValueError("plan_tensor_parallel needs node.meta['val']: run partitioner.annotate.annotate first")
+    _require_annotation(gm)
     seeds, fallbacks = _initial_seeds(gm, min_vocab)
+    for name in sorted(seeds & exclude):
+        seeds.discard(name)
+        fallbacks[name] = "kept replicated on request (exclude)"
     if tp == 1:  # nothing to shard: the plan is all replicated, with no collectives
         seeds, fallbacks = set(), {}
     seed_parts: dict[str, int] = {}
@@ -900,6 +909,11 @@ def _run(
     raise RuntimeError("sharding propagation did not converge")  # unreachable: seeds shrink every round
 
 
+def _require_annotation(gm: fx.GraphModule) -> None:
+    if not all("val" in n.meta for n in gm.graph.nodes if n.op not in ("output",)):
+        raise ValueError("tensor-parallel planning needs node.meta['val']: run partitioner.annotate.annotate first")
+
+
 def plan_tensor_parallel(
     gm: fx.GraphModule,
     tp: int,
@@ -907,6 +921,7 @@ def plan_tensor_parallel(
     strict: bool = False,
     gather_output: bool = True,
     min_vocab: int = 1024,
+    exclude: frozenset[str] | set[str] = frozenset(),
 ) -> TensorParallelPlan:
     """The tensor-parallel layout plan of annotated `gm` at degree `tp` (see the module docstring).
 
@@ -916,10 +931,14 @@ def plan_tensor_parallel(
     multiple of tp to shard it), and so do other conflicts, with their reasons in `fallbacks`.
     gather_output: all-gather sharded model outputs (LM head logits) rather than keeping their producers
     replicated. min_vocab: embeddings with fewer rows stay replicated unless tied to a sharded LM head.
+    exclude: Linear / Embedding nodes to keep replicated (their partners follow: a row-parallel Linear needs a
+    sharded input).
     """
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
-    st, fallbacks = _run(gm, tp, strict=strict, gather_output=gather_output, min_vocab=min_vocab)
+    st, fallbacks = _run(
+        gm, tp, strict=strict, gather_output=gather_output, min_vocab=min_vocab, exclude=frozenset(exclude)
+    )
     if strict and tp > 1 and not st.rules:  # every rank would compute the whole model: refuse rather than copy it
         why = "; ".join(f"{node}: {reason}" for node, reason in list(fallbacks.items())[:3])
         raise ValueError(
@@ -927,6 +946,78 @@ def plan_tensor_parallel(
             f"({why or 'it calls no nn.Linear or nn.Embedding module'})"
         )
     return _to_plan(st, tp, fallbacks)
+
+
+def check_tensor_parallel_plan(gm: fx.GraphModule, plan: TensorParallelPlan) -> None:
+    """Type-check a layout (a saved plan's, maybe edited by hand) against the annotated graph it will run on.
+
+    The layout's decisions are its column-parallel and vocab-parallel seeds (with their block counts) and
+    gather_output; everything else follows from them by the rules of this module. The check propagates those
+    decisions once, never choosing others, and requires the result to be exactly what the layout records: every
+    node's layout, every parameter's shard, the module rules, the argument rewrites, the global sizes and the
+    collectives. Raises ValueError naming the first node (or parameter) that cannot take its recorded layout or
+    records something else. Example: a plan whose MLP `fc` is edited from column-parallel to replicated must
+    also record `proj` as replicated (no sharded input reaches it), without the all-reduce after it.
+    """
+    _require_annotation(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    where = f"the tensor-parallel layout (tp={plan.tp}) does not fit this graph"
+    missing = [n for n in nodes if n not in plan.node_layout]
+    unknown = [n for n in plan.node_layout if n not in nodes]
+    if missing or unknown:
+        raise ValueError(
+            f"{where}: nodes {(missing or unknown)[:3]} are {'missing' if missing else 'not in the graph'}"
+        )
+    seeds = {n for n, rule in plan.module_rules.items() if rule in ("column", "vocab_embedding") and n in nodes}
+    seed_parts = {}
+    for n in seeds:
+        spec = plan.param_shard.get(f"{nodes[n].target}.weight", {})
+        seed_parts[n] = int(spec.get("parts") or 1)
+    vocab = {m.num_embeddings for m in gm.modules() if isinstance(m, nn.Embedding)}
+    st = _State(gm, plan.tp, seeds, seed_parts, plan.gather_output, vocab)
+    outcome = _propagate(st)
+    for node, conflict, origins in outcome.conflicts:
+        if origins:  # a recorded sharding reaches a node that cannot take it
+            raise ValueError(f"{where}: node {node.name!r}: {conflict.reason}")
+    if outcome.parts:
+        seed, request = next(iter(outcome.parts.items()))
+        raise ValueError(f"{where}: node {seed!r} must be sharded as {request.parts} blocks ({request.reason})")
+    derived = _to_plan(st, plan.tp, {})
+    for name in nodes:  # graph order: the first difference is the one to fix
+        if derived.node_layout[name] != plan.node_layout[name]:
+            raise ValueError(
+                f"{where}: node {name!r} is recorded {plan.node_layout[name]!r}, but its inputs' recorded layouts "
+                f"make it {derived.node_layout[name]!r}"
+            )
+    for name, spec in derived.param_shard.items():
+        if plan.param_shard.get(name) != spec:
+            raise ValueError(
+                f"{where}: parameter {name!r} is recorded {plan.param_shard.get(name)}, its node makes it {spec}"
+            )
+    for what in ("module_rules", "arg_rewrites", "global_sizes", "collectives"):
+        got, want = getattr(plan, what), getattr(derived, what)
+        if _canonical(got) != _canonical(want):
+            node = _first_difference(got, want)
+            raise ValueError(f"{where}: its {what} differ from what its layouts imply, at node {node!r}")
+
+
+def _canonical(value: Any) -> str:
+    items = sorted(json.dumps(v, sort_keys=True) for v in value) if isinstance(value, list) else None
+    return json.dumps(items if items is not None else value, sort_keys=True)
+
+
+def _first_difference(got: Any, want: Any) -> str:
+    """A node named by the first entry on one side only (dicts by key, lists of records by their anchor)."""
+    if isinstance(got, dict):
+        keys = sorted(set(got) | set(want))
+        return next((k for k in keys if got.get(k) != want.get(k)), "?")
+    a = {json.dumps(v, sort_keys=True) for v in got}
+    b = {json.dumps(v, sort_keys=True) for v in want}
+    odd = sorted(a ^ b)
+    if not odd:
+        return "?"
+    record = json.loads(odd[0])
+    return record.get("after", "?") if isinstance(record, dict) else str(record)
 
 
 def max_tensor_parallel(gm: fx.GraphModule, limit: int = 8, *, min_vocab: int = 1024) -> int:

@@ -1,0 +1,91 @@
+"""The Plan is the contract (issue #18): a saved plan's tensor-parallel layout is what runs, type-checked against
+the captured graph and never planned again; a layout that does not type-check is refused, naming the node."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import partitioner
+import zoo
+from partitioner.plan.tensor import check_tensor_parallel_plan, plan_tensor_parallel
+from partitioner.runtime.tp_local import run_tensor_parallel_local
+
+MODEL = "gpt3-tiny"
+
+
+def _compiled() -> tuple[partitioner.CompiledModel, tuple]:
+    torch.manual_seed(0)
+    x = zoo.example_inputs(MODEL, batch=4)
+    cm = partitioner.compile(
+        zoo.get(MODEL), devices=2, tensor_parallel=2, pipeline=1, example_inputs=x, device_type="cpu"
+    )
+    return cm, x
+
+
+def _with_layout(cm: partitioner.CompiledModel, tensor: dict) -> str:
+    d = json.loads(cm.plan.to_json())
+    d["tensor"] = tensor
+    return json.dumps(d)
+
+
+def test_an_edited_saved_layout_is_what_runs() -> None:
+    """Keep the first MLP replicated in a saved plan: compile(plan=...) adopts exactly that layout, the ranks
+    it builds hold that MLP whole, and they still compute the model."""
+    cm, x = _compiled()
+    gm = cm.captured.graph_module
+    edited = plan_tensor_parallel(gm, 2, exclude={"h_0_mlp_fc"})
+    assert edited != cm.tensor_parallel_plan and "h_0_mlp_proj" not in edited.module_rules
+    again = partitioner.compile(
+        copy.deepcopy(cm.model), devices=2, example_inputs=x, device_type="cpu",
+        plan=_with_layout(cm, json.loads(edited.to_json())),
+    )  # fmt: skip
+    assert again.tensor_parallel_plan == edited
+    _, ranks = run_tensor_parallel_local(again.captured.graph_module, again.tensor_parallel_plan, list(x))
+    full = cm.model.get_parameter("h.0.mlp.fc.weight").shape
+    assert all(r.get_parameter("h.0.mlp.fc.weight").shape == full for r in ranks)
+    assert all(r.get_parameter("h.1.mlp.fc.weight").shape[0] == full[0] // 2 for r in ranks)  # still sharded
+    again.verify_tensor_parallel(*x)
+
+
+def test_a_saved_layout_is_not_planned_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    cm, x = _compiled()
+
+    def no_planning(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("compile(plan=...) planned the tensor-parallel layout again")
+
+    monkeypatch.setattr("partitioner.plan.tensor.plan_tensor_parallel", no_planning)
+    again = partitioner.compile(copy.deepcopy(cm.model), devices=2, example_inputs=x, device_type="cpu",
+                                plan=cm.plan.to_json())  # fmt: skip
+    assert again.tensor_parallel_plan == cm.tensor_parallel_plan
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda t: t["node_layout"].update(h_0_mlp_proj="replicated"), r"node 'h_0_mlp_proj' is recorded 'replicated'"),
+        (lambda t: t["param_shard"].update({"h.0.mlp.fc.weight": {"dim": 1, "parts": 1}}), r"parameter 'h.0.mlp.fc"),
+        (lambda t: t["collectives"].pop(), r"collectives differ .* at node"),
+        (lambda t: t["module_rules"].update(h_0_mlp_proj="column"), r"node 'h_0_mlp_proj'|module_rules differ"),
+        (lambda t: t["node_layout"].pop("h_0_mlp_fc"), r"nodes \['h_0_mlp_fc'\] are missing"),
+    ],
+    ids=["layout", "param", "collective", "rule", "missing"],
+)
+def test_a_layout_that_does_not_type_check_is_refused(edit, match: str) -> None:
+    cm, x = _compiled()
+    tensor = json.loads(cm.tensor_parallel_plan.to_json())
+    edit(tensor)
+    with pytest.raises(ValueError, match=match):
+        partitioner.compile(copy.deepcopy(cm.model), devices=2, example_inputs=x, device_type="cpu",
+                            plan=_with_layout(cm, tensor))  # fmt: skip
+
+
+def test_the_planner_s_own_layouts_type_check() -> None:
+    cm, _ = _compiled()
+    gm = cm.captured.graph_module
+    for tp in (2, 4):
+        check_tensor_parallel_plan(gm, plan_tensor_parallel(gm, tp))
+        check_tensor_parallel_plan(gm, plan_tensor_parallel(gm, tp, exclude={"wte", "h_1_attn_q_proj"}))
