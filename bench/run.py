@@ -39,8 +39,8 @@ import partitioner  # noqa: E402
 import zoo  # noqa: E402
 from bench.baselines import BASELINES, NotApplicable  # noqa: E402
 from partitioner.plan.graph import price, tied_sync_time  # noqa: E402
-from partitioner.report import format_bytes, format_seconds  # noqa: E402
 from partitioner.simulate import StageCost, simulate  # noqa: E402
+from partitioner.units import format_bytes, format_seconds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULE_CHOICES = ["gpipe", "1f1b", "interleaved", "zero-bubble", "zbv", "auto"]

@@ -36,27 +36,16 @@ import torch
 import torch.fx as fx
 from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.utils import stateless
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["AnnotationError", "StayOnMeta", "annotate", "meta_device", "to_meta"]
+from partitioner.meta import meta_device, to_meta
+
+__all__ = ["AnnotationError", "annotate"]
 
 
 class AnnotationError(ValueError):
     """A node failed on meta tensors; the message names the node and the module it came from."""
-
-
-def to_meta(value: Any) -> Any:
-    """Replace every tensor in a pytree by a meta tensor of the same shape, dtype and requires_grad."""
-
-    def conv(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            m = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-            return m.requires_grad_(t.requires_grad)
-        return t
-
-    return pytree.tree_map(conv, value)
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -201,19 +190,6 @@ class _CostInterpreter(fx.Interpreter):
         if n.op == "call_module":
             grads += any(p.requires_grad for p in self.module.get_submodule(n.target).parameters())
         return flops * min(grads, 2)
-
-
-def meta_device(x: Any) -> Any:
-    return torch.device("meta") if isinstance(x, torch.device) else x
-
-
-class StayOnMeta(TorchFunctionMode):
-    """Every device argument of a torch call becomes "meta" while active: export graphs bake the capture device
-    (`aten.to.device(x, cpu)`, `arange(..., device=cpu)`), which would copy a meta tensor's (absent) data."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        args, kwargs = pytree.tree_map(meta_device, (args, kwargs or {}))
-        return func(*args, **kwargs)
 
 
 _MATMUL_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Bilinear)

@@ -398,7 +398,11 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
     if leaves:
         from partitioner.leaves import attach_leaf_profiles
 
-        attach_leaf_profiles(model, captured, rebuild(flat))
+        notes = attach_leaf_profiles(model, gm, rebuild(flat))  # how each leaf's cost was obtained
+        captured.fallbacks[:] = [
+            replace(f, reason=f"{f.reason}; {notes[f.what]}") if f.path == "leaf" and f.what in notes else f
+            for f in captured.fallbacks
+        ]
     return captured
 
 

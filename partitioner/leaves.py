@@ -22,7 +22,7 @@ import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -31,10 +31,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from partitioner.annotate import to_meta
-
-if TYPE_CHECKING:
-    from partitioner.capture import CapturedGraph
+from partitioner.meta import to_meta
 
 __all__ = ["ESTIMATE_LIMIT_BYTES", "LeafProfile", "attach_leaf_profiles", "leaf_cost"]
 
@@ -110,25 +107,25 @@ class _State:
         torch.set_rng_state(self.rng)
 
 
-def attach_leaf_profiles(model: nn.Module, captured: CapturedGraph, call: tuple[tuple, dict[str, Any]]) -> None:
-    """Measure every leaf call of `captured` on the real model (see module docstring, source 1).
+def attach_leaf_profiles(model: nn.Module, gm: fx.GraphModule, call: tuple[tuple, dict[str, Any]]) -> dict[str, str]:
+    """Measure every leaf call of `gm` (nodes with node.meta["capture_leaf"]) on the real model (see module
+    docstring, source 1).
 
-    Writes node.meta["leaf_profile"] on each leaf node and appends how the cost was obtained to each
-    leaf's Fallback reason. Does nothing but say so when the weights or inputs are on meta. Raises
-    ValueError when the model itself fails on the example inputs.
+    Writes node.meta["leaf_profile"] on each leaf node and returns, per leaf module path, how its cost was
+    obtained (for its Fallback reason). Measures nothing when the weights or inputs are on meta (annotate then
+    estimates). Raises ValueError when the model itself fails on the example inputs.
     """
-    gm = captured.graph_module
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and "capture_leaf" in n.meta]
+    leaves = sorted({str(n.target) for n in nodes})
     state = [*model.parameters(), *model.buffers(), *_tensors(call)]
     if any(t.is_meta for t in state):
         note = "cost estimated at annotate from a copy with random weights on random inputs (the model is on meta)"
-        _note_fallbacks(captured, dict.fromkeys(captured.leaves, note))
-        return
+        return dict.fromkeys(leaves, note)
 
     # Phase 1: run the model once, recording the inputs of every leaf call in order.
     calls: dict[str, list[tuple[tuple, dict[str, Any]]]] = defaultdict(list)
     handles = []
-    for path in captured.leaves:
+    for path in leaves:
 
         def record(mod: nn.Module, args: tuple, kwargs: dict[str, Any], path: str = path) -> None:
             calls[path].append(_clone((args, kwargs)))
@@ -167,14 +164,7 @@ def attach_leaf_profiles(model: nn.Module, captured: CapturedGraph, call: tuple[
         n.meta["leaf_profile"] = LeafProfile(to_meta(out), flops, saved_bytes, seconds, "measured")
         flops_of[path] += flops
     # FLOPs only: the reason goes into the plan, whose JSON must not depend on timing noise.
-    _note_fallbacks(captured, {p: f"cost measured on the real weights: {f} forward FLOPs" for p, f in flops_of.items()})
-
-
-def _note_fallbacks(captured: CapturedGraph, notes: dict[str, str]) -> None:
-    captured.fallbacks[:] = [
-        replace(f, reason=f"{f.reason}; {notes[f.what]}") if f.path == "leaf" and f.what in notes else f
-        for f in captured.fallbacks
-    ]
+    return {p: f"cost measured on the real weights: {f} forward FLOPs" for p, f in flops_of.items()}
 
 
 def _materialize(value: Any) -> Any:

@@ -48,7 +48,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from partitioner.annotate import meta_device, to_meta
+from partitioner.meta import meta_device, to_meta
 
 __all__ = ["REDUCED", "UNKNOWN", "BatchFlow", "Rows", "batch_flow"]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioner.plan.graph import PlanningGraph, StageMetrics, evaluate
-from partitioner.report import format_bytes
+from partitioner.units import format_bytes
 
 __all__ = [
     "InfeasibleMemoryError",

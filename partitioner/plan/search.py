@@ -43,8 +43,8 @@ from partitioner.plan.pipeline import (
     refine_plan,
     too_many_stages,
 )
-from partitioner.report import format_bytes
 from partitioner.simulate import SimResult
+from partitioner.units import format_bytes
 
 __all__ = [
     "Candidate",

@@ -88,8 +88,8 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from partitioner.annotate import StayOnMeta
 from partitioner.capture import CapturedGraph
+from partitioner.meta import StayOnMeta
 from partitioner.passes.split import StageModule
 from partitioner.passes.tensor_parallel import merge_shards, shard_of
 from partitioner.plan.schema import Plan
