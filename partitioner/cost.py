@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,15 +88,18 @@ class _TimingInterpreter(fx.Interpreter):
     run again on detached copies of its floating inputs that require grad, and autograd.grad of its
     floating outputs (ones as output gradients) is timed, w.r.t. those inputs and its module's params."""
 
-    def __init__(self, gm: fx.GraphModule, times: dict[str, tuple[float, float]], backward: bool):
+    def __init__(
+        self, gm: fx.GraphModule, times: dict[str, tuple[float, float]], backward: bool, clock: Callable[[], float]
+    ):
         super().__init__(gm)
         self.times = times
         self.backward = backward
+        self.clock = clock
 
     def run_node(self, n: fx.Node) -> Any:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         result = super().run_node(n)
-        fwd = time.perf_counter() - t0
+        fwd = self.clock() - t0
         bwd = self._time_backward(n) if self.backward and n.op.startswith("call") else 0.0
         old = self.times.get(n.name, (float("inf"), float("inf")))
         self.times[n.name] = (min(old[0], fwd), min(old[1], bwd))
@@ -120,9 +124,9 @@ class _TimingInterpreter(fx.Interpreter):
         if not outs or not wrt:
             return 0.0
         grads = [torch.ones_like(t) for t in outs]
-        t0 = time.perf_counter()
+        t0 = self.clock()
         torch.autograd.grad(outs, wrt, grads, allow_unused=True)
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
 
 def profile_node_times(
@@ -147,6 +151,7 @@ def profile_node_times(
         if p.is_meta:
             raise ValueError("profile mode needs real weights; the model is on the meta device")
     times: dict[str, tuple[float, float]] = {}
+    clock = _clock(any(t.is_cuda for t in [*gm.parameters(), *pytree.tree_leaves(inputs)] if torch.is_tensor(t)))
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -155,11 +160,11 @@ def profile_node_times(
     try:
         with torch.random.fork_rng(devices=[]):
             with torch.no_grad():
-                _TimingInterpreter(gm, {}, backward).run(*inputs)  # warm-up (allocator, lazy init)
+                _TimingInterpreter(gm, {}, backward, clock).run(*inputs)  # warm-up (allocator, lazy init)
                 for _ in range(repeats):
-                    _TimingInterpreter(gm, times, backward).run(*inputs)
+                    _TimingInterpreter(gm, times, backward, clock).run(*inputs)
             if calibrate:
-                whole_fwd, whole_bwd = _time_whole_graph(gm, inputs, repeats, backward)
+                whole_fwd, whole_bwd = _time_whole_graph(gm, inputs, repeats, backward, clock)
                 fwd_sum = sum(f for f, _ in times.values())
                 bwd_sum = sum(b for _, b in times.values())
                 fs = whole_fwd / fwd_sum if fwd_sum > 0 else 1.0
@@ -175,7 +180,22 @@ def profile_node_times(
     return times
 
 
-def _time_whole_graph(gm: fx.GraphModule, inputs: list[Any], repeats: int, backward: bool) -> tuple[float, float]:
+def _clock(cuda: bool) -> Callable[[], float]:
+    """perf_counter, after waiting for the GPU's queued work when the graph runs there (kernels are asynchronous:
+    without the wait a node would measure its launch, not its run)."""
+    if not cuda:
+        return time.perf_counter
+
+    def now() -> float:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return now
+
+
+def _time_whole_graph(
+    gm: fx.GraphModule, inputs: list[Any], repeats: int, backward: bool, clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, float]:
     """Median seconds of the whole graph's forward (grad recorded when `backward`) and backward over `repeats` runs.
 
     The median, not the best: the calibrated total stands for a typical step (per-node proportions come from
@@ -185,15 +205,15 @@ def _time_whole_graph(gm: fx.GraphModule, inputs: list[Any], repeats: int, backw
     fwds, bwds = [], []
     for i in range(repeats + 1):  # the first run warms the autograd path up
         with torch.set_grad_enabled(backward):
-            t0 = time.perf_counter()
+            t0 = clock()
             out = gm(*inputs)
-            fwd = time.perf_counter() - t0
+            fwd = clock() - t0
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         bwd = 0.0
         if backward and outs:
-            t0 = time.perf_counter()
+            t0 = clock()
             torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
-            bwd = time.perf_counter() - t0
+            bwd = clock() - t0
         del out, outs
         if i > 0:
             fwds.append(fwd)

@@ -1,10 +1,11 @@
-"""launch: start a gloo world of local processes, torchrun-style, with a hard deadline (tests and benchmarks).
+"""launch: start a world of local processes, torchrun-style, with a hard deadline (tests and benchmarks).
 
 ``spawn("pkg.module:function", nprocs, kwargs)`` starts ``nprocs`` Python processes with torchrun's environment
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT = a free port). Each initializes the default
-gloo group (``pg_timeout`` bounds every collective), calls ``function(**kwargs)`` and exits 0, or prints the
-traceback and exits 1. The parent waits at most ``timeout`` seconds in all, then kills what is left (the whole
-process group of each child) and reports it as timed out: a hung world fails, it never blocks the caller.
+group (gloo on the CPU, or ``backend="nccl"`` on cuda:LOCAL_RANK; ``pg_timeout`` bounds every collective), calls
+``function(**kwargs)`` and exits 0, or prints the traceback and exits 1. The parent waits at most ``timeout``
+seconds in all, then kills what is left (the whole process group of each child) and reports it as timed out: a
+hung world fails, it never blocks the caller.
 
 In production use torchrun itself (``torchrun --nproc-per-node N script.py``); the same ``function`` works there
 through ``python -m partitioner.launch pkg.module:function '<json kwargs>'``.
@@ -55,8 +56,10 @@ def spawn(
     pg_timeout: float = 30.0,
     env: dict[str, str] | None = None,
     cwd: str | None = None,
+    backend: str = "gloo",
 ) -> list[RankResult]:
-    """Run `target` ("module:function") on `nprocs` gloo ranks; one RankResult per rank, in rank order."""
+    """Run `target` ("module:function") on `nprocs` ranks of `backend` (gloo on the CPU; "nccl": rank r on
+    cuda:r); one RankResult per rank, in rank order."""
     import torch.distributed as dist
 
     port = free_port()
@@ -79,6 +82,7 @@ def spawn(
             MASTER_PORT=str(port),
             TORCHELASTIC_USE_AGENT_STORE="True",
             PARTITIONER_PG_TIMEOUT=str(pg_timeout),
+            PARTITIONER_BACKEND=backend,
             OMP_NUM_THREADS=child_env.get("OMP_NUM_THREADS", "1"),
             PYTHONPATH=os.pathsep.join(filter(None, [cwd or root, child_env.get("PYTHONPATH", "")])),
         )
@@ -130,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry of one rank: ``python -m partitioner.launch module:function '<json kwargs>'``."""
     import torch.distributed as dist
 
+    from partitioner.runtime.device import init_process_group
+
     argv = sys.argv[1:] if argv is None else argv
     target, kwargs = argv[0], json.loads(argv[1]) if len(argv) > 1 else {}
     module, _, name = target.partition(":")
     fn = getattr(importlib.import_module(module), name)
     timeout = float(os.environ.get("PARTITIONER_PG_TIMEOUT", "60"))
+    backend = os.environ.get("PARTITIONER_BACKEND", "gloo")
     try:
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+        init_process_group(timeout, backend=backend, device=None if backend == "nccl" else "cpu")
         fn(**kwargs)
     except BaseException:
         traceback.print_exc()

@@ -305,3 +305,24 @@ def train_hf_with_compiled_step(
     if (not dist.is_initialized() or dist.get_rank() == 0) and out:
         chunks = cm.plan.microbatches * cm.plan.data_degree
         torch.save({"losses": losses, "state": state, "distributed": distributed, "chunks": chunks}, out)
+
+
+def nccl_pipeline_step(*, steps: int = 2, lr: float = 0.1, seed: int = 0, out: str | None = None) -> None:
+    """One rank launched with backend="nccl": gpt3-tiny built on meta, compiled for one device, its weights
+    materialized on the rank's GPU by ``cm.distributed``, trained with SGD; saves losses and the full state."""
+    meta, init = record_init(lambda: zoo.get("gpt3-tiny"), seed=seed)
+    x = zoo.example_inputs("gpt3-tiny", batch=8, device="meta")
+    cm = partitioner.compile(meta, devices=1, example_inputs=x, device_type="h100", microbatches=2)
+    pipe = cm.distributed(weights=init)
+    assert pipe.device.type == "cuda", pipe.device
+    opt = torch.optim.SGD(pipe.parameters(), lr=lr)
+    inputs, targets = zoo.example_inputs("gpt3-tiny", batch=8), zoo.example_targets("gpt3-tiny", batch=8)
+    losses = []
+    for _ in range(steps):
+        losses.append(float(pipe.step(inputs, targets, zoo.loss_fn("gpt3-tiny"))))
+        opt.step()
+        pipe.zero_grad()
+    state = pipe.full_state_dict()
+    pipe.close()
+    if out:
+        torch.save({"losses": losses, "state": state}, out)

@@ -282,7 +282,7 @@ def test_profile_calibration_scales_nodes_to_the_whole_graph(monkeypatch):
     annotate(gm, [x], training=True)
     whole = {}
 
-    def fake_whole(gm, inputs, repeats, backward):  # stands in for the timed whole-graph run
+    def fake_whole(gm, inputs, repeats, backward, clock=None):  # stands in for the timed whole-graph run
         return whole["fwd"], whole["bwd"]
 
     raw = profile_node_times(gm, [x], repeats=2, threads=1, calibrate=False)

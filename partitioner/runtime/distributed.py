@@ -76,7 +76,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -90,11 +89,13 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from partitioner.capture import CapturedGraph
 from partitioner.meta import StayOnMeta
+from partitioner.passes.retarget import retarget_devices
 from partitioner.passes.split import StageModule
 from partitioner.passes.tensor_parallel import merge_shards, shard_of
 from partitioner.plan.schema import Plan
 from partitioner.plan.tensor import TensorParallelPlan
 from partitioner.runtime.data_parallel import data_parallel_mode, full_tensor, load_into, wrap_stage
+from partitioner.runtime.device import init_process_group
 from partitioner.runtime.faults import PEER_FAILURE_EXIT_CODE, FaultMonitor, PeerFailureError
 from partitioner.runtime.materialize import StateDictSource, WeightSource, materialize_modules
 
@@ -108,7 +109,6 @@ __all__ = [
     "StageAdapter",
     "data_parallel_mode",
     "distribute",
-    "init_process_group",
     "stage_ranks",
 ]
 
@@ -128,36 +128,30 @@ class PlanMismatchError(RuntimeError):
     """Ranks were started with different plans (or schedules, or stage counts)."""
 
 
-def init_process_group(timeout_s: float = 60.0, backend: str = "gloo") -> dist.ProcessGroup:
-    """Initialize the default group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) if needed.
-
-    `timeout_s` bounds every collective and p2p wait (gloo raises after it), so no rank hangs forever.
-    """
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return dist.group.WORLD
-
-
 def distribute(
     cm: Any,
     *,
     weights: WeightSource | Mapping[str, torch.Tensor] | None = None,
     mesh: DeviceMesh | None = None,
+    device: torch.device | str | None = None,
+    backend: str | None = None,
     **kwargs: Any,
 ) -> DistributedPipeline:
     """This rank's ``DistributedPipeline`` of a ``partitioner.compile`` result: the entry point under torchrun.
 
-    Initializes the default gloo group from torchrun's environment if needed. Without `mesh`, builds one from
+    Joins the default group from torchrun's environment if needed, on the rank's device (cuda:LOCAL_RANK with
+    NCCL when CUDA is available, else the CPU with gloo; `device` / `backend` override: runtime.device). Without
+    `mesh`, builds one on that device type from
     the plan's degrees over the world: dims ("dp", "pp", "tp") of sizes (data_degree, pipeline_degree,
     tensor_degree), dropping size-1 "dp"/"tp"; their product must equal the world size. With tp > 1 the
     captured graph is rewritten for this rank's tp coordinate (``tensor_parallel_rank``, sharded weights sliced
     from `weights`) and split with the plan's node -> stage map; the other keyword arguments are
     ``DistributedPipeline``'s. Raises ValueError when the world does not match the plan.
     """
-    init_process_group()
-    plan = cm.plan
-    if plan is None:
+    if not cm.is_planned:
         raise ValueError("compile the model with example_inputs (or call it once) before distributing it")
+    device = init_process_group(backend=backend, device=device)
+    plan = cm.plan
     dp, pp, tp = plan.data_degree, plan.pipeline_degree, plan.tensor_degree
     world = dist.get_world_size()
     if mesh is None:
@@ -170,9 +164,9 @@ def distribute(
         if len(sizes) > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh("cpu", tuple(d for _, d in sizes), mesh_dim_names=tuple(n for n, _ in sizes))
+            mesh = init_device_mesh(device.type, tuple(d for _, d in sizes), mesh_dim_names=tuple(n for n, _ in sizes))
     if tp == 1:
-        return DistributedPipeline.from_compiled(cm, weights=weights, mesh=mesh, **kwargs)
+        return DistributedPipeline.from_compiled(cm, weights=weights, mesh=mesh, device=device, **kwargs)
     from partitioner.passes.split import split_stages
     from partitioner.passes.tensor_parallel import GroupComm, stage_of_rank_nodes, tensor_parallel_rank
 
@@ -190,6 +184,7 @@ def distribute(
         mesh=mesh,
         tensor_plan=cm.tensor_parallel_plan,
         unused=unused_tensors(cm),
+        device=device,
         **kwargs,
     )
 
@@ -397,6 +392,8 @@ class DistributedPipeline:
 
         # Phase 3: keep only this rank's stages and materialize exactly their tensors (+ unused ones on stage 0's rank).
         self.local_stages = [st for st in stages if self.stage_rank[st.index] == self.rank]
+        for st in self.local_stages:  # export graphs bake the capture device: compute on this rank's instead
+            retarget_devices(st.module, self.device)
         holders: list[nn.Module] = [st.module for st in self.local_stages]
         self._unused_holder = _holder(unused) if unused and self.stage_rank[0] == self.rank else None
         if self._unused_holder is not None:
@@ -612,7 +609,7 @@ class DistributedPipeline:
         if self._example_shapes is None:
             return None
         ndims = [len(s) for s in self._example_shapes]
-        buf = torch.zeros(sum(ndims), dtype=torch.int64)
+        buf = torch.zeros(sum(ndims), dtype=torch.int64, device=self.device)  # NCCL moves device tensors only
         if holds_first:
             if [a.dim() for a in args] != ndims:
                 raise ValueError(f"inputs have {[a.dim() for a in args]} dims, the model was compiled for {ndims}")
@@ -622,7 +619,9 @@ class DistributedPipeline:
                         f"batch {a.shape[0]} does not split into {self.microbatches} equal microbatches: pass a "
                         f"multiple of {self.microbatches} rows (torch's schedules need equal microbatch shapes)"
                     )
-            buf = torch.tensor([d for a in args for d in (a.shape[0] // self.microbatches, *a.shape[1:])])
+            buf = torch.tensor(
+                [d for a in args for d in (a.shape[0] // self.microbatches, *a.shape[1:])], device=self.device
+            )
         if self.ranks > 1:
             dist.broadcast(buf, src=self._global(self.stage_rank[0]), group=self.group)
         flat, out = buf.tolist(), []
