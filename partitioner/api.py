@@ -27,25 +27,11 @@ from partitioner.plan.graph import PlanningGraph, build_planning_graph
 from partitioner.plan.schema import Plan, StagePlan, graph_fingerprint
 from partitioner.plan.search import Candidate, Degrees, TensorParallelModel, price_candidate, scale_graph, search
 from partitioner.runtime.local import LocalPipeline
-from partitioner.simulate import SCHEDULES, SimResult
+from partitioner.schedules import SCHEDULES, get_schedule
+from partitioner.simulate import SimResult
 from partitioner.validate import as_call, check_batch_split, memory_bytes, positive_int
 
-__all__ = ["CompiledModel", "compile", "in_flight_microbatches"]
-
-SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
-
-
-def in_flight_microbatches(schedule: str, num_stages: int, microbatches: int) -> list[int]:
-    """Microbatches whose activations stage s holds at its peak, per stage (used while planning).
-
-    GPipe runs all forwards first (m in flight everywhere); 1F1B and the interleaved / zero-bubble
-    schedules start backwards after about p - s warm-up forwards, so stage s holds min(p - s, m).
-    For the multi-stage schedules this is an estimate; the simulator's replay gives the exact
-    per-device peak, which compile checks against the memory limit.
-    """
-    if schedule in ("gpipe", "looped-bfs"):
-        return [microbatches] * num_stages
-    return [min(num_stages - s, microbatches) for s in range(num_stages)]
+__all__ = ["CompiledModel", "compile"]
 
 
 @dataclass
@@ -309,10 +295,12 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         raise ValueError(f"pipeline x tensor_parallel = {pipeline * tensor_parallel} does not divide devices={devices}")
     if schedule is not None and schedule != "auto" and schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose 'auto' or one of {sorted(SCHEDULES)}")
-    if stages_per_device is not None and schedule in SINGLE_STAGE_SCHEDULES and stages_per_device != 1:
-        raise ValueError(f"schedule {schedule!r} runs one stage per device; got stages_per_device={stages_per_device}")
-    if stages_per_device is not None and schedule == "zbv" and stages_per_device != 2:
-        raise ValueError(f"schedule 'zbv' runs exactly 2 stages per device; got stages_per_device={stages_per_device}")
+    fixed = get_schedule(schedule).stages_per_rank if schedule in SCHEDULES else None
+    if stages_per_device is not None and fixed is not None and stages_per_device != fixed:
+        raise ValueError(
+            f"schedule {schedule!r} runs exactly {fixed} stage{'s' if fixed > 1 else ''} per device; got "
+            f"stages_per_device={stages_per_device}"
+        )
     if cost not in COST_MODELS:
         raise ValueError(f"cost={cost!r}: choose one of {COST_MODELS}")
     if not (isinstance(batch_dim, dict) or (isinstance(batch_dim, int) and not isinstance(batch_dim, bool))):
@@ -545,7 +533,7 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
         best = Candidate(
             degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree, graph=scaled
         )
-        flight = in_flight_microbatches(saved.schedule, saved.num_stages, saved.microbatches)
+        flight = get_schedule(saved.schedule).in_flight(saved.num_stages, saved.microbatches)
         price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o["spec"].devices_per_node)
         evaluated = [best]
     else:
@@ -572,7 +560,6 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
                 batch=1 if refusal else batch,  # not splittable: one chunk, no microbatches, no data parallelism
                 memory_limit=o["memory_limit"],
                 schedules=o["schedules"],
-                in_flight=in_flight_microbatches,
                 pipeline=o["pipeline"],
                 tensor_parallel=o["tensor_parallel"],
                 microbatches=o["microbatches"],

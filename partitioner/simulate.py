@@ -69,8 +69,9 @@ from typing import Any, NamedTuple
 
 from torch.distributed.pipelining import schedules as _torch_schedules
 
+from partitioner.schedules import get_schedule
+
 __all__ = [
-    "SCHEDULES",
     "Action",
     "Event",
     "SimResult",
@@ -81,16 +82,6 @@ __all__ = [
     "simulate",
 ]
 
-# Our schedule names -> torch's `get_schedule_class` names.
-SCHEDULES: dict[str, str] = {
-    "gpipe": "GPipe",
-    "1f1b": "1F1B",
-    "interleaved": "Interleaved1F1B",
-    "looped-bfs": "LoopedBFS",
-    "zero-bubble": "InterleavedZeroBubble",
-    "zbv": "ZBVZeroBubble",
-}
-_SINGLE_STAGE = ("gpipe", "1f1b")
 _KINDS = ("F", "B", "I", "W")
 _EPS = 1e-9
 
@@ -258,29 +249,16 @@ class _StandInStage:
 
 def _check_counts(schedule: str, num_stages: int, num_microbatches: int, num_ranks: int | None) -> int:
     """Validate the names and numbers we can judge without torch; return the number of ranks."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; known: {sorted(SCHEDULES)}")
+    entry = get_schedule(schedule)
     if num_stages < 1 or num_microbatches < 1:
         raise ValueError(f"need num_stages >= 1 and num_microbatches >= 1, got {num_stages} and {num_microbatches}")
-    if schedule in _SINGLE_STAGE:
-        if num_ranks is not None and num_ranks != num_stages:
-            raise ValueError(
-                f"schedule {schedule!r} runs one stage per rank: num_ranks ({num_ranks}) must equal "
-                f"num_stages ({num_stages})"
-            )
-        return num_stages
-    if schedule == "zbv" and num_ranks is None:
-        num_ranks = num_stages // 2
     if num_ranks is None:
-        raise ValueError(f"schedule {schedule!r} places several stages per rank: pass num_ranks")
-    if num_ranks < 1 or num_stages % num_ranks != 0:
-        raise ValueError(
-            f"schedule {schedule!r} needs num_stages ({num_stages}) to be a multiple of num_ranks ({num_ranks})"
-        )
-    if schedule == "zbv" and num_stages != 2 * num_ranks:
-        raise ValueError(
-            f"schedule 'zbv' needs exactly 2 stages per rank: num_stages ({num_stages}) = 2 * num_ranks ({num_ranks})"
-        )
+        if entry.stages_per_rank is None:
+            raise ValueError(f"schedule {schedule!r} places several stages per rank: pass num_ranks")
+        num_ranks = num_stages // entry.stages_per_rank
+    if num_ranks < 1:
+        raise ValueError(f"need num_ranks >= 1, got {num_ranks}")
+    entry.check_counts(num_stages, num_ranks)
     return num_ranks
 
 
@@ -289,11 +267,11 @@ def _torch_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
     """Build torch's schedule object for these numbers; return (compute actions per rank, rank per stage)."""
-    cls = _torch_schedules.get_schedule_class(SCHEDULES[schedule])
+    cls = _torch_schedules.get_schedule_class(get_schedule(schedule).torch_class)
     where = f"{cls.__name__}(num_stages={num_stages}, num_ranks={num_ranks}, n_microbatches={num_microbatches})"
     try:
         # Single-stage classes: run the real loop once per rank and record the compute calls.
-        if schedule in _SINGLE_STAGE:
+        if get_schedule(schedule).single_stage:
             orders: dict[int, list[Action]] = {}
             for rank in range(num_ranks):
                 stage = _StandInStage(rank, num_stages, num_ranks, rank)
@@ -331,9 +309,9 @@ def schedule_actions(
 ) -> dict[int, list[Action]]:
     """Per-rank compute actions, in execution order, of the torch schedule that would run.
 
-    ``schedule`` is one of ``SCHEDULES``; ``num_ranks`` defaults to ``num_stages`` for gpipe/1f1b (which need
-    them equal) and to ``num_stages // 2`` for zbv; the other multi-stage schedules need it. Invalid names or
-    combinations, including microbatch counts torch refuses, raise ValueError with the numbers.
+    ``schedule`` is a name of ``partitioner.schedules.SCHEDULES``; ``num_ranks`` defaults to ``num_stages`` for
+    gpipe/1f1b (which need them equal) and to ``num_stages // 2`` for zbv; the other multi-stage schedules need it.
+    Invalid names or combinations, including microbatch counts torch refuses, raise ValueError with the numbers.
     Invariant: every (stage, microbatch) appears once as F and once as B or as I and W, on the stage's rank.
     """
     ranks = _check_counts(schedule, num_stages, num_microbatches, num_ranks)

@@ -21,7 +21,7 @@ import torch
 import partitioner
 import zoo
 from partitioner.launch import free_port, spawn
-from partitioner.runtime.distributed import PEER_FAILURE_EXIT_CODE, StageAdapter, data_parallel_mode, stage_ranks
+from partitioner.runtime.distributed import PEER_FAILURE_EXIT_CODE, StageAdapter, data_parallel_mode
 from partitioner.runtime.materialize import materialize_modules, record_init
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -96,18 +96,6 @@ def test_materialize_only_touches_meta_tensors_of_the_given_modules() -> None:
     assert n == len(list(last.parameters())) and not any(p.is_meta for p in last.parameters())
     assert all(p.is_meta for p in cm.stages[0].module.parameters())  # the other stage stays weight-free
     assert last.get_submodule("lm_head").weight.is_meta is False and meta.wte.weight.is_meta
-
-
-def test_stage_ranks_and_refusals() -> None:
-    assert stage_ranks("1f1b", 4, 4) == [0, 1, 2, 3]
-    assert stage_ranks("interleaved", 6, 2) == [0, 1, 0, 1, 0, 1]
-    assert stage_ranks("zbv", 8, 4) == [0, 1, 2, 3, 3, 2, 1, 0]
-    with pytest.raises(ValueError, match="exactly 2 stages per rank: 6 stages, 2 ranks"):
-        stage_ranks("zbv", 6, 2)
-    with pytest.raises(ValueError, match="one stage per rank.*4 stages for 2 ranks"):
-        stage_ranks("gpipe", 4, 2)
-    with pytest.raises(ValueError, match="divisible by ranks: 5 stages, 2 ranks"):
-        stage_ranks("zero-bubble", 5, 2)
 
 
 def test_stage_adapter_carries_ints_as_shapes() -> None:

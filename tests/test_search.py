@@ -9,7 +9,6 @@ import torch
 
 import partitioner
 import zoo
-from partitioner.api import in_flight_microbatches
 from partitioner.plan.search import Degrees, TensorParallelModel, scale_graph, search
 from tests.planning_graphs import synthetic_graph
 
@@ -37,7 +36,6 @@ def _search(pg, devices, **kw):
         batch=16,
         memory_limit=float("inf"),
         schedules=("1f1b",),
-        in_flight=in_flight_microbatches,
     )
     return search(pg, devices, **{**defaults, **kw})
 

@@ -43,6 +43,7 @@ from partitioner.plan.pipeline import (
     refine_plan,
     too_many_stages,
 )
+from partitioner.schedules import get_schedule
 from partitioner.simulate import SimResult
 from partitioner.units import format_bytes
 
@@ -189,7 +190,6 @@ def search(
     batch: int | None,
     memory_limit: float,
     schedules: Sequence[str],
-    in_flight: Callable[[str, int, int], list[int]],
     pipeline: int | None = None,
     tensor_parallel: int | None = None,
     microbatches: int | None = None,
@@ -221,7 +221,7 @@ def search(
             f"tensor_parallel={tensor_parallel} (tensor parallelism up to {min(max_tp, devices_per_node)})"
         )
 
-    ev = _Evaluator(pg, tp_model, memory_limit, in_flight, schedules, batch, microbatches, stages_per_device,
+    ev = _Evaluator(pg, tp_model, memory_limit, schedules, batch, microbatches, stages_per_device,
                     forced_tp=tensor_parallel, min_chunk=min_chunk)  # fmt: skip
     candidates: list[Candidate] = []
     for d in degrees:
@@ -240,7 +240,7 @@ def search(
     if best is not None and mincut:
         # Candidates are compared on their contiguous plans; the winner's boundaries then move to
         # min-bytes cuts, which never raises its bottleneck (plan.mincut).
-        _evaluate(best, memory_limit, in_flight, devices_per_node, ev.plans, refine=True)
+        _evaluate(best, memory_limit, devices_per_node, ev.plans, refine=True)
     evaluated = sorted(candidates, key=lambda c: (not c.fits, c.step_time, c.bound))
     if best is None:
         raise _no_layout_error(ev, evaluated, devices, max_tp, pipeline, tensor_parallel, keep)
@@ -255,7 +255,6 @@ class _Evaluator:
     pg: PlanningGraph
     tp_model: Callable[[int], TensorParallelModel | None]
     memory_limit: float
-    in_flight: Callable[[str, int, int], list[int]]
     schedules: Sequence[str]
     batch: int | None
     microbatches: int | None
@@ -292,7 +291,7 @@ class _Evaluator:
         m = _microbatch_choice(self.batch, d.dp, d.pp, self.microbatches, self.min_chunk)
         out = []
         for schedule in self.schedules:
-            k = self.stages_per_device or (1 if schedule in ("gpipe", "1f1b") else 2)
+            k = self.stages_per_device or get_schedule(schedule).default_stages_per_rank()
             c = Candidate(d, m or 0, schedule, k, graph=g if g is not None else self.pg)
             c.bound = float(c.graph.compute.sum()) / d.pp
             if g is None:
@@ -309,14 +308,14 @@ class _Evaluator:
     def run(self, c: Candidate) -> None:
         """Price c; out of memory, retry with twice as many microbatches while they divide the batch: smaller
         microbatches hold fewer activations in flight (1F1B holds about pp of them on the first stage)."""
-        _evaluate(c, self.memory_limit, self.in_flight, self.devices_per_node, self.plans)
+        _evaluate(c, self.memory_limit, self.devices_per_node, self.plans)
         while not c.fits and _memory_failure(c) and self.microbatches is None and self.batch is not None:
             per_replica = self.batch // c.degrees.dp
             more = c.microbatches * 2
             if more * self.min_chunk > per_replica or per_replica % more:
                 break
             c.microbatches = more
-            _evaluate(c, self.memory_limit, self.in_flight, self.devices_per_node, self.plans)
+            _evaluate(c, self.memory_limit, self.devices_per_node, self.plans)
 
     def fits(self, d: Degrees) -> bool:
         """Whether the search at pp x tp x dp devices would find a layout at degrees d."""
@@ -456,17 +455,10 @@ def price_candidate(c: Candidate, stage_of: list[int], in_flight: Sequence[int],
     c.step_time = sim.step_time + c.dp_sync + c.tied_sync
 
 
-def _evaluate(
-    c: Candidate,
-    memory_limit: float,
-    in_flight: Callable[[str, int, int], list[int]],
-    devices_per_node: int,
-    plans: dict,
-    refine: bool = False,
-) -> None:
+def _evaluate(c: Candidate, memory_limit: float, devices_per_node: int, plans: dict, refine: bool = False) -> None:
     g = c.graph
     num_stages = c.degrees.pp * c.stages_per_device
-    flight = in_flight(c.schedule, num_stages, c.microbatches)
+    flight = get_schedule(c.schedule).in_flight(num_stages, c.microbatches)
     share = memory_limit / c.stages_per_device
     # Schedules with the same stages, microbatches and in-flight pattern get the same pipeline plan.
     # (Without a memory limit the in-flight pattern cannot change the plan.)

@@ -31,6 +31,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from partitioner.schedules import get_schedule
+
 __all__ = ["DATA_PARALLEL_MODES", "data_parallel_mode", "full_tensor", "load_into", "wrap_stage"]
 
 DATA_PARALLEL_MODES = ("ddp", "fsdp")
@@ -46,7 +48,7 @@ def data_parallel_mode(requested: str | None, schedule: str) -> str:
     """
     if requested is not None and requested not in DATA_PARALLEL_MODES:
         raise ValueError(f"data_parallel={requested!r}: choose one of {DATA_PARALLEL_MODES}")
-    split_backward = schedule in ("zero-bubble", "zbv")
+    split_backward = get_schedule(schedule).split_backward
     if requested == "ddp" and split_backward:
         raise ValueError(
             f"data_parallel='ddp' cannot be used with schedule {schedule!r}: torch pipelining splits its backward "

@@ -1,8 +1,8 @@
 """distributed runtime: one process per pipeline rank, stages run by torch.distributed.pipelining.
 
-Each rank keeps only its own stages of a compiled model (``stage_ranks``: ``s % ranks``, V for zbv), materializes
-only their parameters (``partitioner.runtime.materialize``), wraps each in a ``PipelineStage`` and drives them
-with torch's own schedule classes (``GPipe``, ``1F1B``, ``Interleaved1F1B``, ``LoopedBFS``,
+Each rank keeps only its own stages of a compiled model (``Schedule.stage_ranks``: ``s % ranks``, V for zbv),
+materializes only their parameters (``partitioner.runtime.materialize``), wraps each in a ``PipelineStage`` and
+drives them with torch's own schedule classes (``GPipe``, ``1F1B``, ``Interleaved1F1B``, ``LoopedBFS``,
 ``InterleavedZeroBubble``, and ``ZBVZeroBubble`` with its V placement: rank r holds stages r and 2R-1-r). This
 module writes no pipeline engine: it adds what torch leaves to the caller.
 
@@ -84,7 +84,6 @@ import torch.fx as fx
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from partitioner.capture import CapturedGraph
@@ -98,10 +97,10 @@ from partitioner.runtime.data_parallel import data_parallel_mode, full_tensor, l
 from partitioner.runtime.device import init_process_group
 from partitioner.runtime.faults import PEER_FAILURE_EXIT_CODE, FaultMonitor, PeerFailureError
 from partitioner.runtime.materialize import StateDictSource, WeightSource, materialize_modules
+from partitioner.schedules import get_schedule
 
 __all__ = [
     "PEER_FAILURE_EXIT_CODE",
-    "SCHEDULE_CLASSES",
     "DistributedPipeline",
     "FaultMonitor",
     "PeerFailureError",
@@ -109,19 +108,7 @@ __all__ = [
     "StageAdapter",
     "data_parallel_mode",
     "distribute",
-    "stage_ranks",
 ]
-
-# Our schedule names -> torch's `get_schedule_class` names; single-stage ones need one stage per rank.
-SCHEDULE_CLASSES: dict[str, str] = {
-    "gpipe": "GPipe",
-    "1f1b": "1F1B",
-    "interleaved": "Interleaved1F1B",
-    "looped-bfs": "LoopedBFS",
-    "zero-bubble": "InterleavedZeroBubble",
-    "zbv": "ZBVZeroBubble",
-}
-_SINGLE_STAGE = ("gpipe", "1f1b")
 
 
 class PlanMismatchError(RuntimeError):
@@ -187,33 +174,6 @@ def distribute(
         device=device,
         **kwargs,
     )
-
-
-def stage_ranks(schedule: str, num_stages: int, ranks: int) -> list[int]:
-    """Rank of every stage: ``s % ranks`` (looped), or torch's V for zbv (2 stages per rank); single-stage
-    schedules need ``num_stages == ranks``.
-
-    >>> stage_ranks("interleaved", 4, 2), stage_ranks("zbv", 4, 2)
-    ([0, 1, 0, 1], [0, 1, 1, 0])
-    """
-    if schedule not in SCHEDULE_CLASSES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {tuple(SCHEDULE_CLASSES)}")
-    if schedule in _SINGLE_STAGE and num_stages != ranks:
-        raise ValueError(
-            f"schedule {schedule!r} runs one stage per rank: the plan has {num_stages} stages for {ranks} ranks; "
-            f"compile with devices={ranks}, or use 'interleaved' / 'zero-bubble' for several stages per rank"
-        )
-    if num_stages % ranks != 0:
-        raise ValueError(
-            f"schedule {schedule!r} places stage s on rank s % ranks and needs stages divisible by ranks: "
-            f"{num_stages} stages, {ranks} ranks; compile with devices = ranks x k"
-        )
-    if schedule == "zbv":
-        if num_stages != 2 * ranks:
-            raise ValueError(f"schedule 'zbv' runs exactly 2 stages per rank: {num_stages} stages, {ranks} ranks")
-        mapping = generate_stage_to_rank_mapping(ranks, num_stages, style="v")
-        return [mapping[s] for s in range(num_stages)]
-    return [s % ranks for s in range(num_stages)]
 
 
 class StageAdapter(nn.Module):
@@ -379,7 +339,7 @@ class DistributedPipeline:
         self.data_parallel = data_parallel_mode(data_parallel, self.schedule_name)
         self.num_stages = plan.num_stages
         self.microbatches = plan.microbatches
-        self.stage_rank = stage_ranks(self.schedule_name, self.num_stages, self.ranks)
+        self.stage_rank = get_schedule(self.schedule_name).stage_ranks(self.num_stages, self.ranks)
         if len(stages) != self.num_stages:
             raise ValueError(f"the plan has {self.num_stages} stages, {len(stages)} stage modules were given")
 
@@ -417,7 +377,7 @@ class DistributedPipeline:
                 st.module,
                 _scalar_inputs(st.module),
                 checkpoint=st.index in ckpt,
-                clone_outputs=self.schedule_name in ("zero-bubble", "zbv"),
+                clone_outputs=get_schedule(self.schedule_name).split_backward,
                 device=self.device,
             )
             if self.dp > 1:
@@ -637,7 +597,7 @@ class DistributedPipeline:
             flat = list(output) if isinstance(output, (tuple, list)) else [output]
             return loss_fn(captured.unflatten_output(flat), target)
 
-        cls = get_schedule_class(SCHEDULE_CLASSES[self.schedule_name])
+        cls = get_schedule_class(get_schedule(self.schedule_name).torch_class)
         stages: Any = self.pipeline_stages[0] if issubclass(cls, PipelineScheduleSingle) else self.pipeline_stages
         # scale_grads=False: we divide once per parameter after the step (a tied parameter may sit in two stages).
         return cls(stages, n_microbatches=self.microbatches, loss_fn=stage_loss, scale_grads=False)

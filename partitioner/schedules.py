@@ -1,0 +1,101 @@
+"""schedules: one registry of the torch.distributed.pipelining schedules partitioner runs, and what each implies.
+
+Read by the simulator (which torch class replays), the search (stages per device, in-flight microbatches), the API
+(option checks) and the runtime (class, stage -> rank, split backward). A new schedule is one entry here.
+
+    name          torch class                     stages per rank   split backward   in flight at stage s (peak)
+    gpipe         ScheduleGPipe                   1                 no               m
+    1f1b          Schedule1F1B                    1                 no               min(p - s, m)
+    interleaved   ScheduleInterleaved1F1B         >= 2 (default 2)  no               min(p - s, m)
+    looped-bfs    ScheduleLoopedBFS               >= 2 (default 2)  no               m
+    zero-bubble   ScheduleInterleavedZeroBubble   >= 2 (default 2)  yes              min(p - s, m)
+    zbv           ScheduleZBVZeroBubble           exactly 2         yes              min(p - s, m)
+
+(p stages, m microbatches.) Stage s runs on rank s % ranks, except zbv's V: rank r holds stages r and 2R - 1 - r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SCHEDULES", "Schedule", "get_schedule", "schedule_names"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    torch_class: str  # the name torch.distributed.pipelining.schedules.get_schedule_class takes
+    stages_per_rank: int | None  # fixed count (1: single-stage classes; zbv: 2), None: any count >= 2
+    split_backward: bool  # input and weight gradients are separate actions (zero-bubble)
+    all_forwards_first: bool  # every microbatch's activations are held at once (GPipe-like)
+
+    @property
+    def single_stage(self) -> bool:
+        return self.stages_per_rank == 1
+
+    def default_stages_per_rank(self) -> int:
+        return self.stages_per_rank or 2
+
+    def in_flight(self, num_stages: int, microbatches: int) -> list[int]:
+        """Microbatches whose activations stage s holds at its peak, per stage (used while planning).
+
+        GPipe-like schedules run all forwards first (m in flight everywhere); 1F1B and the interleaved /
+        zero-bubble schedules start backwards after about p - s warm-up forwards, so stage s holds min(p - s, m).
+        For the multi-stage schedules this is an estimate; the simulator's replay gives the exact per-device peak.
+        """
+        if self.all_forwards_first:
+            return [microbatches] * num_stages
+        return [min(num_stages - s, microbatches) for s in range(num_stages)]
+
+    def check_counts(self, num_stages: int, ranks: int) -> None:
+        """Raise ValueError, with the numbers and the fix, when `num_stages` stages cannot run on `ranks` ranks."""
+        if self.single_stage and num_stages != ranks:
+            raise ValueError(
+                f"schedule {self.name!r} runs one stage per rank: {num_stages} stages for {ranks} ranks; compile "
+                f"with devices={num_stages}, or use 'interleaved' / 'zero-bubble' for several stages per rank"
+            )
+        if num_stages % ranks:
+            raise ValueError(
+                f"schedule {self.name!r} places stage s on rank s % ranks and needs stages divisible by ranks: "
+                f"{num_stages} stages, {ranks} ranks; compile with devices = ranks x k"
+            )
+        if self.stages_per_rank is not None and num_stages != self.stages_per_rank * ranks:
+            raise ValueError(
+                f"schedule {self.name!r} runs exactly {self.stages_per_rank} stages per rank: {num_stages} stages, "
+                f"{ranks} ranks"
+            )
+
+    def stage_ranks(self, num_stages: int, ranks: int) -> list[int]:
+        """Rank of every stage (see the module docstring); checks the counts first.
+
+        >>> get_schedule("interleaved").stage_ranks(4, 2), get_schedule("zbv").stage_ranks(4, 2)
+        ([0, 1, 0, 1], [0, 1, 1, 0])
+        """
+        self.check_counts(num_stages, ranks)
+        if self.name == "zbv":  # the V: down the ranks, then back up
+            return [s if s < ranks else 2 * ranks - 1 - s for s in range(num_stages)]
+        return [s % ranks for s in range(num_stages)]
+
+
+SCHEDULES: dict[str, Schedule] = {
+    s.name: s
+    for s in (
+        Schedule("gpipe", "GPipe", 1, split_backward=False, all_forwards_first=True),
+        Schedule("1f1b", "1F1B", 1, split_backward=False, all_forwards_first=False),
+        Schedule("interleaved", "Interleaved1F1B", None, split_backward=False, all_forwards_first=False),
+        Schedule("looped-bfs", "LoopedBFS", None, split_backward=False, all_forwards_first=True),
+        Schedule("zero-bubble", "InterleavedZeroBubble", None, split_backward=True, all_forwards_first=False),
+        Schedule("zbv", "ZBVZeroBubble", 2, split_backward=True, all_forwards_first=False),
+    )
+}
+
+
+def schedule_names() -> list[str]:
+    return list(SCHEDULES)
+
+
+def get_schedule(name: str) -> Schedule:
+    """The registry entry of `name`; ValueError listing the known names otherwise."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name]
