@@ -101,8 +101,6 @@ def rank_step_times(
     out: str,
 ) -> None:  # fmt: skip
     """Rank side: time training steps of the saved plan; rank 0 saves the per-step seconds to `out`."""
-    from partitioner.runtime.distributed import DistributedPipeline
-
     extra = dict(overrides, **({"seq": seq} if seq is not None else {}))
     meta, init = partitioner.record_init(lambda: zoo.get(name, **overrides), seed=0)
     inputs = zoo.example_inputs(name, batch=batch, **extra)
@@ -110,7 +108,7 @@ def rank_step_times(
     example = tuple(x.to("meta") for x in inputs)
     plan = Path(plan_path).read_text()
     cm = partitioner.compile(meta, devices=dist.get_world_size(), example_inputs=example, device_type="cpu", plan=plan)
-    pipe = DistributedPipeline.from_compiled(cm, weights=init)
+    pipe = cm.distributed(weights=init)
     loss_fn = zoo.loss_fn(name)
     times = []
     for i in range(warmup + steps):

@@ -18,10 +18,11 @@ import torch.fx as fx
 from torch import nn
 
 from partitioner.annotate import annotate
+from partitioner.apply import apply, plan_layout
 from partitioner.capture import CapturedGraph, capture
 from partitioner.cost import node_costs, profile_node_times
 from partitioner.devices import DeviceSpec, get_device_spec
-from partitioner.passes.split import StageModule, split_stages
+from partitioner.passes.split import StageModule
 from partitioner.plan.batch import BatchFlow, batch_flow
 from partitioner.plan.graph import PlanningGraph, build_planning_graph
 from partitioner.plan.schema import Plan, StagePlan, graph_fingerprint
@@ -51,7 +52,6 @@ class CompiledModel:
     planning_graph: PlanningGraph | None = None
     compile_times: dict[str, float] = field(default_factory=dict)
     simulation: SimResult | None = None  # the schedule replayed with the plan's stage costs
-    tensor_parallel_plan: Any = None  # plan.tensor.TensorParallelPlan of the chosen tp degree (tp > 1)
     _runner: LocalPipeline | None = None
     _pipeline: Any = None  # this rank's DistributedPipeline under torchrun, built by distributed()
     _input_meta: list[tuple[str, int, torch.dtype]] = field(default_factory=list)
@@ -74,6 +74,11 @@ class CompiledModel:
     @property
     def is_planned(self) -> bool:
         return self._plan is not None
+
+    @property
+    def tensor_parallel_plan(self) -> Any:
+        """The plan's tensor-parallel layout (plan.tensor.TensorParallelPlan), None at tensor degree 1."""
+        return plan_layout(self.plan)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._plan is None:  # planned lazily on the first call, like torch.compile
@@ -112,7 +117,7 @@ class CompiledModel:
         """
         from partitioner.runtime.tp_local import check_tensor_parallel
 
-        if self._plan is None or self.tensor_parallel_plan is None:
+        if self._plan is None or self.plan.tensor_degree == 1:
             raise ValueError("this plan has no tensor parallelism (tensor_degree 1): nothing to verify")
         inputs = self.captured.flatten_inputs(args, kwargs)
         # An inference plan places no backward collectives: only its outputs are the model's.
@@ -129,11 +134,14 @@ class CompiledModel:
         Returns a DistributedPipeline: step(inputs, targets, loss_fn), state_dict(), full_state_dict();
         `cm.step` / `cm.parameters()` use it from then on.
         """
-        from partitioner.runtime.distributed import distribute
+        from partitioner.runtime.distributed import distribute, unused_tensors
 
         if self._plan is None:
             raise ValueError("compile with example_inputs (or call the model once) before distributing it")
-        self._pipeline = distribute(self, weights=weights, mesh=mesh, **kwargs)
+        unused = unused_tensors(self.model, self.stages, self.plan)
+        self._pipeline = distribute(
+            self.plan, self.captured, self.stages, unused=unused, weights=weights, mesh=mesh, **kwargs
+        )
         return self._pipeline
 
     # -- training: the same script in one process or under torchrun --------------------------------------------
@@ -371,25 +379,6 @@ class _TensorParallelLayouts:
         return self.models[layout.tp]
 
 
-def _saved_layout(saved: Plan) -> Any:
-    """The TP layout a saved plan records (None at tp 1); a plan at tp > 1 without one is refused."""
-    from partitioner.plan.tensor import TensorParallelPlan
-
-    if saved.tensor_degree == 1:
-        return None
-    if not saved.tensor:
-        raise ValueError(f"the plan has tensor degree {saved.tensor_degree} but records no layout: plan again")
-    try:
-        layout = TensorParallelPlan(**saved.tensor)
-    except TypeError as e:
-        raise ValueError(f"corrupt partitioner plan: its tensor-parallel layout: {e}") from None
-    if layout.tp != saved.tensor_degree:
-        raise ValueError(
-            f"corrupt partitioner plan: layout for tp={layout.tp} in a plan of tensor degree {saved.tensor_degree}"
-        )
-    return layout
-
-
 def _profile(model: nn.Module, gm: fx.GraphModule, inputs: list[Any], training: bool) -> dict[str, tuple[float, float]]:
     """Profile mode's per-node (forward, backward) seconds on this machine, or a clear error on meta tensors."""
     meta = [n for n, p in model.named_parameters() if p.is_meta]
@@ -528,7 +517,7 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
                 f"the plan splits the batch into {saved.microbatches * saved.data_degree} chunks, but {refusal}"
             )
         degrees = Degrees(saved.pipeline_degree, saved.tensor_degree, saved.data_degree)
-        saved_layout = _saved_layout(saved)
+        saved_layout = plan_layout(saved)
         scaled = scale_graph(pg, tp_model.adopt(saved_layout) if saved_layout is not None else None, degrees.dp)
         best = Candidate(
             degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree, graph=scaled
@@ -573,16 +562,15 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
             raise
     times["plan"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    num_stages = best.degrees.pp * best.stages_per_device
-    stages = split_stages(gm, dict(zip(pg.names, best.stage_of)), num_stages)
-    times["split"] = time.perf_counter() - t0
-
     tp_layout = tp_model.layouts.get(best.degrees.tp) if best.degrees.tp > 1 else None
     plan = saved or _make_plan(cm.model, captured, gm, best, evaluated, fingerprint, o, tp_layout, flow)
+
+    t0 = time.perf_counter()
+    stages = apply(plan, captured)  # the Plan decides what runs (partitioner.apply)
+    times["split"] = time.perf_counter() - t0
+
     cm._plan, cm.captured, cm.stages, cm.planning_graph, cm.compile_times = plan, captured, stages, best.graph, times
     cm.simulation = best.simulation
-    cm.tensor_parallel_plan = tp_layout
     cm._runner = LocalPipeline(captured, stages)
     cm._input_meta = [(n, v.dim(), v.dtype) for n, v in zip(captured.input_names, inputs)]
     cm._structure = _structure_of(cm.model)

@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 import partitioner
 import zoo
-from partitioner.runtime.distributed import DistributedPipeline
 from partitioner.runtime.materialize import record_init
 
 
@@ -83,8 +82,7 @@ def train(
             f.write(cm.plan.to_json())
     # Weights: replayed seeded init, or a checkpoint by original names (read lazily: only this rank's entries).
     weights = torch.load(load_path, mmap=True) if load_path else init
-    pipe = DistributedPipeline.from_compiled(
-        cm,
+    pipe = cm.distributed(
         weights=weights,
         schedule=schedule,
         checkpoint=checkpoint,
@@ -194,7 +192,6 @@ def train_pp_tp(
     tensors from the single-process weights (`reference` after `steps` more steps, from the checkpoint if any).
     """
     from partitioner.passes.tensor_parallel import local_param_slices
-    from partitioner.runtime.distributed import distribute
 
     meta, init = record_init(lambda: zoo.get(model), seed=seed)
     cm = partitioner.compile(
@@ -202,7 +199,7 @@ def train_pp_tp(
         device_type="cpu", microbatches=microbatches, schedule="1f1b", pipeline=pp, tensor_parallel=tp,
     )  # fmt: skip
     assert cm.tensor_parallel_plan is not None and cm.plan.num_stages == pp and cm.plan.data_degree == dp
-    pipe = distribute(cm, weights=init, data_parallel=data_parallel)  # the mesh from the plan's degrees
+    pipe = cm.distributed(weights=init, data_parallel=data_parallel)  # the mesh from the plan's degrees
     if load_path:
         pipe.load_state_dict(torch.load(load_path))
     comm_rank = pipe.mesh.get_local_rank("tp")

@@ -9,7 +9,7 @@ module writes no pipeline engine: it adds what torch leaves to the caller.
     # train.py -- torchrun --nproc-per-node 2 train.py   (same code, or the same saved plan, on every rank)
     meta, init = record_init(lambda: zoo.get("gpt3-tiny"), seed=0)    # weight-free model + replayable init
     cm = partitioner.compile(meta, devices=2, example_inputs=x_meta, plan=open("plan.json").read())
-    pipe = distribute(cm, weights=init)                                # only this rank's shard is real
+    pipe = cm.distributed(weights=init)                                # only this rank's shard is real
     opt = torch.optim.AdamW(pipe.parameters())
     for x, y in batches:
         loss = pipe.step((x,), y, loss_fn)                             # forward + backward, all microbatches
@@ -86,13 +86,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+from partitioner.apply import apply, plan_layout
 from partitioner.capture import CapturedGraph
 from partitioner.meta import StayOnMeta
 from partitioner.passes.retarget import retarget_devices
 from partitioner.passes.split import StageModule
 from partitioner.passes.tensor_parallel import merge_shards, shard_of
 from partitioner.plan.schema import Plan
-from partitioner.plan.tensor import TensorParallelPlan
 from partitioner.runtime.data_parallel import data_parallel_mode, full_tensor, load_into, wrap_stage
 from partitioner.runtime.device import init_process_group
 from partitioner.runtime.faults import PEER_FAILURE_EXIT_CODE, FaultMonitor, PeerFailureError
@@ -116,29 +116,29 @@ class PlanMismatchError(RuntimeError):
 
 
 def distribute(
-    cm: Any,
+    plan: Plan,
+    captured: CapturedGraph,
+    stages: Sequence[StageModule],
     *,
+    unused: Mapping[str, nn.Parameter | torch.Tensor] | None = None,
     weights: WeightSource | Mapping[str, torch.Tensor] | None = None,
     mesh: DeviceMesh | None = None,
     device: torch.device | str | None = None,
     backend: str | None = None,
     **kwargs: Any,
 ) -> DistributedPipeline:
-    """This rank's ``DistributedPipeline`` of a ``partitioner.compile`` result: the entry point under torchrun.
+    """This rank's ``DistributedPipeline`` of a plan (the entry point under torchrun; ``cm.distributed()`` calls it).
 
-    Joins the default group from torchrun's environment if needed, on the rank's device (cuda:LOCAL_RANK with
-    NCCL when CUDA is available, else the CPU with gloo; `device` / `backend` override: runtime.device). Without
-    `mesh`, builds one on that device type from
-    the plan's degrees over the world: dims ("dp", "pp", "tp") of sizes (data_degree, pipeline_degree,
-    tensor_degree), dropping size-1 "dp"/"tp"; their product must equal the world size. With tp > 1 the
-    captured graph is rewritten for this rank's tp coordinate (``tensor_parallel_rank``, sharded weights sliced
-    from `weights`) and split with the plan's node -> stage map; the other keyword arguments are
-    ``DistributedPipeline``'s. Raises ValueError when the world does not match the plan.
+    `stages`: the plan's unsharded stage modules (``apply(plan, captured)``), used as they are at tensor degree 1;
+    with tp > 1 this rank's are rebuilt by the applier for its tp coordinate, sharded weights sliced from
+    `weights`. Joins the default group from torchrun's environment if needed, on the rank's device
+    (cuda:LOCAL_RANK with NCCL when CUDA is available, else the CPU with gloo; `device` / `backend` override:
+    runtime.device). Without `mesh`, builds one on that device type from the plan's degrees over the world: dims
+    ("dp", "pp", "tp") of sizes (data_degree, pipeline_degree, tensor_degree), dropping size-1 "dp"/"tp"; their
+    product must equal the world size. The other keyword arguments are ``DistributedPipeline``'s. Raises
+    ValueError when the world does not match the plan.
     """
-    if not cm.is_planned:
-        raise ValueError("compile the model with example_inputs (or call it once) before distributing it")
     device = init_process_group(backend=backend, device=device)
-    plan = cm.plan
     dp, pp, tp = plan.data_degree, plan.pipeline_degree, plan.tensor_degree
     world = dist.get_world_size()
     if mesh is None:
@@ -152,27 +152,16 @@ def distribute(
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh(device.type, tuple(d for _, d in sizes), mesh_dim_names=tuple(n for n, _ in sizes))
-    if tp == 1:
-        return DistributedPipeline.from_compiled(cm, weights=weights, mesh=mesh, device=device, **kwargs)
-    from partitioner.passes.split import split_stages
-    from partitioner.passes.tensor_parallel import GroupComm, stage_of_rank_nodes, tensor_parallel_rank
+    if tp > 1:
+        if mesh is None or "tp" not in (mesh.mesh_dim_names or ()):
+            raise ValueError("a tensor-parallel plan needs a mesh with a 'tp' dim")
+        from partitioner.passes.tensor_parallel import GroupComm
 
-    if mesh is None or "tp" not in (mesh.mesh_dim_names or ()):
-        raise ValueError("a tensor-parallel plan needs a mesh with a 'tp' dim")
-    source = StateDictSource(weights) if isinstance(weights, Mapping) else weights
-    comm = GroupComm(mesh.get_group("tp"))
-    rank_gm = tensor_parallel_rank(cm.captured.graph_module, cm.tensor_parallel_plan, comm.rank, comm, source=source)
-    stages = split_stages(rank_gm, stage_of_rank_nodes(rank_gm, plan.node_stage), plan.num_stages)
+        comm = GroupComm(mesh.get_group("tp"))
+        source = StateDictSource(weights) if isinstance(weights, Mapping) else weights
+        stages = apply(plan, captured, tp_rank=comm.rank, comm=comm, weights=source)
     return DistributedPipeline(
-        plan,
-        cm.captured,
-        stages,
-        weights=weights,
-        mesh=mesh,
-        tensor_plan=cm.tensor_parallel_plan,
-        unused=unused_tensors(cm),
-        device=device,
-        **kwargs,
+        plan, captured, stages, weights=weights, mesh=mesh, unused=unused, device=device, **kwargs
     )
 
 
@@ -288,8 +277,8 @@ class _Tied:
 class DistributedPipeline:
     """This rank's share of a compiled model, trained with a torch.distributed.pipelining schedule.
 
-    Build it with ``DistributedPipeline.from_compiled(cm, ...)`` on every rank of `group` (see the module
-    docstring for the contracts). ``local_stages`` are this rank's ``StageModule``s; ``parameters()`` their
+    Build it with ``cm.distributed(...)`` (or ``distribute``) on every rank of `group` (see the module docstring
+    for the contracts). ``local_stages`` are this rank's ``StageModule``s; ``parameters()`` their
     unique parameters (what an optimizer takes).
     """
 
@@ -311,7 +300,6 @@ class DistributedPipeline:
         heartbeat_timeout: float = 10.0,
         grace: float = 5.0,
         data_parallel: str | None = None,
-        tensor_plan: TensorParallelPlan | None = None,
     ):
         self.plan, self.captured = plan, captured
         dims = tuple(mesh.mesh_dim_names or ()) if mesh is not None else ()
@@ -325,12 +313,10 @@ class DistributedPipeline:
         self.tp_group = mesh.get_group("tp") if "tp" in dims else None
         self.tp = mesh.size(dims.index("tp")) if "tp" in dims else 1
         self.tp_rank = mesh.get_local_rank("tp") if "tp" in dims else 0
-        if self.tp > 1 and (tensor_plan is None or tensor_plan.tp != self.tp):
-            raise ValueError(
-                f"a mesh with tp={self.tp} needs the compiled model's tensor_plan (cm.tensor_parallel_plan) of the "
-                "same degree, to merge and slice tensor-parallel shards by original names; build with distribute()"
-            )
-        self.tensor_plan = tensor_plan if self.tp > 1 else None
+        if self.tp != plan.tensor_degree:
+            raise ValueError(f"the mesh has tp={self.tp}, the plan tensor degree {plan.tensor_degree}")
+        # the plan's layout merges and slices tensor-parallel shards by original names (checkpoints)
+        self.tensor_plan = plan_layout(plan)
         self.group = group or dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.ranks = dist.get_world_size(self.group)
@@ -402,18 +388,6 @@ class DistributedPipeline:
             if monitor
             else None
         )
-
-    # -- construction --------------------------------------------------------------------------------------------
-    @classmethod
-    def from_compiled(cls, cm: Any, **kwargs: Any) -> DistributedPipeline:
-        """From a ``partitioner.compile(...)`` result (its model may live on the meta device).
-
-        Parameters and buffers of the model that no stage reads are kept on stage 0's rank (so checkpoints
-        are complete); keyword arguments are those of the constructor.
-        """
-        if not cm.is_planned:
-            raise ValueError("compile the model with example_inputs (or call it once) before distributing it")
-        return cls(cm.plan, cm.captured, cm.stages, unused=unused_tensors(cm), **kwargs)
 
     def _aliases(self) -> dict[str, list[str]]:
         return {n: group for group in self.plan.tied_params.values() for n in group}
@@ -728,14 +702,15 @@ def _static_metas(
     return out
 
 
-def unused_tensors(cm: Any) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of a compiled model that no stage reads (e.g. BERT's pooler), by original name."""
-    used = {name for st in cm.stages for name, _ in _named_tensors(st.module)}
-    aliases = {n: group for group in cm.plan.tied_params.values() for n in group}
+def unused_tensors(model: nn.Module, stages: Sequence[StageModule], plan: Plan) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of `model` that no stage reads (e.g. BERT's pooler), by original name: kept on stage
+    0's rank so that checkpoints are complete."""
+    used = {name for st in stages for name, _ in _named_tensors(st.module)}
+    aliases = {n: group for group in plan.tied_params.values() for n in group}
     used |= {a for n in list(used) for a in aliases.get(n, [n])}
     return {
         name: t
-        for name, t in _named_tensors(cm.model)
+        for name, t in _named_tensors(model)
         if name not in used and not any(a in used for a in aliases.get(name, []))
     }
 

@@ -1,0 +1,78 @@
+"""apply: the one way from a Plan to the modules a run executes (shared/ARCHITECTURE.md's applier).
+
+    Plan + captured graph (+ tensor-parallel rank)  ->  rank graph (TP rewrite)  ->  stage modules (the split)
+
+Every runtime runs what this builds: the local pipeline (no TP rank: the unsharded graph split by the plan), the
+in-process TP check (each TP rank's graph) and the distributed pipeline (this rank's TP graph, split). Nothing
+here decides anything: the node -> stage map and the TP layout are read from the Plan, so a saved plan runs the
+same tomorrow as today. Example: a pp2 x tp2 plan applied for tp rank 1 gives two stage modules holding rank 1's
+shards, the inserted collectives on their anchors' stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+
+from partitioner.capture import CapturedGraph
+from partitioner.passes.split import StageModule, split_stages
+from partitioner.passes.tensor_parallel import TPComm, stage_of_rank_nodes, tensor_parallel_rank
+from partitioner.plan.schema import Plan
+from partitioner.plan.tensor import TensorParallelPlan
+
+__all__ = ["apply", "plan_layout", "rank_graph"]
+
+
+def plan_layout(plan: Plan) -> TensorParallelPlan | None:
+    """The tensor-parallel layout a plan records (None at tensor degree 1); ValueError when it records none or a
+    malformed one."""
+    if plan.tensor_degree == 1:
+        return None
+    if not plan.tensor:
+        raise ValueError(f"the plan has tensor degree {plan.tensor_degree} but records no layout: plan again")
+    try:
+        layout = TensorParallelPlan(**plan.tensor)
+    except TypeError as e:
+        raise ValueError(f"corrupt partitioner plan: its tensor-parallel layout: {e}") from None
+    if layout.tp != plan.tensor_degree:
+        raise ValueError(
+            f"corrupt partitioner plan: layout for tp={layout.tp} in a plan of tensor degree {plan.tensor_degree}"
+        )
+    return layout
+
+
+def rank_graph(
+    plan: Plan,
+    captured: CapturedGraph,
+    *,
+    tp_rank: int | None = None,
+    comm: TPComm | None = None,
+    weights: Any = None,
+    share_replicated: bool = True,
+) -> fx.GraphModule:
+    """The graph tensor-parallel rank `tp_rank` runs: the captured graph rewritten under the plan's layout (its
+    shards sliced from `weights` where given), or the captured graph itself (tensor degree 1, or tp_rank None)."""
+    layout = plan_layout(plan)
+    if layout is None or tp_rank is None:
+        return captured.graph_module
+    if comm is None:
+        raise ValueError("a tensor-parallel rank graph needs the rank's communicator (comm)")
+    return tensor_parallel_rank(
+        captured.graph_module, layout, tp_rank, comm, source=weights, share_replicated=share_replicated
+    )
+
+
+def apply(
+    plan: Plan,
+    captured: CapturedGraph,
+    *,
+    tp_rank: int | None = None,
+    comm: TPComm | None = None,
+    weights: Any = None,
+) -> list[StageModule]:
+    """The plan's stage modules for tensor-parallel rank `tp_rank` (None: the unsharded graph): `rank_graph`, then
+    the split by the plan's node -> stage map (nodes the TP rewrite inserted go with their anchors)."""
+    gm = rank_graph(plan, captured, tp_rank=tp_rank, comm=comm, weights=weights)
+    stage_of = plan.node_stage if gm is captured.graph_module else stage_of_rank_nodes(gm, plan.node_stage)
+    return split_stages(gm, stage_of, plan.num_stages)
