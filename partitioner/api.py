@@ -21,16 +21,17 @@ from partitioner.annotate import annotate
 from partitioner.apply import apply, plan_layout
 from partitioner.capture import CapturedGraph, capture
 from partitioner.cost import node_costs, profile_node_times
-from partitioner.devices import DeviceSpec, get_device_spec
+from partitioner.devices import DeviceSpec
+from partitioner.options import CompileOptions
 from partitioner.passes.split import StageModule
 from partitioner.plan.batch import BatchFlow, batch_flow
 from partitioner.plan.graph import PlanningGraph, build_planning_graph
 from partitioner.plan.schema import Plan, StagePlan, graph_fingerprint
 from partitioner.plan.search import Candidate, Degrees, TensorParallelModel, price_candidate, scale_graph, search
 from partitioner.runtime.local import LocalPipeline
-from partitioner.schedules import SCHEDULES, get_schedule
+from partitioner.schedules import get_schedule
 from partitioner.simulate import SimResult
-from partitioner.validate import as_call, check_batch_split, memory_bytes, positive_int
+from partitioner.validate import as_call, check_batch_split
 
 __all__ = ["CompiledModel", "compile"]
 
@@ -45,7 +46,7 @@ class CompiledModel:
     """
 
     model: nn.Module
-    options: dict[str, Any]
+    options: CompileOptions
     _plan: Plan | None = None
     captured: CapturedGraph | None = None
     stages: list[StageModule] = field(default_factory=list)
@@ -228,11 +229,6 @@ class CompiledModel:
         return [s.module for s in self.stages]
 
 
-AUTO_SCHEDULES = ("1f1b", "interleaved", "zero-bubble", "zbv")
-DEFAULT_SCHEDULES = ("1f1b", "gpipe")
-COST_MODELS = ("roofline", "profile")
-
-
 def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     model: nn.Module,
     devices: int = 8,
@@ -281,56 +277,14 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"compile expects an nn.Module, got {type(model).__name__}")
-    devices = positive_int("devices", devices)
-    microbatches, pipeline, tensor_parallel, stages_per_device = (
-        None if value is None else positive_int(name, value)
-        for name, value in (
-            ("microbatches", microbatches),
-            ("pipeline", pipeline),
-            ("tensor_parallel", tensor_parallel),
-            ("stages_per_device", stages_per_device),
-        )
-    )
-    if memory_limit is not None:
-        memory_limit = memory_bytes(memory_limit)
+    options = CompileOptions.create(
+        devices=devices, device_type=device_type, microbatches=microbatches, training=training,
+        memory_limit=memory_limit, schedule=schedule, pipeline=pipeline, tensor_parallel=tensor_parallel,
+        stages_per_device=stages_per_device, plan=plan, mincut=mincut, cost=cost, batch_dim=batch_dim,
+    )  # fmt: skip
     example_inputs = as_call(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise ValueError(f"example_kwargs must be a dict of keyword arguments, got {type(example_kwargs).__name__}")
-    for name, value in (("pipeline", pipeline), ("tensor_parallel", tensor_parallel)):
-        if value is not None and devices % value:
-            raise ValueError(f"{name}={value} does not divide devices={devices}")
-    if pipeline and tensor_parallel and devices % (pipeline * tensor_parallel):
-        raise ValueError(f"pipeline x tensor_parallel = {pipeline * tensor_parallel} does not divide devices={devices}")
-    if schedule is not None and schedule != "auto" and schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose 'auto' or one of {sorted(SCHEDULES)}")
-    fixed = get_schedule(schedule).stages_per_rank if schedule in SCHEDULES else None
-    if stages_per_device is not None and fixed is not None and stages_per_device != fixed:
-        raise ValueError(
-            f"schedule {schedule!r} runs exactly {fixed} stage{'s' if fixed > 1 else ''} per device; got "
-            f"stages_per_device={stages_per_device}"
-        )
-    if cost not in COST_MODELS:
-        raise ValueError(f"cost={cost!r}: choose one of {COST_MODELS}")
-    if not (isinstance(batch_dim, dict) or (isinstance(batch_dim, int) and not isinstance(batch_dim, bool))):
-        raise ValueError(f"batch_dim must be an int or a dict of input name -> dim (or None), got {batch_dim!r}")
-    spec = get_device_spec(device_type)
-    if isinstance(plan, str):
-        plan = Plan.from_json(plan)
-    options = dict(
-        devices=devices,
-        spec=spec,
-        microbatches=microbatches,
-        training=training,
-        memory_limit=memory_limit if memory_limit is not None else spec.memory_bytes,
-        schedules=AUTO_SCHEDULES if schedule == "auto" else DEFAULT_SCHEDULES if schedule is None else (schedule,),
-        pipeline=pipeline,
-        tensor_parallel=tensor_parallel,
-        stages_per_device=stages_per_device,
-        saved_plan=plan,
-        mincut=mincut,
-        cost=cost,
-        batch_dim=batch_dim,
-    )
     compiled = CompiledModel(model=model, options=options)
     if example_inputs or example_kwargs is not None:
         _build(compiled, example_inputs, dict(example_kwargs or {}))
@@ -471,7 +425,7 @@ def _changed_structure(model: nn.Module, structure: dict[str, int]) -> str | Non
 
 
 def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
-    o = cm.options
+    o: CompileOptions = cm.options
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -481,16 +435,16 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
 
     t0 = time.perf_counter()
     inputs = captured.flatten_inputs(args, kwargs)
-    annotate(gm, inputs, training=o["training"])
-    measured = _profile(cm.model, gm, inputs, o["training"]) if o["cost"] == "profile" else None
-    costs = node_costs(gm, o["spec"], training=o["training"], measured=measured)
-    pg = build_planning_graph(gm, costs, o["spec"], training=o["training"])
+    annotate(gm, inputs, training=o.training)
+    measured = _profile(cm.model, gm, inputs, o.training) if o.cost == "profile" else None
+    costs = node_costs(gm, o.spec, training=o.training, measured=measured)
+    pg = build_planning_graph(gm, costs, o.spec, training=o.training)
     times["annotate"] = time.perf_counter() - t0
 
     # Training splits the batch: prove that samples stay independent (plan.batch) before planning a split.
     t0 = time.perf_counter()
-    dims = _batch_dims(o["batch_dim"], captured.input_names, inputs)
-    flow = batch_flow(gm, inputs, captured.input_names, dims) if o["training"] else BatchFlow(dims)
+    dims = _batch_dims(o.batch_dim, captured.input_names, inputs)
+    flow = batch_flow(gm, inputs, captured.input_names, dims) if o.training else BatchFlow(dims)
     refusal = None if flow.splittable else flow.refusal()
     min_chunk = _smallest_chunk(captured, dims)
     if min_chunk is None and not refusal:  # an export graph whose batch dim stayed fixed
@@ -499,17 +453,17 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
 
     t0 = time.perf_counter()
     fingerprint = graph_fingerprint(gm)
-    saved: Plan | None = o["saved_plan"]
-    tp_model = _TensorParallelLayouts(gm, o["spec"], o["training"], strict=o["tensor_parallel"] is not None)
+    saved: Plan | None = o.saved_plan
+    tp_model = _TensorParallelLayouts(gm, o.spec, o.training, strict=o.tensor_parallel is not None)
     if saved is not None:
         if saved.fingerprint != fingerprint:
             raise ValueError(
                 f"the plan was made for another model or another call signature (plan fingerprint "
                 f"{saved.fingerprint} for {saved.model}, this model {fingerprint}): plan this model again"
             )
-        if saved.devices != o["devices"]:
+        if saved.devices != o.devices:
             raise ValueError(
-                f"the plan is for {saved.devices} devices, compile was asked for {o['devices']}: "
+                f"the plan is for {saved.devices} devices, compile was asked for {o.devices}: "
                 f"pass devices={saved.devices} or plan again"
             )
         if refusal and saved.microbatches * saved.data_degree > 1:
@@ -523,37 +477,37 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
             degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree, graph=scaled
         )
         flight = get_schedule(saved.schedule).in_flight(saved.num_stages, saved.microbatches)
-        price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o["spec"].devices_per_node)
+        price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o.spec.devices_per_node)
         evaluated = [best]
     else:
         max_tp = 1
-        if o["tensor_parallel"] != 1:  # even where the devices leave no room for tp: the memory hint counts it
+        if o.tensor_parallel != 1:  # even where the devices leave no room for tp: the memory hint counts it
             from partitioner.plan.tensor import max_tensor_parallel
 
-            max_tp = max_tensor_parallel(gm, limit=o["spec"].devices_per_node)
+            max_tp = max_tensor_parallel(gm, limit=o.spec.devices_per_node)
         batch = _batch_size(inputs, captured.input_names, dims)
-        if refusal and (o["microbatches"] or 1) > 1:
-            raise ValueError(f"microbatches={o['microbatches']} asks for a split, but {refusal}")
-        if o["microbatches"] and batch and min_chunk and batch // o["microbatches"] < min_chunk:
+        if refusal and (o.microbatches or 1) > 1:
+            raise ValueError(f"microbatches={o.microbatches} asks for a split, but {refusal}")
+        if o.microbatches and batch and min_chunk and batch // o.microbatches < min_chunk:
             raise ValueError(
-                f"microbatches={o['microbatches']} cuts the batch of {batch} into chunks of "
-                f"{batch // o['microbatches']}, "
+                f"microbatches={o.microbatches} cuts the batch of {batch} into chunks of "
+                f"{batch // o.microbatches}, "
                 f"but the captured graph holds only for batches of {min_chunk} or more: use fewer microbatches"
             )
         try:
             best, evaluated = search(
                 pg,
-                o["devices"],
+                o.devices,
                 tp_model=tp_model,
                 max_tp=max_tp,
                 batch=1 if refusal else batch,  # not splittable: one chunk, no microbatches, no data parallelism
-                memory_limit=o["memory_limit"],
-                schedules=o["schedules"],
-                pipeline=o["pipeline"],
-                tensor_parallel=o["tensor_parallel"],
-                microbatches=o["microbatches"],
-                stages_per_device=o["stages_per_device"],
-                mincut=o["mincut"],
+                memory_limit=o.memory_limit,
+                schedules=o.schedules,
+                pipeline=o.pipeline,
+                tensor_parallel=o.tensor_parallel,
+                microbatches=o.microbatches,
+                stages_per_device=o.stages_per_device,
+                mincut=o.mincut,
                 min_chunk=min_chunk or 1,
             )
         except ValueError as e:
@@ -614,7 +568,7 @@ def _make_plan(
     best: Candidate,
     evaluated: list[Candidate],
     fingerprint: str,
-    o: dict,
+    o: CompileOptions,
     tp_layout: Any,
     flow: BatchFlow,
 ) -> Plan:
@@ -660,15 +614,15 @@ def _make_plan(
         model=type(model).__name__,
         fingerprint=fingerprint,
         capture=captured.method,
-        devices=o["devices"],
-        device_type=o["spec"].to_dict(),
+        devices=o.devices,
+        device_type=o.spec.to_dict(),
         pipeline_degree=d.pp,
         tensor_degree=d.tp,
         data_degree=d.dp,
         microbatches=best.microbatches,
         schedule=best.schedule,
-        training=o["training"],
-        memory_limit=float(o["memory_limit"]),
+        training=o.training,
+        memory_limit=float(o.memory_limit),
         stages=stages,
         node_stage={n: int(s) for n, s in zip(pg.names, stage_of)},
         tied_params=pg.tied,
@@ -676,9 +630,9 @@ def _make_plan(
         fallbacks=fallbacks,
         input_names=list(captured.input_names),
         constants={k: _json_value(v) for k, v in captured.constants.items()},
-        predicted=_predicted(gm, best, o["spec"], o["devices"]),
+        predicted=_predicted(gm, best, o.spec, o.devices),
         alternatives=[c.row() for c in evaluated if c is not best][:6],
         tensor=json.loads(tp_layout.to_json()) if tp_layout is not None else {},
-        cost_model=o["cost"],
-        batch_dims=_batch_dims_record(o["batch_dim"], flow.batch_dims),
+        cost_model=o.cost,
+        batch_dims=_batch_dims_record(o.batch_dim, flow.batch_dims),
     )

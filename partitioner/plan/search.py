@@ -93,6 +93,8 @@ class Candidate:
     dp_sync: float = 0.0
     tied_sync: float = 0.0
     note: str = ""  # why it was skipped or does not fit
+    out_of_memory: bool = False  # it failed on memory alone (more, smaller microbatches may help)
+    skipped: bool = False  # not priced: its lower bound could not beat the best
     stage_of: list[int] | None = None
     metrics: list[StageMetrics] | None = None
     simulation: SimResult | None = None
@@ -232,7 +234,7 @@ def search(
         if c.note:
             continue
         if best is not None and c.bound >= best.step_time:
-            c.note = f"skipped: its perfect-balance bound {c.bound:.4g} s is above the best step time"
+            c.note, c.skipped = f"skipped: its perfect-balance bound {c.bound:.4g} s is above the best step time", True
             continue
         ev.run(c)
         if c.fits and (best is None or _better(c, best)):
@@ -309,7 +311,7 @@ class _Evaluator:
         """Price c; out of memory, retry with twice as many microbatches while they divide the batch: smaller
         microbatches hold fewer activations in flight (1F1B holds about pp of them on the first stage)."""
         _evaluate(c, self.memory_limit, self.devices_per_node, self.plans)
-        while not c.fits and _memory_failure(c) and self.microbatches is None and self.batch is not None:
+        while not c.fits and c.out_of_memory and self.microbatches is None and self.batch is not None:
             per_replica = self.batch // c.degrees.dp
             more = c.microbatches * 2
             if more * self.min_chunk > per_replica or per_replica % more:
@@ -339,13 +341,10 @@ def _no_layout_error(
     """Why no candidate of `search` fits: a non-memory reason, or the memory error with a device-count hint."""
     pg, devices_per_node, batch = ev.pg, ev.devices_per_node, ev.batch
     reasons = "; ".join(f"{c.degrees} {c.schedule}: {c.note}" for c in evaluated[:keep])
-    if not all(_memory_failure(c) for c in evaluated if c.note and not c.note.startswith("skipped")):
-        most = pg.n - max(pg.num_inputs, 1) + 1
+    if not all(c.out_of_memory for c in evaluated if c.note and not c.skipped):
+        most = max_stages(pg)
         if pipeline is not None and pipeline > most:
-            return ValueError(
-                f"{pipeline} pipeline stages requested but the graph has only {most} places to put a stage: "
-                f"use at most {most} stages"
-            )
+            return ValueError(too_many_stages(pg, pipeline))
         usable = most * min(max_tp, devices_per_node) * (batch or 1)
         if devices > usable:
             return ValueError(
@@ -436,10 +435,6 @@ def _better(c: Candidate, best: Candidate, tie: float = 1e-3) -> bool:
     return c.step_time <= best.step_time * (1 + tie) and c.peak_memory < best.peak_memory
 
 
-def _memory_failure(c: Candidate) -> bool:
-    return "fits" in c.note or c.note.startswith("peaks at")
-
-
 def price_candidate(c: Candidate, stage_of: list[int], in_flight: Sequence[int], devices_per_node: int) -> None:
     """Fill a candidate's figures for an assignment: stage metrics, the replayed schedule, its peak
     memory, and the step time (pipeline + data-parallel and tied-weight gradient syncs)."""
@@ -480,11 +475,12 @@ def _evaluate(c: Candidate, memory_limit: float, devices_per_node: int, plans: d
             plan = refine_plan(g, plan, microbatches=c.microbatches, in_flight=flight, memory_limit=share)
         price_candidate(c, plan.stage_of, flight, devices_per_node)
     except InfeasibleMemoryError as e:
-        c.note = str(e)
+        c.note, c.out_of_memory = str(e), True
         return
     except ValueError as e:  # a schedule refusing this microbatch count, too few nodes, ...
-        c.note = str(e).splitlines()[0][:200]
+        c.note, c.out_of_memory = str(e).splitlines()[0][:200], False
         return
-    c.note = ""
+    c.note, c.out_of_memory = "", False
     if c.peak_memory > memory_limit:
         c.note = f"peaks at {format_bytes(c.peak_memory)} per device, over {format_bytes(memory_limit)}"
+        c.out_of_memory = True

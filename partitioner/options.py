@@ -1,0 +1,110 @@
+"""options: compile()'s options as one validated, keyword-only record (`CompileOptions`).
+
+Every field is checked at construction, with a message naming the option and the fix, so the passes read typed
+values (`options.spec.memory_bytes`, `options.schedules`) instead of a bare dict. Example:
+`CompileOptions.create(devices=8, device_type="h100", schedule="auto")` has spec = the h100 preset, schedules =
+("1f1b", "interleaved", "zero-bubble", "zbv") and memory_limit = 80 GiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from partitioner.devices import DeviceSpec, get_device_spec
+from partitioner.plan.schema import Plan
+from partitioner.schedules import SCHEDULES, get_schedule
+from partitioner.validate import memory_bytes, positive_int
+
+__all__ = ["AUTO_SCHEDULES", "COST_MODELS", "DEFAULT_SCHEDULES", "CompileOptions"]
+
+AUTO_SCHEDULES = ("1f1b", "interleaved", "zero-bubble", "zbv")
+DEFAULT_SCHEDULES = ("1f1b", "gpipe")
+COST_MODELS = ("roofline", "profile")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileOptions:
+    devices: int
+    spec: DeviceSpec  # the device the cost model prices
+    microbatches: int | None  # None: the search's default
+    training: bool
+    memory_limit: float  # bytes per device
+    schedules: tuple[str, ...]  # the schedules the search may choose from
+    pipeline: int | None  # forced degrees (None: searched)
+    tensor_parallel: int | None
+    stages_per_device: int | None
+    saved_plan: Plan | None  # a plan to apply instead of planning
+    mincut: bool
+    cost: str  # "roofline" | "profile"
+    batch_dim: int | dict[str, int | None]
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        devices: Any,
+        device_type: str | DeviceSpec = "h100",
+        microbatches: Any = None,
+        training: bool = True,
+        memory_limit: Any = None,
+        schedule: str | None = None,
+        pipeline: Any = None,
+        tensor_parallel: Any = None,
+        stages_per_device: Any = None,
+        plan: Plan | str | None = None,
+        mincut: bool = True,
+        cost: str = "roofline",
+        batch_dim: int | dict[str, int | None] = 0,
+    ) -> CompileOptions:
+        """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
+
+        Raises ValueError naming the option: counts that are not positive integers (NumPy integers are fine),
+        degrees that do not divide `devices`, an unknown schedule or cost model, stages_per_device a schedule
+        does not run, a memory limit that is no positive size ("80GB" is fine), a malformed batch_dim.
+        """
+        devices = positive_int("devices", devices)
+        microbatches, pipeline, tensor_parallel, stages_per_device = (
+            None if value is None else positive_int(name, value)
+            for name, value in (
+                ("microbatches", microbatches),
+                ("pipeline", pipeline),
+                ("tensor_parallel", tensor_parallel),
+                ("stages_per_device", stages_per_device),
+            )
+        )
+        for name, value in (("pipeline", pipeline), ("tensor_parallel", tensor_parallel)):
+            if value is not None and devices % value:
+                raise ValueError(f"{name}={value} does not divide devices={devices}")
+        if pipeline and tensor_parallel and devices % (pipeline * tensor_parallel):
+            raise ValueError(
+                f"pipeline x tensor_parallel = {pipeline * tensor_parallel} does not divide devices={devices}"
+            )
+        if schedule is not None and schedule != "auto" and schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose 'auto' or one of {sorted(SCHEDULES)}")
+        fixed = get_schedule(schedule).stages_per_rank if schedule in SCHEDULES else None
+        if stages_per_device is not None and fixed is not None and stages_per_device != fixed:
+            raise ValueError(
+                f"schedule {schedule!r} runs exactly {fixed} stage{'s' if fixed > 1 else ''} per device; got "
+                f"stages_per_device={stages_per_device}"
+            )
+        if cost not in COST_MODELS:
+            raise ValueError(f"cost={cost!r}: choose one of {COST_MODELS}")
+        if not (isinstance(batch_dim, dict) or (isinstance(batch_dim, int) and not isinstance(batch_dim, bool))):
+            raise ValueError(f"batch_dim must be an int or a dict of input name -> dim (or None), got {batch_dim!r}")
+        spec = get_device_spec(device_type)
+        return cls(
+            devices=devices,
+            spec=spec,
+            microbatches=microbatches,
+            training=bool(training),
+            memory_limit=memory_bytes(memory_limit) if memory_limit is not None else spec.memory_bytes,
+            schedules=AUTO_SCHEDULES if schedule == "auto" else DEFAULT_SCHEDULES if schedule is None else (schedule,),
+            pipeline=pipeline,
+            tensor_parallel=tensor_parallel,
+            stages_per_device=stages_per_device,
+            saved_plan=Plan.from_json(plan) if isinstance(plan, str) else plan,
+            mincut=mincut,
+            cost=cost,
+            batch_dim=batch_dim,
+        )
