@@ -69,13 +69,6 @@ class DeviceSpec:
         """Achievable device-memory bandwidth."""
         return self.memory_bandwidth * self.memory_efficiency
 
-    def comm_time(self, nbytes: float, *, internode: bool = False) -> float:
-        """Point-to-point transfer time: latency + bytes / bandwidth (zero bytes cost nothing)."""
-        if nbytes <= 0:
-            return 0.0
-        bw = self.internode_bandwidth if internode else self.link_bandwidth
-        return self.link_latency + nbytes / bw
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -1,6 +1,5 @@
 """Bad input to compile: each gets an error naming the problem and the fix, and leaves the model as it
-was (state_dict values and training flags). Tests marked xfail(strict=True) pin gaps reported to the
-owner of api.py: they start passing (and must then lose the mark) once the gap is closed."""
+was (state_dict values and training flags)."""
 
 from __future__ import annotations
 

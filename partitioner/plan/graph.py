@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
+from partitioner.comm import all_reduce_time, p2p_time
 from partitioner.cost import NodeCost
 from partitioner.devices import DeviceSpec
 from partitioner.plan.ordering import MutationOrder, mutation_order
@@ -97,7 +98,7 @@ class PlanningGraph:
         """One direction of one boundary for a whole step: `messages` values per microbatch, nbytes in all."""
         if messages <= 0 and nbytes <= 0:
             return 0.0
-        return microbatches * max(messages, 1) * self.spec.link_latency + nbytes / self.spec.link_bandwidth
+        return p2p_time(self.spec, nbytes, microbatches * max(messages, 1))
 
 
 def build_planning_graph(
@@ -197,7 +198,7 @@ class StageMetrics:
     num_nodes: int
     overlaps_comm: bool = True  # the device's transfers run beside compute (DeviceSpec.overlaps_comm)
     send_messages: int = 0  # values sent to the next stage per microbatch (one message each)
-    recv_messages: int = 0  # the device's transfers run beside compute (DeviceSpec.overlaps_comm)
+    recv_messages: int = 0  # values received from the previous stage per microbatch (one message each)
 
     @property
     def compute(self) -> float:
@@ -330,12 +331,10 @@ def tied_sync_time(
     for i, ps in enumerate(pg.params):
         for p in ps:
             ranks_of.setdefault(p, set()).add(stage_to_rank[stage_of[i]])
-    bandwidth = pg.spec.internode_bandwidth if internode else pg.spec.link_bandwidth
     total = 0.0
     for canonical in pg.tied:
         k = len(ranks_of.get(canonical, ()))
-        if k > 1:
-            total += pg.spec.link_latency + 2 * (k - 1) / k * pg.param_bytes[canonical] / bandwidth
+        total += all_reduce_time(pg.spec, pg.param_bytes[canonical], k, internode=internode)
     return total
 
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import networkx as nx
 import numpy as np
 
+from partitioner.comm import latency_bytes
 from partitioner.plan.graph import PlanningGraph, evaluate
 
 __all__ = ["refine_with_mincut", "boundary_network"]
@@ -36,7 +37,7 @@ _NON_TENSOR_BYTES = 8.0  # Python values (sizes) are cheap to pass but still cou
 
 def _capacity(pg: PlanningGraph, u: int, microbatches: int) -> float:
     nbytes = float(pg.out_bytes[u]) if pg.is_tensor[u] else _NON_TENSOR_BYTES
-    return nbytes + microbatches * pg.spec.link_latency * pg.spec.link_bandwidth
+    return nbytes + microbatches * latency_bytes(pg.spec)
 
 
 def boundary_network(pg: PlanningGraph, lo: int, hi: int, microbatches: int = 1) -> nx.DiGraph:

@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from partitioner.comm import all_reduce_time
 from partitioner.plan.graph import PlanningGraph, StageMetrics, price, tied_sync_time
 from partitioner.plan.pipeline import (
     InfeasibleMemoryError,
@@ -157,10 +158,8 @@ def dp_sync_time(pg: PlanningGraph, metrics: Sequence[StageMetrics], degrees: De
     """Gradient all-reduce across data-parallel replicas after the last backward (slowest stage)."""
     if degrees.dp == 1 or not pg.training:
         return 0.0
-    spec = pg.spec
-    bw = spec.link_bandwidth if degrees.tp * degrees.dp <= devices_per_node else spec.internode_bandwidth
-    factor = 2 * (degrees.dp - 1) / degrees.dp
-    return max(spec.link_latency + factor * m.param_bytes / bw for m in metrics)
+    internode = degrees.tp * degrees.dp > devices_per_node
+    return max(all_reduce_time(pg.spec, m.param_bytes, degrees.dp, internode=internode) for m in metrics)
 
 
 def _divisors(n: int) -> list[int]:

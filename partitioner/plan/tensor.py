@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from partitioner.comm import all_gather_time, all_reduce_time
 from partitioner.devices import DeviceSpec
 
 __all__ = [
@@ -1111,11 +1112,8 @@ class TPCost:
 
 
 def _collective_time(c: dict[str, Any], tp: int, spec: DeviceSpec) -> float:
-    if tp == 1:
-        return 0.0
-    bw = spec.link_bandwidth if tp <= spec.devices_per_node else spec.internode_bandwidth
-    factor = 2 * (tp - 1) / tp if c["kind"] == "all_reduce" else (tp - 1) / tp
-    return spec.link_latency + factor * c["bytes"] / bw
+    collective = all_reduce_time if c["kind"] == "all_reduce" else all_gather_time
+    return collective(spec, c["bytes"], tp, internode=tp > spec.devices_per_node)
 
 
 def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, training: bool = True) -> TPCost:

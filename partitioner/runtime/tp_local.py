@@ -7,7 +7,7 @@ runs in the same threads (CPU backward executes on the calling thread), so f's b
 `check_tensor_parallel(gm, plan, inputs)` is what CI tests and users call to verify a plan: it runs the
 original graph and the tp rank graphs forward (and backward on a loss), and asserts that every rank's
 outputs and every parameter gradient (sharded ones reassembled with `unshard_tensor`) match.
-Example: `check_tensor_parallel(gm, plan_tensor_parallel(gm, 2), [idx])` -> TPCheckReport(max_abs_diff=3e-7, ...).
+Example: `check_tensor_parallel(gm, plan_tensor_parallel(gm, 2), [idx])` -> TPCheckReport(max_output_diff=3e-7, ...).
 """
 
 from __future__ import annotations
