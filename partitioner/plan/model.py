@@ -1,0 +1,324 @@
+"""plan.model: the annotated graph, its costs and the batch proof -> the Plan (a saved one is checked, not redone).
+
+    planning graph + batch flow + options  ->  search over pp x tp x dp, microbatches, schedule  ->  Plan
+    (or: a saved Plan  ->  its stages, layout and degrees checked against this graph and priced again)
+
+compile (partitioner.api) runs the analyses (capture, annotate, cost, the batch proof) and hands their results
+here; what leaves is plain data. Nothing here touches real weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from partitioner.apply import plan_layout
+from partitioner.capture import CapturedGraph
+from partitioner.devices import DeviceSpec
+from partitioner.options import CompileOptions
+from partitioner.plan.batch import BatchFlow
+from partitioner.plan.graph import PlanningGraph
+from partitioner.plan.schema import Plan, StagePlan, graph_fingerprint
+from partitioner.plan.search import Candidate, Degrees, TensorParallelModel, price_candidate, scale_graph, search
+from partitioner.schedules import get_schedule
+
+__all__ = ["PlannedModel", "TensorParallelLayouts", "batch_dims_of", "plan_model"]
+
+
+@dataclass
+class PlannedModel:
+    """What planning produced: the Plan, and the priced layout it came from (its graph and simulation)."""
+
+    plan: Plan
+    best: Candidate
+    evaluated: list[Candidate]
+
+
+@dataclass
+class TensorParallelLayouts:
+    """tp -> TensorParallelModel for the search: each degree's layout planned once (plan.tensor), or the saved
+    plan's layout (`adopt`), which is then the one priced and run; `layouts` holds every one built."""
+
+    gm: fx.GraphModule
+    spec: DeviceSpec
+    training: bool
+    strict: bool
+    layouts: dict[int, Any] = field(default_factory=dict)  # tp -> plan.tensor.TensorParallelPlan
+    models: dict[int, TensorParallelModel] = field(default_factory=dict)
+
+    def __call__(self, tp: int) -> TensorParallelModel:
+        if tp not in self.models:
+            from partitioner.plan.tensor import plan_tensor_parallel
+
+            self._priced(plan_tensor_parallel(self.gm, tp, strict=self.strict))
+        return self.models[tp]
+
+    def adopt(self, layout: Any) -> TensorParallelModel:
+        """A saved plan's layout, type-checked against this graph (ValueError naming the node), never replanned."""
+        from partitioner.plan.tensor import check_tensor_parallel_plan
+
+        check_tensor_parallel_plan(self.gm, layout)
+        return self._priced(layout)
+
+    def _priced(self, layout: Any) -> TensorParallelModel:
+        from partitioner.plan.tensor import tp_cost
+
+        cost = tp_cost(layout, self.gm, self.spec, training=self.training)
+        self.layouts[layout.tp] = layout
+        self.models[layout.tp] = TensorParallelModel(
+            tp=layout.tp,
+            node_scale=cost.node_scale,
+            comm_by_node=cost.comm_by_node,
+            sharded_params={p for p, sh in layout.param_shard.items() if sh.get("dim") is not None},
+            sharded_values={n for n, lay in layout.node_layout.items() if lay.startswith("shard")},
+            fallbacks=list(layout.fallbacks),
+        )
+        return self.models[layout.tp]
+
+
+def plan_model(
+    model_name: str,
+    captured: CapturedGraph,
+    pg: PlanningGraph,
+    flow: BatchFlow,
+    inputs: list[Any],
+    options: CompileOptions,
+) -> PlannedModel:
+    """The Plan of an annotated, costed capture (`pg` its planning graph, `flow` its batch proof): the search's
+    choice, or `options.saved_plan` checked against this graph (fingerprint, devices, batch split, TP layout)
+    and priced again. Raises ValueError naming what does not fit."""
+    o = options
+    gm = captured.graph_module
+    dims = flow.batch_dims
+    refusal = None if flow.splittable else flow.refusal()
+    min_chunk = _smallest_chunk(captured, dims)
+    if min_chunk is None and not refusal:  # an export graph whose batch dim stayed fixed
+        refusal = "the captured graph is specialized to the example's batch size (see plan.fallbacks)"
+    fingerprint = graph_fingerprint(gm)
+    saved = o.saved_plan
+    tp_model = TensorParallelLayouts(gm, o.spec, o.training, strict=o.tensor_parallel is not None)
+    if saved is not None:
+        if saved.fingerprint != fingerprint:
+            raise ValueError(
+                f"the plan was made for another model or another call signature (plan fingerprint "
+                f"{saved.fingerprint} for {saved.model}, this model {fingerprint}): plan this model again"
+            )
+        if saved.devices != o.devices:
+            raise ValueError(
+                f"the plan is for {saved.devices} devices, compile was asked for {o.devices}: "
+                f"pass devices={saved.devices} or plan again"
+            )
+        if refusal and saved.microbatches * saved.data_degree > 1:
+            raise ValueError(
+                f"the plan splits the batch into {saved.microbatches * saved.data_degree} chunks, but {refusal}"
+            )
+        degrees = Degrees(saved.pipeline_degree, saved.tensor_degree, saved.data_degree)
+        saved_layout = plan_layout(saved)
+        scaled = scale_graph(pg, tp_model.adopt(saved_layout) if saved_layout is not None else None, degrees.dp)
+        best = Candidate(
+            degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree, graph=scaled
+        )
+        flight = get_schedule(saved.schedule).in_flight(saved.num_stages, saved.microbatches)
+        price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o.spec.devices_per_node)
+        return PlannedModel(saved, best, [best])
+
+    max_tp = 1
+    if o.tensor_parallel != 1:  # even where the devices leave no room for tp: the memory hint counts it
+        from partitioner.plan.tensor import max_tensor_parallel
+
+        max_tp = max_tensor_parallel(gm, limit=o.spec.devices_per_node)
+    batch = _batch_size(inputs, captured.input_names, dims)
+    if refusal and (o.microbatches or 1) > 1:
+        raise ValueError(f"microbatches={o.microbatches} asks for a split, but {refusal}")
+    if o.microbatches and batch and min_chunk and batch // o.microbatches < min_chunk:
+        raise ValueError(
+            f"microbatches={o.microbatches} cuts the batch of {batch} into chunks of {batch // o.microbatches}, "
+            f"but the captured graph holds only for batches of {min_chunk} or more: use fewer microbatches"
+        )
+    try:
+        best, evaluated = search(
+            pg,
+            o.devices,
+            tp_model=tp_model,
+            max_tp=max_tp,
+            batch=1 if refusal else batch,  # not splittable: one chunk, no microbatches, no data parallelism
+            memory_limit=o.memory_limit,
+            schedules=o.schedules,
+            pipeline=o.pipeline,
+            tensor_parallel=o.tensor_parallel,
+            microbatches=o.microbatches,
+            stages_per_device=o.stages_per_device,
+            mincut=o.mincut,
+            min_chunk=min_chunk or 1,
+        )
+    except ValueError as e:
+        if refusal:
+            raise ValueError(f"{e}; the batch stays whole because {refusal}") from e
+        raise
+    tp_layout = tp_model.layouts.get(best.degrees.tp) if best.degrees.tp > 1 else None
+    plan = _make_plan(model_name, captured, gm, best, evaluated, fingerprint, o, tp_layout, flow)
+    return PlannedModel(plan, best, evaluated)
+
+
+def batch_dims_of(option: int | dict[str, int | None], names: list[str], inputs: list[Any]) -> dict[str, int | None]:
+    """compile's batch_dim as input name -> dim (None: not per sample), checked against the example inputs."""
+    if isinstance(option, dict):
+        unknown = sorted(set(option) - set(names) - {"targets"})
+        if unknown:
+            raise ValueError(f"batch_dim names {unknown}, which are not tensor inputs of the model (those are {names})")
+    dims = {n: option.get(n, 0) if isinstance(option, dict) else option for n in names}
+    for (name, d), t in zip(dims.items(), inputs):
+        if d is not None and not -t.dim() <= d < t.dim():
+            raise ValueError(
+                f"batch_dim {d} of input {name!r} is out of range for its {t.dim()} dims: name that input's batch dim "
+                f"in a dict (batch_dim={{{name!r}: ...}}), or None if it is not per sample"
+            )
+    return {n: (d % t.dim() if d is not None else None) for (n, d), t in zip(dims.items(), inputs)}
+
+
+def _smallest_chunk(captured: CapturedGraph, dims: dict[str, int | None]) -> int | None:
+    """The fewest samples a microbatch may hold: 1 for fx graphs, the smallest size an export graph holds for on
+    every batched input's batch dim, None where export fixed that dim (the batch cannot be split)."""
+    if captured.input_shapes is None:
+        return 1
+    smallest = 1
+    for name, d in dims.items():
+        if d is None:
+            continue
+        spec = captured.input_shapes[name][d]
+        if isinstance(spec, int):
+            return None
+        smallest = max(smallest, spec.min)
+    return smallest
+
+
+def _batch_size(inputs: list[torch.Tensor], names: list[str], dims: dict[str, int | None]) -> int | None:
+    """The example's number of samples: the size of the first batched input's batch dim."""
+    name, t = next(((n, t) for n, t in zip(names, inputs) if dims.get(n) is not None), (None, None))
+    if t is None:
+        return None
+    batch = int(t.shape[dims[name]])
+    if batch == 0:
+        raise ValueError(
+            f"example input {name!r} has 0 rows: compile needs a non-empty example batch (its batch dim is what the "
+            f"search splits into microbatches and data-parallel replicas)"
+        )
+    return batch
+
+
+def _batch_dims_record(option: int | dict[str, int | None], dims: dict[str, int | None]) -> dict[str, int | None]:
+    """What the plan records: each input's batch dim, and the targets' under "targets"."""
+    target = option.get("targets", 0) if isinstance(option, dict) else option
+    return {**dims, "targets": target}
+
+
+def _module_path(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack)) if stack else ""
+
+
+def _json_value(v: Any) -> Any:
+    return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+
+
+def _predicted(gm: fx.GraphModule, best: Candidate, spec: DeviceSpec, devices: int) -> dict[str, float]:
+    """Headline predictions. MFU = model FLOPs per step / (step time x devices x peak FLOP/s), with
+    model FLOPs = forward + backward FLOPs of the annotated graph, at the peak of its main dtype."""
+    flop_nodes = [n for n in gm.graph.nodes if n.meta.get("flops", 0) > 0]
+    flops = sum(n.meta["flops"] + n.meta.get("bwd_flops", 0) for n in flop_nodes)
+    dtype = max(flop_nodes, key=lambda n: n.meta["flops"]).meta["dtype"] if flop_nodes else "float32"
+    peak = spec.flops_per_second(dtype) / spec.compute_efficiency
+    sim = best.simulation
+    return {
+        "step_time": best.step_time,
+        "pipeline_time": sim.step_time,
+        "data_parallel_sync": best.dp_sync,
+        "tied_weight_sync": best.tied_sync,
+        "bubble_fraction": sim.bubble_fraction,
+        "peak_memory": max(sim.peak_memory),
+        "model_flops": float(flops),
+        "mfu": flops / (best.step_time * devices * peak) if best.step_time > 0 else 0.0,
+    }
+
+
+def _make_plan(
+    model_name: str,
+    captured: CapturedGraph,
+    gm: fx.GraphModule,
+    best: Candidate,
+    evaluated: list[Candidate],
+    fingerprint: str,
+    o: CompileOptions,
+    tp_layout: Any,
+    flow: BatchFlow,
+) -> Plan:
+    pg, stage_of, metrics = best.graph, best.stage_of, best.metrics
+    num_stages = len(metrics)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    stage_nodes: list[list[str]] = [[] for _ in range(num_stages)]
+    for name, s in zip(pg.names, stage_of):
+        stage_nodes[s].append(name)
+    held: list[set[str]] = [set() for _ in range(num_stages)]
+    for i, ps in enumerate(pg.params):
+        held[stage_of[i]].update(ps)
+    stages = []
+    for s, met in enumerate(metrics):
+        paths = [p for p in (_module_path(by_name[n]) for n in stage_nodes[s]) if p]
+        span = [paths[0], paths[-1]] if paths else [""]
+        flops = float(sum(by_name[n].meta["flops"] for n in stage_nodes[s]))
+        stages.append(
+            StagePlan(
+                index=s,
+                nodes=stage_nodes[s],
+                modules=span if span[0] != span[-1] else span[:1],
+                params=sorted(held[s]),
+                param_bytes=met.param_bytes,
+                flops=flops,
+                compute_time=met.compute,
+                comm_time=met.comm,
+                peak_memory=met.peak_memory,
+                send_bytes=met.send_bytes,
+                activation_bytes=met.activation_bytes,
+                overlaps_comm=met.overlaps_comm,
+            )
+        )
+    shared = {p: sorted(s for s in range(num_stages) if p in held[s]) for p in pg.param_static}
+    fallbacks = [vars(f) for f in captured.fallbacks]
+    if tp_layout is not None:
+        fallbacks += [{"what": f["node"], "path": "replicated", "reason": f["reason"]} for f in tp_layout.fallbacks]
+    # Where the batch analysis could not prove samples independent (or refused a split), and why.
+    fallbacks += [{"what": node, "path": "batch not split", "reason": reason} for node, reason in flow.mixing]
+    fallbacks += [{"what": node, "path": "batch", "reason": reason} for node, reason in flow.notes]
+    d = best.degrees
+    return Plan(
+        model=model_name,
+        fingerprint=fingerprint,
+        capture=captured.method,
+        devices=o.devices,
+        device_type=o.spec.to_dict(),
+        pipeline_degree=d.pp,
+        tensor_degree=d.tp,
+        data_degree=d.dp,
+        microbatches=best.microbatches,
+        schedule=best.schedule,
+        training=o.training,
+        memory_limit=float(o.memory_limit),
+        stages=stages,
+        node_stage={n: int(s) for n, s in zip(pg.names, stage_of)},
+        tied_params=pg.tied,
+        tied_stages={p: ss for p, ss in shared.items() if len(ss) > 1},
+        fallbacks=fallbacks,
+        input_names=list(captured.input_names),
+        constants={k: _json_value(v) for k, v in captured.constants.items()},
+        predicted=_predicted(gm, best, o.spec, o.devices),
+        alternatives=[c.row() for c in evaluated if c is not best][:6],
+        tensor=json.loads(tp_layout.to_json()) if tp_layout is not None else {},
+        cost_model=o.cost,
+        batch_dims=_batch_dims_record(o.batch_dim, flow.batch_dims),
+    )
