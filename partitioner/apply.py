@@ -19,7 +19,7 @@ from partitioner.capture import CapturedGraph
 from partitioner.passes.split import StageModule, split_stages
 from partitioner.passes.tensor_parallel import TPComm, stage_of_rank_nodes, tensor_parallel_rank
 from partitioner.plan.schema import Plan
-from partitioner.plan.tensor import TensorParallelPlan
+from partitioner.plan.tensor_layout import TensorParallelPlan
 
 __all__ = ["apply", "plan_layout", "rank_graph"]
 

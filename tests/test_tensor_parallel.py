@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import partitioner
-import partitioner.plan.tensor as tensor_plan
+import partitioner.plan.tensor_rules as tensor_rules
 import zoo
 from partitioner.annotate import annotate
 from partitioner.capture import capture
@@ -691,9 +691,9 @@ def test_a_rule_failing_without_sharded_inputs_is_recorded_and_refused_when_forc
     replicated, which it is on every rank, with the reason; strict mode (forced tensor_parallel) names it instead."""
 
     def broken(st: object, node: fx.Node) -> None:
-        raise tensor_plan._Conflict("this rule cannot analyse cumsum")
+        raise tensor_rules._Conflict("this rule cannot analyse cumsum")
 
-    monkeypatch.setattr(tensor_plan, "_FUNCTION_RULES", [({"cumsum"}, broken), *tensor_plan._FUNCTION_RULES])
+    monkeypatch.setattr(tensor_rules, "_FUNCTION_RULES", [({"cumsum"}, broken), *tensor_rules._FUNCTION_RULES])
 
     class CumsumMLP(nn.Module):
         def __init__(self) -> None:

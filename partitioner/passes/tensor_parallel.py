@@ -52,7 +52,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from partitioner.plan.tensor import TensorParallelPlan, shard_slices, shard_tensor, unshard_tensor
+from partitioner.plan.tensor_layout import TensorParallelPlan, shard_slices, shard_tensor, unshard_tensor
 
 __all__ = [
     "GroupComm",

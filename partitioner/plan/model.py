@@ -65,7 +65,7 @@ class TensorParallelLayouts:
         return self._priced(layout)
 
     def _priced(self, layout: Any) -> TensorParallelModel:
-        from partitioner.plan.tensor import tp_cost
+        from partitioner.plan.tensor_cost import tp_cost
 
         cost = tp_cost(layout, self.gm, self.spec, training=self.training)
         self.layouts[layout.tp] = layout

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from partitioner.passes.tensor_parallel import tensor_parallel_rank
-from partitioner.plan.tensor import TensorParallelPlan, unshard_tensor
+from partitioner.plan.tensor_layout import TensorParallelPlan, unshard_tensor
 
 __all__ = ["TPCheckReport", "ThreadComm", "ThreadGroup", "check_tensor_parallel", "run_tensor_parallel_local"]
 

@@ -1,0 +1,71 @@
+"""plan.tensor_cost: what a tensor-parallel layout costs on a device (collectives, per-rank compute and weights),
+as the pp x tp x dp search prices it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+
+from partitioner.comm import all_gather_time, all_reduce_time
+from partitioner.devices import DeviceSpec
+from partitioner.plan.tensor_layout import REPLICATED, TensorParallelPlan
+
+__all__ = ["TPCost", "tp_cost"]
+
+
+@dataclass(frozen=True)
+class TPCost:
+    """Per-step tensor-parallel figures for the pp x tp x dp search (seconds; FLOPs of the annotated batch).
+
+    comm_forward / comm_backward: time of the plan's collectives (ring: all-reduce 2(tp-1)/tp x bytes / bw,
+    all-gather (tp-1)/tp x bytes / bw, plus one latency per call). flops_per_rank: sharded nodes' FLOPs / tp
+    plus replicated nodes' FLOPs (forward + backward). node_scale: node -> factor on its compute time.
+    comm_by_node: node -> (forward, backward) seconds of the collectives anchored after it (to sum per stage).
+    param_bytes_per_rank: parameter bytes one tp rank holds (tied parameters once; sharded ones / tp).
+    """
+
+    comm_forward: float
+    comm_backward: float
+    flops_per_rank: float
+    flops_total: float
+    node_scale: dict[str, float]
+    comm_by_node: dict[str, tuple[float, float]]
+    param_bytes_per_rank: float
+
+    @property
+    def comm(self) -> float:
+        return self.comm_forward + self.comm_backward
+
+
+def _collective_time(c: dict[str, Any], tp: int, spec: DeviceSpec) -> float:
+    collective = all_reduce_time if c["kind"] == "all_reduce" else all_gather_time
+    return collective(spec, c["bytes"], tp, internode=tp > spec.devices_per_node)
+
+
+def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, training: bool = True) -> TPCost:
+    """Communication time and per-rank compute of `plan` on `spec` (see TPCost). Bytes are per annotated batch."""
+    comm_by_node: dict[str, tuple[float, float]] = {}
+    fwd = bwd = 0.0
+    for c in plan.collectives:
+        t = _collective_time(c, plan.tp, spec)
+        f, b = comm_by_node.get(c["after"], (0.0, 0.0))
+        if c["phase"] == "forward":
+            fwd += t
+            comm_by_node[c["after"]] = (f + t, b)
+        elif training:
+            bwd += t
+            comm_by_node[c["after"]] = (f, b + t)
+    scale, per_rank, total = {}, 0.0, 0.0
+    for n in gm.graph.nodes:
+        s = 1.0 / plan.tp if plan.node_layout.get(n.name, REPLICATED) != REPLICATED else 1.0
+        scale[n.name] = s
+        flops = n.meta.get("flops", 0) + (n.meta.get("bwd_flops", 0) if training else 0)
+        per_rank += flops * s
+        total += flops
+    seen: dict[int, float] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        sharded = plan.param_shard.get(name, {"dim": None})["dim"] is not None
+        seen[id(p)] = p.numel() * p.element_size() / (plan.tp if sharded else 1)
+    return TPCost(fwd, bwd, per_rank, total, scale, comm_by_node, sum(seen.values()))

@@ -1,0 +1,94 @@
+"""plan.tensor_layout: a tensor-parallel layout as plain data (`TensorParallelPlan`) and the shard arithmetic every
+consumer of one uses (the rewrite, the checkpoint merge, the runtime's loads).
+
+Invariant: `unshard_tensor([shard_tensor(t, dim, parts, r, tp) for r in range(tp)], dim, parts)` equals `t`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["REPLICATED", "TensorParallelPlan", "shard_slices", "shard_tensor", "unshard_tensor"]
+
+REPLICATED = "replicated"
+
+
+@dataclass
+class TensorParallelPlan:
+    """The layout plan of one graph at one tp degree: plain data, `to_json()` / `from_json()` round-trip.
+
+    node_layout: node name -> "replicated" | "shard(d)" | "partial" (every node of the graph).
+    param_shard: parameter name -> {"dim": int | None, "parts": int} (dim None = replicated); tied names both.
+    module_rules: node name -> "column" | "row" | "vocab_embedding" | "vocab_cross_entropy".
+    arg_rewrites: node name -> argument paths (["args", i] or ["args", i, j] or ["kwargs", k(, j)]) whose value
+        (a global size: int, or an int node) becomes value // tp.
+    global_sizes: int-valued nodes read from a sharded dimension; the applier multiplies them by tp so every
+        int in the graph stays a global size.
+    collectives: {"kind": "all_reduce" | "all_gather", "phase": "forward" | "backward", "after": node,
+        "users": [nodes] (backward f: the consumers it feeds), "op": "sum" | "max", "dim": gather dim,
+        "bytes": bytes of the full tensor per call}.
+    fallbacks: {"node": seed node, "reason": why it stays replicated}.
+    requirements: sizes a tp must divide for the sharded nodes of this plan ({"node", "size"}).
+    """
+
+    tp: int
+    node_layout: dict[str, str]
+    param_shard: dict[str, dict[str, int | None]]
+    module_rules: dict[str, str]
+    arg_rewrites: dict[str, list[list[Any]]]
+    global_sizes: list[str]
+    collectives: list[dict[str, Any]]
+    fallbacks: list[dict[str, str]]
+    requirements: list[dict[str, Any]] = field(default_factory=list)
+    gather_output: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TensorParallelPlan:
+        return cls(**json.loads(text))
+
+    def sharded_nodes(self) -> list[str]:
+        return [n for n, lay in self.node_layout.items() if lay != REPLICATED]
+
+    def summary(self) -> str:
+        """A short table: counts per layout, collectives per kind/phase, fallbacks with reasons."""
+        lines = [f"tensor parallel tp={self.tp}: {len(self.sharded_nodes())}/{len(self.node_layout)} nodes sharded"]
+        kinds: dict[str, int] = {}
+        for c in self.collectives:
+            key = f"{c['kind']}({c.get('op', 'cat')}) {c['phase']}"
+            kinds[key] = kinds.get(key, 0) + 1
+        lines += [f"  {k}: {v}" for k, v in sorted(kinds.items())]
+        lines += [f"  replicated {f['node']}: {f['reason']}" for f in self.fallbacks]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- shard math
+def shard_slices(shape: tuple[int, ...] | torch.Size, dim: int, parts: int, rank: int, tp: int) -> list[tuple]:
+    """Index tuples into the full tensor that rank `rank` holds, in local order (one per part).
+
+    Example: shape (192, 64), dim 0, parts 3, tp 2, rank 1 -> rows [32:64], [96:128], [160:192].
+    """
+    size = shape[dim]
+    if size % (parts * tp):
+        raise ValueError(f"dimension {dim} of size {size} does not split into {parts} parts x tp={tp}")
+    block, chunk = size // parts, size // (parts * tp)
+    lead = (slice(None),) * dim
+    return [lead + (slice(i * block + rank * chunk, i * block + (rank + 1) * chunk),) for i in range(parts)]
+
+
+def shard_tensor(full: torch.Tensor, dim: int, parts: int, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s shard of `full` (a copy when parts > 1, else a view)."""
+    pieces = [full[s] for s in shard_slices(full.shape, dim, parts, rank, tp)]
+    return pieces[0] if parts == 1 else torch.cat(pieces, dim)
+
+
+def unshard_tensor(shards: list[torch.Tensor], dim: int, parts: int) -> torch.Tensor:
+    """Inverse of `shard_tensor` over all ranks: `unshard_tensor([shard_tensor(t, d, p, r, n) ...]) == t`."""
+    blocks = [s.chunk(parts, dim) for s in shards]
+    return torch.cat([blocks[r][i] for i in range(parts) for r in range(len(shards))], dim)
