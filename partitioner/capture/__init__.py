@@ -1,0 +1,153 @@
+"""capture: nn.Module + example call -> one normalized fx.GraphModule.
+
+A fallback chain, most precise first; every step down is recorded (`Fallback`) with the error that
+forced it, and carried into `Plan.fallbacks`:
+1. "fx": torch.fx symbolic tracing of the whole model (module-level graph: nn.Linear & co. stay
+   `call_module`, which the tensor-parallel rewrite relies on; shapes stay dynamic).
+2. "export": torch.export, non-strict (ATen-level graph), with every dim of every tensor input marked
+   `Dim.AUTO` (min 1, size-oblivious: no size is assumed to be != 1): export keeps a dim symbolic where the
+   model's code allows and fixes it where the code pins it. Calls are checked against what it kept
+   (`input_shapes`, `DynamicDim`) and against the conditions it derived for the symbolic dims (its guards),
+   so a graph is never run on a shape it does not hold for. Dim 0 is the batch `cm.step` splits into
+   microbatches: when it stays fixed (or only the static export works), `Fallback(path="static shapes")` says
+   why and calls with another batch size get an error saying what to do; when the code tells a one-row batch
+   apart, torch's default export (2+ rows assumed to hold for 1) is taken if its graph matches the model on a
+   row of the example, else `Fallback(path="batch > 1")` (see `_trace_export_dynamic`).
+3. "module-level": fx tracing with a tracer that keeps every submodule fx cannot trace as one opaque
+   `call_module` leaf, found top-down: trace, find the innermost module the failure happened in, make it
+   a leaf, trace again (a leaf whose output then breaks its parent makes the parent the leaf). A leaf
+   runs the module itself at run time, so its data-dependent control flow still takes the branch the
+   real inputs choose. Leaves are profiled on the real weights when they exist (partitioner.leaves).
+Neither fx nor export bakes a data-dependent branch silently: fx refuses `bool(proxy)` and export
+refuses to guard on data-dependent values, so such code always ends up inside a leaf (or refused when it
+is in the model's own forward).
+
+Normal form of the result (what every later pass may assume):
+- one placeholder per tensor-valued argument of `forward`, in signature order (`input_names`);
+  entries of `**kwargs` count as arguments named by their key, elements of `*args` as `<name>_<i>`;
+  every other argument (None, ints, floats, flags) is specialized to its example value and checked
+  at call time (`constants`);
+- the output node returns a flat tuple of values; `out_spec` (a pytree spec of the model's own return value,
+  recorded before fx or export touch it) rebuilds the model's output with its own container types (tensor,
+  tuple, list, namedtuple, dict, None, HF ModelOutput ...), on every path;
+- parameters and buffers keep their original qualified names;
+- export graphs read symbolic dims with `aten.sym_size.int` nodes and compute on them with `operator` nodes
+  (Python ints, which may cross stage boundaries like any value); `node.meta["val"]` holds export's symbolic
+  example values until annotation replaces them;
+- a leaf node (method "module-level") carries `node.meta["capture_leaf"]` (the reason) and, when the
+  model could run, `node.meta["leaf_profile"]` (partitioner.leaves.LeafProfile).
+Example: `forward(self, x, mask=None, scale=2.0)` called as `m(x)` captures to placeholders `[x]`,
+constants `{"mask": None, "scale": 2.0}`; captured by export with x of shape (8, 16) where the model fixes
+the feature dim, `input_shapes == {"x": (DynamicDim("s0", 1, None), 16)}`.
+"""
+
+from __future__ import annotations
+
+import keyword
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from partitioner.capture.export import _trace_export_dynamic
+from partitioner.capture.fx import _make_mutations_explicit, _trace_fx, _trace_with_leaves
+from partitioner.capture.normal_form import (
+    CapturedGraph,
+    CaptureError,
+    DynamicDim,
+    Fallback,
+    _bind,
+    _ExportGuards,
+    _first_line,
+    _flatten_output,
+    _forward_signature,
+    _rebuild_call,
+    flat_arguments,
+)
+
+__all__ = ["CaptureError", "CapturedGraph", "DynamicDim", "Fallback", "capture", "flat_arguments"]
+
+
+def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CapturedGraph:
+    """Capture `model` called as `model(*args, **kwargs)` into the normal form described above.
+
+    The model is not modified (a profiling run of module-level leaves restores buffers and RNG).
+    Raises ValueError when the call does not fit `forward`, CaptureError when no path captures it.
+    """
+    signature = _forward_signature(model)
+    flat = flat_arguments(signature, _bind(signature, tuple(args), dict(kwargs or {})))
+    for name, value in flat.items():
+        if not isinstance(value, torch.Tensor) and any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(value)):
+            raise ValueError(
+                f"argument {name!r} is a {type(value).__name__} holding tensors; partitioner takes tensors as "
+                f"separate arguments: wrap the model in a module whose forward takes each tensor by name"
+            )
+        if not (name.isidentifier() and not keyword.iskeyword(name)):
+            raise ValueError(f"keyword argument {name!r} is not a Python identifier; pass it under another name")
+    tensor_names = [n for n, v in flat.items() if isinstance(v, torch.Tensor)]
+    constants = {n: v for n, v in flat.items() if not isinstance(v, torch.Tensor)}
+    rebuild = _rebuild_call(signature)
+
+    fallbacks: list[Fallback] = []
+    input_shapes: dict[str, tuple[int | DynamicDim, ...]] | None = None
+    guards: _ExportGuards | None = None
+    leaves: list[str] = []
+    try:
+        gm = _trace_fx(model, flat, tensor_names, rebuild, frozenset())
+        method = "fx"
+    except Exception as e_fx:  # data-dependent control flow, unsupported Python, ...
+        fx_reason = f"torch.fx.symbolic_trace failed: {_first_line(e_fx)}"
+        fallbacks.append(Fallback("", "torch.export", fx_reason))
+        try:
+            exported, gave_up = _trace_export_dynamic(model, signature, flat, tensor_names, rebuild)
+            gm, input_shapes, guards = exported.graph_module, exported.shapes, exported.guards
+            method = "export"
+            fallbacks.extend(gave_up)
+        except Exception as e_export:
+            export_reason = f"torch.export failed: {_first_line(e_export)}"
+            fallbacks.append(Fallback("", "module-level", export_reason))
+            gm, leaf_reasons = _trace_with_leaves(model, flat, tensor_names, rebuild, fx_reason, export_reason)
+            method = "module-level"
+            leaves = list(leaf_reasons)
+            fallbacks.extend(Fallback(p, "leaf", r) for p, r in leaf_reasons.items())
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if [p.target for p in placeholders] != tensor_names:
+        raise CaptureError(
+            f"captured placeholders {[p.target for p in placeholders]} do not match the tensor inputs {tensor_names}"
+        )
+    out_spec, output_constants = _flatten_output(gm)
+    _make_mutations_explicit(gm)
+    gm.graph.lint()
+    gm.recompile()
+    modes = [(m, m.training) for m in model.modules()]
+    captured = CapturedGraph(
+        gm,
+        method,
+        tensor_names,
+        constants,
+        signature,
+        out_spec,
+        fallbacks,
+        input_shapes,
+        leaves,
+        output_constants,
+        modes,
+        guards,
+        frozenset(
+            f"{path}.{name}" if path else name
+            for path, m in model.named_modules()
+            for name in m._non_persistent_buffers_set
+        ),
+    )
+    if leaves:
+        from partitioner.leaves import attach_leaf_profiles
+
+        notes = attach_leaf_profiles(model, gm, rebuild(flat))  # how each leaf's cost was obtained
+        captured.fallbacks[:] = [
+            replace(f, reason=f"{f.reason}; {notes[f.what]}") if f.path == "leaf" and f.what in notes else f
+            for f in captured.fallbacks
+        ]
+    return captured
