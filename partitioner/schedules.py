@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SCHEDULES", "Schedule", "get_schedule", "schedule_names"]
+__all__ = ["DATA_PARALLEL_MODES", "SCHEDULES", "Schedule", "get_schedule", "schedule_names"]
+
+DATA_PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,25 @@ class Schedule:
         if self.all_forwards_first:
             return [microbatches] * num_stages
         return [min(num_stages - s, microbatches) for s in range(num_stages)]
+
+    def data_parallel_mode(self, requested: str | None = None) -> str:
+        """The data-parallel wrapper this schedule runs with: `requested`, or by default "ddp" ("fsdp" where the
+        backward is split).
+
+        torch pipelining drives DDP's reducer from the full backward of the last microbatch; zero-bubble schedules
+        split that backward into input and weight parts, which DDP's hooks do not follow (its gradients would go
+        unreduced: replicas would drift apart silently), so "ddp" is refused there. FSDP2 is reduced by the
+        schedule's own REDUCE_GRAD action and works with every schedule.
+        """
+        if requested is not None and requested not in DATA_PARALLEL_MODES:
+            raise ValueError(f"data_parallel={requested!r}: choose one of {DATA_PARALLEL_MODES}")
+        if requested == "ddp" and self.split_backward:
+            raise ValueError(
+                f"data_parallel='ddp' cannot be used with schedule {self.name!r}: torch pipelining splits its "
+                "backward into input and weight gradients, which DDP's reducer does not see; use "
+                "data_parallel='fsdp' (or leave it unset), or a gpipe / 1f1b / interleaved schedule"
+            )
+        return requested or ("fsdp" if self.split_backward else "ddp")
 
     def check_counts(self, num_stages: int, ranks: int) -> None:
         """Raise ValueError, with the numbers and the fix, when `num_stages` stages cannot run on `ranks` ranks."""

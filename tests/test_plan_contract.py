@@ -89,3 +89,18 @@ def test_the_planner_s_own_layouts_type_check() -> None:
     for tp in (2, 4):
         check_tensor_parallel_plan(gm, plan_tensor_parallel(gm, tp))
         check_tensor_parallel_plan(gm, plan_tensor_parallel(gm, tp, exclude={"wte", "h_1_attn_q_proj"}))
+
+
+@pytest.mark.parametrize(
+    "schedule, devices, pipeline, ranks, wrapper",
+    [("1f1b", 4, 2, [0, 1], "ddp"), ("zbv", 2, 2, [0, 1, 1, 0], ""), ("zero-bubble", 4, 2, [0, 1, 0, 1], "fsdp")],
+)
+def test_the_plan_records_stage_ranks_and_the_data_parallel_wrapper(
+    schedule: str, devices: int, pipeline: int, ranks: list[int], wrapper: str
+) -> None:
+    x = zoo.example_inputs(MODEL, batch=8)
+    cm = partitioner.compile(zoo.get(MODEL), devices=devices, pipeline=pipeline, tensor_parallel=1, schedule=schedule,
+                             example_inputs=x, device_type="cpu")  # fmt: skip
+    assert cm.plan.stage_ranks == ranks
+    assert cm.plan.data_parallel == wrapper
+    assert partitioner.Plan.from_json(cm.plan.to_json()) == cm.plan

@@ -321,4 +321,6 @@ def _make_plan(
         tensor=json.loads(tp_layout.to_json()) if tp_layout is not None else {},
         cost_model=o.cost,
         batch_dims=_batch_dims_record(o.batch_dim, flow.batch_dims),
+        stage_ranks=get_schedule(best.schedule).stage_ranks(num_stages, d.pp),
+        data_parallel=get_schedule(best.schedule).data_parallel_mode() if d.dp > 1 else "",
     )

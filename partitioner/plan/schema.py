@@ -75,6 +75,10 @@ class Plan:
     # input name -> the dim a step splits into microbatches (None: passed whole), "targets" -> the targets' dim;
     # empty: dim 0 everywhere (plans saved before batch_dim existed)
     batch_dims: dict[str, int | None] = field(default_factory=dict)
+    # the pipeline rank of every stage (what the schedule runs: s % ranks, zbv's V) and the data-parallel wrapper
+    # ("ddp" | "fsdp"; "" at data degree 1); empty in plans saved before they were recorded
+    stage_ranks: list[int] = field(default_factory=list)
+    data_parallel: str = ""
     version: int = PLAN_VERSION
 
     @property
@@ -119,7 +123,7 @@ class Plan:
         unknown, missing = (
             set(data) - expected,
             {f.name for f in fields(cls) if f.name not in data}
-            - {"predicted", "alternatives", "tensor", "cost_model", "batch_dims"},
+            - {"predicted", "alternatives", "tensor", "cost_model", "batch_dims", "stage_ranks", "data_parallel"},
         )
         if unknown or missing:
             raise ValueError(

@@ -31,31 +31,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from partitioner.schedules import get_schedule
+from partitioner.schedules import DATA_PARALLEL_MODES, get_schedule
 
 __all__ = ["DATA_PARALLEL_MODES", "data_parallel_mode", "full_tensor", "load_into", "wrap_stage"]
 
-DATA_PARALLEL_MODES = ("ddp", "fsdp")
-
 
 def data_parallel_mode(requested: str | None, schedule: str) -> str:
-    """The data-parallel wrapper for `schedule`: `requested`, or by default "ddp" ("fsdp" for zero-bubble ones).
-
-    torch pipelining drives DDP's reducer from the full backward of the last microbatch; zero-bubble schedules
-    split that backward into input and weight parts, which DDP's hooks do not follow (its gradients would go
-    unreduced: replicas would drift apart silently), so "ddp" is refused there. FSDP2 is reduced by the
-    schedule's own REDUCE_GRAD action and works with every schedule.
-    """
-    if requested is not None and requested not in DATA_PARALLEL_MODES:
-        raise ValueError(f"data_parallel={requested!r}: choose one of {DATA_PARALLEL_MODES}")
-    split_backward = get_schedule(schedule).split_backward
-    if requested == "ddp" and split_backward:
-        raise ValueError(
-            f"data_parallel='ddp' cannot be used with schedule {schedule!r}: torch pipelining splits its backward "
-            "into input and weight gradients, which DDP's reducer does not see; use data_parallel='fsdp' (or "
-            "leave it unset), or a gpipe / 1f1b / interleaved schedule"
-        )
-    return requested or ("fsdp" if split_backward else "ddp")
+    """The data-parallel wrapper for `schedule` (partitioner.schedules.Schedule.data_parallel_mode)."""
+    return get_schedule(schedule).data_parallel_mode(requested)
 
 
 def wrap_stage(module: nn.Module, mode: str, dp_mesh: DeviceMesh, exclude: Collection[nn.Parameter]) -> nn.Module:

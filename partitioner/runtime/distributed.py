@@ -322,10 +322,15 @@ class DistributedPipeline:
         self.ranks = dist.get_world_size(self.group)
         self.device = torch.device(device)
         self.schedule_name = schedule or plan.schedule
-        self.data_parallel = data_parallel_mode(data_parallel, self.schedule_name)
+        self.data_parallel = data_parallel_mode(data_parallel or plan.data_parallel or None, self.schedule_name)
         self.num_stages = plan.num_stages
         self.microbatches = plan.microbatches
         self.stage_rank = get_schedule(self.schedule_name).stage_ranks(self.num_stages, self.ranks)
+        if plan.stage_ranks and self.schedule_name == plan.schedule and plan.stage_ranks != self.stage_rank:
+            raise ValueError(
+                f"the plan places stages on ranks {plan.stage_ranks}, but schedule {self.schedule_name!r} runs them "
+                f"on {self.stage_rank} for {self.ranks} ranks: the plan was made for another pipeline width"
+            )
         if len(stages) != self.num_stages:
             raise ValueError(f"the plan has {self.num_stages} stages, {len(stages)} stage modules were given")
 
