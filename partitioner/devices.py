@@ -200,32 +200,38 @@ def measure_link(*, repeats: int = 20, timeout: float = 120.0) -> tuple[float, f
     """(latency seconds, bandwidth bytes/s) of one point-to-point message between two gloo processes here.
 
     Two ranks (partitioner.launch.spawn, one thread each) ping-pong a small and a large tensor through
-    ``batch_isend_irecv``, as the pipeline stages send; the one-way time is half the median round trip.
-    The line through the two (bytes, time) points gives bandwidth (slope) and latency (intercept), which
-    includes Python's and gloo's per-message cost: what a stage pays per send.
+    ``batch_isend_irecv``, as the pipeline stages send; the one-way time is half the fastest round trip (the
+    fastest: other processes on the machine only ever slow a round trip down, and with a few repeats a median
+    can put the small message above the large one). The line through the two (bytes, time) points gives
+    bandwidth (slope) and latency (intercept), which includes Python's and gloo's per-message cost: what a
+    stage pays per send. A measurement whose large message is not slower than its small one is taken again
+    with more repeats, then refused.
     """
     import tempfile
 
     from partitioner.launch import spawn
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = f"{tmp}/link.pt"
-        results = spawn("partitioner.devices:_ping_pong", 2, {"repeats": repeats, "out": out}, timeout=timeout,
-                        env={"OMP_NUM_THREADS": "1"})  # fmt: skip
-        failed = [r for r in results if r.returncode]
-        if failed:
-            raise RuntimeError(f"measure_link: rank {failed[0].rank} failed:\n{failed[0].stderr[-2000:]}")
-        small, large = torch.load(out)
     (s_bytes, l_bytes) = _PING_SIZES
-    bandwidth = (l_bytes - s_bytes) / max(large - small, 1e-9)
-    latency = max(small - s_bytes / bandwidth, 0.0)
-    return latency, bandwidth
+    for attempt in (repeats, 4 * repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = f"{tmp}/link.pt"
+            results = spawn("partitioner.devices:_ping_pong", 2, {"repeats": attempt, "out": out}, timeout=timeout,
+                            env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+            failed = [r for r in results if r.returncode]
+            if failed:
+                raise RuntimeError(f"measure_link: rank {failed[0].rank} failed:\n{failed[0].stderr[-2000:]}")
+            small, large = torch.load(out)
+        if large > small:
+            bandwidth = (l_bytes - s_bytes) / (large - small)
+            return max(small - s_bytes / bandwidth, 0.0), bandwidth
+    raise RuntimeError(
+        f"measure_link: a {l_bytes} B message took {large:.3g} s and a {s_bytes} B one {small:.3g} s: the machine is "
+        f"too busy to time its link; measure again when it is idle"
+    )
 
 
 def _ping_pong(repeats: int, out: str) -> None:
     """Rank side of `measure_link`: median one-way seconds per message size; rank 0 saves them to `out`."""
-    import statistics
-
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -243,6 +249,6 @@ def _ping_pong(repeats: int, out: str) -> None:
                     work.wait()
             if i >= 3:
                 times.append((time.perf_counter() - t0) / 2)
-        one_way.append(statistics.median(times))
+        one_way.append(min(times))
     if rank == 0:
         torch.save(one_way, out)
