@@ -7,6 +7,11 @@ Writes into `node.meta` (consumers check `"flops" in node.meta` rather than re-d
 - "mem_bytes"    bytes the forward kernel(s) read and write; 0 for views (output aliases an input)
 - "out_bytes"    bytes of the tensor outputs (what crosses a stage boundary if this value does)
 - "saved_bytes"  activation bytes autograd keeps for backward, first saver of a storage pays for it
+- "saves"        every activation storage the node saves for backward, by name (see "storages"; a storage the
+                 node creates and saves but does not return is named `node#k`) -> bytes, the ones an earlier node
+                 saved too included: what activation recomputation (plan.recompute) needs to know which storages a
+                 checkpointed region can drop. Fused kernels save what they save on a GPU, not what the meta
+                 path's decomposition would: SDPA its inputs, output and softmax statistics, dropout a bool mask
 - "params"       qualified names of the parameters and buffers the node reads
 - "dtype"        the floating dtype the node computes in (for the FLOP rate)
 - "is_tensor"    whether the output holds any tensor
@@ -75,13 +80,12 @@ class _CostInterpreter(fx.Interpreter):
         return self.storage_names.setdefault(_storage_key(t), creator.name)
 
     def run_node(self, n: fx.Node) -> Any:
-        saved = [0]
+        packed: dict[int, tuple[str, int]] = {}  # storage key -> (name, bytes) of what autograd saves here
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             key = _storage_key(t)
-            if key not in self.param_storages and key not in self.saved_seen:
-                self.saved_seen.add(key)
-                saved[0] += t.untyped_storage().nbytes()
+            if key not in self.param_storages:
+                packed[key] = (self._storage_name(t, n), t.untyped_storage().nbytes())
             return t
 
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -106,9 +110,22 @@ class _CostInterpreter(fx.Interpreter):
             from partitioner.leaves import leaf_cost
 
             profile = leaf_cost(self.module.get_submodule(n.target), n, args, kwargs, training=self.training)
-            result, flops, saved[0] = profile.output, profile.flops, profile.saved_bytes
+            result, flops = profile.output, profile.flops
+            packed = {-id(n): (n.name, profile.saved_bytes)} if profile.saved_bytes else {}
 
         outputs = _tensors(result)
+        if _is_attention(n):
+            packed = self._flash_saves(n, inputs, outputs)
+        elif packed and outputs and _is_dropout(n, self.module):
+            # The fused kernel (CUDA's native_dropout, what torch.compile emits) keeps a bool mask; the composite
+            # meta path keeps one of the input's dtype.
+            packed = {-id(n): (f"{n.name}#mask", outputs[0].numel())}
+        packed = self._name_internals(n, packed, outputs)
+        saves: dict[str, int] = {}
+        for name, nbytes in packed.values():
+            saves[name] = saves.get(name, 0) + nbytes
+        saved = sum(nbytes for key, (_, nbytes) in packed.items() if key not in self.saved_seen)
+        self.saved_seen.update(packed)
         params = self._params_read(n, inputs)
         in_keys = {_storage_key(t) for t in inputs}
         aliases = bool(outputs) and all(_storage_key(t) in in_keys for t in outputs)
@@ -117,7 +134,8 @@ class _CostInterpreter(fx.Interpreter):
         n.meta["bwd_flops"] = self._bwd_flops(flops, inputs, n) if self.training else 0
         n.meta["out_bytes"] = sum(_nbytes(t) for t in outputs)
         n.meta["mem_bytes"] = self._mem_bytes(n, inputs, outputs, aliases)
-        n.meta["saved_bytes"] = saved[0] if self.training else 0
+        n.meta["saved_bytes"] = saved if self.training else 0
+        n.meta["saves"] = saves if self.training else {}
         n.meta["params"] = params
         n.meta["is_tensor"] = bool(outputs)
         n.meta["requires_grad"] = any(t.requires_grad for t in outputs)
@@ -130,6 +148,33 @@ class _CostInterpreter(fx.Interpreter):
         n.meta["reads"] = sorted({self._storage_name(t, n) for t in watched})
         n.meta["writes"] = sorted({self._storage_name(t, n) for t in written})
         return result
+
+    def _name_internals(self, n: fx.Node, packed: dict, outputs: list[torch.Tensor]) -> dict:
+        """Storages node n created and saved but does not return (a mask, statistics) are named `n#k`, so that they
+        are told apart from its output, which carries n's own name."""
+        out_keys = {_storage_key(t) for t in outputs}
+        renamed, k = {}, 0
+        for key, (name, nbytes) in packed.items():
+            if name == n.name and key not in out_keys:
+                name = f"{n.name}#{k}"
+                k += 1
+                if key >= 0:
+                    self.storage_names[key] = name
+            renamed[key] = (name, nbytes)
+        return renamed
+
+    def _flash_saves(self, n: fx.Node, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict:
+        """What a fused attention kernel saves for backward: its q, k, v (and mask) inputs, its output and the softmax
+        statistics (one fp32 per query row and head), never the s x s probabilities. The meta kernel runs the math
+        decomposition, whose saved probabilities are not what runs on a GPU (flash / memory-efficient kernels) or
+        a CPU (torch's fused CPU kernel)."""
+        if not self.training or not any(t.requires_grad for t in outputs):
+            return {}
+        packed = {_storage_key(t): (self._storage_name(t, n), t.untyped_storage().nbytes()) for t in inputs}
+        out = outputs[0]
+        lse = out.numel() // out.shape[-1] * 4  # (..., heads, queries) in fp32
+        packed[_storage_key(out)] = (self._storage_name(out, n), _nbytes(out) + lse)
+        return packed
 
     def _module_state(self, n: fx.Node) -> list[torch.Tensor]:
         """The parameters and buffers a call_module node reads besides its arguments (meta while annotating)."""
@@ -203,6 +248,30 @@ _MATMUL_FUNCTIONS = {
     torch.ops.aten.bmm.default,
 }
 _EMBEDDING_FUNCTIONS = {torch.nn.functional.embedding, torch.ops.aten.embedding.default}
+
+
+_ATTENTION_FUNCTIONS = {
+    torch.nn.functional.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+}
+
+
+def _is_attention(n: fx.Node) -> bool:
+    """A fused attention call (SDPA): its saved tensors are the fused kernel's (`_flash_saves`)."""
+    return n.op == "call_function" and n.target in _ATTENTION_FUNCTIONS
+
+
+_DROPOUT_FUNCTIONS = {
+    torch.nn.functional.dropout,
+    torch.ops.aten.dropout.default,
+    torch.ops.aten.native_dropout.default,
+}
+
+
+def _is_dropout(n: fx.Node, root: torch.nn.Module) -> bool:
+    if n.op == "call_module":
+        return isinstance(root.get_submodule(n.target), torch.nn.modules.dropout._DropoutNd)
+    return n.op == "call_function" and n.target in _DROPOUT_FUNCTIONS
 
 
 def _is_embedding(n: fx.Node, root: torch.nn.Module) -> bool:

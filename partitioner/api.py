@@ -120,18 +120,32 @@ class CompiledModel:
             raise ValueError("this plan has no tensor parallelism (tensor_degree 1): nothing to verify")
         inputs = self.captured.flatten_inputs(args, kwargs)
         # An inference plan places no backward collectives: only its outputs are the model's.
+        # The ranks recompute what the plan says they recompute (recompute regions re-run their collectives too).
+        regions = [r for stage in self.plan.stages for r in stage.recompute_regions]
         return check_tensor_parallel(
-            self.captured.graph_module, self.tensor_parallel_plan, inputs, backward=self.plan.training
-        )
+            self.captured.graph_module, self.tensor_parallel_plan, inputs, backward=self.plan.training,
+            recompute_regions=regions,
+        )  # fmt: skip
 
-    def distributed(self, *, weights: Any = None, mesh: Any = None, **kwargs: Any) -> Any:
+    def distributed(
+        self,
+        *,
+        weights: Any = None,
+        mesh: Any = None,
+        data_parallel: str | None = None,
+        data_parallel_shard: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """This rank's share of the model on torch.distributed.pipelining (partitioner.runtime.distributed).
 
         Call on every rank under torchrun (world size = plan.devices) after compiling with the same
         options or the same saved plan. weights: a state dict by original names, or a ReplayInit from
         partitioner.runtime.materialize.record_init when the model was built on the meta device.
-        Returns a DistributedPipeline: step(inputs, targets, loss_fn), state_dict(), full_state_dict();
-        `cm.step` / `cm.parameters()` use it from then on.
+        data_parallel / data_parallel_shard: override the plan's data-parallel mode ("ddp", "zero1", "zero2",
+        "fsdp", "hsdp"; partitioner.runtime.data_parallel) and HSDP's shard-group size; every rank must pass the
+        same (checked at start-up). Returns a DistributedPipeline: step(inputs, targets, loss_fn),
+        make_optimizer(torch.optim.AdamW, lr=...) (ZeRO-1's sharded optimizer where the mode is "zero1"),
+        state_dict(), full_state_dict(); `cm.step` / `cm.parameters()` use it from then on.
         """
         from partitioner.runtime.distributed import distribute, unused_tensors
 
@@ -139,8 +153,9 @@ class CompiledModel:
             raise ValueError("compile with example_inputs (or call the model once) before distributing it")
         unused = unused_tensors(self.model, self.stages, self.plan)
         self._pipeline = distribute(
-            self.plan, self.captured, self.stages, unused=unused, weights=weights, mesh=mesh, **kwargs
-        )
+            self.plan, self.captured, self.stages, unused=unused, weights=weights, mesh=mesh,
+            data_parallel=data_parallel, data_parallel_shard=data_parallel_shard, **kwargs,
+        )  # fmt: skip
         return self._pipeline
 
     # -- training: the same script in one process or under torchrun --------------------------------------------
@@ -245,6 +260,8 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     mincut: bool = True,
     cost: str = "roofline",
     batch_dim: int | dict[str, int | None] = 0,
+    recompute: str | None = None,
+    data_parallel: str | None = None,
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -271,6 +288,11 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     proves that samples stay independent through the graph (partitioner.plan.batch); where they meet (a reduction,
     a product or an attention over the batch dim) the batch is not split (one microbatch, no data parallelism),
     or, when `microbatches` > 1 asks for a split, compile raises ValueError naming the node.
+    recompute: activation recomputation, "none", "selective" (each layer's attention core) or "full" (each layer;
+    only its inputs are kept) on every stage; None: each stage uses the least that fits its memory
+    (partitioner.plan.recompute). data_parallel: how data-parallel replicas hold their training state, "ddp",
+    "zero1" (optimizer state sharded), "zero2" (and gradients), "fsdp" (and parameters: ZeRO-3) or "hsdp" (FSDP
+    inside a node, replicated across); None: the search picks the fastest that fits (partitioner.plan.sharding).
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
@@ -279,6 +301,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         devices=devices, device_type=device_type, microbatches=microbatches, training=training,
         memory_limit=memory_limit, schedule=schedule, pipeline=pipeline, tensor_parallel=tensor_parallel,
         stages_per_device=stages_per_device, plan=plan, mincut=mincut, cost=cost, batch_dim=batch_dim,
+        recompute=recompute, data_parallel=data_parallel,
     )  # fmt: skip
     example_inputs = as_call(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):

@@ -1,21 +1,29 @@
 """apply: the one way from a Plan to the modules a run executes (shared/ARCHITECTURE.md's applier).
 
     Plan + captured graph (+ tensor-parallel rank)  ->  rank graph (TP rewrite)  ->  stage modules (the split)
+        ->  recompute regions (each stage's `recompute_regions` under torch.utils.checkpoint)
 
-Every runtime runs what this builds: the local pipeline (no TP rank: the unsharded graph split by the plan), the
-in-process TP check (each TP rank's graph) and the distributed pipeline (this rank's TP graph, split). Nothing
+Every runtime runs what this builds: the local pipeline (no TP rank: the unsharded graph split by the plan) and
+the distributed pipeline (this rank's TP graph, split); the in-process TP check (runtime.tp_local) runs each TP
+rank's whole graph, checkpointing the regions it is given as this does per stage. Nothing
 here decides anything: the node -> stage map and the TP layout are read from the Plan, so a saved plan runs the
 same tomorrow as today. Example: a pp2 x tp2 plan applied for tp rank 1 gives two stage modules holding rank 1's
 shards, the inserted collectives on their anchors' stages.
+
+Recompute regions name captured nodes; the TP rewrite keeps those names (inserted nodes get new `tp_` ones), so a
+region covers the same run of the rank graph's stage, from its first name to its last, the collectives and bias
+adds inserted between them included (recomputed too, as in Megatron).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch.fx as fx
 
 from partitioner.capture import CapturedGraph
+from partitioner.passes.recompute import checkpoint_regions
 from partitioner.passes.split import StageModule, split_stages
 from partitioner.passes.tensor_parallel import TPComm, stage_of_rank_nodes, tensor_parallel_rank
 from partitioner.plan.schema import Plan
@@ -72,7 +80,18 @@ def apply(
     weights: Any = None,
 ) -> list[StageModule]:
     """The plan's stage modules for tensor-parallel rank `tp_rank` (None: the unsharded graph): `rank_graph`, then
-    the split by the plan's node -> stage map (nodes the TP rewrite inserted go with their anchors)."""
+    the split by the plan's node -> stage map (nodes the TP rewrite inserted go with their anchors), then each
+    stage's recompute regions (`passes.recompute.checkpoint_regions`). ValueError when a stage's regions do not fit
+    its graph."""
     gm = rank_graph(plan, captured, tp_rank=tp_rank, comm=comm, weights=weights)
     stage_of = plan.node_stage if gm is captured.graph_module else stage_of_rank_nodes(gm, plan.node_stage)
-    return split_stages(gm, stage_of, plan.num_stages)
+    stages = split_stages(gm, stage_of, plan.num_stages)
+    for s, stage in enumerate(stages):
+        regions = plan.stages[s].recompute_regions
+        if not regions:
+            continue
+        try:
+            stages[s] = dataclasses.replace(stage, module=checkpoint_regions(stage.module, regions))
+        except ValueError as e:
+            raise ValueError(f"plan stage {s} ({plan.stages[s].recompute} recompute): {e}") from None
+    return stages

@@ -4,7 +4,8 @@
     ring all-reduce     latency + 2 (k - 1) / k x bytes / bandwidth       (k ranks; nothing for k = 1)
     ring all-gather     latency + (k - 1) / k x bytes / bandwidth         (bytes of the gathered tensor)
 
-`internode`: the ranks span nodes, so the inter-node bandwidth applies. Used by the planning graph (stage
+`bandwidth` is the link's achieved rate (peak x DeviceSpec.link_efficiency). `internode`: the ranks span nodes,
+so the inter-node bandwidth applies. Used by the planning graph (stage
 sends), the tied-weight and data-parallel gradient syncs, the tensor-parallel collectives and the min-cut (which
 counts a message's latency as the bytes the link would move meanwhile).
 """
@@ -17,7 +18,8 @@ __all__ = ["all_gather_time", "all_reduce_time", "latency_bytes", "p2p_time"]
 
 
 def _bandwidth(spec: DeviceSpec, internode: bool) -> float:
-    return spec.internode_bandwidth if internode else spec.link_bandwidth
+    """What NCCL (or gloo) achieves on the link: its peak per direction x DeviceSpec.link_efficiency."""
+    return (spec.internode_bandwidth if internode else spec.link_bandwidth) * spec.link_efficiency
 
 
 def p2p_time(spec: DeviceSpec, nbytes: float, messages: float = 1, *, internode: bool = False) -> float:
@@ -43,4 +45,4 @@ def all_gather_time(spec: DeviceSpec, nbytes: float, ranks: int, *, internode: b
 
 def latency_bytes(spec: DeviceSpec) -> float:
     """One message's latency as the bytes the link moves meanwhile (the min-cut's price of a crossing value)."""
-    return spec.link_latency * spec.link_bandwidth
+    return spec.link_latency * _bandwidth(spec, False)

@@ -45,6 +45,10 @@ class DeviceSpec:
     devices_per_node: int = 8
     compute_efficiency: float = 0.75  # fraction of peak FLOP/s that large GEMMs reach
     memory_efficiency: float = 0.85  # fraction of peak bandwidth that streaming kernels reach
+    # Fraction of a link's per-direction bandwidth that NCCL moves: nccl-tests all_reduce_perf reports a bus
+    # bandwidth of about 230 GB/s on a DGX A100's NVLink (300 GB/s per direction) and about 360 GB/s on a DGX H100's
+    # (450 GB/s), both near 0.78-0.8 of peak; InfiniBand NICs reach a similar share of their line rate.
+    link_efficiency: float = 0.8
     kernel_overhead: float = 5e-6  # seconds of launch / fixed cost per kernel
     overlaps_comm: bool = True  # transfers run beside compute (NCCL); False: they take the sender's time (gloo)
     source: str = ""
@@ -56,7 +60,7 @@ class DeviceSpec:
                 raise ValueError(f"DeviceSpec {self.name!r}: {attr} must be positive, got {getattr(self, attr)}")
         if not self.peak_flops or min(self.peak_flops.values()) <= 0:
             raise ValueError(f"DeviceSpec {self.name!r}: peak_flops needs positive entries, got {self.peak_flops}")
-        if not (0 < self.compute_efficiency <= 1 and 0 < self.memory_efficiency <= 1):
+        if not (0 < self.compute_efficiency <= 1 and 0 < self.memory_efficiency <= 1 and 0 < self.link_efficiency <= 1):
             raise ValueError(f"DeviceSpec {self.name!r}: efficiencies must lie in (0, 1]")
 
     def flops_per_second(self, dtype: torch.dtype | str) -> float:
@@ -126,10 +130,11 @@ PRESETS: dict[str, DeviceSpec] = {
         memory_bytes=16 * GiB,
         link_bandwidth=3.2 * GB,
         link_latency=75e-6,
-        internode_bandwidth=1 * GB,
+        internode_bandwidth=3.2 * GB,  # every rank is a process on this one host: loopback, as link_bandwidth
         devices_per_node=1,
         compute_efficiency=1.0,
         memory_efficiency=1.0,
+        link_efficiency=1.0,  # measured figures are already achieved rates
         kernel_overhead=10e-6,
         overlaps_comm=False,
         source="nominal 2-core CPU; see measure_cpu()",

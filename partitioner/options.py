@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from partitioner.devices import DeviceSpec, get_device_spec
+from partitioner.plan.recompute import MODES
 from partitioner.plan.schema import Plan
+from partitioner.plan.sharding import DP_MODES
 from partitioner.schedules import SCHEDULES, get_schedule
 from partitioner.validate import memory_bytes, positive_int
 
@@ -38,6 +40,8 @@ class CompileOptions:
     mincut: bool
     cost: str  # "roofline" | "profile"
     batch_dim: int | dict[str, int | None]
+    recompute: str | None = None  # forced activation recomputation mode (plan.recompute.MODES); None: searched
+    data_parallel: str | None = None  # forced data-parallel mode (plan.sharding.DP_MODES); None: searched
 
     @classmethod
     def create(
@@ -56,6 +60,8 @@ class CompileOptions:
         mincut: bool = True,
         cost: str = "roofline",
         batch_dim: int | dict[str, int | None] = 0,
+        recompute: str | None = None,
+        data_parallel: str | None = None,
     ) -> CompileOptions:
         """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
 
@@ -92,6 +98,10 @@ class CompileOptions:
             raise ValueError(f"cost={cost!r}: choose one of {COST_MODELS}")
         if not (isinstance(batch_dim, dict) or (isinstance(batch_dim, int) and not isinstance(batch_dim, bool))):
             raise ValueError(f"batch_dim must be an int or a dict of input name -> dim (or None), got {batch_dim!r}")
+        if recompute is not None and recompute not in MODES:
+            raise ValueError(f"recompute={recompute!r}: choose one of {MODES}, or None to let each stage choose")
+        if data_parallel is not None and data_parallel not in DP_MODES:
+            raise ValueError(f"data_parallel={data_parallel!r}: choose one of {DP_MODES}, or None to search")
         spec = get_device_spec(device_type)
         return cls(
             devices=devices,
@@ -107,4 +117,6 @@ class CompileOptions:
             mincut=mincut,
             cost=cost,
             batch_dim=batch_dim,
+            recompute=recompute,
+            data_parallel=data_parallel,
         )

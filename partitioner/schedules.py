@@ -20,7 +20,11 @@ from dataclasses import dataclass
 
 __all__ = ["DATA_PARALLEL_MODES", "SCHEDULES", "Schedule", "get_schedule", "schedule_names"]
 
-DATA_PARALLEL_MODES = ("ddp", "fsdp")
+# How each stage is replicated over the data-parallel group (partitioner.runtime.data_parallel has the table):
+# DDP; ZeRO-1 (DDP + a sharded optimizer); FSDP2 without / with resharding after forward (ZeRO-2 / ZeRO-3); HSDP.
+DATA_PARALLEL_MODES = ("ddp", "zero1", "zero2", "fsdp", "hsdp")
+# The modes whose gradients DDP's reducer all-reduces: torch pipelining's split backward bypasses it.
+_REDUCER_MODES = ("ddp", "zero1")
 
 
 @dataclass(frozen=True)
@@ -50,21 +54,28 @@ class Schedule:
         return [min(num_stages - s, microbatches) for s in range(num_stages)]
 
     def data_parallel_mode(self, requested: str | None = None) -> str:
-        """The data-parallel wrapper this schedule runs with: `requested`, or by default "ddp" ("fsdp" where the
+        """The data-parallel mode this schedule runs with: `requested`, or by default "ddp" ("fsdp" where the
         backward is split).
 
-        torch pipelining drives DDP's reducer from the full backward of the last microbatch; zero-bubble schedules
-        split that backward into input and weight parts, which DDP's hooks do not follow (its gradients would go
-        unreduced: replicas would drift apart silently), so "ddp" is refused there. FSDP2 is reduced by the
-        schedule's own REDUCE_GRAD action and works with every schedule.
+        torch pipelining drives DDP's reducer from the full backward of the last microbatch. Zero-bubble schedules
+        split that backward: the input gradients first, the weight gradients later through ``torch.autograd.grad``
+        written into ``.grad`` by hand, which never fires the hooks DDP's reducer all-reduces from (its gradients
+        would go unreduced: replicas would drift apart silently). So "ddp", and "zero1" (whose gradients DDP
+        reduces), are refused there. FSDP2 ("zero2", "fsdp", "hsdp") is reduced by the schedule's own REDUCE_GRAD
+        action and works with every schedule.
+
+        >>> get_schedule("1f1b").data_parallel_mode(), get_schedule("zbv").data_parallel_mode("zero2")
+        ('ddp', 'zero2')
         """
         if requested is not None and requested not in DATA_PARALLEL_MODES:
             raise ValueError(f"data_parallel={requested!r}: choose one of {DATA_PARALLEL_MODES}")
-        if requested == "ddp" and self.split_backward:
+        if requested in _REDUCER_MODES and self.split_backward:
             raise ValueError(
-                f"data_parallel='ddp' cannot be used with schedule {self.name!r}: torch pipelining splits its "
-                "backward into input and weight gradients, which DDP's reducer does not see; use "
-                "data_parallel='fsdp' (or leave it unset), or a gpipe / 1f1b / interleaved schedule"
+                f"data_parallel={requested!r} cannot be used with schedule {self.name!r}: torch pipelining splits its "
+                "backward into input and weight gradients and writes the weight gradients itself, so the hooks "
+                f"DDP's reducer all-reduces from ({requested!r} reduces gradients with DDP) never fire; use "
+                "data_parallel='fsdp' (or 'zero2' / 'hsdp', or leave it unset), or a gpipe / 1f1b / interleaved / "
+                "looped-bfs schedule"
             )
         return requested or ("fsdp" if self.split_backward else "ddp")
 

@@ -98,9 +98,10 @@ class StageCost:
     send_time: float = 0.0
     activation_bytes: float = 0.0  # held per in-flight microbatch, freed by its backward
     static_bytes: float = 0.0  # weights + grads + optimizer state, held throughout
+    transient_bytes: float = 0.0  # held only while a backward runs (activations a recomputed region regenerates)
 
     def __post_init__(self) -> None:
-        for name in ("forward", "backward", "send_time", "activation_bytes", "static_bytes"):
+        for name in ("forward", "backward", "send_time", "activation_bytes", "static_bytes", "transient_bytes"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"StageCost.{name} must be finite and >= 0, got {value}")
@@ -424,14 +425,19 @@ def replay(
     bubble = 1.0 - sum(busy) / (num_ranks * step_time) if step_time > 0 else 0.0
 
     # Phase 3: memory. +activation at F start, - at the end of the backward that completes the microbatch.
-    deltas: dict[int, list[tuple[float, int, float]]] = defaultdict(list)  # rank -> (time, order, bytes)
+    # rank -> (time, order, bytes, in-flight change); at one time frees (order 0) sort before allocations (1, 2)
+    deltas: dict[int, list[tuple[float, int, float, int]]] = defaultdict(list)
     split = {(e.stage, e.microbatch) for e in events if e.kind == "W"}
     for e in events:
         act = stages[e.stage].activation_bytes
         if e.kind == "F":
-            deltas[e.rank].append((e.start, 1, +act))
+            deltas[e.rank].append((e.start, 1, +act, +1))
         elif e.kind == "W" or (e.kind == "B" and (e.stage, e.microbatch) not in split):
-            deltas[e.rank].append((e.end, 0, -act))  # frees sort before allocations at the same time
+            deltas[e.rank].append((e.end, 0, -act, -1))
+        transient = stages[e.stage].transient_bytes
+        if e.kind in ("B", "I") and transient > 0:  # a recomputed region's activations, during its backward
+            deltas[e.rank].append((e.start, 2, +transient, 0))
+            deltas[e.rank].append((e.end, 0, -transient, 0))
     static = [0.0] * num_ranks
     for s, cost in enumerate(stages):
         static[stage_ranks[s]] += cost.static_bytes
@@ -439,9 +445,9 @@ def replay(
     for r in range(num_ranks):
         level, count, peak, peak_count = static[r], 0, static[r], 0
         timeline = [(0.0, level)]
-        for t, is_alloc, delta in sorted(deltas[r]):
+        for t, _, delta, change in sorted(deltas[r]):
             level += delta
-            count += 1 if is_alloc else -1
+            count += change
             peak, peak_count = max(peak, level), max(peak_count, count)
             if len(timeline) > 1 and timeline[-1][0] == t:  # keep (0, static) as the first point
                 timeline[-1] = (t, level)

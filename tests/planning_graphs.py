@@ -42,7 +42,11 @@ def synthetic_graph(
     for u in outputs if outputs is not None else [n - 1]:
         succs[u].add(n)
     spec = dataclasses.replace(
-        PRESETS["h100"], link_bandwidth=link_bandwidth, link_latency=link_latency, overlaps_comm=overlaps_comm
+        PRESETS["h100"],
+        link_bandwidth=link_bandwidth,
+        link_latency=link_latency,
+        overlaps_comm=overlaps_comm,
+        link_efficiency=1.0,
     )
     c = np.asarray(compute, dtype=np.float64)
     params = params or [[] for _ in range(n)]

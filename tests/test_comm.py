@@ -9,7 +9,9 @@ import pytest
 from partitioner.comm import all_gather_time, all_reduce_time, latency_bytes, p2p_time
 from partitioner.devices import PRESETS
 
-SPEC = dataclasses.replace(PRESETS["h100"], link_bandwidth=100.0, internode_bandwidth=10.0, link_latency=0.5)
+SPEC = dataclasses.replace(
+    PRESETS["h100"], link_bandwidth=100.0, internode_bandwidth=10.0, link_latency=0.5, link_efficiency=1.0
+)
 
 
 def test_point_to_point() -> None:
@@ -25,6 +27,12 @@ def test_ring_collectives() -> None:
     assert all_gather_time(SPEC, 400.0, 4) == pytest.approx(0.5 + 3 / 4 * 4.0)
     assert all_reduce_time(SPEC, 400.0, 2, internode=True) == pytest.approx(0.5 + 2 * 1 / 2 * 40.0)
     assert all_reduce_time(SPEC, 400.0, 1) == all_gather_time(SPEC, 400.0, 1) == 0.0
+
+
+def test_link_efficiency_scales_the_bandwidth_not_the_latency() -> None:
+    half = dataclasses.replace(SPEC, link_efficiency=0.5)
+    assert p2p_time(half, 200.0) == pytest.approx(0.5 + 4.0)
+    assert all_reduce_time(half, 400.0, 4) == pytest.approx(0.5 + 2 * 3 / 4 * 8.0)
 
 
 def test_latency_in_bytes() -> None:

@@ -39,14 +39,13 @@ def _gpt(devices: int, spec: partitioner.DeviceSpec) -> partitioner.CompiledMode
 
 
 def test_tied_embedding_sync_is_priced_once_per_step() -> None:
-    spec = dataclasses.replace(PRESETS["cpu"], link_latency=1e-4, link_bandwidth=1e9)
+    spec = dataclasses.replace(PRESETS["cpu"], link_latency=1e-4, link_bandwidth=1e9, internode_bandwidth=1e9)
     two = _gpt(2, spec)
     wte = two.planning_graph.param_bytes["wte.weight"]
     # Ring all-reduce over the 2 owners (first and last stage): latency + 2 (2-1)/2 x bytes / bandwidth.
     assert two.plan.predicted["tied_weight_sync"] == pytest.approx(1e-4 + wte / 1e9)
-    assert two.plan.predicted["step_time"] == pytest.approx(
-        two.plan.predicted["pipeline_time"] + two.plan.predicted["tied_weight_sync"]
-    )
+    p = two.plan.predicted
+    assert p["step_time"] == pytest.approx(p["pipeline_time"] + p["tied_weight_sync"] + p["optimizer_step"])
     pg = two.planning_graph
     stage_of = [two.plan.node_stage[n] for n in pg.names]
     assert tied_sync_time(pg, stage_of, [0, 0]) == 0.0  # both copies on one rank: nothing to send

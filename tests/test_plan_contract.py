@@ -93,7 +93,7 @@ def test_the_planner_s_own_layouts_type_check() -> None:
 
 @pytest.mark.parametrize(
     "schedule, devices, pipeline, ranks, wrapper",
-    [("1f1b", 4, 2, [0, 1], "ddp"), ("zbv", 2, 2, [0, 1, 1, 0], ""), ("zero-bubble", 4, 2, [0, 1, 0, 1], "fsdp")],
+    [("1f1b", 4, 2, [0, 1], "ddp"), ("zbv", 2, 2, [0, 1, 1, 0], ""), ("zero-bubble", 4, 2, [0, 1, 0, 1], "zero2")],
 )
 def test_the_plan_records_stage_ranks_and_the_data_parallel_wrapper(
     schedule: str, devices: int, pipeline: int, ranks: list[int], wrapper: str

@@ -7,7 +7,7 @@ import pytest
 from torch.distributed.pipelining import schedules as torch_schedules
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
-from partitioner.schedules import SCHEDULES, get_schedule
+from partitioner.schedules import DATA_PARALLEL_MODES, SCHEDULES, get_schedule
 
 
 def test_every_entry_names_a_torch_schedule_class_of_its_kind() -> None:
@@ -49,3 +49,19 @@ def test_split_backward_and_stage_counts() -> None:
     assert {n: e.default_stages_per_rank() for n, e in SCHEDULES.items()} == {
         "gpipe": 1, "1f1b": 1, "interleaved": 2, "looped-bfs": 2, "zero-bubble": 2, "zbv": 2,
     }  # fmt: skip
+
+
+def test_data_parallel_modes_per_schedule() -> None:
+    """Every mode runs with the full-backward schedules; the split backward (zero-bubble) bypasses DDP's reducer,
+    so "ddp" and "zero1" (DDP's gradients) are refused there, saying why; the default follows the split."""
+    assert DATA_PARALLEL_MODES == ("ddp", "zero1", "zero2", "fsdp", "hsdp")
+    for name, entry in SCHEDULES.items():
+        assert entry.data_parallel_mode() == ("fsdp" if entry.split_backward else "ddp"), name
+        for mode in DATA_PARALLEL_MODES:
+            if entry.split_backward and mode in ("ddp", "zero1"):
+                with pytest.raises(ValueError, match=rf"data_parallel='{mode}' cannot be used .* never fire"):
+                    entry.data_parallel_mode(mode)
+            else:
+                assert entry.data_parallel_mode(mode) == mode, (name, mode)
+    with pytest.raises(ValueError, match="'zero3': choose one of"):
+        get_schedule("1f1b").data_parallel_mode("zero3")

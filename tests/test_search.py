@@ -30,12 +30,15 @@ def _no_tp(tp: int) -> TensorParallelModel | None:
 
 
 def _search(pg, devices, **kw):
+    """The search with DDP replicas (every replica holds the whole training state), unless told otherwise: the
+    tests here are about the pipeline and tensor degrees; tests/test_sharding_search.py covers the other modes."""
     defaults = dict(
         tp_model=_no_tp,
         max_tp=1,
         batch=16,
         memory_limit=float("inf"),
         schedules=("1f1b",),
+        data_parallel=("ddp",),
     )
     return search(pg, devices, **{**defaults, **kw})
 
@@ -113,37 +116,43 @@ def _tiny_gpt_on_meta():
     return model, zoo.example_inputs("gpt3-tiny", batch=4, device="meta")
 
 
+# Without recompute and with every replica holding its whole training state: the pipeline x tensor mechanics alone.
+PLAIN = dict(recompute="none", data_parallel="ddp")
+
+
 def test_device_hint_is_the_fewest_devices_that_compile():
     model, x = _tiny_gpt_on_meta()
     limit = 0.5 * 2**20
     with pytest.raises(partitioner.InfeasibleMemoryError) as e:
-        partitioner.compile(model, devices=2, example_inputs=x, memory_limit=limit)
+        partitioner.compile(model, devices=2, example_inputs=x, memory_limit=limit, **PLAIN)
     found = re.search(r"needs about (\d+) devices of this size \(pipeline (\d+) x tensor (\d+)\)", str(e.value))
     n, pp, tp = map(int, found.groups())
     # 8 heads allow tp 8 though 2 devices do not; the DP's estimate for tp 2 (pipeline 6, 12 devices) peaks over
     # the limit once simulated, so the hint is the smallest count the search confirms.
-    assert (n, pp, tp) == (16, 2, 8)
-    cm = partitioner.compile(model, devices=n, example_inputs=x, memory_limit=limit)
+    assert (n, pp, tp) == (12, 3, 4)
+    cm = partitioner.compile(model, devices=n, example_inputs=x, memory_limit=limit, **PLAIN)
     assert cm.plan.predicted["peak_memory"] <= limit
     for fewer in range(3, n):
         with pytest.raises(ValueError):
-            partitioner.compile(model, devices=fewer, example_inputs=x, memory_limit=limit)
+            partitioner.compile(model, devices=fewer, example_inputs=x, memory_limit=limit, **PLAIN)
 
 
 def test_forced_degrees_that_do_not_fit_report_their_own_figures():
     model, x = _tiny_gpt_on_meta()
     with pytest.raises(partitioner.InfeasibleMemoryError) as e:
-        partitioner.compile(model, devices=8, example_inputs=x, pipeline=2, tensor_parallel=2, memory_limit=2**19)
+        partitioner.compile(model, devices=8, example_inputs=x, pipeline=2, tensor_parallel=2, memory_limit=2**19,
+                            **PLAIN)  # fmt: skip
     msg = str(e.value)
     assert msg.startswith("pipeline=2, tensor_parallel=2 on 8 devices does not fit in memory: pp2 x tp2 x dp2 1f1b")
     assert set(re.findall(r"pp\d+ x tp\d+ x dp\d+", msg)) == {"pp2 x tp2 x dp2"}  # no other layout's reasons
-    assert "weights and training state 1.08 MiB in all, activations 523.12 KiB per microbatch" in msg
+    # The training state alone (weights, grads, Adam) of half the model over tp 2 exceeds the limit: no DP runs.
+    assert "its weights and training state alone need 554.50 KiB per device, over 512.00 KiB" in msg
     # No count of devices keeps pipeline 2 x tensor 2; what the model needs without them is said as such.
     assert msg.endswith(
-        "Without pipeline=2, tensor_parallel=2, it needs about 16 devices of this size (pipeline 2 x tensor 8)."
+        "Without pipeline=2, tensor_parallel=2, it needs about 12 devices of this size (pipeline 3 x tensor 4)."
     )
     with pytest.raises(partitioner.InfeasibleMemoryError) as e:  # a forced pipeline degree stays in the hint
-        partitioner.compile(model, devices=4, example_inputs=x, pipeline=2, memory_limit=2**19)
+        partitioner.compile(model, devices=4, example_inputs=x, pipeline=2, memory_limit=2**19, **PLAIN)
     assert str(e.value).startswith("pipeline=2 on 4 devices does not fit in memory: pp2 x tp1 x dp2 1f1b")
     assert str(e.value).endswith("With pipeline=2, it needs about 16 devices of this size (pipeline 2 x tensor 8).")
 

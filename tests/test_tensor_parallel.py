@@ -399,8 +399,9 @@ def test_tp_cost_matches_the_ring_formula() -> None:
     plan = plan_tensor_parallel(gm, 4)
     cost = tp_cost(plan, gm, spec)
     act = 2 * 8 * 64 * 4  # one (B, T, d) fp32 activation
-    ar = spec.link_latency + 2 * 3 / 4 * act / spec.link_bandwidth
-    gather = spec.link_latency + 3 / 4 * (2 * 8 * 512 * 4) / spec.link_bandwidth
+    bandwidth = spec.link_bandwidth * spec.link_efficiency  # what NCCL achieves on NVLink
+    ar = spec.link_latency + 2 * 3 / 4 * act / bandwidth
+    gather = spec.link_latency + 3 / 4 * (2 * 8 * 512 * 4) / bandwidth
     assert cost.comm_forward == pytest.approx(5 * ar + gather)
     assert cost.comm_backward == pytest.approx(5 * ar)
     assert tp_cost(plan, gm, spec, training=False).comm_backward == 0.0

@@ -44,6 +44,10 @@ class GPTConfig:
     n_ctx: int = 2048  # learned positions; the context of every GPT-3 size
     dropout: float = 0.0  # residual / attention / embedding dropout; 0 for benchmarks
     layer_norm_eps: float = 1e-5
+    # "sdpa": one fused scaled_dot_product_attention call (flash / memory-efficient kernels on GPUs). "math": the
+    # attention core written out as Megatron-LM (2021) runs it: Q K^T scaled, causal mask, softmax, dropout, times
+    # V, the s x s probabilities materialized (what its published runs measured).
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -58,6 +62,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ("sdpa", "math"):
+            raise ValueError(f"GPTConfig.attention must be 'sdpa' or 'math', got {self.attention!r}")
 
     @property
     def head_dim(self) -> int:
@@ -102,6 +108,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
+        self.attention = cfg.attention
+        self.attn_drop = nn.Dropout(cfg.dropout)
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.k_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model)
@@ -113,10 +121,23 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hd)
+        if self.attention == "math":
+            y = self._math_attention(q, k, v)
+        else:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, d)
         return self.resid_drop(self.out_proj(y))
+
+    def _math_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(mask(Q K^T / sqrt(hd))) V with the probabilities materialized, as Megatron-LM's CoreAttention
+        (the scale applied to Q, which is cheaper than to the s x s scores and equal)."""
+        T = q.size(2)
+        scores = torch.matmul(q * (1.0 / math.sqrt(self.head_dim)), k.transpose(-2, -1))  # (B, nh, T, T)
+        pos = torch.arange(T, device=q.device)
+        causal = pos[:, None] >= pos[None, :]  # (T, T)
+        probs = self.attn_drop(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
+        return torch.matmul(probs, v)  # (B, nh, T, hd)
 
 
 class MLP(nn.Module):

@@ -20,7 +20,11 @@ several later nodes crosses once per boundary). Each crossing value is its own m
 (torch.distributed.pipelining posts one isend per tensor), so comm(bytes, k values) over m microbatches is
 m x k x latency + bytes / bandwidth. Backward sends carry the same bytes and messages as forward sends.
 Memory(s) = static bytes of the parameters the stage reads (weights, grads, Adam state) +
-saved activations per microbatch x microbatches in flight at stage s (given by the schedule).
+saved activations per microbatch x microbatches in flight at stage s (given by the schedule), as kept under the
+stage's activation recomputation (plan.recompute), + the largest recomputed region's activations during its backward.
+Training also computes a loss on what the model returns, outside the captured graph: the nodes whose values are
+returned pay a memory-bound pass that reads them and writes probabilities (forward) and writes their gradient
+(backward), as a cross-entropy over logits does.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from partitioner.comm import all_reduce_time, p2p_time
 from partitioner.cost import NodeCost
 from partitioner.devices import DeviceSpec
 from partitioner.plan.ordering import MutationOrder, mutation_order
+from partitioner.plan.recompute import MODES, ActivationModel, activation_model, find_regions
 from partitioner.simulate import SimResult, StageCost, simulate
 
 __all__ = [
@@ -81,10 +86,46 @@ class PlanningGraph:
     training: bool
     alias_of: dict[str, str] = field(default_factory=dict)  # tied name -> canonical name
     order: MutationOrder | None = None  # constraints of in-place writes (plan.ordering); None: no writes
+    # Activation recomputation (plan.recompute): what each node saves (storage name -> bytes, whole batch), the
+    # storages each node's output lives in, and the regions each mode checkpoints ([a, b) node ranges).
+    saves: list[dict[str, float]] = field(default_factory=list)
+    storages: list[list[str]] = field(default_factory=list)
+    regions: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    trainable: frozenset[str] = frozenset()  # canonical names of the parameters that get a gradient
+    param_element_size: int = 4  # bytes per element of the trainable parameters (the largest share's dtype)
+    # Adjacent pipeline stages sit on different nodes (set by plan.search.scale_graph from the degrees: Megatron's
+    # placement puts tp, then dp inside a node, so a pipeline of tp x dp x pp > devices_per_node ranks crosses
+    # nodes, and its slowest boundary paces every microbatch).
+    p2p_internode: bool = False
+    _activations: dict[str, ActivationModel] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
         return len(self.names)
+
+    def recompute_modes(self) -> tuple[str, ...]:
+        """The recompute modes this graph offers ("none" always; others where it has regions for them)."""
+        return ("none",) + tuple(m for m in MODES[1:] if self.regions.get(m))
+
+    def activations(self, mode: str) -> ActivationModel:
+        """Kept bytes, recomputed seconds and transient bytes per node under recompute `mode` (plan.recompute)."""
+        if mode not in self._activations:
+            if mode not in MODES:
+                raise ValueError(f"recompute={mode!r}: choose one of {MODES}")
+            if mode == "none" or not self.regions.get(mode):
+                zeros = np.zeros(self.n)
+                model = ActivationModel(mode, self.saved_bytes, zeros, zeros, ())
+            else:
+                index = {name: i for i, name in enumerate(self.names)}
+                stored = {name for node in self.saves for name in node} | {n for ss in self.storages for n in ss}
+                # A storage is named after the node that created it (`node#k` for one it saved but did not return).
+                created_by = {name: index[name.split("#")[0]] for name in stored if name.split("#")[0] in index}
+                model = activation_model(
+                    mode, self.regions[mode], self.saves, created_by, self.preds, self.storages, self.out_bytes,
+                    self.forward,
+                )  # fmt: skip
+            self._activations[mode] = model
+        return self._activations[mode]
 
     @property
     def compute(self) -> np.ndarray:
@@ -98,7 +139,7 @@ class PlanningGraph:
         """One direction of one boundary for a whole step: `messages` values per microbatch, nbytes in all."""
         if messages <= 0 and nbytes <= 0:
             return 0.0
-        return p2p_time(self.spec, nbytes, microbatches * max(messages, 1))
+        return p2p_time(self.spec, nbytes, microbatches * max(messages, 1), internode=self.p2p_internode)
 
 
 def build_planning_graph(
@@ -130,6 +171,10 @@ def build_planning_graph(
         alias_of[name] = canonical[key]
         tied.setdefault(canonical[key], []).append(name)
     tied = {k: v for k, v in tied.items() if len(v) > 1}
+    by_size: dict[int, int] = {}
+    for _name, t, is_buffer in named:
+        if not is_buffer and t.requires_grad:
+            by_size[t.element_size()] = by_size.get(t.element_size(), 0) + t.numel()
 
     n = len(nodes)
     succs: list[list[int]] = [[] for _ in range(n)]
@@ -155,12 +200,26 @@ def build_planning_graph(
                 succs[index[inp]].append(i)
                 preds[i].append(index[inp])
     params = [sorted(set(p) & set(param_static)) for p in params]
+    # A node annotated without "saves" (an opaque leaf) saves one storage of its own.
+    saves = [
+        {k: float(v) for k, v in nd.meta["saves"].items()} if "saves" in nd.meta
+        else ({nd.name: float(nd.meta.get("saved_bytes", 0))} if nd.meta.get("saved_bytes") else {})
+        for nd in nodes
+    ]  # fmt: skip
+    names = [nd.name for nd in nodes]
+    forward = np.array([costs[nd.name].forward for nd in nodes], dtype=np.float64)
+    backward = np.array([costs[nd.name].backward for nd in nodes], dtype=np.float64)
+    out_bytes = np.array([nd.meta.get("out_bytes", 0) for nd in nodes], dtype=np.float64)
+    if training:  # the loss on what the model returns (module docstring)
+        returned = [i for i, s in enumerate(succs) if n in s]
+        forward[returned] += 2 * out_bytes[returned] / spec.bytes_per_second()
+        backward[returned] += out_bytes[returned] / spec.bytes_per_second()
 
     return PlanningGraph(
-        names=[nd.name for nd in nodes],
-        forward=np.array([costs[nd.name].forward for nd in nodes], dtype=np.float64),
-        backward=np.array([costs[nd.name].backward for nd in nodes], dtype=np.float64),
-        out_bytes=np.array([nd.meta.get("out_bytes", 0) for nd in nodes], dtype=np.float64),
+        names=names,
+        forward=forward,
+        backward=backward,
+        out_bytes=out_bytes,
         saved_bytes=np.array([nd.meta.get("saved_bytes", 0) for nd in nodes], dtype=np.float64),
         is_tensor=np.array([nd.meta.get("is_tensor", True) for nd in nodes], dtype=bool),
         succs=[sorted(set(s)) for s in succs],
@@ -174,6 +233,11 @@ def build_planning_graph(
         training=training,
         alias_of=alias_of,
         order=mutation_order(nodes) or None,
+        saves=saves,
+        storages=[list(nd.meta.get("storages", [nd.name])) for nd in nodes],
+        regions=find_regions(gm, names, params, succs) if training else {},
+        trainable=frozenset(p for p in param_static if param_static[p] > param_bytes[p]),
+        param_element_size=max(by_size, key=by_size.get) if by_size else 4,
     )
 
 
@@ -199,6 +263,9 @@ class StageMetrics:
     overlaps_comm: bool = True  # the device's transfers run beside compute (DeviceSpec.overlaps_comm)
     send_messages: int = 0  # values sent to the next stage per microbatch (one message each)
     recv_messages: int = 0  # values received from the previous stage per microbatch (one message each)
+    recompute: str = "none"  # activation recomputation mode (plan.recompute)
+    recompute_time: float = 0.0  # forward seconds re-run in the backward (included in `backward`)
+    transient_bytes: float = 0.0  # bytes a recomputed region regenerates during its backward (all microbatches)
 
     @property
     def compute(self) -> float:
@@ -217,8 +284,10 @@ def evaluate(
     *,
     microbatches: int = 1,
     in_flight: Sequence[int] | None = None,
+    recompute: Sequence[str] | None = None,
 ) -> list[StageMetrics]:
-    """Metrics of every stage for `stage_of[i]` = stage of planned node i.
+    """Metrics of every stage for `stage_of[i]` = stage of planned node i, recomputing activations on stage s as
+    `recompute[s]` says (plan.recompute; default "none" everywhere).
 
     Raises ValueError for an invalid assignment: a stage out of range or empty, an input not on
     stage 0, an edge going backwards (consumer on an earlier stage than its producer), or an in-place
@@ -260,9 +329,19 @@ def evaluate(
     np.add.at(count, stage_of + 1, 1)
     np.add.at(count, last + 1, -1)
     sends = np.cumsum(count)[1:]  # sends[s] = values crossing s|s+1
+    modes = list(recompute) if recompute is not None else ["none"] * num_stages
+    if len(modes) != num_stages:
+        raise ValueError(f"{len(modes)} recompute modes for {num_stages} stages")
     fwd = np.bincount(stage_of, weights=pg.forward, minlength=num_stages)
     bwd = np.bincount(stage_of, weights=pg.backward, minlength=num_stages)
-    act = np.bincount(stage_of, weights=pg.saved_bytes, minlength=num_stages)
+    act, redo, transient = np.zeros(num_stages), np.zeros(num_stages), np.zeros(num_stages)
+    for mode in set(modes):
+        model = pg.activations(mode)
+        mine = np.array([modes[s] == mode for s in range(num_stages)])[stage_of]
+        act += np.bincount(stage_of[mine], weights=model.kept[mine], minlength=num_stages)
+        redo += np.bincount(stage_of[mine], weights=model.recompute[mine], minlength=num_stages)
+        if mine.any():
+            np.maximum.at(transient, stage_of[mine], model.transient[mine])
     held: list[set[str]] = [set() for _ in range(num_stages)]
     for i, ps in enumerate(pg.params):
         held[stage_of[i]].update(ps)
@@ -279,7 +358,7 @@ def evaluate(
         out.append(
             StageMetrics(
                 forward=float(fwd[s]),
-                backward=float(bwd[s]),
+                backward=float(bwd[s] + redo[s]),
                 comm=comm,
                 send_bytes=float(send_s),
                 recv_bytes=float(recv_s),
@@ -287,11 +366,14 @@ def evaluate(
                 static_bytes=static,
                 activation_bytes=act_s,
                 # saved_bytes is 0 without training, so inference memory is the static bytes.
-                peak_memory=static + act_s / microbatches * min(in_flight[s], microbatches),
+                peak_memory=float(static + (act_s * min(in_flight[s], microbatches) + transient[s]) / microbatches),
                 num_nodes=int(counts[s]),
                 overlaps_comm=pg.spec.overlaps_comm,
                 send_messages=k_send,
                 recv_messages=k_recv,
+                recompute=modes[s],
+                recompute_time=float(redo[s]),
+                transient_bytes=float(transient[s]),
             )
         )
     return out
@@ -311,6 +393,7 @@ def to_stage_costs(pg: PlanningGraph, metrics: Sequence[StageMetrics], microbatc
             send_time=pg.comm_time(s.send_bytes / m, 1, s.send_messages),
             activation_bytes=s.activation_bytes / m,
             static_bytes=s.static_bytes,
+            transient_bytes=s.transient_bytes / m,
         )
         for s in metrics
     ]
@@ -340,11 +423,11 @@ def tied_sync_time(
 
 def price(
     pg: PlanningGraph, stage_of: Sequence[int], num_stages: int, *, microbatches: int, schedule: str,
-    num_ranks: int, in_flight: Sequence[int] | None = None,
+    num_ranks: int, in_flight: Sequence[int] | None = None, recompute: Sequence[str] | None = None,
 ) -> tuple[list[StageMetrics], SimResult]:  # fmt: skip
     """Stage metrics of an assignment and the schedule replayed with them: what every plan, baseline
     and benchmark prediction is priced by."""
-    metrics = evaluate(pg, stage_of, num_stages, microbatches=microbatches, in_flight=in_flight)
+    metrics = evaluate(pg, stage_of, num_stages, microbatches=microbatches, in_flight=in_flight, recompute=recompute)
     sim = simulate(
         to_stage_costs(pg, metrics, microbatches), num_microbatches=microbatches, schedule=schedule,
         num_ranks=num_ranks, blocking_sends=not pg.spec.overlaps_comm,

@@ -110,6 +110,7 @@ def refine_with_mincut(
     microbatches: int = 1,
     in_flight: Sequence[int] | None = None,
     memory_limit: float = np.inf,
+    recompute: Sequence[str] | None = None,
     tolerance: float = 0.0,
 ) -> list[int]:
     """Contiguous assignment -> assignment with every boundary at a min-cost cut (see docstring).
@@ -122,7 +123,7 @@ def refine_with_mincut(
     cuts = [0] + [i for i in range(1, pg.n) if stage_of[i] != stage_of[i - 1]] + [pg.n]
     if len(cuts) - 1 != num_stages or any(stage_of[i] > stage_of[i + 1] for i in range(pg.n - 1)):
         raise ValueError("refine_with_mincut expects a contiguous assignment of the topological order")
-    metrics = evaluate(pg, stage_of, num_stages, microbatches=microbatches, in_flight=in_flight)
+    metrics = evaluate(pg, stage_of, num_stages, microbatches=microbatches, in_flight=in_flight, recompute=recompute)
     times = [m.time for m in metrics]
     T = max(times) * (1 + tolerance)
     new = list(stage_of)
@@ -134,7 +135,7 @@ def refine_with_mincut(
         for u in range(lo, hi):
             new[u] = k - 1 if u in source_side else k
     try:
-        refined = evaluate(pg, new, num_stages, microbatches=microbatches, in_flight=in_flight)
+        refined = evaluate(pg, new, num_stages, microbatches=microbatches, in_flight=in_flight, recompute=recompute)
     except ValueError:
         return list(stage_of)
     if any(m.peak_memory > memory_limit for m in refined):

@@ -21,10 +21,14 @@ from partitioner.capture import CapturedGraph
 from partitioner.devices import DeviceSpec
 from partitioner.options import CompileOptions
 from partitioner.plan.batch import BatchFlow
-from partitioner.plan.graph import PlanningGraph
+from partitioner.plan.graph import PlanningGraph, evaluate
 from partitioner.plan.schema import Plan, StagePlan, graph_fingerprint
 from partitioner.plan.search import Candidate, Degrees, TensorParallelModel, price_candidate, scale_graph, search
+from partitioner.plan.sharding import DP_MODES, hsdp_shard
 from partitioner.schedules import get_schedule
+from partitioner.units import format_bytes, format_seconds
+
+DP_ORDER = ("",) + DP_MODES  # least sharded first
 
 __all__ = ["PlannedModel", "TensorParallelLayouts", "batch_dims_of", "plan_model"]
 
@@ -118,12 +122,17 @@ def plan_model(
             )
         degrees = Degrees(saved.pipeline_degree, saved.tensor_degree, saved.data_degree)
         saved_layout = plan_layout(saved)
-        scaled = scale_graph(pg, tp_model.adopt(saved_layout) if saved_layout is not None else None, degrees.dp)
+        mode = saved.data_parallel if degrees.dp > 1 and o.training else ""
+        split = get_schedule(saved.schedule).split_backward
+        scaled = scale_graph(pg, tp_model.adopt(saved_layout) if saved_layout is not None else None, degrees.dp,
+                             mode, saved.data_parallel_shard, split_backward=split, pp=degrees.pp)  # fmt: skip
         best = Candidate(
-            degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree, graph=scaled
-        )
+            degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree,
+            data_parallel=mode, data_parallel_shard=saved.data_parallel_shard, graph=scaled,
+        )  # fmt: skip
         flight = get_schedule(saved.schedule).in_flight(saved.num_stages, saved.microbatches)
-        price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o.spec.devices_per_node)
+        price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o.spec.devices_per_node,
+                        [st.recompute for st in saved.stages])  # fmt: skip
         return PlannedModel(saved, best, [best])
 
     max_tp = 1
@@ -154,6 +163,8 @@ def plan_model(
             stages_per_device=o.stages_per_device,
             mincut=o.mincut,
             min_chunk=min_chunk or 1,
+            recompute=(o.recompute,) if o.recompute else None,
+            data_parallel=(o.data_parallel,) if o.data_parallel else None,
         )
     except ValueError as e:
         if refusal:
@@ -240,6 +251,7 @@ def _predicted(gm: fx.GraphModule, best: Candidate, spec: DeviceSpec, devices: i
         "pipeline_time": sim.step_time,
         "data_parallel_sync": best.dp_sync,
         "tied_weight_sync": best.tied_sync,
+        "optimizer_step": best.optimizer_time,
         "bubble_fraction": sim.bubble_fraction,
         "peak_memory": max(sim.peak_memory),
         "model_flops": float(flops),
@@ -272,6 +284,7 @@ def _make_plan(
         paths = [p for p in (_module_path(by_name[n]) for n in stage_nodes[s]) if p]
         span = [paths[0], paths[-1]] if paths else [""]
         flops = float(sum(by_name[n].meta["flops"] for n in stage_nodes[s]))
+        regions = _stage_regions(pg, stage_of, s, met.recompute)
         stages.append(
             StagePlan(
                 index=s,
@@ -286,6 +299,8 @@ def _make_plan(
                 send_bytes=met.send_bytes,
                 activation_bytes=met.activation_bytes,
                 overlaps_comm=met.overlaps_comm,
+                recompute=met.recompute if regions else "none",
+                recompute_regions=regions,
             )
         )
     shared = {p: sorted(s for s in range(num_stages) if p in held[s]) for p in pg.param_static}
@@ -322,5 +337,56 @@ def _make_plan(
         cost_model=o.cost,
         batch_dims=_batch_dims_record(o.batch_dim, flow.batch_dims),
         stage_ranks=get_schedule(best.schedule).stage_ranks(num_stages, d.pp),
-        data_parallel=get_schedule(best.schedule).data_parallel_mode() if d.dp > 1 else "",
+        data_parallel=best.data_parallel or (get_schedule(best.schedule).data_parallel_mode() if d.dp > 1 else ""),
+        data_parallel_shard=hsdp_shard(d.tp, d.dp, o.spec.devices_per_node) if best.data_parallel == "hsdp" else 0,
+        reasons=_reasons(best, evaluated, o),
     )
+
+
+def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions) -> list[str]:
+    """Why the plan recomputes where it does and holds its training state as it does, in the search's own figures:
+    the peak each recomputing stage would reach without recompute, and how the layout fares under less sharding."""
+    out = []
+    modes = best.recompute or []
+    if best.metrics and any(m != "none" for m in modes):
+        flight = get_schedule(best.schedule).in_flight(len(modes), best.microbatches)
+        args = (best.graph, best.stage_of, len(modes))
+        plain = evaluate(*args, microbatches=best.microbatches, in_flight=flight)
+        chosen = evaluate(*args, microbatches=best.microbatches, in_flight=flight, recompute=modes)
+        for s, (mode, met) in enumerate(zip(modes, best.metrics)):
+            if mode != "none":  # best.metrics also hold what data parallelism adds (plan.search.price_candidate)
+                out.append(
+                    f"stage {s} recomputes ({mode}): keeping every activation it would peak at about "
+                    f"{format_bytes(plain[s].peak_memory + met.peak_memory - chosen[s].peak_memory)}, over "
+                    f"{format_bytes(o.memory_limit)}; recomputing costs {format_seconds(met.recompute_time)} per step"
+                )
+        if len(out) > 4:
+            out = out[:2] + [f"... {len(out) - 3} more stages alike ..."] + out[-1:]
+    if best.data_parallel and best.data_parallel != "ddp":
+        same = [c for c in evaluated if c.degrees == best.degrees and c.schedule == best.schedule and c is not best]
+        for c in sorted(same, key=lambda c: DP_ORDER.index(c.data_parallel)):
+            if DP_ORDER.index(c.data_parallel) >= DP_ORDER.index(best.data_parallel):
+                continue
+            if c.fits:
+                why = f"fits but takes {format_seconds(c.step_time)} ({c.step_time / best.step_time:.3f}x)"
+            elif c.skipped:
+                continue
+            else:
+                why = "does not fit" + (f": {c.note[:160]}" if c.note else "")
+            out.append(f"data parallel {best.data_parallel}, not {c.data_parallel}: {c.data_parallel} {why}")
+    return out
+
+
+def _stage_regions(pg: PlanningGraph, stage_of: list[int], stage: int, mode: str) -> list[list[str]]:
+    """The recompute regions of `stage` under `mode`, as node names: each region's nodes on this stage, in runs of
+    consecutive planned nodes (a boundary inside a layer leaves each stage its part)."""
+    out = []
+    for a, b in pg.regions.get(mode, []) if mode != "none" else []:
+        run: list[str] = []
+        for i in range(a, b + 1):
+            if i < b and stage_of[i] == stage:
+                run.append(pg.names[i])
+            elif run:
+                out.append(run)
+                run = []
+    return out

@@ -7,6 +7,9 @@ Two phases:
        g[i] = fewest stages covering nodes [0, i) with every stage <= T and within memory
    (g[i] = 1 + min g[j] over cut points j with cost(j, i) <= T). A stage's memory is checked at the
    stage index g[j] it would get, whose in-flight microbatch count is the largest it could have.
+   Activation recomputation is chosen here, per stage (plan.recompute): a segment may use any allowed mode,
+   and is priced with the first of none, selective, full that fits its memory. That choice is optimal for
+   the segment (recomputing less is never slower), so the DP stays exact over (cuts, modes).
 2. `refine_with_mincut` (plan.mincut): moves each boundary to the cheapest cut of the DAG (bytes plus
    a latency per value) within the slack the balance leaves, so non-contiguous cuts (branches, skips)
    are found. Then once more with TIE_TOLERANCE of slack: plans within 1% of the best bottleneck are
@@ -36,10 +39,12 @@ __all__ = [
     "too_many_stages",
     "plan_pipeline",
     "refine_plan",
+    "stage_modes",
 ]
 
 
 TIE_TOLERANCE = 0.01  # bottlenecks within 1% are ties, broken by transfer time (module docstring)
+COARSE_MIN_CUTS = 16  # a coarse DP (cuts where one value crosses) needs at least this many places to cut
 
 
 class InfeasibleMemoryError(ValueError):
@@ -52,6 +57,7 @@ class PipelinePlan:
     metrics: list[StageMetrics]
     contiguous_bottleneck: float  # bottleneck of phase 1, before min-cut refinement
     moved_by_mincut: int  # nodes that phase 2 moved to another stage
+    recompute: list[str] | None = None  # activation recomputation per stage (plan.recompute); None: "none"
 
     @property
     def bottleneck(self) -> float:
@@ -59,11 +65,14 @@ class PipelinePlan:
 
 
 class _Prefix:
-    """Prefix sums over the topological order for O(1) contiguous-segment costs."""
+    """Prefix sums over the topological order for O(1) contiguous-segment costs, per recompute mode `modes[k]`:
+    R[k] the recomputed forward seconds, A[k] the kept activation bytes per microbatch, T[k] each node's
+    transient bytes per microbatch (its region's, held during its backward)."""
 
-    def __init__(self, pg: PlanningGraph, microbatches: int):
+    def __init__(self, pg: PlanningGraph, microbatches: int, modes: Sequence[str] = ("none",), coarse: bool = False):
         n = pg.n
         self.n = n
+        self.modes = tuple(modes)
         self.P = np.concatenate([[0.0], np.cumsum(pg.compute)])
         # Bytes crossing a cut between positions b-1 | b of the order (value produced before b,
         # consumed at or after b); the model output counts as a consumer at position n.
@@ -91,16 +100,47 @@ class _Prefix:
         for p, i in first.items():
             static[i] += pg.param_static[p]
         self.S = np.concatenate([[0.0], np.cumsum(static)])
-        self.A = np.concatenate([[0.0], np.cumsum(pg.saved_bytes)]) / microbatches
+        models = [pg.activations(mode) for mode in self.modes]
+        self.R = [np.concatenate([[0.0], np.cumsum(m.recompute)]) for m in models]
+        self.A = [np.concatenate([[0.0], np.cumsum(m.kept)]) / microbatches for m in models]
+        self.T = [m.transient / microbatches if m.transient.any() else None for m in models]
         # In-place writes (plan.ordering): boundaries that may not exist, and how far a stage may reach.
         order = pg.order
         self.allowed = order.allowed_cuts() if order is not None else np.ones(n + 1, dtype=bool)
         self.limit = order.segment_limits(last) if order is not None else np.full(n + 1, n, dtype=np.int64)
+        if coarse:  # only where one value crosses (a residual stream between blocks), if that leaves enough cuts
+            narrow = self.allowed & (messages <= 1)
+            narrow[0] = narrow[n] = True
+            if narrow.sum() >= COARSE_MIN_CUTS:
+                self.allowed = narrow
+        self.positions = np.flatnonzero(self.allowed)
 
-    def cost(self, j: int | np.ndarray, i: int) -> float | np.ndarray:
-        """Time of a stage holding nodes [j, i) (one j or an array of them): plan.graph.stage_time."""
-        compute, comm = self.P[i] - self.P[j], self.w[i] + self.w_in[j]
+    def cost(self, j: int | np.ndarray, i: int, k: int = 0) -> float | np.ndarray:
+        """Time of a stage holding nodes [j, i) (one j or an array of them) under mode k: plan.graph.stage_time."""
+        compute = self.P[i] - self.P[j] + self.R[k][i] - self.R[k][j]
+        comm = self.w[i] + self.w_in[j]
         return np.maximum(compute, comm) if self.overlaps_comm else compute + comm
+
+    def memory(self, js: np.ndarray, i: int, k: int, in_flight: np.ndarray) -> np.ndarray:
+        """Peak bytes of stages [j, i) for each j in js (ascending) under mode k, `in_flight` microbatches each."""
+        mem = self.S[i] - self.S[js] + (self.A[k][i] - self.A[k][js]) * in_flight
+        if self.T[k] is not None:  # the largest region of the segment, during its backward
+            lo = int(js[0])
+            suffix_max = np.maximum.accumulate(self.T[k][lo:i][::-1])[::-1]
+            mem = mem + suffix_max[js - lo]
+        return mem
+
+    def modes_of(self, cuts: Sequence[int], in_flight: np.ndarray, memory_limit: float) -> list[str]:
+        """Each segment's mode: the first that fits `memory_limit` (the last when none does)."""
+        out = []
+        for s, (j, i) in enumerate(zip(cuts, cuts[1:])):
+            k = next(
+                (k for k in range(len(self.modes))
+                 if self.memory(np.array([j]), i, k, in_flight[s : s + 1])[0] <= memory_limit),
+                len(self.modes) - 1,
+            )  # fmt: skip
+            out.append(self.modes[k])
+        return out
 
 
 def _min_stage_dp(
@@ -112,23 +152,25 @@ def _min_stage_dp(
     parent = np.full(n + 1, -1, dtype=np.int64)
     g[0] = 0
     lo_valid = max(num_inputs, 1)  # a cut may not separate the model inputs from stage 0
-    for i in range(lo_valid, n + 1):
-        if not pre.allowed[i]:
-            continue
+    pos = pre.positions
+    for i in pos[pos >= lo_valid]:
+        i = int(i)
         j_lo = int(np.searchsorted(pre.P, pre.P[i] - T, side="left"))
-        js = np.arange(max(j_lo, lo_valid), i)
-        if j_lo == 0:
+        js = pos[np.searchsorted(pos, max(j_lo, lo_valid)) : np.searchsorted(pos, i)]
+        if j_lo == 0 and pre.allowed[0]:
             js = np.concatenate([[0], js])
-        js = js[pre.allowed[js] & (pre.limit[js] >= i)]
+        js = js[pre.limit[js] >= i]
         if js.size == 0:
             continue
         gj = g[js]
-        ok = np.isfinite(gj) & (gj < max_stages)
-        ok &= pre.cost(js, i) <= T
-        if memory_limit < np.inf:
-            stage_idx = np.minimum(gj, max_stages - 1).astype(np.int64)
-            mem = pre.S[i] - pre.S[js] + (pre.A[i] - pre.A[js]) * in_flight[stage_idx]
-            ok &= mem <= memory_limit
+        valid = np.isfinite(gj) & (gj < max_stages)
+        stage_idx = np.minimum(np.where(valid, gj, 0), max_stages - 1).astype(np.int64)
+        ok = np.zeros(js.size, dtype=bool)
+        for k in range(len(pre.modes)):  # a segment is feasible if some recompute mode makes it so
+            ok_k = valid & ~ok & (pre.cost(js, i, k) <= T)
+            if memory_limit < np.inf and ok_k.any():
+                ok_k &= pre.memory(js, i, k, in_flight[stage_idx]) <= memory_limit
+            ok |= ok_k
         if not ok.any():
             continue
         k = int(np.argmin(np.where(ok, gj, np.inf)))
@@ -192,13 +234,20 @@ def too_many_stages(pg: PlanningGraph, num_stages: int) -> str:
     )
 
 
-def devices_needed(pg: PlanningGraph, memory_limit: float, *, microbatches: int = 1, start: int = 1) -> int | None:
+def devices_needed(
+    pg: PlanningGraph,
+    memory_limit: float,
+    *,
+    microbatches: int = 1,
+    start: int = 1,
+    recompute: Sequence[str] = ("none",),
+) -> int | None:
     """Fewest stages (>= start) whose contiguous split fits `memory_limit` per device, or None.
 
-    Uses 1F1B in-flight counts. More stages never need more memory per device, so the answer is
-    found by doubling and then bisecting.
+    Uses 1F1B in-flight counts and the recompute modes allowed. More stages never need more memory per
+    device, so the answer is found by doubling and then bisecting.
     """
-    pre = _Prefix(pg, microbatches)
+    pre = _Prefix(pg, microbatches, recompute)
     most = max_stages(pg)
 
     def fits(s: int) -> bool:
@@ -226,13 +275,18 @@ def contiguous_partition(
     memory_limit: float = np.inf,
     rel_tol: float = 1e-5,
     explain: bool = True,
+    recompute: Sequence[str] = ("none",),
+    coarse: bool = False,
 ) -> list[int]:
-    """Optimal contiguous cuts [0, b1, ..., n] of the topological order (see module docstring)."""
+    """Optimal contiguous cuts [0, b1, ..., n] of the topological order, each stage free to use any of the
+    `recompute` modes (see module docstring; `stage_modes` says which each cut's stages use). `coarse`: cut only
+    where a single value crosses (the residual stream of a transformer: about 2 places per layer instead of ~30),
+    when there are COARSE_MIN_CUTS such places; the search ranks its candidates so, and plans the winner in full."""
     if num_stages < 1:
         raise ValueError(f"need at least 1 stage, got {num_stages}")
     # Cut points are 0 and every position after the inputs (where in-place writes allow one); each stage needs
     # one node of its own.
-    pre = _Prefix(pg, microbatches)
+    pre = _Prefix(pg, microbatches, recompute, coarse)
     if num_stages > max_stages(pg):
         raise ValueError(too_many_stages(pg, num_stages))
     flight = _in_flight_array(in_flight, num_stages, microbatches)
@@ -240,7 +294,10 @@ def contiguous_partition(
     g, parent = _min_stage_dp(pre, np.inf, pg.num_inputs, flight, memory_limit, num_stages)
     if not np.isfinite(g[pre.n]):
         # How many devices would do is worth its cost for a user's error, not inside a search.
-        need = devices_needed(pg, memory_limit, microbatches=microbatches, start=num_stages + 1) if explain else None
+        need = (
+            devices_needed(pg, memory_limit, microbatches=microbatches, start=num_stages + 1, recompute=recompute)
+            if explain else None
+        )  # fmt: skip
         if need:
             hint = f"it needs about {need} pipeline stages of this size"
         else:
@@ -250,8 +307,8 @@ def contiguous_partition(
             )
         raise InfeasibleMemoryError(
             f"no split into {num_stages} stages fits {format_bytes(memory_limit)} per device (weights and training "
-            f"state {format_bytes(pre.S[-1])} in all, activations {format_bytes(pre.A[-1])} per microbatch in "
-            f"flight): {hint}; raise devices, lower the batch or raise microbatches"
+            f"state {format_bytes(pre.S[-1])} in all, activations {format_bytes(pre.A[-1][-1])} per microbatch in "
+            f"flight{_with_recompute(pre)}): {hint}; raise devices, lower the batch or raise microbatches"
         )
     lo = max(pre.P[-1] / num_stages, float(pg.compute.max(initial=0.0)))
     first = _cuts_from_parents(parent, pre.n)
@@ -268,6 +325,26 @@ def contiguous_partition(
     if len(cuts) - 1 < num_stages:
         cuts = _split_to(pre, cuts, num_stages, pg.num_inputs)
     return cuts
+
+
+def _with_recompute(pre: _Prefix) -> str:
+    if len(pre.modes) == 1:
+        return "" if pre.modes[0] == "none" else f" with {pre.modes[0]} recompute"
+    return f" with {pre.modes[-1]} recompute"
+
+
+def stage_modes(
+    pg: PlanningGraph,
+    cuts: Sequence[int],
+    *,
+    microbatches: int = 1,
+    in_flight: Sequence[int] | None = None,
+    memory_limit: float = np.inf,
+    recompute: Sequence[str] = ("none",),
+) -> list[str]:
+    """The recompute mode of each stage of contiguous `cuts`: the first allowed one that fits its memory."""
+    pre = _Prefix(pg, microbatches, recompute)
+    return pre.modes_of(cuts, _in_flight_array(in_flight, len(cuts) - 1, microbatches), memory_limit)
 
 
 def cuts_to_stages(cuts: list[int]) -> list[int]:
@@ -287,8 +364,11 @@ def plan_pipeline(
     mincut: bool = True,
     explain: bool = True,
     rel_tol: float = 1e-5,
+    recompute: Sequence[str] = ("none",),
+    coarse: bool = False,
 ) -> PipelinePlan:
-    """Stage of every planned node: contiguous optimum, then min-cut boundary refinement."""
+    """Stage of every planned node and each stage's recompute mode (one of `recompute`): contiguous optimum, then
+    min-cut boundary refinement."""
     cuts = contiguous_partition(
         pg,
         num_stages,
@@ -297,12 +377,17 @@ def plan_pipeline(
         memory_limit=memory_limit,
         explain=explain,
         rel_tol=rel_tol,
+        recompute=recompute,
+        coarse=coarse,
     )
     stage_of = cuts_to_stages(cuts)
-    metrics = evaluate(pg, stage_of, num_stages, microbatches=microbatches, in_flight=in_flight)
+    modes = stage_modes(pg, cuts, microbatches=microbatches, in_flight=in_flight, memory_limit=memory_limit,
+                        recompute=recompute)  # fmt: skip
+    metrics = evaluate(pg, stage_of, num_stages, microbatches=microbatches, in_flight=in_flight, recompute=modes)
     plan = PipelinePlan(
-        stage_of=stage_of, metrics=metrics, contiguous_bottleneck=max(m.time for m in metrics), moved_by_mincut=0
-    )
+        stage_of=stage_of, metrics=metrics, contiguous_bottleneck=max(m.time for m in metrics), moved_by_mincut=0,
+        recompute=modes,
+    )  # fmt: skip
     if not mincut or num_stages == 1:
         return plan
     return refine_plan(pg, plan, microbatches=microbatches, in_flight=in_flight, memory_limit=memory_limit)
@@ -329,9 +414,10 @@ def refine_plan(
     for tolerance in (0.0, TIE_TOLERANCE):
         refined = refine_with_mincut(
             pg, plan.stage_of, num_stages, microbatches=microbatches, in_flight=in_flight,
-            memory_limit=memory_limit, tolerance=tolerance,
+            memory_limit=memory_limit, tolerance=tolerance, recompute=plan.recompute,
         )  # fmt: skip
-        new = evaluate(pg, refined, num_stages, microbatches=microbatches, in_flight=in_flight)
+        new = evaluate(pg, refined, num_stages, microbatches=microbatches, in_flight=in_flight,
+                       recompute=plan.recompute)  # fmt: skip
         bottleneck, comm = max(m.time for m in new), sum(m.comm for m in new)
         if tolerance == 0.0:
             better = bottleneck <= best.bottleneck * (1 + 1e-9)
@@ -343,5 +429,6 @@ def refine_plan(
                 metrics=new,
                 contiguous_bottleneck=plan.contiguous_bottleneck,
                 moved_by_mincut=sum(a != b for a, b in zip(refined, plan.stage_of)),
+                recompute=plan.recompute,
             )
     return best

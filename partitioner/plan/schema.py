@@ -38,6 +38,10 @@ class StagePlan:
     send_bytes: float  # activation bytes sent to the next stage per step
     activation_bytes: float
     overlaps_comm: bool = True  # the device's transfers run beside compute (DeviceSpec.overlaps_comm)
+    # Activation recomputation (plan.recompute): "none" | "selective" | "full", and the regions the runtime runs
+    # under torch.utils.checkpoint, each a run of consecutive node names of this stage (graph order).
+    recompute: str = "none"
+    recompute_regions: list[list[str]] = field(default_factory=list)
 
     @property
     def time(self) -> float:
@@ -76,9 +80,12 @@ class Plan:
     # empty: dim 0 everywhere (plans saved before batch_dim existed)
     batch_dims: dict[str, int | None] = field(default_factory=dict)
     # the pipeline rank of every stage (what the schedule runs: s % ranks, zbv's V) and the data-parallel wrapper
-    # ("ddp" | "fsdp"; "" at data degree 1); empty in plans saved before they were recorded
+    # ("ddp" | "zero1" | "zero2" | "fsdp" | "hsdp"; "" at data degree 1); empty in plans saved before they were
+    # recorded. data_parallel_shard: HSDP's shard group size (ranks that shard; the rest replicate), 0 otherwise.
     stage_ranks: list[int] = field(default_factory=list)
     data_parallel: str = ""
+    data_parallel_shard: int = 0
+    reasons: list[str] = field(default_factory=list)  # why the plan recomputes and shards as it does (plan.model)
     version: int = PLAN_VERSION
 
     @property
@@ -123,7 +130,17 @@ class Plan:
         unknown, missing = (
             set(data) - expected,
             {f.name for f in fields(cls) if f.name not in data}
-            - {"predicted", "alternatives", "tensor", "cost_model", "batch_dims", "stage_ranks", "data_parallel"},
+            - {
+                "predicted",
+                "alternatives",
+                "tensor",
+                "cost_model",
+                "batch_dims",
+                "stage_ranks",
+                "data_parallel",
+                "data_parallel_shard",
+                "reasons",
+            },
         )
         if unknown or missing:
             raise ValueError(
@@ -169,8 +186,9 @@ def _format_plan(plan: Plan) -> str:
     lines = [
         f"Plan for {plan.model} on {plan.devices} x {dev['name']} "
         f"(pipeline {plan.pipeline_degree} x tensor {plan.tensor_degree} x data {plan.data_degree}; "
-        f"{plan.microbatches} microbatches, {plan.schedule}; {'training' if plan.training else 'inference'}; "
-        f"captured with {plan.capture}; {plan.cost_model} costs)",
+        f"{plan.microbatches} microbatches, {plan.schedule}"
+        + (f", data parallel {plan.data_parallel}" if plan.data_degree > 1 and plan.data_parallel else "")
+        + f"; {'training' if plan.training else 'inference'}; captured with {plan.capture}; {plan.cost_model} costs)",
         "",
     ]
     rows = []
@@ -187,11 +205,11 @@ def _format_plan(plan: Plan) -> str:
                 format_seconds(s.comm_time),
                 format_bytes(s.peak_memory),
                 format_bytes(s.send_bytes),
+                s.recompute,
             ]
         )
-    lines.append(
-        _table(["stage", "nodes", "modules", "params MiB", "fwd GFLOP", "compute", "comm", "memory", "sends"], rows)
-    )
+    header = ["stage", "nodes", "modules", "params MiB", "fwd GFLOP", "compute", "comm", "memory", "sends", "recompute"]
+    lines.append(_table(header, rows))
     lines += [
         "",
         f"bottleneck stage time: {format_seconds(plan.bottleneck_time)} per step "
@@ -211,6 +229,9 @@ def _format_plan(plan: Plan) -> str:
             names = plan.tied_params.get(name)  # tied under several names, or one module reused by several stages
             what = f"tied parameter {name} ({', '.join(names)})" if names else f"shared parameter {name}"
             lines.append(f"{what} held by stages {stages}")
+    if plan.reasons:
+        lines.append("why it recomputes and shards as it does:")
+        lines += [f"  {r}" for r in plan.reasons]
     if plan.alternatives:
         lines.append("runners-up (why the chosen layout wins):")
         chosen = plan.predicted.get("step_time")
@@ -218,6 +239,10 @@ def _format_plan(plan: Plan) -> str:
             what = (
                 f"pp{alt['pp']} x tp{alt['tp']} x dp{alt['dp']}, {alt['microbatches']} microbatches, {alt['schedule']}"
             )
+            if alt.get("data_parallel"):
+                what += f", {alt['data_parallel']}"
+            if alt.get("recompute"):
+                what += f", recompute {alt['recompute']}"
             if "step_time" in alt:
                 ratio = f" ({alt['step_time'] / chosen:.3f}x the chosen step)" if chosen else ""
                 lines.append(

@@ -34,8 +34,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from partitioner.comm import all_reduce_time
-from partitioner.plan.graph import PlanningGraph, StageMetrics, price, tied_sync_time
+import numpy as np
+
+from partitioner.plan.graph import PlanningGraph, StageMetrics, evaluate, tied_sync_time, to_stage_costs
 from partitioner.plan.pipeline import (
     InfeasibleMemoryError,
     devices_needed,
@@ -44,15 +45,15 @@ from partitioner.plan.pipeline import (
     refine_plan,
     too_many_stages,
 )
+from partitioner.plan.sharding import DP_MODES, data_parallel_cost, hsdp_shard, optimizer_step_time, state_divisors
 from partitioner.schedules import get_schedule
-from partitioner.simulate import SimResult
+from partitioner.simulate import SimResult, simulate
 from partitioner.units import format_bytes
 
 __all__ = [
     "Candidate",
     "Degrees",
     "TensorParallelModel",
-    "dp_sync_time",
     "price_candidate",
     "scale_graph",
     "search",
@@ -87,16 +88,20 @@ class Candidate:
     microbatches: int
     schedule: str
     stages_per_device: int
+    data_parallel: str = ""  # how replicas hold training state (plan.sharding); "" at dp 1
+    data_parallel_shard: int = 0  # HSDP's shard group; 0 otherwise
     step_time: float = math.inf
     bound: float = 0.0  # perfect-balance lower bound on the step time
     peak_memory: float = math.inf
     pipeline_time: float = math.inf
     dp_sync: float = 0.0
     tied_sync: float = 0.0
+    optimizer_time: float = 0.0  # the optimizer step after the last backward (plan.sharding.optimizer_step_time)
     note: str = ""  # why it was skipped or does not fit
     out_of_memory: bool = False  # it failed on memory alone (more, smaller microbatches may help)
     skipped: bool = False  # not priced: its lower bound could not beat the best
     stage_of: list[int] | None = None
+    recompute: list[str] | None = None  # activation recomputation per stage (plan.recompute)
     metrics: list[StageMetrics] | None = None
     simulation: SimResult | None = None
     graph: PlanningGraph | None = None
@@ -114,17 +119,35 @@ class Candidate:
             "microbatches": self.microbatches,
             "schedule": self.schedule,
         }
+        if self.data_parallel:
+            out["data_parallel"] = self.data_parallel
+        if self.fits and self.recompute and set(self.recompute) != {"none"}:
+            out["recompute"] = "/".join(m for m in ("none", "selective", "full") if m in self.recompute)
         if self.fits:
-            out["step_time"] = round(self.step_time, 9)
+            out["step_time"] = float(f"{self.step_time:.12g}")
             out["peak_memory_gib"] = round(self.peak_memory / 2**30, 3)
         else:
             out["note"] = self.note
         return out
 
 
-def scale_graph(pg: PlanningGraph, tp: TensorParallelModel | None, dp: int) -> PlanningGraph:
-    """The planning graph one (tp rank, dp replica) sees: see the module docstring for the rules."""
-    if tp is None and dp == 1:
+def scale_graph(
+    pg: PlanningGraph,
+    tp: TensorParallelModel | None,
+    dp: int,
+    data_parallel: str = "",
+    shard: int = 0,
+    *,
+    split_backward: bool = False,
+    pp: int = 1,
+) -> PlanningGraph:
+    """The planning graph one (tp rank, dp replica) sees: see the module docstring for the rules; the training
+    state of every parameter is sharded as `data_parallel` says (plan.sharding.state_divisors; `shard`: HSDP's
+    group; `split_backward`: the schedule splits the backward). `pp`: the pipeline degree, which with tp and dp says
+    whether stage-to-stage sends leave the node (PlanningGraph.p2p_internode)."""
+    tp_degree = tp.tp if tp is not None else 1
+    pp_spans_nodes = pp > 1 and tp_degree * dp * pp > pg.spec.devices_per_node
+    if tp is None and dp == 1 and pp_spans_nodes == pg.p2p_internode:
         return pg
     fwd, bwd = pg.forward.copy(), pg.backward.copy()
     out_bytes, saved = pg.out_bytes.copy(), pg.saved_bytes.copy()
@@ -143,23 +166,27 @@ def scale_graph(pg: PlanningGraph, tp: TensorParallelModel | None, dp: int) -> P
             if canonical in param_static:
                 param_static[canonical] = pg.param_static[canonical] / tp.tp
                 param_bytes[canonical] = pg.param_bytes[canonical] / tp.tp
+    if data_parallel and dp > 1:
+        fw, fg, fo = state_divisors(data_parallel, dp, shard, split_backward=split_backward)
+        for p, static in param_static.items():
+            w = param_bytes[p]
+            g = w if static > w else 0.0  # a trainable parameter has a gradient of its own size
+            param_static[p] = w / fw + g / fg + (static - w - g) / fo
+    # What each node saves, as saved_bytes: a storage created by a node with a sharded output is sharded too.
+    sharded = {name for name in pg.names if tp is not None and tp.tp > 1 and name in tp.sharded_values}
+    shrink = {name: (tp.tp if name in sharded else 1) * dp for name in pg.names} if tp is not None else {}
+    saves = [{k: v / shrink.get(k, dp) for k, v in node.items()} for node in pg.saves]
     return dataclasses.replace(
         pg,
+        p2p_internode=pp_spans_nodes,
         forward=fwd / dp,
         backward=bwd / dp,
         out_bytes=out_bytes / dp,
         saved_bytes=saved / dp,
         param_static=param_static,
         param_bytes=param_bytes,
+        saves=saves,
     )
-
-
-def dp_sync_time(pg: PlanningGraph, metrics: Sequence[StageMetrics], degrees: Degrees, devices_per_node: int) -> float:
-    """Gradient all-reduce across data-parallel replicas after the last backward (slowest stage)."""
-    if degrees.dp == 1 or not pg.training:
-        return 0.0
-    internode = degrees.tp * degrees.dp > devices_per_node
-    return max(all_reduce_time(pg.spec, m.param_bytes, degrees.dp, internode=internode) for m in metrics)
 
 
 def _divisors(n: int) -> list[int]:
@@ -198,10 +225,15 @@ def search(
     mincut: bool = True,
     keep: int = 5,
     min_chunk: int = 1,
+    recompute: Sequence[str] | None = None,
+    data_parallel: Sequence[str] | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
     """Best candidate and the evaluated ones (best first). Raises InfeasibleMemoryError if none fits.
 
-    A tp degree whose layout cannot be planned is left out with its reason (unless forced). When nothing fits,
+    `recompute`: the activation recomputation modes stages may use (plan.recompute; default: every mode the graph
+    offers), each stage taking the least recompute that fits. `data_parallel`: the modes replicas may hold their
+    training state in (plan.sharding; default all of them). A tp degree whose layout cannot be planned is left
+    out with its reason (unless forced). When nothing fits,
     the error gives the fewest devices the search would need (over the tp degrees it may use), and for forced
     degrees it reports their own layouts' figures only.
     """
@@ -222,27 +254,44 @@ def search(
             f"tensor_parallel={tensor_parallel} (tensor parallelism up to {min(max_tp, devices_per_node)})"
         )
 
+    modes = tuple(recompute) if recompute is not None else pg.recompute_modes()
     ev = _Evaluator(pg, tp_model, memory_limit, schedules, batch, microbatches, stages_per_device,
-                    forced_tp=tensor_parallel, min_chunk=min_chunk)  # fmt: skip
+                    forced_tp=tensor_parallel, min_chunk=min_chunk, recompute=modes,
+                    data_parallel=tuple(data_parallel or DP_MODES))  # fmt: skip
     candidates: list[Candidate] = []
     for d in degrees:
         candidates += ev.candidates(d)
 
     best: Candidate | None = None
-    for c in sorted(candidates, key=lambda c: (bool(c.note), c.bound, c.degrees, c.schedule)):
+    # Modes in DP_MODES order shard more and communicate more: once one fits with nothing recomputed at its
+    # default microbatch count, the later modes of that layout cannot be faster, and are not priced.
+    settled: set[tuple[Degrees, str]] = set()
+    rank = {mode: k for k, mode in enumerate(("",) + DP_MODES)}
+    for c in sorted(candidates, key=lambda c: (bool(c.note), c.bound, c.degrees, c.schedule, rank[c.data_parallel])):
         if c.note:
             continue
         if best is not None and c.bound >= best.step_time:
             c.note, c.skipped = f"skipped: its perfect-balance bound {c.bound:.4g} s is above the best step time", True
             continue
+        if (c.degrees, c.schedule) in settled:
+            c.note, c.skipped = "skipped: a less sharded data-parallel mode fits with nothing recomputed", True
+            continue
+        default_m = c.microbatches
         ev.run(c)
+        if c.fits and c.microbatches == default_m and set(c.recompute or ["none"]) == {"none"}:
+            settled.add((c.degrees, c.schedule))
         if c.fits and (best is None or _better(c, best)):
             best = c
     if best is not None and mincut:
-        # Candidates are compared on their contiguous plans; the winner's boundaries then move to
-        # min-bytes cuts, which never raises its bottleneck (plan.mincut).
-        _evaluate(best, memory_limit, devices_per_node, ev.plans, refine=True)
-    evaluated = sorted(candidates, key=lambda c: (not c.fits, c.step_time, c.bound))
+        # Candidates are compared on their coarse contiguous plans; the winner is planned at every cut position and
+        # its boundaries then move to min-bytes cuts, which never raises its bottleneck (plan.mincut). Should that
+        # plan not be better, or not fit (the simulated peak can exceed the DP's), the ranked plan stays.
+        ranked = dataclasses.replace(best)
+        _evaluate(best, memory_limit, devices_per_node, ev.plans, refine=True, recompute=modes)
+        if not best.fits or best.step_time > ranked.step_time * (1 + 1e-9):
+            candidates = [ranked if c is best else c for c in candidates]
+            best = ranked
+    evaluated = sorted(candidates, key=lambda c: (not c.fits, c is not best, c.step_time, c.bound))
     if best is None:
         raise _no_layout_error(ev, evaluated, devices, max_tp, pipeline, tensor_parallel, keep)
     return best, evaluated
@@ -262,17 +311,20 @@ class _Evaluator:
     stages_per_device: int | None
     forced_tp: int | None  # a forced degree whose layout cannot be planned is the user's error (others are left out)
     min_chunk: int = 1  # the fewest samples a microbatch may hold (the captured graph's smallest batch)
+    recompute: tuple[str, ...] = ("none",)  # the recompute modes stages may use
+    data_parallel: tuple[str, ...] = DP_MODES  # the data-parallel modes replicas may use (plan.sharding)
     tp_models: dict[int, TensorParallelModel | None] = field(default_factory=lambda: {1: None})
     tp_failed: dict[int, str] = field(default_factory=dict)
-    scaled: dict[tuple[int, int], PlanningGraph] = field(default_factory=dict)
+    scaled: dict[tuple[int, int, str, bool], PlanningGraph] = field(default_factory=dict)
     plans: dict = field(default_factory=dict)
 
     @property
     def devices_per_node(self) -> int:
         return self.pg.spec.devices_per_node
 
-    def graph(self, tp: int, dp: int) -> PlanningGraph | None:
-        """The planning graph of (tp, dp), or None when the tp layout cannot be planned (reason in tp_failed)."""
+    def graph(self, tp: int, dp: int, mode: str = "", pp: int = 1) -> PlanningGraph | None:
+        """The planning graph of (tp, dp) with training state held as `mode` says, or None when the tp layout
+        cannot be planned (reason in tp_failed)."""
         if tp not in self.tp_models and tp not in self.tp_failed:
             try:
                 self.tp_models[tp] = self.tp_model(tp)
@@ -282,18 +334,38 @@ class _Evaluator:
                 self.tp_failed[tp] = f"no tensor-parallel layout at tp={tp}: {e}"
         if tp in self.tp_failed:
             return None
-        if (tp, dp) not in self.scaled:
-            self.scaled[(tp, dp)] = scale_graph(self.pg, self.tp_models[tp], dp)
-        return self.scaled[(tp, dp)]
+        crosses = pp > 1 and tp * dp * pp > self.devices_per_node
+        key = (tp, dp, mode, crosses)
+        if key not in self.scaled:
+            base, split = mode.removesuffix(":split"), mode.endswith(":split")
+            shard = hsdp_shard(tp, dp, self.devices_per_node) if base == "hsdp" else 0
+            self.scaled[key] = scale_graph(self.pg, self.tp_models[tp], dp, base, shard, split_backward=split, pp=pp)
+        return self.scaled[key]
+
+    def modes(self, d: Degrees, schedule: str) -> list[str]:
+        """The data-parallel modes worth pricing at degrees d with `schedule` ("" alone at dp 1)."""
+        if d.dp == 1 or not self.pg.training:
+            return [""]
+        out = []
+        for mode in self.data_parallel:
+            if mode in ("ddp", "zero1") and get_schedule(schedule).split_backward:
+                continue  # DDP's reducer does not follow a split backward (schedules.Schedule.data_parallel_mode)
+            if mode == "hsdp" and not hsdp_shard(d.tp, d.dp, self.devices_per_node):
+                continue
+            out.append(mode)
+        return out
 
     def candidates(self, d: Degrees) -> list[Candidate]:
-        """One candidate per schedule at degrees d; a note says why one cannot run."""
-        g = self.graph(d.tp, d.dp)
+        """One candidate per schedule and data-parallel mode at degrees d; a note says why one cannot run."""
         m = _microbatch_choice(self.batch, d.dp, d.pp, self.microbatches, self.min_chunk)
         out = []
-        for schedule in self.schedules:
+        for schedule, mode in ((s, mode) for s in self.schedules for mode in self.modes(d, s)):
+            split = get_schedule(schedule).split_backward and mode in ("zero2", "fsdp", "hsdp")
+            g = self.graph(d.tp, d.dp, mode + (":split" if split else ""), d.pp)
             k = self.stages_per_device or get_schedule(schedule).default_stages_per_rank()
-            c = Candidate(d, m or 0, schedule, k, graph=g if g is not None else self.pg)
+            shard = hsdp_shard(d.tp, d.dp, self.devices_per_node) if mode == "hsdp" else 0
+            c = Candidate(d, m or 0, schedule, k, data_parallel=mode, data_parallel_shard=shard,
+                          graph=g if g is not None else self.pg)  # fmt: skip
             c.bound = float(c.graph.compute.sum()) / d.pp
             if g is None:
                 c.note = self.tp_failed[d.tp]
@@ -303,20 +375,27 @@ class _Evaluator:
                     c.note += f" of at least {self.min_chunk} samples (the captured graph's smallest batch)"
             elif d.pp * k > max_stages(g):
                 c.note = too_many_stages(g, d.pp * k)
+            elif (static := sum(g.param_static.values()) / d.pp) > self.memory_limit:
+                # Even a perfectly even split of the training state overflows: no DP needed to know.
+                c.note = (
+                    f"its weights and training state alone need {format_bytes(static)} per device, over "
+                    f"{format_bytes(self.memory_limit)}"
+                )
+                c.out_of_memory = True
             out.append(c)
         return out
 
     def run(self, c: Candidate) -> None:
         """Price c; out of memory, retry with twice as many microbatches while they divide the batch: smaller
         microbatches hold fewer activations in flight (1F1B holds about pp of them on the first stage)."""
-        _evaluate(c, self.memory_limit, self.devices_per_node, self.plans)
+        _evaluate(c, self.memory_limit, self.devices_per_node, self.plans, recompute=self.recompute)
         while not c.fits and c.out_of_memory and self.microbatches is None and self.batch is not None:
             per_replica = self.batch // c.degrees.dp
             more = c.microbatches * 2
             if more * self.min_chunk > per_replica or per_replica % more:
                 break
             c.microbatches = more
-            _evaluate(c, self.memory_limit, self.devices_per_node, self.plans)
+            _evaluate(c, self.memory_limit, self.devices_per_node, self.plans, recompute=self.recompute)
 
     def fits(self, d: Degrees) -> bool:
         """Whether the search at pp x tp x dp devices would find a layout at degrees d."""
@@ -398,13 +477,14 @@ def _devices_hint(ev: _Evaluator, tps: Sequence[int], devices: int, pipeline: in
         if pipeline is not None:  # the forced pipeline degree: can it fit at this tp?
             m = _most_microbatches(ev.batch, pipeline, ev.microbatches, ev.min_chunk)
             fits = pipeline * tp > devices
-            if fits and devices_needed(g, ev.memory_limit, microbatches=m, start=pipeline) == pipeline:
+            if fits and devices_needed(g, ev.memory_limit, microbatches=m, start=pipeline,
+                                       recompute=ev.recompute) == pipeline:  # fmt: skip
                 queue.append((pipeline * tp, pipeline, tp))
             continue
         stages, start = None, devices // tp + 1
         for _ in range(4):  # the count of microbatches grows with the stages: settle both
             m = _most_microbatches(ev.batch, start, ev.microbatches, ev.min_chunk)
-            stages = devices_needed(g, ev.memory_limit, microbatches=m, start=start)
+            stages = devices_needed(g, ev.memory_limit, microbatches=m, start=start, recompute=ev.recompute)
             if stages is None or _most_microbatches(ev.batch, stages, ev.microbatches, ev.min_chunk) >= m:
                 break
             start = stages
@@ -434,45 +514,146 @@ def _better(c: Candidate, best: Candidate, tie: float = 1e-3) -> bool:
     return c.step_time <= best.step_time * (1 + tie) and c.peak_memory < best.peak_memory
 
 
-def price_candidate(c: Candidate, stage_of: list[int], in_flight: Sequence[int], devices_per_node: int) -> None:
-    """Fill a candidate's figures for an assignment: stage metrics, the replayed schedule, its peak
-    memory, and the step time (pipeline + data-parallel and tied-weight gradient syncs)."""
-    num_stages = c.degrees.pp * c.stages_per_device
-    metrics, sim = price(c.graph, stage_of, num_stages, microbatches=c.microbatches, schedule=c.schedule,
-                         num_ranks=c.degrees.pp, in_flight=in_flight)  # fmt: skip
+def price_candidate(
+    c: Candidate, stage_of: list[int], in_flight: Sequence[int], devices_per_node: int,
+    recompute: Sequence[str] | None = None,
+) -> None:  # fmt: skip
+    """Fill a candidate's figures for an assignment (and each stage's recompute mode): stage metrics with the
+    data-parallel collectives each microbatch exposes (plan.sharding), the replayed schedule, its peak memory, and
+    the step time (pipeline + the data-parallel tail + tied-weight gradient syncs)."""
+    d, m, g = c.degrees, c.microbatches, c.graph
+    num_stages = d.pp * c.stages_per_device
+    metrics = evaluate(g, stage_of, num_stages, microbatches=m, in_flight=in_flight, recompute=recompute)
+    rank_of = get_schedule(c.schedule).stage_ranks(num_stages, d.pp)
+    tails, optimizer = [0.0] * d.pp, [0.0] * d.pp  # per rank
+    state = _stage_state(g, stage_of, num_stages)
+    split = get_schedule(c.schedule).split_backward
+    if g.training:
+        _, _, fo = state_divisors(c.data_parallel, d.dp, c.data_parallel_shard, split_backward=split)
+        held = [0.0] * d.pp
+        for s, (trainable, _, _) in enumerate(state):
+            held[rank_of[s]] += trainable  # stages share their rank's optimizer step
+        optimizer = [optimizer_step_time(g.spec, w, fo, g.param_element_size) for w in held]
+    if d.dp > 1 and g.training:
+        adjusted = []
+        for s, (met, (trainable, count, largest)) in enumerate(zip(metrics, state)):
+            cost = data_parallel_cost(
+                c.data_parallel or "ddp", g.spec, tp=d.tp, dp=d.dp, weight_bytes=trainable,
+                grad_bytes=trainable, forward=met.forward / m, backward=met.backward / m, layers=count,
+                largest_layer=largest, shard=c.data_parallel_shard, split_backward=split,
+            )  # fmt: skip
+            tails[rank_of[s]] += cost.tail
+            adjusted.append(
+                dataclasses.replace(
+                    met,
+                    forward=met.forward + m * cost.forward,
+                    backward=met.backward + m * cost.backward,
+                    static_bytes=met.static_bytes + cost.transient,
+                    peak_memory=met.peak_memory + cost.transient,
+                )
+            )
+        metrics = adjusted
+    sim = simulate(
+        to_stage_costs(c.graph, metrics, m), num_microbatches=m, schedule=c.schedule, num_ranks=d.pp,
+        blocking_sends=not c.graph.spec.overlaps_comm,
+    )  # fmt: skip
     c.stage_of, c.metrics, c.simulation = list(stage_of), metrics, sim
+    c.recompute = [met.recompute for met in metrics]
     c.peak_memory = max(sim.peak_memory)
     c.pipeline_time = sim.step_time
-    c.dp_sync = dp_sync_time(c.graph, metrics, c.degrees, devices_per_node)
-    d = c.degrees
+    c.dp_sync = max(tails)
     c.tied_sync = tied_sync_time(c.graph, stage_of, sim.stage_to_rank, internode=d.pp * d.tp * d.dp > devices_per_node)
-    c.step_time = sim.step_time + c.dp_sync + c.tied_sync
+    c.optimizer_time = max(optimizer)
+    c.step_time = _step_end(c, sim, tails, optimizer)
 
 
-def _evaluate(c: Candidate, memory_limit: float, devices_per_node: int, plans: dict, refine: bool = False) -> None:
+def _step_end(c: Candidate, sim: SimResult, tails: Sequence[float], optimizer: Sequence[float]) -> float:
+    """When the step ends: each rank finishes its part of the schedule, its data-parallel tail (plan.sharding), the
+    tied-weight gradient sync if it holds a tied copy (a collective over the holders, after the last of them), then
+    its optimizer step. Ranks finish the schedule at different times (1F1B's first stage last), so a rank that
+    finishes early updates its weights while others still compute."""
+    ends = [0.0] * len(tails)
+    for e in sim.events:
+        ends[e.rank] = max(ends[e.rank], e.end)
+    for rank, _start, end in sim.send_holds:
+        ends[rank] = max(ends[rank], end)
+    ready = [end + tail for end, tail in zip(ends, tails)]
+    if c.tied_sync > 0:
+        tied = set(c.graph.tied)
+        holders = {sim.stage_to_rank[c.stage_of[i]] for i, ps in enumerate(c.graph.params) if tied.intersection(ps)}
+        synced = max(ready[r] for r in holders) + c.tied_sync
+        ready = [synced if r in holders else t for r, t in enumerate(ready)]
+    return max(t + opt for t, opt in zip(ready, optimizer))
+
+
+def _stage_state(pg: PlanningGraph, stage_of: Sequence[int], num_stages: int) -> list[tuple[float, int, float]]:
+    """Per stage: (bytes of its trainable parameters, the layers they are spread over, the largest layer's bytes).
+
+    Layers are plan.recompute's (module paths ending in a list index); the stage's parameters outside every layer
+    count as one more. FSDP gathers a layer at a time, so these set how much of a collective can hide."""
+    unit = np.full(pg.n, -1, dtype=np.int64)
+    for u, (a, b) in enumerate(pg.regions.get("full", [])):
+        unit[a:b] = u
+    groups: list[dict[int, set[str]]] = [{} for _ in range(num_stages)]
+    for i, ps in enumerate(pg.params):
+        trainable = [p for p in ps if p in pg.trainable]
+        if trainable:
+            groups[stage_of[i]].setdefault(int(unit[i]), set()).update(trainable)
+    out = []
+    for per_unit in groups:
+        sizes = [sum(pg.param_bytes[p] for p in ps) for ps in per_unit.values()]
+        everything = set().union(*per_unit.values()) if per_unit else set()
+        out.append((float(sum(pg.param_bytes[p] for p in everything)), max(len(sizes), 1), max(sizes, default=0.0)))
+    return out
+
+
+def _data_parallel_transient(c: Candidate) -> float:
+    """The most the candidate's data-parallel mode holds transiently on a device: its largest layer's gathered
+    weights and gradients (plan.sharding.data_parallel_cost, with the largest layer of the whole graph)."""
+    if c.degrees.dp <= 1 or c.data_parallel not in ("zero2", "fsdp", "hsdp") or not c.graph.training:
+        return 0.0
+    if get_schedule(c.schedule).split_backward:
+        return 0.0
+    g = c.graph
+    largest = 0.0
+    for a, b in g.regions.get("full", []) or [(0, g.n)]:
+        layer = {p for ps in g.params[a:b] for p in ps if p in g.trainable}
+        largest = max(largest, sum(g.param_bytes[p] for p in layer))
+    return largest * (1 if c.data_parallel == "zero2" else 3)
+
+
+def _evaluate(
+    c: Candidate, memory_limit: float, devices_per_node: int, plans: dict, refine: bool = False,
+    recompute: Sequence[str] = ("none",),
+) -> None:  # fmt: skip
     g = c.graph
     num_stages = c.degrees.pp * c.stages_per_device
     flight = get_schedule(c.schedule).in_flight(num_stages, c.microbatches)
-    share = memory_limit / c.stages_per_device
+    # What FSDP / ZeRO-2 hold besides the stage's state (a layer's gathered weights and gradients) is known before the
+    # split: the DP plans within what is left (plan.sharding.data_parallel_cost prices it after).
+    share = (memory_limit - _data_parallel_transient(c)) / c.stages_per_device
     # Schedules with the same stages, microbatches and in-flight pattern get the same pipeline plan.
     # (Without a memory limit the in-flight pattern cannot change the plan.)
     key = (id(g), num_stages, c.microbatches, tuple(flight) if math.isfinite(share) else None, share)
+    args = dict(microbatches=c.microbatches, in_flight=flight, memory_limit=share, mincut=False, explain=False,
+                recompute=recompute)  # fmt: skip
     try:
-        if key not in plans:
-            plans[key] = plan_pipeline(
-                g,
-                num_stages,
-                microbatches=c.microbatches,
-                in_flight=flight,
-                memory_limit=share,
-                mincut=False,
-                explain=False,
-                rel_tol=1e-3,  # 0.1% of the bottleneck is ample to rank layouts
-            )
-        plan = plans[key]
-        if refine:
+        if refine:  # the winner: planned in full (every cut position), then its boundaries refined by min-cut
+            plan = plan_pipeline(g, num_stages, rel_tol=1e-5, **args)
             plan = refine_plan(g, plan, microbatches=c.microbatches, in_flight=flight, memory_limit=share)
-        price_candidate(c, plan.stage_of, flight, devices_per_node)
+        else:
+            if key not in plans:
+                # Candidates are ranked on coarse plans (cuts where one value crosses: plan.pipeline) to 0.1% of the
+                # bottleneck: ample to rank layouts. Where the coarse cuts are too few for the stages, in full; where
+                # they do not fit in memory, the candidate does not (the microbatch retry may still make it fit).
+                try:
+                    plans[key] = plan_pipeline(g, num_stages, rel_tol=1e-3, coarse=True, **args)
+                except InfeasibleMemoryError:
+                    raise
+                except ValueError:  # too few coarse cuts for the stages
+                    plans[key] = plan_pipeline(g, num_stages, rel_tol=1e-3, **args)
+            plan = plans[key]
+        price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute)
     except InfeasibleMemoryError as e:
         c.note, c.out_of_memory = str(e), True
         return

@@ -10,7 +10,7 @@ module writes no pipeline engine: it adds what torch leaves to the caller.
     meta, init = record_init(lambda: zoo.get("gpt3-tiny"), seed=0)    # weight-free model + replayable init
     cm = partitioner.compile(meta, devices=2, example_inputs=x_meta, plan=open("plan.json").read())
     pipe = cm.distributed(weights=init)                                # only this rank's shard is real
-    opt = torch.optim.AdamW(pipe.parameters())
+    opt = pipe.make_optimizer(torch.optim.AdamW, lr=3e-4)               # sharded where the plan's mode says
     for x, y in batches:
         loss = pipe.step((x,), y, loss_fn)                             # forward + backward, all microbatches
         opt.step(); pipe.zero_grad()
@@ -54,13 +54,22 @@ Contracts (what ``DistributedPipeline`` guarantees):
 
 Meshes: pass ``mesh``, a ``DeviceMesh`` with a "pp" dim and optionally "dp" and "tp". Every line of the mesh
 along "pp" is one pipeline (tied-weight groups are built per line from global ranks). Data parallelism ("dp"):
-each replica is fed its own shard of the batch; every stage is wrapped in torch's ``DistributedDataParallel``
-or ``fully_shard`` (FSDP2) over "dp" (``data_parallel=``; see ``partitioner.runtime.data_parallel``), which
-torch's schedules drive (no sync until the last microbatch's backward, or the final REDUCE_GRAD); tied copies
-are left out of the wrappers and averaged over "dp" after their owners' sum. The returned loss is the mean over
-replicas, so dp x pp equals single-process training on the concatenated batch (tested: dp=2 x pp=2 with DDP on
-1f1b and interleaved, FSDP on 1f1b, interleaved, zero-bubble and zbv). With FSDP, ``state_dict()`` holds DTensor
-shards and ``full_state_dict()`` gathers them (collective over the whole world then).
+each replica is fed its own shard of the batch; every stage is wrapped over "dp" in the plan's data-parallel
+mode (``plan.data_parallel``, ``plan.data_parallel_shard``; ``data_parallel=`` / ``data_parallel_shard=``
+override them): torch's ``DistributedDataParallel`` ("ddp", and "zero1" with its optimizer sharded) or
+``fully_shard`` (FSDP2: "zero2", "fsdp", and "hsdp" on a (replicate, shard) split of "dp"); see
+``partitioner.runtime.data_parallel``. torch's schedules drive the wrappers (DDP: no sync until the last
+microbatch's backward; FSDP: a reduce-scatter in every microbatch's backward, layer by layer, then the final
+REDUCE_GRAD, through ``runtime.stage.DataParallelStage``; zero-bubble / zbv: torch's own FSDP handling, no sync
+until REDUCE_GRAD); tied copies are left out of the wrappers and averaged over "dp" after their owners' sum. The
+returned loss is the mean over replicas, so dp x pp equals single-process training on the concatenated batch
+(tested: dp=2 x pp=2 with DDP on 1f1b and interleaved, FSDP on 1f1b, interleaved, zero-bubble and zbv; with AdamW:
+ddp, zero1, zero2, fsdp at dp=2, zero1 and zero2 at dp=2 x pp=2, hsdp at dp=4, shard 2; with SGD, 4 microbatches:
+fsdp on 1f1b, interleaved and zbv, zero2 on 1f1b, gpipe and looped-bfs, at dp=2; hsdp at dp=4).
+With FSDP, ``state_dict()`` holds DTensor shards and ``full_state_dict()`` gathers them (collective over the whole
+world then). Build the optimizer with ``make_optimizer(cls, **kwargs)``: the plain ``cls`` over ``parameters()``, or
+torch's ``ZeroRedundancyOptimizer`` over "dp" for "zero1" (its ``state_dict()`` then needs
+``consolidate_state_dict()`` first, torch's rule).
 
 Tensor parallelism ("tp"): the stage modules given are then one tp rank's
 (``passes.tensor_parallel.tensor_parallel_rank`` before the split), their collectives run over the "tp" group
@@ -91,11 +100,25 @@ from partitioner.passes.retarget import retarget_devices
 from partitioner.passes.split import StageModule
 from partitioner.passes.tensor_parallel import merge_shards, shard_of
 from partitioner.plan.schema import Plan
-from partitioner.runtime.data_parallel import data_parallel_mode, full_tensor, load_into, wrap_stage
+from partitioner.runtime.data_parallel import (
+    data_parallel_mode,
+    full_tensor,
+    hsdp_mesh,
+    hsdp_sizes,
+    load_into,
+    make_optimizer,
+    wrap_stage,
+)
 from partitioner.runtime.device import init_process_group
 from partitioner.runtime.faults import PEER_FAILURE_EXIT_CODE, FaultMonitor, PeerFailureError
 from partitioner.runtime.materialize import StateDictSource, WeightSource, materialize_modules
-from partitioner.runtime.stage import StageAdapter, example_microbatch_shapes, scalar_inputs, static_metas
+from partitioner.runtime.stage import (
+    DataParallelStage,
+    StageAdapter,
+    example_microbatch_shapes,
+    scalar_inputs,
+    static_metas,
+)
 from partitioner.schedules import get_schedule
 
 __all__ = [
@@ -182,7 +205,9 @@ class DistributedPipeline:
 
     Build it with ``cm.distributed(...)`` (or ``distribute``) on every rank of `group` (see the module docstring
     for the contracts). ``local_stages`` are this rank's ``StageModule``s; ``parameters()`` their
-    unique parameters (what an optimizer takes).
+    unique parameters (what an optimizer takes; ``make_optimizer`` builds the one the data-parallel mode needs).
+    ``data_parallel`` is the mode the stages run in over "dp", ``data_parallel_shard`` HSDP's shard-group size
+    (0 in the other modes).
     """
 
     def __init__(
@@ -203,6 +228,7 @@ class DistributedPipeline:
         heartbeat_timeout: float = 10.0,
         grace: float = 5.0,
         data_parallel: str | None = None,
+        data_parallel_shard: int | None = None,
     ):
         self.plan, self.captured = plan, captured
         dims = tuple(mesh.mesh_dim_names or ()) if mesh is not None else ()
@@ -225,7 +251,12 @@ class DistributedPipeline:
         self.ranks = dist.get_world_size(self.group)
         self.device = torch.device(device)
         self.schedule_name = schedule or plan.schedule
+        # the plan's data-parallel mode (checked against the schedule) unless overridden; HSDP's shard size likewise
         self.data_parallel = data_parallel_mode(data_parallel or plan.data_parallel or None, self.schedule_name)
+        shard = plan.data_parallel_shard if data_parallel_shard is None else data_parallel_shard
+        self.data_parallel_shard = shard if self.data_parallel == "hsdp" else 0
+        if self.data_parallel == "hsdp" and self.dp > 1:
+            hsdp_sizes(self.dp, self.data_parallel_shard)  # raises with the numbers before any communication
         self.num_stages = plan.num_stages
         self.microbatches = plan.microbatches
         self.stage_rank = get_schedule(self.schedule_name).stage_ranks(self.num_stages, self.ranks)
@@ -264,18 +295,23 @@ class DistributedPipeline:
 
         # Phase 5: torch stages (optionally checkpointed; wrapped in DDP or FSDP over "dp"), static metadata when known.
         ckpt = set(range(self.num_stages)) if checkpoint is True else set(checkpoint or ())
+        split = get_schedule(self.schedule_name).split_backward
         tied_tensors = [tied.held for tied in self._tied if tied.held is not None]
+        if self.dp > 1:  # hsdp: "dp" split into (replicate, shard), collective: every rank builds it here
+            dp_mesh = (
+                hsdp_mesh(self.mesh, self.data_parallel_shard) if self.data_parallel == "hsdp" else self.mesh["dp"]
+            )
         self.stage_submodules: list[nn.Module] = []
         for st in self.local_stages:
             adapter: nn.Module = StageAdapter(
                 st.module,
                 scalar_inputs(st.module),
                 checkpoint=st.index in ckpt,
-                clone_outputs=get_schedule(self.schedule_name).split_backward,
+                clone_outputs=split,
                 device=self.device,
             )
             if self.dp > 1:
-                adapter = wrap_stage(adapter, self.data_parallel, self.mesh["dp"], exclude=tied_tensors)
+                adapter = wrap_stage(adapter, self.data_parallel, dp_mesh, tied_tensors, split_backward=split)
             self.stage_submodules.append(adapter)
         # torch's PipelineStages fix every boundary's shapes: one set per microbatch input shape seen (cached).
         self._by_shape: dict[tuple, list[PipelineStage]] = {}
@@ -310,13 +346,16 @@ class DistributedPipeline:
             self.schedule_name,
             self.num_stages,
             self.microbatches,
+            self.data_parallel,
+            self.data_parallel_shard,
         )
         group = None if self.mesh is not None else self.group  # every replica must run the same plan too
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, mine, group=group)
         if len(set(gathered)) > 1:
             lines = [
-                f"rank {r}: fingerprint {g[0]}, plan hash {g[1]}, schedule {g[2]}, {g[3]} stages, {g[4]} microbatches"
+                f"rank {r}: fingerprint {g[0]}, plan hash {g[1]}, schedule {g[2]}, {g[3]} stages, {g[4]} microbatches, "
+                f"data_parallel {g[5]!r} (shard {g[6]})"
                 for r, g in enumerate(gathered)
             ]
             odd = [r for r, g in enumerate(gathered) if g != gathered[0]]
@@ -360,6 +399,17 @@ class DistributedPipeline:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_parameters()]
+
+    def make_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> torch.optim.Optimizer:
+        """An `optimizer_class` (e.g. ``torch.optim.AdamW``) over ``parameters()`` for this pipeline's data-parallel
+        mode; `kwargs` are its arguments (lr, weight_decay, ...).
+
+        "zero1" (at dp > 1): torch's ``ZeroRedundancyOptimizer`` with `optimizer_class` over the "dp" group, so each
+        replica holds the optimizer state of 1/dp of the parameters. Other modes: `optimizer_class` itself (FSDP
+        shards its state already). Tied copies are updated like every parameter: their gradients are reduced by
+        ``step`` before the optimizer sees them. Call on every rank (ZeRO's step is collective over "dp").
+        """
+        return make_optimizer(self.parameters(), optimizer_class, self.data_parallel, self.dp_group, **kwargs)
 
     def _tensors_named(self, name: str) -> list[torch.Tensor]:
         names = set(self._aliases().get(name, [name]))
@@ -428,8 +478,9 @@ class DistributedPipeline:
         unknown, torch infers the metadata at the first step and fixes it)."""
         if shapes not in self._by_shape:
             static = static_metas(self.captured, self._all_stages, shapes) if shapes is not None else None
+            split = get_schedule(self.schedule_name).split_backward
             self._by_shape[shapes] = [
-                PipelineStage(
+                DataParallelStage(  # torch's PipelineStage; FSDP stages reduce-scatter every microbatch's gradients
                     adapter,
                     st.index,
                     self.num_stages,
@@ -437,6 +488,8 @@ class DistributedPipeline:
                     input_args=static[st.index][0] if static else None,
                     output_args=static[st.index][1] if static else None,
                     group=self.group,
+                    data_parallel=self.data_parallel if self.dp > 1 else "",
+                    split_backward=split,
                 )
                 for st, adapter in zip(self.local_stages, self.stage_submodules)
             ]

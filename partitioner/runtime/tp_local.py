@@ -6,7 +6,9 @@ runs in the same threads (CPU backward executes on the calling thread), so f's b
 
 `check_tensor_parallel(gm, plan, inputs)` is what CI tests and users call to verify a plan: it runs the
 original graph and the tp rank graphs forward (and backward on a loss), and asserts that every rank's
-outputs and every parameter gradient (sharded ones reassembled with `unshard_tensor`) match.
+outputs and every parameter gradient (sharded ones reassembled with `unshard_tensor`) match. The rank graphs are
+whole (no pipeline split); `recompute_regions` (a Plan's, all stages together) checkpoints them as the applier
+checkpoints stages (`passes.recompute`), so the collectives a region holds are recomputed in backward here too.
 Example: `check_tensor_parallel(gm, plan_tensor_parallel(gm, 2), [idx])` -> TPCheckReport(max_output_diff=3e-7, ...).
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from partitioner.passes.recompute import checkpoint_regions
 from partitioner.passes.tensor_parallel import tensor_parallel_rank
 from partitioner.plan.tensor_layout import TensorParallelPlan, unshard_tensor
 
@@ -108,14 +111,19 @@ def run_tensor_parallel_local(
     *,
     loss_fn: Callable[[Sequence[Any]], torch.Tensor] | None = None,
     backward: bool = True,
+    recompute_regions: Sequence[Sequence[str]] = (),
 ) -> tuple[list[tuple], list[fx.GraphModule]]:
     """Run all tp ranks of `plan` on `inputs` in threads; returns (each rank's flat outputs, the rank modules).
 
     With backward=True each rank computes `loss_fn(outputs)` (default `_default_loss`) and runs backward; the
-    gradients are on the rank modules' parameters (which are private copies: `gm` is left untouched).
+    gradients are on the rank modules' parameters (which are private copies: `gm` is left untouched). Each rank
+    graph runs `recompute_regions` under torch.utils.checkpoint (`passes.recompute.checkpoint_regions`).
     """
     group = ThreadGroup(plan.tp)
-    ranks = [tensor_parallel_rank(gm, plan, r, group.comm(r), share_replicated=False) for r in range(plan.tp)]
+    ranks = [
+        checkpoint_regions(tensor_parallel_rank(gm, plan, r, group.comm(r), share_replicated=False), recompute_regions)
+        for r in range(plan.tp)
+    ]
     loss_fn = loss_fn or _default_loss
 
     def step(module: fx.GraphModule) -> Callable[[], tuple]:
@@ -150,12 +158,14 @@ def check_tensor_parallel(
     backward: bool = True,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    recompute_regions: Sequence[Sequence[str]] = (),
 ) -> TPCheckReport:
     """Assert that the tp ranks of `plan` reproduce `gm` (outputs on every rank; every parameter's gradient).
 
     Raises AssertionError naming the output or parameter that differs. `gm` needs real (not meta) weights.
     Gradients are compared with atol scaled by the parameter gradient's largest magnitude (all-reduces sum
     in another order than the unsharded kernels, and a gradient summed over many tokens cancels).
+    `recompute_regions`: run on the rank graphs under torch.utils.checkpoint (run_tensor_parallel_local).
     """
     loss_fn = loss_fn or _default_loss
     reference = copy.deepcopy(gm)
@@ -164,7 +174,9 @@ def check_tensor_parallel(
     ref_out = reference(*inputs)
     if backward:
         loss_fn(ref_out).backward()
-    outputs, ranks = run_tensor_parallel_local(gm, plan, inputs, loss_fn=loss_fn, backward=backward)
+    outputs, ranks = run_tensor_parallel_local(
+        gm, plan, inputs, loss_fn=loss_fn, backward=backward, recompute_regions=recompute_regions
+    )
 
     out_diff = 0.0
     for r, out in enumerate(outputs):

@@ -1,0 +1,187 @@
+"""plan.recompute: activation recomputation as a plan choice, priced in memory and time.
+
+Three modes, chosen per pipeline stage by the planner (plan.pipeline) and run by the runtime with
+torch.utils.checkpoint (partitioner.passes.recompute):
+
+    "none"       every activation autograd saves is kept until its backward
+    "selective"  the attention core of every layer is recomputed (Korthikanti et al. 2022, "Reducing Activation
+                 Recomputation in Large Transformer Models"): the run of nodes from a layer's first to its last
+                 FLOP-bearing node that reads no parameter (QK^T ... softmax, dropout ... attention x V, or one
+                 fused SDPA call)
+    "full"       every layer is recomputed: only each layer's inputs are kept (Megatron's full recompute with
+                 one layer per checkpoint)
+
+A *region* is a run of consecutive planned nodes checkpointed as one. Layers are found from module paths: the
+nodes whose module path shares a prefix ending in a list index (`h.3`, `model.layers.3`, `encoder.layer.3`),
+in consecutive runs; nodes outside every layer (embeddings, the head) are never recomputed.
+
+What a region costs, for a storage saved for backward (annotate's `saves`: storage name -> bytes):
+- kept: a storage is kept if a node outside every region saves it, or if a region needs it as an input (it was
+  created outside the region and a region node reads it; torch.utils.checkpoint holds a region's inputs). It is
+  counted once, on its first keeper in graph order (the per-node arrays below sum like annotate's saved_bytes).
+- dropped: storages a region's nodes save that the region itself creates: recomputed in the backward.
+- time: the forward of every region node runs again, in the backward of its microbatch.
+- transient: while a region's backward runs, its dropped storages exist again for that one microbatch: a stage
+  peaks at its kept activations of the microbatches in flight plus its largest region's dropped bytes.
+
+Invariant: under "none" the kept bytes per node equal annotate's saved_bytes, so nothing changes for a plan that
+recomputes nothing. The closed forms of Korthikanti et al. (per layer: sbh(34 + 5as/h) without recompute, 2sbh
+kept with full recompute) hold for a layer written as Megatron writes it (tests/test_recompute_model.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch.fx as fx
+
+__all__ = ["MODES", "ActivationModel", "activation_model", "find_regions", "layer_path"]
+
+MODES = ("none", "selective", "full")  # in order of memory kept (most first) and time (least first)
+
+
+def layer_path(path: str) -> str | None:
+    """The layer a module path belongs to: its prefix up to and including the first list index (`h.3.attn.q` ->
+    `h.3`, `model.layers[3].mlp` -> `model.layers[3]`); None outside every list (`wte`, `lm_head`)."""
+    parts = re.split(r"[.\[\]]+", path.strip(".[]"))
+    for k, part in enumerate(parts):
+        if part.isdigit() and k > 0:
+            return ".".join(parts[: k + 1])
+    return None
+
+
+def _module_path(node: fx.Node) -> str:
+    """The innermost module a node runs in: its call_module target, else the last entry of its module stack (fx
+    keys it by path; export by an id, with the path as the first element of the value)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    key, value = next(reversed(stack.items()))
+    path = value[0] if isinstance(value, tuple) and value and isinstance(value[0], str) else key
+    return str(path)
+
+
+def _runs(labels: Sequence[str | None]) -> list[tuple[int, int]]:
+    """[a, b) ranges of consecutive equal, non-None labels."""
+    out, start = [], 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start]:
+            if labels[start] is not None:
+                out.append((start, i))
+            start = i
+    return out
+
+
+def find_regions(
+    gm: fx.GraphModule, names: Sequence[str], params: Sequence[Sequence[str]], succs: Sequence[Sequence[int]]
+) -> dict[str, list]:
+    """mode -> the [a, b) ranges of planned-node indices it checkpoints ("none": no ranges).
+
+    `names` are the planned nodes in graph order, `params[i]` the parameters node i reads and `succs[i]` its
+    consumers (plan.graph). A layer's attention core is the range from its first to its last FLOP-bearing node
+    that reads no parameter, widened backwards over the FLOP-free, parameter-free nodes that feed only it (views
+    and copies of q, k, v, an empty output buffer): recomputing those is free, and keeping them would hold copies
+    of what the projections' outputs already are. Layers without such a node get no selective region.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    labels = [layer_path(_module_path(by_name[name])) if by_name[name].op != "placeholder" else None for name in names]
+    layers = [(a, b) for a, b in _runs(labels) if b - a > 1]
+    cores = []
+    for a, b in layers:
+        core = [i for i in range(a, b) if by_name[names[i]].meta.get("flops", 0) > 0 and not params[i]]
+        if not core:
+            continue
+        lo, hi = core[0], core[-1] + 1
+        while lo - 1 > a and not params[lo - 1] and not by_name[names[lo - 1]].meta.get("flops", 0):
+            if not all(lo - 1 < j < hi for j in succs[lo - 1]):
+                break
+            lo -= 1
+        cores.append((lo, hi))
+    return {"none": [], "selective": cores, "full": layers}
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Per planned node, under one mode (whole annotated batch, as the planning graph's arrays):
+
+    kept[i]       activation bytes node i keeps for backward (each storage once, on its first keeper)
+    recompute[i]  seconds of forward that node i runs again in the backward (0 outside regions)
+    transient[i]  bytes the region holding node i regenerates during its backward (0 outside regions)
+    """
+
+    mode: str
+    kept: np.ndarray
+    recompute: np.ndarray
+    transient: np.ndarray
+    regions: tuple[tuple[int, int], ...]
+
+
+def activation_model(
+    mode: str,
+    regions: Sequence[tuple[int, int]],
+    saves: Sequence[dict[str, float]],
+    created_by: dict[str, int],
+    preds: Sequence[Sequence[int]],
+    storages: Sequence[Sequence[str]],
+    out_bytes: np.ndarray,
+    forward: np.ndarray,
+) -> ActivationModel:
+    """The ActivationModel of `mode` with `regions` (module docstring for the rules).
+
+    saves[i]: storage name -> bytes node i saves; created_by: storage name -> index of the node that created it
+    (absent for parameters and for storages made outside the planned nodes); preds[i]: planned inputs of node i;
+    storages[i]: the storages node i's output lives in; out_bytes[i]: its bytes (the size of a region input no
+    node saves); forward[i]: node i's forward seconds.
+    """
+    n = len(saves)
+    region_of = np.full(n, -1, dtype=np.int64)
+    for r, (a, b) in enumerate(regions):
+        region_of[a:b] = r
+    size: dict[str, float] = {}
+    for node_saves in saves:
+        for name, nbytes in node_saves.items():
+            size[name] = max(size.get(name, 0.0), nbytes)
+    first_keeper: dict[str, int] = {}
+    dropped = np.zeros(len(regions))
+
+    def keep(name: str, i: int) -> None:
+        if name not in first_keeper or i < first_keeper[name]:
+            first_keeper[name] = i
+
+    for i, node_saves in enumerate(saves):
+        r = region_of[i]
+        for name in node_saves:
+            if r < 0:
+                keep(name, i)
+                continue
+            a, b = regions[r]
+            if a <= created_by.get(name, -1) < b:
+                continue  # recomputed from the region's inputs
+            keep(name, a)  # a region input: the checkpoint holds it
+    seen_dropped: list[set[str]] = [set() for _ in regions]
+    for i, node_saves in enumerate(saves):
+        r = region_of[i]
+        if r < 0:
+            continue
+        a, b = regions[r]
+        for name, nbytes in node_saves.items():
+            if a <= created_by.get(name, -1) < b and name not in seen_dropped[r]:
+                seen_dropped[r].add(name)
+                dropped[r] += nbytes
+        for p in preds[i]:  # inputs the region reads but no node of it saves: held by the checkpoint too
+            if not a <= p < b:
+                for name in storages[p]:
+                    if name in size or name in created_by:
+                        size.setdefault(name, float(out_bytes[p]))
+                        keep(name, a)
+    kept = np.zeros(n)
+    for name, i in first_keeper.items():
+        kept[i] += size.get(name, 0.0)
+    recompute = np.where(region_of >= 0, forward, 0.0)
+    transient = np.where(region_of >= 0, dropped[region_of] if len(regions) else 0.0, 0.0)
+    return ActivationModel(mode, kept, recompute, transient, tuple(regions))

@@ -1,0 +1,150 @@
+"""Activation recomputation as a plan choice (partitioner.plan.recompute): the memory model against Korthikanti et
+al.'s closed forms, the per-stage choice of the pipeline DP, and plans that recompute running equal to the model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.fx as fx
+
+import partitioner
+import zoo
+from partitioner.annotate import annotate
+from partitioner.cost import node_costs
+from partitioner.devices import get_device_spec
+from partitioner.plan.graph import build_planning_graph
+from partitioner.plan.recompute import layer_path
+from zoo.gpt3 import GPT, GPTConfig
+
+
+def _megatron_layer_graph(s: int, b: int, h: int, a: int, layers: int = 2):
+    """A GPT written as Megatron-LM writes it (attention probabilities materialized, dropout 0.1, fp16)."""
+    cfg = GPTConfig(n_layer=layers, d_model=h, n_head=a, vocab_size=1024, n_ctx=s, attention="math", dropout=0.1)
+    with torch.device("meta"):
+        model = GPT(cfg).half()
+    gm = fx.symbolic_trace(model)
+    annotate(gm, [torch.zeros(b, s, dtype=torch.long, device="meta")])
+    spec = get_device_spec("a100")
+    return build_planning_graph(gm, node_costs(gm, spec), spec, training=True)
+
+
+@pytest.mark.parametrize("s, b, h, a", [(256, 4, 512, 8), (512, 2, 256, 4), (128, 8, 768, 12)])
+def test_activation_memory_per_layer_matches_korthikanti_et_al(s: int, b: int, h: int, a: int) -> None:
+    # Per layer, fp16, with dropout: no recompute sbh (34 + 5as/h), selective (attention core) 34 sbh, full 2 sbh
+    # (Korthikanti et al. 2022, Table 2 / eq. 1-2). Not in the paper's count: the two layer norms' fp32 statistics
+    # (mean and rstd, 16 bytes per token) and the layer's s x s bool causal mask, which the paper's fused softmax
+    # kernel does not materialize.
+    pg = _megatron_layer_graph(s, b, h, a)
+    first, last = pg.regions["full"][1]  # the second layer: its input comes from a layer, as in the paper
+    sbh = s * b * h
+    extra = (16 * s * b + s * s) / sbh
+    expected = {"none": 34 + 5 * a * s / h + extra, "selective": 34.0 + 16 / h, "full": 2.0}
+    for mode, per_layer in expected.items():
+        kept = pg.activations(mode).kept[first:last].sum()
+        assert kept / sbh == pytest.approx(per_layer, rel=1e-3), mode
+    # Full recompute regenerates the layer while its backward runs: the transient is all of it but its kept input.
+    full = pg.activations("full")
+    assert full.transient[first] / sbh == pytest.approx(expected["none"] - 2.0, rel=1e-3)
+    # The recomputed forward: every node of a full region, only the core's for selective.
+    assert full.recompute[first:last].sum() == pytest.approx(pg.forward[first:last].sum())
+    core = pg.activations("selective").recompute[first:last].sum()
+    assert 0 < core < full.recompute[first:last].sum() / 2
+
+
+def test_under_no_recompute_the_kept_bytes_are_annotate_s() -> None:
+    pg = _megatron_layer_graph(128, 2, 256, 4)
+    assert (pg.activations("none").kept == pg.saved_bytes).all()
+    assert not pg.activations("none").recompute.any() and not pg.activations("none").transient.any()
+
+
+def test_layers_are_found_from_module_paths() -> None:
+    assert layer_path("h.3.attn.q_proj") == "h.3"
+    assert layer_path("model.layers.11.mlp") == "model.layers.11"
+    assert layer_path("model.layers[2].self_attn") == "model.layers.2"
+    assert layer_path("encoder.layer.0") == "encoder.layer.0"
+    assert layer_path("wte") is None and layer_path("") is None and layer_path("3.conv") is None
+
+
+def _tiny(batch: int = 32):
+    return zoo.get("gpt3-tiny"), zoo.example_inputs("gpt3-tiny", batch=batch)
+
+
+def test_each_stage_recomputes_the_least_that_fits() -> None:
+    model, x = _tiny()
+    kw = dict(device_type="cpu", pipeline=2, microbatches=4)
+    plain = partitioner.compile(model, 2, x, recompute="none", **kw).plan
+    full = partitioner.compile(model, 2, x, recompute="full", **kw).plan
+    assert full.predicted["peak_memory"] < plain.predicted["peak_memory"]
+    assert full.predicted["step_time"] > plain.predicted["step_time"]  # the recomputed forward costs time
+    # Between the two: 1F1B's first stage holds more microbatches in flight than the last, so only it recomputes.
+    limit = full.predicted["peak_memory"] + 0.25 * (plain.predicted["peak_memory"] - full.predicted["peak_memory"])
+    chosen = partitioner.compile(model, 2, x, memory_limit=limit, **kw).plan
+    assert chosen.predicted["peak_memory"] <= limit
+    assert [s.recompute for s in chosen.stages] == ["full", "none"]
+    assert chosen.stages[0].recompute_regions and not chosen.stages[1].recompute_regions
+    assert plain.predicted["step_time"] < chosen.predicted["step_time"] < full.predicted["step_time"]
+    assert partitioner.Plan.from_json(chosen.to_json()) == chosen
+    # Every region is a run of the stage's own nodes, in graph order.
+    for stage in chosen.stages:
+        order = {n: i for i, n in enumerate(stage.nodes)}
+        for region in stage.recompute_regions:
+            assert [order[n] for n in region] == list(range(order[region[0]], order[region[0]] + len(region)))
+
+
+def test_a_plan_that_recomputes_trains_as_the_model_does() -> None:
+    torch.manual_seed(0)
+    model, x = _tiny(batch=8)
+    y = zoo.example_targets("gpt3-tiny", batch=8)
+    cm = partitioner.compile(model, 2, x, device_type="cpu", pipeline=2, microbatches=2, recompute="full")
+    assert all(s.recompute == "full" and s.recompute_regions for s in cm.plan.stages)
+    loss = cm.step(x, y, _lm_loss)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (idx,) = x
+    reference = (_lm_loss(model(idx[:4]), y[:4]) + _lm_loss(model(idx[4:]), y[4:])) / 2  # the mean microbatch loss
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def test_the_free_search_is_never_slower_than_a_forced_layout() -> None:
+    # The forced layout (degrees, microbatches, recompute, dp mode) is one of the search's candidates, so the search
+    # can only do as well or better under the same memory limit.
+    with torch.device("meta"):
+        model = zoo.get("gpt3-tiny", n_head=8)
+    x = zoo.example_inputs("gpt3-tiny", batch=32, device="meta")
+    limit = 3 * 2**20
+    forced = partitioner.compile(model, 8, x, memory_limit=limit, pipeline=2, tensor_parallel=2, microbatches=4,
+                                 recompute="full", data_parallel="ddp")  # fmt: skip
+    free = partitioner.compile(model, 8, x, memory_limit=limit)
+    assert free.plan.predicted["step_time"] <= forced.plan.predicted["step_time"] * (1 + 1e-9)
+    assert free.plan.predicted["peak_memory"] <= limit
+
+
+def test_bad_recompute_options_are_refused() -> None:
+    model, x = _tiny(batch=4)
+    with pytest.raises(ValueError, match="recompute='some'"):
+        partitioner.compile(model, 2, x, device_type="cpu", recompute="some")
+    with pytest.raises(ValueError, match="data_parallel='zero4'"):
+        partitioner.compile(model, 2, x, device_type="cpu", data_parallel="zero4")
+
+
+def test_a_saved_plan_s_recompute_is_what_runs() -> None:
+    from partitioner.apply import apply
+    from partitioner.passes.recompute import CheckpointedRegion
+
+    model, x = _tiny(batch=8)
+    plan = partitioner.compile(model, 2, x, device_type="cpu", pipeline=2, microbatches=2, recompute="full").plan
+    first = dataclasses.replace(plan.stages[0], recompute="none", recompute_regions=[])
+    edited = dataclasses.replace(plan, stages=[first, plan.stages[1]])
+    cm = partitioner.compile(model, 2, x, device_type="cpu", plan=edited)
+    stages = apply(cm.plan, cm.captured)
+    counts = [sum(isinstance(m, CheckpointedRegion) for m in st.module.modules()) for st in stages]
+    assert counts == [0, len(plan.stages[1].recompute_regions)] and counts[1] > 0

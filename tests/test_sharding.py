@@ -1,0 +1,147 @@
+"""Sharded data parallelism in the planner (partitioner.plan.sharding): ZeRO's per-parameter bytes, what each mode's
+collectives cost and hide, and the search choosing a mode that fits where DDP does not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import partitioner
+import zoo
+from partitioner.devices import PRESETS
+from partitioner.plan.search import scale_graph, search
+from partitioner.plan.sharding import (
+    DP_MODES,
+    data_parallel_cost,
+    hsdp_shard,
+    optimizer_step_time,
+    state_divisors,
+)
+from tests.planning_graphs import synthetic_graph
+
+
+def _one_parameter_graph(numel: int, element_size: int):
+    """One node reading one trainable parameter of `numel` elements (Adam: plan.graph.static_bytes_per_param)."""
+    from partitioner.plan.graph import static_bytes_per_param
+
+    static = static_bytes_per_param(numel, element_size, training=True)
+    pg = synthetic_graph([0.0, 1.0], [(0, 1)], [0.0, 0.0], params=[[], ["w"]], param_static={"w": static})
+    return dataclasses.replace(pg, param_bytes={"w": numel * element_size}, trainable=frozenset({"w"}))
+
+
+@pytest.mark.parametrize("d", [2, 8, 64])
+def test_bytes_per_parameter_are_zero_s(d: int) -> None:
+    # Rajbhandari et al. 2020, Fig. 1: mixed-precision Adam holds 2 + 2 + 12 bytes per parameter (fp16 weight,
+    # fp16 gradient; fp32 master copy and two moments); ZeRO-1 divides the 12, ZeRO-2 the gradient too, ZeRO-3 all.
+    pg = _one_parameter_graph(1000, 2)
+    want = {"ddp": 16, "zero1": 4 + 12 / d, "zero2": 2 + 14 / d, "fsdp": 16 / d}
+    for mode, per_param in want.items():
+        g = scale_graph(pg, None, d, mode)
+        assert g.param_static["w"] / 1000 == pytest.approx(per_param), mode
+    # hsdp shards over its group only; fp32 training (no master copy) holds 4 + 4 + 8 under ddp.
+    assert scale_graph(pg, None, d, "hsdp", shard=2).param_static["w"] / 1000 == pytest.approx(8)
+    assert scale_graph(_one_parameter_graph(1000, 4), None, d, "ddp").param_static["w"] / 1000 == pytest.approx(16)
+
+
+def test_schedules_that_split_the_backward_keep_fsdp_state_gathered() -> None:
+    assert state_divisors("fsdp", 8) == (8, 8, 8)
+    assert state_divisors("fsdp", 8, split_backward=True) == (1, 1, 8)
+    assert state_divisors("zero2", 8, split_backward=True) == (1, 1, 8)
+    assert state_divisors("zero1", 8, split_backward=True) == (1, 1, 8)
+    with pytest.raises(ValueError, match="zero9"):
+        state_divisors("zero9", 8)
+
+
+def test_hsdp_shards_inside_a_node() -> None:
+    assert hsdp_shard(tp=1, dp=16, devices_per_node=8) == 8
+    assert hsdp_shard(tp=2, dp=16, devices_per_node=8) == 4
+    assert hsdp_shard(tp=8, dp=16, devices_per_node=8) == 0  # one dp rank per node: nothing to shard inside it
+    assert hsdp_shard(tp=1, dp=8, devices_per_node=8) == 0  # the group would be all of dp: that is fsdp
+
+
+def _cost(mode: str, **kw):
+    spec = PRESETS["h100"]
+    args = dict(tp=1, dp=8, weight_bytes=4e9, grad_bytes=4e9, forward=0.1, backward=0.2, layers=10,
+                largest_layer=4e8)  # fmt: skip
+    return data_parallel_cost(mode, spec, **{**args, **kw})
+
+
+def test_collectives_hide_behind_compute_where_they_can() -> None:
+    spec = PRESETS["h100"]
+    bw = spec.link_bandwidth * spec.link_efficiency
+    ddp = _cost("ddp")
+    # 4 GB all-reduced over 8 NVLink ranks: 2 x 7/8 x 4e9 / bw = 0.024 s, under the last backward (0.2 s): only
+    # DDP's last 25 MiB bucket is exposed.
+    assert ddp.tail == pytest.approx(spec.link_latency + 2 * 7 / 8 * 25 * 2**20 / bw)
+    assert ddp.forward == ddp.backward == 0.0
+    # A backward too short to hide it exposes the rest.
+    assert _cost("ddp", backward=0.001).tail == pytest.approx(spec.link_latency + 2 * 7 / 8 * 4e9 / bw - 0.001)
+    zero1 = _cost("zero1")
+    assert zero1.tail == pytest.approx(ddp.tail + spec.link_latency + 7 / 8 * 4e9 / bw)  # + the weights' all-gather
+    fsdp = _cost("fsdp")
+    gather = spec.link_latency + 7 / 8 * 4e9 / bw
+    assert fsdp.forward == pytest.approx(gather / 10)  # only the first layer's gather shows
+    assert fsdp.transient == pytest.approx(2 * 4e8 + 4e8)  # a layer in use, the next prefetched, a layer's grads
+    slow = _cost("fsdp", forward=0.001, backward=0.001)
+    assert slow.forward == pytest.approx(gather - 0.001)  # compute too short: the collective paces the step
+    assert _cost("ddp", dp=1) == _cost("fsdp", dp=1) == type(ddp)()
+
+
+def test_dp_groups_that_leave_the_node_use_the_network() -> None:
+    inside, across = _cost("fsdp", tp=1, dp=8, forward=0.0), _cost("fsdp", tp=2, dp=8, forward=0.0)
+    spec = PRESETS["h100"]
+    assert across.forward / inside.forward == pytest.approx(
+        (spec.link_latency + 7 / 8 * 4e9 / (spec.internode_bandwidth * spec.link_efficiency))
+        / (spec.link_latency + 7 / 8 * 4e9 / (spec.link_bandwidth * spec.link_efficiency)),
+        rel=1e-6,
+    )
+
+
+def test_the_optimizer_step_is_memory_bound_and_sharded_with_its_state() -> None:
+    spec = PRESETS["h100"]
+    # 1e9 bf16 parameters: 4 x 2 + 16 + 2 x 4 = 32 bytes each.
+    assert optimizer_step_time(spec, 2e9, 1, 2) == pytest.approx(32e9 / spec.bytes_per_second() + spec.kernel_overhead)
+    assert optimizer_step_time(spec, 2e9, 8, 2) == pytest.approx(4e9 / spec.bytes_per_second() + spec.kernel_overhead)
+
+
+def test_the_search_shards_the_training_state_when_replicas_do_not_fit() -> None:
+    # 11 parameters of 100 bytes of Adam state each, a replica needs 1100 bytes; at 300 bytes per device DDP needs a
+    # pipeline of 4 or more, sharding the state over 8 replicas needs none.
+    params = [[]] + [[f"p{i}"] for i in range(1, 12)]
+    pg = synthetic_graph([0] + [1.0] * 11, [(i, i + 1) for i in range(11)], [1.0] * 12, params=params,
+                         param_static={f"p{i}": 100 for i in range(1, 12)}, saved_bytes=[8.0] * 12)  # fmt: skip
+    pg = dataclasses.replace(pg, param_bytes={f"p{i}": 10 for i in range(1, 12)}, trainable=frozenset(pg.param_static))
+    kw = dict(tp_model=lambda tp: None, max_tp=1, batch=16, memory_limit=300.0, schedules=("1f1b",))
+    ddp_only, _ = search(pg, 8, data_parallel=("ddp",), **kw)
+    assert ddp_only.degrees.pp >= 4
+    best, evaluated = search(pg, 8, **kw)
+    assert best.data_parallel != "ddp" and best.peak_memory <= 300
+    assert best.step_time <= ddp_only.step_time
+    assert {c.data_parallel for c in evaluated if c.degrees.dp > 1} <= set(DP_MODES)
+
+
+def test_compile_records_the_chosen_mode_and_a_forced_one() -> None:
+    with torch.device("meta"):
+        model = zoo.get("gpt3-1.3b").to(torch.bfloat16)
+    x = zoo.example_inputs("gpt3-1.3b", batch=64, device="meta", seq=2048)
+    # 1.3B parameters x 16 bytes = 21 GB of training state: at 16 GB per device a DDP replica cannot hold it.
+    cm = partitioner.compile(model, 8, x, memory_limit="16GB", pipeline=1, tensor_parallel=1)
+    assert cm.plan.data_parallel in ("zero1", "zero2", "fsdp") and cm.plan.data_degree == 8
+    assert cm.plan.predicted["peak_memory"] <= 16e9
+    forced = partitioner.compile(model, 8, x, memory_limit="80GB", pipeline=1, tensor_parallel=1, data_parallel="fsdp")
+    assert forced.plan.data_parallel == "fsdp"
+    assert partitioner.Plan.from_json(forced.plan.to_json()) == forced.plan
+    with pytest.raises(partitioner.InfeasibleMemoryError):
+        partitioner.compile(model, 8, x, memory_limit="16GB", pipeline=1, tensor_parallel=1, data_parallel="ddp")
+
+
+def test_split_backward_schedules_price_hsdp_with_its_shard_group() -> None:
+    params = [[]] + [[f"p{i}"] for i in range(1, 12)]
+    pg = synthetic_graph([0] + [1.0] * 11, [(i, i + 1) for i in range(11)], [1.0] * 12, params=params,
+                         param_static={f"p{i}": 100 for i in range(1, 12)}, saved_bytes=[8.0] * 12)  # fmt: skip
+    pg = dataclasses.replace(pg, param_bytes={f"p{i}": 10 for i in range(1, 12)}, trainable=frozenset(pg.param_static))
+    kw = dict(tp_model=lambda tp: None, max_tp=1, batch=32, memory_limit=float("inf"))
+    best, evaluated = search(pg, 32, schedules=("zero-bubble",), pipeline=2, data_parallel=("hsdp",), **kw)
+    assert best.data_parallel == "hsdp" and best.data_parallel_shard == 8
