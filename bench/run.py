@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import partitioner  # noqa: E402
 import zoo  # noqa: E402
 from bench.baselines import BASELINES, NotApplicable  # noqa: E402
-from partitioner.plan.graph import price, tied_sync_time  # noqa: E402
+from partitioner.plan.search import Candidate, Degrees, price_candidate  # noqa: E402
+from partitioner.schedules import get_schedule  # noqa: E402
 from partitioner.simulate import StageCost, simulate  # noqa: E402
 from partitioner.units import format_bytes, format_seconds  # noqa: E402
 
@@ -104,14 +105,15 @@ def _default_seq(name: str) -> int | None:
 
 
 def _simulate(pg: Any, stage_of: list[int], stages: int, m: int, schedule: str, ranks: int) -> dict[str, float]:
-    metrics, sim = price(pg, stage_of, stages, microbatches=m, schedule=schedule, num_ranks=ranks)
-    # Priced as the plan's own step is: the pipeline, then the tied-weight gradient all-reduce (pp only, no dp).
-    tied = tied_sync_time(pg, stage_of, sim.stage_to_rank, internode=ranks > pg.spec.devices_per_node)
+    # Priced as the plan's own step is (plan.search.price_candidate): the replayed pipeline, then each rank's
+    # tied-weight gradient sync and optimizer step (pp only, no dp).
+    c = Candidate(Degrees(pp=ranks, tp=1, dp=1), m, schedule, stages // ranks, graph=pg)
+    price_candidate(c, stage_of, get_schedule(schedule).in_flight(stages, m), pg.spec.devices_per_node)
     return {
-        "step_time": sim.step_time + tied,
-        "bubble_fraction": sim.bubble_fraction,
-        "bottleneck": max(s.time for s in metrics),
-        "peak_memory": max(sim.peak_memory),
+        "step_time": c.step_time,
+        "bubble_fraction": c.simulation.bubble_fraction,
+        "bottleneck": max(s.time for s in c.metrics),
+        "peak_memory": c.peak_memory,
         "stages_used": stages,
     }
 
