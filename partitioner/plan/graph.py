@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch.fx as fx
@@ -102,6 +103,16 @@ class PlanningGraph:
     @property
     def n(self) -> int:
         return len(self.names)
+
+    @cached_property
+    def largest_layer_bytes(self) -> float:
+        """Bytes of the trainable parameters of the largest layer (plan.recompute's layers; the whole graph when it
+        has none): what FSDP gathers at once."""
+        largest = 0.0
+        for a, b in self.regions.get("full") or [(0, self.n)]:
+            layer = {p for ps in self.params[a:b] for p in ps if p in self.trainable}
+            largest = max(largest, float(sum(self.param_bytes[p] for p in layer)))
+        return largest
 
     def recompute_modes(self) -> tuple[str, ...]:
         """The recompute modes this graph offers ("none" always; others where it has regions for them)."""

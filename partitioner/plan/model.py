@@ -22,6 +22,7 @@ from partitioner.devices import DeviceSpec
 from partitioner.options import CompileOptions
 from partitioner.plan.batch import BatchFlow
 from partitioner.plan.graph import PlanningGraph, evaluate
+from partitioner.plan.recompute import module_path
 from partitioner.plan.schema import Plan, StagePlan, graph_fingerprint
 from partitioner.plan.search import Candidate, Degrees, TensorParallelModel, price_candidate, scale_graph, search
 from partitioner.plan.sharding import DP_MODES, hsdp_shard
@@ -227,13 +228,6 @@ def _batch_dims_record(option: int | dict[str, int | None], dims: dict[str, int 
     return {**dims, "targets": target}
 
 
-def _module_path(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    return next(reversed(stack)) if stack else ""
-
-
 def _json_value(v: Any) -> Any:
     return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
 
@@ -281,7 +275,7 @@ def _make_plan(
         held[stage_of[i]].update(ps)
     stages = []
     for s, met in enumerate(metrics):
-        paths = [p for p in (_module_path(by_name[n]) for n in stage_nodes[s]) if p]
+        paths = [p for p in (module_path(by_name[n]) for n in stage_nodes[s]) if p]
         span = [paths[0], paths[-1]] if paths else [""]
         flops = float(sum(by_name[n].meta["flops"] for n in stage_nodes[s]))
         regions = _stage_regions(pg, stage_of, s, met.recompute)

@@ -328,9 +328,8 @@ def contiguous_partition(
 
 
 def _with_recompute(pre: _Prefix) -> str:
-    if len(pre.modes) == 1:
-        return "" if pre.modes[0] == "none" else f" with {pre.modes[0]} recompute"
-    return f" with {pre.modes[-1]} recompute"
+    """How the activations of the error message were counted: with the most recompute the stages may use."""
+    return "" if pre.modes[-1] == "none" else f" with {pre.modes[-1]} recompute"
 
 
 def stage_modes(

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch.fx as fx
 
-__all__ = ["MODES", "ActivationModel", "activation_model", "find_regions", "layer_path"]
+__all__ = ["MODES", "ActivationModel", "activation_model", "find_regions", "layer_path", "module_path"]
 
 MODES = ("none", "selective", "full")  # in order of memory kept (most first) and time (least first)
 
@@ -53,7 +53,7 @@ def layer_path(path: str) -> str | None:
     return None
 
 
-def _module_path(node: fx.Node) -> str:
+def module_path(node: fx.Node) -> str:
     """The innermost module a node runs in: its call_module target, else the last entry of its module stack (fx
     keys it by path; export by an id, with the path as the first element of the value)."""
     if node.op == "call_module":
@@ -89,7 +89,7 @@ def find_regions(
     of what the projections' outputs already are. Layers without such a node get no selective region.
     """
     by_name = {n.name: n for n in gm.graph.nodes}
-    labels = [layer_path(_module_path(by_name[name])) if by_name[name].op != "placeholder" else None for name in names]
+    labels = [layer_path(module_path(by_name[name])) if by_name[name].op != "placeholder" else None for name in names]
     layers = [(a, b) for a, b in _runs(labels) if b - a > 1]
     cores = []
     for a, b in layers:

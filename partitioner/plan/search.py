@@ -614,12 +614,7 @@ def _data_parallel_transient(c: Candidate) -> float:
         return 0.0
     if get_schedule(c.schedule).split_backward:
         return 0.0
-    g = c.graph
-    largest = 0.0
-    for a, b in g.regions.get("full", []) or [(0, g.n)]:
-        layer = {p for ps in g.params[a:b] for p in ps if p in g.trainable}
-        largest = max(largest, sum(g.param_bytes[p] for p in layer))
-    return largest * (1 if c.data_parallel == "zero2" else 3)
+    return c.graph.largest_layer_bytes * (1 if c.data_parallel == "zero2" else 3)
 
 
 def _evaluate(
