@@ -6,15 +6,22 @@
 For each row: the GPT is built on the meta device as its paper ran it (layers, hidden, heads, FFN width, vocabulary,
 sequence; fp16 weights; attention written out with the s x s probabilities materialized and dropout 0.1, as
 Megatron-LM's 2021 code), compiled with the published layout forced (pipeline, tensor, interleaved stages,
-microbatches = global batch / (dp x micro batch), the row's recompute, DDP replicas), and priced on the row's
-device. Printed: predicted and published seconds per step, their ratio, whether the memory model fits the layout
-in the device's memory, and (--search) the layout the free search picks for the same devices and batch, with its
-predicted step.
+microbatches = global batch / (dp x micro batch), the row's recompute, DDP replicas reducing their gradients as the
+run's software did), and priced on the row's device. Printed: predicted and published seconds per step, their
+ratio, whether the memory model fits the layout in the device's memory, and (--search) the layout the free search
+picks for the same devices and batch, with its predicted step.
 
 Published step time: the paper's FLOPs per iteration over the achieved FLOP/s of all GPUs,
     time = 96 B s l h^2 (1 + s / 6h + V / 16 l h) / (N x achieved TFLOP/s per GPU)
 (Narayanan et al. 2021, eq. 3, which counts the recomputed forward too). Nothing here is fitted to these rows:
 the device presets and the cost model are what every other compile uses.
+
+Gradient reduction: a row's optional `overlap_grad_reduce` column (true / false) says whether its DDP all-reduced
+during the backward; without it, the run's own launch scripts decide (`overlaps_grad_reduce`). Narayanan et al.
+2021: the authors' examples/sc21/run_table_1.sh (Megatron-LM, 2021-08-10) passes --DDP-impl torch (torch's DDP,
+overlapped with the backward) for the pp = 1 rows and --DDP-impl local for the others, whose train_step ran
+`allreduce_gradients()` once `forward_backward_func` had returned: after the backward, fp16 gradients. Runs of
+other sources are taken to overlap it, as DDP does.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT.parent / "shared" / "calibration"
 RESULTS = ROOT / "bench" / "results"
 DEVICES = {"A100": "a100", "H100": "h100", "H200": "h200"}
+NARAYANAN_2021 = "arxiv.org/abs/2104.04473"
 
 
 @dataclass(frozen=True)
@@ -64,16 +72,21 @@ class Row:
     vocab: int
     tflops_per_gpu: float
     recompute: str
+    overlap_grad_reduce: bool = True
 
     @classmethod
     def parse(cls, r: dict[str, str]) -> Row:
         recompute = r["act_recompute"].split()[0].lower() if r.get("act_recompute") else "none"
+        if r.get("overlap_grad_reduce"):
+            overlap = r["overlap_grad_reduce"].strip().lower() in ("true", "yes", "1")
+        else:
+            overlap = overlaps_grad_reduce(r.get("source_url", ""), pp=int(r["pp"]))
         return cls(
             model=r["model"], system=r["system"], gpus=int(r["num_gpus"]), global_batch=int(r["gbs"]),
             micro_batch=int(r["mbs"]), seq=int(r["seq_len"]), tp=int(r["tp"]), pp=int(r["pp"]),
             vp=int(r["vp"] or 1), dp=int(r["dp"]), layers=int(r["layers"]), hidden=int(r["hidden"]),
             heads=int(r["heads"]), ffn=int(r["ffn_hidden"]), vocab=int(r["vocab"]),
-            tflops_per_gpu=float(r["model_tflops_per_gpu"]), recompute=recompute,
+            tflops_per_gpu=float(r["model_tflops_per_gpu"]), recompute=recompute, overlap_grad_reduce=overlap,
         )  # fmt: skip
 
     @property
@@ -92,6 +105,13 @@ class Row:
         B, s, L, h, V = self.global_batch, self.seq, self.layers, self.hidden, self.vocab
         flops = 96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
         return flops / (self.gpus * self.tflops_per_gpu * 1e12)
+
+
+def overlaps_grad_reduce(source: str, *, pp: int) -> bool:
+    """Whether the run of `source` all-reduced its gradients during the backward (module docstring)."""
+    if NARAYANAN_2021 in source:
+        return pp == 1  # --DDP-impl torch at pp 1, local (after the backward) above
+    return True
 
 
 def load_rows(pattern: str = "*.csv") -> list[Row]:
@@ -121,6 +141,7 @@ def check(row: Row, *, search: bool) -> dict:
             model, row.gpus, inputs, device_type=row.device, pipeline=row.pp, tensor_parallel=row.tp,
             microbatches=row.microbatches, schedule="interleaved" if row.vp > 1 else "1f1b",
             stages_per_device=row.vp if row.vp > 1 else None, recompute=row.recompute, data_parallel="ddp",
+            overlap_grad_reduce=row.overlap_grad_reduce,
         )  # fmt: skip
         p = cm.plan.predicted
         out.update(predicted_s=p["step_time"], fits=True, peak=p["peak_memory"], bubble=p["bubble_fraction"],

@@ -262,6 +262,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     batch_dim: int | dict[str, int | None] = 0,
     recompute: str | None = None,
     data_parallel: str | None = None,
+    overlap_grad_reduce: bool = True,
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -293,6 +294,9 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     (partitioner.plan.recompute). data_parallel: how data-parallel replicas hold their training state, "ddp",
     "zero1" (optimizer state sharded), "zero2" (and gradients), "fsdp" (and parameters: ZeRO-3) or "hsdp" (FSDP
     inside a node, replicated across); None: the search picks the fastest that fits (partitioner.plan.sharding).
+    overlap_grad_reduce: False all-reduces the gradients after the last backward instead of during it, as
+    Megatron-LM's DDP did in 2021 and DeepSpeed's ZeRO-1 does (ddp and zero1 only; never faster: for pricing and
+    running such layouts as they were run).
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
@@ -301,7 +305,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         devices=devices, device_type=device_type, microbatches=microbatches, training=training,
         memory_limit=memory_limit, schedule=schedule, pipeline=pipeline, tensor_parallel=tensor_parallel,
         stages_per_device=stages_per_device, plan=plan, mincut=mincut, cost=cost, batch_dim=batch_dim,
-        recompute=recompute, data_parallel=data_parallel,
+        recompute=recompute, data_parallel=data_parallel, overlap_grad_reduce=overlap_grad_reduce,
     )  # fmt: skip
     example_inputs = as_call(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):

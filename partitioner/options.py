@@ -14,7 +14,7 @@ from typing import Any
 from partitioner.devices import DeviceSpec, get_device_spec
 from partitioner.plan.recompute import MODES
 from partitioner.plan.schema import Plan
-from partitioner.plan.sharding import DP_MODES
+from partitioner.plan.sharding import DP_MODES, NON_OVERLAPPED_MODES
 from partitioner.schedules import SCHEDULES, get_schedule
 from partitioner.validate import memory_bytes, positive_int
 
@@ -42,6 +42,7 @@ class CompileOptions:
     batch_dim: int | dict[str, int | None]
     recompute: str | None = None  # forced activation recomputation mode (plan.recompute.MODES); None: searched
     data_parallel: str | None = None  # forced data-parallel mode (plan.sharding.DP_MODES); None: searched
+    overlap_grad_reduce: bool = True  # False: ddp / zero1 all-reduce after the backward (plan.sharding)
 
     @classmethod
     def create(
@@ -62,6 +63,7 @@ class CompileOptions:
         batch_dim: int | dict[str, int | None] = 0,
         recompute: str | None = None,
         data_parallel: str | None = None,
+        overlap_grad_reduce: bool = True,
     ) -> CompileOptions:
         """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
 
@@ -102,6 +104,11 @@ class CompileOptions:
             raise ValueError(f"recompute={recompute!r}: choose one of {MODES}, or None to let each stage choose")
         if data_parallel is not None and data_parallel not in DP_MODES:
             raise ValueError(f"data_parallel={data_parallel!r}: choose one of {DP_MODES}, or None to search")
+        if not overlap_grad_reduce and data_parallel is not None and data_parallel not in NON_OVERLAPPED_MODES:
+            raise ValueError(
+                f"overlap_grad_reduce=False means one gradient all-reduce after the backward, which only "
+                f"{NON_OVERLAPPED_MODES} do; data_parallel={data_parallel!r} reduce-scatters during every backward"
+            )
         spec = get_device_spec(device_type)
         return cls(
             devices=devices,
@@ -119,4 +126,5 @@ class CompileOptions:
             batch_dim=batch_dim,
             recompute=recompute,
             data_parallel=data_parallel,
+            overlap_grad_reduce=bool(overlap_grad_reduce),
         )

@@ -53,10 +53,10 @@ def _spec(dp: int) -> DeviceSpec:
 
 def train_rank(
     *, mode: str, pp: int, dp: int, shard: int = 0, schedule: str = "1f1b", override: bool = False, out: str,
-    optimizer: str = "adamw", micro: int = MICRO,
+    optimizer: str = "adamw", micro: int = MICRO, overlap: bool = True,
 ) -> None:  # fmt: skip
-    """One rank: compile for pp x dp, record (or override) the mode, train STEPS steps (AdamW, or SGD) on this
-    replica's rows."""
+    """One rank: compile for pp x dp, record (or override) the mode (and with `overlap` False, a gradient reduction
+    after the backward), train STEPS steps (AdamW, or SGD) on this replica's rows."""
     import torch.distributed as dist
 
     from partitioner.runtime.materialize import record_init
@@ -67,13 +67,14 @@ def train_rank(
     if override:
         pipe = cm.distributed(weights=init, data_parallel=mode, data_parallel_shard=shard)
     else:  # what the planner records: the runtime must run it
-        plan = dataclasses.replace(cm.plan, data_parallel=mode, data_parallel_shard=shard)
+        plan = dataclasses.replace(cm.plan, data_parallel=mode, data_parallel_shard=shard, overlap_grad_reduce=overlap)
         cm = partitioner.compile(
             meta, devices=pp * dp, example_inputs=zoo.example_inputs(MODEL, batch=BATCH * dp, device="meta"),
             device_type=_spec(dp), plan=plan,
         )  # fmt: skip
         pipe = cm.distributed(weights=init)
     assert (pipe.data_parallel, pipe.data_parallel_shard) == (mode, shard)
+    assert pipe.reduce_after_backward == (not overlap)
     opt = (
         pipe.make_optimizer(torch.optim.SGD, lr=SGD_LR)
         if optimizer == "sgd"
@@ -391,10 +392,10 @@ def _train(tmp_path: Path, ranks: int, **kw: Any) -> dict[str, Any]:
 
 def _check_training(
     got: dict[str, Any], *, mode: str, pp: int, dp: int, shard: int, schedule: str, override: bool,
-    optimizer: str = "adamw", micro: int = MICRO,
+    optimizer: str = "adamw", micro: int = MICRO, overlap: bool = True,
 ) -> None:  # fmt: skip
     stages_per_rank = get_schedule(schedule).default_stages_per_rank()
-    assert got["wrappers"] == [_WRAPPER[mode]] * stages_per_rank
+    assert got["wrappers"] == [_WRAPPER[mode] if overlap else "StageAdapter"] * stages_per_rank
     assert got["optimizer"] == _OPTIMIZER.get(mode, "AdamW" if optimizer == "adamw" else "SGD")
     held, total = got["held"]
     if optimizer == "adamw":  # (plain SGD keeps no state)
@@ -411,6 +412,25 @@ def _check_training(
     assert set(got["state"]) == set(state)
     for name, ref in state.items():
         torch.testing.assert_close(got["state"][name], ref, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+_AFTER_BACKWARD_CASES = [  # (mode, pp, dp, schedule): no wrapper, every gradient averaged once after the backward
+    ("ddp", 2, 2, "1f1b"),  # with the tied embedding / LM head across the pipeline ranks (reduced on their own path)
+    pytest.param("zero1", 1, 2, "1f1b", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(("mode", "pp", "dp", "schedule"), _AFTER_BACKWARD_CASES)
+def test_gradients_reduced_after_the_backward_match_single_process_sgd(
+    mode: str, pp: int, dp: int, schedule: str, tmp_path: Path
+) -> None:
+    """overlap_grad_reduce=False (Megatron-LM's own DDP, 2021): SGD sees the averaging a missing or doubled
+    reduction would break; 4 microbatches, so the reduction must come after all of them."""
+    kw: dict[str, Any] = dict(mode=mode, pp=pp, dp=dp, shard=0, schedule=schedule, override=False, optimizer="sgd",
+                              micro=4, overlap=False)  # fmt: skip
+    _check_training(_train(tmp_path, pp * dp, **kw), **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------

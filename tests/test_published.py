@@ -30,3 +30,17 @@ def test_the_smallest_published_layout_fits_and_is_predicted_within_20_percent()
     result = check(row, search=False)
     assert result["fits"], result
     assert result["predicted_s"] / result["published_s"] == pytest.approx(1.0, abs=0.2)
+
+
+def test_megatron_2021_rows_reduce_gradients_as_the_authors_scripts_did_unless_a_row_says_otherwise() -> None:
+    import csv
+
+    from bench.published import Row
+
+    with next(CALIBRATION.glob("megatron_2021*.csv")).open() as f:
+        raw = list(csv.DictReader(f))
+    # examples/sc21/run_table_1.sh: torch's DDP (overlapped) without a pipeline, Megatron's local DDP (after) with one
+    assert [Row.parse(r).overlap_grad_reduce for r in raw] == [int(r["pp"]) == 1 for r in raw]
+    piped = next(r for r in raw if int(r["pp"]) > 1)
+    assert Row.parse({**piped, "overlap_grad_reduce": "true"}).overlap_grad_reduce is True
+    assert Row.parse({**piped, "source_url": "https://example.org/another-run"}).overlap_grad_reduce is True

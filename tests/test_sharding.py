@@ -145,3 +145,43 @@ def test_split_backward_schedules_price_hsdp_with_its_shard_group() -> None:
     kw = dict(tp_model=lambda tp: None, max_tp=1, batch=32, memory_limit=float("inf"))
     best, evaluated = search(pg, 32, schedules=("zero-bubble",), pipeline=2, data_parallel=("hsdp",), **kw)
     assert best.data_parallel == "hsdp" and best.data_parallel_shard == 8
+
+
+def test_a_reduction_after_the_backward_exposes_the_whole_all_reduce() -> None:
+    spec = PRESETS["h100"]
+    bw = spec.link_bandwidth * spec.link_efficiency
+    whole = spec.link_latency + 2 * 7 / 8 * 4e9 / bw
+    # The same 4 GB under a backward long enough to hide all but DDP's last bucket: after it, none of it hides.
+    assert _cost("ddp").tail < whole / 10
+    assert _cost("ddp", overlap_grad_reduce=False).tail == pytest.approx(whole)
+    assert _cost("zero1", overlap_grad_reduce=False).tail == pytest.approx(whole + spec.link_latency + 7 / 8 * 4e9 / bw)
+    with pytest.raises(ValueError, match="reduce-scatters during every backward"):
+        _cost("fsdp", overlap_grad_reduce=False)
+
+
+def test_the_search_prices_and_records_a_reduction_after_the_backward() -> None:
+    params = [[]] + [[f"p{i}"] for i in range(1, 12)]
+    pg = synthetic_graph([0] + [1.0] * 11, [(i, i + 1) for i in range(11)], [1.0] * 12, params=params,
+                         param_static={f"p{i}": 100 for i in range(1, 12)}, saved_bytes=[8.0] * 12)  # fmt: skip
+    pg = dataclasses.replace(pg, param_bytes={f"p{i}": 1e9 for i in range(1, 12)}, trainable=frozenset(pg.param_static))
+    kw = dict(tp_model=lambda tp: None, max_tp=1, batch=16, memory_limit=float("inf"), schedules=("1f1b",), pipeline=1)
+    during, _ = search(pg, 8, data_parallel=("ddp",), **kw)
+    after, evaluated = search(pg, 8, overlap_grad_reduce=False, **kw)
+    assert {c.data_parallel for c in evaluated} <= {"ddp", "zero1"}  # the modes that reduce once, after the backward
+    assert not after.overlap_grad_reduce and after.row()["overlap_grad_reduce"] is False
+    assert after.step_time > during.step_time and after.dp_sync > during.dp_sync
+
+
+def test_compile_records_a_reduction_after_the_backward_and_refuses_it_for_sharded_gradients() -> None:
+    with torch.device("meta"):
+        model = zoo.get("gpt3-125m")  # 500 MB of fp32 gradients: many DDP buckets, most of them hidden when overlapped
+    x = zoo.example_inputs("gpt3-125m", batch=16, device="meta", seq=256)
+    cm = partitioner.compile(model, 4, x, device_type="a100", pipeline=1, tensor_parallel=1, overlap_grad_reduce=False)
+    assert cm.plan.data_degree == 4 and cm.plan.data_parallel in ("ddp", "zero1")
+    assert cm.plan.overlap_grad_reduce is False and "gradients reduced after the backward" in cm.plan.summary()
+    assert partitioner.Plan.from_json(cm.plan.to_json()) == cm.plan
+    during = partitioner.compile(model, 4, x, device_type="a100", pipeline=1, tensor_parallel=1,
+                                 data_parallel=cm.plan.data_parallel)  # fmt: skip
+    assert cm.plan.predicted["data_parallel_sync"] > during.plan.predicted["data_parallel_sync"]
+    with pytest.raises(ValueError, match="overlap_grad_reduce=False"):
+        partitioner.compile(model, 4, x, data_parallel="fsdp", overlap_grad_reduce=False)

@@ -129,7 +129,8 @@ def plan_model(
                              mode, saved.data_parallel_shard, split_backward=split, pp=degrees.pp)  # fmt: skip
         best = Candidate(
             degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree,
-            data_parallel=mode, data_parallel_shard=saved.data_parallel_shard, graph=scaled,
+            data_parallel=mode, data_parallel_shard=saved.data_parallel_shard,
+            overlap_grad_reduce=saved.overlap_grad_reduce or not mode, graph=scaled,
         )  # fmt: skip
         flight = get_schedule(saved.schedule).in_flight(saved.num_stages, saved.microbatches)
         price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o.spec.devices_per_node,
@@ -166,6 +167,7 @@ def plan_model(
             min_chunk=min_chunk or 1,
             recompute=(o.recompute,) if o.recompute else None,
             data_parallel=(o.data_parallel,) if o.data_parallel else None,
+            overlap_grad_reduce=o.overlap_grad_reduce,
         )
     except ValueError as e:
         if refusal:
@@ -333,6 +335,7 @@ def _make_plan(
         stage_ranks=get_schedule(best.schedule).stage_ranks(num_stages, d.pp),
         data_parallel=best.data_parallel or (get_schedule(best.schedule).data_parallel_mode() if d.dp > 1 else ""),
         data_parallel_shard=hsdp_shard(d.tp, d.dp, o.spec.devices_per_node) if best.data_parallel == "hsdp" else 0,
+        overlap_grad_reduce=best.overlap_grad_reduce,
         reasons=_reasons(best, evaluated, o),
     )
 

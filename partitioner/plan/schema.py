@@ -85,6 +85,8 @@ class Plan:
     stage_ranks: list[int] = field(default_factory=list)
     data_parallel: str = ""
     data_parallel_shard: int = 0
+    # False: the gradients are all-reduced after the last backward, not during it (ddp / zero1; plan.sharding)
+    overlap_grad_reduce: bool = True
     reasons: list[str] = field(default_factory=list)  # why the plan recomputes and shards as it does (plan.model)
     version: int = PLAN_VERSION
 
@@ -139,6 +141,7 @@ class Plan:
                 "stage_ranks",
                 "data_parallel",
                 "data_parallel_shard",
+                "overlap_grad_reduce",
                 "reasons",
             },
         )
@@ -188,6 +191,7 @@ def _format_plan(plan: Plan) -> str:
         f"(pipeline {plan.pipeline_degree} x tensor {plan.tensor_degree} x data {plan.data_degree}; "
         f"{plan.microbatches} microbatches, {plan.schedule}"
         + (f", data parallel {plan.data_parallel}" if plan.data_degree > 1 and plan.data_parallel else "")
+        + (" (gradients reduced after the backward)" if plan.data_degree > 1 and not plan.overlap_grad_reduce else "")
         + f"; {'training' if plan.training else 'inference'}; captured with {plan.capture}; {plan.cost_model} costs)",
         "",
     ]

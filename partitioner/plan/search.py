@@ -6,10 +6,11 @@ Every candidate is priced with the same machinery: the planning graph is scaled 
     node time  = (forward, backward) x node_scale[tp] + the node's TP collectives    (per replica)
                  / dp                                                                 (batch per replica)
     bytes      = sharded values / tp, all values / dp; sharded parameters / tp
-    step time  = simulated pipeline step + data-parallel gradient all-reduce
-                 (ring: 2 (dp-1)/dp x a stage's gradient bytes / bandwidth; not overlapped with backward,
-                 a conservative choice: DDP overlaps part of it)
+    step time  = simulated pipeline step, its actions lengthened by the data-parallel collectives they cannot hide,
+                 + the data-parallel tail after the last backward (plan.sharding: what the gradient reduction
+                 leaves, all of it under overlap_grad_reduce=False; zero1's all-gather)
                  + tied-weight gradient all-reduce over the ranks holding a copy (plan.graph.tied_sync_time)
+                 + the optimizer step (plan.sharding.optimizer_step_time)
 
 TP collectives sit on the critical path inside a stage (an all-reduce separates two matmuls), so
 they add to node time; the pipeline's point-to-point sends overlap compute on GPUs and add to it on
@@ -45,7 +46,14 @@ from partitioner.plan.pipeline import (
     refine_plan,
     too_many_stages,
 )
-from partitioner.plan.sharding import DP_MODES, data_parallel_cost, hsdp_shard, optimizer_step_time, state_divisors
+from partitioner.plan.sharding import (
+    DP_MODES,
+    NON_OVERLAPPED_MODES,
+    data_parallel_cost,
+    hsdp_shard,
+    optimizer_step_time,
+    state_divisors,
+)
 from partitioner.schedules import get_schedule
 from partitioner.simulate import SimResult, simulate
 from partitioner.units import format_bytes
@@ -90,6 +98,7 @@ class Candidate:
     stages_per_device: int
     data_parallel: str = ""  # how replicas hold training state (plan.sharding); "" at dp 1
     data_parallel_shard: int = 0  # HSDP's shard group; 0 otherwise
+    overlap_grad_reduce: bool = True  # ddp / zero1 reduce during the backward (False: after it; plan.sharding)
     step_time: float = math.inf
     bound: float = 0.0  # perfect-balance lower bound on the step time
     peak_memory: float = math.inf
@@ -121,6 +130,8 @@ class Candidate:
         }
         if self.data_parallel:
             out["data_parallel"] = self.data_parallel
+            if not self.overlap_grad_reduce:
+                out["overlap_grad_reduce"] = False
         if self.fits and self.recompute and set(self.recompute) != {"none"}:
             out["recompute"] = "/".join(m for m in ("none", "selective", "full") if m in self.recompute)
         if self.fits:
@@ -227,15 +238,17 @@ def search(
     min_chunk: int = 1,
     recompute: Sequence[str] | None = None,
     data_parallel: Sequence[str] | None = None,
+    overlap_grad_reduce: bool = True,
 ) -> tuple[Candidate, list[Candidate]]:
     """Best candidate and the evaluated ones (best first). Raises InfeasibleMemoryError if none fits.
 
     `recompute`: the activation recomputation modes stages may use (plan.recompute; default: every mode the graph
     offers), each stage taking the least recompute that fits. `data_parallel`: the modes replicas may hold their
-    training state in (plan.sharding; default all of them). A tp degree whose layout cannot be planned is left
-    out with its reason (unless forced). When nothing fits,
-    the error gives the fewest devices the search would need (over the tp degrees it may use), and for forced
-    degrees it reports their own layouts' figures only.
+    training state in (plan.sharding; default all of them); `overlap_grad_reduce=False` prices ddp / zero1 reducing
+    after the backward and leaves the other modes out (plan.sharding.NON_OVERLAPPED_MODES). A tp degree whose layout
+    cannot be planned is left out with its reason (unless forced). When nothing fits, the error gives the fewest
+    devices the search would need (over the tp degrees it may use), and for forced degrees it reports their own
+    layouts' figures only.
     """
     devices_per_node = pg.spec.devices_per_node
     degrees = []
@@ -257,7 +270,8 @@ def search(
     modes = tuple(recompute) if recompute is not None else pg.recompute_modes()
     ev = _Evaluator(pg, tp_model, memory_limit, schedules, batch, microbatches, stages_per_device,
                     forced_tp=tensor_parallel, min_chunk=min_chunk, recompute=modes,
-                    data_parallel=tuple(data_parallel or DP_MODES))  # fmt: skip
+                    data_parallel=tuple(data_parallel or DP_MODES),
+                    overlap_grad_reduce=overlap_grad_reduce)  # fmt: skip
     candidates: list[Candidate] = []
     for d in degrees:
         candidates += ev.candidates(d)
@@ -313,6 +327,7 @@ class _Evaluator:
     min_chunk: int = 1  # the fewest samples a microbatch may hold (the captured graph's smallest batch)
     recompute: tuple[str, ...] = ("none",)  # the recompute modes stages may use
     data_parallel: tuple[str, ...] = DP_MODES  # the data-parallel modes replicas may use (plan.sharding)
+    overlap_grad_reduce: bool = True  # False: ddp / zero1 reduce after the backward; the other modes are left out
     tp_models: dict[int, TensorParallelModel | None] = field(default_factory=lambda: {1: None})
     tp_failed: dict[int, str] = field(default_factory=dict)
     scaled: dict[tuple[int, int, str, bool], PlanningGraph] = field(default_factory=dict)
@@ -352,6 +367,8 @@ class _Evaluator:
                 continue  # DDP's reducer does not follow a split backward (schedules.Schedule.data_parallel_mode)
             if mode == "hsdp" and not hsdp_shard(d.tp, d.dp, self.devices_per_node):
                 continue
+            if not self.overlap_grad_reduce and mode not in NON_OVERLAPPED_MODES:
+                continue
             out.append(mode)
         return out
 
@@ -365,6 +382,7 @@ class _Evaluator:
             k = self.stages_per_device or get_schedule(schedule).default_stages_per_rank()
             shard = hsdp_shard(d.tp, d.dp, self.devices_per_node) if mode == "hsdp" else 0
             c = Candidate(d, m or 0, schedule, k, data_parallel=mode, data_parallel_shard=shard,
+                          overlap_grad_reduce=self.overlap_grad_reduce or not mode,
                           graph=g if g is not None else self.pg)  # fmt: skip
             c.bound = float(c.graph.compute.sum()) / d.pp
             if g is None:
@@ -541,6 +559,7 @@ def price_candidate(
                 c.data_parallel or "ddp", g.spec, tp=d.tp, dp=d.dp, weight_bytes=trainable,
                 grad_bytes=trainable, forward=met.forward / m, backward=met.backward / m, layers=count,
                 largest_layer=largest, shard=c.data_parallel_shard, split_backward=split,
+                overlap_grad_reduce=c.overlap_grad_reduce,
             )  # fmt: skip
             tails[rank_of[s]] += cost.tail
             adjusted.append(

@@ -23,6 +23,12 @@ max(first layer's share, collective - compute) to the action: the first layer's 
 after the last backward (ddp's last bucket or all of it if the backward is too short, zero1's all-gather,
 hsdp's all-reduce) adds to the step.
 
+Not overlapped (`overlap_grad_reduce=False`, ddp and zero1): the gradients are all-reduced whole after the last
+backward. Megatron-LM's own DDP did so before later versions added --overlap-grad-reduce: its train_step called
+`allreduce_gradients()` once `forward_backward_func` had returned (the runs of Narayanan et al. 2021); so does
+DeepSpeed's ZeRO-1, which hooks nothing into the backward (microsoft/DeepSpeed#1246). The search never prefers it
+(it is never faster); it exists so such runs are priced, and run, as they ran.
+
 Groups: Megatron's placement puts tp innermost, then dp: a dp group spans nodes when tp x dp > devices_per_node,
 and its collectives then run at the inter-node bandwidth. HSDP's shard group is the dp ranks inside one node.
 """
@@ -36,6 +42,7 @@ from partitioner.devices import DeviceSpec
 
 __all__ = [
     "DDP_BUCKET_BYTES",
+    "NON_OVERLAPPED_MODES",
     "DP_MODES",
     "DataParallelCost",
     "data_parallel_cost",
@@ -46,6 +53,7 @@ __all__ = [
 
 DP_MODES = ("ddp", "zero1", "zero2", "fsdp", "hsdp")  # least sharded (fastest) first
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket_cap_mb
+NON_OVERLAPPED_MODES = ("ddp", "zero1")  # the modes that may all-reduce after the backward (overlap_grad_reduce)
 
 
 def hsdp_shard(tp: int, dp: int, devices_per_node: int) -> int:
@@ -108,12 +116,19 @@ def data_parallel_cost(
     largest_layer: float,
     shard: int = 0,
     split_backward: bool = False,
+    overlap_grad_reduce: bool = True,
 ) -> DataParallelCost:
     """A stage's DataParallelCost under `mode` (module docstring): `weight_bytes` / `grad_bytes` its unsharded
     parameters and gradients (per tp rank), `forward` / `backward` one microbatch's compute, `layers` how many
     layers its parameters are spread over, `largest_layer` the bytes of its largest layer's weights, `shard` HSDP's
     shard group (0: the one hsdp_shard gives), `split_backward` whether the schedule splits the backward (FSDP then
-    keeps its state gathered: state_divisors)."""
+    keeps its state gathered: state_divisors), `overlap_grad_reduce` whether ddp / zero1 reduce during the backward
+    (False: after it, whole; other modes always reduce during it)."""
+    if not overlap_grad_reduce and mode not in NON_OVERLAPPED_MODES:
+        raise ValueError(
+            f"overlap_grad_reduce=False applies to {NON_OVERLAPPED_MODES} (one all-reduce after the backward); "
+            f"data_parallel={mode!r} reduce-scatters during every backward"
+        )
     if dp <= 1 or mode in ("", None) or grad_bytes <= 0:
         return DataParallelCost()
     node = spec.devices_per_node
@@ -121,7 +136,7 @@ def data_parallel_cost(
     if mode in ("ddp", "zero1"):
         reduce = all_reduce_time(spec, grad_bytes, dp, internode=across)
         last_bucket = all_reduce_time(spec, min(grad_bytes, DDP_BUCKET_BYTES), dp, internode=across)
-        tail = max(last_bucket, reduce - backward)
+        tail = max(last_bucket, reduce - backward) if overlap_grad_reduce else reduce
         if mode == "zero1":
             tail += all_gather_time(spec, weight_bytes, dp, internode=across)
         return DataParallelCost(tail=tail)

@@ -63,6 +63,7 @@ from partitioner.schedules import DATA_PARALLEL_MODES, get_schedule
 
 __all__ = [
     "DATA_PARALLEL_MODES",
+    "all_reduce_gradients",
     "data_parallel_mode",
     "full_tensor",
     "hsdp_mesh",
@@ -306,6 +307,42 @@ def make_optimizer(
         if sharded and plain:
             return optimizer_class([{"params": sharded}, {"params": plain}], **defaults)
     return optimizer_class(params, **defaults)
+
+
+def all_reduce_gradients(
+    params: Iterable[nn.Parameter], group: dist.ProcessGroup, *, bucket_bytes: int = 25 * 2**20
+) -> int:
+    """Average the gradients of `params` over `group` after the backward, in flat buckets of one dtype of at most
+    `bucket_bytes` (one tensor larger than that is a bucket of its own); the number of all-reduces it ran.
+
+    What a stage runs instead of DDP under ``overlap_grad_reduce=False`` (plan.sharding): nothing is reduced during
+    the backward, every gradient once after it, as Megatron-LM's own DDP did. Parameters without a gradient are
+    skipped: every replica runs the same stage graph, so the same ones have none on each. Collective over `group`.
+    """
+    size = dist.get_world_size(group)
+    grads = [p.grad for p in params if p.grad is not None]
+    buckets: list[list[torch.Tensor]] = []
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        current: list[torch.Tensor] = []
+        for g in (g for g in grads if g.dtype == dtype):
+            if current and sum(t.numel() * t.element_size() for t in current) + g.numel() * g.element_size() > (
+                bucket_bytes
+            ):
+                buckets.append(current)
+                current = []
+            current.append(g)
+        if current:
+            buckets.append(current)
+    with torch.no_grad():
+        for bucket in buckets:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            flat /= size
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+    return len(buckets)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,9 @@ override them): torch's ``DistributedDataParallel`` ("ddp", and "zero1" with its
 ``partitioner.runtime.data_parallel``. torch's schedules drive the wrappers (DDP: no sync until the last
 microbatch's backward; FSDP: a reduce-scatter in every microbatch's backward, layer by layer, then the final
 REDUCE_GRAD, through ``runtime.stage.DataParallelStage``; zero-bubble / zbv: torch's own FSDP handling, no sync
-until REDUCE_GRAD); tied copies are left out of the wrappers and averaged over "dp" after their owners' sum. The
+until REDUCE_GRAD); tied copies are left out of the wrappers and averaged over "dp" after their owners' sum. A plan
+with ``overlap_grad_reduce=False`` (ddp / zero1) wraps nothing: every gradient is averaged over "dp" after the
+step's last backward (``runtime.data_parallel.all_reduce_gradients``), as Megatron-LM's own DDP did. The
 returned loss is the mean over replicas, so dp x pp equals single-process training on the concatenated batch
 (tested: dp=2 x pp=2 with DDP on 1f1b and interleaved, FSDP on 1f1b, interleaved, zero-bubble and zbv; with AdamW:
 ddp, zero1, zero2, fsdp at dp=2, zero1 and zero2 at dp=2 x pp=2, hsdp at dp=4, shard 2; with SGD, 4 microbatches:
@@ -100,7 +102,9 @@ from partitioner.passes.retarget import retarget_devices
 from partitioner.passes.split import StageModule
 from partitioner.passes.tensor_parallel import merge_shards, shard_of
 from partitioner.plan.schema import Plan
+from partitioner.plan.sharding import NON_OVERLAPPED_MODES
 from partitioner.runtime.data_parallel import (
+    all_reduce_gradients,
     data_parallel_mode,
     full_tensor,
     hsdp_mesh,
@@ -257,6 +261,13 @@ class DistributedPipeline:
         self.data_parallel_shard = shard if self.data_parallel == "hsdp" else 0
         if self.data_parallel == "hsdp" and self.dp > 1:
             hsdp_sizes(self.dp, self.data_parallel_shard)  # raises with the numbers before any communication
+        # overlap_grad_reduce=False: no wrapper; every gradient is averaged over "dp" after the step's last backward
+        self.reduce_after_backward = self.dp > 1 and not plan.overlap_grad_reduce
+        if self.reduce_after_backward and self.data_parallel not in NON_OVERLAPPED_MODES:
+            raise ValueError(
+                f"the plan reduces gradients after the backward (overlap_grad_reduce=False), which runs in "
+                f"{NON_OVERLAPPED_MODES}, not data_parallel={self.data_parallel!r}: pass one of those or plan again"
+            )
         self.num_stages = plan.num_stages
         self.microbatches = plan.microbatches
         self.stage_rank = get_schedule(self.schedule_name).stage_ranks(self.num_stages, self.ranks)
@@ -310,7 +321,7 @@ class DistributedPipeline:
                 clone_outputs=split,
                 device=self.device,
             )
-            if self.dp > 1:
+            if self.dp > 1 and not self.reduce_after_backward:
                 adapter = wrap_stage(adapter, self.data_parallel, dp_mesh, tied_tensors, split_backward=split)
             self.stage_submodules.append(adapter)
         # torch's PipelineStages fix every boundary's shapes: one set per microbatch input shape seen (cached).
@@ -584,6 +595,9 @@ class DistributedPipeline:
                 for p in self.parameters():
                     if p.grad is not None:
                         p.grad.div_(self.microbatches)
+                if self.reduce_after_backward:
+                    tied = {id(t.held) for t in self._tied if t.held is not None}
+                    all_reduce_gradients([p for p in params if id(p) not in tied], self.dp_group)
                 self._reduce_tied_grads()
                 for p in params:
                     if id(p) in earlier:
