@@ -5,6 +5,7 @@ Writes into `node.meta` (consumers check `"flops" in node.meta` rather than re-d
 - "flops"        forward FLOPs, from torch.utils.flop_counter.FlopCounterMode
 - "bwd_flops"    backward FLOPs (rule below; 0 when not training)
 - "mem_bytes"    bytes the forward kernel(s) read and write; 0 for views (output aliases an input)
+- "bwd_bytes"    bytes the backward kernel(s) read and write (rule below; 0 for views and when not training)
 - "out_bytes"    bytes of the tensor outputs (what crosses a stage boundary if this value does)
 - "saved_bytes"  activation bytes autograd keeps for backward, first saver of a storage pays for it
 - "saves"        every activation storage the node saves for backward, by name (see "storages"; a storage the
@@ -30,6 +31,13 @@ meta tensors while the graph runs (and restored after), so gpt3-175b annotates i
 Backward FLOPs rule: a FLOP-bearing op (matmul, conv, attention) needs one product of the forward's
 size per operand that requires grad (grad wrt input, grad wrt weight), capped at two; the forward
 count of other ops is ~0 and their backward is priced by bytes in the cost model.
+
+Backward bytes rule: a node's backward reads the gradient of its outputs (once per operand gradient of a
+FLOP-bearing op, each a product of its own, as above; once otherwise: one elementwise kernel computes every input's
+gradient), what it saved for backward and, when an input needs a gradient, the parameters it holds, and writes the
+gradient of every input and parameter that requires one. Softmax: dy, y in, dx out, 1.5x its forward's bytes;
+dropout: dy and the bool mask in, dx out, as its forward; a matmul A B: dC twice, A and B in, dA and dB out, about
+twice its forward's.
 """
 
 from __future__ import annotations
@@ -134,6 +142,9 @@ class _CostInterpreter(fx.Interpreter):
         n.meta["bwd_flops"] = self._bwd_flops(flops, inputs, n) if self.training else 0
         n.meta["out_bytes"] = sum(_nbytes(t) for t in outputs)
         n.meta["mem_bytes"] = self._mem_bytes(n, inputs, outputs, aliases)
+        n.meta["bwd_bytes"] = (
+            self._bwd_bytes(n, inputs, outputs, sum(saves.values()), flops) if self.training and not aliases else 0
+        )
         n.meta["saved_bytes"] = saved if self.training else 0
         n.meta["saves"] = saves if self.training else {}
         n.meta["params"] = params
@@ -227,6 +238,25 @@ class _CostInterpreter(fx.Interpreter):
             mod = self.module.get_submodule(n.target)
             params = sum(_nbytes(p) for p in mod.parameters()) + sum(_nbytes(b) for b in mod.buffers())
         return sum(_nbytes(t) for t in inputs) + out + params
+
+    def _bwd_bytes(
+        self, n: fx.Node, inputs: list[torch.Tensor], outputs: list[torch.Tensor], saved: int, flops: int
+    ) -> int:
+        """Bytes the backward of n reads and writes (module docstring's rule); 0 when nothing needs its gradient."""
+        grad_out = sum(_nbytes(t) for t in outputs if t.requires_grad and t.is_floating_point())
+        if not grad_out:
+            return 0
+        params = [t for t in self._module_state(n) if t.is_floating_point()] + [
+            t for t in inputs if _storage_key(t) in self.param_storages and t.is_floating_point()
+        ]
+        param_keys = {_storage_key(t) for t in params}
+        activations = [
+            t for t in inputs if t.requires_grad and t.is_floating_point() and _storage_key(t) not in param_keys
+        ]
+        needing = activations + [t for t in params if t.requires_grad]
+        held = sum(_nbytes(t) for t in params) if activations else 0  # an input's gradient goes through the weights
+        reads = grad_out * (min(max(len(needing), 1), 2) if flops else 1)
+        return reads + saved + held + sum(_nbytes(t) for t in needing)
 
     def _bwd_flops(self, flops: int, inputs: list[torch.Tensor], n: fx.Node) -> int:
         if flops == 0:

@@ -2,8 +2,9 @@
 
 Roofline: time = max(FLOPs / achievable FLOP/s for the node's dtype, bytes / achievable bandwidth)
 + a fixed per-kernel overhead; views and Python-level nodes (sizes, getitem on tuples) cost nothing.
-Backward uses `bwd_flops` and moves about as many bytes as the forward did; nodes whose output needs
-no gradient have no backward.
+Backward uses `bwd_flops` and `bwd_bytes` (annotate: the outputs' gradient, what the node saved, the inputs'
+gradients; graphs annotated without it move the forward's bytes); nodes whose output needs no gradient have no
+backward.
 
 Profile mode (`profile_node_times`) runs the graph with real tensors on this machine and times each
 node's forward, and its backward alone (the node re-run on inputs that require grad, autograd.grad
@@ -71,7 +72,7 @@ def node_costs(
         fwd = _roofline(m["flops"], m["mem_bytes"], m["dtype"], spec)
         bwd = 0.0
         if training and m.get("requires_grad", False):
-            bwd = _roofline(m["bwd_flops"], m["mem_bytes"], m["dtype"], spec)
+            bwd = _roofline(m["bwd_flops"], m.get("bwd_bytes", m["mem_bytes"]), m["dtype"], spec)
         if measured is not None and n.name in measured:
             value = measured[n.name]
             if isinstance(value, tuple):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import zoo
 from partitioner.annotate import annotate
 from partitioner.capture import capture
 from partitioner.cost import node_costs, profile_forward_times, profile_node_times
-from partitioner.devices import measure_cpu
+from partitioner.devices import get_device_spec, measure_cpu
 from partitioner.plan.graph import build_planning_graph, evaluate
 
 TINY = ["gpt3-tiny", "bert-tiny", "roberta-tiny", "ncf-tiny"]
@@ -341,3 +342,39 @@ def test_profile_node_times_measures_backward_of_each_node():
     costs = node_costs(gm, measure_cpu(), training=True, measured=times)
     assert all(costs[name].backward == pytest.approx(times[name][1]) for name in linear)
     assert [p.grad for p in model.parameters()] == [None] * 4  # profiling leaves no gradients behind
+
+
+class _BackwardBytes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.drop(torch.softmax(self.fc(x), dim=-1))
+        s = p.view(4, 4, 4)
+        return torch.matmul(s, s.transpose(1, 2)).sum()
+
+
+def test_backward_bytes_are_the_output_gradient_what_was_saved_and_the_input_gradients():
+    """annotate's rule on each kind of node (fp32, 4 bytes an element): what its backward kernels read and write."""
+    model = _BackwardBytes().train()
+    cap = capture(model, (torch.randn(4, 8),))
+    annotate(cap.graph_module, [torch.randn(4, 8)])
+    got = {n.name: n.meta["bwd_bytes"] for n in cap.graph_module.graph.nodes if n.op not in ("placeholder", "output")}
+    act = 4 * 16 * 4  # every activation up to the matmul: 64 elements
+    expected = {
+        # dy twice (dW and db are products of their own), the saved input, dW and db; x needs no gradient, so the
+        # weights are not read
+        "fc": 2 * act + 4 * 8 * 4 + (16 * 8 + 16) * 4,
+        "softmax": act + act + act,  # dy, the saved output, dx
+        "drop": act + 4 * 16 + act,  # dy, the bool mask, dx
+        "view": 0,  # a view's gradient is a view
+        "transpose": 0,
+        "matmul": 2 * act + act + 2 * act,  # dC for each operand's product, s saved once, ds through both operands
+        "sum_1": 4 + act,  # a scalar's gradient in, the expanded gradient out
+    }
+    assert got == expected
+    spec = dataclasses.replace(get_device_spec("cpu"), kernel_overhead=0.0)
+    costs = node_costs(cap.graph_module, spec)
+    assert costs["softmax"].backward == pytest.approx(1.5 * costs["softmax"].forward)
