@@ -63,7 +63,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from itertools import pairwise
 from typing import Any, NamedTuple
 
@@ -268,7 +268,7 @@ def _torch_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
     """Build torch's schedule object for these numbers; return (compute actions per rank, rank per stage)."""
-    cls = _torch_schedules.get_schedule_class(get_schedule(schedule).torch_class)
+    cls = _order_only(_torch_schedules.get_schedule_class(get_schedule(schedule).torch_class))
     where = f"{cls.__name__}(num_stages={num_stages}, num_ranks={num_ranks}, n_microbatches={num_microbatches})"
     try:
         # Single-stage classes: run the real loop once per rank and record the compute calls.
@@ -281,13 +281,13 @@ def _torch_orders(
                 sched._step_microbatches()
                 orders[rank] = stage.calls
             return tuple(tuple(orders[r]) for r in range(num_ranks)), tuple(range(num_stages))
-        # Multi-stage classes: the constructor computes every rank's order and lowers it with comms.
+        # Multi-stage classes: the constructor computes every rank's compute order (the IR torch then lowers).
         per_rank = num_stages // num_ranks
         stand_ins = [_StandInStage(-1, num_stages, num_ranks, 0) for _ in range(per_rank)]
         sched = cls(stand_ins, num_microbatches)  # type: ignore[arg-type]
-        lowered = sched.pipeline_order_with_comms
+        compute = sched.pipeline_order_with_comms
         orders_t = tuple(
-            tuple(_from_torch(a) for a in lowered[rank] if a is not None and a.is_compute_op)
+            tuple(_from_torch(a) for a in compute[rank] if a is not None and a.is_compute_op)
             for rank in range(num_ranks)
         )
         return orders_t, tuple(sched.stage_index_to_group_rank[s] for s in range(num_stages))
@@ -295,6 +295,30 @@ def _torch_orders(
         raise ValueError(f"torch refuses {where}: {e}") from e
     except (AttributeError, TypeError) as e:
         raise RuntimeError(f"{where} could not be built on stand-in stages (torch internals changed?): {e}") from e
+
+
+@cache
+def _order_only(cls: type) -> type:
+    """`cls` without the work torch does for running a schedule that the simulator does not need.
+
+    Single-stage classes build the whole pipeline's IR in their constructor (``_get_pipeline_order``, every rank's
+    actions), which the loop ``_step_microbatches`` never reads: built once per rank, that is O(ranks^2 x
+    microbatches), seconds at 64 ranks. Multi-stage classes lower their compute IR with unshard / reshard,
+    reduce-grad and send / recv actions (``_prepare_schedule_with_comms``), which insert communication around the
+    compute actions and never reorder them: here the compute IR is kept as it is, after torch's own check of its
+    stage placement. tests/test_simulate.py checks that every order equals the one the unmodified class runs.
+    """
+    overrides: dict[str, Any] = {}
+    if issubclass(cls, _torch_schedules.PipelineScheduleSingle):
+        overrides["_get_pipeline_order"] = lambda self: None
+    if hasattr(cls, "_prepare_schedule_with_comms"):
+
+        def _prepare_schedule_with_comms(self: Any, actions: dict, format: str = "compute_only") -> None:
+            self._validate_and_set_stage_mapping(actions)
+            self.pipeline_order_with_comms = {r: [a for a in acts if a is not None] for r, acts in actions.items()}
+
+        overrides["_prepare_schedule_with_comms"] = _prepare_schedule_with_comms
+    return type(cls.__name__, (cls,), overrides)
 
 
 def _from_torch(action: Any) -> Action:

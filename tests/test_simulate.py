@@ -116,6 +116,39 @@ def test_multi_stage_lists_are_torch_orders(schedule: str, num_stages: int, rank
         assert well_formed(acts, {s for s, rr in enumerate(result.stage_to_rank) if rr == r}, m)
 
 
+def unmodified_torch_orders(schedule: str, num_stages: int, m: int, ranks: int) -> dict[int, list[Action]]:
+    """What the unmodified torch classes run: single-stage loops recorded rank by rank, multi-stage orders lowered
+    with their communication (the compute actions of `pipeline_order_with_comms`)."""
+    cls = torch_schedules.get_schedule_class(get_schedule(schedule).torch_class)
+    if get_schedule(schedule).single_stage:
+        out = {}
+        for r in range(ranks):
+            stage = _StandInStage(r, num_stages, ranks, r)
+            sched = cls(stage, m)
+            sched._initialize_stage = lambda *a, **k: None
+            sched._step_microbatches()
+            out[r] = stage.calls
+        return out
+    lowered = cls([_StandInStage(-1, num_stages, ranks, 0) for _ in range(num_stages // ranks)], m)
+    return {
+        r: [Action(a.stage_index, a.computation_type.value, a.microbatch_index) for a in acts if a and a.is_compute_op]
+        for r, acts in lowered.pipeline_order_with_comms.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "schedule,num_stages,ranks,m",
+    [("gpipe", 4, 4, 3), ("gpipe", 6, 6, 9), ("1f1b", 4, 4, 4), ("1f1b", 5, 5, 11), ("interleaved", 8, 4, 8),
+     ("interleaved", 12, 4, 6), ("interleaved", 6, 2, 3), ("looped-bfs", 8, 4, 5), ("looped-bfs", 9, 3, 7),
+     ("zero-bubble", 8, 4, 8), ("zero-bubble", 6, 3, 2), ("zero-bubble", 12, 4, 12), ("zbv", 8, 4, 8),
+     ("zbv", 4, 2, 2), ("zbv", 10, 5, 7)],
+)  # fmt: skip
+def test_orders_equal_what_the_unmodified_torch_classes_run(schedule: str, num_stages: int, ranks: int, m: int) -> None:
+    """The simulator builds its orders without the IR and lowering torch needs to run them (simulate._order_only):
+    the compute actions must be exactly the ones the unmodified classes execute."""
+    assert schedule_actions(schedule, num_stages, m, ranks) == unmodified_torch_orders(schedule, num_stages, m, ranks)
+
+
 @pytest.mark.parametrize("schedule,num_stages,ranks", [("1f1b", 4, None), ("zero-bubble", 8, 4)])
 def test_stand_in_breakage_is_reported(monkeypatch, schedule: str, num_stages: int, ranks: int | None) -> None:
     # if torch starts reading an attribute the stand-in lacks, the failure names the class, not a wrong order
