@@ -80,6 +80,7 @@ __all__ = [
     "replay",
     "schedule_actions",
     "simulate",
+    "step_lower_bound",
 ]
 
 _KINDS = ("F", "B", "I", "W")
@@ -519,6 +520,27 @@ def simulate(
         actions, stages, stage_ranks, num_microbatches=num_microbatches, schedule=schedule,
         blocking_sends=blocking_sends,
     )  # fmt: skip
+
+
+def step_lower_bound(schedule: str, work: float, num_ranks: int, num_microbatches: int) -> float:
+    """A lower bound on the step of `schedule` over `num_ranks` ranks for `work` seconds of stage work per step (the
+    sum over stages and microbatches), whatever the split into stages.
+
+    Every schedule: work / num_ranks (perfect balance, no bubble). One stage per rank with a whole backward (gpipe,
+    1f1b) also pays its fill and drain: with t_s stage s's work per microbatch, rank k starts no earlier than the
+    first microbatch's forward through the stages before it, and after its last backward those stages still run
+    theirs, so step >= m t_k + sum_{s<k} t_s for every k. The split that minimizes the largest of these makes them
+    all equal (t_s falls geometrically by (m - 1) / m per stage), which gives
+        step >= (work / m) / (1 - (1 - 1/m)^p)
+    for p ranks and m microbatches: p = 1 gives work, m -> infinity work / p. Not for multi-stage or split-backward
+    schedules, whose ranks interleave stages or fill the drain with weight gradients.
+    """
+    balanced = work / max(num_ranks, 1)
+    entry = get_schedule(schedule)
+    if num_ranks <= 1 or not entry.single_stage or entry.split_backward or num_microbatches < 1:
+        return balanced
+    m = num_microbatches
+    return max(balanced, (work / m) / (1.0 - (1.0 - 1.0 / m) ** num_ranks))
 
 
 def check_events(result: SimResult, stages: Sequence[StageCost]) -> None:

@@ -25,6 +25,7 @@ from partitioner.simulate import (
     replay,
     schedule_actions,
     simulate,
+    step_lower_bound,
 )
 
 F, B = 1.0, 2.0
@@ -263,6 +264,28 @@ def bottleneck_bound(stages: list[StageCost], m: int) -> float:
     the upstream backwards of the last microbatch. With the bottleneck last this is (m-1) max(f+b) + sum(f+b)."""
     work = [s.forward + s.backward for s in stages]
     return max(m * work[s] + sum(work[:s]) for s in range(len(stages)))
+
+
+@given(pipelines(), st.sampled_from(["gpipe", "1f1b"]))
+def test_the_split_free_bound_is_below_every_split_s_bound_and_step(
+    pipe: tuple[list[StageCost], int], schedule: str
+) -> None:
+    stages, m = pipe
+    work = m * sum(s.forward + s.backward for s in stages)
+    bound = step_lower_bound(schedule, work, len(stages), m)
+    assert work / len(stages) <= bound * (1 + 1e-12)
+    assert bound <= bottleneck_bound(stages, m) * (1 + 1e-9)
+    assert bound <= sim(schedule, stages, m).step_time * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(("p", "m"), [(2, 2), (4, 8), (8, 9)])
+def test_the_split_free_bound_is_reached_by_the_geometric_split(p: int, m: int) -> None:
+    """Stage work falling by (m - 1) / m per stage makes every stage's fill-and-drain bound equal: the minimum."""
+    per_mb = [((m - 1) / m) ** s for s in range(p)]
+    stages = [StageCost(forward=t / 3, backward=2 * t / 3) for t in per_mb]
+    bound = step_lower_bound("1f1b", m * sum(per_mb), p, m)
+    assert bound == pytest.approx(bottleneck_bound(stages, m)) and bound == pytest.approx(m * per_mb[0])
+    assert step_lower_bound("zero-bubble", 12.0, p, m) == step_lower_bound("interleaved", 12.0, p, m) == 12.0 / p
 
 
 @given(pipelines(), st.sampled_from(["gpipe", "1f1b"]))

@@ -18,7 +18,8 @@ CPUs (plan.graph, DeviceSpec.overlaps_comm). Placement is
 Megatron's: tp innermost (inside a node of `devices_per_node`), then dp, then pp across nodes.
 
 Candidates are evaluated best-bound first (branch and bound): a candidate's step time can be no less
-than its perfect-balance bound (total node time / pp), so once that bound exceeds the best step time
+than its lower bound (total node time / pp; for gpipe and 1f1b also their fill and drain over the most
+microbatches it may use, simulate.step_lower_bound), so once that bound exceeds the best step time
 found the rest are skipped. Each evaluated candidate is kept with its figures, so the summary can say
 why the winner beats the runners-up.
 
@@ -55,7 +56,7 @@ from partitioner.plan.sharding import (
     state_divisors,
 )
 from partitioner.schedules import get_schedule
-from partitioner.simulate import SimResult, simulate
+from partitioner.simulate import SimResult, simulate, step_lower_bound
 from partitioner.units import format_bytes
 
 __all__ = [
@@ -100,7 +101,7 @@ class Candidate:
     data_parallel_shard: int = 0  # HSDP's shard group; 0 otherwise
     overlap_grad_reduce: bool = True  # ddp / zero1 reduce during the backward (False: after it; plan.sharding)
     step_time: float = math.inf
-    bound: float = 0.0  # perfect-balance lower bound on the step time
+    bound: float = 0.0  # lower bound on the step time (simulate.step_lower_bound)
     peak_memory: float = math.inf
     pipeline_time: float = math.inf
     dp_sync: float = 0.0
@@ -285,7 +286,7 @@ def search(
         if c.note:
             continue
         if best is not None and c.bound >= best.step_time:
-            c.note, c.skipped = f"skipped: its perfect-balance bound {c.bound:.4g} s is above the best step time", True
+            c.note, c.skipped = f"skipped: its lower bound {c.bound:.4g} s is above the best step time", True
             continue
         if (c.degrees, c.schedule) in settled:
             c.note, c.skipped = "skipped: a less sharded data-parallel mode fits with nothing recomputed", True
@@ -384,7 +385,7 @@ class _Evaluator:
             c = Candidate(d, m or 0, schedule, k, data_parallel=mode, data_parallel_shard=shard,
                           overlap_grad_reduce=self.overlap_grad_reduce or not mode,
                           graph=g if g is not None else self.pg)  # fmt: skip
-            c.bound = float(c.graph.compute.sum()) / d.pp
+            c.bound = step_lower_bound(schedule, float(c.graph.compute.sum()), d.pp, self.most_microbatches(d, m))
             if g is None:
                 c.note = self.tp_failed[d.tp]
             elif m is None:
@@ -402,6 +403,17 @@ class _Evaluator:
                 c.out_of_memory = True
             out.append(c)
         return out
+
+    def most_microbatches(self, d: Degrees, m: int | None) -> int:
+        """The most microbatches a candidate starting at `m` may end up with (`run` doubles them on memory)."""
+        if m is None:
+            return 1
+        if self.microbatches is not None or self.batch is None:
+            return m
+        per_replica = self.batch // d.dp
+        while per_replica % (2 * m) == 0 and 2 * m * self.min_chunk <= per_replica:
+            m *= 2
+        return m
 
     def run(self, c: Candidate) -> None:
         """Price c; out of memory, retry with twice as many microbatches while they divide the batch: smaller
