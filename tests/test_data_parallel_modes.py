@@ -65,6 +65,11 @@ def train_rank(
     cm = _compile(meta, pp, dp, schedule, micro)
     assert (cm.plan.pipeline_degree, cm.plan.data_degree) == (pp, dp), cm.plan.summary()
     if override:
+        if not overlap:  # the plan says: reduce after the backward; the override asks for another mode
+            cm = partitioner.compile(
+                meta, devices=pp * dp, example_inputs=zoo.example_inputs(MODEL, batch=BATCH * dp, device="meta"),
+                device_type=_spec(dp), plan=dataclasses.replace(cm.plan, overlap_grad_reduce=False),
+            )  # fmt: skip
         pipe = cm.distributed(weights=init, data_parallel=mode, data_parallel_shard=shard)
     else:  # what the planner records: the runtime must run it
         plan = dataclasses.replace(cm.plan, data_parallel=mode, data_parallel_shard=shard, overlap_grad_reduce=overlap)
@@ -447,6 +452,17 @@ def test_a_plan_with_an_impossible_hsdp_shard_is_refused_on_every_rank(tmp_path:
     for r in results:
         assert r.returncode == 1 and not r.timed_out, r.stderr[-2000:]
         assert "data_parallel_shard=2 ranks, which must divide the data-parallel degree 2" in r.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60)
+def test_a_reduction_after_the_backward_is_refused_for_a_sharded_override(tmp_path: Path) -> None:
+    """A plan that all-reduces after the backward (ddp) run as fsdp: refused on every rank, naming both."""
+    kw = dict(mode="fsdp", pp=1, dp=2, override=True, overlap=False, out=str(tmp_path / "out.pt"))
+    results = spawn("tests.test_data_parallel_modes:train_rank", 2, kw, timeout=50, pg_timeout=20)
+    for r in results:
+        assert r.returncode == 1 and not r.timed_out, r.stderr[-2000:]
+        assert "overlap_grad_reduce=False" in r.stderr and "data_parallel='fsdp'" in r.stderr
 
 
 @pytest.mark.parametrize(("dp", "shard"), [(4, 1), (4, 4), (6, 4), (4, 0), (2, 2)])
