@@ -465,6 +465,38 @@ def test_a_reduction_after_the_backward_is_refused_for_a_sharded_override(tmp_pa
         assert "overlap_grad_reduce=False" in r.stderr and "data_parallel='fsdp'" in r.stderr
 
 
+def all_reduce_rank(*, out: str) -> None:
+    """Mixed dtypes, one parameter without a gradient, buckets of 64 bytes: the averages and the bucket count."""
+    import torch.distributed as dist
+
+    from partitioner.runtime.data_parallel import all_reduce_gradients
+
+    rank = dist.get_rank()
+    f32, bf16 = torch.float32, torch.bfloat16
+    shapes = [(8, f32), (4, f32), (20, f32), (6, bf16), (3, f32)]
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=dt)) for n, dt in shapes]
+    for i, p in enumerate(params[:4]):
+        p.grad = torch.full_like(p, float(rank + 1) * (i + 1))
+    buckets = all_reduce_gradients(params, dist.group.WORLD, bucket_bytes=64)
+    if rank == 0:
+        torch.save({"buckets": buckets, "grads": [p.grad for p in params]}, out)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60)
+def test_all_reduce_gradients_averages_in_buckets_of_one_dtype(tmp_path: Path) -> None:
+    out = tmp_path / "out.pt"
+    results = spawn("tests.test_data_parallel_modes:all_reduce_rank", 2, dict(out=str(out)), timeout=50, pg_timeout=20)
+    for r in results:
+        assert r.returncode == 0, r.stderr[-2000:]
+    got = torch.load(out)
+    # float32: 32 B + 16 B fit one 64 B bucket, the 80 B tensor is a bucket of its own; bfloat16: one more
+    assert got["buckets"] == 3
+    for i, g in enumerate(got["grads"][:4]):
+        torch.testing.assert_close(g, torch.full_like(g, 1.5 * (i + 1)))  # (1 + 2) / 2 x (i + 1)
+    assert got["grads"][4] is None
+
+
 @pytest.mark.parametrize(("dp", "shard"), [(4, 1), (4, 4), (6, 4), (4, 0), (2, 2)])
 def test_hsdp_shard_must_divide_dp_strictly_between_1_and_dp(dp: int, shard: int) -> None:
     with pytest.raises(ValueError, match=f"data_parallel_shard={shard} .* degree {dp}"):
