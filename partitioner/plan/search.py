@@ -113,7 +113,7 @@ class Candidate:
     stage_of: list[int] | None = None
     recompute: list[str] | None = None  # activation recomputation per stage (plan.recompute)
     metrics: list[StageMetrics] | None = None
-    simulation: SimResult | None = None
+    simulation: SimResult | None = None  # the replayed schedule (the search keeps only its winner's)
     graph: PlanningGraph | None = None
 
     @property
@@ -296,7 +296,9 @@ def search(
         if c.fits and c.microbatches == default_m and set(c.recompute or ["none"]) == {"none"}:
             settled.add((c.degrees, c.schedule))
         if c.fits and (best is None or _better(c, best)):
-            best = c
+            best, c = c, best  # from here on c is the one that lost (if any)
+        if c is not None:
+            c.simulation = None  # only the winner's replay is read; a deep pipeline's holds millions of events
     if best is not None and mincut:
         # Candidates are compared on their coarse contiguous plans; the winner is planned at every cut position and
         # its boundaries then move to min-bytes cuts, which never raises its bottleneck (plan.mincut). Should that
