@@ -170,7 +170,7 @@ def check(row: Row, *, search: bool) -> dict:
 def _table(results: list[dict], search: bool) -> str:
     head = f"{'model':<12} {'GPUs':>5} {'layout':<20} {'published':>10} {'predicted':>10} {'ratio':>6} {'fits':>5}"
     if search:
-        head += f"  {'search picks':<22} {'its step':>9} {'vs published layout':>20}"
+        head += f"  {'search picks':<22} {'its step':>9} {'vs published layout':>20} {'search took':>12}"
     lines = [head, "-" * len(head)]
     for r in results:
         pred = r.get("predicted_s")
@@ -183,7 +183,8 @@ def _table(results: list[dict], search: bool) -> str:
         if search:
             s = r.get("search_s")
             vs = f"{s / pred:.2f}x" if s and pred else "-"
-            line += f"  {r.get('search_layout') or '-':<22} {format_seconds(s) if s else '-':>9} {vs:>20}"
+            took = format_seconds(r["search_compile_s"]) if "search_compile_s" in r else "-"
+            line += f"  {r.get('search_layout') or '-':<22} {format_seconds(s) if s else '-':>9} {vs:>20} {took:>12}"
         lines.append(line)
     errors = [abs(r["predicted_s"] / r["published_s"] - 1) for r in results if r.get("predicted_s")]
     if errors:
