@@ -130,7 +130,7 @@ def plan_model(
         best = Candidate(
             degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree,
             data_parallel=mode, data_parallel_shard=saved.data_parallel_shard,
-            overlap_grad_reduce=saved.overlap_grad_reduce or not mode, graph=scaled,
+            overlap_grad_reduce=saved.overlap_grad_reduce, graph=scaled,
         )  # fmt: skip
         flight = get_schedule(saved.schedule).in_flight(saved.num_stages, saved.microbatches)
         price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o.spec.devices_per_node,

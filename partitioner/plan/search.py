@@ -385,7 +385,7 @@ class _Evaluator:
             k = self.stages_per_device or get_schedule(schedule).default_stages_per_rank()
             shard = hsdp_shard(d.tp, d.dp, self.devices_per_node) if mode == "hsdp" else 0
             c = Candidate(d, m or 0, schedule, k, data_parallel=mode, data_parallel_shard=shard,
-                          overlap_grad_reduce=self.overlap_grad_reduce or not mode,
+                          overlap_grad_reduce=self.overlap_grad_reduce,
                           graph=g if g is not None else self.pg)  # fmt: skip
             c.bound = step_lower_bound(schedule, float(c.graph.compute.sum()), d.pp, self.most_microbatches(d, m))
             if g is None:
@@ -406,26 +406,27 @@ class _Evaluator:
             out.append(c)
         return out
 
+    def doubled(self, d: Degrees, m: int) -> int | None:
+        """The microbatch count `run` retries after `m` on memory (twice as many, while they divide the replica's
+        batch into chunks of at least min_chunk samples), or None when it may not."""
+        if self.microbatches is not None or self.batch is None:
+            return None
+        per_replica, more = self.batch // d.dp, 2 * m
+        return None if more * self.min_chunk > per_replica or per_replica % more else more
+
     def most_microbatches(self, d: Degrees, m: int | None) -> int:
         """The most microbatches a candidate starting at `m` may end up with (`run` doubles them on memory)."""
         if m is None:
             return 1
-        if self.microbatches is not None or self.batch is None:
-            return m
-        per_replica = self.batch // d.dp
-        while per_replica % (2 * m) == 0 and 2 * m * self.min_chunk <= per_replica:
-            m *= 2
+        while (more := self.doubled(d, m)) is not None:
+            m = more
         return m
 
     def run(self, c: Candidate) -> None:
         """Price c; out of memory, retry with twice as many microbatches while they divide the batch: smaller
         microbatches hold fewer activations in flight (1F1B holds about pp of them on the first stage)."""
         _evaluate(c, self.memory_limit, self.devices_per_node, self.plans, recompute=self.recompute)
-        while not c.fits and c.out_of_memory and self.microbatches is None and self.batch is not None:
-            per_replica = self.batch // c.degrees.dp
-            more = c.microbatches * 2
-            if more * self.min_chunk > per_replica or per_replica % more:
-                break
+        while not c.fits and c.out_of_memory and (more := self.doubled(c.degrees, c.microbatches)) is not None:
             c.microbatches = more
             _evaluate(c, self.memory_limit, self.devices_per_node, self.plans, recompute=self.recompute)
 

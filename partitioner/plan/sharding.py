@@ -124,13 +124,13 @@ def data_parallel_cost(
     shard group (0: the one hsdp_shard gives), `split_backward` whether the schedule splits the backward (FSDP then
     keeps its state gathered: state_divisors), `overlap_grad_reduce` whether ddp / zero1 reduce during the backward
     (False: after it, whole; other modes always reduce during it)."""
+    if dp <= 1 or mode in ("", None) or grad_bytes <= 0:
+        return DataParallelCost()
     if not overlap_grad_reduce and mode not in NON_OVERLAPPED_MODES:
         raise ValueError(
             f"overlap_grad_reduce=False applies to {NON_OVERLAPPED_MODES} (one all-reduce after the backward); "
             f"data_parallel={mode!r} reduce-scatters during every backward"
         )
-    if dp <= 1 or mode in ("", None) or grad_bytes <= 0:
-        return DataParallelCost()
     node = spec.devices_per_node
     across = tp * dp > node  # the dp group leaves the node
     if mode in ("ddp", "zero1"):

@@ -59,6 +59,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from partitioner.plan.sharding import DDP_BUCKET_BYTES
 from partitioner.schedules import DATA_PARALLEL_MODES, get_schedule
 
 __all__ = [
@@ -310,7 +311,7 @@ def make_optimizer(
 
 
 def all_reduce_gradients(
-    params: Iterable[nn.Parameter], group: dist.ProcessGroup, *, bucket_bytes: int = 25 * 2**20
+    params: Iterable[nn.Parameter], group: dist.ProcessGroup, *, bucket_bytes: int = DDP_BUCKET_BYTES
 ) -> int:
     """Average the gradients of `params` over `group` after the backward, in flat buckets of one dtype of at most
     `bucket_bytes` (one tensor larger than that is a bucket of its own); the number of all-reduces it ran.
@@ -324,13 +325,14 @@ def all_reduce_gradients(
     buckets: list[list[torch.Tensor]] = []
     for dtype in sorted({g.dtype for g in grads}, key=str):
         current: list[torch.Tensor] = []
+        size_of_current = 0
         for g in (g for g in grads if g.dtype == dtype):
-            if current and sum(t.numel() * t.element_size() for t in current) + g.numel() * g.element_size() > (
-                bucket_bytes
-            ):
+            nbytes = g.numel() * g.element_size()
+            if current and size_of_current + nbytes > bucket_bytes:
                 buckets.append(current)
-                current = []
+                current, size_of_current = [], 0
             current.append(g)
+            size_of_current += nbytes
         if current:
             buckets.append(current)
     with torch.no_grad():
