@@ -263,6 +263,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     recompute: str | None = None,
     data_parallel: str | None = None,
     overlap_grad_reduce: bool = True,
+    sequence_parallel: bool | None = None,
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -297,6 +298,10 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     overlap_grad_reduce: False all-reduces the gradients after the last backward instead of during it, as
     Megatron-LM's DDP did in 2021 and DeepSpeed's ZeRO-1 does (ddp and zero1 only; never faster: for pricing and
     running such layouts as they were run).
+    sequence_parallel: at tensor degree > 1, split the token-wise ops tensor parallelism leaves whole (residual adds,
+    layer norms, dropout) over the tp ranks along the sequence, reduce-scattering and all-gathering in place of its
+    all-reduces (Megatron's sequence parallelism; partitioner.plan.tensor_sequence); None: priced with and without,
+    the search takes the faster that fits.
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
@@ -306,6 +311,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         memory_limit=memory_limit, schedule=schedule, pipeline=pipeline, tensor_parallel=tensor_parallel,
         stages_per_device=stages_per_device, plan=plan, mincut=mincut, cost=cost, batch_dim=batch_dim,
         recompute=recompute, data_parallel=data_parallel, overlap_grad_reduce=overlap_grad_reduce,
+        sequence_parallel=sequence_parallel,
     )  # fmt: skip
     example_inputs = as_call(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):

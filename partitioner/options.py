@@ -43,6 +43,7 @@ class CompileOptions:
     recompute: str | None = None  # forced activation recomputation mode (plan.recompute.MODES); None: searched
     data_parallel: str | None = None  # forced data-parallel mode (plan.sharding.DP_MODES); None: searched
     overlap_grad_reduce: bool = True  # False: ddp / zero1 all-reduce after the backward (plan.sharding)
+    sequence_parallel: bool | None = None  # tp's token-wise ops split over its ranks (plan.tensor_sequence)
 
     @classmethod
     def create(
@@ -64,6 +65,7 @@ class CompileOptions:
         recompute: str | None = None,
         data_parallel: str | None = None,
         overlap_grad_reduce: bool = True,
+        sequence_parallel: bool | None = None,
     ) -> CompileOptions:
         """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
 
@@ -109,6 +111,10 @@ class CompileOptions:
                 f"overlap_grad_reduce=False means one gradient all-reduce after the backward, which only "
                 f"{NON_OVERLAPPED_MODES} do; data_parallel={data_parallel!r} reduce-scatters during every backward"
             )
+        if sequence_parallel is not None and not isinstance(sequence_parallel, bool):
+            raise ValueError(f"sequence_parallel must be True, False or None (searched), got {sequence_parallel!r}")
+        if sequence_parallel and tensor_parallel == 1:
+            raise ValueError("sequence_parallel=True splits tensor parallelism's token-wise ops, but tensor_parallel=1")
         spec = get_device_spec(device_type)
         return cls(
             devices=devices,
@@ -127,4 +133,5 @@ class CompileOptions:
             recompute=recompute,
             data_parallel=data_parallel,
             overlap_grad_reduce=bool(overlap_grad_reduce),
+            sequence_parallel=sequence_parallel,
         )

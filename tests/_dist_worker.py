@@ -183,9 +183,10 @@ def reference(
 def train_pp_tp(
     *, model: str, pp: int, tp: int, dp: int = 1, microbatches: int = 4, batch: int = 8, steps: int = 3,
     lr: float = 0.1, seed: int = 0, out: str | None = None, load_path: str | None = None,
-    data_parallel: str | None = None,
+    data_parallel: str | None = None, sequence_parallel: bool | None = False,
 ) -> None:  # fmt: skip
-    """dp x pp x tp through `distribute` (the torchrun entry point): tp-rewritten stages on a mesh from the plan.
+    """dp x pp x tp through `distribute` (the torchrun entry point): tp-rewritten stages on a mesh from the plan
+    (its token-wise ops split over the tp ranks under `sequence_parallel`).
 
     Weights: the replayed seeded init, or a full single-process checkpoint (`load_path`) sliced to the shards.
     Rank 0 saves the losses, the merged ``full_state_dict()``, and the largest difference of any rank's local
@@ -197,8 +198,10 @@ def train_pp_tp(
     cm = partitioner.compile(
         meta, devices=dp * pp * tp, example_inputs=zoo.example_inputs(model, batch=batch, device="meta"),
         device_type="cpu", microbatches=microbatches, schedule="1f1b", pipeline=pp, tensor_parallel=tp,
+        sequence_parallel=sequence_parallel,
     )  # fmt: skip
     assert cm.tensor_parallel_plan is not None and cm.plan.num_stages == pp and cm.plan.data_degree == dp
+    assert sequence_parallel is None or cm.tensor_parallel_plan.sequence_parallel == sequence_parallel
     pipe = cm.distributed(weights=init, data_parallel=data_parallel)  # the mesh from the plan's degrees
     if load_path:
         pipe.load_state_dict(torch.load(load_path))

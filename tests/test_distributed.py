@@ -245,6 +245,16 @@ def test_pipeline_of_tensor_parallel_stages_matches_single_process(model: str, s
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("model", ["gpt3-tiny", pytest.param("bert-tiny", marks=pytest.mark.slow)])
+def test_pipeline_of_sequence_parallel_stages_matches_single_process(model: str, tmp_path: Path) -> None:
+    """pp=2 x tp=2 with sequence parallelism: the stages reduce-scatter and all-gather along the sequence, and the
+    layer norms' gradients (each rank saw its own tokens) are summed over tp; training equals one process."""
+    got = _run_pp_tp(tmp_path, 4, timeout=280, model=model, pp=2, tp=2, sequence_parallel=True)
+    _assert_tp_run_matches(got, *reference(model, microbatches=MICRO, batch=BATCH, steps=3, lr=LR, seed=SEED))
+
+
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_full_checkpoint_loads_into_tensor_parallel_shards(tmp_path: Path) -> None:
     """A single-process checkpoint (full tensors) is sliced into pp=2 x tp=2 shards; training goes on from it."""

@@ -120,21 +120,24 @@ def _tiny_gpt_on_meta():
 PLAIN = dict(recompute="none", data_parallel="ddp")
 
 
-def test_device_hint_is_the_fewest_devices_that_compile():
+@pytest.mark.parametrize(("sequence_parallel", "expected"), [(False, (12, 3, 4)), (None, (8, 1, 8))])
+def test_device_hint_is_the_fewest_devices_that_compile(sequence_parallel: bool | None, expected: tuple) -> None:
     model, x = _tiny_gpt_on_meta()
     limit = 0.5 * 2**20
+    opts = dict(PLAIN, memory_limit=limit, sequence_parallel=sequence_parallel)
     with pytest.raises(partitioner.InfeasibleMemoryError) as e:
-        partitioner.compile(model, devices=2, example_inputs=x, memory_limit=limit, **PLAIN)
+        partitioner.compile(model, devices=2, example_inputs=x, **opts)
     found = re.search(r"needs about (\d+) devices of this size \(pipeline (\d+) x tensor (\d+)\)", str(e.value))
     n, pp, tp = map(int, found.groups())
-    # 8 heads allow tp 8 though 2 devices do not; the DP's estimate for tp 2 (pipeline 6, 12 devices) peaks over
-    # the limit once simulated, so the hint is the smallest count the search confirms.
-    assert (n, pp, tp) == (12, 3, 4)
-    cm = partitioner.compile(model, devices=n, example_inputs=x, memory_limit=limit, **PLAIN)
+    # 8 heads allow tp 8 though 2 devices do not. Without sequence parallelism the DP's estimate for tp 2 (pipeline
+    # 6, 12 devices) peaks over the limit once simulated, so the hint is the smallest count the search confirms;
+    # with it (the default search prices both) tp 8 splits the rest of each layer too, and one stage holds it.
+    assert (n, pp, tp) == expected
+    cm = partitioner.compile(model, devices=n, example_inputs=x, **opts)
     assert cm.plan.predicted["peak_memory"] <= limit
     for fewer in range(3, n):
         with pytest.raises(ValueError):
-            partitioner.compile(model, devices=fewer, example_inputs=x, memory_limit=limit, **PLAIN)
+            partitioner.compile(model, devices=fewer, example_inputs=x, **opts)
 
 
 def test_forced_degrees_that_do_not_fit_report_their_own_figures():

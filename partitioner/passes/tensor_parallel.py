@@ -81,6 +81,10 @@ class TPComm(Protocol):
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor: ...
 
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Sum over the ranks, each keeping its 1/world_size chunk of `dim`."""
+        ...
+
 
 class GroupComm:
     """TPComm over a torch.distributed process group, with torch's functional collectives."""
@@ -102,6 +106,21 @@ class GroupComm:
         import torch.distributed._functional_collectives as funcol
 
         return _wait(funcol.all_gather_tensor(x.contiguous(), dim, self.group))
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        import torch.distributed._functional_collectives as funcol
+
+        return _wait(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim, self.group))
+
+
+def _check_splits(x: torch.Tensor, dim: int, ranks: int) -> None:
+    """Sequence parallelism splits a dim the plan checked at its example's size; another size must split too."""
+    if x.shape[dim] % ranks:
+        raise ValueError(
+            f"sequence parallelism splits dim {dim} of a {list(x.shape)} activation over {ranks} tensor-parallel "
+            f"ranks, which does not divide {x.shape[dim]}: use a sequence length (or, where that dim is the batch, a "
+            f"microbatch size) divisible by {ranks}, or plan with sequence_parallel=False"
+        )
 
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
@@ -146,21 +165,74 @@ class _GatherFromTP(torch.autograd.Function):
         return grad.chunk(ctx.comm.world_size, ctx.dim)[ctx.comm.rank].contiguous(), None, None
 
 
+class _ReduceScatterToSequence(torch.autograd.Function):
+    """Sequence parallelism's g: partial -> summed and split along `dim`; backward all-gathers the split gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
+        ctx.comm, ctx.dim = comm, dim
+        _check_splits(x, dim, comm.world_size)
+        return comm.reduce_scatter(x, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.comm.all_gather(grad, ctx.dim), None, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    """Sequence parallelism's f: split -> whole along `dim` for rank-dependent consumers, whose input gradients are
+    partial over the ranks: backward reduce-scatters them."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
+        ctx.comm, ctx.dim = comm, dim
+        return comm.all_gather(x, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.comm.reduce_scatter(grad, ctx.dim), None, None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    """A replicated value read by split consumers: each rank takes its chunk of `dim`; backward all-gathers the
+    chunks' gradients, so the value's gradient is whole (and equal) on every rank."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
+        ctx.comm, ctx.dim = comm, dim
+        _check_splits(x, dim, comm.world_size)
+        return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.comm.all_gather(grad, ctx.dim), None, None
+
+
+_KINDS = {
+    "copy": lambda x, comm, dim: _CopyToTP.apply(x, comm),
+    "reduce": lambda x, comm, dim: _ReduceFromTP.apply(x, comm, "sum"),
+    "gather": _GatherFromTP.apply,
+    "reduce_scatter": _ReduceScatterToSequence.apply,
+    "gather_sequence": _GatherFromSequence.apply,
+    "scatter": _ScatterToSequence.apply,
+}
+
+
 class TPCollective(nn.Module):
-    """One collective of the plan as a graph node: kind "copy" (f), "reduce" (g) or "gather"."""
+    """One collective of the plan as a graph node: "copy" (f), "reduce" (g), "gather" (backward: own slice), and
+    sequence parallelism's "reduce_scatter", "gather_sequence" (backward: reduce-scatter) and "scatter"."""
 
     def __init__(self, kind: str, comm: TPComm, dim: int = -1):
         super().__init__()
-        if kind not in ("copy", "reduce", "gather"):
+        if kind not in _KINDS:
             raise ValueError(f"unknown collective kind {kind!r}")
         self.kind, self.comm, self.dim = kind, comm, dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "copy":
-            return _CopyToTP.apply(x, self.comm)
-        if self.kind == "reduce":
-            return _ReduceFromTP.apply(x, self.comm, "sum")
-        return _GatherFromTP.apply(x, self.comm, self.dim)
+        if self.kind == "scatter" and not x.is_floating_point():  # a mask: no gradient to gather back
+            _check_splits(x, self.dim, self.comm.world_size)
+            return x.chunk(self.comm.world_size, self.dim)[self.comm.rank].contiguous()
+        return _KINDS[self.kind](x, self.comm, self.dim)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, rank={self.comm.rank}/{self.comm.world_size}"
@@ -344,32 +416,48 @@ def tensor_parallel_rank(
     root: dict[str, Any] = {}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    copy_of: dict[fx.Node, tuple[fx.Node, set[str]]] = {}  # value -> (f node, consumers it feeds)
-    backward = {c["after"]: c for c in plan.collectives if c["phase"] == "backward"}
-    gathers = {c["after"]: c["dim"] for c in plan.collectives if c["kind"] == "all_gather"}
+    # value -> [(node standing for it, the consumers that read that node instead)]: f, and sequence parallelism's
+    # gathers and scatters, each in front of the consumers it feeds.
+    feeds: dict[fx.Node, list[tuple[fx.Node, set[str]]]] = {}
+    redirects: dict[str, list[dict[str, Any]]] = {}
+    for c in plan.collectives:
+        if "users" in c and (c["phase"] == "forward" or c["kind"] == "all_reduce"):
+            redirects.setdefault(c["after"], []).append(c)
+    gathers = {c["after"]: c["dim"] for c in plan.collectives if c["kind"] == "all_gather" and "users" not in c
+               and c["phase"] == "forward"}  # fmt: skip
+    reduce_scatters = {c["after"]: c["dim"] for c in plan.collectives if c["kind"] == "reduce_scatter"
+                       and c["phase"] == "forward"}  # fmt: skip
+    param_grads = {c["after"]: c["params"] for c in plan.collectives if "params" in c}
     global_sizes = set(plan.global_sizes)
 
-    def collective(kind: str, after: fx.Node, x: fx.Node, dim: int = -1) -> fx.Node:
-        target = f"tp_{'all_reduce' if kind != 'gather' else 'all_gather'}_{after.name}" + (
-            "_grad" if kind == "copy" else ""
-        )
+    def collective(kind: str, after: fx.Node, x: fx.Node, dim: int = -1, suffix: str = "") -> fx.Node:
+        what = {"copy": "all_reduce", "reduce": "all_reduce", "gather": "all_gather"}.get(kind, kind)
+        target = f"tp_{what}_{after.name}{suffix}"
         root[target] = TPCollective(kind, comm, dim)
         node = graph.create_node("call_module", target, (x,), {}, name=target)
         node.meta["tp_anchor"] = after.name
         return node
 
+    def summed_param(target: str, value: nn.Parameter, anchor: fx.Node) -> fx.Node:
+        """A parameter read by a sequence-split op, its gradient summed over the ranks (each saw its tokens)."""
+        root[target] = value
+        attr = graph.create_node("get_attr", target, (), {}, name=f"tp_param_{target.replace('.', '_')}")
+        return collective("copy", anchor, attr, suffix=f"_{target.rsplit('.', 1)[-1]}_sum")
+
     for n in gm.graph.nodes:
+
+        def lookup(x: fx.Node, user: fx.Node = n) -> fx.Node:
+            for node, users in feeds.get(x, ()):
+                if user.name in users:
+                    return node
+            return env[x]
+
         if n.op == "output":
             outs = [
-                collective("gather", x, env[x], gathers[x.name]) if x.name in gathers else env[x] for x in n.args[0]
+                collective("gather", x, env[x], gathers[x.name]) if x.name in gathers else lookup(x) for x in n.args[0]
             ]
             graph.output(tuple(outs))
             continue
-
-        def lookup(x: fx.Node, user: fx.Node = n) -> fx.Node:
-            if x in copy_of and user.name in copy_of[x][1]:
-                return copy_of[x][0]
-            return env[x]
 
         # Phase 1: copy the node, with size arguments made local.
         args, kwargs = fx.map_arg((n.args, n.kwargs), lookup)
@@ -398,6 +486,11 @@ def tensor_parallel_rank(
             new = graph.create_node(
                 "call_module", target, (args[0], args[1] if len(args) > 1 else kwargs["target"]), {}, name=n.name
             )
+        elif n.name in param_grads and rule is None:  # a norm on split tokens: its weights' gradients are summed
+            mod = gm.get_submodule(str(n.target))
+            weights = {p: summed_param(f"{n.target}.{p}", w, n) for p, w in mod.named_parameters()}
+            fn, fargs = _functional_norm(mod, args[0], weights)
+            new = graph.create_node("call_function", fn, fargs, {}, name=n.name)
         else:
             new = graph.create_node(n.op, n.target, args, kwargs, name=n.name)
         new.meta = dict(n.meta)
@@ -405,7 +498,7 @@ def tensor_parallel_rank(
         env[n] = new
 
         # Phase 2: the module this node calls, and what follows it.
-        if n.op == "call_module":
+        if n.op == "call_module" and new.op == "call_module" and rule != "vocab_cross_entropy":
             mod = gm.get_submodule(str(n.target))
             if rule in ("column", "row", "vocab_embedding"):
                 root[str(n.target)] = _shard_module(mod, rule, str(n.target), params, tp, rank)
@@ -414,14 +507,24 @@ def tensor_parallel_rank(
             else:
                 root[str(n.target)] = copy.deepcopy(mod, params.memo)
             if rule in ("row", "vocab_embedding"):
-                env[n] = collective("reduce", n, new)
+                if n.name in reduce_scatters:
+                    env[n] = collective("reduce_scatter", n, new, reduce_scatters[n.name])
+                else:
+                    env[n] = collective("reduce", n, new)
                 if rule == "row" and mod.bias is not None:
-                    root[f"{n.target}.bias"] = root[str(n.target)].bias
-                    bias = graph.create_node("get_attr", f"{n.target}.bias", (), {}, name=f"tp_bias_attr_{n.name}")
+                    bias_target = f"{n.target}.bias"
+                    root[bias_target] = root[str(n.target)].bias
+                    if n.name in param_grads:
+                        bias = summed_param(bias_target, root[bias_target], n)
+                    else:
+                        bias = graph.create_node("get_attr", bias_target, (), {}, name=f"tp_bias_attr_{n.name}")
                     env[n] = graph.create_node(
                         "call_function", operator.add, (env[n], bias), {}, name=f"tp_bias_{n.name}"
                     )
                     env[n].meta["tp_anchor"] = n.name
+        elif n.op == "call_module" and new.op == "call_function" and not share_replicated:
+            for p, w in gm.get_submodule(str(n.target)).named_parameters():  # private copies (the in-process check)
+                root[f"{n.target}.{p}"] = copy.deepcopy(w, params.memo)
         elif n.op == "get_attr":
             value = _get_path_attr(gm, str(n.target))
             if isinstance(value, nn.Parameter) and not share_replicated:
@@ -430,8 +533,23 @@ def tensor_parallel_rank(
         if n.name in global_sizes:
             env[n] = graph.create_node("call_function", operator.mul, (new, tp), {}, name=f"tp_global_size_{n.name}")
             env[n].meta["tp_anchor"] = n.name
-        if n.name in backward:
-            copy_of[n] = (collective("copy", n, env[n]), set(backward[n.name]["users"]))
+        if n.name in plan.global_shapes:
+            env[n] = graph.create_node(
+                "call_function", global_shape, (new, plan.global_shapes[n.name], tp), {},
+                name=f"tp_global_shape_{n.name}",
+            )  # fmt: skip
+            env[n].meta["tp_anchor"] = n.name
+        for c in redirects.get(n.name, []):
+            if c["kind"] == "all_reduce":  # f
+                node = collective("copy", n, env[n], suffix="_grad")
+            elif c["kind"] == "scatter":
+                node = collective("scatter", n, env[n], c["dim"], suffix=f"_{c['dim']}")
+            elif c["grad"] == "reduce_scatter":
+                node = collective("gather_sequence", n, env[n], c["dim"], suffix="_for_sharded")
+            else:
+                node = collective("gather", n, env[n], c["dim"], suffix="_for_replicated")
+            node.meta["tp_feeds"] = True
+            feeds.setdefault(n, []).append((node, set(c["users"])))
 
     names = {m.name for m in graph.nodes}
     lost = [n.name for n in gm.graph.nodes if n.op != "output" and n.name not in names]
@@ -443,6 +561,20 @@ def tensor_parallel_rank(
     return out
 
 
+def _functional_norm(mod: nn.Module, x: fx.Node, weights: dict[str, fx.Node]) -> tuple[Any, tuple]:
+    """The call of torch.nn.functional equal to `mod(x)` with its parameters read from `weights`."""
+    if isinstance(mod, nn.LayerNorm):
+        return F.layer_norm, (x, tuple(mod.normalized_shape), weights.get("weight"), weights.get("bias"), mod.eps)
+    if isinstance(mod, nn.RMSNorm):
+        return F.rms_norm, (x, tuple(mod.normalized_shape), weights.get("weight"), mod.eps)
+    raise ValueError(f"sequence parallelism sums the gradients of {type(mod).__name__}'s parameters, which it cannot")
+
+
+def global_shape(size: torch.Size, dim: int, tp: int) -> torch.Size:
+    """The whole value's torch.Size from a sequence-split one's (dim `dim` holds 1/tp of it)."""
+    return torch.Size((*size[:dim], size[dim] * tp, *size[dim + 1 :]))
+
+
 def _get_path_attr(gm: nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
@@ -451,7 +583,8 @@ def _get_path_attr(gm: nn.Module, target: str) -> Any:
 
 
 def count_collectives(rank_gm: fx.GraphModule) -> dict[str, int]:
-    """{"all_reduce_forward", "all_reduce_backward", "all_gather_forward", "vocab_cross_entropy"} counts."""
+    """{"all_reduce_forward", "all_reduce_backward", "all_gather_forward", "vocab_cross_entropy"} counts, and with
+    sequence parallelism also "reduce_scatter", "gather_sequence" and "scatter"."""
     counts = {"all_reduce_forward": 0, "all_reduce_backward": 0, "all_gather_forward": 0, "vocab_cross_entropy": 0}
     for n in rank_gm.graph.nodes:
         if n.op != "call_module":
@@ -459,7 +592,8 @@ def count_collectives(rank_gm: fx.GraphModule) -> dict[str, int]:
         mod = rank_gm.get_submodule(str(n.target))
         if isinstance(mod, TPCollective):
             key = {"copy": "all_reduce_backward", "reduce": "all_reduce_forward", "gather": "all_gather_forward"}
-            counts[key[mod.kind]] += 1
+            what = key.get(mod.kind, mod.kind)  # sequence parallelism's kinds under their own names
+            counts[what] = counts.get(what, 0) + 1
         elif isinstance(mod, VocabParallelCrossEntropy):
             counts["vocab_cross_entropy"] += 1
     return counts
@@ -477,7 +611,7 @@ def stage_of_rank_nodes(rank_gm: fx.GraphModule, stage_of: dict[str, int]) -> di
             continue
         if n.name in stage_of:
             out[n.name] = stage_of[n.name]
-        elif str(n.target).endswith("_grad") and n.users:
+        elif (n.meta.get("tp_feeds") or str(n.target).endswith("_grad")) and n.users and n.op != "get_attr":
             out[n.name] = min(stage_of[u.name] for u in n.users if u.name in stage_of)
         else:
             anchor = n.meta["tp_anchor"]

@@ -45,22 +45,24 @@ class PlannedModel:
 
 @dataclass
 class TensorParallelLayouts:
-    """tp -> TensorParallelModel for the search: each degree's layout planned once (plan.tensor), or the saved
-    plan's layout (`adopt`), which is then the one priced and run; `layouts` holds every one built."""
+    """(tp, sequence parallel) -> TensorParallelModel for the search: each degree's layout planned once
+    (plan.tensor), or the saved plan's layout (`adopt`), which is then the one priced and run; `layouts` holds every
+    one built, keyed the same way."""
 
     gm: fx.GraphModule
     spec: DeviceSpec
     training: bool
     strict: bool
-    layouts: dict[int, Any] = field(default_factory=dict)  # tp -> plan.tensor.TensorParallelPlan
-    models: dict[int, TensorParallelModel] = field(default_factory=dict)
+    layouts: dict[tuple[int, bool], Any] = field(default_factory=dict)  # -> plan.tensor.TensorParallelPlan
+    models: dict[tuple[int, bool], TensorParallelModel] = field(default_factory=dict)
 
-    def __call__(self, tp: int) -> TensorParallelModel:
-        if tp not in self.models:
+    def __call__(self, tp: int, sequence_parallel: bool = False) -> TensorParallelModel:
+        if (tp, sequence_parallel) not in self.models:
             from partitioner.plan.tensor import plan_tensor_parallel
 
-            self._priced(plan_tensor_parallel(self.gm, tp, strict=self.strict))
-        return self.models[tp]
+            layout = plan_tensor_parallel(self.gm, tp, strict=self.strict, sequence_parallel=sequence_parallel)
+            self._priced(layout)
+        return self.models[(tp, sequence_parallel)]
 
     def adopt(self, layout: Any) -> TensorParallelModel:
         """A saved plan's layout, type-checked against this graph (ValueError naming the node), never replanned."""
@@ -73,16 +75,20 @@ class TensorParallelLayouts:
         from partitioner.plan.tensor_cost import tp_cost
 
         cost = tp_cost(layout, self.gm, self.spec, training=self.training)
-        self.layouts[layout.tp] = layout
-        self.models[layout.tp] = TensorParallelModel(
+        key = (layout.tp, layout.sequence_parallel)
+        self.layouts[key] = layout
+        self.models[key] = TensorParallelModel(
             tp=layout.tp,
             node_scale=cost.node_scale,
             comm_by_node=cost.comm_by_node,
             sharded_params={p for p, sh in layout.param_shard.items() if sh.get("dim") is not None},
-            sharded_values={n for n, lay in layout.node_layout.items() if lay.startswith("shard")},
+            sharded_values={n for n, lay in layout.node_layout.items() if lay.startswith(("shard", "seq"))},
             fallbacks=list(layout.fallbacks),
+            gathered_saves={c["after"] for c in layout.collectives if c.get("grad") == "reduce_scatter"},
+            sequence_parallel=layout.sequence_parallel
+            and any(v.startswith("seq") for v in layout.node_layout.values()),
         )
-        return self.models[layout.tp]
+        return self.models[key]
 
 
 def plan_model(
@@ -131,6 +137,7 @@ def plan_model(
             degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree,
             data_parallel=mode, data_parallel_shard=saved.data_parallel_shard,
             overlap_grad_reduce=saved.overlap_grad_reduce, graph=scaled,
+            sequence_parallel=saved_layout is not None and saved_layout.sequence_parallel,
         )  # fmt: skip
         flight = get_schedule(saved.schedule).in_flight(saved.num_stages, saved.microbatches)
         price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o.spec.devices_per_node,
@@ -168,12 +175,13 @@ def plan_model(
             recompute=(o.recompute,) if o.recompute else None,
             data_parallel=(o.data_parallel,) if o.data_parallel else None,
             overlap_grad_reduce=o.overlap_grad_reduce,
+            sequence_parallel=o.sequence_parallel,
         )
     except ValueError as e:
         if refusal:
             raise ValueError(f"{e}; the batch stays whole because {refusal}") from e
         raise
-    tp_layout = tp_model.layouts.get(best.degrees.tp) if best.degrees.tp > 1 else None
+    tp_layout = tp_model.layouts.get((best.degrees.tp, best.sequence_parallel)) if best.degrees.tp > 1 else None
     plan = _make_plan(model_name, captured, gm, best, evaluated, fingerprint, o, tp_layout, flow)
     return PlannedModel(plan, best, evaluated)
 
@@ -359,6 +367,8 @@ def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions) -> 
                 )
         if len(out) > 4:
             out = out[:2] + [f"... {len(out) - 3} more stages alike ..."] + out[-1:]
+    if best.degrees.tp > 1:
+        out += _sequence_reason(best, evaluated)
     if best.data_parallel and best.data_parallel != "ddp":
         same = [c for c in evaluated if c.degrees == best.degrees and c.schedule == best.schedule and c is not best]
         for c in sorted(same, key=lambda c: DP_ORDER.index(c.data_parallel)):
@@ -372,6 +382,21 @@ def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions) -> 
                 why = "does not fit" + (f": {c.note[:160]}" if c.note else "")
             out.append(f"data parallel {best.data_parallel}, not {c.data_parallel}: {c.data_parallel} {why}")
     return out
+
+
+def _sequence_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
+    """Why the tp layout splits its token-wise ops over the ranks (or not): the same layout the other way, priced."""
+    same = (c for c in evaluated if c.degrees == best.degrees and c.schedule == best.schedule)
+    twin = next((c for c in same if c.sequence_parallel != best.sequence_parallel
+                 and c.data_parallel == best.data_parallel and not c.skipped), None)  # fmt: skip
+    if twin is None:
+        return []
+    how = "sequence parallel" if best.sequence_parallel else "no sequence parallelism"
+    other = "without" if best.sequence_parallel else "with"
+    if twin.fits:
+        return [f"{how}: {other} it the layout takes {format_seconds(twin.step_time)} "
+                f"({twin.step_time / best.step_time:.3f}x), peak {format_bytes(twin.peak_memory)}"]  # fmt: skip
+    return [f"{how}: {other} it the layout does not fit" + (f": {twin.note[:160]}" if twin.note else "")]
 
 
 def _stage_regions(pg: PlanningGraph, stage_of: list[int], stage: int, mode: str) -> list[list[str]]:

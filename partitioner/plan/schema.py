@@ -188,7 +188,9 @@ def _format_plan(plan: Plan) -> str:
     dev = plan.device_type
     lines = [
         f"Plan for {plan.model} on {plan.devices} x {dev['name']} "
-        f"(pipeline {plan.pipeline_degree} x tensor {plan.tensor_degree} x data {plan.data_degree}; "
+        f"(pipeline {plan.pipeline_degree} x tensor {plan.tensor_degree}"
+        + (" sequence parallel" if plan.tensor.get("sequence_parallel") else "")
+        + f" x data {plan.data_degree}; "
         f"{plan.microbatches} microbatches, {plan.schedule}"
         + (f", data parallel {plan.data_parallel}" if plan.data_degree > 1 and plan.data_parallel else "")
         + (" (gradients reduced after the backward)" if plan.data_degree > 1 and not plan.overlap_grad_reduce else "")
@@ -241,7 +243,8 @@ def _format_plan(plan: Plan) -> str:
         chosen = plan.predicted.get("step_time")
         for alt in plan.alternatives:
             what = (
-                f"pp{alt['pp']} x tp{alt['tp']} x dp{alt['dp']}, {alt['microbatches']} microbatches, {alt['schedule']}"
+                f"pp{alt['pp']} x tp{alt['tp']}{'+sp' if alt.get('sequence_parallel') else ''} x dp{alt['dp']}, "
+                f"{alt['microbatches']} microbatches, {alt['schedule']}"
             )
             if alt.get("data_parallel"):
                 what += f", {alt['data_parallel']}"

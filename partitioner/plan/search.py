@@ -87,8 +87,10 @@ class TensorParallelModel:
     node_scale: dict[str, float]  # node -> factor on its compute (1/tp if sharded)
     comm_by_node: dict[str, tuple[float, float]]  # node -> (forward, backward) collective seconds
     sharded_params: set[str]  # parameters held as 1/tp shards
-    sharded_values: set[str]  # nodes whose outputs are sharded (crossing bytes / tp)
+    sharded_values: set[str]  # nodes whose outputs are sharded or sequence-split (crossing and saved bytes / tp)
     fallbacks: list[dict[str, str]] = field(default_factory=list)
+    gathered_saves: set[str] = field(default_factory=set)  # split values whose consumers save a gathered copy
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Candidate:
     data_parallel: str = ""  # how replicas hold training state (plan.sharding); "" at dp 1
     data_parallel_shard: int = 0  # HSDP's shard group; 0 otherwise
     overlap_grad_reduce: bool = True  # ddp / zero1 reduce during the backward (False: after it; plan.sharding)
+    sequence_parallel: bool = False  # the tp layout splits its token-wise ops over the tp ranks (plan.tensor_sequence)
     step_time: float = math.inf
     bound: float = 0.0  # lower bound on the step time (simulate.step_lower_bound)
     peak_memory: float = math.inf
@@ -129,6 +132,8 @@ class Candidate:
             "microbatches": self.microbatches,
             "schedule": self.schedule,
         }
+        if self.sequence_parallel:
+            out["sequence_parallel"] = True
         if self.data_parallel:
             out["data_parallel"] = self.data_parallel
             if not self.overlap_grad_reduce:
@@ -164,7 +169,12 @@ def scale_graph(
     fwd, bwd = pg.forward.copy(), pg.backward.copy()
     out_bytes, saved = pg.out_bytes.copy(), pg.saved_bytes.copy()
     param_static, param_bytes = dict(pg.param_static), dict(pg.param_bytes)
+    # A storage is held at 1/tp when the node that created it has a sharded (or sequence-split) output, unless the
+    # runtime saves a gathered whole copy of it (sequence parallelism's column-parallel inputs).
+    shrink: dict[str, int] = {}  # storage name (`node`, or `node#k` for one it saved but did not return) -> 1/x
     if tp is not None and tp.tp > 1:
+        shrink = {name: tp.tp for name in tp.sharded_values}
+        shrink.update({f"{name}#out": 1 for name in tp.gathered_saves})  # only the output, not its other storages
         for i, name in enumerate(pg.names):
             s = tp.node_scale.get(name, 1.0)
             cf, cb = tp.comm_by_node.get(name, (0.0, 0.0))
@@ -172,7 +182,14 @@ def scale_graph(
             bwd[i] = bwd[i] * s + (cb if pg.training else 0.0)
             if name in tp.sharded_values:
                 out_bytes[i] /= tp.tp
-                saved[i] /= tp.tp
+        if len(pg.saves) == pg.n:
+            seen: set[str] = set()
+            for i, node in enumerate(pg.saves):  # saved_bytes: each storage paid by its first saver (annotate)
+                first = [k for k in node if k not in seen]
+                saved[i] -= sum(node[k] * (1 - 1 / _divisor(shrink, k)) for k in first)
+                seen.update(first)
+        else:  # a graph without storage names (synthetic): what a node saves is as sharded as its output
+            saved = np.array([b / shrink.get(name, 1) for name, b in zip(pg.names, saved)])
         for p in tp.sharded_params:
             canonical = pg.alias_of.get(p, p)
             if canonical in param_static:
@@ -184,10 +201,7 @@ def scale_graph(
             w = param_bytes[p]
             g = w if static > w else 0.0  # a trainable parameter has a gradient of its own size
             param_static[p] = w / fw + g / fg + (static - w - g) / fo
-    # What each node saves, as saved_bytes: a storage created by a node with a sharded output is sharded too.
-    sharded = {name for name in pg.names if tp is not None and tp.tp > 1 and name in tp.sharded_values}
-    shrink = {name: (tp.tp if name in sharded else 1) * dp for name in pg.names} if tp is not None else {}
-    saves = [{k: v / shrink.get(k, dp) for k, v in node.items()} for node in pg.saves]
+    saves = [{k: v / (_divisor(shrink, k) * dp) for k, v in node.items()} for node in pg.saves]
     return dataclasses.replace(
         pg,
         p2p_internode=pp_spans_nodes,
@@ -199,6 +213,11 @@ def scale_graph(
         param_bytes=param_bytes,
         saves=saves,
     )
+
+
+def _divisor(shrink: dict[str, int], storage: str) -> int:
+    """What a storage is divided by: a gathered output's entry (1), else its creating node's."""
+    return shrink.get(f"{storage}#out") or shrink.get(storage.split("#")[0], 1)
 
 
 def _divisors(n: int) -> list[int]:
@@ -225,7 +244,7 @@ def search(
     pg: PlanningGraph,
     devices: int,
     *,
-    tp_model: Callable[[int], TensorParallelModel | None],
+    tp_model: Callable[..., TensorParallelModel | None],
     max_tp: int,
     batch: int | None,
     memory_limit: float,
@@ -240,13 +259,16 @@ def search(
     recompute: Sequence[str] | None = None,
     data_parallel: Sequence[str] | None = None,
     overlap_grad_reduce: bool = True,
+    sequence_parallel: bool | None = False,
 ) -> tuple[Candidate, list[Candidate]]:
     """Best candidate and the evaluated ones (best first). Raises InfeasibleMemoryError if none fits.
 
     `recompute`: the activation recomputation modes stages may use (plan.recompute; default: every mode the graph
     offers), each stage taking the least recompute that fits. `data_parallel`: the modes replicas may hold their
     training state in (plan.sharding; default all of them); `overlap_grad_reduce=False` prices ddp / zero1 reducing
-    after the backward and leaves the other modes out (plan.sharding.NON_OVERLAPPED_MODES). A tp degree whose layout
+    after the backward and leaves the other modes out (plan.sharding.NON_OVERLAPPED_MODES). `sequence_parallel`: the
+    tp layouts priced at tp > 1, with (True), without (False) or both (None) their token-wise ops split over the tp
+    ranks; `tp_model(tp, sequence_parallel=True)` gives the split one. A tp degree whose layout
     cannot be planned is left out with its reason (unless forced). When nothing fits, the error gives the fewest
     devices the search would need (over the tp degrees it may use), and for forced degrees it reports their own
     layouts' figures only.
@@ -272,7 +294,7 @@ def search(
     ev = _Evaluator(pg, tp_model, memory_limit, schedules, batch, microbatches, stages_per_device,
                     forced_tp=tensor_parallel, min_chunk=min_chunk, recompute=modes,
                     data_parallel=tuple(data_parallel or DP_MODES),
-                    overlap_grad_reduce=overlap_grad_reduce)  # fmt: skip
+                    overlap_grad_reduce=overlap_grad_reduce, sequence_parallel=sequence_parallel)  # fmt: skip
     candidates: list[Candidate] = []
     for d in degrees:
         candidates += ev.candidates(d)
@@ -280,7 +302,7 @@ def search(
     best: Candidate | None = None
     # Modes in DP_MODES order shard more and communicate more: once one fits with nothing recomputed at its
     # default microbatch count, the later modes of that layout cannot be faster, and are not priced.
-    settled: set[tuple[Degrees, str]] = set()
+    settled: set[tuple[Degrees, str, bool]] = set()
     rank = {mode: k for k, mode in enumerate(("",) + DP_MODES)}
     for c in sorted(candidates, key=lambda c: (bool(c.note), c.bound, c.degrees, c.schedule, rank[c.data_parallel])):
         if c.note:
@@ -288,13 +310,13 @@ def search(
         if best is not None and c.bound >= best.step_time:
             c.note, c.skipped = f"skipped: its lower bound {c.bound:.4g} s is above the best step time", True
             continue
-        if (c.degrees, c.schedule) in settled:
+        if (c.degrees, c.schedule, c.sequence_parallel) in settled:
             c.note, c.skipped = "skipped: a less sharded data-parallel mode fits with nothing recomputed", True
             continue
         default_m = c.microbatches
         ev.run(c)
         if c.fits and c.microbatches == default_m and set(c.recompute or ["none"]) == {"none"}:
-            settled.add((c.degrees, c.schedule))
+            settled.add((c.degrees, c.schedule, c.sequence_parallel))
         if c.fits and (best is None or _better(c, best)):
             best, c = c, best  # from here on c is the one that lost (if any)
         if c is not None:
@@ -320,7 +342,7 @@ class _Evaluator:
     prices layouts the search did not try with it). Scaled graphs are kept: the plan cache keys on their id."""
 
     pg: PlanningGraph
-    tp_model: Callable[[int], TensorParallelModel | None]
+    tp_model: Callable[..., TensorParallelModel | None]
     memory_limit: float
     schedules: Sequence[str]
     batch: int | None
@@ -331,33 +353,57 @@ class _Evaluator:
     recompute: tuple[str, ...] = ("none",)  # the recompute modes stages may use
     data_parallel: tuple[str, ...] = DP_MODES  # the data-parallel modes replicas may use (plan.sharding)
     overlap_grad_reduce: bool = True  # False: ddp / zero1 reduce after the backward; the other modes are left out
-    tp_models: dict[int, TensorParallelModel | None] = field(default_factory=lambda: {1: None})
-    tp_failed: dict[int, str] = field(default_factory=dict)
-    scaled: dict[tuple[int, int, str, bool], PlanningGraph] = field(default_factory=dict)
+    sequence_parallel: bool | None = False  # None: price tp layouts with and without sequence parallelism
+    tp_models: dict[tuple[int, bool], TensorParallelModel | None] = field(
+        default_factory=lambda: {(1, False): None, (1, True): None}
+    )
+    tp_failed: dict[tuple[int, bool], str] = field(default_factory=dict)
+    scaled: dict[tuple[int, int, str, bool, bool], PlanningGraph] = field(default_factory=dict)
     plans: dict = field(default_factory=dict)
 
     @property
     def devices_per_node(self) -> int:
         return self.pg.spec.devices_per_node
 
-    def graph(self, tp: int, dp: int, mode: str = "", pp: int = 1) -> PlanningGraph | None:
+    def layout(self, tp: int, sp: bool = False) -> TensorParallelModel | None:
+        """The tp layout (sequence-split if `sp`), or None when it cannot be planned (reason in tp_failed[(tp, sp)]);
+        a sequence-parallel layout that splits nothing counts as one that cannot be planned."""
+        key = (tp, sp)
+        if key not in self.tp_models and key not in self.tp_failed:
+            try:
+                model = self.tp_model(tp, sequence_parallel=True) if sp else self.tp_model(tp)
+                if sp and (model is None or not model.sequence_parallel):
+                    raise ValueError("sequence parallelism finds no token-wise ops to split")
+                self.tp_models[key] = model
+            except (ValueError, RuntimeError) as e:
+                if tp == self.forced_tp and not sp:
+                    raise
+                what = "sequence-parallel " if sp else ""
+                self.tp_failed[key] = f"no {what}tensor-parallel layout at tp={tp}: {e}"
+        return self.tp_models.get(key)
+
+    def sp_options(self, tp: int) -> list[bool]:
+        """Whether the layouts priced at tp split their token-wise ops: both unless told (never at tp 1)."""
+        if tp == 1:
+            return [False]
+        return [False, True] if self.sequence_parallel is None else [self.sequence_parallel]
+
+    def preferred_sp(self, tp: int) -> bool:
+        """The layout holding the least (the sequence-split one where allowed and available): the device hint's."""
+        return self.sp_options(tp)[-1] and self.layout(tp, True) is not None
+
+    def graph(self, tp: int, dp: int, mode: str = "", pp: int = 1, sp: bool = False) -> PlanningGraph | None:
         """The planning graph of (tp, dp) with training state held as `mode` says, or None when the tp layout
         cannot be planned (reason in tp_failed)."""
-        if tp not in self.tp_models and tp not in self.tp_failed:
-            try:
-                self.tp_models[tp] = self.tp_model(tp)
-            except (ValueError, RuntimeError) as e:
-                if tp == self.forced_tp:
-                    raise
-                self.tp_failed[tp] = f"no tensor-parallel layout at tp={tp}: {e}"
-        if tp in self.tp_failed:
+        model = self.layout(tp, sp)
+        if (tp, sp) in self.tp_failed:
             return None
         crosses = pp > 1 and tp * dp * pp > self.devices_per_node
-        key = (tp, dp, mode, crosses)
+        key = (tp, dp, mode, crosses, sp)
         if key not in self.scaled:
             base, split = mode.removesuffix(":split"), mode.endswith(":split")
             shard = hsdp_shard(tp, dp, self.devices_per_node) if base == "hsdp" else 0
-            self.scaled[key] = scale_graph(self.pg, self.tp_models[tp], dp, base, shard, split_backward=split, pp=pp)
+            self.scaled[key] = scale_graph(self.pg, model, dp, base, shard, split_backward=split, pp=pp)
         return self.scaled[key]
 
     def modes(self, d: Degrees, schedule: str) -> list[str]:
@@ -379,17 +425,20 @@ class _Evaluator:
         """One candidate per schedule and data-parallel mode at degrees d; a note says why one cannot run."""
         m = _microbatch_choice(self.batch, d.dp, d.pp, self.microbatches, self.min_chunk)
         out = []
-        for schedule, mode in ((s, mode) for s in self.schedules for mode in self.modes(d, s)):
+        combos = [(s, mode, sp) for sp in self.sp_options(d.tp) for s in self.schedules for mode in self.modes(d, s)]
+        for schedule, mode, sp in combos:
             split = get_schedule(schedule).split_backward and mode in ("zero2", "fsdp", "hsdp")
-            g = self.graph(d.tp, d.dp, mode + (":split" if split else ""), d.pp)
+            g = self.graph(d.tp, d.dp, mode + (":split" if split else ""), d.pp, sp)
+            if g is None and sp and self.sequence_parallel is None:
+                continue  # nothing to split: the layout without is priced already
             k = self.stages_per_device or get_schedule(schedule).default_stages_per_rank()
             shard = hsdp_shard(d.tp, d.dp, self.devices_per_node) if mode == "hsdp" else 0
             c = Candidate(d, m or 0, schedule, k, data_parallel=mode, data_parallel_shard=shard,
-                          overlap_grad_reduce=self.overlap_grad_reduce,
+                          overlap_grad_reduce=self.overlap_grad_reduce, sequence_parallel=sp,
                           graph=g if g is not None else self.pg)  # fmt: skip
             c.bound = step_lower_bound(schedule, float(c.graph.compute.sum()), d.pp, self.most_microbatches(d, m))
             if g is None:
-                c.note = self.tp_failed[d.tp]
+                c.note = self.tp_failed[(d.tp, sp)]
             elif m is None:
                 c.note = f"batch {self.batch} does not split over {d.dp} data-parallel replicas"
                 if self.min_chunk > 1:
@@ -504,7 +553,7 @@ def _devices_hint(ev: _Evaluator, tps: Sequence[int], devices: int, pipeline: in
     """
     queue: list[tuple[int, int, int]] = []  # (devices, pp, tp) estimates
     for tp in tps:
-        g = ev.graph(tp, 1)
+        g = ev.graph(tp, 1, sp=ev.preferred_sp(tp))
         if g is None:
             continue
         if pipeline is not None:  # the forced pipeline degree: can it fit at this tp?

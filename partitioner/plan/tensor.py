@@ -56,6 +56,10 @@ rank holds rows [q_r | k_r | v_r] of the weight; the split size becomes 32. A pa
 `qkv(x).view(B, T, 3, nh, hd)` re-seeds the same way (dim 2 counts blocks, so heads, dim 3, carry the shard).
 A module called from several nodes, or a parameter tied across modules, gets one sharding for all its uses.
 
+Sequence parallelism (`sequence_parallel=True`, plan.tensor_sequence) is derived from the finished propagation: the
+token-wise ops left replicated between a g and an f run on 1/tp of the tokens, each g a reduce-scatter and each f
+an all-gather; the tensor-parallel decisions (seeds, shards, rewrites) are the same with or without it.
+
 Position/type embeddings smaller than `min_vocab` stay replicated (a vocab-parallel lookup costs an
 all-reduce of the whole activation to save a small table) unless tied to a sharded LM head. When the loss is
 outside the graph a column-parallel LM head's logits are all-gathered at the output (`gather_output=True`,
@@ -91,6 +95,7 @@ from partitioner.plan.tensor_rules import (
     _State,
     _val,
 )
+from partitioner.plan.tensor_sequence import SequenceLayout, counts_as_sequence_user, sequence_parallel_layout
 
 __all__ = [
     "REPLICATED",
@@ -200,6 +205,7 @@ def plan_tensor_parallel(
     gather_output: bool = True,
     min_vocab: int = 1024,
     exclude: frozenset[str] | set[str] = frozenset(),
+    sequence_parallel: bool = False,
 ) -> TensorParallelPlan:
     """The tensor-parallel layout plan of annotated `gm` at degree `tp` (see the module docstring).
 
@@ -210,7 +216,8 @@ def plan_tensor_parallel(
     gather_output: all-gather sharded model outputs (LM head logits) rather than keeping their producers
     replicated. min_vocab: embeddings with fewer rows stay replicated unless tied to a sharded LM head.
     exclude: Linear / Embedding nodes to keep replicated (their partners follow: a row-parallel Linear needs a
-    sharded input).
+    sharded input). sequence_parallel: split the token-wise ops between row- and column-parallel matmuls over the
+    tp ranks along the sequence (plan.tensor_sequence); the tensor-parallel decisions are the same either way.
     """
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
@@ -223,7 +230,7 @@ def plan_tensor_parallel(
             f"tensor parallel tp={tp} (strict): nothing in this graph can be sharded "
             f"({why or 'it calls no nn.Linear or nn.Embedding module'})"
         )
-    return _to_plan(st, tp, fallbacks)
+    return _to_plan(st, tp, fallbacks, sequence_parallel)
 
 
 def check_tensor_parallel_plan(gm: fx.GraphModule, plan: TensorParallelPlan) -> None:
@@ -260,7 +267,7 @@ def check_tensor_parallel_plan(gm: fx.GraphModule, plan: TensorParallelPlan) -> 
     if outcome.parts:
         seed, request = next(iter(outcome.parts.items()))
         raise ValueError(f"{where}: node {seed!r} must be sharded as {request.parts} blocks ({request.reason})")
-    derived = _to_plan(st, plan.tp, {})
+    derived = _to_plan(st, plan.tp, {}, plan.sequence_parallel)
     for name in nodes:  # graph order: the first difference is the one to fix
         if derived.node_layout[name] != plan.node_layout[name]:
             raise ValueError(
@@ -272,7 +279,7 @@ def check_tensor_parallel_plan(gm: fx.GraphModule, plan: TensorParallelPlan) -> 
             raise ValueError(
                 f"{where}: parameter {name!r} is recorded {plan.param_shard.get(name)}, its node makes it {spec}"
             )
-    for what in ("module_rules", "arg_rewrites", "global_sizes", "collectives"):
+    for what in ("module_rules", "arg_rewrites", "global_sizes", "global_shapes", "collectives"):
         got, want = getattr(plan, what), getattr(derived, what)
         if _canonical(got) != _canonical(want):
             node = _first_difference(got, want)
@@ -321,26 +328,55 @@ def _nbytes(n: fx.Node) -> int:
     return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
 
-def _to_plan(st: _State, tp: int, fallbacks: dict[str, str]) -> TensorParallelPlan:
+def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: bool = False) -> TensorParallelPlan:
     gm = st.gm
+    sl = sequence_parallel_layout(st) if sequence_parallel and tp > 1 else SequenceLayout()
     layout = {n.name: _layout_str(st.layout.get(n)) for n in gm.graph.nodes}
+    layout.update({name: f"seq({s})" for name, s in sl.seq.items()})
     params = {name: {"dim": None, "parts": 1} for name, _ in gm.named_parameters(remove_duplicate=False)}
     params.update({name: spec for name, (spec, _) in st.params.items()})
+    param_bytes = {name: p.numel() * p.element_size() for name, p in gm.named_parameters(remove_duplicate=False)}
     collectives: list[dict[str, Any]] = []
     for n in gm.graph.nodes:
         lay = st.layout.get(n)
-        # g: a partial sum becomes replicated right after its producer
-        if isinstance(lay, _Partial):
-            collectives.append(dict(kind="all_reduce", phase="forward", after=n.name, op="sum", bytes=_nbytes(n)))
-        # f: a replicated value needing a grad feeds rank-dependent nodes -> all-reduce its grad
         v = _val(n)
-        if st.eff(n) is None and isinstance(v, torch.Tensor) and v.is_floating_point():
-            users = [u.name for u in n.users if u.op != "output" and st.layout.get(u) is not None
-                     and not isinstance(st.layout.get(u), (_SizeOf,))]  # fmt: skip
-            if users and n.meta.get("requires_grad", True):
+        needs_grad = isinstance(v, torch.Tensor) and v.is_floating_point() and n.meta.get("requires_grad", True)
+        if n.name in sl.reduce_scatter:  # g under sequence parallelism: each rank keeps the sum of its tokens
+            d = sl.seq[n.name]
+            collectives.append(dict(kind="reduce_scatter", phase="forward", after=n.name, dim=d, bytes=_nbytes(n)))
+            collectives.append(dict(kind="all_gather", phase="backward", after=n.name, dim=d, bytes=_nbytes(n)))
+        elif isinstance(lay, _Partial):  # g: a partial sum becomes replicated right after its producer
+            collectives.append(dict(kind="all_reduce", phase="forward", after=n.name, op="sum", bytes=_nbytes(n)))
+        if n.name in sl.seq:  # a split value read whole: gathered in front of those readers
+            d = sl.seq[n.name]
+            if n.name in sl.gather_partial:
+                users = sl.gather_partial[n.name]
+                collectives.append(dict(kind="all_gather", phase="forward", after=n.name, dim=d, users=users,
+                                        grad="reduce_scatter", bytes=_nbytes(n)))  # fmt: skip
+                if needs_grad:
+                    collectives.append(dict(kind="reduce_scatter", phase="backward", after=n.name, dim=d,
+                                            bytes=_nbytes(n)))  # fmt: skip
+            if n.name in sl.gather_replicated:
+                users = sl.gather_replicated[n.name]
+                collectives.append(dict(kind="all_gather", phase="forward", after=n.name, dim=d, users=users,
+                                        grad="slice", bytes=_nbytes(n)))  # fmt: skip
+        # f: a replicated value needing a grad feeds rank-dependent nodes -> all-reduce its grad
+        elif st.eff(n) is None and needs_grad:
+            users = [u.name for u in n.users if u.op != "output" and (
+                (st.layout.get(u) is not None and not isinstance(st.layout.get(u), _SizeOf))
+                or counts_as_sequence_user(sl, n.name, u.name))]  # fmt: skip
+            if users:
                 collectives.append(
                     dict(kind="all_reduce", phase="backward", after=n.name, op="sum", users=users, bytes=_nbytes(n))
                 )
+        for d, users in sl.scatter.get(n.name, []):  # a replicated operand of split values: each reads its slice
+            collectives.append(dict(kind="scatter", phase="forward", after=n.name, dim=d, users=users, bytes=0))
+            if needs_grad:
+                collectives.append(dict(kind="all_gather", phase="backward", after=n.name, dim=d, bytes=_nbytes(n)))
+        if n.name in sl.param_grads:  # parameters of split ops saw 1/tp of the tokens: sum their gradients
+            names = sl.param_grads[n.name]
+            collectives.append(dict(kind="all_reduce", phase="backward", after=n.name, op="sum", params=names,
+                                    bytes=sum(param_bytes[p] for p in names)))  # fmt: skip
         if st.rules.get(n.name) == "vocab_cross_entropy":
             rows = _val(n.args[0]).shape[0] * 4
             for op in ("max", "sum", "sum"):  # max logit, sum of exp, target logit
@@ -355,9 +391,11 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str]) -> TensorParallelPl
         param_shard=params,
         module_rules=dict(st.rules),
         arg_rewrites=st.arg_rewrites,
-        global_sizes=list(st.global_sizes),
+        global_sizes=list(st.global_sizes) + sl.global_sizes,
         collectives=collectives,
         fallbacks=[{"node": k, "reason": v} for k, v in fallbacks.items()],
         requirements=st.requirements,
         gather_output=st.gather_output,
+        sequence_parallel=sequence_parallel and tp > 1,
+        global_shapes=dict(sl.global_shapes),
     )

@@ -20,8 +20,8 @@ class TPCost:
     """Per-step tensor-parallel figures for the pp x tp x dp search (seconds; FLOPs of the annotated batch).
 
     comm_forward / comm_backward: time of the plan's collectives (ring: all-reduce 2(tp-1)/tp x bytes / bw,
-    all-gather (tp-1)/tp x bytes / bw, plus one latency per call). flops_per_rank: sharded nodes' FLOPs / tp
-    plus replicated nodes' FLOPs (forward + backward). node_scale: node -> factor on its compute time.
+    all-gather and reduce-scatter (tp-1)/tp x bytes / bw, plus one latency per call). flops_per_rank: sharded
+    nodes' FLOPs / tp plus replicated nodes' FLOPs (forward + backward). node_scale: node -> factor on its compute time.
     comm_by_node: node -> (forward, backward) seconds of the collectives anchored after it (to sum per stage).
     param_bytes_per_rank: parameter bytes one tp rank holds (tied parameters once; sharded ones / tp).
     """
@@ -40,6 +40,10 @@ class TPCost:
 
 
 def _collective_time(c: dict[str, Any], tp: int, spec: DeviceSpec) -> float:
+    """A ring all-reduce, or an all-gather / reduce-scatter ((tp - 1) / tp of the whole tensor's bytes each);
+    sequence parallelism's scatter only slices."""
+    if c["kind"] == "scatter":
+        return 0.0
     collective = all_reduce_time if c["kind"] == "all_reduce" else all_gather_time
     return collective(spec, c["bytes"], tp, internode=tp > spec.devices_per_node)
 

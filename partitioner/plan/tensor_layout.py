@@ -21,16 +21,21 @@ REPLICATED = "replicated"
 class TensorParallelPlan:
     """The layout plan of one graph at one tp degree: plain data, `to_json()` / `from_json()` round-trip.
 
-    node_layout: node name -> "replicated" | "shard(d)" | "partial" (every node of the graph).
+    node_layout: node name -> "replicated" | "shard(d)" | "partial" | "seq(d)" (every node of the graph; seq: split
+        along the tokens under sequence parallelism, plan.tensor_sequence).
     param_shard: parameter name -> {"dim": int | None, "parts": int} (dim None = replicated); tied names both.
     module_rules: node name -> "column" | "row" | "vocab_embedding" | "vocab_cross_entropy".
     arg_rewrites: node name -> argument paths (["args", i] or ["args", i, j] or ["kwargs", k(, j)]) whose value
         (a global size: int, or an int node) becomes value // tp.
     global_sizes: int-valued nodes read from a sharded dimension; the applier multiplies them by tp so every
-        int in the graph stays a global size.
-    collectives: {"kind": "all_reduce" | "all_gather", "phase": "forward" | "backward", "after": node,
-        "users": [nodes] (backward f: the consumers it feeds), "op": "sum" | "max", "dim": gather dim,
-        "bytes": bytes of the full tensor per call}.
+        int in the graph stays a global size. global_shapes: torch.Size-valued nodes of sequence-split values ->
+        the dim the applier multiplies by tp.
+    collectives: {"kind": "all_reduce" | "all_gather" | "reduce_scatter" | "scatter", "phase": "forward" |
+        "backward", "after": node, "users": [nodes] (the consumers it feeds: f, and the gathers and scatters of
+        sequence parallelism), "grad": "reduce_scatter" | "slice" (a forward all-gather's backward), "params":
+        [names] (a backward all-reduce of these parameters' gradients), "op": "sum" | "max", "dim": gather /
+        scatter dim, "bytes": bytes of the full tensor per call}. Backward records of sequence parallelism
+        (all-gathers, reduce-scatters) are priced; the rewrite inserts them as the backward of forward ones.
     fallbacks: {"node": seed node, "reason": why it stays replicated}.
     requirements: sizes a tp must divide for the sharded nodes of this plan ({"node", "size"}).
     """
@@ -45,6 +50,8 @@ class TensorParallelPlan:
     fallbacks: list[dict[str, str]]
     requirements: list[dict[str, Any]] = field(default_factory=list)
     gather_output: bool = True
+    sequence_parallel: bool = False
+    global_shapes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -58,10 +65,14 @@ class TensorParallelPlan:
 
     def summary(self) -> str:
         """A short table: counts per layout, collectives per kind/phase, fallbacks with reasons."""
-        lines = [f"tensor parallel tp={self.tp}: {len(self.sharded_nodes())}/{len(self.node_layout)} nodes sharded"]
+        sp = f" (sequence parallel: {sum(lay.startswith('seq') for lay in self.node_layout.values())} split)"
+        lines = [
+            f"tensor parallel tp={self.tp}: {len(self.sharded_nodes())}/{len(self.node_layout)} nodes sharded"
+            + (sp if self.sequence_parallel else "")
+        ]
         kinds: dict[str, int] = {}
         for c in self.collectives:
-            key = f"{c['kind']}({c.get('op', 'cat')}) {c['phase']}"
+            key = f"{c['kind']}({c.get('op', 'cat' if c['kind'] == 'all_gather' else '')}) {c['phase']}"
             kinds[key] = kinds.get(key, 0) + 1
         lines += [f"  {k}: {v}" for k, v in sorted(kinds.items())]
         lines += [f"  replicated {f['node']}: {f['reason']}" for f in self.fallbacks]

@@ -71,6 +71,9 @@ class ThreadComm:
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return torch.cat(self.group.exchange(self.rank, x), dim)
 
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return self.all_reduce(x, "sum").chunk(self.world_size, dim)[self.rank].contiguous()
+
 
 def _run_threads(fns: list[Callable[[], Any]], group: ThreadGroup) -> list[Any]:
     results: list[Any] = [None] * len(fns)
