@@ -22,6 +22,9 @@ during the backward; without it, the run's own launch scripts decide (`overlaps_
 overlapped with the backward) for the pp = 1 rows and --DDP-impl local for the others, whose train_step ran
 `allreduce_gradients()` once `forward_backward_func` had returned: after the backward, fp16 gradients. Runs of
 other sources are taken to overlap it, as DDP does.
+
+Sequence parallelism: a row's optional `sequence_parallel` column (true / false); without it, off (Megatron-LM's
+--sequence-parallel came with Korthikanti et al. 2022, after the 2021 runs).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class Row:
     tflops_per_gpu: float
     recompute: str
     overlap_grad_reduce: bool = True
+    sequence_parallel: bool = False
 
     @classmethod
     def parse(cls, r: dict[str, str]) -> Row:
@@ -87,6 +91,7 @@ class Row:
             vp=int(r["vp"] or 1), dp=int(r["dp"]), layers=int(r["layers"]), hidden=int(r["hidden"]),
             heads=int(r["heads"]), ffn=int(r["ffn_hidden"]), vocab=int(r["vocab"]),
             tflops_per_gpu=float(r["model_tflops_per_gpu"]), recompute=recompute, overlap_grad_reduce=overlap,
+            sequence_parallel=(r.get("sequence_parallel") or "").strip().lower() in ("true", "yes", "1"),
         )  # fmt: skip
 
     @property
@@ -141,7 +146,7 @@ def check(row: Row, *, search: bool) -> dict:
             model, row.gpus, inputs, device_type=row.device, pipeline=row.pp, tensor_parallel=row.tp,
             microbatches=row.microbatches, schedule="interleaved" if row.vp > 1 else "1f1b",
             stages_per_device=row.vp if row.vp > 1 else None, recompute=row.recompute, data_parallel="ddp",
-            overlap_grad_reduce=row.overlap_grad_reduce,
+            overlap_grad_reduce=row.overlap_grad_reduce, sequence_parallel=row.sequence_parallel,
         )  # fmt: skip
         p = cm.plan.predicted
         out.update(predicted_s=p["step_time"], fits=True, peak=p["peak_memory"], bubble=p["bubble_fraction"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -14,7 +15,7 @@ import zoo
 from partitioner.annotate import annotate
 from partitioner.cost import node_costs
 from partitioner.devices import get_device_spec
-from partitioner.plan.graph import build_planning_graph
+from partitioner.plan.graph import build_planning_graph, evaluate
 from partitioner.plan.recompute import activation_model, layer_path
 from zoo.gpt3 import GPT, GPTConfig
 
@@ -86,7 +87,8 @@ def test_each_stage_recomputes_the_least_that_fits() -> None:
     limit = full.predicted["peak_memory"] + 0.25 * (plain.predicted["peak_memory"] - full.predicted["peak_memory"])
     chosen = partitioner.compile(model, 2, x, memory_limit=limit, **kw).plan
     assert chosen.predicted["peak_memory"] <= limit
-    assert [s.recompute for s in chosen.stages] == ["full", "none"]
+    first, last = (s.recompute for s in chosen.stages)  # "full", or its first k whole layers ("full:k")
+    assert first.startswith("full") and last == "none"
     assert chosen.stages[0].recompute_regions and not chosen.stages[1].recompute_regions
     assert plain.predicted["step_time"] < chosen.predicted["step_time"] < full.predicted["step_time"]
     assert partitioner.Plan.from_json(chosen.to_json()) == chosen
@@ -95,6 +97,36 @@ def test_each_stage_recomputes_the_least_that_fits() -> None:
         order = {n: i for i, n in enumerate(stage.nodes)}
         for region in stage.recompute_regions:
             assert [order[n] for n in region] == list(range(order[region[0]], order[region[0]] + len(region)))
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.75, 0.6])
+def test_a_stage_recomputes_the_fewest_whole_layers_that_fit(fraction: float) -> None:
+    """Megatron's --recompute-num-layers k as the search's choice: between keeping everything and recomputing every
+    layer, the fewest whole layers recomputed in full (brute force over k below), and the run equals the model."""
+    torch.manual_seed(0)
+    model = zoo.get("gpt3-tiny", n_layer=6)
+    x = zoo.example_inputs("gpt3-tiny", batch=8, seq=64)
+    kw = dict(device_type="cpu", microbatches=1)
+    plain = partitioner.compile(model, 1, x, recompute="none", **kw)
+    full = partitioner.compile(model, 1, x, recompute="full", **kw)
+    limit = fraction * plain.plan.predicted["peak_memory"]
+    cm = partitioner.compile(model, 1, x, memory_limit=limit, recompute=None, data_parallel=None, **kw)
+    mode = cm.plan.stages[0].recompute
+    k = int(mode.removeprefix("full:"))
+    assert 1 <= k < 6 and len(cm.plan.stages[0].recompute_regions) == k
+    assert cm.plan.predicted["peak_memory"] <= limit
+    assert plain.plan.predicted["step_time"] < cm.plan.predicted["step_time"] < full.plan.predicted["step_time"]
+    # Brute force: no fewer layers fit; the planning graph's own evaluation of each k.
+    gm, spec = cm.captured.graph_module, get_device_spec("cpu")
+    pg = build_planning_graph(gm, node_costs(gm, spec, training=True), spec, training=True)
+    stage_of = np.zeros(pg.n, dtype=np.int64)
+    peaks = [evaluate(pg, stage_of, 1, microbatches=1, recompute=[f"full:{j}"])[0].peak_memory for j in range(1, 6)]
+    assert peaks == sorted(peaks, reverse=True)  # each layer more gives up its activations
+    assert peaks[k - 1] <= limit and (k == 1 or peaks[k - 2] > limit)
+    torch.testing.assert_close(cm(*x), model(*x))
+    again = partitioner.compile(model, 1, x, plan=cm.plan.to_json(), **kw)  # a saved plan keeps it
+    assert again.plan.stages[0].recompute == mode
+    assert again.plan.stages[0].recompute_regions == cm.plan.stages[0].recompute_regions
 
 
 def test_a_plan_that_recomputes_trains_as_the_model_does() -> None:

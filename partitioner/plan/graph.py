@@ -40,7 +40,7 @@ from partitioner.comm import all_reduce_time, p2p_time
 from partitioner.cost import NodeCost
 from partitioner.devices import DeviceSpec
 from partitioner.plan.ordering import MutationOrder, mutation_order
-from partitioner.plan.recompute import MODES, ActivationModel, activation_model, find_regions
+from partitioner.plan.recompute import MODES, ActivationModel, activation_model, find_regions, layers_recomputed
 from partitioner.simulate import SimResult, StageCost, simulate
 
 __all__ = [
@@ -98,7 +98,7 @@ class PlanningGraph:
     # placement puts tp, then dp inside a node, so a pipeline of tp x dp x pp > devices_per_node ranks crosses
     # nodes, and its slowest boundary paces every microbatch).
     p2p_internode: bool = False
-    _activations: dict[str, ActivationModel] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _activations: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # mode / regions -> model
 
     @property
     def n(self) -> int:
@@ -119,24 +119,45 @@ class PlanningGraph:
         return ("none",) + tuple(m for m in MODES[1:] if self.regions.get(m))
 
     def activations(self, mode: str) -> ActivationModel:
-        """Kept bytes, recomputed seconds and transient bytes per node under recompute `mode` (plan.recompute)."""
+        """Kept bytes, recomputed seconds and transient bytes per node under recompute `mode` (plan.recompute; a
+        "full:k" mode is per stage: `stage_activations`)."""
         if mode not in self._activations:
             if mode not in MODES:
                 raise ValueError(f"recompute={mode!r}: choose one of {MODES}")
-            if mode == "none" or not self.regions.get(mode):
-                zeros = np.zeros(self.n)
-                model = ActivationModel(mode, self.saved_bytes, zeros, zeros, ())
-            else:
-                index = {name: i for i, name in enumerate(self.names)}
-                stored = {name for node in self.saves for name in node} | {n for ss in self.storages for n in ss}
-                # A storage is named after the node that created it (`node#k` for one it saved but did not return).
-                created_by = {name: index[name.split("#")[0]] for name in stored if name.split("#")[0] in index}
-                model = activation_model(
-                    mode, self.regions[mode], self.saves, created_by, self.preds, self.storages, self.out_bytes,
-                    self.forward,
-                )  # fmt: skip
-            self._activations[mode] = model
+            self._activations[mode] = self._model(mode, tuple(self.regions.get(mode, ())))
         return self._activations[mode]
+
+    def stage_regions(self, stage_of: np.ndarray, stage: int, mode: str) -> tuple[tuple[int, int], ...]:
+        """The [a, b) regions stage `stage` checkpoints under `mode`: every region of the mode touching the stage
+        (each stage recomputes its part of a layer a boundary cuts), or for "full:k" its first k whole layers."""
+        k = layers_recomputed(mode)
+        if k is None:
+            return tuple((a, b) for a, b in self.regions.get(mode, ()) if (stage_of[a:b] == stage).any())
+        whole = [(a, b) for a, b in self.regions.get("full", ()) if (stage_of[a:b] == stage).all()]
+        if len(whole) < k:
+            raise ValueError(f"recompute {mode!r}: stage {stage} holds only {len(whole)} whole layers")
+        return tuple(whole[:k])
+
+    def stage_activations(self, stage_of: np.ndarray, stage: int, mode: str) -> ActivationModel:
+        """The ActivationModel to read stage `stage`'s nodes from under `mode` (a per-stage one for "full:k")."""
+        if layers_recomputed(mode) is None:
+            return self.activations(mode)
+        regions = self.stage_regions(stage_of, stage, mode)
+        if regions not in self._activations:
+            self._activations[regions] = self._model("full", regions)
+        return self._activations[regions]
+
+    def _model(self, mode: str, regions: tuple[tuple[int, int], ...]) -> ActivationModel:
+        if mode == "none" or not regions:
+            zeros = np.zeros(self.n)
+            return ActivationModel(mode, self.saved_bytes, zeros, zeros, ())
+        index = {name: i for i, name in enumerate(self.names)}
+        stored = {name for node in self.saves for name in node} | {n for ss in self.storages for n in ss}
+        # A storage is named after the node that created it (`node#k` for one it saved but did not return).
+        created_by = {name: index[name.split("#")[0]] for name in stored if name.split("#")[0] in index}
+        return activation_model(
+            mode, regions, self.saves, created_by, self.preds, self.storages, self.out_bytes, self.forward
+        )
 
     @property
     def compute(self) -> np.ndarray:
@@ -347,12 +368,15 @@ def evaluate(
     bwd = np.bincount(stage_of, weights=pg.backward, minlength=num_stages)
     act, redo, transient = np.zeros(num_stages), np.zeros(num_stages), np.zeros(num_stages)
     for mode in set(modes):
-        model = pg.activations(mode)
-        mine = np.array([modes[s] == mode for s in range(num_stages)])[stage_of]
-        act += np.bincount(stage_of[mine], weights=model.kept[mine], minlength=num_stages)
-        redo += np.bincount(stage_of[mine], weights=model.recompute[mine], minlength=num_stages)
-        if mine.any():
-            np.maximum.at(transient, stage_of[mine], model.transient[mine])
+        stages = [s for s in range(num_stages) if modes[s] == mode]
+        # A whole-stage mode reads one model for all its stages; "full:k" one per stage (its own first k layers).
+        for group in [stages] if layers_recomputed(mode) is None else [[s] for s in stages]:
+            model = pg.stage_activations(stage_of, group[0], mode)
+            mine = np.isin(stage_of, group)
+            act += np.bincount(stage_of[mine], weights=model.kept[mine], minlength=num_stages)
+            redo += np.bincount(stage_of[mine], weights=model.recompute[mine], minlength=num_stages)
+            if mine.any():
+                np.maximum.at(transient, stage_of[mine], model.transient[mine])
     held: list[set[str]] = [set() for _ in range(num_stages)]
     for i, ps in enumerate(pg.params):
         held[stage_of[i]].update(ps)

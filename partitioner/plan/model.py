@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -370,7 +371,8 @@ def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions) -> 
     if best.degrees.tp > 1:
         out += _sequence_reason(best, evaluated)
     if best.data_parallel and best.data_parallel != "ddp":
-        same = [c for c in evaluated if c.degrees == best.degrees and c.schedule == best.schedule and c is not best]
+        same = [c for c in evaluated if c.degrees == best.degrees and c.schedule == best.schedule and c is not best
+                and c.sequence_parallel == best.sequence_parallel]  # fmt: skip
         for c in sorted(same, key=lambda c: DP_ORDER.index(c.data_parallel)):
             if DP_ORDER.index(c.data_parallel) >= DP_ORDER.index(best.data_parallel):
                 continue
@@ -401,9 +403,12 @@ def _sequence_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
 
 def _stage_regions(pg: PlanningGraph, stage_of: list[int], stage: int, mode: str) -> list[list[str]]:
     """The recompute regions of `stage` under `mode`, as node names: each region's nodes on this stage, in runs of
-    consecutive planned nodes (a boundary inside a layer leaves each stage its part)."""
+    consecutive planned nodes (a boundary inside a layer leaves each stage its part); "full:k": its first k whole
+    layers."""
     out = []
-    for a, b in pg.regions.get(mode, []) if mode != "none" else []:
+    if mode == "none":
+        return out
+    for a, b in pg.stage_regions(np.asarray(stage_of), stage, mode):
         run: list[str] = []
         for i in range(a, b + 1):
             if i < b and stage_of[i] == stage:

@@ -8,8 +8,10 @@ Two phases:
    (g[i] = 1 + min g[j] over cut points j with cost(j, i) <= T). A stage's memory is checked at the
    stage index g[j] it would get, whose in-flight microbatch count is the largest it could have.
    Activation recomputation is chosen here, per stage (plan.recompute): a segment may use any allowed mode,
-   and is priced with the first of none, selective, full that fits its memory. That choice is optimal for
-   the segment (recomputing less is never slower), so the DP stays exact over (cuts, modes).
+   and is priced with the fastest that fits its memory, so the DP stays exact over (cuts, modes). Where both
+   "none" and "full" are allowed, a segment may also recompute its first k whole layers in full ("full:k"), k the
+   fewest that fit: layer prefix sums of the bytes full recompute saves and of the forward it reruns find k by
+   one binary search (the transient counted as the largest layer's, which can only overstate it).
 2. `refine_with_mincut` (plan.mincut): moves each boundary to the cheapest cut of the DAG (bytes plus
    a latency per value) within the slack the balance leaves, so non-contiguous cuts (branches, skips)
    are found. Then once more with TIE_TOLERANCE of slack: plans within 1% of the best bottleneck are
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioner.plan.graph import PlanningGraph, StageMetrics, evaluate
+from partitioner.plan.recompute import partial_mode
 from partitioner.units import format_bytes
 
 __all__ = [
@@ -104,6 +107,16 @@ class _Prefix:
         self.R = [np.concatenate([[0.0], np.cumsum(m.recompute)]) for m in models]
         self.A = [np.concatenate([[0.0], np.cumsum(m.kept)]) / microbatches for m in models]
         self.T = [m.transient / microbatches if m.transient.any() else None for m in models]
+        self.layers = None  # "full:k": per whole layer (plan.recompute's "full" regions), prefix sums
+        if "none" in self.modes and "full" in self.modes and pg.regions.get("full"):
+            none, full = models[self.modes.index("none")], models[self.modes.index("full")]
+            spans = np.array(pg.regions["full"], dtype=np.int64)
+            saved = [(none.kept[a:b].sum() - full.kept[a:b].sum()) / microbatches for a, b in spans]
+            self.layers = spans
+            self.D = np.concatenate([[0.0], np.cumsum(np.maximum(saved, 0.0))])
+            self.Q = np.concatenate([[0.0], np.cumsum([full.recompute[a:b].sum() for a, b in spans])])
+            self.tau = float(full.transient.max(initial=0.0)) / microbatches
+            self.none = self.modes.index("none")
         # In-place writes (plan.ordering): boundaries that may not exist, and how far a stage may reach.
         order = pg.order
         self.allowed = order.allowed_cuts() if order is not None else np.ones(n + 1, dtype=bool)
@@ -121,6 +134,20 @@ class _Prefix:
         comm = self.w[i] + self.w_in[j]
         return np.maximum(compute, comm) if self.overlaps_comm else compute + comm
 
+    def partial(self, js: np.ndarray, i: int, in_flight: np.ndarray, memory_limit: float) -> tuple[np.ndarray, ...]:
+        """("full:k" for stages [j, i)) k per j, the fewest whole layers of the segment to recompute in full for it
+        to fit (0 where none does), and the segment's time with them."""
+        lo = np.searchsorted(self.layers[:, 0], js, side="left")  # the first layer starting at or after j
+        hi = np.searchsorted(self.layers[:, 1], i, side="right")  # past the last layer ending by i
+        plain = self.memory(js, i, self.none, in_flight)
+        need = (plain + self.tau - memory_limit) / in_flight  # bytes per microbatch the layers must give up
+        idx = np.searchsorted(self.D, self.D[lo] + need, side="left")
+        k = np.where((plain > memory_limit) & (idx <= hi) & (idx > lo), idx - lo, 0)
+        end = np.minimum(idx, len(self.Q) - 1)
+        compute = self.P[i] - self.P[js] + np.where(k > 0, self.Q[end] - self.Q[lo], 0.0)
+        comm = self.w[i] + self.w_in[js]
+        return k, (np.maximum(compute, comm) if self.overlaps_comm else compute + comm)
+
     def memory(self, js: np.ndarray, i: int, k: int, in_flight: np.ndarray) -> np.ndarray:
         """Peak bytes of stages [j, i) for each j in js (ascending) under mode k, `in_flight` microbatches each."""
         mem = self.S[i] - self.S[js] + (self.A[k][i] - self.A[k][js]) * in_flight
@@ -131,15 +158,18 @@ class _Prefix:
         return mem
 
     def modes_of(self, cuts: Sequence[int], in_flight: np.ndarray, memory_limit: float) -> list[str]:
-        """Each segment's mode: the first that fits `memory_limit` (the last when none does)."""
+        """Each segment's mode: the fastest that fits `memory_limit`, the less recomputing at equal time (the last
+        mode when none fits)."""
         out = []
         for s, (j, i) in enumerate(zip(cuts, cuts[1:])):
-            k = next(
-                (k for k in range(len(self.modes))
-                 if self.memory(np.array([j]), i, k, in_flight[s : s + 1])[0] <= memory_limit),
-                len(self.modes) - 1,
-            )  # fmt: skip
-            out.append(self.modes[k])
+            js, flight = np.array([j]), in_flight[s : s + 1]
+            fitting = [(float(self.cost(j, i, k)), k, self.modes[k]) for k in range(len(self.modes))
+                       if self.memory(js, i, k, flight)[0] <= memory_limit]  # fmt: skip
+            if self.layers is not None and memory_limit < np.inf:
+                layers, time = self.partial(js, i, flight, memory_limit)
+                if layers[0] > 0:
+                    fitting.append((float(time[0]), self.modes.index("full") - 0.5, partial_mode(int(layers[0]))))
+            out.append(min(fitting)[2] if fitting else self.modes[-1])
         return out
 
 
@@ -171,6 +201,9 @@ def _min_stage_dp(
             if memory_limit < np.inf and ok_k.any():
                 ok_k &= pre.memory(js, i, k, in_flight[stage_idx]) <= memory_limit
             ok |= ok_k
+        if pre.layers is not None and memory_limit < np.inf and (left := valid & ~ok).any():  # "full:k"
+            layers, time = pre.partial(js[left], i, in_flight[stage_idx[left]], memory_limit)
+            ok[np.flatnonzero(left)[(layers > 0) & (time <= T)]] = True
         if not ok.any():
             continue
         k = int(np.argmin(np.where(ok, gj, np.inf)))

@@ -10,6 +10,9 @@ torch.utils.checkpoint (partitioner.passes.recompute):
                  fused SDPA call)
     "full"       every layer is recomputed: only each layer's inputs are kept (Megatron's full recompute with
                  one layer per checkpoint)
+    "full:k"     the stage's first k whole layers are recomputed as under "full", the others keep everything
+                 (Megatron's --recompute-method block --recompute-num-layers k): what a stage needing a little
+                 less memory than "none" pays, instead of every layer. The search's choice, never a forced mode.
 
 A *region* is a run of consecutive planned nodes checkpointed as one. Layers are found from module paths: the
 nodes whose module path shares a prefix ending in a list index (`h.3`, `model.layers.3`, `encoder.layer.3`),
@@ -38,9 +41,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch.fx as fx
 
-__all__ = ["MODES", "ActivationModel", "activation_model", "find_regions", "layer_path", "module_path"]
+__all__ = [
+    "MODES",
+    "ActivationModel",
+    "activation_model",
+    "find_regions",
+    "layer_path",
+    "layers_recomputed",
+    "module_path",
+    "partial_mode",
+]
 
 MODES = ("none", "selective", "full")  # in order of memory kept (most first) and time (least first)
+
+
+def partial_mode(layers: int) -> str:
+    """The mode recomputing a stage's first `layers` whole layers in full (module docstring)."""
+    return f"full:{layers}"
+
+
+def layers_recomputed(mode: str) -> int | None:
+    """k of a "full:k" mode; None for the whole-stage modes. ValueError for anything else."""
+    if mode in MODES:
+        return None
+    base, _, k = mode.partition(":")
+    if base != "full" or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"recompute mode {mode!r}: one of {MODES}, or 'full:k' (the first k layers of a stage)")
+    return int(k)
 
 
 def layer_path(path: str) -> str | None:

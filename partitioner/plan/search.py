@@ -139,7 +139,9 @@ class Candidate:
             if not self.overlap_grad_reduce:
                 out["overlap_grad_reduce"] = False
         if self.fits and self.recompute and set(self.recompute) != {"none"}:
-            out["recompute"] = "/".join(m for m in ("none", "selective", "full") if m in self.recompute)
+            order = {"none": -1.0, "selective": 1e9, "full": 2e9}  # "full:k" by k between none and selective
+            used = sorted(set(self.recompute), key=lambda m: order.get(m, float(m.partition(":")[2] or 0)))
+            out["recompute"] = "/".join(used)
         if self.fits:
             out["step_time"] = float(f"{self.step_time:.12g}")
             out["peak_memory_gib"] = round(self.peak_memory / 2**30, 3)
