@@ -139,9 +139,11 @@ class Candidate:
             if not self.overlap_grad_reduce:
                 out["overlap_grad_reduce"] = False
         if self.fits and self.recompute and set(self.recompute) != {"none"}:
-            order = {"none": -1.0, "selective": 1e9, "full": 2e9}  # "full:k" by k between none and selective
-            used = sorted(set(self.recompute), key=lambda m: order.get(m, float(m.partition(":")[2] or 0)))
-            out["recompute"] = "/".join(used)
+            used = set(self.recompute)
+            ks = sorted(int(m.partition(":")[2]) for m in used if m.startswith("full:"))
+            layers = [f"full:{ks[0]}" + (f"-{ks[-1]}" if len(ks) > 1 else "")] if ks else []  # "full:2-6": 2 to 6
+            whole = [m for m in ("selective", "full") if m in used]
+            out["recompute"] = "/".join((["none"] if "none" in used else []) + layers + whole)
         if self.fits:
             out["step_time"] = float(f"{self.step_time:.12g}")
             out["peak_memory_gib"] = round(self.peak_memory / 2**30, 3)
