@@ -157,7 +157,10 @@ def test_forced_degrees_that_do_not_fit_report_their_own_figures():
     with pytest.raises(partitioner.InfeasibleMemoryError) as e:  # a forced pipeline degree stays in the hint
         partitioner.compile(model, devices=4, example_inputs=x, pipeline=2, memory_limit=2**19, **PLAIN)
     assert str(e.value).startswith("pipeline=2 on 4 devices does not fit in memory: pp2 x tp1 x dp2 1f1b")
-    assert str(e.value).endswith("With pipeline=2, it needs about 16 devices of this size (pipeline 2 x tensor 8).")
+    # (tp 4 with sequence parallelism holds what plain tp needed 8 for: the hint counts the layouts the search may use)
+    assert str(e.value).endswith("With pipeline=2, it needs about 8 devices of this size (pipeline 2 x tensor 4).")
+    cm = partitioner.compile(model, devices=8, example_inputs=x, pipeline=2, memory_limit=2**19, **PLAIN)
+    assert cm.plan.tensor_degree == 4 and cm.tensor_parallel_plan.sequence_parallel
 
 
 def test_scale_graph_divides_sharded_work_and_adds_collectives():
@@ -202,3 +205,28 @@ def test_forced_tensor_parallel_plan_records_layout_and_verifies():
     assert partitioner.Plan.from_json(plan.to_json()) == plan
     cm.verify_tensor_parallel(*inputs)  # raises on any mismatch of outputs or gradients
     torch.testing.assert_close(cm(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+def test_a_lighter_twin_is_priced_at_the_finer_split_its_heavier_twin_needed():
+    """With and without sequence parallelism (same degrees and schedule): the heavier layout fits only at 16
+    microbatches, the lighter one already at the default 8. Both are compared at 16 (a smaller bubble), where the
+    lighter one is as fast and holds less; priced at 8 only, it would lose to the heavier one."""
+
+    def layouts(tp: int, sequence_parallel: bool = False) -> TensorParallelModel:
+        names = [f"n{i}" for i in range(12)]
+        return TensorParallelModel(
+            tp=tp, node_scale={n: 1 / tp for n in names}, comm_by_node={},
+            sharded_params={f"p{i}" for i in range(1, 12)},
+            sharded_values=set(names) if sequence_parallel else set(), sequence_parallel=sequence_parallel,
+        )  # fmt: skip
+
+    pg = _chain(saved_bytes=100.0)
+    kw = dict(tp_model=layouts, max_tp=2, tensor_parallel=2, pipeline=2, memory_limit=360)
+    heavy, _ = _search(pg, 4, sequence_parallel=False, **kw)
+    assert heavy.microbatches == 16  # out of memory at 8
+    light_alone, _ = _search(pg, 4, sequence_parallel=True, **kw)
+    assert light_alone.microbatches == 8
+    best, evaluated = _search(pg, 4, sequence_parallel=None, **kw)
+    assert best.sequence_parallel and best.microbatches == 16
+    assert best.step_time < light_alone.step_time and best.peak_memory < heavy.peak_memory
+    assert {(c.sequence_parallel, c.microbatches) for c in evaluated if c.fits} == {(False, 16), (True, 16)}

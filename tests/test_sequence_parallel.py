@@ -18,12 +18,17 @@ from partitioner.annotate import annotate
 from partitioner.capture import capture
 from partitioner.cost import node_costs
 from partitioner.devices import get_device_spec
-from partitioner.passes.tensor_parallel import TPCollective, count_collectives, tensor_parallel_rank
+from partitioner.passes.tensor_parallel import (
+    SequenceParallelColumns,
+    TPCollective,
+    count_collectives,
+    tensor_parallel_rank,
+)
 from partitioner.plan.graph import build_planning_graph
 from partitioner.plan.model import TensorParallelLayouts
 from partitioner.plan.search import scale_graph
 from partitioner.plan.tensor import TensorParallelPlan, check_tensor_parallel_plan, plan_tensor_parallel
-from partitioner.runtime.tp_local import ThreadGroup, check_tensor_parallel
+from partitioner.runtime.tp_local import ThreadGroup, _run_threads, check_tensor_parallel
 from tests.test_tensor_parallel import LAYER, nano_graph, zoo_graph
 from zoo.gpt3 import GPT, GPTConfig
 
@@ -100,6 +105,35 @@ def test_rms_norm_swiglu_and_broadcast_parameters_match() -> None:
     assert "layers.0.scale" in report.replicated_params
 
 
+@pytest.mark.timeout(120)
+def test_the_column_parallel_matmuls_save_the_shard_not_the_gathered_input() -> None:
+    """What autograd keeps in a rank's forward: with sequence parallelism no (batch, seq, hidden) activation at all
+    (the split ones are (batch, seq / tp, hidden), the gathered inputs of q/k/v and fc are saved as their shard);
+    plain tensor parallelism keeps several (the norms' outputs the column-parallel matmuls read)."""
+    gm, inputs = zoo_graph("gpt3-tiny")
+    whole = tuple(gm.graph.find_nodes(op="call_module", target="h.0.ln_1")[0].meta["val"].shape)
+
+    def saved_shapes(plan: TensorParallelPlan) -> list[tuple[int, ...]]:
+        group = ThreadGroup(2)
+        ranks = [tensor_parallel_rank(gm, plan, r, group.comm(r), share_replicated=False) for r in range(2)]
+        shapes: list[list[tuple[int, ...]]] = [[], []]
+
+        def run(r: int) -> None:
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                shapes[r].append(tuple(t.shape))
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                ranks[r](*inputs)
+
+        _run_threads([lambda r=r: run(r) for r in range(2)], group)
+        return shapes[0]
+
+    assert whole in saved_shapes(plan_tensor_parallel(gm, 2))
+    split = saved_shapes(plan_tensor_parallel(gm, 2, sequence_parallel=True))
+    assert whole not in split and (whole[0], whole[1] // 2, whole[2]) in split
+
+
 def test_without_summing_the_norm_gradients_the_check_fails() -> None:
     """The sum of the layer norms' gradients over the ranks is what makes them right: a plan without it is wrong."""
     gm, inputs = zoo_graph("gpt3-tiny")
@@ -127,10 +161,11 @@ def test_collectives_per_layer_are_megatron_sp_s() -> None:
     rank_gm = tensor_parallel_rank(gm, plan, 0, ThreadGroup(2).comm(0))
     per_layer: dict[str, dict[str, int]] = {}
     for n in rank_gm.graph.nodes:
-        if n.op == "call_module" and isinstance(rank_gm.get_submodule(n.target), TPCollective):
+        mod = rank_gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(mod, (TPCollective, SequenceParallelColumns)):
             m = LAYER.match(n.meta["tp_anchor"].replace("_", ".", 2))
             key = m.group(0) if m else "<model>"
-            kind = rank_gm.get_submodule(n.target).kind
+            kind = mod.kind if isinstance(mod, TPCollective) else "gather_sequence"
             per_layer.setdefault(key, {}).setdefault(kind, 0)
             per_layer[key][kind] += 1
     model = per_layer.pop("<model>")
@@ -166,10 +201,10 @@ def test_plan_round_trips_and_is_checked() -> None:
 @pytest.mark.parametrize("s, b, h, a", [(256, 4, 512, 8), (128, 8, 768, 12)])
 def test_activation_memory_per_layer_matches_the_closed_forms(s: int, b: int, h: int, a: int) -> None:
     """Per layer, fp16, dropout (Korthikanti et al. 2022, Table 2): tensor parallel sbh(10 + 24/t + 5as/(ht)); with
-    sequence parallelism as this runtime runs it sbh(4 + 30/t + 5as/(ht)): the paper's 34/t, except that the two
-    column-parallel inputs are saved gathered (2 x 2sbh whole; Megatron saves the shard and gathers it again in the
-    backward). Plus what the paper leaves out: the norms' fp32 statistics (16 bytes a token, split under SP) and the
-    s x s causal mask. Full recompute keeps the layer input: 2sbh, 2sbh/t under SP (the paper's figures)."""
+    sequence parallelism sbh(34/t + 5as/(ht)) (the column-parallel matmuls save the shard of their input and gather
+    it again in the backward, as Megatron-LM does). Plus what the paper leaves out: the norms' fp32 statistics (16
+    bytes a token, split under SP) and the s x s causal mask. Full recompute keeps the layer input: 2sbh, 2sbh/t
+    under SP (the paper's figures)."""
     cfg = GPTConfig(n_layer=2, d_model=h, n_head=a, vocab_size=1024, n_ctx=s, attention="math", dropout=0.1)
     with torch.device("meta"):
         model = GPT(cfg).half()
@@ -186,7 +221,7 @@ def test_activation_memory_per_layer_matches_the_closed_forms(s: int, b: int, h:
         plain = scale_graph(pg, layouts(t), 1)
         split = scale_graph(pg, layouts(t, True), 1)
         tensor = 10 + 24 / t + 5 * a * s / (h * t) + (16 * s * b + s * s) / sbh
-        sequence = 4 + 30 / t + 5 * a * s / (h * t) + (16 * s * b / t + s * s) / sbh
+        sequence = 34 / t + 5 * a * s / (h * t) + (16 * s * b / t + s * s) / sbh
         assert plain.activations("none").kept[first:last].sum() / sbh == pytest.approx(tensor, rel=1e-4), t
         assert split.activations("none").kept[first:last].sum() / sbh == pytest.approx(sequence, rel=1e-4), t
         assert split.activations("full").kept[first:last].sum() / sbh == pytest.approx(2 / t, rel=1e-4), t

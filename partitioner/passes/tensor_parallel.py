@@ -57,6 +57,7 @@ from partitioner.plan.tensor_layout import TensorParallelPlan, shard_slices, sha
 __all__ = [
     "GroupComm",
     "RowParallelLinear",
+    "SequenceParallelColumns",
     "TPCollective",
     "TPComm",
     "VocabParallelCrossEntropy",
@@ -216,6 +217,51 @@ _KINDS = {
     "gather_sequence": _GatherFromSequence.apply,
     "scatter": _ScatterToSequence.apply,
 }
+
+
+class _ColumnsFromSequence(torch.autograd.Function):
+    """Column-parallel matmuls of a split value, Megatron-LM's way: all-gather the shard, y_k = x W_k^T + b_k; save
+    only the shard, gather it again in the backward for the weight gradients, reduce-scatter the input gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, comm: TPComm, dim: int, *weights: torch.Tensor | None) -> tuple:
+        ctx.comm, ctx.dim = comm, dim
+        ctx.has_bias = [b is not None for b in weights[1::2]]
+        ctx.save_for_backward(x, *weights[0::2])
+        full = comm.all_gather(x, dim)
+        return tuple(F.linear(full, w, b) for w, b in zip(weights[0::2], weights[1::2]))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple:
+        x, *ws = ctx.saved_tensors
+        full = ctx.comm.all_gather(x, ctx.dim)
+        rows = full.reshape(-1, full.shape[-1])
+        grad_full, out = None, []
+        for g, w, has_bias in zip(grads, ws, ctx.has_bias):
+            if g is None:
+                out += [None, None]
+                continue
+            grad_in = g @ w
+            grad_full = grad_in if grad_full is None else grad_full + grad_in
+            g_rows = g.reshape(-1, g.shape[-1])
+            out += [g_rows.t() @ rows, g_rows.sum(0) if has_bias else None]
+        grad_x = ctx.comm.reduce_scatter(grad_full, ctx.dim) if grad_full is not None else None
+        return (grad_x, None, None, *out)
+
+
+class SequenceParallelColumns(nn.Module):
+    """The column-parallel Linears reading one split value, as one graph node: forward(shard, w_0, b_0, w_1, ...)
+    -> (y_0, y_1, ...), the weights read by get_attr under their own names (`_ColumnsFromSequence`)."""
+
+    def __init__(self, comm: TPComm, dim: int, count: int):
+        super().__init__()
+        self.comm, self.dim, self.count = comm, dim, count
+
+    def forward(self, x: torch.Tensor, *weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        return _ColumnsFromSequence.apply(x, self.comm, self.dim, *weights)
+
+    def extra_repr(self) -> str:
+        return f"{self.count} linears, dim {self.dim}, rank={self.comm.rank}/{self.comm.world_size}"
 
 
 class TPCollective(nn.Module):
@@ -438,6 +484,31 @@ def tensor_parallel_rank(
         node.meta["tp_anchor"] = after.name
         return node
 
+    columns: dict[str, tuple[fx.Node, int]] = {}  # a grouped Linear node -> (its group, its output's index)
+
+    def column_group(value: fx.Node, c: dict[str, Any]) -> fx.Node:
+        """The SequenceParallelColumns call computing every Linear of `c["users"]` from `value`'s shard."""
+        weights: list[fx.Node | None] = []
+        for name in c["users"]:
+            target = str(by_name[name].target)
+            mod = gm.get_submodule(target)
+            for what in ("weight", "bias"):
+                full = getattr(mod, what)
+                if full is None:
+                    weights.append(None)
+                    continue
+                root[f"{target}.{what}"] = params.get(f"{target}.{what}", full)
+                attr = graph.create_node("get_attr", f"{target}.{what}", (), {}, name=f"tp_{name}_{what}")
+                weights.append(attr)
+        target = f"tp_all_gather_{value.name}_columns"
+        root[target] = SequenceParallelColumns(comm, c["dim"], len(c["users"]))
+        node = graph.create_node("call_module", target, (env[value], *weights), {}, name=target)
+        node.meta["tp_anchor"] = value.name
+        node.meta["tp_feeds"] = True
+        return node
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+
     def summed_param(target: str, value: nn.Parameter, anchor: fx.Node) -> fx.Node:
         """A parameter read by a sequence-split op, its gradient summed over the ranks (each saw its tokens)."""
         root[target] = value
@@ -486,6 +557,9 @@ def tensor_parallel_rank(
             new = graph.create_node(
                 "call_module", target, (args[0], args[1] if len(args) > 1 else kwargs["target"]), {}, name=n.name
             )
+        elif n.name in columns:  # computed by its group: this node reads its output
+            group, k = columns[n.name]
+            new = graph.create_node("call_function", operator.getitem, (group, k), {}, name=n.name)
         elif n.name in param_grads and rule is None:  # a norm on split tokens: its weights' gradients are summed
             mod = gm.get_submodule(str(n.target))
             weights = {p: summed_param(f"{n.target}.{p}", w, n) for p, w in mod.named_parameters()}
@@ -522,7 +596,7 @@ def tensor_parallel_rank(
                         "call_function", operator.add, (env[n], bias), {}, name=f"tp_bias_{n.name}"
                     )
                     env[n].meta["tp_anchor"] = n.name
-        elif n.op == "call_module" and new.op == "call_function" and not share_replicated:
+        elif n.name in param_grads and n.op == "call_module" and new.op == "call_function" and not share_replicated:
             for p, w in gm.get_submodule(str(n.target)).named_parameters():  # private copies (the in-process check)
                 root[f"{n.target}.{p}"] = copy.deepcopy(w, params.memo)
         elif n.op == "get_attr":
@@ -540,6 +614,10 @@ def tensor_parallel_rank(
             )  # fmt: skip
             env[n].meta["tp_anchor"] = n.name
         for c in redirects.get(n.name, []):
+            if c.get("columns"):  # column-parallel matmuls reading a split value: one group, its gather inside
+                group = column_group(n, c)
+                columns.update({u: (group, k) for k, u in enumerate(c["users"])})
+                continue
             if c["kind"] == "all_reduce":  # f
                 node = collective("copy", n, env[n], suffix="_grad")
             elif c["kind"] == "scatter":
@@ -596,6 +674,8 @@ def count_collectives(rank_gm: fx.GraphModule) -> dict[str, int]:
             counts[what] = counts.get(what, 0) + 1
         elif isinstance(mod, VocabParallelCrossEntropy):
             counts["vocab_cross_entropy"] += 1
+        elif isinstance(mod, SequenceParallelColumns):  # the gather in front of column-parallel matmuls
+            counts["gather_sequence"] = counts.get("gather_sequence", 0) + 1
     return counts
 
 

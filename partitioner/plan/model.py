@@ -85,7 +85,9 @@ class TensorParallelLayouts:
             sharded_params={p for p, sh in layout.param_shard.items() if sh.get("dim") is not None},
             sharded_values={n for n, lay in layout.node_layout.items() if lay.startswith(("shard", "seq"))},
             fallbacks=list(layout.fallbacks),
-            gathered_saves={c["after"] for c in layout.collectives if c.get("grad") == "reduce_scatter"},
+            gathered_saves={
+                c["after"] for c in layout.collectives if c.get("grad") == "reduce_scatter" and not c.get("columns")
+            },  # fmt: skip
             sequence_parallel=layout.sequence_parallel
             and any(v.startswith("seq") for v in layout.node_layout.values()),
         )

@@ -325,6 +325,8 @@ def search(
             best, c = c, best  # from here on c is the one that lost (if any)
         if c is not None:
             c.simulation = None  # only the winner's replay is read; a deep pipeline's holds millions of events
+    if best is not None:
+        best = _price_at_the_twins_count(ev, candidates, best)
     if best is not None and mincut:
         # Candidates are compared on their coarse contiguous plans; the winner is planned at every cut position and
         # its boundaries then move to min-bytes cuts, which never raises its bottleneck (plan.mincut). Should that
@@ -338,6 +340,35 @@ def search(
     if best is None:
         raise _no_layout_error(ev, evaluated, devices, max_tp, pipeline, tensor_parallel, keep)
     return best, evaluated
+
+
+def _price_at_the_twins_count(ev: _Evaluator, candidates: list[Candidate], best: Candidate) -> Candidate:
+    """Price again, at more microbatches, the layouts whose twins (same degrees and schedule: other data-parallel
+    modes, with or without sequence parallelism) ran at more; the best of all after.
+
+    A candidate starts at the default microbatch count and doubles it only when out of memory, and more microbatches
+    shrink the fill-and-drain bubble: a layout holding more memory would otherwise win by being forced to the finer
+    split its lighter twin (sequence parallel, more sharded) was never priced at. Only candidates whose lower bound
+    is under the best step time are priced again; a candidate's entry is replaced when the finer split is better.
+    """
+    most: dict[tuple[Degrees, str], int] = {}
+    for c in candidates:
+        if c.fits:
+            key = (c.degrees, c.schedule)
+            most[key] = max(most.get(key, 0), c.microbatches)
+    for k, c in enumerate(candidates):
+        m = most.get((c.degrees, c.schedule), 0)
+        if not c.fits or c.microbatches >= m or c.bound >= best.step_time:
+            continue
+        finer = dataclasses.replace(c, microbatches=m, simulation=None)
+        _evaluate(finer, ev.memory_limit, ev.devices_per_node, ev.plans, recompute=ev.recompute)
+        if finer.fits and _better(finer, c):
+            candidates[k] = finer
+            if _better(finer, best):
+                best, finer = finer, best
+        if finer is not best:
+            finer.simulation = None
+    return best
 
 
 @dataclass

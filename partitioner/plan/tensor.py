@@ -349,9 +349,18 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
             collectives.append(dict(kind="all_reduce", phase="forward", after=n.name, op="sum", bytes=_nbytes(n)))
         if n.name in sl.seq:  # a split value read whole: gathered in front of those readers
             d = sl.seq[n.name]
-            if n.name in sl.gather_partial:
-                users = sl.gather_partial[n.name]
-                collectives.append(dict(kind="all_gather", phase="forward", after=n.name, dim=d, users=users,
+            grouped = sl.column_groups.get(n.name, [])
+            if grouped:  # the column-parallel matmuls reading it: one gather, the shard saved, gathered again
+                collectives.append(dict(kind="all_gather", phase="forward", after=n.name, dim=d, users=grouped,
+                                        grad="reduce_scatter", columns=True, bytes=_nbytes(n)))  # fmt: skip
+                if needs_grad:
+                    collectives.append(dict(kind="all_gather", phase="backward", after=n.name, dim=d,
+                                            bytes=_nbytes(n)))  # fmt: skip
+                    collectives.append(dict(kind="reduce_scatter", phase="backward", after=n.name, dim=d,
+                                            bytes=_nbytes(n)))  # fmt: skip
+            others = [u for u in sl.gather_partial.get(n.name, []) if u not in grouped]
+            if others:
+                collectives.append(dict(kind="all_gather", phase="forward", after=n.name, dim=d, users=others,
                                         grad="reduce_scatter", bytes=_nbytes(n)))  # fmt: skip
                 if needs_grad:
                     collectives.append(dict(kind="reduce_scatter", phase="backward", after=n.name, dim=d,

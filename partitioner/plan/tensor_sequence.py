@@ -24,9 +24,11 @@ Token-wise ops: unary elementwise ops and modules (dropout, activations, casts),
 LayerNorm / RMSNorm (modules or functional) over trailing dims other than S, softmax over another dim. Any other
 consumer sees the gathered value.
 
-Memory, as the runtime runs it: a seq value is held as 1/tp, except one gathered for rank-dependent consumers
-(the column-parallel matmuls after a layer norm), which save the gathered copy whole (`gathered_saves`).
-Megatron instead saves the shard and gathers again in the backward; this runtime does not (yet).
+Column-parallel matmuls reading a split value (the q, k, v or fc projections after a norm) run as one group, as
+Megatron-LM's LinearWithGradAccumulationAndAsyncCommunication does: the group all-gathers the value once, saves only
+the shard for its backward and gathers it again there (`column_groups`), so a layer's activations are the paper's
+sbh(34/t + 5as/(ht)). Other rank-dependent consumers read a gathered copy that autograd keeps whole
+(`gathered_saves`).
 """
 
 from __future__ import annotations
@@ -67,11 +69,14 @@ class SequenceLayout:
     gradients are partial over the ranks (reduce-scatter backward) / the same on every rank (keep own slice).
     scatter: replicated value -> [(dim, consumers)] that read its own slice. param_grads: seq call_module node ->
     the parameters whose gradients are all-reduced. global_sizes: x.size(S) reads; global_shapes: whole-shape
-    reads -> the dim to multiply by tp. gathered_saves: seq values saved whole by their consumers (see above).
+    reads -> the dim to multiply by tp. column_groups: seq value -> the column-parallel Linear nodes that read it
+    through one gather saving the shard (a subset of its gather_partial). gathered_saves: seq values some consumer
+    saves gathered, whole (module docstring).
     """
 
     seq: dict[str, int] = field(default_factory=dict)
     reduce_scatter: set[str] = field(default_factory=set)
+    column_groups: dict[str, list[str]] = field(default_factory=dict)
     gather_partial: dict[str, list[str]] = field(default_factory=dict)
     gather_replicated: dict[str, list[str]] = field(default_factory=dict)
     scatter: dict[str, list[tuple[int, list[str]]]] = field(default_factory=dict)
@@ -81,7 +86,7 @@ class SequenceLayout:
 
     @property
     def gathered_saves(self) -> set[str]:
-        return set(self.gather_partial)
+        return {v for v, users in self.gather_partial.items() if set(users) - set(self.column_groups.get(v, ()))}
 
 
 def _tensor(n: object) -> torch.Tensor | None:
@@ -206,6 +211,8 @@ def sequence_parallel_layout(st: _State) -> SequenceLayout:
                 continue
             elif st.layout.get(u) is not None:  # rank-dependent: its input gradient is partial over the ranks
                 out.gather_partial.setdefault(n.name, []).append(u.name)
+                if st.rules.get(u.name) == "column" and u.args == (n,) and not u.kwargs:
+                    out.column_groups.setdefault(n.name, []).append(u.name)
             else:
                 out.gather_replicated.setdefault(n.name, []).append(u.name)
     return out
