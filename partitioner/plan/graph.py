@@ -99,6 +99,9 @@ class PlanningGraph:
     # nodes, and its slowest boundary paces every microbatch).
     p2p_internode: bool = False
     _activations: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # mode / regions -> model
+    # plan.pipeline's segment prefix sums, by (microbatches, recompute modes, coarse): every plan of a search over one
+    # scaled graph shares them
+    _prefixes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:

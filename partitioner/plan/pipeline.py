@@ -173,6 +173,14 @@ class _Prefix:
         return out
 
 
+def _prefix(pg: PlanningGraph, microbatches: int, modes: Sequence[str], coarse: bool = False) -> _Prefix:
+    """The graph's _Prefix for these arguments, built once (cached on the graph: it never changes)."""
+    key = (microbatches, tuple(modes), coarse)
+    if key not in pg._prefixes:
+        pg._prefixes[key] = _Prefix(pg, microbatches, modes, coarse)
+    return pg._prefixes[key]
+
+
 def _min_stage_dp(
     pre: _Prefix, T: float, num_inputs: int, in_flight: np.ndarray, memory_limit: float, max_stages: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +288,7 @@ def devices_needed(
     Uses 1F1B in-flight counts and the recompute modes allowed. More stages never need more memory per
     device, so the answer is found by doubling and then bisecting.
     """
-    pre = _Prefix(pg, microbatches, recompute)
+    pre = _prefix(pg, microbatches, recompute)
     most = max_stages(pg)
 
     def fits(s: int) -> bool:
@@ -319,7 +327,7 @@ def contiguous_partition(
         raise ValueError(f"need at least 1 stage, got {num_stages}")
     # Cut points are 0 and every position after the inputs (where in-place writes allow one); each stage needs
     # one node of its own.
-    pre = _Prefix(pg, microbatches, recompute, coarse)
+    pre = _prefix(pg, microbatches, recompute, coarse)
     if num_stages > max_stages(pg):
         raise ValueError(too_many_stages(pg, num_stages))
     flight = _in_flight_array(in_flight, num_stages, microbatches)
@@ -375,7 +383,7 @@ def stage_modes(
     recompute: Sequence[str] = ("none",),
 ) -> list[str]:
     """The recompute mode of each stage of contiguous `cuts`: the first allowed one that fits its memory."""
-    pre = _Prefix(pg, microbatches, recompute)
+    pre = _prefix(pg, microbatches, recompute)
     return pre.modes_of(cuts, _in_flight_array(in_flight, len(cuts) - 1, microbatches), memory_limit)
 
 
