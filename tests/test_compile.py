@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -179,7 +180,21 @@ def test_summary_shows_stages_degrees_runners_up_and_fallbacks():
     searched = partitioner.compile(zoo.get("gpt3-tiny"), devices=2, example_inputs=zoo.example_inputs("gpt3-tiny"))
     lines = searched.plan.summary().splitlines()
     start = lines.index("runners-up (why the chosen layout wins):")
-    assert any("x the chosen step" in line for line in lines[start + 1 :])
+    assert any("the chosen step" in line for line in lines[start + 1 :])  # "1.023x the chosen step", or a tie
+
+
+def test_summary_prints_predicted_figures_with_units_and_ties_as_ties():
+    """Issue #19: figures with units, a tiny MFU with its digits (not "0.0%"), a runner-up as fast as the chosen
+    plan said to tie (not "1.000x"), no raw floats."""
+    cm = partitioner.compile(zoo.get("gpt3-tiny"), devices=2, example_inputs=zoo.example_inputs("gpt3-tiny"))
+    text = cm.plan.summary()
+    assert re.search(r"^predicted step: [\d.]+ (us|ms|s) \(pipeline [\d.]+ (us|ms|s) \+ ", text, re.M)
+    assert re.search(r"^predicted peak memory: [\d.]+ (KiB|MiB|GiB) per device$", text, re.M)
+    mfu = re.search(r"^predicted MFU: ([\d.]+)% \(", text, re.M)
+    assert mfu and float(mfu.group(1)) > 0
+    assert not re.search(r"^predicted [a-z_]+: [-+\d.e]+$", text, re.M)
+    assert "(a tie with the chosen step" in text and "1.000x" not in text
+    assert "1 microbatch," in text.splitlines()[0]
 
 
 def test_gpt3_1_3b_balance_on_h100():

@@ -177,6 +177,39 @@ def graph_fingerprint(gm: fx.GraphModule) -> str:
     return h.hexdigest()[:16]
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _percent(x: float) -> str:
+    """A fraction as a percentage with the digits it needs (0.0003 -> "0.03%", not "0.0%")."""
+    return f"{100 * x:.3g}%" if x else "0%"
+
+
+def _predicted_lines(p: dict[str, float]) -> list[str]:
+    """The plan's predicted figures with units, the step's parts named (all are the cost model's predictions)."""
+    if not p:
+        return []
+    out = []
+    if "step_time" in p:
+        parts = [("pipeline", "pipeline_time"), ("data-parallel sync", "data_parallel_sync"),
+                 ("tied-weight sync", "tied_weight_sync"), ("optimizer step", "optimizer_step")]  # fmt: skip
+        shown = [f"{name} {format_seconds(p[key])}" for name, key in parts if p.get(key)]
+        out.append(f"predicted step: {format_seconds(p['step_time'])}" + (f" ({' + '.join(shown)})" if shown else ""))
+    if "bubble_fraction" in p:
+        out.append(f"predicted bubble: {_percent(p['bubble_fraction'])} of the pipeline's time")
+    if "peak_memory" in p:
+        out.append(f"predicted peak memory: {format_bytes(p['peak_memory'])} per device")
+    if "model_flops" in p and "mfu" in p:
+        out.append(
+            f"predicted MFU: {_percent(p['mfu'])} ({p['model_flops']:.3g} model FLOPs per step over the devices' peak)"
+        )
+    known = {"step_time", "pipeline_time", "data_parallel_sync", "tied_weight_sync", "optimizer_step",
+             "bubble_fraction", "peak_memory", "model_flops", "mfu"}  # fmt: skip
+    out += [f"predicted {key}: {value:.6g}" for key, value in sorted(p.items()) if key not in known]
+    return out
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
@@ -191,7 +224,7 @@ def _format_plan(plan: Plan) -> str:
         f"(pipeline {plan.pipeline_degree} x tensor {plan.tensor_degree}"
         + (" sequence parallel" if plan.tensor.get("sequence_parallel") else "")
         + f" x data {plan.data_degree}; "
-        f"{plan.microbatches} microbatches, {plan.schedule}"
+        f"{_count(plan.microbatches, 'microbatch', 'microbatches')}, {plan.schedule}"
         + (f", data parallel {plan.data_parallel}" if plan.data_degree > 1 and plan.data_parallel else "")
         + (" (gradients reduced after the backward)" if plan.data_degree > 1 and not plan.overlap_grad_reduce else "")
         + f"; {'training' if plan.training else 'inference'}; captured with {plan.capture}; {plan.cost_model} costs)",
@@ -228,8 +261,7 @@ def _format_plan(plan: Plan) -> str:
         f"memory limit per device: {format_bytes(plan.memory_limit)}; "
         f"peak stage: {format_bytes(max(s.peak_memory for s in plan.stages))}",
     ]
-    for key, value in sorted(plan.predicted.items()):
-        lines.append(f"predicted {key}: {value:.6g}")
+    lines += _predicted_lines(plan.predicted)
     if plan.tied_stages:
         for name, stages in sorted(plan.tied_stages.items()):
             names = plan.tied_params.get(name)  # tied under several names, or one module reused by several stages
@@ -244,17 +276,25 @@ def _format_plan(plan: Plan) -> str:
         for alt in plan.alternatives:
             what = (
                 f"pp{alt['pp']} x tp{alt['tp']}{'+sp' if alt.get('sequence_parallel') else ''} x dp{alt['dp']}, "
-                f"{alt['microbatches']} microbatches, {alt['schedule']}"
+                f"{_count(alt['microbatches'], 'microbatch', 'microbatches')}, {alt['schedule']}"
             )
             if alt.get("data_parallel"):
                 what += f", {alt['data_parallel']}"
             if alt.get("recompute"):
                 what += f", recompute {alt['recompute']}"
             if "step_time" in alt:
-                ratio = f" ({alt['step_time'] / chosen:.3f}x the chosen step)" if chosen else ""
-                lines.append(
-                    f"  {what}: {format_seconds(alt['step_time'])}{ratio}, peak {alt['peak_memory_gib']:.2f} GiB/device"
-                )
+                peak = alt.get("peak_memory", alt.get("peak_memory_gib", 0.0) * 2**30)
+                ratio = alt["step_time"] / chosen if chosen else None
+                if ratio is None:
+                    versus = ""
+                elif abs(ratio - 1) < 5e-4:  # a tie: the search keeps the lighter plan, or the first it priced
+                    lighter = peak > plan.predicted.get("peak_memory", peak) * (1 + 1e-9)
+                    versus = " (a tie with the chosen step" + (
+                        "; the chosen one holds less memory)" if lighter else ")"
+                    )
+                else:
+                    versus = f" ({ratio:.3f}x the chosen step)"
+                lines.append(f"  {what}: {format_seconds(alt['step_time'])}{versus}, peak {format_bytes(peak)}/device")
             else:
                 lines.append(f"  {what}: {alt['note']}")
     lines.append("fallbacks: " + ("none" if not plan.fallbacks else ""))

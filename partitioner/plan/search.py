@@ -147,6 +147,7 @@ class Candidate:
         if self.fits:
             out["step_time"] = float(f"{self.step_time:.12g}")
             out["peak_memory_gib"] = round(self.peak_memory / 2**30, 3)
+            out["peak_memory"] = float(f"{self.peak_memory:.12g}")
         else:
             out["note"] = self.note
         return out
