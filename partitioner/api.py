@@ -277,8 +277,8 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     microbatches: per training step (default: the largest count <= 4 x pipeline degree dividing the
     batch per replica). memory_limit: bytes per device (default: the device's memory).
     schedule: a torch.distributed.pipelining schedule ("gpipe", "1f1b", "interleaved", "looped-bfs",
-    "zero-bubble", "zbv"), "auto" (the best of 1f1b, interleaved, zero-bubble, zbv), or None (1f1b, or
-    gpipe where torch's 1F1B refuses the microbatch count: it needs one per stage at least); the
+    "zero-bubble", "zbv"), "auto" (the best of 1f1b, interleaved, zero-bubble, zbv), or None (1f1b and
+    gpipe, both priced: torch's 1F1B needs a microbatch per stage at least, and GPipe can win on memory); the
     multi-stage ones place stages_per_device stages on each device (default 2). plan: a Plan (or its JSON) to
     apply instead of planning.
     cost: "roofline" (analytic, from FLOPs and bytes on `device_type`; meta models work) or "profile" (every

@@ -333,8 +333,8 @@ def _add_plan_parser(sub: Any) -> None:
         "--schedule",
         choices=[*sorted(SCHEDULES), "auto"],
         default=None,
-        help="pipeline schedule; auto searches 1f1b, interleaved, zero-bubble, zbv (default: 1f1b, or gpipe where "
-        "1f1b refuses the microbatch count)",
+        help="pipeline schedule; auto searches 1f1b, interleaved, zero-bubble, zbv (default: 1f1b and gpipe both "
+        "priced, the faster taken)",
     )
     p.add_argument(
         "--microbatches",

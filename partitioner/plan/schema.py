@@ -38,7 +38,8 @@ class StagePlan:
     send_bytes: float  # activation bytes sent to the next stage per step
     activation_bytes: float
     overlaps_comm: bool = True  # the device's transfers run beside compute (DeviceSpec.overlaps_comm)
-    # Activation recomputation (plan.recompute): "none" | "selective" | "full", and the regions the runtime runs
+    # Activation recomputation (plan.recompute): "none" | "selective" | "full" | "full:k" (the stage's first k whole
+    # layers), and the regions the runtime runs
     # under torch.utils.checkpoint, each a run of consecutive node names of this stage (graph order).
     recompute: str = "none"
     recompute_regions: list[list[str]] = field(default_factory=list)

@@ -33,7 +33,8 @@ class TensorParallelPlan:
     collectives: {"kind": "all_reduce" | "all_gather" | "reduce_scatter" | "scatter", "phase": "forward" |
         "backward", "after": node, "users": [nodes] (the consumers it feeds: f, and the gathers and scatters of
         sequence parallelism), "grad": "reduce_scatter" | "slice" (a forward all-gather's backward), "params":
-        [names] (a backward all-reduce of these parameters' gradients), "op": "sum" | "max", "dim": gather /
+        [names] (a backward all-reduce of these parameters' gradients), "columns": true (a gather feeding the
+        column-parallel Linears in `users` as one node that saves the shard), "op": "sum" | "max", "dim": gather /
         scatter dim, "bytes": bytes of the full tensor per call}. Backward records of sequence parallelism
         (all-gathers, reduce-scatters) are priced; the rewrite inserts them as the backward of forward ones.
     fallbacks: {"node": seed node, "reason": why it stays replicated}.
