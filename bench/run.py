@@ -44,7 +44,7 @@ from partitioner.simulate import StageCost, simulate  # noqa: E402
 from partitioner.units import format_bytes, format_seconds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCHEDULE_CHOICES = ["gpipe", "1f1b", "interleaved", "zero-bubble", "zbv", "auto"]
+SCHEDULE_CHOICES = ["gpipe", "1f1b", "interleaved", "looped-bfs", "zero-bubble", "zbv", "auto"]
 
 
 def _git() -> dict[str, Any]:
@@ -348,21 +348,24 @@ def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
         print(f"gantt: {r['gantt']}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--model", default="gpt3-1.3b", help="a zoo model name, or 'all'")
-    parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--device-type", default="h100", choices=sorted(partitioner.PRESETS))
-    parser.add_argument("--microbatches", type=int, default=None)
-    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULE_CHOICES)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--model", default="gpt3-1.3b", help="a zoo model name, or 'all' (default: gpt3-1.3b)")
+    parser.add_argument("--devices", type=int, default=8, help="devices the pipeline splits over (default: 8)")
+    parser.add_argument("--device-type", default="h100", choices=sorted(partitioner.PRESETS),
+                        help="the device the cost model prices (default: h100)")  # fmt: skip
+    parser.add_argument("--microbatches", type=int, default=None,
+                        help="per step (default: the largest count <= 4 x stages dividing the batch)")  # fmt: skip
+    parser.add_argument("--schedule", default="1f1b", choices=SCHEDULE_CHOICES,
+                        help="the pipeline schedule of the fixed-pipeline table (default: 1f1b)")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=32, help="samples per step (default: 32)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's context)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPUs, fp32 on cpu")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
     parser.add_argument("--width", type=int, default=None, help="override the model width (d_ff = 4 x width)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes (default: bench/results)")
     parser.add_argument("--execute", action="store_true", help="also run the model here (use small --layers/--width)")
     parser.add_argument("--gantt", action="store_true", help="write a PNG timeline of our plan's schedule")
     parser.add_argument("--json", action="store_true", help="also print the JSON to stdout")

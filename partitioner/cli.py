@@ -447,7 +447,7 @@ def _bench(argv: list[str]) -> int:
         raise CliError("bench: MODEL is missing: partitioner bench MODEL [OPTIONS] (MODEL: a zoo name or 'all')")
     if argv[0] in ("-h", "--help"):
         print("usage: partitioner bench MODEL [OPTIONS]   (= python bench/run.py --model MODEL [OPTIONS])\n")
-        return run.main(["--help"])
+        return run.main(["--help"], prog="partitioner bench")
     model, rest = argv[0], argv[1:]
     if model.startswith("-"):
         raise CliError(f"bench: MODEL comes first, before the options (got {model!r}): partitioner bench MODEL ...")
@@ -455,7 +455,7 @@ def _bench(argv: list[str]) -> int:
         raise _unknown_model(
             model, "bench takes a zoo name ({zoo}) or 'all' (partitioner plan also takes module:factory and hf: models)"
         )
-    return run.main(["--model", model, *rest])
+    return run.main(["--model", model, *rest], prog="partitioner bench")
 
 
 def main(argv: list[str] | None = None) -> int:
