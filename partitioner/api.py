@@ -248,7 +248,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     example_inputs: tuple | torch.Tensor | None = None,
     example_kwargs: dict[str, Any] | None = None,
     *,
-    device_type: str | DeviceSpec = "h100",
+    device_type: str | DeviceSpec | None = None,
     microbatches: int | None = None,
     training: bool = True,
     memory_limit: float | str | None = None,
@@ -271,7 +271,10 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     matter; meta tensors work; a bare tensor is one positional argument; dim 0 of the tensor inputs is the
     batch the search splits into microbatches and data-parallel replicas). Omitted: planning happens at the
     first call. memory_limit also takes a string with a unit ("80GB", "80GiB").
-    device_type: a DeviceSpec or preset name ("h100", "h200", "a100", "cpu") the cost model prices.
+    device_type: a DeviceSpec or preset name ("h100", "h200", "a100", "cpu") the cost model prices; None: the saved
+    plan's device when `plan` is given (and its memory limit, unless memory_limit says otherwise), else "h100". A
+    saved plan priced on another device or memory limit than compile's is priced again: `cm.plan` then carries
+    compile's device, limit and figures, with the saved layout unchanged.
     pipeline / tensor_parallel: force those degrees; otherwise the search (partitioner.plan.search)
     picks pipeline x tensor x data degrees by simulated step time under the memory limit.
     microbatches: per training step (default: the largest count <= 4 x pipeline degree dividing the

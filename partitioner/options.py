@@ -50,7 +50,7 @@ class CompileOptions:
         cls,
         *,
         devices: Any,
-        device_type: str | DeviceSpec = "h100",
+        device_type: str | DeviceSpec | None = None,
         microbatches: Any = None,
         training: bool = True,
         memory_limit: Any = None,
@@ -115,7 +115,13 @@ class CompileOptions:
             raise ValueError(f"sequence_parallel must be True, False or None (searched), got {sequence_parallel!r}")
         if sequence_parallel and tensor_parallel == 1:
             raise ValueError("sequence_parallel=True splits tensor parallelism's token-wise ops, but tensor_parallel=1")
-        spec = get_device_spec(device_type)
+        saved = Plan.from_json(plan) if isinstance(plan, str) else plan
+        if device_type is None:  # a saved plan is priced on its own device unless told otherwise
+            spec = _saved_device(saved) if saved is not None and saved.device_type else get_device_spec("h100")
+        else:
+            spec = get_device_spec(device_type)
+        if memory_limit is None and saved is not None and device_type is None:
+            memory_limit = saved.memory_limit
         return cls(
             devices=devices,
             spec=spec,
@@ -126,7 +132,7 @@ class CompileOptions:
             pipeline=pipeline,
             tensor_parallel=tensor_parallel,
             stages_per_device=stages_per_device,
-            saved_plan=Plan.from_json(plan) if isinstance(plan, str) else plan,
+            saved_plan=saved,
             mincut=mincut,
             cost=cost,
             batch_dim=batch_dim,
@@ -135,3 +141,13 @@ class CompileOptions:
             overlap_grad_reduce=bool(overlap_grad_reduce),
             sequence_parallel=sequence_parallel,
         )
+
+
+def _saved_device(saved: Plan) -> DeviceSpec:
+    """The DeviceSpec a saved plan was priced on (its `device_type` record)."""
+    try:
+        return DeviceSpec.from_dict(saved.device_type)
+    except TypeError as e:
+        raise ValueError(
+            f"the saved plan's device_type record is not a DeviceSpec ({e}): pass device_type= to price it on a preset"
+        ) from None

@@ -104,3 +104,19 @@ def test_the_plan_records_stage_ranks_and_the_data_parallel_wrapper(
     assert cm.plan.stage_ranks == ranks
     assert cm.plan.data_parallel == wrapper
     assert partitioner.Plan.from_json(cm.plan.to_json()) == cm.plan
+
+
+def test_a_saved_plan_is_priced_on_its_own_device_unless_told_otherwise() -> None:
+    """compile(plan=...) without device_type prices the plan on the device it was made for (and its memory limit):
+    the plan comes back equal. With another device, the same layout comes back priced there: its device, limit,
+    stage figures and predictions are compile's, consistent with the replay the compiled model holds."""
+    model, x = zoo.get("gpt3-tiny"), zoo.example_inputs("gpt3-tiny", batch=4)
+    cm = partitioner.compile(model, 2, x, device_type="cpu", pipeline=2)
+    text = cm.plan.to_json()
+    assert partitioner.compile(model, 2, x, plan=text).plan == cm.plan
+    h100 = partitioner.compile(model, 2, x, plan=text, device_type="h100").plan
+    assert h100.device_type["name"] == "h100" and h100.memory_limit == partitioner.PRESETS["h100"].memory_bytes
+    assert h100.node_stage == cm.plan.node_stage and h100.tensor == cm.plan.tensor
+    assert [s.nodes for s in h100.stages] == [s.nodes for s in cm.plan.stages]
+    assert h100.predicted["step_time"] < cm.plan.predicted["step_time"] / 5  # an H100 against the cpu preset
+    assert [s.compute_time for s in h100.stages] != [s.compute_time for s in cm.plan.stages]

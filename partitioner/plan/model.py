@@ -9,6 +9,7 @@ here; what leaves is plain data. Nothing here touches real weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,7 +146,7 @@ def plan_model(
         flight = get_schedule(saved.schedule).in_flight(saved.num_stages, saved.microbatches)
         price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o.spec.devices_per_node,
                         [st.recompute for st in saved.stages])  # fmt: skip
-        return PlannedModel(saved, best, [best])
+        return PlannedModel(_repriced(saved, best, gm, o), best, [best])
 
     max_tp = 1
     if o.tensor_parallel != 1:  # even where the devices leave no room for tp: the memory hint counts it
@@ -187,6 +188,33 @@ def plan_model(
     tp_layout = tp_model.layouts.get((best.degrees.tp, best.sequence_parallel)) if best.degrees.tp > 1 else None
     plan = _make_plan(model_name, captured, gm, best, evaluated, fingerprint, o, tp_layout, flow)
     return PlannedModel(plan, best, evaluated)
+
+
+def _repriced(saved: Plan, best: Candidate, gm: fx.GraphModule, o: CompileOptions) -> Plan:
+    """The saved plan as compile priced it: itself when priced on the same device, memory limit and cost model;
+    else the same layout (stages, nodes, regions, tensor layout) with compile's device, limit, stage figures and
+    predictions (its runners-up and reasons were another device's: dropped)."""
+    same = (saved.device_type == o.spec.to_dict() and saved.memory_limit == float(o.memory_limit)
+            and saved.cost_model == o.cost)  # fmt: skip
+    if same:
+        return saved
+    stages = [
+        dataclasses.replace(
+            st,
+            compute_time=met.compute,
+            comm_time=met.comm,
+            peak_memory=met.peak_memory,
+            param_bytes=met.param_bytes,
+            send_bytes=met.send_bytes,
+            activation_bytes=met.activation_bytes,
+            overlaps_comm=met.overlaps_comm,
+        )  # fmt: skip
+        for st, met in zip(saved.stages, best.metrics)
+    ]
+    return dataclasses.replace(
+        saved, stages=stages, device_type=o.spec.to_dict(), memory_limit=float(o.memory_limit), cost_model=o.cost,
+        predicted=_predicted(gm, best, o.spec, o.devices), alternatives=[], reasons=[],
+    )  # fmt: skip
 
 
 def batch_dims_of(option: int | dict[str, int | None], names: list[str], inputs: list[Any]) -> dict[str, int | None]:
