@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 import partitioner
+from partitioner.plan.recompute import MODES as RECOMPUTE_MODES
+from partitioner.plan.sharding import DP_MODES
 from partitioner.schedules import SCHEDULES
 from partitioner.validate import memory_bytes
 
@@ -350,6 +352,24 @@ def _add_plan_parser(sub: Any) -> None:
         metavar="SIZE",
         help="memory per device, bytes or with a unit: 80GB, 80GiB (default: the device's memory)",
     )
+    p.add_argument(
+        "--recompute",
+        choices=list(RECOMPUTE_MODES),
+        default=None,
+        help="activation recomputation on every stage (default: each stage the least that fits)",
+    )
+    p.add_argument(
+        "--data-parallel",
+        choices=list(DP_MODES),
+        default=None,
+        help="how data-parallel replicas hold their training state (default: searched)",
+    )
+    p.add_argument(
+        "--sequence-parallel",
+        choices=["on", "off"],
+        default=None,
+        help="split tensor parallelism's token-wise ops over its ranks (default: priced both ways)",
+    )
     p.set_defaults(run=_plan)
 
 
@@ -401,6 +421,9 @@ def _plan(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         pipeline=args.pipeline,
         tensor_parallel=args.tensor_parallel,
+        recompute=args.recompute,
+        data_parallel=args.data_parallel,
+        sequence_parallel=None if args.sequence_parallel is None else args.sequence_parallel == "on",
     )
     elapsed = time.perf_counter() - t0
     written = []  # files first: a closed stdout (| head) must not lose them

@@ -205,3 +205,14 @@ def test_parse_config_args() -> None:
     assert cli.parse_config_args("") == {}
     with pytest.raises(cli.CliError, match="'b' is not key=value"):
         cli.parse_config_args("a=1,b")
+
+
+def test_plan_forwards_recompute_data_parallel_and_sequence_parallel(capsys: pytest.CaptureFixture) -> None:
+    argv = ["plan", "gpt3-tiny", "--devices", "4", "--batch", "8", "--tensor-parallel", "2"]
+    assert cli.main([*argv, "--sequence-parallel", "on", "--recompute", "full", "--data-parallel", "zero1"]) == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert "tensor 2 sequence parallel" in first and "data parallel zero1" in first
+    assert " full\n" in out  # the stage table's recompute column
+    assert cli.main([*argv, "--sequence-parallel", "off"]) == 0
+    assert "sequence parallel" not in capsys.readouterr().out.splitlines()[0]
