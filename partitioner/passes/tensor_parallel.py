@@ -124,6 +124,11 @@ def _check_splits(x: torch.Tensor, dim: int, ranks: int) -> None:
         )
 
 
+def own_chunk(x: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
+    """This rank's 1/world_size of `x` along `dim` (rank order; what a reduce-scatter leaves it)."""
+    return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
+
+
 def _wait(t: torch.Tensor) -> torch.Tensor:
     return t.wait() if hasattr(t, "wait") else t
 
@@ -163,7 +168,7 @@ class _GatherFromTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad.chunk(ctx.comm.world_size, ctx.dim)[ctx.comm.rank].contiguous(), None, None
+        return own_chunk(grad, ctx.comm, ctx.dim), None, None
 
 
 class _ReduceScatterToSequence(torch.autograd.Function):
@@ -202,7 +207,7 @@ class _ScatterToSequence(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
         ctx.comm, ctx.dim = comm, dim
         _check_splits(x, dim, comm.world_size)
-        return x.chunk(comm.world_size, dim)[comm.rank].contiguous()
+        return own_chunk(x, comm, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -277,7 +282,7 @@ class TPCollective(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "scatter" and not x.is_floating_point():  # a mask: no gradient to gather back
             _check_splits(x, self.dim, self.comm.world_size)
-            return x.chunk(self.comm.world_size, self.dim)[self.comm.rank].contiguous()
+            return own_chunk(x, self.comm, self.dim)
         return _KINDS[self.kind](x, self.comm, self.dim)
 
     def extra_repr(self) -> str:

@@ -174,12 +174,16 @@ def scale_graph(
     fwd, bwd = pg.forward.copy(), pg.backward.copy()
     out_bytes, saved = pg.out_bytes.copy(), pg.saved_bytes.copy()
     param_static, param_bytes = dict(pg.param_static), dict(pg.param_bytes)
-    # A storage is held at 1/tp when the node that created it has a sharded (or sequence-split) output, unless the
-    # runtime saves a gathered whole copy of it (sequence parallelism's column-parallel inputs).
-    shrink: dict[str, int] = {}  # storage name (`node`, or `node#k` for one it saved but did not return) -> 1/x
+
+    def divisor(storage: str) -> int:
+        """What a storage (`node`, or `node#k` for one it saved but did not return) is divided by: tp when the node
+        that created it has a sharded or sequence-split output, unless it is an output the runtime saves gathered
+        whole (sequence parallelism's inputs of rank-dependent consumers other than column-parallel groups)."""
+        if tp is None or tp.tp == 1 or storage in tp.gathered_saves:
+            return 1
+        return tp.tp if storage.split("#")[0] in tp.sharded_values else 1
+
     if tp is not None and tp.tp > 1:
-        shrink = {name: tp.tp for name in tp.sharded_values}
-        shrink.update({f"{name}#out": 1 for name in tp.gathered_saves})  # only the output, not its other storages
         for i, name in enumerate(pg.names):
             s = tp.node_scale.get(name, 1.0)
             cf, cb = tp.comm_by_node.get(name, (0.0, 0.0))
@@ -191,10 +195,10 @@ def scale_graph(
             seen: set[str] = set()
             for i, node in enumerate(pg.saves):  # saved_bytes: each storage paid by its first saver (annotate)
                 first = [k for k in node if k not in seen]
-                saved[i] -= sum(node[k] * (1 - 1 / _divisor(shrink, k)) for k in first)
+                saved[i] -= sum(node[k] * (1 - 1 / divisor(k)) for k in first)
                 seen.update(first)
         else:  # a graph without storage names (synthetic): what a node saves is as sharded as its output
-            saved = np.array([b / shrink.get(name, 1) for name, b in zip(pg.names, saved)])
+            saved = np.array([b / divisor(name) for name, b in zip(pg.names, saved)])
         for p in tp.sharded_params:
             canonical = pg.alias_of.get(p, p)
             if canonical in param_static:
@@ -206,7 +210,7 @@ def scale_graph(
             w = param_bytes[p]
             g = w if static > w else 0.0  # a trainable parameter has a gradient of its own size
             param_static[p] = w / fw + g / fg + (static - w - g) / fo
-    saves = [{k: v / (_divisor(shrink, k) * dp) for k, v in node.items()} for node in pg.saves]
+    saves = [{k: v / (divisor(k) * dp) for k, v in node.items()} for node in pg.saves]
     return dataclasses.replace(
         pg,
         p2p_internode=pp_spans_nodes,
@@ -218,11 +222,6 @@ def scale_graph(
         param_bytes=param_bytes,
         saves=saves,
     )
-
-
-def _divisor(shrink: dict[str, int], storage: str) -> int:
-    """What a storage is divided by: a gathered output's entry (1), else its creating node's."""
-    return shrink.get(f"{storage}#out") or shrink.get(storage.split("#")[0], 1)
 
 
 def _divisors(n: int) -> list[int]:

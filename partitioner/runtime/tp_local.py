@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from partitioner.passes.recompute import checkpoint_regions
-from partitioner.passes.tensor_parallel import tensor_parallel_rank
+from partitioner.passes.tensor_parallel import own_chunk, tensor_parallel_rank
 from partitioner.plan.tensor_layout import TensorParallelPlan, unshard_tensor
 
 __all__ = ["TPCheckReport", "ThreadComm", "ThreadGroup", "check_tensor_parallel", "run_tensor_parallel_local"]
@@ -72,7 +72,7 @@ class ThreadComm:
         return torch.cat(self.group.exchange(self.rank, x), dim)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return self.all_reduce(x, "sum").chunk(self.world_size, dim)[self.rank].contiguous()
+        return own_chunk(self.all_reduce(x, "sum"), self, dim)
 
 
 def _run_threads(fns: list[Callable[[], Any]], group: ThreadGroup) -> list[Any]:
