@@ -14,7 +14,6 @@ from partitioner.capture import CaptureError, Fallback
 from partitioner.devices import PRESETS, DeviceSpec, get_device_spec, measure_cpu
 from partitioner.plan.pipeline import InfeasibleMemoryError
 from partitioner.plan.schema import Plan, StagePlan
-from partitioner.runtime.distributed import DistributedPipeline, distribute
 from partitioner.runtime.materialize import record_init
 
 __all__ = [
@@ -33,3 +32,13 @@ __all__ = [
     "measure_cpu",
     "record_init",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """The distributed runtime, imported on first use: torch.distributed.pipelining takes about a second to import,
+    and planning never needs it."""
+    if name in ("DistributedPipeline", "distribute"):
+        from partitioner.runtime import distributed
+
+        return getattr(distributed, name)
+    raise AttributeError(f"module 'partitioner' has no attribute {name!r}")

@@ -67,8 +67,6 @@ from functools import cache, lru_cache
 from itertools import pairwise
 from typing import Any, NamedTuple
 
-from torch.distributed.pipelining import schedules as _torch_schedules
-
 from partitioner.schedules import get_schedule
 
 __all__ = [
@@ -76,7 +74,9 @@ __all__ = [
     "Event",
     "SimResult",
     "StageCost",
+    "StepTimes",
     "check_events",
+    "fast_replay",
     "replay",
     "schedule_actions",
     "simulate",
@@ -192,6 +192,16 @@ class SimResult:
     # (rank, start, end) of each time a rank was held by its own send (blocking_sends only), sorted
     send_holds: tuple[tuple[int, float, float], ...] = ()
 
+    @property
+    def rank_ends(self) -> tuple[float, ...]:
+        """When each rank is done with the schedule: its last action, or its last send when sends block it."""
+        ends = [0.0] * self.num_ranks
+        for e in self.events:
+            ends[e.rank] = max(ends[e.rank], e.end)
+        for rank, _start, end in self.send_holds:
+            ends[rank] = max(ends[rank], end)
+        return tuple(ends)
+
     def summary(self) -> str:
         """A few lines: step time, bubble, and per-rank busy time and peak memory."""
         lines = [
@@ -269,7 +279,9 @@ def _torch_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
     """Build torch's schedule object for these numbers; return (compute actions per rank, rank per stage)."""
-    cls = _order_only(_torch_schedules.get_schedule_class(get_schedule(schedule).torch_class))
+    from torch.distributed.pipelining import schedules as torch_schedules  # about a second to import: on first use
+
+    cls = _order_only(torch_schedules.get_schedule_class(get_schedule(schedule).torch_class))
     where = f"{cls.__name__}(num_stages={num_stages}, num_ranks={num_ranks}, n_microbatches={num_microbatches})"
     try:
         # Single-stage classes: run the real loop once per rank and record the compute calls.
@@ -309,8 +321,10 @@ def _order_only(cls: type) -> type:
     compute actions and never reorder them: here the compute IR is kept as it is, after torch's own check of its
     stage placement. tests/test_simulate.py checks that every order equals the one the unmodified class runs.
     """
+    from torch.distributed.pipelining import schedules as torch_schedules
+
     overrides: dict[str, Any] = {}
-    if issubclass(cls, _torch_schedules.PipelineScheduleSingle):
+    if issubclass(cls, torch_schedules.PipelineScheduleSingle):
         overrides["_get_pipeline_order"] = lambda self: None
     if hasattr(cls, "_prepare_schedule_with_comms"):
 
@@ -520,6 +534,132 @@ def simulate(
         actions, stages, stage_ranks, num_microbatches=num_microbatches, schedule=schedule,
         blocking_sends=blocking_sends,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """What `fast_replay` gives: `simulate`'s step time, each rank's end (SimResult.rank_ends) and peak memory."""
+
+    step_time: float
+    rank_ends: tuple[float, ...]
+    peak_memory: tuple[float, ...]
+    stage_to_rank: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Replay:
+    """A schedule's replay reduced to arrays: actions in an order where every dependency comes first (the order
+    `replay`'s sweep starts them in, which depends on the action lists alone, never on durations), each with its
+    rank, stage, kind, dependencies (action index, the stage whose send it waits for or -1) and the stage whose
+    send it holds its rank for under blocking sends (-1: none)."""
+
+    rank: tuple[int, ...]
+    stage: tuple[int, ...]
+    kind: tuple[str, ...]
+    deps: tuple[tuple[tuple[int, int], ...], ...]
+    sends: tuple[int, ...]
+    frees: tuple[int, ...]  # 1: the action frees its microbatch's activations at its end (B, or W when split)
+    per_rank: tuple[tuple[int, ...], ...]  # each rank's actions in its execution order
+    stage_ranks: tuple[int, ...]
+
+
+@lru_cache(maxsize=64)
+def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: int) -> _Replay:
+    orders, stage_ranks = _torch_orders(schedule, num_stages, num_microbatches, num_ranks)
+    index: dict[Action, int] = {}
+    heads = [0] * num_ranks
+    rank, stage, kind, deps, sends = [], [], [], [], []
+    last = num_stages - 1
+    split = {(a.stage, a.microbatch) for order in orders for a in order if a.kind == "W"}
+
+    def dependencies(a: Action) -> list[tuple[Action, int]] | None:
+        """(producer, the stage whose send it waits for) pairs, or None while one has not been placed."""
+        if a.kind == "F":
+            need = [] if a.stage == 0 else [(Action(a.stage - 1, "F", a.microbatch), a.stage - 1)]
+        elif a.kind == "W":
+            need = [(Action(a.stage, "I", a.microbatch), -1)]
+        else:
+            need = [(Action(a.stage, "F", a.microbatch), -1)]
+            if a.stage < last:
+                grad = Action(a.stage + 1, "B", a.microbatch)
+                if grad not in index:
+                    grad = Action(a.stage + 1, "I", a.microbatch)
+                need.append((grad, a.stage))
+        if any(d not in index for d, _ in need):
+            return None
+        return need
+
+    progress = True
+    while progress:
+        progress = False
+        for r, order in enumerate(orders):
+            while heads[r] < len(order):
+                a = order[heads[r]]
+                need = dependencies(a)
+                if need is None:
+                    break
+                index[a] = len(rank)
+                rank.append(r)
+                stage.append(a.stage)
+                kind.append(a.kind)
+                deps.append(tuple((index[d], s if stage_ranks[d.stage] != r else -1) for d, s in need))
+                sent = _send_stage(a, stage_ranks)
+                sends.append(-1 if sent is None else sent)
+                heads[r] += 1
+                progress = True
+    if len(rank) != sum(len(o) for o in orders):
+        raise RuntimeError(f"{schedule} with {num_stages} stages, {num_microbatches} microbatches deadlocks")
+    frees = tuple(
+        1 if k == "W" or (k == "B" and (st, a.microbatch) not in split) else 0
+        for k, st, a in zip(kind, stage, sorted(index, key=index.__getitem__))
+    )
+    per_rank = tuple(tuple(index[a] for a in order) for order in orders)
+    return _Replay(tuple(rank), tuple(stage), tuple(kind), tuple(deps), tuple(sends), frees, per_rank,
+                   tuple(stage_ranks))  # fmt: skip
+
+
+def fast_replay(
+    stages: Sequence[StageCost], *, num_microbatches: int, schedule: str, num_ranks: int | None = None,
+    blocking_sends: bool = False,
+) -> StepTimes:  # fmt: skip
+    """`simulate`'s step time, rank ends and peak memory without its events and timelines: the schedule's replay is
+    reduced to arrays once per (schedule, stages, microbatches, ranks), then each call is one pass over its actions
+    (what the planner's boundary search prices thousands of splits with). Equal to `simulate`'s figures
+    (tests/test_simulate.py)."""
+    ranks = _check_counts(schedule, len(stages), num_microbatches, num_ranks)
+    plan = _compiled(schedule, len(stages), num_microbatches, ranks)
+    duration = {k: [c.duration(k) for c in stages] for k in _KINDS}
+    send = [c.send_time for c in stages]
+    n = len(plan.rank)
+    end = [0.0] * n
+    free = [0.0] * ranks
+    for i in range(n):
+        r = plan.rank[i]
+        t = free[r]
+        for d, s in plan.deps[i]:
+            arrive = end[d] + (send[s] if s >= 0 else 0.0)
+            if arrive > t:
+                t = arrive
+        end[i] = t + duration[plan.kind[i]][plan.stage[i]]
+        free[r] = end[i]
+        if blocking_sends and plan.sends[i] >= 0 and send[plan.sends[i]] > 0:
+            free[r] = end[i] + send[plan.sends[i]]
+    ends = tuple(free)  # after a rank's last action, or its last blocking send
+    peaks = []
+    for r, actions in enumerate(plan.per_rank):
+        level = sum(c.static_bytes for st, c in enumerate(stages) if plan.stage_ranks[st] == r)
+        peak = level
+        for i in actions:
+            st, k = plan.stage[i], plan.kind[i]
+            if k == "F":
+                level += stages[st].activation_bytes
+                peak = max(peak, level)
+            elif k in ("B", "I") and stages[st].transient_bytes > 0:
+                peak = max(peak, level + stages[st].transient_bytes)
+            if plan.frees[i]:
+                level -= stages[st].activation_bytes
+        peaks.append(peak)
+    return StepTimes(max(ends, default=0.0), ends, tuple(peaks), plan.stage_ranks)
 
 
 def step_lower_bound(schedule: str, work: float, num_ranks: int, num_microbatches: int) -> float:

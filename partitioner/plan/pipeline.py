@@ -24,13 +24,14 @@ Worked example: a 4-node chain with compute [1, 1, 1, 1] and free comm at S = 2 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from partitioner.plan.graph import PlanningGraph, StageMetrics, evaluate
-from partitioner.plan.recompute import partial_mode
+from partitioner.plan.recompute import layers_recomputed, partial_mode
+from partitioner.simulate import StageCost
 from partitioner.units import format_bytes
 
 __all__ = [
@@ -77,6 +78,8 @@ class _Prefix:
         self.n = n
         self.modes = tuple(modes)
         self.P = np.concatenate([[0.0], np.cumsum(pg.compute)])
+        self.F = np.concatenate([[0.0], np.cumsum(pg.forward)])
+        self.working = np.concatenate([[0], np.cumsum(pg.compute > 0)])  # nodes with compute, prefix counts
         # Bytes crossing a cut between positions b-1 | b of the order (value produced before b,
         # consumed at or after b); the model output counts as a consumer at position n.
         diff, count = np.zeros(n + 2), np.zeros(n + 2)
@@ -89,7 +92,11 @@ class _Prefix:
                 count[last[u] + 1] -= 1
         self.cross = np.cumsum(diff)[: n + 1]
         messages = np.cumsum(count)[: n + 1]  # values crossing each cut, one message each per microbatch
+        self.messages = messages
         self.w = np.array([pg.comm_time(b, microbatches, k) for b, k in zip(self.cross, messages)])
+        # One microbatch's send across each cut (the simulator's StageCost.send_time)
+        self.hop = np.array([pg.comm_time(b / microbatches, 1, k) for b, k in zip(self.cross, messages)])
+        self.microbatches = microbatches
         self.w[0] = 0.0
         self.w[n] = 0.0
         self.w_in = self.w if pg.training else np.zeros(n + 1)
@@ -128,8 +135,9 @@ class _Prefix:
                 self.allowed = narrow
         self.positions = np.flatnonzero(self.allowed)
 
-    def cost(self, j: int | np.ndarray, i: int, k: int = 0) -> float | np.ndarray:
-        """Time of a stage holding nodes [j, i) (one j or an array of them) under mode k: plan.graph.stage_time."""
+    def cost(self, j: int | np.ndarray, i: int | np.ndarray, k: int = 0) -> float | np.ndarray:
+        """Time of a stage holding nodes [j, i) (one j or i, or an array of them) under mode k:
+        plan.graph.stage_time."""
         compute = self.P[i] - self.P[j] + self.R[k][i] - self.R[k][j]
         comm = self.w[i] + self.w_in[j]
         return np.maximum(compute, comm) if self.overlaps_comm else compute + comm
@@ -156,6 +164,55 @@ class _Prefix:
             suffix_max = np.maximum.accumulate(self.T[k][lo:i][::-1])[::-1]
             mem = mem + suffix_max[js - lo]
         return mem
+
+    def stage_costs(self, cuts: Sequence[int], modes: Sequence[str]) -> list[StageCost]:
+        """Per-microbatch costs of contiguous stages `cuts` with recompute `modes` for the simulator, from the prefix
+        sums (what plan.graph.evaluate + to_stage_costs give for the same cuts, up to a parameter read on two stages,
+        whose state counts on its first reader's stage only: plan.price.ContiguousState.static_bytes counts it on
+        both)."""
+        m, out = self.microbatches, []
+        last = len(cuts) - 2
+        for s, (j, i) in enumerate(zip(cuts, cuts[1:])):
+            mode = modes[s]
+            forward = self.F[i] - self.F[j]
+            backward = self.P[i] - self.P[j] - forward
+            layers = layers_recomputed(mode)
+            if layers is None:
+                k = self.modes.index(mode)
+                backward += self.R[k][i] - self.R[k][j]
+                kept = self.A[k][i] - self.A[k][j]
+                transient = float(self.T[k][j:i].max(initial=0.0)) if self.T[k] is not None else 0.0
+            else:  # "full:k": the segment's first k whole layers (plan.recompute.partial_mode)
+                lo = int(np.searchsorted(self.layers[:, 0], j, side="left"))
+                backward += self.Q[lo + layers] - self.Q[lo]
+                kept = self.A[self.none][i] - self.A[self.none][j] - (self.D[lo + layers] - self.D[lo])
+                transient = self.tau
+            out.append(
+                StageCost(
+                    forward=forward / m,
+                    backward=backward / m,
+                    send_time=float(self.hop[i]) if s < last else 0.0,
+                    activation_bytes=max(float(kept), 0.0),
+                    static_bytes=float(self.S[i] - self.S[j]),
+                    transient_bytes=transient,
+                )
+            )
+        return out
+
+    def fitting_time(self, js: np.ndarray, i: int, in_flight: float, memory_limit: float) -> np.ndarray:
+        """Time of stages [j, i) for each j in js (ascending) with the fastest recompute mode that fits memory_limit
+        at `in_flight` microbatches (inf where none does; partial "full:k" included)."""
+        flight = np.full(js.size, in_flight)
+        best = np.full(js.size, np.inf)
+        for k in range(len(self.modes)):
+            time = np.asarray(self.cost(js, i, k), dtype=np.float64)
+            if memory_limit < np.inf:
+                time = np.where(self.memory(js, i, k, flight) <= memory_limit, time, np.inf)
+            best = np.minimum(best, time)
+        if self.layers is not None and memory_limit < np.inf and js.size:
+            layers, time = self.partial(js, i, flight, memory_limit)
+            best = np.where(layers > 0, np.minimum(best, time), best)
+        return best
 
     def modes_of(self, cuts: Sequence[int], in_flight: np.ndarray, memory_limit: float) -> list[str]:
         """Each segment's mode: the fastest that fits `memory_limit`, the less recomputing at equal time (the last
@@ -406,9 +463,11 @@ def plan_pipeline(
     rel_tol: float = 1e-5,
     recompute: Sequence[str] = ("none",),
     coarse: bool = False,
+    improve: Callable[[list[int]], list[int]] | None = None,
 ) -> PipelinePlan:
     """Stage of every planned node and each stage's recompute mode (one of `recompute`): contiguous optimum, then
-    min-cut boundary refinement."""
+    `improve` on its cuts if given (plan.step moves them to minimize the simulated step), then min-cut boundary
+    refinement."""
     cuts = contiguous_partition(
         pg,
         num_stages,
@@ -420,6 +479,8 @@ def plan_pipeline(
         recompute=recompute,
         coarse=coarse,
     )
+    if improve is not None:
+        cuts = improve(cuts)
     stage_of = cuts_to_stages(cuts)
     modes = stage_modes(pg, cuts, microbatches=microbatches, in_flight=in_flight, memory_limit=memory_limit,
                         recompute=recompute)  # fmt: skip

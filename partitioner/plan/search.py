@@ -47,16 +47,16 @@ from partitioner.plan.pipeline import (
     refine_plan,
     too_many_stages,
 )
+from partitioner.plan.price import Layout, price_step, stage_state, step_end
 from partitioner.plan.sharding import (
     DP_MODES,
     NON_OVERLAPPED_MODES,
-    data_parallel_cost,
     hsdp_shard,
-    optimizer_step_time,
     state_divisors,
 )
+from partitioner.plan.step import step_improver
 from partitioner.schedules import get_schedule
-from partitioner.simulate import SimResult, simulate, step_lower_bound
+from partitioner.simulate import SimResult, step_lower_bound
 from partitioner.units import format_bytes
 
 __all__ = [
@@ -636,93 +636,39 @@ def price_candidate(
     recompute: Sequence[str] | None = None,
 ) -> None:  # fmt: skip
     """Fill a candidate's figures for an assignment (and each stage's recompute mode): stage metrics with the
-    data-parallel collectives each microbatch exposes (plan.sharding), the replayed schedule, its peak memory, and
-    the step time (pipeline + the data-parallel tail + tied-weight gradient syncs)."""
+    data-parallel collectives each microbatch exposes, the replayed schedule, its peak memory, and the step time
+    (plan.price: the pipeline, each rank's data-parallel tail, tied-weight gradient sync and optimizer step)."""
     d, m, g = c.degrees, c.microbatches, c.graph
     num_stages = d.pp * c.stages_per_device
     metrics = evaluate(g, stage_of, num_stages, microbatches=m, in_flight=in_flight, recompute=recompute)
-    rank_of = get_schedule(c.schedule).stage_ranks(num_stages, d.pp)
-    tails, optimizer = [0.0] * d.pp, [0.0] * d.pp  # per rank
-    state = _stage_state(g, stage_of, num_stages)
-    split = get_schedule(c.schedule).split_backward
-    if g.training:
-        _, _, fo = state_divisors(c.data_parallel, d.dp, c.data_parallel_shard, split_backward=split)
-        held = [0.0] * d.pp
-        for s, (trainable, _, _) in enumerate(state):
-            held[rank_of[s]] += trainable  # stages share their rank's optimizer step
-        optimizer = [optimizer_step_time(g.spec, w, fo, g.param_element_size) for w in held]
-    if d.dp > 1 and g.training:
-        adjusted = []
-        for s, (met, (trainable, count, largest)) in enumerate(zip(metrics, state)):
-            cost = data_parallel_cost(
-                c.data_parallel or "ddp", g.spec, tp=d.tp, dp=d.dp, weight_bytes=trainable,
-                grad_bytes=trainable, forward=met.forward / m, backward=met.backward / m, layers=count,
-                largest_layer=largest, shard=c.data_parallel_shard, split_backward=split,
-                overlap_grad_reduce=c.overlap_grad_reduce,
-            )  # fmt: skip
-            tails[rank_of[s]] += cost.tail
-            adjusted.append(
-                dataclasses.replace(
-                    met,
-                    forward=met.forward + m * cost.forward,
-                    backward=met.backward + m * cost.backward,
-                    static_bytes=met.static_bytes + cost.transient,
-                    peak_memory=met.peak_memory + cost.transient,
-                )
-            )
-        metrics = adjusted
-    sim = simulate(
-        to_stage_costs(c.graph, metrics, m), num_microbatches=m, schedule=c.schedule, num_ranks=d.pp,
-        blocking_sends=not c.graph.spec.overlaps_comm,
-    )  # fmt: skip
+    priced = price_step(g, _layout(c), to_stage_costs(g, metrics, m), stage_state(g, stage_of, num_stages))
+    metrics = [
+        dataclasses.replace(
+            met,
+            forward=met.forward + m * extra.forward,
+            backward=met.backward + m * extra.backward,
+            static_bytes=met.static_bytes + extra.transient,
+            peak_memory=met.peak_memory + extra.transient,
+        )  # fmt: skip
+        for met, extra in zip(metrics, priced.data_parallel)
+    ]
+    sim = priced.simulation
     c.stage_of, c.metrics, c.simulation = list(stage_of), metrics, sim
     c.recompute = [met.recompute for met in metrics]
-    c.peak_memory = max(sim.peak_memory)
+    c.peak_memory = priced.peak_memory
     c.pipeline_time = sim.step_time
-    c.dp_sync = max(tails)
+    c.dp_sync = max(priced.tails)
     c.tied_sync = tied_sync_time(c.graph, stage_of, sim.stage_to_rank, internode=d.pp * d.tp * d.dp > devices_per_node)
-    c.optimizer_time = max(optimizer)
-    c.step_time = _step_end(c, sim, tails, optimizer)
+    c.optimizer_time = max(priced.optimizer)
+    tied = set(g.tied)
+    holders = sorted({sim.stage_to_rank[stage_of[i]] for i, ps in enumerate(g.params) if tied.intersection(ps)})
+    c.step_time = step_end(priced, c.tied_sync, holders)
 
 
-def _step_end(c: Candidate, sim: SimResult, tails: Sequence[float], optimizer: Sequence[float]) -> float:
-    """When the step ends: each rank finishes its part of the schedule, its data-parallel tail (plan.sharding), the
-    tied-weight gradient sync if it holds a tied copy (a collective over the holders, after the last of them), then
-    its optimizer step. Ranks finish the schedule at different times (1F1B's first stage last), so a rank that
-    finishes early updates its weights while others still compute."""
-    ends = [0.0] * len(tails)
-    for e in sim.events:
-        ends[e.rank] = max(ends[e.rank], e.end)
-    for rank, _start, end in sim.send_holds:
-        ends[rank] = max(ends[rank], end)
-    ready = [end + tail for end, tail in zip(ends, tails)]
-    if c.tied_sync > 0:
-        tied = set(c.graph.tied)
-        holders = {sim.stage_to_rank[c.stage_of[i]] for i, ps in enumerate(c.graph.params) if tied.intersection(ps)}
-        synced = max(ready[r] for r in holders) + c.tied_sync
-        ready = [synced if r in holders else t for r, t in enumerate(ready)]
-    return max(t + opt for t, opt in zip(ready, optimizer))
-
-
-def _stage_state(pg: PlanningGraph, stage_of: Sequence[int], num_stages: int) -> list[tuple[float, int, float]]:
-    """Per stage: (bytes of its trainable parameters, the layers they are spread over, the largest layer's bytes).
-
-    Layers are plan.recompute's (module paths ending in a list index); the stage's parameters outside every layer
-    count as one more. FSDP gathers a layer at a time, so these set how much of a collective can hide."""
-    unit = np.full(pg.n, -1, dtype=np.int64)
-    for u, (a, b) in enumerate(pg.regions.get("full", [])):
-        unit[a:b] = u
-    groups: list[dict[int, set[str]]] = [{} for _ in range(num_stages)]
-    for i, ps in enumerate(pg.params):
-        trainable = [p for p in ps if p in pg.trainable]
-        if trainable:
-            groups[stage_of[i]].setdefault(int(unit[i]), set()).update(trainable)
-    out = []
-    for per_unit in groups:
-        sizes = [sum(pg.param_bytes[p] for p in ps) for ps in per_unit.values()]
-        everything = set().union(*per_unit.values()) if per_unit else set()
-        out.append((float(sum(pg.param_bytes[p] for p in everything)), max(len(sizes), 1), max(sizes, default=0.0)))
-    return out
+def _layout(c: Candidate) -> Layout:
+    d = c.degrees
+    return Layout(d.pp, d.tp, d.dp, c.microbatches, c.schedule, c.data_parallel, c.data_parallel_shard,
+                  c.overlap_grad_reduce)  # fmt: skip
 
 
 def _data_parallel_transient(c: Candidate) -> float:
@@ -751,9 +697,20 @@ def _evaluate(
     args = dict(microbatches=c.microbatches, in_flight=flight, memory_limit=share, mincut=False, explain=False,
                 recompute=recompute)  # fmt: skip
     try:
-        if refine:  # the winner: planned in full (every cut position), then its boundaries refined by min-cut
-            plan = plan_pipeline(g, num_stages, rel_tol=1e-5, **args)
-            plan = refine_plan(g, plan, microbatches=c.microbatches, in_flight=flight, memory_limit=share)
+        if refine:
+            # The winner: planned in full (every cut position), its boundaries moved by the step (plan.step), then
+            # by min-cut (plan.mincut: same bottleneck or within its tie, fewer bytes sent); the faster of the two.
+            internode = c.degrees.pp * c.degrees.tp * c.degrees.dp > devices_per_node
+            improve = step_improver(g, _layout(c), num_stages, recompute=recompute, stage_memory=share,
+                                    rank_memory=share * c.stages_per_device, internode=internode)  # fmt: skip
+            plan = plan_pipeline(g, num_stages, rel_tol=1e-5, improve=improve, **args)
+            moved = refine_plan(g, plan, microbatches=c.microbatches, in_flight=flight, memory_limit=share)
+            if moved.stage_of != plan.stage_of:
+                other = dataclasses.replace(c, simulation=None)
+                price_candidate(other, moved.stage_of, flight, devices_per_node, moved.recompute)
+                price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute)
+                if other.peak_memory <= memory_limit and other.step_time < c.step_time * (1 - 1e-9):
+                    plan = moved
         else:
             if key not in plans:
                 # Candidates are ranked on coarse plans (cuts where one value crosses: plan.pipeline) to 0.1% of the

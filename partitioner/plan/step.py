@@ -1,0 +1,264 @@
+"""Stage boundaries chosen by the simulated step, not by the slowest stage alone.
+
+plan.pipeline's DP finds the contiguous split with the smallest bottleneck (the slowest stage). A training step
+pays more than its bottleneck: the first microbatch's forward and the last one's backward cross every stage (fill
+and drain), every hop between ranks adds its send to that path, and schedules treat uneven stages unevenly. Among
+splits of equal bottleneck, or one slightly worse, another can be faster; and a stage holding no compute (a view
+left alone by the DP's filling) costs a hop and a device for nothing. This module moves the boundaries of
+contiguous cuts to minimize
+
+    (stages without compute, the step plan.price prices: the schedule replayed (simulate.fast_replay), each rank's
+     data-parallel tail, tied-weight sync and optimizer step)
+
+in that order: a stage without compute is used only where the graph has too few nodes with compute for the stages.
+Each stage's recompute mode is chosen as the DP chooses it (the fastest that fits, plan.pipeline._Prefix.modes_of)
+and a split is allowed only if the replay's peak per rank fits the memory limit.
+
+How:
+- when the graph offers at most EXHAUSTIVE contiguous splits (small graphs), every one is priced: exact;
+- otherwise a local search from two starts, the given cuts (the DP's) and the split that minimizes the sum of
+  squared stage times under the same bottleneck with compute on every stage (`balanced_cuts`), each taking the
+  first move that improves until none does or its half of BUDGET replays is spent. Moves: (a) one boundary to
+  another position between its neighbours (the nearest ones, then doubling distances, and the position that
+  balances the two stages); (c) every boundary after (or before) one shifted together, moving work between the
+  pipeline's ends; (b) one boundary removed, merging the lightest stages, and another added at the balanced point
+  of a heavy stage.
+The given cuts are a candidate, so the result is never worse than them by this objective. Stage costs come from prefix
+sums (plan.pipeline._Prefix.stage_costs, plan.price.ContiguousState), equal to plan.graph.evaluate's; plan.search
+prices the result in full (and its min-cut refinement) and keeps whichever that price prefers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from partitioner.plan.graph import PlanningGraph, tied_sync_time
+from partitioner.plan.pipeline import _in_flight_array, _Prefix, _prefix
+from partitioner.plan.price import ContiguousState, Layout, price_step, step_end
+from partitioner.schedules import get_schedule
+
+__all__ = ["StepObjective", "balanced_cuts", "best_cuts_by_step", "step_improver"]
+
+EXHAUSTIVE = 256  # price every contiguous split when there are at most this many
+BUDGET = 1000  # replays the local search may spend (simulate.fast_replay: about 1 ms each at 8 stages)
+
+
+class StepObjective:
+    """The objective of contiguous cuts of `pg` into `num_stages` stages run as `layout` says: (stages without
+    compute, step time as plan.price prices it), infinite when a rank's replayed peak memory exceeds `rank_memory`
+    or a stage's nodes cannot be one stage (plan.ordering). Each stage's recompute mode is the fastest that fits
+    `stage_memory` with the schedule's in-flight counts (plan.pipeline._Prefix.modes_of)."""
+
+    def __init__(
+        self, pg: PlanningGraph, layout: Layout, num_stages: int, *, recompute: Sequence[str] = ("none",),
+        coarse: bool = False, stage_memory: float = math.inf, rank_memory: float | None = None, internode: bool = False,
+    ) -> None:  # fmt: skip
+        self.pg, self.layout, self.internode = pg, layout, internode
+        self.pre = _prefix(pg, layout.microbatches, recompute, coarse)
+        self.in_flight = _in_flight_array(get_schedule(layout.schedule).in_flight(num_stages, layout.microbatches),
+                                          num_stages, layout.microbatches)  # fmt: skip
+        self.stage_memory = stage_memory
+        self.rank_memory = rank_memory if rank_memory is not None else stage_memory * (num_stages // layout.pp)
+        self.state = ContiguousState(pg)
+        self.evaluations = 0
+
+    def __call__(self, cuts: Sequence[int]) -> tuple[int, float]:
+        pre = self.pre
+        if any(pre.limit[j] < i for j, i in zip(cuts, cuts[1:])):
+            return (0, math.inf)
+        self.evaluations += 1
+        modes = pre.modes_of(cuts, self.in_flight, self.stage_memory)
+        costs = [dataclasses.replace(cost, static_bytes=static)
+                 for cost, static in zip(pre.stage_costs(cuts, modes), self.state.static_bytes(cuts))]  # fmt: skip
+        priced = price_step(self.pg, self.layout, costs, self.state(cuts), fast=True)
+        if priced.peak_memory > self.rank_memory * (1 + 1e-9):
+            return (0, math.inf)
+        tied, ranks = 0.0, ()
+        if self.pg.tied and self.pg.training:
+            stage_of = np.repeat(np.arange(len(cuts) - 1), np.diff(cuts))
+            tied = tied_sync_time(self.pg, stage_of, priced.simulation.stage_to_rank, internode=self.internode)
+            ranks = sorted({priced.simulation.stage_to_rank[s] for s in self.state.tied_stages(cuts)})
+        empty = sum(1 for j, i in zip(cuts, cuts[1:]) if pre.working[i] == pre.working[j])
+        return (empty, step_end(priced, tied, ranks))
+
+
+def step_improver(
+    pg: PlanningGraph, layout: Layout, num_stages: int, *, recompute: Sequence[str] = ("none",), coarse: bool = False,
+    stage_memory: float = math.inf, rank_memory: float | None = None, internode: bool = False, budget: int = BUDGET,
+) -> Callable[[list[int]], list[int]]:  # fmt: skip
+    """What plan.pipeline.plan_pipeline(improve=...) takes: contiguous cuts -> the cuts minimizing the step of
+    `layout` (StepObjective's arguments)."""
+    objective = StepObjective(pg, layout, num_stages, recompute=recompute, coarse=coarse, stage_memory=stage_memory,
+                              rank_memory=rank_memory, internode=internode)  # fmt: skip
+    return lambda cuts: best_cuts_by_step(objective, cuts, pg.num_inputs, budget=budget)
+
+
+def best_cuts_by_step(
+    objective: StepObjective, cuts: Sequence[int], num_inputs: int, *, budget: int = BUDGET
+) -> list[int]:
+    """The cuts [0, b1, ..., n] minimizing `objective` (module docstring), starting from `cuts`."""
+    pre = objective.pre
+    start = list(map(int, cuts))
+    num_stages = len(start) - 1
+    if num_stages == 1:
+        return start
+    inner = [int(b) for b in pre.positions if max(num_inputs, 1) <= b < pre.n]
+    if math.comb(len(inner), num_stages - 1) <= EXHAUSTIVE:
+        best, best_value = start, objective(start)
+        for middle in itertools.combinations(inner, num_stages - 1):
+            candidate = [0, *middle, pre.n]
+            value = objective(candidate)
+            if value < best_value:
+                best, best_value = candidate, value
+        return best
+    starts = [start]
+    bottleneck = max(float(pre.cost(j, i)) for j, i in zip(start, start[1:]))
+    even = balanced_cuts(pre, num_stages, bottleneck, objective.in_flight, objective.stage_memory, num_inputs)
+    if even is not None and even != start:
+        starts.append(even)
+    positions = np.asarray(inner, dtype=np.int64)
+    found = [_local_search(objective, s, positions, objective.evaluations + budget // len(starts)) for s in starts]
+    return min(found, key=objective)
+
+
+def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: np.ndarray, memory_limit: float,
+                  num_inputs: int, working: bool = True) -> list[int] | None:  # fmt: skip
+    """The contiguous cuts with every stage within `bottleneck` and memory that minimize the sum of squared stage
+    times: every stage as even as the slowest allows, not just the slowest as fast as it can be (the DP leaves the
+    others anywhere under it), each holding some compute if `working`. An exact DP over (stage, prefix); None when
+    no such split exists."""
+    n, pos = pre.n, pre.positions
+    lo_valid = max(num_inputs, 1)
+    ends = pos[pos >= lo_valid]
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    parents = []
+    for s in range(num_stages):
+        nxt, parent = np.full(n + 1, np.inf), np.full(n + 1, -1, dtype=np.int64)
+        starts = np.flatnonzero(np.isfinite(best))
+        if starts.size == 0:
+            return None
+        for i in ends if s < num_stages - 1 else np.array([n]):
+            i = int(i)
+            j_lo = np.searchsorted(pre.P, pre.P[i] - bottleneck * (1 + 1e-9), side="left")  # a stage's compute <= T
+            js = starts[(starts >= j_lo) & (starts < i) & (pre.limit[starts] >= i)]
+            if working:  # a stage holds compute
+                js = js[pre.working[js] < pre.working[i]]
+            if js.size == 0:
+                continue
+            time = pre.fitting_time(js, i, float(in_flight[s]), memory_limit)
+            score = best[js] + np.where(time <= bottleneck * (1 + 1e-9), time * time, np.inf)
+            k = int(np.argmin(score))
+            if np.isfinite(score[k]):
+                nxt[i], parent[i] = score[k], js[k]
+        best = nxt
+        parents.append(parent)
+    if not np.isfinite(best[n]):
+        return None
+    cuts = [n]
+    for parent in reversed(parents):
+        cuts.append(int(parent[cuts[-1]]))
+    return cuts[::-1]
+
+
+def _local_search(objective: StepObjective, cuts: list[int], inner: np.ndarray, budget: int) -> list[int]:
+    """First improvement: the moves of the current cuts are tried in order, and the first that improves becomes the
+    current cuts; stops when none does or the budget is spent."""
+    seen: dict[tuple[int, ...], tuple[int, float]] = {}
+
+    def value(c: list[int]) -> tuple[int, float]:
+        key = tuple(c)
+        if key not in seen:
+            seen[key] = objective(c)
+        return seen[key]
+
+    best, best_value = cuts, value(cuts)
+    improved = True
+    while improved and objective.evaluations < budget:
+        improved = False
+        for moves in (_shifts, _block_shifts, _merge_and_split):
+            for candidate in moves(objective.pre, best, inner):
+                if objective.evaluations >= budget:
+                    break
+                v = value(candidate)
+                if v < best_value:
+                    best, best_value, improved = candidate, v, True
+                    break
+            if improved:
+                break
+    return best
+
+
+def _between(inner: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The allowed cut positions strictly between lo and hi."""
+    return inner[np.searchsorted(inner, lo, side="right") : np.searchsorted(inner, hi, side="left")]
+
+
+def _balanced(pre: _Prefix, j: int, i: int, options: np.ndarray) -> int | None:
+    """The position among `options` (inside (j, i)) where stages [j, b) and [b, i) are most even (cost model time),
+    None when there is none."""
+    if options.size == 0:
+        return None
+    worst = np.maximum(pre.cost(j, options), pre.cost(options, i))
+    return int(options[int(np.argmin(worst))])
+
+
+def _shifts(pre: _Prefix, cuts: list[int], inner: np.ndarray) -> list[list[int]]:
+    """Move (a): each boundary to the nearest positions on either side, then at doubling distances, and to the point
+    that balances its two stages."""
+    out = []
+    for r in range(1, len(cuts) - 1):
+        options = _between(inner, cuts[r - 1], cuts[r + 1])
+        if options.size <= 1:
+            continue
+        here = int(np.searchsorted(options, cuts[r]))
+        picks = {here + d for step in (1, 2, 4, 8, 16, 32, 64) for d in (-step, step)}
+        targets = {int(options[k]) for k in picks if 0 <= k < options.size}
+        if (b := _balanced(pre, cuts[r - 1], cuts[r + 1], options)) is not None:
+            targets.add(b)
+        targets.discard(cuts[r])
+        out += [cuts[:r] + [b] + cuts[r + 1 :] for b in sorted(targets)]
+    return out
+
+
+def _block_shifts(pre: _Prefix, cuts: list[int], inner: np.ndarray) -> list[list[int]]:
+    """Move (c): every boundary from the r-th on (or up to the r-th) moved by the same number of positions, so the
+    stages between keep their size while work moves between the ends of the pipeline (one boundary at a time, each
+    step would unbalance a stage and be refused)."""
+    index = np.searchsorted(inner, cuts[1:-1])
+    out = []
+    for step in (1, 2, 4, 8, 16):
+        for d in (-step, step):
+            for r in range(len(index)):
+                for part in (slice(r, None), slice(None, r + 1)):
+                    moved = index.copy()
+                    moved[part] += d
+                    if moved.min() < 0 or moved.max() >= inner.size or (np.diff(moved) <= 0).any():
+                        continue
+                    out.append([0, *map(int, inner[moved]), cuts[-1]])
+    return out
+
+
+def _merge_and_split(pre: _Prefix, cuts: list[int], inner: np.ndarray, width: int = 3) -> list[list[int]]:
+    """Move (b): remove the boundary between the lightest adjacent pair of stages (the `width` lightest pairs) and add
+    one at the balanced point of one of the `width` heaviest stages."""
+    times = np.array([float(pre.cost(j, i)) for j, i in zip(cuts, cuts[1:])])
+    pairs = np.argsort(times[:-1] + times[1:], kind="stable")[:width]  # boundary r = pair + 1
+    heavy = np.argsort(-times, kind="stable")[:width]
+    out = []
+    for pair in pairs:
+        r = int(pair) + 1
+        merged = cuts[:r] + cuts[r + 1 :]
+        for s in map(int, heavy):
+            if s in (r - 1, r):
+                continue  # splitting the merged pair again is move (a)
+            j, i = cuts[s], cuts[s + 1]
+            b = _balanced(pre, j, i, _between(inner, j, i))
+            if b is not None and b not in merged:
+                out.append(sorted(merged + [b]))
+    return out

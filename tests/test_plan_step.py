@@ -1,0 +1,157 @@
+"""plan.step: stage boundaries chosen by the simulated step (brute force on small chains, local optimum on larger
+ones, no stage without compute, costs equal to plan.graph.evaluate's)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from partitioner.plan.graph import evaluate, price, to_stage_costs
+from partitioner.plan.pipeline import _prefix, contiguous_partition, cuts_to_stages, plan_pipeline
+from partitioner.plan.price import ContiguousState, Layout, stage_state
+from partitioner.plan.search import search
+from partitioner.plan.step import StepObjective, best_cuts_by_step, step_improver
+from tests.planning_graphs import synthetic_graph
+
+
+def _chain(compute: list[float], out_bytes: list[float] | None = None, **kw):
+    n = len(compute)
+    return synthetic_graph(
+        compute, [(i, i + 1) for i in range(n - 1)], out_bytes or [1e2] * n, link_latency=kw.pop("latency", 0.01), **kw
+    )
+
+
+def _objective(pg, num_stages: int, m: int, schedule: str = "1f1b", memory: float = np.inf) -> StepObjective:
+    layout = Layout(pp=num_stages, tp=1, dp=1, microbatches=m, schedule=schedule)
+    return StepObjective(pg, layout, num_stages, stage_memory=memory)
+
+
+def _simulated_step(pg, cuts: list[int], m: int, schedule: str = "1f1b") -> float:
+    stages = len(cuts) - 1
+    _, sim = price(pg, cuts_to_stages(cuts), stages, microbatches=m, schedule=schedule, num_ranks=stages)
+    return sim.step_time
+
+
+chains = st.tuples(
+    st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=4, max_size=9),
+    st.integers(2, 4),  # stages
+    st.sampled_from([1, 2, 4, 8]),  # microbatches
+    st.booleans(),  # sends overlap compute
+)
+
+
+def _brute_force(pg, stages: int, m: int, memory: float = np.inf) -> tuple[int, float]:
+    """(fewest stages without compute, least replayed step) over every contiguous split that fits `memory`."""
+    best = (stages + 1, np.inf)
+    for middle in itertools.combinations(range(1, pg.n), stages - 1):
+        cuts = [0, *middle, pg.n]
+        _, sim = price(pg, cuts_to_stages(cuts), stages, microbatches=m, schedule="1f1b", num_ranks=stages)
+        if max(sim.peak_memory) > memory:
+            continue
+        empty = sum(1 for j, i in zip(cuts, cuts[1:]) if pg.compute[j:i].sum() <= 0)
+        best = min(best, (empty, sim.step_time))
+    return best
+
+
+@settings(max_examples=40, deadline=None)
+@given(chains)
+def test_small_chains_get_the_best_simulated_step_of_every_contiguous_split(case) -> None:
+    """On a chain every valid assignment is contiguous: the plan has the fewest stages without compute and, among
+    those, the least replayed step of all of them."""
+    compute, stages, m, overlaps = case
+    m = max(m, stages)  # 1F1B runs at least as many microbatches as stages
+    pg = _chain([0.0] + compute, overlaps_comm=overlaps)
+    if stages > pg.n - 1:
+        return
+    start = contiguous_partition(pg, stages, microbatches=m)
+    cuts = best_cuts_by_step(_objective(pg, stages, m), start, pg.num_inputs)
+    empty = sum(1 for j, i in zip(cuts, cuts[1:]) if pg.compute[j:i].sum() <= 0)
+    brute = _brute_force(pg, stages, m)
+    assert empty == brute[0]
+    assert _simulated_step(pg, cuts, m) == pytest.approx(brute[1], rel=1e-9)
+    improve = step_improver(pg, Layout(stages, 1, 1, m, "1f1b"), stages)
+    plan = plan_pipeline(pg, stages, microbatches=m, improve=improve, mincut=False)
+    assert plan.stage_of == cuts_to_stages(cuts)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(st.floats(0.1, 10.0, allow_nan=False), min_size=40, max_size=80),
+    st.integers(3, 6),
+    st.sampled_from([8, 16]),
+)
+def test_local_search_never_loses_to_its_start_and_ends_where_no_neighbouring_boundary_helps(compute, stages, m):
+    pg = _chain([0.0] + compute, [float(b) for b in np.linspace(1e2, 5e3, len(compute) + 1)])
+    start = contiguous_partition(pg, stages, microbatches=m)
+    objective = _objective(pg, stages, m)
+    cuts = best_cuts_by_step(objective, start, pg.num_inputs, budget=10_000)
+    assert objective(cuts) <= objective(start)
+    for r in range(1, stages):
+        for shift in (-1, 1):
+            moved = list(cuts)
+            moved[r] += shift
+            if moved[r - 1] < moved[r] < moved[r + 1] and moved[r] >= 1:
+                assert objective(moved) >= objective(cuts)
+
+
+def test_a_stage_of_views_alone_is_not_made_while_compute_can_fill_every_stage() -> None:
+    """Zero-compute nodes (views) between heavy ones: the bottleneck DP alone may leave a stage holding a view; the
+    step objective gives every stage compute."""
+    compute = [0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0] * 2
+    pg = _chain(compute)
+    for stages in (3, 4, 6):
+        best, _ = search(pg, stages, tp_model=lambda tp, **k: None, max_tp=1, batch=None, memory_limit=np.inf,
+                         schedules=["1f1b"], pipeline=stages, microbatches=8)  # fmt: skip
+        work = np.bincount(best.stage_of, weights=pg.compute, minlength=stages)
+        assert (work > 0).all(), (stages, work)
+
+
+def test_prefix_stage_costs_and_state_equal_the_evaluated_ones() -> None:
+    """The local search prices splits from prefix sums; they must be the costs plan.graph.evaluate and the training
+    state plan.price.stage_state give, a parameter read on two stages (tied) included."""
+    rng = np.random.default_rng(0)
+    n = 30
+    params = [[f"p{i}"] if i % 5 == 2 else [] for i in range(n)]
+    params[3].append("tied")
+    params[27].append("tied")
+    static = {f"p{i}": 1000 * i for i in range(n) if i % 5 == 2} | {"tied": 5000}
+    pg = synthetic_graph(
+        list(rng.uniform(0, 3, n)), [(i, i + 1) for i in range(n - 1)] + [(i, i + 3) for i in range(0, n - 3, 4)],
+        list(rng.uniform(0, 1e3, n)), saved_bytes=list(rng.uniform(0, 1e6, n)), link_latency=0.01,
+        params=params, param_static=static,
+    )  # fmt: skip
+    pg = dataclasses.replace(pg, trainable=frozenset(static), param_bytes={k: v // 4 for k, v in static.items()})
+    m, cuts = 4, [0, 7, 15, 22, n]
+    pre = _prefix(pg, m, ("none",))
+    ours = pre.stage_costs(cuts, ["none"] * 4)
+    metrics = evaluate(pg, cuts_to_stages(cuts), 4, microbatches=m)
+    for a, b in zip(ours, to_stage_costs(pg, metrics, m)):
+        for field in ("forward", "backward", "send_time", "activation_bytes", "transient_bytes"):
+            assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-9, abs=1e-12), field
+    state = ContiguousState(pg)
+    assert state.static_bytes(cuts) == pytest.approx([met.static_bytes for met in metrics])
+    exact = stage_state(pg, cuts_to_stages(cuts), 4)
+    assert [s.trainable for s in state(cuts)] == pytest.approx([s.trainable for s in exact])
+    assert state.tied_stages(cuts) == set()  # "tied" is shared, not a tied alias (pg.tied is empty)
+
+
+def test_memory_the_replay_exceeds_is_never_chosen() -> None:
+    """Activations heavy at the start and 1F1B's first stage holding the most microbatches: at a limit the balanced
+    split exceeds, the plan is the fastest split whose replayed peak fits."""
+    pg = _chain([0.0] + [1.0] * 10, saved_bytes=[0.0] + [400.0] * 5 + [100.0] * 5)
+    m, stages = 4, 3
+    start = contiguous_partition(pg, stages, microbatches=m)
+    balanced_peak = max(price(pg, cuts_to_stages(start), stages, microbatches=m, schedule="1f1b",
+                              num_ranks=stages)[1].peak_memory)  # fmt: skip
+    limit = 0.7 * balanced_peak
+    brute = _brute_force(pg, stages, m, memory=limit)
+    assert np.isfinite(brute[1]), "the test needs some split to fit"
+    cuts = best_cuts_by_step(_objective(pg, stages, m, memory=limit), start, pg.num_inputs)
+    _, sim = price(pg, cuts_to_stages(cuts), stages, microbatches=m, schedule="1f1b", num_ranks=stages)
+    assert max(sim.peak_memory) <= limit
+    assert sim.step_time == pytest.approx(brute[1], rel=1e-9)
