@@ -336,6 +336,10 @@ def search(
         if not best.fits or best.step_time > ranked.step_time * (1 + 1e-9):
             candidates = [ranked if c is best else c for c in candidates]
             best = ranked
+    if best is not None and best.simulation is None:  # ranked on a fast replay: its events for the plan and Gantt
+        num_stages = best.degrees.pp * best.stages_per_device
+        flight = get_schedule(best.schedule).in_flight(num_stages, best.microbatches)
+        price_candidate(best, best.stage_of, flight, devices_per_node, best.recompute)
     evaluated = sorted(candidates, key=lambda c: (not c.fits, c is not best, c.step_time, c.bound))
     if best is None:
         raise _no_layout_error(ev, evaluated, devices, max_tp, pipeline, tensor_parallel, keep)
@@ -633,15 +637,16 @@ def _better(c: Candidate, best: Candidate, tie: float = 1e-3) -> bool:
 
 def price_candidate(
     c: Candidate, stage_of: list[int], in_flight: Sequence[int], devices_per_node: int,
-    recompute: Sequence[str] | None = None,
+    recompute: Sequence[str] | None = None, *, fast: bool = False,
 ) -> None:  # fmt: skip
     """Fill a candidate's figures for an assignment (and each stage's recompute mode): stage metrics with the
     data-parallel collectives each microbatch exposes, the replayed schedule, its peak memory, and the step time
-    (plan.price: the pipeline, each rank's data-parallel tail, tied-weight gradient sync and optimizer step)."""
+    (plan.price: the pipeline, each rank's data-parallel tail, tied-weight gradient sync and optimizer step).
+    `fast`: the same figures from simulate.fast_replay, without the replay's events (c.simulation stays None)."""
     d, m, g = c.degrees, c.microbatches, c.graph
     num_stages = d.pp * c.stages_per_device
     metrics = evaluate(g, stage_of, num_stages, microbatches=m, in_flight=in_flight, recompute=recompute)
-    priced = price_step(g, _layout(c), to_stage_costs(g, metrics, m), stage_state(g, stage_of, num_stages))
+    priced = price_step(g, _layout(c), to_stage_costs(g, metrics, m), stage_state(g, stage_of, num_stages), fast=fast)
     metrics = [
         dataclasses.replace(
             met,
@@ -653,7 +658,8 @@ def price_candidate(
         for met, extra in zip(metrics, priced.data_parallel)
     ]
     sim = priced.simulation
-    c.stage_of, c.metrics, c.simulation = list(stage_of), metrics, sim
+    c.stage_of, c.metrics = list(stage_of), metrics
+    c.simulation = sim if isinstance(sim, SimResult) else None
     c.recompute = [met.recompute for met in metrics]
     c.peak_memory = priced.peak_memory
     c.pipeline_time = sim.step_time
@@ -723,7 +729,8 @@ def _evaluate(
                 except ValueError:  # too few coarse cuts for the stages
                     plans[key] = plan_pipeline(g, num_stages, rel_tol=1e-3, **args)
             plan = plans[key]
-        price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute)
+        # Candidates are ranked on fast replays; the one the search returns is replayed in full (search)
+        price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute, fast=not refine)
     except InfeasibleMemoryError as e:
         c.note, c.out_of_memory = str(e), True
         return
