@@ -4,7 +4,10 @@
     python bench/run.py --model all --devices 8 --json       # every zoo model, a JSON per run
     python bench/run.py --model gpt3-tiny --execute          # also run it here and measure
 
-Prints, per model: compile time by phase, the plan table, the predicted step time, throughput, model
+Prints, per model, first the headline: what a user gets on --devices devices, our compile(devices=N)
+recommendation (the pp x tp x dp search) against each tool at its best pipeline degree with the remaining
+devices as data parallelism (DDP), and data parallelism alone; then the planner's quality on a fixed
+pipeline (pp = devices): compile time by phase, the plan table, the predicted step time, throughput, model
 FLOP utilization, bubble, peak memory per device against the limit, fallbacks; then every baseline
 split (bench/baselines.py) priced by the same cost model and replayed by the same schedule simulator,
 as predicted step time and its ratio to ours; then the layout the pp x tp x dp search picks for the
@@ -38,7 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import partitioner  # noqa: E402
 import zoo  # noqa: E402
 from bench.baselines import BASELINES, NotApplicable  # noqa: E402
-from partitioner.plan.search import Candidate, Degrees, price_candidate  # noqa: E402
+from partitioner.plan.search import (  # noqa: E402
+    Candidate,
+    Degrees,
+    _microbatch_choice,
+    price_candidate,
+    scale_graph,
+)
 from partitioner.schedules import get_schedule  # noqa: E402
 from partitioner.simulate import StageCost, simulate  # noqa: E402
 from partitioner.units import format_bytes, format_seconds  # noqa: E402
@@ -116,6 +125,47 @@ def _simulate(pg: Any, stage_of: list[int], stages: int, m: int, schedule: str, 
         "peak_memory": c.peak_memory,
         "stages_used": stages,
     }
+
+
+def _tools_at(pg: Any, gm: Any, model: Any, devices: int, batch: int, schedule: str, limit: float,
+              microbatches: int | None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each tool as a user would run it on `devices` devices: its own pipeline split at every pipeline degree pp
+    dividing the devices, the remaining devices as data parallelism (DDP, the default of each tool's docs), priced
+    like our plans; its fastest layout that fits. "data parallel only" is pp 1 (the same for every tool)."""
+    out: dict[str, dict[str, Any]] = {}
+    tools: dict[str, Any] = {"data parallel only": None, **BASELINES}
+    for label, fn in tools.items():
+        best: dict[str, Any] | None = None
+        notes = []
+        for pp in [d for d in range(1, devices + 1) if devices % d == 0]:
+            if (fn is None) != (pp == 1):
+                continue  # pp 1 is the data-parallel row; a tool's own rows split into pipelines
+            dp = devices // pp
+            m = _microbatch_choice(batch, dp, pp, microbatches)
+            if m is None:
+                continue
+            try:
+                stage_of = [0] * pg.n if fn is None else fn(pg, gm, model, pp)
+            except (NotApplicable, ValueError) as e:
+                notes.append(str(e).splitlines()[0])
+                continue
+            used = max(stage_of) + 1  # a tool may leave stages empty: its ranks then idle
+            g = scale_graph(pg, None, dp, "ddp" if dp > 1 else "", pp=used)
+            c = Candidate(Degrees(pp=used, tp=1, dp=dp), m, schedule if used == pp else "1f1b", 1,
+                          data_parallel="ddp" if dp > 1 else "", graph=g)  # fmt: skip
+            try:
+                price_candidate(c, stage_of, get_schedule(c.schedule).in_flight(used, m), pg.spec.devices_per_node,
+                                fast=True)  # fmt: skip
+            except ValueError as e:
+                notes.append(str(e).splitlines()[0])
+                continue
+            if c.peak_memory > limit:
+                notes.append(f"pp{pp} x dp{dp} peaks at {format_bytes(c.peak_memory)}")
+                continue
+            if best is None or c.step_time < best["step_time"]:
+                best = {"pp": pp, "dp": dp, "microbatches": m, "stages_used": used, "step_time": c.step_time}
+        out[label] = best if best is not None else {"note": "; ".join(notes[:2]) or "no layout fits"}
+    return out
 
 
 def _perfect_balance(pg: Any, stages: int, m: int, schedule: str, ranks: int) -> dict[str, float]:
@@ -243,6 +293,11 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
                     time.perf_counter() - t1, **found.predicted}  # fmt: skip
     except ValueError as e:
         searched = {"note": str(e).splitlines()[0][:300]}
+    tools = _tools_at(pg, gm, model, args.devices, args.batch, schedule or "1f1b", plan.memory_limit,
+                      args.microbatches)  # fmt: skip
+    for row in tools.values():
+        if "step_time" in row and "step_time" in searched:
+            row["ratio"] = row["step_time"] / searched["step_time"]
 
     gantt = None
     if args.gantt:
@@ -274,7 +329,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         "best_baseline": best_label,
         "speedup_over_best_baseline": best_base["step_time"] / predicted["step_time"] if best_base else None,
         "bottleneck_over_perfect_balance": plan.bottleneck_time / bound["bottleneck"],
-        "searched_layout": searched, "gantt": gantt, "execute": executed,
+        "searched_layout": searched, "tools_at_devices": tools, "gantt": gantt, "execute": executed,
     }  # fmt: skip
     _print(result, plan)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,6 +346,8 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
 def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
     p = r["predicted"]
     print(f"\n=== {r['model']} ({r['params'] / 1e6:.1f}M parameters, {r['dtype']}, seq {r['seq']}) ===")
+    _print_headline(r)
+    print("\n--- planner quality: every split on the same fixed pipeline (pp = devices, no data parallelism) ---")
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in r["compile_phases"].items())
     print(f"compile: {r['compile_time']:.2f} s ({phases})")
     print(plan.summary())
@@ -346,6 +403,29 @@ def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
         )
     if r["gantt"]:
         print(f"gantt: {r['gantt']}")
+
+
+def _print_headline(r: dict[str, Any]) -> None:
+    """What a user gets on these devices: our compile(devices=N) recommendation against each tool at its best
+    pipeline degree with the remaining devices as data parallelism. Every figure is predicted."""
+    s, o = r["searched_layout"], r["options"]
+    print(f"on {o['devices']} x {o['device_type']}, batch {o['batch']} (predicted by our cost model and simulator):")
+    if "step_time" not in s:
+        print(f"  ours: {s['note']}")
+        return
+    layout = f"pp{s['pp']} x tp{s['tp']} x dp{s['dp']}, {s['microbatches']} microbatches, {s['schedule']}"
+    print(f"  {'ours: compile(devices=N)':42s} {format_seconds(s['step_time']):>10s}   {layout}")
+    for label, row in r["tools_at_devices"].items():
+        if "step_time" not in row:
+            print(f"  {label:42s} {'n/a':>10s}   ({row['note'][:100]})")
+            continue
+        ratio = row["ratio"]
+        slower = "slower" if ratio > 1 else "faster"
+        verdict = "as fast as ours" if abs(ratio - 1) < 5e-4 else f"{ratio:.3f}x ours ({slower})"
+        used = "" if row["stages_used"] == row["pp"] else f", {row['stages_used']} stages used"
+        name = label if label == "data parallel only" else f"{label} at its best pp"
+        print(f"  {name:42s} {format_seconds(row['step_time']):>10s}   pp{row['pp']} x dp{row['dp']}, "
+              f"{row['microbatches']} microbatches{used}: {verdict}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
