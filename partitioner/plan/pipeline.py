@@ -285,8 +285,10 @@ def _cuts_from_parents(parent: np.ndarray, n: int) -> list[int]:
 
 
 def _split_to(pre: _Prefix, cuts: list[int], num_stages: int, num_inputs: int) -> list[int]:
-    """Add cuts until there are num_stages segments, splitting where the larger half is smallest."""
+    """Add cuts until there are num_stages segments, splitting where the larger half is smallest among the splits
+    that leave the fewest stages without compute (a stage of views alone costs a hop and a device for nothing)."""
     cuts = list(cuts)
+    w = pre.working
     while len(cuts) - 1 < num_stages:
         best = None
         for s in range(len(cuts) - 1):
@@ -294,9 +296,10 @@ def _split_to(pre: _Prefix, cuts: list[int], num_stages: int, num_inputs: int) -
             for b in range(max(j + 1, num_inputs), i):
                 if not pre.allowed[b] or pre.limit[b] < i:
                     continue
-                worst = max(pre.cost(j, b), pre.cost(b, i))
-                if best is None or worst < best[0]:
-                    best = (worst, b)
+                idle = int(w[b] == w[j]) + int(w[i] == w[b]) - int(w[i] == w[j])  # stages without compute it adds
+                key = (idle, max(pre.cost(j, b), pre.cost(b, i)))
+                if best is None or key < best[0]:
+                    best = (key, b)
         if best is None:
             why = " and the order of in-place writes (plan.ordering)" if pre.limit.min() < pre.n else ""
             raise ValueError(
@@ -412,17 +415,40 @@ def contiguous_partition(
     first = _cuts_from_parents(parent, pre.n)
     hi = max(lo, float(max(pre.cost(j, i) for j, i in zip(first, first[1:]))))
     best_parent = parent
+
+    def feasible(t: float) -> bool:
+        nonlocal hi, best_parent
+        g, parent = _min_stage_dp(pre, t, pg.num_inputs, flight, memory_limit, num_stages)
+        if np.isfinite(g[pre.n]) and g[pre.n] <= num_stages:
+            # The split found may be better than asked for: its own bottleneck is a feasible bound too
+            hi = min(t, _bottleneck(pre, _cuts_from_parents(parent, pre.n), flight, memory_limit))
+            best_parent = parent
+            return True
+        return False
+
+    # Galloping from the lower bound (the optimum is most often within a few percent of it, and the fewest-stages
+    # split above can be far slower), then bisection.
+    step = 0.01
+    while lo * (1 + step) < hi and hi - lo > rel_tol * max(hi, 1e-30):
+        if feasible(lo * (1 + step)):
+            break
+        lo, step = lo * (1 + step), 2 * step
     while hi - lo > rel_tol * max(hi, 1e-30):
         mid = (lo + hi) / 2
-        g, parent = _min_stage_dp(pre, mid, pg.num_inputs, flight, memory_limit, num_stages)
-        if np.isfinite(g[pre.n]) and g[pre.n] <= num_stages:
-            hi, best_parent = mid, parent
-        else:
+        if not feasible(mid):
             lo = mid
     cuts = _cuts_from_parents(best_parent, pre.n)
     if len(cuts) - 1 < num_stages:
         cuts = _split_to(pre, cuts, num_stages, pg.num_inputs)
     return cuts
+
+
+def _bottleneck(pre: _Prefix, cuts: list[int], in_flight: np.ndarray, memory_limit: float) -> float:
+    """The slowest stage of contiguous `cuts`, each stage at its fastest recompute mode that fits."""
+    return max(
+        float(pre.fitting_time(np.array([j]), i, float(in_flight[s]), memory_limit)[0])
+        for s, (j, i) in enumerate(zip(cuts, cuts[1:]))
+    )
 
 
 def _with_recompute(pre: _Prefix) -> str:
