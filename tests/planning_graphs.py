@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
@@ -105,3 +106,44 @@ def random_dags(draw, max_nodes: int = 7, chain: bool = False, comm: bool = True
             edges += [(u, v) for u in producers]
     latency = draw(st.sampled_from([0.0, 0.05])) if comm else 0.0
     return synthetic_graph(compute, edges, out_bytes, overlaps_comm=draw(st.booleans()), link_latency=latency)
+
+
+def reference_min_stage_dp(
+    pre: Any, T: float, num_inputs: int, in_flight: np.ndarray, memory_limit: float, max_stages: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The end-by-end DP plan.pipeline._min_stage_dp replaced (one end at a time over its window of starts): g[i]
+    (fewest stages for prefix i, inf if none) and parent[i] (the smallest start of the last stage among the fewest).
+    Kept as the reference the breadth-first version is checked against."""
+    n = pre.n
+    g = np.full(n + 1, np.inf)
+    parent = np.full(n + 1, -1, dtype=np.int64)
+    g[0] = 0
+    lo_valid = max(num_inputs, 1)  # a cut may not separate the model inputs from stage 0
+    pos = pre.positions
+    for i in pos[pos >= lo_valid]:
+        i = int(i)
+        j_lo = int(np.searchsorted(pre.P, pre.P[i] - T, side="left"))
+        js = pos[np.searchsorted(pos, max(j_lo, lo_valid)) : np.searchsorted(pos, i)]
+        if j_lo == 0 and pre.allowed[0]:
+            js = np.concatenate([[0], js])
+        js = js[pre.limit[js] >= i]
+        if js.size == 0:
+            continue
+        gj = g[js]
+        valid = np.isfinite(gj) & (gj < max_stages)
+        stage_idx = np.minimum(np.where(valid, gj, 0), max_stages - 1).astype(np.int64)
+        ok = np.zeros(js.size, dtype=bool)
+        for k in range(len(pre.modes)):  # a segment is feasible if some recompute mode makes it so
+            ok_k = valid & ~ok & (pre.cost(js, i, k) <= T)
+            if memory_limit < np.inf and ok_k.any():
+                ok_k &= pre.memory(js, i, k, in_flight[stage_idx]) <= memory_limit
+            ok |= ok_k
+        if pre.layers is not None and memory_limit < np.inf and (left := valid & ~ok).any():  # "full:k"
+            layers, time = pre.partial(js[left], i, in_flight[stage_idx[left]], memory_limit)
+            ok[np.flatnonzero(left)[(layers > 0) & (time <= T)]] = True
+        if not ok.any():
+            continue
+        k = int(np.argmin(np.where(ok, gj, np.inf)))
+        g[i] = gj[k] + 1
+        parent[i] = js[k]
+    return g, parent

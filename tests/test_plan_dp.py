@@ -1,0 +1,72 @@
+"""plan.pipeline._min_stage_dp (breadth first over stage counts) against the end-by-end DP it replaced
+(tests/planning_graphs.reference_min_stage_dp): equal fewest-stage counts and parents, on random DAGs with memory and
+on a transformer with every recompute mode, "full:k" included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.fx as fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from partitioner.annotate import annotate
+from partitioner.cost import node_costs
+from partitioner.devices import get_device_spec
+from partitioner.plan.graph import build_planning_graph
+from partitioner.plan.pipeline import _in_flight_array, _min_stage_dp, _prefix
+from tests.planning_graphs import random_dags, reference_min_stage_dp
+from zoo.gpt3 import GPT, GPTConfig
+
+
+def _same(pre, T: float, num_inputs: int, flight: np.ndarray, limit: float, stages: int) -> None:
+    g, parent = _min_stage_dp(pre, T, num_inputs, flight, limit, stages)
+    g_ref, parent_ref = reference_min_stage_dp(pre, T, num_inputs, flight, limit, stages)
+    np.testing.assert_array_equal(g, g_ref)
+    reached = np.isfinite(g_ref)
+    np.testing.assert_array_equal(parent[reached], parent_ref[reached])
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_dags(max_nodes=12), st.integers(1, 5), st.floats(0.3, 3.0), st.floats(0.0, 1.0), st.booleans())
+def test_breadth_first_dp_equals_the_end_by_end_dp_on_random_graphs(pg, stages, t_scale, memory_scale, coarse):
+    rng = np.random.default_rng(pg.n)
+    pg.saved_bytes[:] = rng.uniform(0, 100, pg.n)
+    pg.param_static.update({f"p{i}": int(rng.integers(0, 500)) for i in range(pg.n)})
+    pg.param_bytes.update(pg.param_static)
+    for i in range(pg.n):
+        pg.params[i] = [f"p{i}"]
+    m = 4
+    pre = _prefix(pg, m, ("none",), coarse)
+    flight = _in_flight_array([min(stages - s, m) for s in range(stages)], stages, m)
+    total = float(pre.P[-1])
+    limit = np.inf if memory_scale > 0.9 else memory_scale * float(pre.S[-1] + pre.A[0][-1] * m) + 1.0
+    for T in (np.inf, t_scale * total / stages):
+        _same(pre, T, pg.num_inputs, flight, limit, stages)
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    """A 4-layer GPT with its recompute regions (selective and full, so "full:k" too)."""
+    cfg = GPTConfig(n_layer=4, d_model=64, n_head=4, vocab_size=256, n_ctx=32, attention="math", dropout=0.1)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    gm = fx.symbolic_trace(model)
+    annotate(gm, [torch.zeros(8, 32, dtype=torch.long, device="meta")])
+    spec = get_device_spec("a100")
+    return build_planning_graph(gm, node_costs(gm, spec), spec, training=True)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+@pytest.mark.parametrize("stages", [1, 2, 3, 5])
+def test_breadth_first_dp_equals_the_end_by_end_dp_with_every_recompute_mode(transformer, coarse, stages) -> None:
+    pg, m = transformer, 8
+    assert set(pg.recompute_modes()) >= {"none", "selective", "full"}
+    pre = _prefix(pg, m, pg.recompute_modes(), coarse)
+    flight = _in_flight_array([min(stages - s, m) for s in range(stages)], stages, m)
+    total, heaviest = float(pre.P[-1]), float(pre.S[-1] + pre.A[0][-1] * m)
+    for T in (np.inf, 1.5 * total / stages, 1.05 * total / stages, total / stages):
+        for fraction in (np.inf, 0.8, 0.5, 0.3, 0.15):
+            limit = np.inf if fraction == np.inf else fraction * heaviest / stages
+            _same(pre, T, pg.num_inputs, flight, limit, stages)
