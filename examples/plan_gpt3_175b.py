@@ -1,6 +1,6 @@
 """Plan GPT-3 175B for 64 H100s on the meta device (no weights allocated) and print the plan's summary.
 
-    python examples/plan_gpt3_175b.py                                        # about 30 s on 2 cores
+    python examples/plan_gpt3_175b.py                                        # about 20 s on 2 cores
     python examples/plan_gpt3_175b.py --model gpt3-1.3b --devices 8 --batch 16   # a smaller run, seconds
 
 The same as `partitioner plan gpt3-175b --devices 64 --batch 256 --seq 2048` (README: Use).
