@@ -548,10 +548,10 @@ class StepTimes:
 
 @dataclass(frozen=True)
 class _Replay:
-    """A schedule's replay reduced to arrays: actions in an order where every dependency comes first (the order
-    `replay`'s sweep starts them in, which depends on the action lists alone, never on durations), each with its
-    rank, stage, kind, dependencies (action index, the stage whose send it waits for or -1) and the stage whose
-    send it holds its rank for under blocking sends (-1: none)."""
+    """A schedule's replay reduced to arrays: actions in an order where every dependency and every earlier action of
+    the same rank comes first (a topological order, which depends on the action lists alone, never on durations),
+    each with its rank, stage, kind, dependencies (action index, the stage whose send it waits for or -1) and the
+    stage whose send it holds its rank for under blocking sends (-1: none)."""
 
     rank: tuple[int, ...]
     stage: tuple[int, ...]
@@ -565,15 +565,21 @@ class _Replay:
 
 @lru_cache(maxsize=64)
 def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: int) -> _Replay:
+    """The replay structure of a schedule: every action's data dependencies and its rank predecessor as edges, put
+    in a topological order by Kahn's algorithm (linear in the number of actions; replay's sweep revisits every
+    rank's blocked head once per pass). Any topological order gives replay's times: an action starts at the latest
+    of its rank's previous action and its inputs' arrivals."""
     orders, stage_ranks = _torch_orders(schedule, num_stages, num_microbatches, num_ranks)
-    index: dict[Action, int] = {}
-    heads = [0] * num_ranks
-    rank, stage, kind, deps, sends = [], [], [], [], []
+    actions = [a for order in orders for a in order]  # rank-major: each rank's list in execution order
+    rank_of = [r for r, order in enumerate(orders) for _ in order]
+    where = {a: k for k, a in enumerate(actions)}
     last = num_stages - 1
-    split = {(a.stage, a.microbatch) for order in orders for a in order if a.kind == "W"}
-
-    def dependencies(a: Action) -> list[tuple[Action, int]] | None:
-        """(producer, the stage whose send it waits for) pairs, or None while one has not been placed."""
+    split = {(a.stage, a.microbatch) for a in actions if a.kind == "W"}
+    n = len(actions)
+    deps: list[tuple[tuple[int, int], ...]] = []
+    waiting = [0] * n  # edges into each action not yet satisfied
+    after: list[list[int]] = [[] for _ in range(n)]
+    for k, a in enumerate(actions):
         if a.kind == "F":
             need = [] if a.stage == 0 else [(Action(a.stage - 1, "F", a.microbatch), a.stage - 1)]
         elif a.kind == "W":
@@ -582,40 +588,46 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
             need = [(Action(a.stage, "F", a.microbatch), -1)]
             if a.stage < last:
                 grad = Action(a.stage + 1, "B", a.microbatch)
-                if grad not in index:
-                    grad = Action(a.stage + 1, "I", a.microbatch)
-                need.append((grad, a.stage))
-        if any(d not in index for d, _ in need):
-            return None
-        return need
-
-    progress = True
-    while progress:
-        progress = False
-        for r, order in enumerate(orders):
-            while heads[r] < len(order):
-                a = order[heads[r]]
-                need = dependencies(a)
-                if need is None:
-                    break
-                index[a] = len(rank)
-                rank.append(r)
-                stage.append(a.stage)
-                kind.append(a.kind)
-                deps.append(tuple((index[d], s if stage_ranks[d.stage] != r else -1) for d, s in need))
-                sent = _send_stage(a, stage_ranks)
-                sends.append(-1 if sent is None else sent)
-                heads[r] += 1
-                progress = True
-    if len(rank) != sum(len(o) for o in orders):
+                need.append((grad if grad in where else Action(a.stage + 1, "I", a.microbatch), a.stage))
+        if any(d not in where for d, _ in need):
+            waiting[k] = n + 1  # an input no action produces: never ready (reported as a deadlock below)
+        r = rank_of[k]
+        deps.append(tuple((where[d], s if stage_ranks[d.stage] != r else -1) for d, s in need if d in where))
+        for d, _ in need:
+            if d in where:
+                after[where[d]].append(k)
+                waiting[k] += 1
+        if k > 0 and rank_of[k - 1] == r:  # the previous action of its rank
+            after[k - 1].append(k)
+            waiting[k] += 1
+    order = [k for k in range(n) if waiting[k] == 0]
+    for k in order:  # grows while it is walked: Kahn's queue
+        for nxt in after[k]:
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                order.append(nxt)
+    if len(order) != n:
         raise RuntimeError(f"{schedule} with {num_stages} stages, {num_microbatches} microbatches deadlocks")
-    frees = tuple(
-        1 if k == "W" or (k == "B" and (st, a.microbatch) not in split) else 0
-        for k, st, a in zip(kind, stage, sorted(index, key=index.__getitem__))
+    position = [0] * n
+    for p, k in enumerate(order):
+        position[k] = p
+    sends = [_send_stage(a, stage_ranks) for a in actions]
+    return _Replay(
+        rank=tuple(rank_of[k] for k in order),
+        stage=tuple(actions[k].stage for k in order),
+        kind=tuple(actions[k].kind for k in order),
+        deps=tuple(tuple((position[d], s) for d, s in deps[k]) for k in order),
+        sends=tuple(-1 if sends[k] is None else sends[k] for k in order),
+        frees=tuple(
+            1
+            if actions[k].kind == "W"
+            or (actions[k].kind == "B" and (actions[k].stage, actions[k].microbatch) not in split)
+            else 0
+            for k in order
+        ),  # fmt: skip
+        per_rank=tuple(tuple(position[where[a]] for a in o) for o in orders),
+        stage_ranks=tuple(stage_ranks),
     )
-    per_rank = tuple(tuple(index[a] for a in order) for order in orders)
-    return _Replay(tuple(rank), tuple(stage), tuple(kind), tuple(deps), tuple(sends), frees, per_rank,
-                   tuple(stage_ranks))  # fmt: skip
 
 
 def fast_replay(
