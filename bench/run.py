@@ -17,6 +17,9 @@ same devices. Figures and their formulas:
                       model FLOPs = forward + backward FLOPs counted on the annotated graph
     perfect balance = the schedule replayed with every stage at total compute / stages, no
                       communication: no split of this model can beat it
+    node-level bound = max(total compute / stages, the heaviest node's compute): no split's slowest
+                      stage is below it (a node is never cut); bottleneck / it says how much of the
+                      imbalance is the planner's and how much the graph's
 One JSON per model goes to --out (git commit, options, machine, every figure); bench/compare.py diffs two.
 """
 
@@ -173,7 +176,9 @@ def _perfect_balance(pg: Any, stages: int, m: int, schedule: str, ranks: int) ->
     sim = simulate(
         [StageCost(forward=fwd, backward=bwd)] * stages, num_microbatches=m, schedule=schedule, num_ranks=ranks
     )
-    return {"step_time": sim.step_time, "bottleneck": float(pg.compute.sum()) / stages}
+    # No split beats the even share of the work, nor the heaviest node (a node is never cut in two)
+    node_level = max(float(pg.compute.sum()) / stages, float(pg.compute.max(initial=0.0)))
+    return {"step_time": sim.step_time, "bottleneck": float(pg.compute.sum()) / stages, "node_level": node_level}
 
 
 def _throughput(name: str, inputs: tuple, step: float) -> tuple[float, str]:
@@ -329,6 +334,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         "best_baseline": best_label,
         "speedup_over_best_baseline": best_base["step_time"] / predicted["step_time"] if best_base else None,
         "bottleneck_over_perfect_balance": plan.bottleneck_time / bound["bottleneck"],
+        "bottleneck_over_node_level_bound": plan.bottleneck_time / bound["node_level"],
         "searched_layout": searched, "tools_at_devices": tools, "gantt": gantt, "execute": executed,
     }  # fmt: skip
     _print(result, plan)
@@ -382,7 +388,8 @@ def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
     if r["speedup_over_best_baseline"]:
         print(
             f"\nours is {r['speedup_over_best_baseline']:.3f}x the best baseline ({r['best_baseline']}); "
-            f"bottleneck / perfect balance = {r['bottleneck_over_perfect_balance']:.3f}"
+            f"bottleneck / perfect balance = {r['bottleneck_over_perfect_balance']:.3f}; bottleneck / node-level bound "
+            f"(the heaviest node or the even share, whichever is larger) = {r['bottleneck_over_node_level_bound']:.3f}"
         )
     s = r["searched_layout"]
     if "step_time" in s:

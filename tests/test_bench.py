@@ -30,6 +30,8 @@ def test_cli_runs_gpt3_tiny_end_to_end(tmp_path, capsys):
     # No split can beat perfect balance; ours minimizes the step every baseline is priced by (plan.step: exact over
     # contiguous splits when they are few, a local search otherwise), so no baseline using all stages beats it.
     assert result["perfect_balance"]["bottleneck"] <= result["plan"]["bottleneck"] * (1 + 1e-9)
+    assert result["perfect_balance"]["node_level"] >= result["perfect_balance"]["bottleneck"]
+    assert result["bottleneck_over_node_level_bound"] >= 1 - 1e-9  # a bound on every split's slowest stage
     for label, row in result["baselines"].items():
         if "step_time" in row and row["stages_used"] == result["plan"]["stages"]:
             assert result["predicted"]["step_time"] <= row["step_time"] * (1 + 1e-9), label
