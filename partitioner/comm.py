@@ -12,9 +12,11 @@ counts a message's latency as the bytes the link would move meanwhile).
 
 from __future__ import annotations
 
+import numpy as np
+
 from partitioner.devices import DeviceSpec
 
-__all__ = ["all_gather_time", "all_reduce_time", "latency_bytes", "p2p_time"]
+__all__ = ["all_gather_time", "all_reduce_time", "latency_bytes", "p2p_time", "p2p_times"]
 
 
 def _bandwidth(spec: DeviceSpec, internode: bool) -> float:
@@ -27,6 +29,11 @@ def p2p_time(spec: DeviceSpec, nbytes: float, messages: float = 1, *, internode:
     if messages <= 0 and nbytes <= 0:
         return 0.0
     return max(messages, 1) * spec.link_latency + nbytes / _bandwidth(spec, internode)
+
+
+def p2p_times(spec: DeviceSpec, nbytes: np.ndarray, messages: np.ndarray, *, internode: bool = False) -> np.ndarray:
+    """p2p_time over arrays of (nbytes, messages), messages >= 1 (the caller decides where nothing is sent)."""
+    return np.maximum(messages, 1) * spec.link_latency + nbytes / _bandwidth(spec, internode)
 
 
 def all_reduce_time(spec: DeviceSpec, nbytes: float, ranks: int, *, internode: bool = False) -> float:

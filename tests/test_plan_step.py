@@ -133,6 +133,9 @@ def test_prefix_stage_costs_and_state_equal_the_evaluated_ones() -> None:
     for a, b in zip(ours, to_stage_costs(pg, metrics, m)):
         for field in ("forward", "backward", "send_time", "activation_bytes", "transient_bytes"):
             assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-9, abs=1e-12), field
+    # The per-cut sends come from the vectorized comm_times: equal to comm_time cut by cut (latency 0.01 here)
+    for b, k, w, hop in zip(pre.cross[1:-1], pre.messages[1:-1], pre.w[1:-1], pre.hop[1:-1]):
+        assert w == pg.comm_time(b, m, k) and hop == pg.comm_time(b / m, 1, k)
     state = ContiguousState(pg)
     assert state.static_bytes(cuts) == pytest.approx([met.static_bytes for met in metrics])
     exact = stage_state(pg, cuts_to_stages(cuts), 4)

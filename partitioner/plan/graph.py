@@ -36,7 +36,7 @@ from functools import cached_property
 import numpy as np
 import torch.fx as fx
 
-from partitioner.comm import all_reduce_time, p2p_time
+from partitioner.comm import all_reduce_time, p2p_time, p2p_times
 from partitioner.cost import NodeCost
 from partitioner.devices import DeviceSpec
 from partitioner.plan.ordering import MutationOrder, mutation_order
@@ -169,6 +169,12 @@ class PlanningGraph:
     def last_use(self) -> np.ndarray:
         """Index of each node's last consumer (n for the model output; the node itself if unused)."""
         return np.array([max(s) if s else i for i, s in enumerate(self.succs)], dtype=np.int64)
+
+    def comm_times(self, nbytes: np.ndarray, microbatches: int, messages: np.ndarray) -> np.ndarray:
+        """comm_time for arrays of (nbytes, messages) at once (comm.p2p_times)."""
+        nbytes, messages = np.asarray(nbytes, dtype=np.float64), np.asarray(messages, dtype=np.float64)
+        times = p2p_times(self.spec, nbytes, microbatches * np.maximum(messages, 1), internode=self.p2p_internode)
+        return np.where((messages <= 0) & (nbytes <= 0), 0.0, times)
 
     def comm_time(self, nbytes: float, microbatches: int, messages: float = 1) -> float:
         """One direction of one boundary for a whole step: `messages` values per microbatch, nbytes in all."""

@@ -93,9 +93,9 @@ class _Prefix:
         self.cross = np.cumsum(diff)[: n + 1]
         messages = np.cumsum(count)[: n + 1]  # values crossing each cut, one message each per microbatch
         self.messages = messages
-        self.w = np.array([pg.comm_time(b, microbatches, k) for b, k in zip(self.cross, messages)])
+        self.w = pg.comm_times(self.cross, microbatches, messages)
         # One microbatch's send across each cut (the simulator's StageCost.send_time)
-        self.hop = np.array([pg.comm_time(b / microbatches, 1, k) for b, k in zip(self.cross, messages)])
+        self.hop = pg.comm_times(self.cross / microbatches, 1, messages)
         self.microbatches = microbatches
         self.w[0] = 0.0
         self.w[n] = 0.0
