@@ -70,8 +70,8 @@ class PipelinePlan:
 
 class _Prefix:
     """Prefix sums over the topological order for O(1) contiguous-segment costs, per recompute mode `modes[k]`:
-    R[k] the recomputed forward seconds, A[k] the kept activation bytes per microbatch, T[k] each node's
-    transient bytes per microbatch (its region's, held during its backward)."""
+    R[k] the recomputed forward seconds, A[k] the kept activation bytes per microbatch, T_table[k] a range-max table
+    of each node's transient bytes per microbatch (its region's, held during its backward)."""
 
     def __init__(self, pg: PlanningGraph, microbatches: int, modes: Sequence[str] = ("none",), coarse: bool = False):
         n = pg.n
@@ -113,8 +113,8 @@ class _Prefix:
         models = [pg.activations(mode) for mode in self.modes]
         self.R = [np.concatenate([[0.0], np.cumsum(m.recompute)]) for m in models]
         self.A = [np.concatenate([[0.0], np.cumsum(m.kept)]) / microbatches for m in models]
-        self.T = [m.transient / microbatches if m.transient.any() else None for m in models]
-        self.T_table = [_range_max_table(t) if t is not None else None for t in self.T]
+        transient = [m.transient / microbatches if m.transient.any() else None for m in models]
+        self.T_table = [_range_max_table(t) if t is not None else None for t in transient]
         self.layers = None  # "full:k": per whole layer (plan.recompute's "full" regions), prefix sums
         if "none" in self.modes and "full" in self.modes and pg.regions.get("full"):
             none, full = models[self.modes.index("none")], models[self.modes.index("full")]
@@ -143,9 +143,11 @@ class _Prefix:
         comm = self.w[i] + self.w_in[j]
         return np.maximum(compute, comm) if self.overlaps_comm else compute + comm
 
-    def partial(self, js: np.ndarray, i: int, in_flight: np.ndarray, memory_limit: float) -> tuple[np.ndarray, ...]:
-        """("full:k" for stages [j, i)) k per j, the fewest whole layers of the segment to recompute in full for it
-        to fit (0 where none does), and the segment's time with them."""
+    def partial(
+        self, js: np.ndarray, i: int | np.ndarray, in_flight: float | np.ndarray, memory_limit: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """("full:k" for stages [j, i), one i or one per j) k per j, the fewest whole layers of the segment to
+        recompute in full for it to fit (0 where none does), and the segment's time with them."""
         lo = np.searchsorted(self.layers[:, 0], js, side="left")  # the first layer starting at or after j
         hi = np.searchsorted(self.layers[:, 1], i, side="right")  # past the last layer ending by i
         plain = self.memory(js, i, self.none, in_flight)
@@ -157,35 +159,13 @@ class _Prefix:
         comm = self.w[i] + self.w_in[js]
         return k, (np.maximum(compute, comm) if self.overlaps_comm else compute + comm)
 
-    def memory(self, js: np.ndarray, i: int, k: int, in_flight: np.ndarray) -> np.ndarray:
-        """Peak bytes of stages [j, i) for each j in js (ascending) under mode k, `in_flight` microbatches each."""
+    def memory(self, js: np.ndarray, i: int | np.ndarray, k: int, in_flight: float | np.ndarray) -> np.ndarray:
+        """Peak bytes of stages [j, i) for each j in js (one i, or one per j) under mode k, `in_flight` microbatches
+        each: static, kept activations, and the largest region's transient during its backward (a range max)."""
         mem = self.S[i] - self.S[js] + (self.A[k][i] - self.A[k][js]) * in_flight
-        if self.T[k] is not None:  # the largest region of the segment, during its backward
-            lo = int(js[0])
-            suffix_max = np.maximum.accumulate(self.T[k][lo:i][::-1])[::-1]
-            mem = mem + suffix_max[js - lo]
-        return mem
-
-    def pair_memory(self, js: np.ndarray, ends: np.ndarray, k: int, in_flight: float) -> np.ndarray:
-        """Peak bytes of stages [j, i) for pairs (js[p], ends[p]) under mode k at `in_flight` microbatches (what
-        `memory` gives for one end and many starts)."""
-        mem = self.S[ends] - self.S[js] + (self.A[k][ends] - self.A[k][js]) * in_flight
         if self.T_table[k] is not None:
-            mem = mem + _range_max(self.T_table[k], js, ends)
+            mem = mem + _range_max(self.T_table[k], js, np.broadcast_to(i, np.shape(js)))
         return mem
-
-    def pair_partial(self, js: np.ndarray, ends: np.ndarray, in_flight: float, memory_limit: float):
-        """`partial` for pairs (js[p], ends[p]): ("full:k" layers per pair, 0 where none fits; time with them)."""
-        lo = np.searchsorted(self.layers[:, 0], js, side="left")
-        hi = np.searchsorted(self.layers[:, 1], ends, side="right")
-        plain = self.pair_memory(js, ends, self.none, in_flight)
-        need = (plain + self.tau - memory_limit) / in_flight
-        idx = np.searchsorted(self.D, self.D[lo] + need, side="left")
-        k = np.where((plain > memory_limit) & (idx <= hi) & (idx > lo), idx - lo, 0)
-        end = np.minimum(idx, len(self.Q) - 1)
-        compute = self.P[ends] - self.P[js] + np.where(k > 0, self.Q[end] - self.Q[lo], 0.0)
-        comm = self.w[ends] + self.w_in[js]
-        return k, (np.maximum(compute, comm) if self.overlaps_comm else compute + comm)
 
     def stage_costs(self, cuts: Sequence[int], modes: Sequence[str]) -> list[StageCost]:
         """Per-microbatch costs of contiguous stages `cuts` with recompute `modes` for the simulator, from the prefix
@@ -203,7 +183,8 @@ class _Prefix:
                 k = self.modes.index(mode)
                 backward += self.R[k][i] - self.R[k][j]
                 kept = self.A[k][i] - self.A[k][j]
-                transient = float(self.T[k][j:i].max(initial=0.0)) if self.T[k] is not None else 0.0
+                table = self.T_table[k]
+                transient = float(_range_max(table, np.array([j]), np.array([i]))[0]) if table is not None else 0.0
             else:  # "full:k": the segment's first k whole layers (plan.recompute.partial_mode)
                 lo = int(np.searchsorted(self.layers[:, 0], j, side="left"))
                 backward += self.Q[lo + layers] - self.Q[lo]
@@ -324,10 +305,10 @@ def _min_stage_dp(
         for k in range(len(pre.modes)):
             ok_k = ~ok & (pre.cost(js, ends, k) <= T)
             if finite and ok_k.any():
-                ok_k[ok_k] = pre.pair_memory(js[ok_k], ends[ok_k], k, flight) <= memory_limit
+                ok_k[ok_k] = pre.memory(js[ok_k], ends[ok_k], k, flight) <= memory_limit
             ok |= ok_k
         if pre.layers is not None and finite and (left := ~ok).any():
-            layers, time = pre.pair_partial(js[left], ends[left], flight, memory_limit)
+            layers, time = pre.partial(js[left], ends[left], flight, memory_limit)
             ok[np.flatnonzero(left)[(layers > 0) & (time <= T)]] = True
         js, ends = js[ok], ends[ok]
         if ends.size == 0:

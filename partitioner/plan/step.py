@@ -123,14 +123,14 @@ def best_cuts_by_step(
         starts.append(even)
     positions = np.asarray(inner, dtype=np.int64)
     found = [_local_search(objective, s, positions, objective.evaluations + budget // len(starts)) for s in starts]
-    return min(found, key=objective)
+    return min(found, key=lambda pair: pair[1])[0]
 
 
 def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: np.ndarray, memory_limit: float,
-                  num_inputs: int, working: bool = True) -> list[int] | None:  # fmt: skip
+                  num_inputs: int) -> list[int] | None:  # fmt: skip
     """The contiguous cuts with every stage within `bottleneck` and memory that minimize the sum of squared stage
     times: every stage as even as the slowest allows, not just the slowest as fast as it can be (the DP leaves the
-    others anywhere under it), each holding some compute if `working`. An exact DP over (stage, prefix); None when
+    others anywhere under it), each holding some compute. An exact DP over (stage, prefix); None when
     no such split exists."""
     n, pos = pre.n, pre.positions
     lo_valid = max(num_inputs, 1)
@@ -147,8 +147,7 @@ def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: n
             i = int(i)
             j_lo = np.searchsorted(pre.P, pre.P[i] - bottleneck * (1 + 1e-9), side="left")  # a stage's compute <= T
             js = starts[(starts >= j_lo) & (starts < i) & (pre.limit[starts] >= i)]
-            if working:  # a stage holds compute
-                js = js[pre.working[js] < pre.working[i]]
+            js = js[pre.working[js] < pre.working[i]]  # a stage holds compute
             if js.size == 0:
                 continue
             time = pre.fitting_time(js, i, float(in_flight[s]), memory_limit)
@@ -166,7 +165,9 @@ def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: n
     return cuts[::-1]
 
 
-def _local_search(objective: StepObjective, cuts: list[int], inner: np.ndarray, budget: int) -> list[int]:
+def _local_search(
+    objective: StepObjective, cuts: list[int], inner: np.ndarray, budget: int
+) -> tuple[list[int], tuple[int, float]]:
     """First improvement: the moves of the current cuts are tried in order, and the first that improves becomes the
     current cuts; stops when none does or the budget is spent."""
     seen: dict[tuple[int, ...], tuple[int, float]] = {}
@@ -191,7 +192,7 @@ def _local_search(objective: StepObjective, cuts: list[int], inner: np.ndarray, 
                     break
             if improved:
                 break
-    return best
+    return best, best_value
 
 
 def _between(inner: np.ndarray, lo: int, hi: int) -> np.ndarray:
