@@ -279,10 +279,11 @@ def train_with_compiled_step(
 
 def train_hf_with_compiled_step(
     *, case: str, devices: int, pipeline: int, batch: int = 8, seq: int = 8, steps: int = 2, lr: float = 0.1,
-    seed: int = 0, out: str | None = None,
+    seed: int = 0, out: str | None = None, tensor_parallel: int = 1,
 ) -> None:  # fmt: skip
     """A HuggingFace model (captured by torch.export, tests/test_hf_training.py's tiny configs) trained with
-    ``cm.step`` at the plan's default microbatches: in one process, or one stage per rank under torchrun."""
+    ``cm.step`` at the plan's default microbatches: in one process, or one stage per rank under torchrun (with
+    `tensor_parallel` > 1, each stage's tp-rewritten shard; in one process the unsharded stages run)."""
     from tests.test_hf_training import CASES
 
     spec = next(c for c in CASES if c.name == case)
@@ -290,8 +291,14 @@ def train_hf_with_compiled_step(
     model = spec.build()
     kwargs, targets = spec.call(batch, seq)
     cm = partitioner.compile(
-        model, devices=devices, pipeline=pipeline, tensor_parallel=1, example_kwargs=kwargs, device_type="cpu"
+        model,
+        devices=devices,
+        pipeline=pipeline,
+        tensor_parallel=tensor_parallel,
+        example_kwargs=kwargs,
+        device_type="cpu",
     )
+    assert cm.plan.tensor_degree == tensor_parallel
     opt = torch.optim.SGD(cm.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
@@ -304,7 +311,11 @@ def train_hf_with_compiled_step(
         cm.pipeline.close()
     if (not dist.is_initialized() or dist.get_rank() == 0) and out:
         chunks = cm.plan.microbatches * cm.plan.data_degree
-        torch.save({"losses": losses, "state": state, "distributed": distributed, "chunks": chunks}, out)
+        sharded = sorted(p for p, s in cm.tensor_parallel_plan.param_shard.items() if s["dim"] is not None) if (
+            cm.tensor_parallel_plan is not None) else []  # fmt: skip
+        torch.save(
+            {"losses": losses, "state": state, "distributed": distributed, "chunks": chunks, "sharded": sharded}, out
+        )
 
 
 def nccl_pipeline_step(*, steps: int = 2, lr: float = 0.1, seed: int = 0, out: str | None = None) -> None:

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partitioner.plan.tensor_layout import TensorParallelPlan, shard_slices, shard_tensor, unshard_tensor
+from partitioner.plan.tensor_ops import weight_op
 
 __all__ = [
     "GroupComm",
@@ -303,10 +304,18 @@ class VocabParallelEmbedding(nn.Embedding):
     vocab_start: int
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        outside = (ids < self.vocab_start) | (ids >= self.vocab_start + self.num_embeddings)  # (B, T)
-        local = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight, self.padding_idx)  # (B, T, d)
-        return out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return vocab_parallel_embedding(ids, self.weight, self.vocab_start, self.padding_idx)
+
+
+def vocab_parallel_embedding(
+    ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, padding_idx: int | None = None
+) -> torch.Tensor:
+    """The lookup of `ids` in rows [vocab_start, vocab_start + len(weight)) of a table; other ids give 0, so the
+    sum over the ranks is the whole lookup. padding_idx: a local row that gets no gradient."""
+    outside = (ids < vocab_start) | (ids >= vocab_start + weight.shape[0])  # (B, T)
+    local = (ids - vocab_start).masked_fill(outside, 0)
+    out = F.embedding(local, weight, padding_idx)  # (B, T, d)
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
 class VocabParallelCrossEntropy(nn.Module):
@@ -562,6 +571,8 @@ def tensor_parallel_rank(
             new = graph.create_node(
                 "call_module", target, (args[0], args[1] if len(args) > 1 else kwargs["target"]), {}, name=n.name
             )
+        elif rule in ("row", "vocab_embedding") and n.op == "call_function":
+            new = graph.create_node("call_function", *_weight_op_call(gm, n, rule, lookup, env, rank, tp), name=n.name)
         elif n.name in columns:  # computed by its group: this node reads its output
             group, k = columns[n.name]
             new = graph.create_node("call_function", operator.getitem, (group, k), {}, name=n.name)
@@ -601,12 +612,24 @@ def tensor_parallel_rank(
                         "call_function", operator.add, (env[n], bias), {}, name=f"tp_bias_{n.name}"
                     )
                     env[n].meta["tp_anchor"] = n.name
+        elif rule in ("row", "vocab_embedding") and n.op == "call_function":  # a functional / ATen weight op
+            op = weight_op(gm, n)
+            kind = "reduce_scatter" if n.name in reduce_scatters else "reduce"
+            env[n] = collective(kind, n, new, reduce_scatters.get(n.name, -1))
+            if op is not None and op.bias is not None:
+                target = str(op.bias.target)
+                bias = summed_param(target, root[target], n) if n.name in param_grads else env[op.bias]
+                add = torch.ops.aten.add.Tensor if isinstance(n.target, torch._ops.OpOverload) else operator.add
+                env[n] = graph.create_node("call_function", add, (env[n], bias), {}, name=f"tp_bias_{n.name}")
+                env[n].meta["tp_anchor"] = n.name
         elif n.name in param_grads and n.op == "call_module" and new.op == "call_function" and not share_replicated:
             for p, w in gm.get_submodule(str(n.target)).named_parameters():  # private copies (the in-process check)
                 root[f"{n.target}.{p}"] = copy.deepcopy(w, params.memo)
         elif n.op == "get_attr":
             value = _get_path_attr(gm, str(n.target))
-            if isinstance(value, nn.Parameter) and not share_replicated:
+            if isinstance(value, nn.Parameter) and str(n.target) in plan.param_shard:
+                value = params.get(str(n.target), value)  # the rank's shard, or the replicated parameter
+            elif isinstance(value, nn.Parameter) and not share_replicated:
                 value = copy.deepcopy(value, params.memo)
             root[str(n.target)] = value
         if n.name in global_sizes:
@@ -642,6 +665,26 @@ def tensor_parallel_rank(
     out.meta["tp_plan"] = plan
     out.meta["tp_rank"] = rank
     return out
+
+
+def _weight_op_call(
+    gm: fx.GraphModule, n: fx.Node, rule: str, lookup: Any, env: dict[fx.Node, fx.Node], rank: int, tp: int
+) -> tuple[Any, tuple, dict]:
+    """(target, args, kwargs) of rank `rank`'s call for a functional / ATen weight op (tensor_ops.WeightOp) under
+    `rule`: row-parallel without its bias (added after the all-reduce), or the vocab-parallel lookup."""
+    op = weight_op(gm, n)
+    if op is None:
+        raise ValueError(f"{n.name}: the plan shards it as {rule}, but it reads no parameter weight")
+    x, w = lookup(op.x, n), env[op.weight]
+    aten = isinstance(n.target, torch._ops.OpOverload)
+    if rule == "vocab_embedding":
+        rows = op.weight.meta["val"].shape[0] // tp
+        start = rank * rows
+        pad = op.padding_idx - start if op.padding_idx is not None and start <= op.padding_idx < start + rows else None
+        return vocab_parallel_embedding, (x, w, start, pad), {}
+    if op.kind == "linear":
+        return (torch.ops.aten.linear.default if aten else F.linear), (x, w), {}
+    return (torch.ops.aten.mm.default if aten else torch.mm), (x, w), {}
 
 
 def _functional_norm(mod: nn.Module, x: fx.Node, weights: dict[str, fx.Node]) -> tuple[Any, tuple]:

@@ -91,8 +91,20 @@ class TensorParallelLayouts:
             },  # fmt: skip
             sequence_parallel=layout.sequence_parallel
             and any(v.startswith("seq") for v in layout.node_layout.values()),
+            sharded_share=_sharded_share(self.gm, layout),
         )
         return self.models[key]
+
+
+def _sharded_share(gm: fx.GraphModule, layout: Any) -> float:
+    """The fraction of `gm`'s parameter bytes (each tensor once) that `layout` holds as shards."""
+    total = sharded = 0
+    for name, p in gm.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        total += nbytes
+        if layout.param_shard.get(name, {}).get("dim") is not None:
+            sharded += nbytes
+    return sharded / total if total else 0.0
 
 
 def plan_model(

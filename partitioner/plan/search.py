@@ -91,6 +91,12 @@ class TensorParallelModel:
     fallbacks: list[dict[str, str]] = field(default_factory=list)
     gathered_saves: set[str] = field(default_factory=set)  # split values whose consumers save a gathered copy
     sequence_parallel: bool = False
+    sharded_share: float = 1.0  # the fraction of the parameter bytes held as shards
+
+
+# A tp degree sharding less than this share of the parameters is no layout (plan.tensor would only copy the model
+# onto tp ranks); the search leaves it out, and a forced one says why (TensorParallelLayouts).
+MIN_SHARDED_SHARE = 0.05
 
 
 @dataclass
@@ -413,6 +419,11 @@ class _Evaluator:
                 model = self.tp_model(tp, sequence_parallel=True) if sp else self.tp_model(tp)
                 if sp and (model is None or not model.sequence_parallel):
                     raise ValueError("sequence parallelism finds no token-wise ops to split")
+                if model is not None and model.sharded_share < MIN_SHARDED_SHARE and tp != self.forced_tp:
+                    raise ValueError(
+                        f"it shards {model.sharded_share:.1%} of the parameter bytes "
+                        f"(< {MIN_SHARDED_SHARE:.0%}): every rank would compute nearly the whole model"
+                    )
                 self.tp_models[key] = model
             except (ValueError, RuntimeError) as e:
                 if tp == self.forced_tp and not sp:

@@ -6,9 +6,11 @@ touches no weights and returns a `TensorParallelPlan` (JSON-able). `passes.tenso
 
 Model (Megatron-LM, Shoeybi et al. 2019). Every value is `replicated`, `shard(d)` (each rank holds 1/tp of
 dimension d; `parts` > 1 means d is made of `parts` equal blocks, e.g. a fused q|k|v, and each rank holds its
-1/tp of every block) or `partial` (each rank holds a summand). Seeds: every `nn.Linear` may become
-column-parallel and every large or tied `nn.Embedding` vocab-parallel; layouts then flow forward through a
-table of rules, one per op family (`_RULES`):
+1/tp of every block) or `partial` (each rank holds a summand). Seeds: every `nn.Linear`, and every linear-like call
+on a parameter read by get_attr (fx `F.linear(x, self.w)`; ATen `linear`, `addmm` / `mm` with an (in, out) weight
+as HF's GPT-2 Conv1D), may become column-parallel, and every large or tied embedding (module, functional or
+ATen) vocab-parallel; layouts then flow forward through one table of rules, one per op family, which serves fx
+and torch.export (ATen) graphs alike: `plan.tensor_ops.op_key` names an ATen op by the fx key it stands for:
 
     op                         input layout          output        rewrite
     Linear (seed)              replicated            shard(-1)     weight/bias dim 0 ("colwise")
@@ -20,7 +22,11 @@ table of rules, one per op family (`_RULES`):
     split/chunk on d           shard(d, parts=n)     n x shard(d)  split size divided by tp
     unbind / x[i] on other d   shard(d)              shard(d')     -
     softmax / norm on other d  shard(d)              shard(d)      -
-    SDPA / matmul on heads     shard(head dim)       shard         -
+    SDPA / matmul on heads     shard(head dim)       shard         - (SDPA: k / v / mask replicated with all the
+                                                                   heads are read as each rank's slice: a scatter)
+    unsqueeze/squeeze/select   shard(d)              shard(d')     - (not on d)
+    slice / cat / mean / sum   shard(d)              shard(d')     - (not along d; slice: all of d only)
+    expand                     shard(d)              shard(d')     size argument of d divided by tp
     cross_entropy on classes   shard(1)              replicated    vocab-parallel CE (3 small all-reduces)
     x.size()[d], x.numel()     shard(d)              int           multiplied by tp (ints stay global)
     x.shape[i:j] without d     shard(d)              replicated    -
@@ -54,7 +60,14 @@ on `ln_1` in front of q/k/v (one backward all-reduce). Same for the MLP: fc colu
 Fused `c_attn(x).split(64, dim=2)`: the split needs 3 blocks, so c_attn is re-seeded with parts=3 and each
 rank holds rows [q_r | k_r | v_r] of the weight; the split size becomes 32. A packed view
 `qkv(x).view(B, T, 3, nh, hd)` re-seeds the same way (dim 2 counts blocks, so heads, dim 3, carry the shard).
-A module called from several nodes, or a parameter tied across modules, gets one sharding for all its uses.
+A module called from several nodes, or a parameter tied across modules, gets one sharding for all its uses; a
+sharded parameter read by get_attr may only be read by nodes that shard it the same way (export reads a tied
+weight under one name, e.g. GPT-2's `lm_head.weight` for both the lookup and the head; its aliases share its spec).
+
+ATen example (HF Llama, 4 heads, 2 kv heads, tp=4): q_proj / o_proj / gate / up / down shard as above; k_proj's
+`view(B, T, -1, 16)` would hold 2/4 heads, a divisibility conflict, so k_proj and v_proj stay replicated (Megatron's
+rule for tp > kv heads) and SDPA reads each rank's slice of the repeated k / v heads (`expand` + `reshape` of
+repeat_kv keep the heads whole); T5's per-head position bias is read the same way.
 
 Sequence parallelism (`sequence_parallel=True`, plan.tensor_sequence) is derived from the finished propagation: the
 token-wise ops left replicated between a g and an f run on 1/tp of the tokens, each g a reduce-scatter and each f
@@ -75,7 +88,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from partitioner.plan.tensor_cost import TPCost, tp_cost
@@ -86,6 +98,7 @@ from partitioner.plan.tensor_layout import (
     shard_tensor,
     unshard_tensor,
 )
+from partitioner.plan.tensor_ops import weight_op
 from partitioner.plan.tensor_rules import (
     _layout_str,
     _Partial,
@@ -110,19 +123,25 @@ __all__ = [
     "unshard_tensor",
 ]
 
+
 # ----------------------------------------------------------------------------------------------- entry points
-_FUNCTIONAL_WEIGHTS = {F.linear, F.embedding, torch.ops.aten.linear.default, torch.ops.aten.embedding.default}
-
-
 def _initial_seeds(gm: fx.GraphModule, min_vocab: int) -> tuple[set[str], dict[str, str]]:
+    """Every nn.Linear call and linear-like call on a parameter (tensor_ops.WeightOp: fx `F.linear(x, self.w)`,
+    ATen `linear` / `addmm` / `mm`) may be column-parallel; every large or tied embedding vocab-parallel."""
     linear_params = {id(m.weight) for m in gm.modules() if isinstance(m, nn.Linear)}
+    ops = {n.name: op for n in gm.graph.nodes if (op := weight_op(gm, n)) is not None}
+    linear_params |= {id(_attr(gm, op.param)) for op in ops.values() if op.kind != "embedding"}
     seeds, skipped = set(), {}
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in _FUNCTIONAL_WEIGHTS:
-            skipped[n.name] = (
-                f"{getattr(n.target, '__name__', n.target)} on a weight read by get_attr: the TP rules shard "
-                f"nn.Linear / nn.Embedding modules (an fx capture; a torch.export ATen graph has none)"
-            )
+        op = ops.get(n.name)
+        if op is not None and op.kind != "embedding":
+            seeds.add(n.name)
+        elif op is not None:
+            rows = _val(op.weight).shape[0]
+            if id(_attr(gm, op.param)) in linear_params or rows >= min_vocab:
+                seeds.add(n.name)
+            else:
+                skipped[n.name] = f"{_small_vocab(rows, min_vocab)} (weight {op.param})"
         if n.op != "call_module":
             continue
         mod = gm.get_submodule(str(n.target))
@@ -135,11 +154,38 @@ def _initial_seeds(gm: fx.GraphModule, min_vocab: int) -> tuple[set[str], dict[s
             elif tied or mod.num_embeddings >= min_vocab:
                 seeds.add(n.name)
             else:
-                skipped[n.name] = (
-                    f"embedding table of {mod.num_embeddings} rows < min_vocab={min_vocab} and not tied to an LM "
-                    f"head: a vocab-parallel lookup's all-reduce costs more than the table saves"
-                )
+                skipped[n.name] = _small_vocab(mod.num_embeddings, min_vocab)
     return seeds, skipped
+
+
+def _small_vocab(rows: int, min_vocab: int) -> str:
+    return (
+        f"embedding table of {rows} rows < min_vocab={min_vocab} and not tied to an LM head: a vocab-parallel "
+        f"lookup's all-reduce costs more than the table saves"
+    )
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _vocab_sizes(gm: fx.GraphModule) -> set[int]:
+    """Row counts of the graph's embedding tables (modules and functional lookups)."""
+    rows = {m.num_embeddings for m in gm.modules() if isinstance(m, nn.Embedding)}
+    for n in gm.graph.nodes:
+        op = weight_op(gm, n)
+        if op is not None and op.kind == "embedding":
+            rows.add(_val(op.weight).shape[0])
+    return rows
+
+
+def _seed_weight(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The parameter name a seed node's shard spec is recorded under."""
+    op = weight_op(gm, node)
+    return op.param if op is not None else f"{node.target}.weight"
 
 
 def _run(
@@ -160,7 +206,8 @@ def _run(
         seeds, fallbacks = set(), {}
     seed_parts: dict[str, int] = {}
     parts_why: dict[str, _PartsRequest] = {}  # why a seed was re-seeded as blocks
-    vocab = {m.num_embeddings for m in gm.modules() if isinstance(m, nn.Embedding)}
+    vocab = _vocab_sizes(gm)
+    weights = {n.name: op.param for n in gm.graph.nodes if (op := weight_op(gm, n)) is not None}
     for _ in range(4 * len(seeds) + 8):
         st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab)
         outcome = _propagate(st)
@@ -186,6 +233,8 @@ def _run(
                     if strict and first.divisibility:
                         raise ValueError(f"tensor parallel tp={tp} (strict): {s}: {first.reason}")
                     reason = f"{first.reason}; as {first.parts} blocks: {reason}"
+                if s in weights:  # a functional / ATen op: its node name says little, its weight's name says which
+                    reason = f"{reason} (weight {weights[s]})"
                 fallbacks.setdefault(s, reason)
         if not restart:
             return st, fallbacks
@@ -256,9 +305,9 @@ def check_tensor_parallel_plan(gm: fx.GraphModule, plan: TensorParallelPlan) -> 
     seeds = {n for n, rule in plan.module_rules.items() if rule in ("column", "vocab_embedding") and n in nodes}
     seed_parts = {}
     for n in seeds:
-        spec = plan.param_shard.get(f"{nodes[n].target}.weight", {})
+        spec = plan.param_shard.get(_seed_weight(gm, nodes[n]), {})
         seed_parts[n] = int(spec.get("parts") or 1)
-    vocab = {m.num_embeddings for m in gm.modules() if isinstance(m, nn.Embedding)}
+    vocab = _vocab_sizes(gm)
     st = _State(gm, plan.tp, seeds, seed_parts, plan.gather_output, vocab)
     outcome = _propagate(st)
     for node, conflict, origins in outcome.conflicts:
@@ -313,7 +362,7 @@ def max_tensor_parallel(gm: fx.GraphModule, limit: int = 8, *, min_vocab: int = 
     Example: GPT with 4 heads, d 64, d_ff 256, vocab 512 -> gcd(4, 64, 256) = 4; gpt3-1.3b -> 16 heads -> 16.
     """
     st, _ = _run(gm, None, strict=False, gather_output=True, min_vocab=min_vocab)
-    vocab = {m.num_embeddings for m in gm.modules() if isinstance(m, nn.Embedding)}
+    vocab = _vocab_sizes(gm)
     g = 0
     for r in st.requirements:
         if r["size"] not in vocab:
@@ -335,7 +384,18 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
     layout.update({name: f"seq({s})" for name, s in sl.seq.items()})
     params = {name: {"dim": None, "parts": 1} for name, _ in gm.named_parameters(remove_duplicate=False)}
     params.update({name: spec for name, (spec, _) in st.params.items()})
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    for names in by_tensor.values():  # an alias no node reads (a tied weight export reads once) shares the spec
+        spec = next((st.params[n][0] for n in names if n in st.params), None)
+        if spec is not None:
+            params.update({n: spec for n in names})
     param_bytes = {name: p.numel() * p.element_size() for name, p in gm.named_parameters(remove_duplicate=False)}
+    # get_attr nodes of sharded parameters hold each rank's own shard: no f on them (their gradients are the
+    # shard's); nor on a row-parallel bias, added after the all-reduce (sequence parallelism sums it: param_grads).
+    sharded = {name for name, spec in params.items() if spec.get("dim") is not None}
+    no_f = {n.name for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) in sharded}
     collectives: list[dict[str, Any]] = []
     for n in gm.graph.nodes:
         lay = st.layout.get(n)
@@ -370,15 +430,18 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
                 collectives.append(dict(kind="all_gather", phase="forward", after=n.name, dim=d, users=users,
                                         grad="slice", bytes=_nbytes(n)))  # fmt: skip
         # f: a replicated value needing a grad feeds rank-dependent nodes -> all-reduce its grad
-        elif st.eff(n) is None and needs_grad:
-            users = [u.name for u in n.users if u.op != "output" and (
+        elif st.eff(n) is None and needs_grad and n.name not in no_f:
+            sliced = {u for readers in st.slices.get(n.name, {}).values() for u in readers}
+            users = [u.name for u in n.users if u.op != "output" and st.row_bias.get(u.name) != n.name
+                     and u.name not in sliced and (
                 (st.layout.get(u) is not None and not isinstance(st.layout.get(u), _SizeOf))
                 or counts_as_sequence_user(sl, n.name, u.name))]  # fmt: skip
             if users:
                 collectives.append(
                     dict(kind="all_reduce", phase="backward", after=n.name, op="sum", users=users, bytes=_nbytes(n))
                 )
-        for d, users in sl.scatter.get(n.name, []):  # a replicated operand of split values: each reads its slice
+        for d, users in [*st.slices.get(n.name, {}).items(), *sl.scatter.get(n.name, [])]:
+            # a replicated operand of sharded or split values: each rank reads its slice
             collectives.append(dict(kind="scatter", phase="forward", after=n.name, dim=d, users=users, bytes=0))
             if needs_grad:
                 collectives.append(dict(kind="all_gather", phase="backward", after=n.name, dim=d, bytes=_nbytes(n)))

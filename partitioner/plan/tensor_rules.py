@@ -15,11 +15,42 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from partitioner.plan.tensor_layout import REPLICATED
+from partitioner.plan.tensor_ops import (
+    _BINARY_FUNCTIONS,
+    _BINARY_METHODS,
+    _CAT,
+    _CROSS_ENTROPY,
+    _EXPAND,
+    _FIRST_ARG_METHODS,
+    _MATMUL,
+    _META_METHODS,
+    _NEW_TENSOR,
+    _NORM_FUNCTIONS,
+    _NORM_MODULES,
+    _REDUCE,
+    _RESHAPE,
+    _SDPA,
+    _SELECT,
+    _SLICE,
+    _SOFTMAX,
+    _SPLIT,
+    _SQUEEZE,
+    _TRANSPOSE,
+    _UNARY_FUNCTIONS,
+    _UNARY_METHODS,
+    _UNARY_MODULES,
+    _UNBIND,
+    _UNSQUEEZE,
+    _WEIGHT_OPS,
+    key_in,
+    op_key,
+    op_name,
+    weight_op,
+)
 
 
 # ----------------------------------------------------------------------------------------------- layouts
@@ -51,10 +82,13 @@ Layout = Any  # None (replicated) | _Shard | _Partial | _SizeOf | _Tuple
 
 
 class _Conflict(Exception):
-    def __init__(self, reason: str, divisibility: bool = False):
+    """A node cannot take its inputs' layouts. blame: the seeds to undo (default: all that reach the node)."""
+
+    def __init__(self, reason: str, divisibility: bool = False, blame: frozenset[str] | None = None):
         super().__init__(reason)
         self.reason = reason
         self.divisibility = divisibility
+        self.blame = blame
 
 
 class _PartsRequest(Exception):
@@ -82,30 +116,7 @@ def _origins(lay: Layout) -> frozenset[str]:
     return getattr(lay, "origins", frozenset()) if lay is not None else frozenset()
 
 
-# ----------------------------------------------------------------------------------------------- op tables
-_UNARY_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.Mish, nn.LeakyReLU,
-                  nn.ELU, nn.Softplus)  # fmt: skip
-_NORM_MODULES = (nn.LayerNorm, nn.RMSNorm)
-_UNARY_FUNCTIONS = {F.gelu, F.relu, F.silu, F.dropout, F.tanh, F.sigmoid, F.mish, F.softplus, F.leaky_relu, F.elu,
-                    torch.tanh, torch.sigmoid, torch.relu, torch.exp, torch.neg, operator.neg, torch.sqrt,
-                    torch.rsqrt, torch.abs, torch.erf, torch.square, torch.clone}  # fmt: skip
-_UNARY_METHODS = {"relu", "tanh", "sigmoid", "exp", "neg", "sqrt", "rsqrt", "abs", "square", "erf", "contiguous",
-                  "clone", "detach", "float", "half", "bfloat16", "double"}  # fmt: skip
-_FIRST_ARG_METHODS = {"to", "type_as", "type"}  # other tensor arguments only give a dtype/device
-_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, torch.add, torch.sub,
-                     torch.mul, torch.div, torch.where, torch.maximum, torch.minimum, torch.masked_fill,
-                     operator.eq, operator.ne, operator.lt, operator.gt, operator.le, operator.ge}  # fmt: skip
-_BINARY_METHODS = {"add", "sub", "mul", "div", "masked_fill", "where", "maximum", "minimum", "pow", "eq", "ne"}
-_SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
-_RESHAPE = {"view", "reshape", "flatten", "unflatten", torch.reshape, torch.flatten, torch.unflatten}
-_TRANSPOSE = {"transpose", "permute", torch.transpose, torch.permute}
-_SPLIT = {"split", "chunk", torch.split, torch.chunk}
-_UNBIND = {"unbind", torch.unbind}
-_MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
-_SDPA = {F.scaled_dot_product_attention}
-_CROSS_ENTROPY = {F.cross_entropy}
-
-
+# ----------------------------------------------------------------------------------------------- helpers
 def _val(n: Any) -> Any:
     return n.meta.get("val") if isinstance(n, fx.Node) else n
 
@@ -143,6 +154,23 @@ class _State:
     global_sizes: list[str] = field(default_factory=list)
     gathers: dict[str, int] = field(default_factory=dict)
     requirements: list[dict[str, Any]] = field(default_factory=list)
+    param_users: dict[str, set[str]] = field(default_factory=dict)  # parameter -> the nodes that shard it
+    row_bias: dict[str, str] = field(default_factory=dict)  # row-parallel WeightOp -> its bias get_attr node
+    slices: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # replicated value -> dim -> readers
+
+    def slice(self, value: fx.Node, dim: int, reader: fx.Node) -> None:
+        """`reader` reads its rank's 1/tp slice of replicated `value` along `dim`."""
+        self.divides(reader, _shape(value)[dim], 1, f"{value.name} dim {dim}")
+        self.slices.setdefault(value.name, {}).setdefault(dim, []).append(reader.name)
+
+    def claim(self, node: fx.Node, name: str, spec: dict[str, int | None], origins: frozenset[str]) -> None:
+        """Record parameter `name`'s shard as `node` needs it; one parameter read by several nodes (tied, or a
+        module called twice) must get one spec from all of them."""
+        held = self.params.get(name)
+        if held is not None and held[0] != spec and node.name not in self.param_users.get(name, ()):
+            raise _Conflict(f"parameter {name} is read by several nodes that need different shardings")
+        self.params[name] = (spec, origins | (held[1] if held is not None else frozenset()))
+        self.param_users.setdefault(name, set()).add(node.name)
 
     def eff(self, x: Any) -> Layout:
         """Layout as consumers see it: a partial value is all-reduced right after its producer."""
@@ -250,8 +278,9 @@ def _rule_call_module(st: _State, node: fx.Node) -> Layout:
 
 
 def _op_name(st: _State, node: fx.Node) -> str:
-    what = node.target if node.op != "call_module" else type(st.gm.get_submodule(str(node.target))).__name__
-    return str(getattr(what, "__name__", what))
+    if node.op == "call_module":
+        return type(st.gm.get_submodule(str(node.target))).__name__
+    return op_name(node)
 
 
 def _replicated_inputs_only(st: _State, node: fx.Node, sharded: str) -> Layout:
@@ -305,7 +334,7 @@ def _rule_reshape(st: _State, node: fx.Node) -> Layout:
 
 def _size_arg_path(node: fx.Node, k: int, out_ndim: int) -> list[Any] | None:
     """Where the size of output dim k is written in a reshape call (None: derived, e.g. flatten)."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = op_name(node)
     if name in ("view", "reshape"):
         if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
             return ["args", 1, k]
@@ -346,11 +375,13 @@ def _rule_transpose(st: _State, node: fx.Node) -> Layout:
     if not isinstance(lay, _Shard):
         return _default(st, node)
     nd = len(_shape(x))
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    if name == "transpose":
-        d0, d1 = (_norm_dim(_arg(node, 1, "dim0"), nd), _norm_dim(_arg(node, 2, "dim1"), nd))
+    name = op_name(node)
+    if name in ("transpose", "t"):
+        d0, d1 = (_norm_dim(_arg(node, 1, "dim0", 0), nd), _norm_dim(_arg(node, 2, "dim1", 1), nd))
         perm = list(range(nd))
         perm[d0], perm[d1] = d1, d0
+    elif name == "numpy_T":  # x.T: every dim reversed
+        perm = list(reversed(range(nd)))
     else:
         dims = node.args[1:] if len(node.args) > 2 or isinstance(node.args[1], int) else node.args[1]
         perm = [_norm_dim(d, nd) for d in (dims or node.kwargs["dims"])]
@@ -374,8 +405,7 @@ def _rule_split(st: _State, node: fx.Node) -> Layout:
         if lay.parts == 1 and len(lay.origins) == 1:  # re-seed the column producer with one block per piece
             raise _PartsRequest(next(iter(lay.origins)), n)
         raise _Conflict(f"split into {n} pieces of a dim made of {lay.parts} blocks")
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    if name == "split":
+    if op_name(node) == "split":
         sizes = _arg(node, 1, "split_size_or_sections" if not isinstance(node.target, str) else "split_size")
         path = ["args", 1] if len(node.args) > 1 else ["kwargs", "split_size"]
         if isinstance(sizes, (list, tuple)):
@@ -441,10 +471,11 @@ def _rule_size(st: _State, node: fx.Node) -> Layout:
     lay = st.eff(x)
     if not isinstance(lay, _Shard):
         return _rule_value(st, node) if not isinstance(_val(node), torch.Tensor) else _default(st, node)
-    if node.target == "numel":  # the shard's numel x tp: shards are equal
+    key = op_key(node)
+    if key == "numel":  # the shard's numel x tp: shards are equal
         st.global_sizes.append(node.name)
         return None
-    if node.op == "call_function":  # getattr(x, name)
+    if key is getattr:  # getattr(x, name)
         if node.args[1] == "shape":
             return _SizeOf(lay.dim, lay.origins)
         if node.args[1] in ("dtype", "device", "ndim", "is_cuda", "requires_grad"):
@@ -477,7 +508,7 @@ def _is_value(node: fx.Node) -> bool:
 
 
 def _rule_elementwise(st: _State, node: fx.Node) -> Layout:
-    if node.op == "call_method" and node.target in _FIRST_ARG_METHODS:
+    if key_in(node, _FIRST_ARG_METHODS):
         for x in node.all_input_nodes[1:]:
             if st.eff(x) is not None and x is not node.args[0]:
                 raise _Conflict("sharded dtype/device argument")
@@ -523,24 +554,42 @@ def _rule_matmul(st: _State, node: fx.Node) -> Layout:
 
 
 def _rule_sdpa(st: _State, node: fx.Node) -> Layout:
+    """Attention sharded on the heads: q sharded on its head dim; k, v and the mask sharded alike, or replicated
+    with all heads (k / v projections left whole, e.g. fewer kv heads than tp after repeat_kv; a per-head bias such
+    as T5's): each rank reads its heads' slice of those (`slices`: no communication forward, the gradient's
+    slices all-gathered backward)."""
     q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
-    lays = [st.eff(t) for t in (q, k, v)]
     if all(st.eff(x) is None for x in node.all_input_nodes):
         return None
     nd = len(_shape(q))
     head = nd - 3
-    if nd < 3 or not all(isinstance(lay, _Shard) and lay.dim == head and lay.parts == 1 for lay in lays):
-        raise _Conflict(f"attention needs q, k, v all sharded on the head dim {head}; got {lays}")
+    lq = st.eff(q)
+    if nd < 3 or not (isinstance(lq, _Shard) and lq.dim == head and lq.parts == 1):
+        raise _Conflict(f"attention needs q sharded on the head dim {head}; got {_layout_str(lq)}")
+    heads = _shape(q)[head]
+    operands = [(k, "key"), (v, "value")]
     mask = _arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
-        ml = st.eff(mask)
-        ms = _shape(mask)
-        d_in = head - (nd - len(ms))
-        if ml is None and d_in >= 0 and ms[d_in] != 1:
-            raise _Conflict(f"attention mask {list(ms)} has a head dim; it would need slicing per rank")
-        if ml is not None and not (isinstance(ml, _Shard) and ml.dim == d_in):
-            raise _Conflict("attention mask sharded on another dim")
-    return _Shard(head, 1, frozenset().union(*(lay.origins for lay in lays)))
+        operands.append((mask, "mask"))
+    origins = set(lq.origins)
+    slices = []
+    for t, what in operands:
+        lay, shape = st.eff(t), _shape(t)
+        d = head - (nd - len(shape))
+        if isinstance(lay, _Shard) and lay.dim == d and lay.parts == 1:
+            origins |= lay.origins
+        elif lay is None and (d < 0 or shape[d] == 1):  # broadcast over the heads
+            continue
+        elif lay is None and shape[d] == heads:
+            slices.append((t, d))
+        elif lay is None:
+            raise _Conflict(f"attention {what} {list(shape)} has {shape[d]} heads, q has {heads}")
+        else:  # q's heads are right: undo what made this operand wrong
+            reason = f"attention {what} is {_layout_str(lay)}, not sharded on the head dim {d}"
+            raise _Conflict(reason, blame=_origins(lay))
+    for t, d in slices:
+        st.slice(t, d, node)
+    return _Shard(head, 1, frozenset(origins))
 
 
 def _rule_cross_entropy(st: _State, node: fx.Node) -> Layout:
@@ -573,7 +622,193 @@ def _rule_output(st: _State, node: fx.Node) -> Layout:
     return None
 
 
+def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
+    """A linear-like or embedding call on a parameter read by get_attr (tensor_ops.WeightOp): the functional twin
+    of the nn.Linear / nn.Embedding module rules. Row-parallel: the bias is added after the all-reduce (`row_bias`)."""
+    op = weight_op(st.gm, node)
+    if op is None:  # the weight is computed, not a parameter: an ordinary matmul
+        return _rule_matmul(st, node) if op_name(node) == "mm" else _default(st, node)
+    lay = st.eff(op.x)
+    w = _shape(op.weight)
+    if op.kind == "embedding":
+        if lay is not None:
+            raise _Conflict("embedding indices are sharded")
+        if node.name not in st.seeds:
+            return None
+        st.divides(node, w[0], 1, "num_embeddings")
+        st.rules[node.name] = "vocab_embedding"
+        st.claim(node, op.param, {"dim": 0, "parts": 1}, frozenset([node.name]))
+        return _Partial(frozenset([node.name]))
+    if isinstance(lay, _Shard):  # rowwise
+        if lay.dim != len(_shape(op.x)) - 1:
+            raise _Conflict(f"{op_name(node)} input is sharded on dim {lay.dim}, not on its in_features")
+        st.divides(node, w[op.in_dim], lay.parts, "in_features")
+        st.rules[node.name] = "row"
+        st.claim(node, op.param, {"dim": op.in_dim, "parts": lay.parts}, lay.origins)
+        if op.bias is not None:
+            st.claim(node, op.bias_param, {"dim": None, "parts": 1}, lay.origins)
+            st.row_bias[node.name] = op.bias.name
+        return _Partial(lay.origins)
+    if lay is not None:
+        raise _Conflict(f"{op_name(node)} input has layout {_layout_str(lay)}")
+    if node.name not in st.seeds:
+        return None
+    parts = st.seed_parts.get(node.name, 1)
+    st.divides(node, w[op.out_dim], parts, "out_features")
+    st.rules[node.name] = "column"
+    mine = frozenset([node.name])
+    st.claim(node, op.param, {"dim": op.out_dim, "parts": parts}, mine)
+    if op.bias is not None:
+        st.claim(node, op.bias_param, {"dim": 0, "parts": parts}, mine)
+    return _Shard(len(_shape(node)) - 1, parts, mine)
+
+
+def _sharded_input(st: _State, node: fx.Node) -> tuple[fx.Node, _Shard] | None:
+    x = node.args[0] if node.args else None
+    lay = st.eff(x)
+    return (x, lay) if isinstance(lay, _Shard) else None
+
+
+def _rule_unsqueeze(st: _State, node: fx.Node) -> Layout:
+    found = _sharded_input(st, node)
+    if found is None:
+        return _default(st, node)
+    _, lay = found
+    d = _norm_dim(_arg(node, 1, "dim"), len(_shape(node)))
+    return _Shard(lay.dim + (d <= lay.dim), lay.parts, lay.origins)
+
+
+def _rule_squeeze(st: _State, node: fx.Node) -> Layout:
+    found = _sharded_input(st, node)
+    if found is None:
+        return _default(st, node)
+    x, lay = found
+    shape = _shape(x)
+    dims = _arg(node, 1, "dim")
+    if dims is None:
+        dims = [i for i, n in enumerate(shape) if n == 1]
+    dims = {_norm_dim(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims]) if shape[d] == 1}
+    if lay.dim in dims:
+        raise _Conflict("squeeze of the sharded dim")
+    return _Shard(lay.dim - sum(1 for d in dims if d < lay.dim), lay.parts, lay.origins)
+
+
+def _rule_slice(st: _State, node: fx.Node) -> Layout:
+    """ATen's slice(x, dim, start, end, step): any slice of another dim; of the sharded dim, only all of it."""
+    found = _sharded_input(st, node)
+    if found is None:
+        return _default(st, node)
+    x, lay = found
+    dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(x)))
+    if dim == lay.dim:
+        start, end, step = _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1)
+        whole = start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and end >= _shape(x)[dim]))
+        if not whole:
+            raise _Conflict("slice of the sharded dim")
+    return lay
+
+
+def _rule_select(st: _State, node: fx.Node) -> Layout:
+    found = _sharded_input(st, node)
+    if found is None:
+        return _default(st, node)
+    x, lay = found
+    dim = _norm_dim(_arg(node, 1, "dim"), len(_shape(x)))
+    if dim == lay.dim:
+        raise _Conflict("select of an index in the sharded dim")
+    return _Shard(lay.dim - (dim < lay.dim), lay.parts, lay.origins)
+
+
+def _rule_expand(st: _State, node: fx.Node) -> Layout:
+    """x.expand(sizes): new leading dims and size-1 dims broadcast; the sharded dim's size (unless -1) made local."""
+    found = _sharded_input(st, node)
+    if found is None:
+        return _default(st, node)
+    x, lay = found
+    k = lay.dim + len(_shape(node)) - len(_shape(x))
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    path: list[Any] = ["args", 1, k] if packed else ["args", 1 + k]
+    if "size" in node.kwargs:
+        path = ["kwargs", "size", k]
+    value = _get(node, path)
+    if not (isinstance(value, int) and value == -1):
+        st.divides(node, _shape(node)[k], lay.parts, f"expand dim {k}")
+        _check_size_arg(st, node, path, k)
+        st.rewrite(node, path)
+    return _Shard(k, lay.parts, lay.origins)
+
+
+def _get(node: fx.Node, path: list[Any]) -> Any:
+    value: Any = node.args if path[0] == "args" else node.kwargs
+    try:
+        for p in path[1:]:
+            value = value[p]
+    except (IndexError, KeyError, TypeError):
+        return None
+    return value
+
+
+def _rule_cat(st: _State, node: fx.Node) -> Layout:
+    """cat of tensors sharded alike on a dim other than the cat dim."""
+    tensors = _arg(node, 0, "tensors")
+    inputs = [t for t in tensors if isinstance(t, fx.Node)] if isinstance(tensors, (list, tuple)) else []
+    lays = [st.eff(t) for t in inputs]
+    if all(lay is None for lay in lays):
+        return _default(st, node)
+    first = next(lay for lay in lays if lay is not None)
+    if not isinstance(first, _Shard) or any(
+        not isinstance(lay, _Shard) or (lay.dim, lay.parts) != (first.dim, first.parts) for lay in lays
+    ):
+        raise _Conflict("cat of tensors not all sharded on the same dim")
+    if _norm_dim(_arg(node, 1, "dim", 0), len(_shape(node))) == first.dim:
+        raise _Conflict("cat along the sharded dim")
+    return _Shard(first.dim, first.parts, frozenset().union(*(lay.origins for lay in lays)))
+
+
+def _rule_reduce(st: _State, node: fx.Node) -> Layout:
+    """mean / sum / amax / amin over dims other than the sharded one."""
+    found = _sharded_input(st, node)
+    if found is None:
+        return _default(st, node)
+    x, lay = found
+    nd = len(_shape(x))
+    dims = _arg(node, 1, "dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        raise _Conflict(f"{op_name(node)} over all dims of a sharded tensor")
+    dims = {_norm_dim(d, nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    if lay.dim in dims:
+        raise _Conflict(f"{op_name(node)} over the sharded dim")
+    keep = _arg(node, 2, "keepdim", False)
+    return _Shard(lay.dim - (0 if keep else sum(1 for d in dims if d < lay.dim)), lay.parts, lay.origins)
+
+
+def _rule_norm_function(st: _State, node: fx.Node) -> Layout:
+    """F.layer_norm / F.rms_norm (or ATen's): like the module rule, over trailing dims other than the sharded one."""
+    found = _sharded_input(st, node)
+    if found is None:
+        return _default(st, node)
+    x, lay = found
+    shape = _arg(node, 1, "normalized_shape")
+    normalized = len(shape) if isinstance(shape, (list, tuple)) else 1
+    if lay.dim >= len(_shape(x)) - normalized:
+        raise _Conflict(f"{op_name(node)} normalizes over the sharded dim {lay.dim}")
+    if any(isinstance(w, fx.Node) for w in node.args[2:4]) or any(
+        isinstance(node.kwargs.get(k), fx.Node) for k in ("weight", "bias")
+    ):
+        raise _Conflict(f"{op_name(node)} with weights on a sharded input (grads would be partial)")
+    return lay
+
+
+def _rule_new_tensor(st: _State, node: fx.Node) -> Layout:
+    """x.new_ones(sizes): the input gives only a dtype and device; the sizes are global values."""
+    for x in node.all_input_nodes[1:]:
+        if st.eff(x) is not None:
+            return _replicated_inputs_only(st, node, "{op} takes the sharded tensor {input} as a size")
+    return None
+
+
 _FUNCTION_RULES: list[tuple[set, Callable[[_State, fx.Node], Layout]]] = [
+    (_WEIGHT_OPS, _rule_weight_op),
     (_RESHAPE, _rule_reshape),
     (_TRANSPOSE, _rule_transpose),
     (_SPLIT, _rule_split),
@@ -585,9 +820,17 @@ _FUNCTION_RULES: list[tuple[set, Callable[[_State, fx.Node], Layout]]] = [
     (_UNARY_FUNCTIONS | _UNARY_METHODS | _BINARY_FUNCTIONS | _BINARY_METHODS | _FIRST_ARG_METHODS, _rule_elementwise),
     ({operator.getitem}, _rule_getitem),
     ({"size", "numel", getattr}, _rule_size),
+    (_UNSQUEEZE, _rule_unsqueeze),
+    (_SQUEEZE, _rule_squeeze),
+    (_SLICE, _rule_slice),
+    (_SELECT, _rule_select),
+    (_EXPAND, _rule_expand),
+    (_CAT, _rule_cat),
+    (_REDUCE, _rule_reduce),
+    (_NORM_FUNCTIONS, _rule_norm_function),
+    (_NEW_TENSOR, _rule_new_tensor),
 ]
 _SIZE_RULES = {operator.getitem, "size", "numel", getattr}  # these read sizes of sharded tensors themselves
-_META_METHODS = {"dim", "ndimension", "is_floating_point", "is_complex", "element_size"}  # the same on every rank
 
 
 def _rule(st: _State, node: fx.Node) -> Layout:
@@ -597,13 +840,14 @@ def _rule(st: _State, node: fx.Node) -> Layout:
         return _rule_output(st, node)
     if node.op == "call_module":
         return _rule_call_module(st, node)
-    if node.op == "call_method" and node.target in _META_METHODS:
+    if key_in(node, _META_METHODS):
         return None
-    if _is_value(node) and not (node.op in ("call_function", "call_method") and _hashable_in(node.target, _SIZE_RULES)):
+    if _is_value(node) and not key_in(node, _SIZE_RULES):
         return _rule_value(st, node)
+    key = op_key(node)
     for keys, rule in _FUNCTION_RULES:
         try:
-            if node.target in keys:
+            if key in keys:
                 return rule(st, node)
         except TypeError:  # unhashable target
             break
@@ -633,6 +877,8 @@ def _propagate(st: _State) -> _Outcome:
             st.layout[node] = _rule(st, node)
         except _Conflict as c:
             origins = frozenset().union(*(_origins(st.layout.get(x)) for x in node.all_input_nodes))
+            if c.blame is not None:
+                origins = c.blame
             if not origins and node.name in st.seeds:  # the seed itself cannot be sharded
                 origins = frozenset([node.name])
             if not any(x in tainted for x in node.all_input_nodes):  # downstream of a conflict: maybe spurious
@@ -651,11 +897,24 @@ def _propagate(st: _State) -> _Outcome:
     return _Outcome(st, conflicts, parts)
 
 
+def read_parameter_names(gm: fx.GraphModule) -> set[str]:
+    """The parameter names the graph reads: targets of get_attr nodes with users, parameters of called modules."""
+    read = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.users:
+            read.add(str(n.target))
+        elif n.op == "call_module":
+            read.update(f"{n.target}.{p}" for p, _ in gm.get_submodule(str(n.target)).named_parameters())
+    return read
+
+
 def _tied_conflicts(st: _State) -> list[tuple[fx.Node, _Conflict, frozenset[str]]]:
     """A parameter used under several names (tied) must have one shard spec everywhere."""
+    read = read_parameter_names(st.gm)
     by_tensor: dict[int, list[str]] = {}
     for name, p in st.gm.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(p), []).append(name)
+        if name in read:  # an alias no node reads (export reads a tied weight under one name) has no say
+            by_tensor.setdefault(id(p), []).append(name)
     nodes = {n.name: n for n in st.gm.graph.nodes}
     out = []
     calls: dict[str, list[fx.Node]] = {}  # a module called from several nodes needs one rule for all
@@ -668,6 +927,14 @@ def _tied_conflicts(st: _State) -> list[tuple[fx.Node, _Conflict, frozenset[str]
             origins |= frozenset(n.name for n in users if n.name in st.seeds and n.name in st.rules)
             reason = f"module {target} is called {len(users)} times with different shardings"
             out.append((users[0], _Conflict(reason), origins))
+    for n in st.gm.graph.nodes:  # a sharded parameter read by get_attr: every reader must be one that shards it
+        held = st.params.get(str(n.target)) if n.op == "get_attr" else None
+        if held is None or held[0]["dim"] is None:
+            continue
+        for u in n.users:
+            if u.name not in st.param_users.get(str(n.target), ()):
+                reason = f"parameter {n.target} is sharded, but {u.name} reads it whole"
+                out.append((u, _Conflict(reason), held[1]))
     for names in by_tensor.values():
         specs = {json.dumps(st.params.get(n, ({"dim": None, "parts": 1}, None))[0]) for n in names}
         if len(specs) > 1:

@@ -37,26 +37,25 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from partitioner.plan.tensor_rules import (
+from partitioner.plan.tensor_ops import (
     _BINARY_FUNCTIONS,
     _BINARY_METHODS,
     _FIRST_ARG_METHODS,
     _META_METHODS,
+    _NORM_FUNCTIONS,
     _NORM_MODULES,
     _SOFTMAX,
     _UNARY_FUNCTIONS,
     _UNARY_METHODS,
     _UNARY_MODULES,
-    _Partial,
-    _State,
-    _val,
+    key_in,
+    op_key,
 )
+from partitioner.plan.tensor_rules import _Partial, _State, _val
 
 __all__ = ["SequenceLayout", "counts_as_sequence_user", "sequence_parallel_layout"]
 
-_NORM_FUNCTIONS = {F.layer_norm, F.rms_norm}
 _ELEMENTWISE = _UNARY_FUNCTIONS | _UNARY_METHODS | _BINARY_FUNCTIONS | _BINARY_METHODS | _FIRST_ARG_METHODS
 
 
@@ -94,13 +93,6 @@ def _tensor(n: object) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _target_in(target: object, keys: set) -> bool:
-    try:
-        return target in keys
-    except TypeError:  # unhashable target
-        return False
-
-
 def _token_wise(st: _State, node: fx.Node, seq: dict[fx.Node, int], tp: int) -> tuple[int, list] | None:
     """(S of the output, [(replicated operand, its dim to scatter)]) if `node` can run on seq-split inputs."""
     out = _tensor(node)
@@ -123,16 +115,16 @@ def _token_wise(st: _State, node: fx.Node, seq: dict[fx.Node, int], tp: int) -> 
         return (s, []) if isinstance(mod, _UNARY_MODULES) and len(ins) == 1 else None
     if node.op not in ("call_function", "call_method"):
         return None
-    if _target_in(node.target, _NORM_FUNCTIONS):
+    if key_in(node, _NORM_FUNCTIONS):
         shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
         normalized = len(shape) if isinstance(shape, (list, tuple)) else 1
         return (s, []) if s < nd - normalized and node.args[0] in seq and len(split) == 1 else None
-    if _target_in(node.target, _SOFTMAX):
+    if key_in(node, _SOFTMAX):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return (s, []) if isinstance(dim, int) and dim % nd != s and len(ins) == 1 else None
-    if not _target_in(node.target, _ELEMENTWISE):
+    if not key_in(node, _ELEMENTWISE):
         return None
-    if node.op == "call_method" and node.target in _FIRST_ARG_METHODS:
+    if key_in(node, _FIRST_ARG_METHODS):
         return (s, []) if node.args[0] in seq else None
     scatters = []
     for x in ins:
@@ -148,14 +140,22 @@ def _token_wise(st: _State, node: fx.Node, seq: dict[fx.Node, int], tp: int) -> 
 
 
 def _reads_size(node: fx.Node) -> bool:
-    if node.op == "call_method" and node.target == "size":
+    """x.size(), x.size(d), ATen's sym_size(x, d) or x.shape."""
+    if node.op in ("call_method", "call_function") and op_key(node) == "size":
         return True
     return node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
 
 
+def _size_dim(node: fx.Node) -> int | None:
+    """The dim a `_reads_size` node reads; None: the whole torch.Size."""
+    if node.target is getattr:
+        return None
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+
+
 def _harmless(node: fx.Node) -> bool:
     """Reads only what every rank has the same (dtype, device, dim count)."""
-    if node.op == "call_method" and node.target in _META_METHODS:
+    if node.op in ("call_method", "call_function") and key_in(node, _META_METHODS):
         return True
     return node.op == "call_function" and node.target is getattr and node.args[1] != "shape"
 
@@ -189,10 +189,13 @@ def sequence_parallel_layout(st: _State) -> SequenceLayout:
             names = [f"{n.target}.{p}" for p, _ in st.gm.get_submodule(str(n.target)).named_parameters()]
             if names:
                 out.param_grads[n.name] = names
+    attrs = {n.name: str(n.target) for n in st.gm.graph.nodes if n.op == "get_attr"}
     for name in out.reduce_scatter:  # a row-parallel bias is added after the reduce-scatter, to 1/tp of the tokens
         if st.rules.get(name) == "row":
             node = next(n for n in seq if n.name == name)
-            if st.gm.get_submodule(str(node.target)).bias is not None:
+            if name in st.row_bias:  # a functional / ATen linear: its bias is a get_attr input
+                out.param_grads[name] = [attrs[st.row_bias[name]]]
+            elif node.op == "call_module" and st.gm.get_submodule(str(node.target)).bias is not None:
                 out.param_grads[name] = [f"{node.target}.bias"]
     for n, s in seq.items():
         out.seq[n.name] = s
@@ -202,8 +205,8 @@ def sequence_parallel_layout(st: _State) -> SequenceLayout:
             if u.op == "output":
                 out.gather_replicated.setdefault(n.name, []).append(u.name)
             elif _reads_size(u):
-                d = u.args[1] if u.op == "call_method" and len(u.args) > 1 else u.kwargs.get("dim")
-                if u.op == "call_function" or d is None:  # x.shape, x.size(): a whole torch.Size
+                d = _size_dim(u)
+                if d is None:  # x.shape, x.size(): a whole torch.Size
                     out.global_shapes[u.name] = s
                 elif d % _tensor(n).dim() == s:
                     out.global_sizes.append(u.name)
