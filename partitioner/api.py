@@ -215,10 +215,22 @@ class CompiledModel:
         return self._runner.step(inputs, targets, loss_fn, chunks, kwargs, batch_dims=dims, target_dim=target_dim)
 
     def parameters(self) -> list[nn.Parameter]:
-        """What the optimizer trains: this rank's parameters under torchrun, else every stage's (the model's own)."""
+        """What the optimizer trains: this rank's parameters under torchrun, else every stage's (the model's own).
+
+        Under torchrun this builds the rank's pipeline (``distributed()``) if the first step has not yet: a
+        tensor-parallel rank trains shards, new tensors that the model does not hold, so an optimizer made from the
+        model's parameters would never update them.
+        """
+        if self._pipeline is None and self._plan is not None and _torchrun_world(self.plan.devices) > 1:
+            self.distributed()
         if self._pipeline is not None:
             return self._pipeline.parameters()
         if self._plan is None:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise RuntimeError(
+                    "under torchrun the parameters a rank trains exist once the model is planned: compile with "
+                    "example_inputs / example_kwargs (or run a step) before making the optimizer"
+                )
             return list(self.model.parameters())
         seen: dict[int, nn.Parameter] = {}
         for st in self.stages:
