@@ -78,9 +78,11 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
 }  # fmt: skip
 
 
-def hf_graph(family: str, layers: int = 1) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+def hf_graph(family: str, layers: int = 1, labels: bool = False) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     torch.manual_seed(0)
     model, call = FAMILIES[family](layers)
+    if labels:  # the loss inside the graph: HF shifts the labels and calls cross_entropy
+        call = {**call, "labels": call["input_ids"]}
     model.eval()
     cg = capture(model, (), call)
     assert cg.method == "export"
@@ -201,3 +203,15 @@ def test_forced_tensor_parallelism_on_an_hf_model_shards_and_verifies() -> None:
     torch.testing.assert_close(cm(**call).logits, model(**call).logits)
     report = cm.verify_tensor_parallel(**call)
     assert report.sharded_params
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_loss_in_the_graph_uses_vocab_parallel_cross_entropy(family: str) -> None:
+    """With labels, HF computes the loss in the graph (ATen cross_entropy_loss on the flattened logits): the LM
+    head stays column-parallel and the loss is Megatron's vocab-parallel cross-entropy (3 small all-reduces)."""
+    gm, inputs = hf_graph(family, labels=True)
+    plan = plan_tensor_parallel(gm, 2)
+    assert plan.param_shard["lm_head.weight"]["dim"] == 0
+    assert "vocab_cross_entropy" in plan.module_rules.values()
+    check_tensor_parallel(gm, plan, inputs, loss_fn=lambda out: out[0])

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partitioner.plan.tensor_layout import TensorParallelPlan, shard_slices, shard_tensor, unshard_tensor
-from partitioner.plan.tensor_ops import weight_op
+from partitioner.plan.tensor_ops import cross_entropy_call, weight_op
 
 __all__ = [
     "GroupComm",
@@ -563,14 +563,11 @@ def tensor_parallel_rank(
         rule = plan.module_rules.get(n.name)
         if rule == "vocab_cross_entropy":
             target = f"tp_vocab_cross_entropy_{n.name}"
-            logits = n.args[0]
-            local_classes = logits.meta["val"].shape[1] // tp
-            root[target] = VocabParallelCrossEntropy(
-                comm, rank * local_classes, n.kwargs.get("ignore_index", -100), n.kwargs.get("reduction", "mean")
-            )
-            new = graph.create_node(
-                "call_module", target, (args[0], args[1] if len(args) > 1 else kwargs["target"]), {}, name=n.name
-            )
+            call = cross_entropy_call(n)
+            local_classes = call.logits.meta["val"].shape[1] // tp
+            root[target] = VocabParallelCrossEntropy(comm, rank * local_classes, call.ignore_index, call.reduction)
+            logits, labels = (lookup(v) if isinstance(v, fx.Node) else v for v in (call.logits, call.target))
+            new = graph.create_node("call_module", target, (logits, labels), {}, name=n.name)
         elif rule in ("row", "vocab_embedding") and n.op == "call_function":
             new = graph.create_node("call_function", *_weight_op_call(gm, n, rule, lookup, env, rank, tp), name=n.name)
         elif n.name in columns:  # computed by its group: this node reads its output

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WeightOp", "op_key", "op_name", "weight_op"]
+__all__ = ["CrossEntropy", "WeightOp", "cross_entropy_call", "op_key", "op_name", "weight_op"]
 
 _UNARY_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.Mish, nn.LeakyReLU,
                   nn.ELU, nn.Softplus)  # fmt: skip
@@ -47,7 +47,7 @@ _SPLIT = {"split", "chunk", torch.split, torch.chunk}
 _UNBIND = {"unbind", torch.unbind}
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
 _SDPA = {F.scaled_dot_product_attention}
-_CROSS_ENTROPY = {F.cross_entropy}
+_CROSS_ENTROPY = {F.cross_entropy, "cross_entropy_loss"}
 _UNSQUEEZE = {"unsqueeze", torch.unsqueeze}
 _SQUEEZE = {"squeeze", torch.squeeze}
 _SLICE = {"slice"}  # ATen's slice(x, dim, start, end, step); fx graphs index with getitem instead
@@ -75,7 +75,8 @@ def _aten_keys() -> dict[Any, Any]:
         "unsqueeze": "unsqueeze", "squeeze": "squeeze", "slice": "slice", "select": "select", "expand": "expand",
         "cat": "cat", "mean": "mean", "sum": "sum", "amax": "amax", "amin": "amin",
         "layer_norm": F.layer_norm, "rms_norm": F.rms_norm,
-        "to": "to", "type_as": "type_as", "_assert_tensor_metadata": "assert_metadata",
+        "cross_entropy_loss": "cross_entropy_loss", "to": "to", "type_as": "type_as",
+        "_assert_tensor_metadata": "assert_metadata",
         "new_ones": "new_ones", "new_zeros": "new_zeros", "new_full": "new_full", "new_empty": "new_empty",
         "add": operator.add, "add_": operator.add, "sub": operator.sub, "rsub": operator.sub, "mul": operator.mul,
         "mul_": operator.mul, "div": operator.truediv, "div_": operator.truediv, "pow": operator.pow,
@@ -193,3 +194,33 @@ def weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightOp | None:
     if found.bias is not None and not _param_node(gm, found.bias, 1):
         return None
     return found
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """A cross_entropy call's arguments: fx `F.cross_entropy(input, target, weight, size_average, ignore_index,
+    reduce, reduction, label_smoothing)` or ATen `cross_entropy_loss(self, target, weight, reduction (0 none,
+    1 mean, 2 sum), ignore_index, label_smoothing)`."""
+
+    logits: Any
+    target: Any
+    weight: Any
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+
+
+def cross_entropy_call(node: fx.Node) -> CrossEntropy:
+    args, kw = node.args, node.kwargs
+
+    def arg(i: int, name: str, default: Any = None) -> Any:
+        return args[i] if len(args) > i else kw.get(name, default)
+
+    if op_key(node) == "cross_entropy_loss":
+        reduction = {0: "none", 1: "mean", 2: "sum"}[arg(3, "reduction", 1)]
+        return CrossEntropy(arg(0, "self"), arg(1, "target"), arg(2, "weight"), arg(4, "ignore_index", -100),
+                            reduction, arg(5, "label_smoothing", 0.0))  # fmt: skip
+    if arg(3, "size_average") is not None or arg(5, "reduce") is not None:
+        raise ValueError("cross_entropy with the deprecated size_average / reduce arguments")
+    return CrossEntropy(arg(0, "input"), arg(1, "target"), arg(2, "weight"), arg(4, "ignore_index", -100),
+                        arg(6, "reduction", "mean"), arg(7, "label_smoothing", 0.0))  # fmt: skip

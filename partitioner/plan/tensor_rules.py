@@ -46,6 +46,7 @@ from partitioner.plan.tensor_ops import (
     _UNBIND,
     _UNSQUEEZE,
     _WEIGHT_OPS,
+    cross_entropy_call,
     key_in,
     op_key,
     op_name,
@@ -593,13 +594,18 @@ def _rule_sdpa(st: _State, node: fx.Node) -> Layout:
 
 
 def _rule_cross_entropy(st: _State, node: fx.Node) -> Layout:
-    x, target = node.args[0], _arg(node, 1, "target")
+    x = node.args[0]
     lay = st.eff(x)
     if not isinstance(lay, _Shard):
         return _default(st, node)
+    try:
+        call = cross_entropy_call(node)
+    except ValueError as e:
+        raise _Conflict(str(e)) from None
+    target = call.target
     if lay.dim != 1 or lay.parts != 1 or st.eff(target) is not None:
         raise _Conflict("cross_entropy on logits not sharded on the class dim 1")
-    if _arg(node, 2, "weight") is not None or _arg(node, 7, "label_smoothing", 0.0):
+    if call.weight is not None or call.label_smoothing:
         raise _Conflict("vocab-parallel cross_entropy supports no class weights or label smoothing")
     if isinstance(target, fx.Node) and _val(target).is_floating_point():
         raise _Conflict("vocab-parallel cross_entropy needs class-index targets")
