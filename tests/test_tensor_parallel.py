@@ -213,14 +213,21 @@ def test_tp8_with_4_heads_keeps_attention_replicated_with_reason() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_vocab_that_tp_does_not_divide_falls_back_even_when_strict() -> None:
+def test_vocab_that_tp_does_not_divide_is_padded() -> None:
+    """gpt3-tiny with 510 tokens at tp=4: the tied wte / head get 2 padding rows (128 per rank, the last rank's last
+    2 never read); the gathered logits are the model's 510 columns; merged shards are the model's tensors."""
     gm, inputs = zoo_graph("gpt3-tiny", vocab_size=510)
     plan = plan_tensor_parallel(gm, 4, strict=True)
-    reasons = {f["node"]: f["reason"] for f in plan.fallbacks}
-    assert "num_embeddings=510 is not divisible by tp=4" in reasons["wte"]
-    assert plan.param_shard["wte.weight"]["dim"] is None and plan.module_rules["h_0_attn_q_proj"] == "column"
-    assert not any(c["kind"] == "all_gather" for c in plan.collectives)
-    check_tensor_parallel(gm, plan, inputs)
+    assert plan.param_shard["wte.weight"] == {"dim": 0, "parts": 1, "pad": 2}
+    assert plan.module_rules["wte"] == "vocab_embedding" and plan.module_rules["h_0_attn_q_proj"] == "column"
+    gather = next(c for c in plan.collectives if c["kind"] == "all_gather")
+    assert gather["pad"] == 2
+    report = check_tensor_parallel(gm, plan, inputs)
+    assert "wte.weight" in report.sharded_params
+    full = dict(gm.named_parameters())
+    merged = merge_shards(plan, [{k: shard_of(plan, k, v, r) for k, v in full.items()} for r in range(4)])
+    assert all(torch.equal(merged[k], v) for k, v in full.items())
+    assert shard_of(plan, "wte.weight", full["wte.weight"], 3).shape[0] == 128
 
 
 @pytest.mark.timeout(120)

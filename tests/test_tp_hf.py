@@ -20,7 +20,7 @@ from torch import nn
 import partitioner
 from partitioner.annotate import annotate
 from partitioner.capture import capture
-from partitioner.passes.tensor_parallel import count_collectives, tensor_parallel_rank
+from partitioner.passes.tensor_parallel import count_collectives, merge_shards, shard_of, tensor_parallel_rank
 from partitioner.plan.tensor import check_tensor_parallel_plan, plan_tensor_parallel
 from partitioner.plan.tensor_ops import weight_op
 from partitioner.runtime.tp_local import ThreadGroup, check_tensor_parallel
@@ -215,3 +215,25 @@ def test_loss_in_the_graph_uses_vocab_parallel_cross_entropy(family: str) -> Non
     assert plan.param_shard["lm_head.weight"]["dim"] == 0
     assert "vocab_cross_entropy" in plan.module_rules.values()
     check_tensor_parallel(gm, plan, inputs, loss_fn=lambda out: out[0])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("labels", [False, True])
+def test_a_vocabulary_tp_does_not_divide_is_padded(tp: int, labels: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2 with 97 tokens (prime): its tied wte / lm_head get -97 % tp padding rows (Megatron pads the same way);
+    the padding never wins the softmax (vocab-parallel cross-entropy masks it), gets no gradient, and is dropped
+    from the gathered logits and from merged checkpoints."""
+    monkeypatch.setitem(globals(), "VOCAB", 97)
+    gm, inputs = hf_graph("gpt2", labels=labels)
+    plan = plan_tensor_parallel(gm, tp, strict=True)
+    pad = -97 % tp
+    assert plan.param_shard["lm_head.weight"] == plan.param_shard["transformer.wte.weight"]
+    assert plan.param_shard["lm_head.weight"] == {"dim": 0, "parts": 1, "pad": pad}
+    check_tensor_parallel_plan(gm, plan)
+    check_tensor_parallel(gm, plan, inputs, loss_fn=(lambda out: out[0]) if labels else None)
+    full = dict(gm.named_parameters())
+    shards = [{k: shard_of(plan, k, v, r) for k, v in full.items()} for r in range(tp)]
+    assert shards[-1]["transformer.wte.weight"].shape[0] == (97 + pad) // tp  # tied: one tensor, two names
+    merged = merge_shards(plan, shards)
+    assert all(torch.equal(merged[k], v) for k, v in full.items())

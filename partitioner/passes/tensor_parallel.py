@@ -325,12 +325,23 @@ class VocabParallelCrossEntropy(nn.Module):
     it cancels), the two sums all-reduced with g (identity backward: each rank's share of the grad is local).
     """
 
-    def __init__(self, comm: TPComm, vocab_start: int, ignore_index: int = -100, reduction: str = "mean"):
+    def __init__(
+        self,
+        comm: TPComm,
+        vocab_start: int,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        vocab_size: int | None = None,
+    ):
         super().__init__()
         self.comm, self.vocab_start, self.ignore_index, self.reduction = comm, vocab_start, ignore_index, reduction
+        self.vocab_size = vocab_size  # classes past it are vocabulary padding: masked out, they never win
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         z = logits.movedim(1, -1).float()  # (…, V/tp)
+        if self.vocab_size is not None and self.vocab_start + z.shape[-1] > self.vocab_size:
+            columns = torch.arange(z.shape[-1], device=z.device) + self.vocab_start
+            z = z.masked_fill(columns >= self.vocab_size, float("-inf"))
         m = self.comm.all_reduce(z.detach().amax(-1), "max")  # (…,)
         z = z - m.unsqueeze(-1)
         sum_exp = _ReduceFromTP.apply(z.exp().sum(-1), self.comm, "sum")  # (…,)
@@ -348,26 +359,27 @@ class VocabParallelCrossEntropy(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- parameters
 def _local_tensor(full: torch.Tensor, spec: dict, rank: int, tp: int, name: str, source: Any) -> torch.Tensor:
-    dim, parts = spec["dim"], spec["parts"]
+    dim, parts, pad = spec["dim"], spec["parts"], spec.get("pad", 0)
     if full.is_meta and source is not None:
         full = source.tensors([name], torch.device("cpu"))[name]
     if full.is_meta:
         shape = list(full.shape)
-        shape[dim] //= tp
+        shape[dim] = (shape[dim] + pad) // tp
         return torch.empty(shape, dtype=full.dtype, device="meta")
-    return shard_tensor(full.detach(), dim, parts, rank, tp).clone()
+    return shard_tensor(full.detach(), dim, parts, rank, tp, pad).clone()
 
 
 def local_param_slices(plan: TensorParallelPlan, gm: fx.GraphModule, rank: int) -> dict[str, list[tuple]]:
     """Per sharded parameter name: the index tuples into the full tensor this rank holds, in local order.
 
-    The contract for deferred init / checkpoint loading: local = cat([full[s] for s in slices], dim).
+    The contract for deferred init / checkpoint loading: local = cat([full[s] for s in slices], dim), followed by
+    zero rows up to the local size where the plan pads a vocabulary (the last rank's padding rows).
     """
     out = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         spec = plan.param_shard.get(name, {"dim": None})
         if spec["dim"] is not None:
-            out[name] = shard_slices(tuple(p.shape), spec["dim"], spec["parts"], rank, plan.tp)
+            out[name] = shard_slices(tuple(p.shape), spec["dim"], spec["parts"], rank, plan.tp, spec.get("pad", 0))
     return out
 
 
@@ -383,14 +395,19 @@ def merge_shards(plan: TensorParallelPlan, shards: Sequence[Mapping[str, torch.T
     out = {}
     for name, t in shards[0].items():
         spec = plan.param_shard.get(name, {"dim": None})
-        out[name] = t if spec["dim"] is None else unshard_tensor([s[name] for s in shards], spec["dim"], spec["parts"])
+        if spec["dim"] is None:
+            out[name] = t
+        else:
+            out[name] = unshard_tensor([s[name] for s in shards], spec["dim"], spec["parts"], spec.get("pad", 0))
     return out
 
 
 def shard_of(plan: TensorParallelPlan, name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
     """Rank `rank`'s local value of parameter `name` given its full value (itself when replicated)."""
     spec = plan.param_shard.get(name, {"dim": None})
-    return full if spec["dim"] is None else shard_tensor(full, spec["dim"], spec["parts"], rank, plan.tp)
+    if spec["dim"] is None:
+        return full
+    return shard_tensor(full, spec["dim"], spec["parts"], rank, plan.tp, spec.get("pad", 0))
 
 
 class _Params:
@@ -422,7 +439,8 @@ def _shard_module(mod: nn.Module, rule: str, target: str, params: _Params, tp: i
             new = RowParallelLinear(weight.shape[1], mod.out_features, bias=mod.bias is not None)
         else:
             new = VocabParallelEmbedding(weight.shape[0], mod.embedding_dim)
-    assert weight.shape[0] * (tp if rule != "row" else 1) == mod.weight.shape[0], (rule, target)
+    pad = params.plan.param_shard[f"{target}.weight"].get("pad", 0)
+    assert weight.shape[0] * (tp if rule != "row" else 1) == mod.weight.shape[0] + pad, (rule, target)
     new.weight = weight
     if rule == "column" and mod.bias is not None:
         new.bias = params.get(f"{target}.bias", mod.bias)
@@ -485,6 +503,8 @@ def tensor_parallel_rank(
             redirects.setdefault(c["after"], []).append(c)
     gathers = {c["after"]: c["dim"] for c in plan.collectives if c["kind"] == "all_gather" and "users" not in c
                and c["phase"] == "forward"}  # fmt: skip
+    gather_pads = {c["after"]: c["pad"] for c in plan.collectives if c["kind"] == "all_gather" and c.get("pad")}
+    padded = _padded_vocabularies(gm, plan)
     reduce_scatters = {c["after"]: c["dim"] for c in plan.collectives if c["kind"] == "reduce_scatter"
                        and c["phase"] == "forward"}  # fmt: skip
     param_grads = {c["after"]: c["params"] for c in plan.collectives if "params" in c}
@@ -538,9 +558,18 @@ def tensor_parallel_rank(
             return env[x]
 
         if n.op == "output":
-            outs = [
-                collective("gather", x, env[x], gathers[x.name]) if x.name in gathers else lookup(x) for x in n.args[0]
-            ]
+            outs = []
+            for x in n.args[0]:
+                if x.name not in gathers:
+                    outs.append(lookup(x))
+                    continue
+                out = collective("gather", x, env[x], gathers[x.name])
+                if x.name in gather_pads:  # drop the vocabulary padding: the model's own logits
+                    dim, size = gathers[x.name], x.meta["val"].shape[gathers[x.name]]
+                    out = graph.create_node("call_function", torch.narrow, (out, dim, 0, size), {},
+                                            name=f"tp_unpad_{x.name}")  # fmt: skip
+                    out.meta["tp_anchor"] = x.name
+                outs.append(out)
             graph.output(tuple(outs))
             continue
 
@@ -555,6 +584,8 @@ def tensor_parallel_rank(
                 local.meta["tp_anchor"] = n.name
             elif value == -1:
                 continue
+            elif value % tp and value in padded:  # a padded vocabulary's local size
+                local = padded[value] // tp
             else:
                 if value % tp:
                     raise ValueError(f"{n.name}: size {value} at {path} is not divisible by tp={tp}")
@@ -564,8 +595,11 @@ def tensor_parallel_rank(
         if rule == "vocab_cross_entropy":
             target = f"tp_vocab_cross_entropy_{n.name}"
             call = cross_entropy_call(n)
-            local_classes = call.logits.meta["val"].shape[1] // tp
-            root[target] = VocabParallelCrossEntropy(comm, rank * local_classes, call.ignore_index, call.reduction)
+            classes = call.logits.meta["val"].shape[1]
+            local_classes = -(-classes // tp)  # a vocabulary tp does not divide is padded (plan.tensor)
+            root[target] = VocabParallelCrossEntropy(
+                comm, rank * local_classes, call.ignore_index, call.reduction, vocab_size=classes
+            )
             logits, labels = (lookup(v) if isinstance(v, fx.Node) else v for v in (call.logits, call.target))
             new = graph.create_node("call_module", target, (logits, labels), {}, name=n.name)
         elif rule in ("row", "vocab_embedding") and n.op == "call_function":
@@ -664,6 +698,18 @@ def tensor_parallel_rank(
     return out
 
 
+def _padded_vocabularies(gm: fx.GraphModule, plan: TensorParallelPlan) -> dict[int, int]:
+    """Vocabulary size -> padded size, for the parameters the plan pads (a size literal equal to one of these that
+    tp does not divide can only be that vocabulary: plan.tensor shards no other dim tp does not divide)."""
+    out = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        spec = plan.param_shard.get(name, {})
+        if spec.get("pad"):
+            size = p.shape[spec["dim"]]
+            out[size] = size + spec["pad"]
+    return out
+
+
 def _weight_op_call(
     gm: fx.GraphModule, n: fx.Node, rule: str, lookup: Any, env: dict[fx.Node, fx.Node], rank: int, tp: int
 ) -> tuple[Any, tuple, dict]:
@@ -675,7 +721,7 @@ def _weight_op_call(
     x, w = lookup(op.x, n), env[op.weight]
     aten = isinstance(n.target, torch._ops.OpOverload)
     if rule == "vocab_embedding":
-        rows = op.weight.meta["val"].shape[0] // tp
+        rows = -(-op.weight.meta["val"].shape[0] // tp)  # a padded vocabulary: the padded rows per rank
         start = rank * rows
         pad = op.padding_idx - start if op.padding_idx is not None and start <= op.padding_idx < start + rows else None
         return vocab_parallel_embedding, (x, w, start, pad), {}

@@ -73,6 +73,13 @@ Sequence parallelism (`sequence_parallel=True`, plan.tensor_sequence) is derived
 token-wise ops left replicated between a g and an f run on 1/tp of the tokens, each g a reduce-scatter and each f
 an all-gather; the tensor-parallel decisions (seeds, shards, rewrites) are the same with or without it.
 
+Vocabulary padding: a vocabulary (an embedding's row count) tp does not divide is padded to the next multiple of tp
+(`pad` rows at the end, on the last rank; the parameter's spec records "pad"). The lookup never reads them (ids <
+vocab), the vocab-parallel cross-entropy masks the padded logits to -inf (never the max, no probability, no
+gradient), gathered logits drop them, and merged checkpoints hold the model's own size. A padded shard may only
+reach casts, elementwise ops, views and indexing that keep the vocab dim whole, the loss and the output; anything
+else (or reading the padded dim's size, which would be the padded one) is a conflict.
+
 Position/type embeddings smaller than `min_vocab` stay replicated (a vocab-parallel lookup costs an
 all-reduce of the whole activation to save a small table) unless tied to a sharded LM head. When the loss is
 outside the graph a column-parallel LM head's logits are all-gathered at the output (`gather_output=True`,
@@ -260,8 +267,8 @@ def plan_tensor_parallel(
 
     strict (a tensor_parallel degree the user forced): raise ValueError when tp does not divide a head or hidden
     size a shardable node needs (instead of falling back), when a rule fails on a node without a seed to blame,
-    and when nothing at all is sharded at tp > 1; a vocabulary tp does not divide still falls back (pad it to a
-    multiple of tp to shard it), and so do other conflicts, with their reasons in `fallbacks`.
+    and when nothing at all is sharded at tp > 1; a vocabulary tp does not divide is padded (module docstring), and
+    other conflicts fall back, with their reasons in `fallbacks`.
     gather_output: all-gather sharded model outputs (LM head logits) rather than keeping their producers
     replicated. min_vocab: embeddings with fewer rows stay replicated unless tied to a sharded LM head.
     exclude: Linear / Embedding nodes to keep replicated (their partners follow: a row-parallel Linear needs a
@@ -357,8 +364,8 @@ def _first_difference(got: Any, want: Any) -> str:
 def max_tensor_parallel(gm: fx.GraphModule, limit: int = 8, *, min_vocab: int = 1024) -> int:
     """The largest tp <= limit dividing every head and hidden size the shardable nodes need.
 
-    Vocabulary sizes (rows of the graph's embeddings) do not limit it: a vocabulary tp does not divide just
-    stays replicated (pad it to a multiple of tp to shard it), as in gpt3-1.3b's 50257.
+    Vocabulary sizes (rows of the graph's embeddings) do not limit it: a vocabulary tp does not divide is padded,
+    as gpt3-1.3b's 50257.
     Example: GPT with 4 heads, d 64, d_ff 256, vocab 512 -> gcd(4, 64, 256) = 4; gpt3-1.3b -> 16 heads -> 16.
     """
     st, _ = _run(gm, None, strict=False, gather_output=True, min_vocab=min_vocab)
@@ -454,9 +461,10 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
             for op in ("max", "sum", "sum"):  # max logit, sum of exp, target logit
                 collectives.append(dict(kind="all_reduce", phase="forward", after=n.name, op=op, bytes=rows))
         if n.name in st.gathers:
-            collectives.append(
-                dict(kind="all_gather", phase="forward", after=n.name, dim=st.gathers[n.name], bytes=_nbytes(n))
-            )
+            gather = dict(kind="all_gather", phase="forward", after=n.name, dim=st.gathers[n.name], bytes=_nbytes(n))
+            if n.name in st.gather_pads:  # the padding columns are dropped after the gather
+                gather["pad"] = st.gather_pads[n.name]
+            collectives.append(gather)
     return TensorParallelPlan(
         tp=tp,
         node_layout=layout,

@@ -1,7 +1,9 @@
 """plan.tensor_layout: a tensor-parallel layout as plain data (`TensorParallelPlan`) and the shard arithmetic every
 consumer of one uses (the rewrite, the checkpoint merge, the runtime's loads).
 
-Invariant: `unshard_tensor([shard_tensor(t, dim, parts, r, tp) for r in range(tp)], dim, parts)` equals `t`.
+Invariant: `unshard_tensor([shard_tensor(t, dim, parts, r, tp, pad) for r in range(tp)], dim, parts, pad)` equals
+`t`. `pad` (vocabulary padding): `t` is first extended by `pad` zero rows along `dim` so that tp divides it; the last
+rank(s) hold those rows, which the model never reads (plan.tensor's module docstring), and unsharding drops them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class TensorParallelPlan:
 
     node_layout: node name -> "replicated" | "shard(d)" | "partial" | "seq(d)" (every node of the graph; seq: split
         along the tokens under sequence parallelism, plan.tensor_sequence).
-    param_shard: parameter name -> {"dim": int | None, "parts": int} (dim None = replicated); tied names both.
+    param_shard: parameter name -> {"dim": int | None, "parts": int} (dim None = replicated), plus "pad": rows
+        added at the end of `dim` so that tp divides a vocabulary (padded size = size + pad); tied names both.
     module_rules: node name -> "column" | "row" | "vocab_embedding" | "vocab_cross_entropy".
     arg_rewrites: node name -> argument paths (["args", i] or ["args", i, j] or ["kwargs", k(, j)]) whose value
         (a global size: int, or an int node) becomes value // tp.
@@ -81,26 +84,44 @@ class TensorParallelPlan:
 
 
 # ----------------------------------------------------------------------------------------------- shard math
-def shard_slices(shape: tuple[int, ...] | torch.Size, dim: int, parts: int, rank: int, tp: int) -> list[tuple]:
-    """Index tuples into the full tensor that rank `rank` holds, in local order (one per part).
+def shard_slices(
+    shape: tuple[int, ...] | torch.Size, dim: int, parts: int, rank: int, tp: int, pad: int = 0
+) -> list[tuple]:
+    """Index tuples into the full tensor that rank `rank` holds, in local order (one per part). With `pad`, the
+    rank's rows past the end of the full tensor are padding: local = cat(full[s] for s in slices), then zero rows
+    up to the local size (`shard_tensor`).
 
     Example: shape (192, 64), dim 0, parts 3, tp 2, rank 1 -> rows [32:64], [96:128], [160:192].
+    Example: shape (97, 64), dim 0, parts 1, tp 2, pad 1, rank 1 -> rows [49:97] (and one padding row).
     """
     size = shape[dim]
-    if size % (parts * tp):
+    if pad and parts != 1:
+        raise ValueError("a padded dimension has one part")
+    if (size + pad) % (parts * tp):
         raise ValueError(f"dimension {dim} of size {size} does not split into {parts} parts x tp={tp}")
-    block, chunk = size // parts, size // (parts * tp)
+    block, chunk = (size + pad) // parts, (size + pad) // (parts * tp)
     lead = (slice(None),) * dim
-    return [lead + (slice(i * block + rank * chunk, i * block + (rank + 1) * chunk),) for i in range(parts)]
+    out = []
+    for i in range(parts):
+        start = i * block + rank * chunk
+        out.append(lead + (slice(min(start, size), min(start + chunk, size)),))
+    return out
 
 
-def shard_tensor(full: torch.Tensor, dim: int, parts: int, rank: int, tp: int) -> torch.Tensor:
-    """Rank `rank`'s shard of `full` (a copy when parts > 1, else a view)."""
-    pieces = [full[s] for s in shard_slices(full.shape, dim, parts, rank, tp)]
-    return pieces[0] if parts == 1 else torch.cat(pieces, dim)
+def shard_tensor(full: torch.Tensor, dim: int, parts: int, rank: int, tp: int, pad: int = 0) -> torch.Tensor:
+    """Rank `rank`'s shard of `full` (a copy when parts > 1 or padded, else a view)."""
+    pieces = [full[s] for s in shard_slices(full.shape, dim, parts, rank, tp, pad)]
+    local = pieces[0] if parts == 1 else torch.cat(pieces, dim)
+    short = (full.shape[dim] + pad) // tp - local.shape[dim]
+    if short:
+        zeros = list(local.shape)
+        zeros[dim] = short
+        local = torch.cat([local, local.new_zeros(zeros)], dim)
+    return local
 
 
-def unshard_tensor(shards: list[torch.Tensor], dim: int, parts: int) -> torch.Tensor:
-    """Inverse of `shard_tensor` over all ranks: `unshard_tensor([shard_tensor(t, d, p, r, n) ...]) == t`."""
+def unshard_tensor(shards: list[torch.Tensor], dim: int, parts: int, pad: int = 0) -> torch.Tensor:
+    """Inverse of `shard_tensor` over all ranks: `unshard_tensor([shard_tensor(t, d, p, r, n, pad) ...]) == t`."""
     blocks = [s.chunk(parts, dim) for s in shards]
-    return torch.cat([blocks[r][i] for i in range(parts) for r in range(len(shards))], dim)
+    full = torch.cat([blocks[r][i] for i in range(parts) for r in range(len(shards))], dim)
+    return full.narrow(dim, 0, full.shape[dim] - pad) if pad else full

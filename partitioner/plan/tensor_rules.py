@@ -6,6 +6,7 @@ Internal to plan.tensor: the entry points there choose the seeds, iterate the pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import operator
@@ -61,6 +62,7 @@ class _Shard:
     dim: int
     parts: int = 1
     origins: frozenset[str] = frozenset()  # the seeds whose sharding produced this value
+    pad: int = 0  # a vocabulary dim padded by `pad` columns so that tp divides it (the last rank holds them)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class _State:
     arg_rewrites: dict[str, list[list[Any]]] = field(default_factory=dict)
     global_sizes: list[str] = field(default_factory=list)
     gathers: dict[str, int] = field(default_factory=dict)
+    gather_pads: dict[str, int] = field(default_factory=dict)  # gathered outputs with vocabulary padding to drop
     requirements: list[dict[str, Any]] = field(default_factory=list)
     param_users: dict[str, set[str]] = field(default_factory=dict)  # parameter -> the nodes that shard it
     row_bias: dict[str, str] = field(default_factory=dict)  # row-parallel WeightOp -> its bias get_attr node
@@ -191,8 +194,21 @@ class _State:
                 divisibility=size not in self.vocab,
             )
 
+    def vocab_pad(self, node: fx.Node, size: int, parts: int, what: str) -> int:
+        """0 when tp divides `size`; the padding that makes it divide when `size` is a vocabulary (an embedding's
+        row count) in one part; else the divisibility conflict of `divides`."""
+        if self.tp is not None and parts == 1 and size in self.vocab and size % self.tp:
+            return -size % self.tp
+        self.divides(node, size, parts, what)
+        return 0
+
     def rewrite(self, node: fx.Node, path: list[Any]) -> None:
         self.arg_rewrites.setdefault(node.name, []).append(path)
+
+
+def _spec(dim: int, parts: int, pad: int) -> dict[str, int | None]:
+    """A parameter's shard spec (TensorParallelPlan.param_shard); "pad" only where a vocabulary is padded."""
+    return {"dim": dim, "parts": parts, "pad": pad} if pad else {"dim": dim, "parts": parts}
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -244,21 +260,21 @@ def _rule_call_module(st: _State, node: fx.Node) -> Layout:
             return _Partial(lay.origins)
         if node.name in st.seeds:  # colwise: W[out/tp, :] -> (…, out/tp)
             parts = st.seed_parts.get(node.name, 1)
-            st.divides(node, mod.out_features, parts, "out_features")
+            pad = st.vocab_pad(node, mod.out_features, parts, "out_features")
             st.rules[node.name] = "column"
             mine = frozenset([node.name])
-            st.params[f"{node.target}.weight"] = ({"dim": 0, "parts": parts}, mine)
+            st.params[f"{node.target}.weight"] = (_spec(0, parts, pad), mine)
             if mod.bias is not None:
-                st.params[f"{node.target}.bias"] = ({"dim": 0, "parts": parts}, mine)
-            return _Shard(len(_shape(node)) - 1, parts, mine)
+                st.params[f"{node.target}.bias"] = (_spec(0, parts, pad), mine)
+            return _Shard(len(_shape(node)) - 1, parts, mine, pad)
         return None
     if isinstance(mod, nn.Embedding):
         if lay is not None:
             raise _Conflict("Embedding indices are sharded")
         if node.name in st.seeds:
-            st.divides(node, mod.num_embeddings, 1, "num_embeddings")
+            pad = st.vocab_pad(node, mod.num_embeddings, 1, "num_embeddings")
             st.rules[node.name] = "vocab_embedding"
-            st.params[f"{node.target}.weight"] = ({"dim": 0, "parts": 1}, frozenset([node.name]))
+            st.params[f"{node.target}.weight"] = (_spec(0, 1, pad), frozenset([node.name]))
             return _Partial(frozenset([node.name]))
         return None
     if isinstance(mod, _NORM_MODULES):
@@ -309,6 +325,17 @@ def _rule_reshape(st: _State, node: fx.Node) -> Layout:
     if not isinstance(lay, _Shard):
         return _default(st, node)
     a, b = _shape(x), _shape(node)
+    if lay.pad:  # a padded vocabulary: only views that keep it as the last dim, its size a literal (made local)
+        k = len(b) - 1
+        if lay.dim != len(a) - 1 or b[-1] != a[-1]:
+            raise _Conflict(f"view {list(a)} -> {list(b)} of a padded vocabulary shard does not keep it the last dim")
+        path = _size_arg_path(node, k, len(b))
+        value = _get(node, path) if path is not None else None
+        if path is not None and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise _Conflict(f"the size of a padded vocabulary dim in a view is {value!r}, not an int literal")
+        if path is not None and value != -1:
+            st.rewrite(node, path)
+        return _Shard(k, 1, lay.origins)
     # The rank's elements are the same set iff the sharded block length L = inner * size / parts matches:
     # L_in == L_out (rank index = floor(flat mod L / (L / tp)) on both sides).
     block = math.prod(a[lay.dim + 1 :]) * a[lay.dim] // lay.parts
@@ -473,6 +500,10 @@ def _rule_size(st: _State, node: fx.Node) -> Layout:
     if not isinstance(lay, _Shard):
         return _rule_value(st, node) if not isinstance(_val(node), torch.Tensor) else _default(st, node)
     key = op_key(node)
+    reads_dim = key == "numel" or (key is getattr and node.args[1] == "shape")
+    reads_dim |= key == "size" and _arg(node, 1, "dim") in (None, lay.dim, lay.dim - len(_shape(x)))
+    if lay.pad and reads_dim:
+        raise _Conflict("the size of a padded vocabulary dim is read (a rank's size x tp is the padded size)")
     if key == "numel":  # the shard's numel x tp: shards are equal
         st.global_sizes.append(node.name)
         return None
@@ -609,7 +640,8 @@ def _rule_cross_entropy(st: _State, node: fx.Node) -> Layout:
         raise _Conflict("vocab-parallel cross_entropy supports no class weights or label smoothing")
     if isinstance(target, fx.Node) and _val(target).is_floating_point():
         raise _Conflict("vocab-parallel cross_entropy needs class-index targets")
-    st.divides(node, _shape(x)[1], 1, "classes")
+    if not lay.pad:
+        st.divides(node, _shape(x)[1], 1, "classes")
     st.rules[node.name] = "vocab_cross_entropy"
     return None
 
@@ -623,6 +655,8 @@ def _rule_output(st: _State, node: fx.Node) -> Layout:
             if lay.parts != 1:
                 raise _Conflict("a value of several sharded blocks reaches the model output")
             st.gathers[x.name] = lay.dim
+            if lay.pad:
+                st.gather_pads[x.name] = lay.pad
         elif lay is not None:
             raise _Conflict(f"output {x.name} has layout {_layout_str(lay)}")
     return None
@@ -641,9 +675,9 @@ def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
             raise _Conflict("embedding indices are sharded")
         if node.name not in st.seeds:
             return None
-        st.divides(node, w[0], 1, "num_embeddings")
+        pad = st.vocab_pad(node, w[0], 1, "num_embeddings")
         st.rules[node.name] = "vocab_embedding"
-        st.claim(node, op.param, {"dim": 0, "parts": 1}, frozenset([node.name]))
+        st.claim(node, op.param, _spec(0, 1, pad), frozenset([node.name]))
         return _Partial(frozenset([node.name]))
     if isinstance(lay, _Shard):  # rowwise
         if lay.dim != len(_shape(op.x)) - 1:
@@ -660,13 +694,13 @@ def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
     if node.name not in st.seeds:
         return None
     parts = st.seed_parts.get(node.name, 1)
-    st.divides(node, w[op.out_dim], parts, "out_features")
+    pad = st.vocab_pad(node, w[op.out_dim], parts, "out_features")
     st.rules[node.name] = "column"
     mine = frozenset([node.name])
-    st.claim(node, op.param, {"dim": op.out_dim, "parts": parts}, mine)
+    st.claim(node, op.param, _spec(op.out_dim, parts, pad), mine)
     if op.bias is not None:
-        st.claim(node, op.bias_param, {"dim": 0, "parts": parts}, mine)
-    return _Shard(len(_shape(node)) - 1, parts, mine)
+        st.claim(node, op.bias_param, _spec(0, parts, pad), mine)
+    return _Shard(len(_shape(node)) - 1, parts, mine, pad)
 
 
 def _sharded_input(st: _State, node: fx.Node) -> tuple[fx.Node, _Shard] | None:
@@ -837,6 +871,8 @@ _FUNCTION_RULES: list[tuple[set, Callable[[_State, fx.Node], Layout]]] = [
     (_NEW_TENSOR, _rule_new_tensor),
 ]
 _SIZE_RULES = {operator.getitem, "size", "numel", getattr}  # these read sizes of sharded tensors themselves
+_PAD_AWARE = {_rule_elementwise, _rule_reshape, _rule_transpose, _rule_getitem, _rule_unsqueeze, _rule_slice,
+              _rule_select, _rule_softmax, _rule_cross_entropy, _rule_size}  # fmt: skip
 
 
 def _rule(st: _State, node: fx.Node) -> Layout:
@@ -854,10 +890,23 @@ def _rule(st: _State, node: fx.Node) -> Layout:
     for keys, rule in _FUNCTION_RULES:
         try:
             if key in keys:
-                return rule(st, node)
+                return _padded(st, node, rule)
         except TypeError:  # unhashable target
             break
     return _default(st, node)
+
+
+def _padded(st: _State, node: fx.Node, rule: Callable[[_State, fx.Node], Layout]) -> Layout:
+    """Apply `rule`; a padded vocabulary shard may only reach the ops that keep its padding apart (`_PAD_AWARE`:
+    casts and elementwise ops, views and indexing that keep the vocab dim, cross_entropy, which masks it, and the
+    output, which drops it), and what they make stays padded."""
+    pads = {lay.pad for x in node.all_input_nodes if isinstance(lay := st.eff(x), _Shard)}
+    if not pads - {0}:
+        return rule(st, node)
+    if rule not in _PAD_AWARE or len(pads) > 1:
+        raise _Conflict(f"{op_name(node)} on a padded vocabulary shard (tp does not divide the vocabulary)")
+    out = rule(st, node)
+    return dataclasses.replace(out, pad=pads.pop()) if isinstance(out, _Shard) else out
 
 
 def _hashable_in(target: Any, keys: set) -> bool:
