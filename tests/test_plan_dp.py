@@ -70,3 +70,30 @@ def test_breadth_first_dp_equals_the_end_by_end_dp_with_every_recompute_mode(tra
         for fraction in (np.inf, 0.8, 0.5, 0.3, 0.15):
             limit = np.inf if fraction == np.inf else fraction * heaviest / stages
             _same(pre, T, pg.num_inputs, flight, limit, stages)
+
+
+def test_coarse_cuts_of_an_export_transformer_are_its_block_boundaries() -> None:
+    """An HF Llama captured by torch.export carries its rotary tables and causal mask from the start through every
+    block, so 5+ values cross nearly every cut; the coarse cuts leave those out (they cross every cut alike) and
+    keep the few places per block where only the residual stream crosses, and the DP on them is still exact."""
+    transformers = pytest.importorskip("transformers")
+    from partitioner.capture import capture
+
+    layers = 8
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, use_cache=False)  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    call = {"input_ids": torch.zeros(2, 16, dtype=torch.long, device="meta")}
+    cg = capture(model, (), call)
+    annotate(cg.graph_module, cg.flatten_inputs((), call))
+    spec = get_device_spec("a100")
+    pg = build_planning_graph(cg.graph_module, node_costs(cg.graph_module, spec), spec, training=True)
+    full, coarse = _prefix(pg, 4, ("none",), False), _prefix(pg, 4, ("none",), True)
+    assert 2 * layers <= len(coarse.positions) <= len(full.positions) // 4
+    residual_only = coarse.positions[(coarse.positions > 0) & (coarse.positions < pg.n)]
+    assert (full.messages[residual_only] > 1).mean() > 0.5  # the long-lived values cross there too
+    for stages in (2, 4):
+        flight = _in_flight_array([min(stages - s, 4) for s in range(stages)], stages, 4)
+        _same(coarse, np.inf, pg.num_inputs, flight, np.inf, stages)
+        _same(coarse, 1.1 * float(coarse.P[-1]) / stages, pg.num_inputs, flight, np.inf, stages)

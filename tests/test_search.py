@@ -9,7 +9,7 @@ import torch
 
 import partitioner
 import zoo
-from partitioner.plan.search import Degrees, TensorParallelModel, scale_graph, search
+from partitioner.plan.search import MIN_SHARDED_SHARE, Degrees, TensorParallelModel, scale_graph, search
 from tests.planning_graphs import synthetic_graph
 
 
@@ -161,6 +161,23 @@ def test_forced_degrees_that_do_not_fit_report_their_own_figures():
     assert str(e.value).endswith("With pipeline=2, it needs about 8 devices of this size (pipeline 2 x tensor 4).")
     cm = partitioner.compile(model, devices=8, example_inputs=x, pipeline=2, memory_limit=2**19, **PLAIN)
     assert cm.plan.tensor_degree == 4 and cm.tensor_parallel_plan.sequence_parallel
+
+
+def test_a_tp_layout_sharding_almost_nothing_is_never_chosen_unless_forced():
+    """Honest degrees: a layout that shards under MIN_SHARDED_SHARE of the parameter bytes only copies the model
+    onto tp ranks; the search leaves it out with the reason, however it prices, and a forced one still runs."""
+    import dataclasses
+
+    def negligible(tp: int) -> TensorParallelModel:
+        return dataclasses.replace(_shard_everything(tp), sharded_share=MIN_SHARDED_SHARE / 2)
+
+    pg = _chain(saved_bytes=100.0)
+    best, evaluated = _search(pg, 8, tp_model=negligible, max_tp=8)
+    assert best.degrees.tp == 1
+    notes = {c.note for c in evaluated if c.degrees.tp > 1}
+    assert notes and all("of the parameter bytes" in note for note in notes)
+    forced, _ = _search(pg, 4, tp_model=negligible, max_tp=16, tensor_parallel=2)
+    assert forced.degrees.tp == 2
 
 
 def test_scale_graph_divides_sharded_work_and_adds_collectives():

@@ -48,7 +48,7 @@ __all__ = [
 
 
 TIE_TOLERANCE = 0.01  # bottlenecks within 1% are ties, broken by transfer time (module docstring)
-COARSE_MIN_CUTS = 16  # a coarse DP (cuts where one value crosses) needs at least this many places to cut
+COARSE_MIN_CUTS = 16  # a coarse DP (cuts where the fewest values cross) needs at least this many places to cut
 
 
 class InfeasibleMemoryError(ValueError):
@@ -82,7 +82,7 @@ class _Prefix:
         self.working = np.concatenate([[0], np.cumsum(pg.compute > 0)])  # nodes with compute, prefix counts
         # Bytes crossing a cut between positions b-1 | b of the order (value produced before b,
         # consumed at or after b); the model output counts as a consumer at position n.
-        diff, count = np.zeros(n + 2), np.zeros(n + 2)
+        diff, count, short = np.zeros(n + 2), np.zeros(n + 2), np.zeros(n + 2)
         last = pg.last_use()
         for u in range(n):
             if last[u] > u:
@@ -90,6 +90,9 @@ class _Prefix:
                 diff[last[u] + 1] -= pg.out_bytes[u]
                 count[u + 1] += 1
                 count[last[u] + 1] -= 1
+                if len(pg.succs[u]) < 3 or last[u] - u <= n // 8:  # not read all over (an ATen graph's rotary tables)
+                    short[u + 1] += 1
+                    short[last[u] + 1] -= 1
         self.cross = np.cumsum(diff)[: n + 1]
         messages = np.cumsum(count)[: n + 1]  # values crossing each cut, one message each per microbatch
         self.messages = messages
@@ -129,11 +132,8 @@ class _Prefix:
         order = pg.order
         self.allowed = order.allowed_cuts() if order is not None else np.ones(n + 1, dtype=bool)
         self.limit = order.segment_limits(last) if order is not None else np.full(n + 1, n, dtype=np.int64)
-        if coarse:  # only where one value crosses (a residual stream between blocks), if that leaves enough cuts
-            narrow = self.allowed & (messages <= 1)
-            narrow[0] = narrow[n] = True
-            if narrow.sum() >= COARSE_MIN_CUTS:
-                self.allowed = narrow
+        if coarse:  # only where the fewest values cross (a residual stream between blocks), if enough such cuts
+            self.allowed = _narrow_cuts(self.allowed, np.cumsum(short)[: n + 1])
         self.positions = np.flatnonzero(self.allowed)
 
     def cost(self, j: int | np.ndarray, i: int | np.ndarray, k: int = 0) -> float | np.ndarray:
@@ -259,6 +259,20 @@ def _range_max(table: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nd
     """max(values[a:b]) for each (a, b) of starts, ends (b > a), from _range_max_table."""
     level = np.floor(np.log2(np.maximum(ends - starts, 1))).astype(np.int64)
     return np.maximum(table[level, starts], table[level, ends - (1 << level)])
+
+
+def _narrow_cuts(allowed: np.ndarray, messages: np.ndarray) -> np.ndarray:
+    """The allowed cuts where at most m values cross, m the fewest (1 or more) that leaves COARSE_MIN_CUTS of them
+    (`allowed` if none does). `messages` leaves out the values read all over the graph (3+ readers spread over
+    more than an eighth of it): a torch.export transformer carries its rotary tables and mask from the start
+    through every block, crossing every cut alike; without them m is 1 there too (the residual stream)."""
+    n = len(allowed) - 1
+    for m in np.unique(messages[allowed]):
+        narrow = allowed & (messages <= max(m, 1))
+        narrow[0] = narrow[n] = True
+        if narrow.sum() >= COARSE_MIN_CUTS:
+            return narrow
+    return allowed
 
 
 def _min_stage_dp(
@@ -426,8 +440,9 @@ def contiguous_partition(
 ) -> list[int]:
     """Optimal contiguous cuts [0, b1, ..., n] of the topological order, each stage free to use any of the
     `recompute` modes (see module docstring; `stage_modes` says which each cut's stages use). `coarse`: cut only
-    where a single value crosses (the residual stream of a transformer: about 2 places per layer instead of ~30),
-    when there are COARSE_MIN_CUTS such places; the search ranks its candidates so, and plans the winner in full."""
+    where the fewest values cross (`_narrow_cuts`: the residual stream of a transformer, about 2 places per layer
+    instead of ~30, or ~7 instead of ~70 in an ATen graph), when there are COARSE_MIN_CUTS such places; the search
+    ranks its candidates so, and plans the winner in full."""
     if num_stages < 1:
         raise ValueError(f"need at least 1 stage, got {num_stages}")
     # Cut points are 0 and every position after the inputs (where in-place writes allow one); each stage needs
