@@ -237,3 +237,16 @@ def test_a_vocabulary_tp_does_not_divide_is_padded(tp: int, labels: bool, monkey
     assert shards[-1]["transformer.wte.weight"].shape[0] == (97 + pad) // tp  # tied: one tensor, two names
     merged = merge_shards(plan, shards)
     assert all(torch.equal(merged[k], v) for k, v in full.items())
+
+
+@pytest.mark.timeout(300)
+def test_forcing_tp_past_the_kv_heads_keeps_them_whole_but_past_the_q_heads_is_refused() -> None:
+    """strict (a forced degree): Llama's 2 kv heads at tp=4 fall back as Megatron does (k/v whole, sliced per rank);
+    its 4 q heads at tp=8 cannot be, and the error names the view."""
+    gm, inputs = hf_graph("llama")
+    plan = plan_tensor_parallel(gm, 4, strict=True)
+    assert plan.param_shard["model.layers.0.self_attn.q_proj.weight"]["dim"] == 0
+    assert plan.param_shard["model.layers.0.self_attn.k_proj.weight"]["dim"] is None
+    check_tensor_parallel(gm, plan, inputs)
+    with pytest.raises(ValueError, match=r"tp=8 \(strict\): .*view dim 2=4 is not divisible by tp=8"):
+        plan_tensor_parallel(gm, 8, strict=True)

@@ -215,18 +215,23 @@ def _run(
     parts_why: dict[str, _PartsRequest] = {}  # why a seed was re-seeded as blocks
     vocab = _vocab_sizes(gm)
     weights = {n.name: op.param for n in gm.graph.nodes if (op := weight_op(gm, n)) is not None}
+    refused: dict[str, str] = {}  # strict: seeds tp does not divide -> the error, unless Megatron's kv rule covers it
     for _ in range(4 * len(seeds) + 8):
         st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab)
         outcome = _propagate(st)
         if tp == 1 or (not outcome.conflicts and not outcome.parts):  # tp 1: nothing sharded, nothing to undo
+            _refuse(st, refused)
             return st, fallbacks
         for seed, req in outcome.parts.items():
             seed_parts[seed] = req.parts
             parts_why.setdefault(seed, req)
         restart = bool(outcome.parts)
         for node, c, origins in outcome.conflicts:
-            if strict and (c.divisibility or not origins):
+            if strict and not origins:
                 raise ValueError(f"tensor parallel tp={tp} (strict): {node.name}: {c.reason}")
+            if strict and c.divisibility:
+                for s in origins:
+                    refused.setdefault(s, f"tensor parallel tp={tp} (strict): {node.name}: {c.reason}")
             if not origins:  # no sharded input: the node is replicated, as on every rank; nothing to undo
                 fallbacks.setdefault(node.name, f"no sharding analysis: {c.reason}")
                 continue
@@ -238,14 +243,37 @@ def _run(
                 if s in parts_why:  # the first reason is the real one; the block split did not help either
                     first = parts_why[s]
                     if strict and first.divisibility:
-                        raise ValueError(f"tensor parallel tp={tp} (strict): {s}: {first.reason}")
+                        refused.setdefault(s, f"tensor parallel tp={tp} (strict): {s}: {first.reason}")
                     reason = f"{first.reason}; as {first.parts} blocks: {reason}"
                 if s in weights:  # a functional / ATen op: its node name says little, its weight's name says which
                     reason = f"{reason} (weight {weights[s]})"
                 fallbacks.setdefault(s, reason)
         if not restart:
+            _refuse(st, refused)
             return st, fallbacks
     raise RuntimeError("sharding propagation did not converge")  # unreachable: seeds shrink every round
+
+
+def _refuse(st: _State, refused: dict[str, str]) -> None:
+    """Strict mode: raise the first divisibility error of a seed left replicated, except a seed whose output
+    attention reads as each rank's slice of its heads (k / v projections with fewer heads than tp: Megatron keeps
+    them whole on every rank, as the fallback did)."""
+    nodes = {n.name: n for n in st.gm.graph.nodes}
+    for seed, error in refused.items():
+        if not _feeds_a_slice(nodes[seed], st.slices):
+            raise ValueError(error)
+
+
+def _feeds_a_slice(node: fx.Node, slices: dict[str, Any], depth: int = 32) -> bool:
+    """Whether a value read as per-rank slices (`_State.slices`) is computed from `node` within `depth` ops."""
+    seen, frontier = {node}, [node]
+    for _ in range(depth):
+        if any(n.name in slices for n in frontier):
+            return True
+        frontier = [u for n in frontier for u in n.users if u not in seen and not seen.add(u)]
+        if not frontier:
+            return False
+    return False
 
 
 def _require_annotation(gm: fx.GraphModule) -> None:
@@ -267,8 +295,9 @@ def plan_tensor_parallel(
 
     strict (a tensor_parallel degree the user forced): raise ValueError when tp does not divide a head or hidden
     size a shardable node needs (instead of falling back), when a rule fails on a node without a seed to blame,
-    and when nothing at all is sharded at tp > 1; a vocabulary tp does not divide is padded (module docstring), and
-    other conflicts fall back, with their reasons in `fallbacks`.
+    and when nothing at all is sharded at tp > 1; a vocabulary tp does not divide is padded (module docstring), k / v
+    projections with fewer heads than tp stay whole with each rank reading its slice (Megatron's rule), and other
+    conflicts fall back, with their reasons in `fallbacks`.
     gather_output: all-gather sharded model outputs (LM head logits) rather than keeping their producers
     replicated. min_vocab: embeddings with fewer rows stay replicated unless tied to a sharded LM head.
     exclude: Linear / Embedding nodes to keep replicated (their partners follow: a row-parallel Linear needs a
