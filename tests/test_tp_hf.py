@@ -62,6 +62,9 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
         vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=n, num_attention_heads=4,
         word_embed_proj_dim=64, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, **NO_CACHE)),
         _text()),
+    "bloom": lambda n: (T.BloomForCausalLM(T.BloomConfig(
+        vocab_size=VOCAB, hidden_size=64, n_layer=n, n_head=4, hidden_dropout=0.0, attention_dropout=0.0,
+        **NO_CACHE)), _padded_text()),
     "bert": lambda n: (T.BertModel(T.BertConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4,
         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)), _padded_text()),
@@ -100,7 +103,7 @@ def linear_weights(gm: fx.GraphModule) -> set[str]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "family, tp",
-    [(f, 2) for f in FAMILIES] + [("gpt2", 4), ("gpt_neox", 4), ("bert", 4)],
+    [(f, 2) for f in FAMILIES] + [("gpt2", 4), ("gpt_neox", 4), ("bert", 4), ("bloom", 4)],
 )
 def test_every_projection_is_sharded_and_the_ranks_equal_the_model(family: str, tp: int) -> None:
     gm, inputs = hf_graph(family)
@@ -250,3 +253,15 @@ def test_forcing_tp_past_the_kv_heads_keeps_them_whole_but_past_the_q_heads_is_r
     check_tensor_parallel(gm, plan, inputs)
     with pytest.raises(ValueError, match=r"tp=8 \(strict\): .*view dim 2=4 is not divisible by tp=8"):
         plan_tensor_parallel(gm, 8, strict=True)
+
+
+@pytest.mark.timeout(300)
+def test_bloom_alibi_is_read_per_head_of_every_batch_row() -> None:
+    """BLOOM computes attention on (batch x heads) flattened: q / k / v are sharded as `batch` blocks of heads, and
+    its ALiBi bias (batch x heads, 1, T), added by baddbmm, is read as each rank's heads of every block."""
+    gm, inputs = hf_graph("bloom")
+    plan = plan_tensor_parallel(gm, 2)
+    scatters = [c for c in plan.collectives if c["kind"] == "scatter"]
+    assert scatters and all(c["parts"] == 2 and c["dim"] == 0 for c in scatters)  # 2 batch rows
+    check_tensor_parallel_plan(gm, plan)
+    check_tensor_parallel(gm, plan, inputs)

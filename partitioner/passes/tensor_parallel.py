@@ -679,6 +679,14 @@ def tensor_parallel_rank(
                 continue
             if c["kind"] == "all_reduce":  # f
                 node = collective("copy", n, env[n], suffix="_grad")
+            elif c["kind"] == "scatter" and c.get("parts", 1) > 1:  # each rank's slice of every block of the dim
+                blocks = graph.create_node("call_function", torch.unflatten, (env[n], c["dim"], (c["parts"], -1)),
+                                           {}, name=f"tp_blocks_{n.name}_{c['dim']}")  # fmt: skip
+                blocks.meta["tp_anchor"] = n.name
+                node = collective("scatter", n, blocks, c["dim"] + 1, suffix=f"_{c['dim']}")
+                node = graph.create_node("call_function", torch.flatten, (node, c["dim"], c["dim"] + 1), {},
+                                         name=f"tp_unblocks_{n.name}_{c['dim']}")  # fmt: skip
+                node.meta["tp_anchor"] = n.name
             elif c["kind"] == "scatter":
                 node = collective("scatter", n, env[n], c["dim"], suffix=f"_{c['dim']}")
             elif c["grad"] == "reduce_scatter":

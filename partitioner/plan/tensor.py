@@ -476,9 +476,13 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
                 collectives.append(
                     dict(kind="all_reduce", phase="backward", after=n.name, op="sum", users=users, bytes=_nbytes(n))
                 )
-        for d, users in [*st.slices.get(n.name, {}).items(), *sl.scatter.get(n.name, [])]:
-            # a replicated operand of sharded or split values: each rank reads its slice
-            collectives.append(dict(kind="scatter", phase="forward", after=n.name, dim=d, users=users, bytes=0))
+        sliced_dims = [(d, parts, users) for (d, parts), users in st.slices.get(n.name, {}).items()]
+        for d, parts, users in sliced_dims + [(d, 1, users) for d, users in sl.scatter.get(n.name, [])]:
+            # a replicated operand of sharded or split values: each rank reads its slice (of each of `parts` blocks)
+            scatter = dict(kind="scatter", phase="forward", after=n.name, dim=d, users=users, bytes=0)
+            if parts > 1:
+                scatter["parts"] = parts
+            collectives.append(scatter)
             if needs_grad:
                 collectives.append(dict(kind="all_gather", phase="backward", after=n.name, dim=d, bytes=_nbytes(n)))
         if n.name in sl.param_grads:  # parameters of split ops saw 1/tp of the tokens: sum their gradients

@@ -160,12 +160,13 @@ class _State:
     requirements: list[dict[str, Any]] = field(default_factory=list)
     param_users: dict[str, set[str]] = field(default_factory=dict)  # parameter -> the nodes that shard it
     row_bias: dict[str, str] = field(default_factory=dict)  # row-parallel WeightOp -> its bias get_attr node
-    slices: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # replicated value -> dim -> readers
+    # replicated value -> (dim, parts) -> the nodes reading each rank's slice of it
+    slices: dict[str, dict[tuple[int, int], list[str]]] = field(default_factory=dict)
 
-    def slice(self, value: fx.Node, dim: int, reader: fx.Node) -> None:
-        """`reader` reads its rank's 1/tp slice of replicated `value` along `dim`."""
-        self.divides(reader, _shape(value)[dim], 1, f"{value.name} dim {dim}")
-        self.slices.setdefault(value.name, {}).setdefault(dim, []).append(reader.name)
+    def slice(self, value: fx.Node, dim: int, reader: fx.Node, parts: int = 1) -> None:
+        """`reader` reads its rank's 1/tp slice of replicated `value` along `dim` (of each of `parts` blocks)."""
+        self.divides(reader, _shape(value)[dim], parts, f"{value.name} dim {dim}")
+        self.slices.setdefault(value.name, {}).setdefault((dim, parts), []).append(reader.name)
 
     def claim(self, node: fx.Node, name: str, spec: dict[str, int | None], origins: frozenset[str]) -> None:
         """Record parameter `name`'s shard as `node` needs it; one parameter read by several nodes (tied, or a
@@ -557,7 +558,31 @@ def _rule_softmax(st: _State, node: fx.Node) -> Layout:
 
 
 def _rule_matmul(st: _State, node: fx.Node) -> Layout:
-    a, b = node.args[0], node.args[1]
+    return _matmul_layout(st, node, node.args[0], node.args[1])
+
+
+def _rule_baddbmm(st: _State, node: fx.Node) -> Layout:
+    """beta * input + alpha * (batch1 @ batch2): the bmm's layout; a replicated input spanning its sharded batch dim
+    (BLOOM's ALiBi bias per batch x head) is read as each rank's slice of every block."""
+    x, b1, b2 = node.args[0], node.args[1], node.args[2]
+    out = _matmul_layout(st, node, b1, b2)
+    lx = st.eff(x)
+    if out is None:
+        return _default(st, node)
+    shape, out_shape = _shape(x), _shape(node)
+    d = out.dim - (len(out_shape) - len(shape))
+    if isinstance(lx, _Shard) and (lx.dim, lx.parts) == (d, out.parts):
+        return _Shard(out.dim, out.parts, out.origins | lx.origins)
+    if lx is not None:
+        raise _Conflict(f"baddbmm input is {_layout_str(lx)}, the product is sharded on dim {out.dim}")
+    if d >= 0 and shape[d] != 1:
+        if shape[d] != out_shape[out.dim]:
+            raise _Conflict(f"baddbmm input {list(shape)} spans the sharded dim {out.dim} with another size")
+        st.slice(x, d, node, out.parts)
+    return out
+
+
+def _matmul_layout(st: _State, node: fx.Node, a: Any, b: Any) -> Layout:
     la, lb = st.eff(a), st.eff(b)
     if la is None and lb is None:
         return None
@@ -855,6 +880,7 @@ _FUNCTION_RULES: list[tuple[set, Callable[[_State, fx.Node], Layout]]] = [
     (_UNBIND, _rule_unbind),
     (_SOFTMAX, _rule_softmax),
     (_MATMUL, _rule_matmul),
+    ({"baddbmm", torch.baddbmm}, _rule_baddbmm),
     (_SDPA, _rule_sdpa),
     (_CROSS_ENTROPY, _rule_cross_entropy),
     (_UNARY_FUNCTIONS | _UNARY_METHODS | _BINARY_FUNCTIONS | _BINARY_METHODS | _FIRST_ARG_METHODS, _rule_elementwise),
