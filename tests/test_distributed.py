@@ -466,7 +466,9 @@ def test_huggingface_models_train_under_torchrun_as_in_one_process(case: str, pi
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case, steps", [("llama", 5), pytest.param("gpt2", 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "case, steps", [("llama", 5)] + [pytest.param(c, 2, marks=pytest.mark.slow) for c in ("gpt2", "t5", "bert")]
+)
 def test_huggingface_models_train_pp2_x_tp2_under_torchrun_as_in_one_process(
     case: str, steps: int, tmp_path: Path
 ) -> None:
