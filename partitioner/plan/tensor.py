@@ -91,10 +91,12 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from partitioner.plan.tensor_cost import TPCost, tp_cost
@@ -105,6 +107,7 @@ from partitioner.plan.tensor_layout import (
     shard_tensor,
     unshard_tensor,
 )
+from partitioner.plan.tensor_ops import key_in as _key_in
 from partitioner.plan.tensor_ops import weight_op
 from partitioner.plan.tensor_rules import (
     _layout_str,
@@ -221,7 +224,7 @@ def _run(
         outcome = _propagate(st)
         if tp == 1 or (not outcome.conflicts and not outcome.parts):  # tp 1: nothing sharded, nothing to undo
             _refuse(st, refused)
-            return st, fallbacks
+            return st, _name_whole_heads(st, fallbacks)
         for seed, req in outcome.parts.items():
             seed_parts[seed] = req.parts
             parts_why.setdefault(seed, req)
@@ -250,7 +253,7 @@ def _run(
                 fallbacks.setdefault(s, reason)
         if not restart:
             _refuse(st, refused)
-            return st, fallbacks
+            return st, _name_whole_heads(st, fallbacks)
     raise RuntimeError("sharding propagation did not converge")  # unreachable: seeds shrink every round
 
 
@@ -258,22 +261,51 @@ def _refuse(st: _State, refused: dict[str, str]) -> None:
     """Strict mode: raise the first divisibility error of a seed left replicated, except a seed whose output
     attention reads as each rank's slice of its heads (k / v projections with fewer heads than tp: Megatron keeps
     them whole on every rank, as the fallback did)."""
-    nodes = {n.name: n for n in st.gm.graph.nodes}
+    whole = _sliced_sources(st)
     for seed, error in refused.items():
-        if not _feeds_a_slice(nodes[seed], st.slices):
+        if seed not in whole:
             raise ValueError(error)
 
 
-def _feeds_a_slice(node: fx.Node, slices: dict[str, Any], depth: int = 32) -> bool:
-    """Whether a value read as per-rank slices (`_State.slices`) is computed from `node` within `depth` ops."""
-    seen, frontier = {node}, [node]
-    for _ in range(depth):
-        if any(n.name in slices for n in frontier):
-            return True
-        frontier = [u for n in frontier for u in n.users if u not in seen and not seen.add(u)]
-        if not frontier:
-            return False
-    return False
+def _name_whole_heads(st: _State, fallbacks: dict[str, str]) -> dict[str, str]:
+    """Say so where a seed left replicated feeds attention's per-rank slices: its heads are fewer than tp (or do not
+    split), and every rank reads the slice its q heads need (k / v projections, Megatron's rule for tp > kv heads)."""
+    whole = _sliced_sources(st)
+    return {
+        seed: (f"kept whole, attention reads each rank's slice of its heads (tp={st.tp} does not split them): {reason}"
+               if seed in whole else reason)
+        for seed, reason in fallbacks.items()
+    }  # fmt: skip
+
+
+def _sliced_sources(st: _State) -> set[str]:
+    """The linear-like nodes whose outputs become values read as per-rank slices (`_State.slices`): walking back
+    from each such value through the ops between (views, repeat_kv's expand, rotary arithmetic), stopping at
+    linear-like ops (collected), attention and matmuls (another computation's inputs)."""
+    stop = {"matmul", "bmm", "baddbmm", F.scaled_dot_product_attention, operator.matmul, torch.matmul}
+    nodes = {n.name: n for n in st.gm.graph.nodes}
+    found: set[str] = set()
+    frontier = [nodes[name] for name in st.slices]
+    seen = set(frontier)
+    while frontier:
+        nxt = []
+        for n in frontier:
+            op = weight_op(st.gm, n)
+            if n.op == "call_module" or op is not None:
+                linear = (
+                    isinstance(st.gm.get_submodule(str(n.target)), nn.Linear) if op is None else op.kind != "embedding"
+                )
+                if linear:
+                    found.add(n.name)
+                continue
+            if n.op != "call_function" or _key_in(n, stop):
+                continue
+            for x in n.all_input_nodes:
+                if x not in seen:
+                    seen.add(x)
+                    nxt.append(x)
+        frontier = nxt
+    return found
 
 
 def _require_annotation(gm: fx.GraphModule) -> None:
