@@ -140,7 +140,7 @@ def _initial_seeds(gm: fx.GraphModule, min_vocab: int) -> tuple[set[str], dict[s
     ATen `linear` / `addmm` / `mm`) may be column-parallel; every large or tied embedding vocab-parallel."""
     linear_params = {id(m.weight) for m in gm.modules() if isinstance(m, nn.Linear)}
     ops = {n.name: op for n in gm.graph.nodes if (op := weight_op(gm, n)) is not None}
-    linear_params |= {id(_attr(gm, op.param)) for op in ops.values() if op.kind != "embedding"}
+    linear_params |= {id(gm.get_parameter(op.param)) for op in ops.values() if op.kind != "embedding"}
     seeds, skipped = set(), {}
     for n in gm.graph.nodes:
         op = ops.get(n.name)
@@ -148,7 +148,7 @@ def _initial_seeds(gm: fx.GraphModule, min_vocab: int) -> tuple[set[str], dict[s
             seeds.add(n.name)
         elif op is not None:
             rows = _val(op.weight).shape[0]
-            if id(_attr(gm, op.param)) in linear_params or rows >= min_vocab:
+            if id(gm.get_parameter(op.param)) in linear_params or rows >= min_vocab:
                 seeds.add(n.name)
             else:
                 skipped[n.name] = f"{_small_vocab(rows, min_vocab)} (weight {op.param})"
@@ -173,13 +173,6 @@ def _small_vocab(rows: int, min_vocab: int) -> str:
         f"embedding table of {rows} rows < min_vocab={min_vocab} and not tied to an LM head: a vocab-parallel "
         f"lookup's all-reduce costs more than the table saves"
     )
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _vocab_sizes(gm: fx.GraphModule) -> set[int]:
@@ -223,8 +216,7 @@ def _run(
         st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab)
         outcome = _propagate(st)
         if tp == 1 or (not outcome.conflicts and not outcome.parts):  # tp 1: nothing sharded, nothing to undo
-            _refuse(st, refused)
-            return st, _name_whole_heads(st, fallbacks)
+            return st, _finish(st, refused, fallbacks)
         for seed, req in outcome.parts.items():
             seed_parts[seed] = req.parts
             parts_why.setdefault(seed, req)
@@ -252,25 +244,19 @@ def _run(
                     reason = f"{reason} (weight {weights[s]})"
                 fallbacks.setdefault(s, reason)
         if not restart:
-            _refuse(st, refused)
-            return st, _name_whole_heads(st, fallbacks)
+            return st, _finish(st, refused, fallbacks)
     raise RuntimeError("sharding propagation did not converge")  # unreachable: seeds shrink every round
 
 
-def _refuse(st: _State, refused: dict[str, str]) -> None:
-    """Strict mode: raise the first divisibility error of a seed left replicated, except a seed whose output
-    attention reads as each rank's slice of its heads (k / v projections with fewer heads than tp: Megatron keeps
-    them whole on every rank, as the fallback did)."""
+def _finish(st: _State, refused: dict[str, str], fallbacks: dict[str, str]) -> dict[str, str]:
+    """The converged propagation's fallbacks, saying so where a seed left replicated feeds attention's per-rank
+    slices: its heads are fewer than tp (or do not split), and every rank reads the slice its q heads need (k / v
+    projections, Megatron's rule for tp > kv heads). Strict mode (`refused`): raise the first divisibility error of
+    a seed left replicated other than those."""
     whole = _sliced_sources(st)
     for seed, error in refused.items():
         if seed not in whole:
             raise ValueError(error)
-
-
-def _name_whole_heads(st: _State, fallbacks: dict[str, str]) -> dict[str, str]:
-    """Say so where a seed left replicated feeds attention's per-rank slices: its heads are fewer than tp (or do not
-    split), and every rank reads the slice its q heads need (k / v projections, Megatron's rule for tp > kv heads)."""
-    whole = _sliced_sources(st)
     return {
         seed: (f"kept whole, attention reads each rank's slice of its heads (tp={st.tp} does not split them): {reason}"
                if seed in whole else reason)

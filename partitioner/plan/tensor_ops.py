@@ -151,13 +151,11 @@ class WeightOp:
 def _param_node(gm: fx.GraphModule, x: Any, ndim: int) -> bool:
     if not (isinstance(x, fx.Node) and x.op == "get_attr"):
         return False
-    obj: Any = gm
     try:
-        for part in str(x.target).split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
+        p = gm.get_parameter(str(x.target))
+    except AttributeError:  # a buffer or constant, not a parameter
         return False
-    return isinstance(obj, nn.Parameter) and obj.dim() == ndim and obj.is_floating_point()
+    return p.dim() == ndim and p.is_floating_point()
 
 
 def weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightOp | None:

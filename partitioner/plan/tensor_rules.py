@@ -7,6 +7,7 @@ Internal to plan.tensor: the entry points there choose the seeds, iterate the pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -728,26 +729,26 @@ def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
     return _Shard(len(_shape(node)) - 1, parts, mine, pad)
 
 
-def _sharded_input(st: _State, node: fx.Node) -> tuple[fx.Node, _Shard] | None:
-    x = node.args[0] if node.args else None
-    lay = st.eff(x)
-    return (x, lay) if isinstance(lay, _Shard) else None
+def _on_shard(rule: Callable[[_State, fx.Node, fx.Node, _Shard], Layout]) -> Callable[[_State, fx.Node], Layout]:
+    """A rule for ops whose first argument is sharded (`rule(st, node, x, its shard)`); others take `_default`."""
+
+    @functools.wraps(rule)
+    def apply(st: _State, node: fx.Node) -> Layout:
+        x = node.args[0] if node.args else None
+        lay = st.eff(x)
+        return rule(st, node, x, lay) if isinstance(lay, _Shard) else _default(st, node)
+
+    return apply
 
 
-def _rule_unsqueeze(st: _State, node: fx.Node) -> Layout:
-    found = _sharded_input(st, node)
-    if found is None:
-        return _default(st, node)
-    _, lay = found
+@_on_shard
+def _rule_unsqueeze(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     d = _norm_dim(_arg(node, 1, "dim"), len(_shape(node)))
     return _Shard(lay.dim + (d <= lay.dim), lay.parts, lay.origins)
 
 
-def _rule_squeeze(st: _State, node: fx.Node) -> Layout:
-    found = _sharded_input(st, node)
-    if found is None:
-        return _default(st, node)
-    x, lay = found
+@_on_shard
+def _rule_squeeze(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     shape = _shape(x)
     dims = _arg(node, 1, "dim")
     if dims is None:
@@ -758,12 +759,9 @@ def _rule_squeeze(st: _State, node: fx.Node) -> Layout:
     return _Shard(lay.dim - sum(1 for d in dims if d < lay.dim), lay.parts, lay.origins)
 
 
-def _rule_slice(st: _State, node: fx.Node) -> Layout:
+@_on_shard
+def _rule_slice(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     """ATen's slice(x, dim, start, end, step): any slice of another dim; of the sharded dim, only all of it."""
-    found = _sharded_input(st, node)
-    if found is None:
-        return _default(st, node)
-    x, lay = found
     dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(x)))
     if dim == lay.dim:
         start, end, step = _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1)
@@ -773,23 +771,17 @@ def _rule_slice(st: _State, node: fx.Node) -> Layout:
     return lay
 
 
-def _rule_select(st: _State, node: fx.Node) -> Layout:
-    found = _sharded_input(st, node)
-    if found is None:
-        return _default(st, node)
-    x, lay = found
+@_on_shard
+def _rule_select(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     dim = _norm_dim(_arg(node, 1, "dim"), len(_shape(x)))
     if dim == lay.dim:
         raise _Conflict("select of an index in the sharded dim")
     return _Shard(lay.dim - (dim < lay.dim), lay.parts, lay.origins)
 
 
-def _rule_expand(st: _State, node: fx.Node) -> Layout:
+@_on_shard
+def _rule_expand(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     """x.expand(sizes): new leading dims and size-1 dims broadcast; the sharded dim's size (unless -1) made local."""
-    found = _sharded_input(st, node)
-    if found is None:
-        return _default(st, node)
-    x, lay = found
     k = lay.dim + len(_shape(node)) - len(_shape(x))
     packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
     path: list[Any] = ["args", 1, k] if packed else ["args", 1 + k]
@@ -830,12 +822,9 @@ def _rule_cat(st: _State, node: fx.Node) -> Layout:
     return _Shard(first.dim, first.parts, frozenset().union(*(lay.origins for lay in lays)))
 
 
-def _rule_reduce(st: _State, node: fx.Node) -> Layout:
+@_on_shard
+def _rule_reduce(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     """mean / sum / amax / amin over dims other than the sharded one."""
-    found = _sharded_input(st, node)
-    if found is None:
-        return _default(st, node)
-    x, lay = found
     nd = len(_shape(x))
     dims = _arg(node, 1, "dim")
     if dims is None or (isinstance(dims, (list, tuple)) and not dims):
@@ -847,12 +836,9 @@ def _rule_reduce(st: _State, node: fx.Node) -> Layout:
     return _Shard(lay.dim - (0 if keep else sum(1 for d in dims if d < lay.dim)), lay.parts, lay.origins)
 
 
-def _rule_norm_function(st: _State, node: fx.Node) -> Layout:
+@_on_shard
+def _rule_norm_function(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     """F.layer_norm / F.rms_norm (or ATen's): like the module rule, over trailing dims other than the sharded one."""
-    found = _sharded_input(st, node)
-    if found is None:
-        return _default(st, node)
-    x, lay = found
     shape = _arg(node, 1, "normalized_shape")
     normalized = len(shape) if isinstance(shape, (list, tuple)) else 1
     if lay.dim >= len(_shape(x)) - normalized:
