@@ -1,0 +1,113 @@
+"""Context parallelism (plan.context, passes.context_parallel): every activation's sequence split over the cp ranks,
+k / v gathered for attention, causal masks by global position, reductions over the sequence all-reduced.
+
+All cp ranks run in one process (runtime.cp_local, threads): every rank's outputs equal the model's and the ranks'
+parameter gradients sum to the model's, fp32 at 1e-5; zoo models (fx graphs) and HuggingFace families (export
+graphs), with and without the load-balanced chunk order, with the loss inside the graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+from partitioner.passes import context_parallel as cp_pass
+from partitioner.passes.context_parallel import CPCollective, context_parallel_rank
+from partitioner.plan.context import plan_context_parallel, rank_positions
+from partitioner.runtime.cp_local import check_context_parallel
+from partitioner.runtime.tp_local import ThreadGroup
+from tests.test_tensor_parallel import nano_graph, prepare, zoo_graph
+
+
+def _loss_output(out: tuple) -> torch.Tensor:
+    return out[0]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["gpt3-tiny", "bert-tiny", "roberta-tiny"])
+@pytest.mark.parametrize("degree, balance", [(2, True), (4, True), (4, False)])
+def test_zoo_outputs_and_gradients_match(name: str, degree: int, balance: bool) -> None:
+    gm, inputs = zoo_graph(name)
+    layout = plan_context_parallel(gm, degree, balance=balance)
+    assert layout.balance == balance and layout.inputs
+    report = check_context_parallel(gm, layout, inputs)
+    assert len(report.params) == len(dict(gm.named_parameters(remove_duplicate=False)))
+
+
+@pytest.mark.timeout(120)
+def test_gpt_with_explicit_attention_matches() -> None:
+    """Materialized scores: q @ k^T of the rank's rows over every key, the (T, T) causal mask read at its rows."""
+    torch.manual_seed(0)
+    gm, inputs = prepare(zoo.get("gpt3-tiny", attention="math"), zoo.example_inputs("gpt3-tiny", batch=2, seq=8))
+    layout = plan_context_parallel(gm, 2)
+    assert not layout.fallbacks and layout.scatter  # the causal mask, the position embedding
+    check_context_parallel(gm, layout, inputs)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("style", ["sdpa", "explicit", "minus_one"])
+def test_the_loss_in_the_graph_is_the_whole_sequence_mean(style: str) -> None:
+    """F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1) with ignored tokens on one rank only:
+    the mean divides by every rank's valid tokens, not each rank's own."""
+    gm, inputs = nano_graph(style, targets=True)
+    layout = plan_context_parallel(gm, 2, balance=False)  # targets[0, :3] are ignored: all on rank 0
+    assert layout.cross_entropy and not layout.fallbacks
+    check_context_parallel(gm, layout, inputs, loss_fn=_loss_output)
+
+
+def test_balanced_order_gives_every_rank_the_same_causal_work() -> None:
+    T = 32
+    for degree in (2, 4, 8):
+        for balance in (True, False):
+            held = [rank_positions(T, degree, r, balance) for r in range(degree)]
+            assert sorted(torch.cat(held).tolist()) == list(range(T))
+            work = [int((p + 1).sum()) for p in held]  # keys each rank's queries attend to, causal
+            assert (len(set(work)) == 1) == balance, (degree, balance, work)
+
+
+@pytest.mark.timeout(120)
+def test_a_wrong_causal_offset_or_gradient_scale_fails_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check can fail: local (top-left) causal masks, or outputs whose gradient is not divided by the degree."""
+    gm, inputs = zoo_graph("gpt3-tiny")
+    layout = plan_context_parallel(gm, 2)
+
+    def local_causal(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,  # noqa: ANN001, ANN202
+                     enable_gqa=False):  # fmt: skip
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=is_causal)
+
+    with monkeypatch.context() as m:
+        m.setattr(cp_pass.CPAttention, "forward", local_causal)
+        with pytest.raises(AssertionError, match="output"):
+            check_context_parallel(gm, layout, inputs)
+    with monkeypatch.context() as m:
+        m.setattr(cp_pass._ScaleGrad, "backward", staticmethod(lambda ctx, grad: (grad, None)))
+        with pytest.raises(AssertionError):
+            check_context_parallel(gm, layout, inputs)
+    check_context_parallel(gm, layout, inputs)
+
+
+@pytest.mark.timeout(120)
+def test_each_layer_gathers_only_its_keys_and_values() -> None:
+    gm, _ = zoo_graph("gpt3-tiny")
+    layout = plan_context_parallel(gm, 2)
+    assert not layout.fallbacks
+    rank = context_parallel_rank(gm, layout, 0, ThreadGroup(2).comm(0))
+    kinds = [m.kind for m in rank.modules() if isinstance(m, CPCollective)]
+    layers = zoo.get("gpt3-tiny").cfg.n_layer
+    assert kinds.count("gather") == 2 * layers + 1  # k and v per layer, and the logits at the output
+    assert "sum" not in kinds and "mean" not in kinds
+    assert kinds.count("scatter") == 1  # the position embedding rows
+
+
+def test_bad_degrees_and_inputs_are_refused_with_the_fix() -> None:
+    gm, _ = zoo_graph("gpt3-tiny")  # sequence of 8
+    with pytest.raises(ValueError, match="divisible by 3"):
+        plan_context_parallel(gm, 3)
+    with pytest.raises(ValueError, match="balance=False"):
+        plan_context_parallel(gm, 8, balance=True)
+    assert not plan_context_parallel(gm, 8).balance  # 16 chunks of 8 tokens do not exist: contiguous
+    with pytest.raises(ValueError, match="not inputs of the graph"):
+        plan_context_parallel(gm, 2, seq_dims={"tokens": 1})
+    with pytest.raises(ValueError, match=">= 1"):
+        plan_context_parallel(gm, 0)
