@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from partitioner.plan.context_cost import ContextParallelModel
 from partitioner.plan.graph import PlanningGraph, StageMetrics, evaluate, tied_sync_time, to_stage_costs
 from partitioner.plan.pipeline import (
     InfeasibleMemoryError,
@@ -168,26 +169,39 @@ def scale_graph(
     *,
     split_backward: bool = False,
     pp: int = 1,
+    cp: ContextParallelModel | None = None,
 ) -> PlanningGraph:
     """The planning graph one (tp rank, dp replica) sees: see the module docstring for the rules; the training
     state of every parameter is sharded as `data_parallel` says (plan.sharding.state_divisors; `shard`: HSDP's
     group; `split_backward`: the schedule splits the backward). `pp`: the pipeline degree, which with tp and dp says
-    whether stage-to-stage sends leave the node (PlanningGraph.p2p_internode)."""
+    whether stage-to-stage sends leave the node (PlanningGraph.p2p_internode). `cp`: a context-parallel layout
+    (plan.context_cost): its split nodes' compute, crossing and saved bytes / cp, its collectives added; its ranks
+    hold the parameters whole and count with dp in the state's sharding group."""
     tp_degree = tp.tp if tp is not None else 1
-    pp_spans_nodes = pp > 1 and tp_degree * dp * pp > pg.spec.devices_per_node
-    if tp is None and dp == 1 and pp_spans_nodes == pg.p2p_internode:
+    cp_degree = cp.cp if cp is not None else 1
+    pp_spans_nodes = pp > 1 and tp_degree * cp_degree * dp * pp > pg.spec.devices_per_node
+    if tp is None and cp is None and dp == 1 and pp_spans_nodes == pg.p2p_internode:
         return pg
     fwd, bwd = pg.forward.copy(), pg.backward.copy()
     out_bytes, saved = pg.out_bytes.copy(), pg.saved_bytes.copy()
+    node_saves = pg.saves
+    if cp is not None and cp.extra_saves and len(pg.saves) == pg.n:  # gathered operands' copies, held whole
+        index = {name: i for i, name in enumerate(pg.names)}
+        node_saves = [dict(s) for s in pg.saves]
+        for name, extra in cp.extra_saves.items():
+            node_saves[index[name]][f"{name}#whole"] = extra
+            saved[index[name]] += extra
     param_static, param_bytes = dict(pg.param_static), dict(pg.param_bytes)
 
     def divisor(storage: str) -> int:
         """What a storage (`node`, or `node#k` for one it saved but did not return) is divided by: tp when the node
         that created it has a sharded or sequence-split output, unless it is an output the runtime saves gathered
-        whole (sequence parallelism's inputs of rank-dependent consumers other than column-parallel groups)."""
+        whole (sequence parallelism's inputs of rank-dependent consumers other than column-parallel groups); times
+        cp where the context-parallel layout splits it."""
+        by_cp = cp.divisor(storage) if cp is not None else 1
         if tp is None or tp.tp == 1 or storage in tp.gathered_saves:
-            return 1
-        return tp.tp if storage.split("#")[0] in tp.sharded_values else 1
+            return by_cp
+        return (tp.tp if storage.split("#")[0] in tp.sharded_values else 1) * by_cp
 
     if tp is not None and tp.tp > 1:
         for i, name in enumerate(pg.names):
@@ -197,26 +211,35 @@ def scale_graph(
             bwd[i] = bwd[i] * s + (cb if pg.training else 0.0)
             if name in tp.sharded_values:
                 out_bytes[i] /= tp.tp
-        if len(pg.saves) == pg.n:
-            seen: set[str] = set()
-            for i, node in enumerate(pg.saves):  # saved_bytes: each storage paid by its first saver (annotate)
-                first = [k for k in node if k not in seen]
-                saved[i] -= sum(node[k] * (1 - 1 / divisor(k)) for k in first)
-                seen.update(first)
-        else:  # a graph without storage names (synthetic): what a node saves is as sharded as its output
-            saved = np.array([b / divisor(name) for name, b in zip(pg.names, saved)])
         for p in tp.sharded_params:
             canonical = pg.alias_of.get(p, p)
             if canonical in param_static:
                 param_static[canonical] = pg.param_static[canonical] / tp.tp
                 param_bytes[canonical] = pg.param_bytes[canonical] / tp.tp
-    if data_parallel and dp > 1:
-        fw, fg, fo = state_divisors(data_parallel, dp, shard, split_backward=split_backward)
+    if cp is not None and cp.cp > 1:
+        for i, name in enumerate(pg.names):
+            s = cp.node_scale.get(name, 1.0)
+            cf, cb = cp.comm_by_node.get(name, (0.0, 0.0))
+            fwd[i] = fwd[i] * s + cf
+            bwd[i] = bwd[i] * s + (cb if pg.training else 0.0)
+            if name in cp.split_values:
+                out_bytes[i] /= cp.cp
+    if (tp is not None and tp.tp > 1) or (cp is not None and cp.cp > 1):
+        if len(node_saves) == pg.n:
+            seen: set[str] = set()
+            for i, node in enumerate(node_saves):  # saved_bytes: each storage paid by its first saver (annotate)
+                first = [k for k in node if k not in seen]
+                saved[i] -= sum(node[k] * (1 - 1 / divisor(k)) for k in first)
+                seen.update(first)
+        else:  # a graph without storage names (synthetic): what a node saves is as sharded as its output
+            saved = np.array([b / divisor(name) for name, b in zip(pg.names, saved)])
+    if data_parallel and dp * cp_degree > 1:  # the state is sharded over the dp x cp ranks (all hold it whole)
+        fw, fg, fo = state_divisors(data_parallel, dp * cp_degree, shard, split_backward=split_backward)
         for p, static in param_static.items():
             w = param_bytes[p]
             g = w if static > w else 0.0  # a trainable parameter has a gradient of its own size
             param_static[p] = w / fw + g / fg + (static - w - g) / fo
-    saves = [{k: v / (divisor(k) * dp) for k, v in node.items()} for node in pg.saves]
+    saves = [{k: v / (divisor(k) * dp) for k, v in node.items()} for node in node_saves]
     return dataclasses.replace(
         pg,
         p2p_internode=pp_spans_nodes,
