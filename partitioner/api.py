@@ -127,6 +127,34 @@ class CompiledModel:
             recompute_regions=regions,
         )  # fmt: skip
 
+    def verify_context_parallel(
+        self,
+        degree: int,
+        *args: Any,
+        seq_dims: dict[str, int] | None = None,
+        balance: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Split the sequence of every activation over `degree` context-parallel ranks (plan.context: k and v
+        gathered for attention, causal masks by global position), run every rank in this process (threads) on these
+        inputs, and assert that each rank's outputs equal the model's and that the ranks' gradients sum to its
+        gradients. Returns the check's report; `report.layout.fallbacks` names the ops that read a split value whole.
+
+        seq_dims: input name -> its sequence dim (default: the dim after the batch dim of every input of the first
+        input's sequence length); balance: the load-balanced chunk order (default: when 2 x degree divides it).
+        Context parallelism is not yet chosen by the planner nor run under torchrun: this checks that the model runs
+        correctly that way.
+        """
+        from partitioner.plan.context import plan_context_parallel
+        from partitioner.runtime.cp_local import check_context_parallel
+
+        if self._plan is None:
+            raise ValueError("compile with example_inputs (or call the model once) before verifying it")
+        inputs = self.captured.flatten_inputs(args, kwargs)
+        gm = self.captured.graph_module
+        layout = plan_context_parallel(gm, degree, seq_dims=seq_dims, balance=balance)
+        return check_context_parallel(gm, layout, inputs, backward=self.plan.training)
+
     def distributed(
         self,
         *,

@@ -193,3 +193,18 @@ def test_compute_collectives_and_state_sharding_per_rank() -> None:
     sharded = scale_graph(pg, None, 2, "zero1", cp=model)
     by_dp_alone = scale_graph(pg, None, 8, "zero1")
     assert sharded.param_static == pytest.approx(by_dp_alone.param_static)
+
+
+@pytest.mark.timeout(120)
+def test_a_compiled_model_verifies_context_parallelism_on_the_call_inputs() -> None:
+    import partitioner
+
+    torch.manual_seed(0)
+    model = zoo.get("gpt3-tiny")
+    x = zoo.example_inputs("gpt3-tiny", batch=2, seq=16)
+    cm = partitioner.compile(model, devices=2, example_inputs=x, training=True)
+    report = cm.verify_context_parallel(4, *x)
+    assert report.layout.degree == 4 and report.layout.balance and not report.layout.fallbacks
+    assert len(report.params) == len(list(model.parameters())) + 1  # the tied LM head under both names
+    with pytest.raises(ValueError, match="divisible by 3"):
+        cm.verify_context_parallel(3, *x)

@@ -68,6 +68,7 @@ class CPCheckReport:
     max_output_diff: float
     max_grad_diff: float
     params: list[str] = field(default_factory=list)
+    layout: ContextLayout | None = None  # what was checked
 
 
 def check_context_parallel(
@@ -89,7 +90,7 @@ def check_context_parallel(
     if backward:
         loss_fn(ref_flat).backward()
     outputs, ranks = run_context_parallel_local(gm, layout, inputs, loss_fn=loss_fn, backward=backward)
-    report = CPCheckReport(0.0, 0.0)
+    report = CPCheckReport(0.0, 0.0, layout=layout)
     for r, out in enumerate(outputs):
         for i, (a, b) in enumerate(zip(out, ref_flat)):
             torch.testing.assert_close(
