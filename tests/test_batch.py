@@ -5,6 +5,7 @@ independent through the graph; where they meet, compile names the node, and `bat
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 
 import pytest
@@ -102,10 +103,12 @@ def test_mixing_by_a_reduction_is_refused_naming_the_node() -> None:
 
 def test_saved_plan_that_splits_an_unsplittable_batch_is_refused() -> None:
     x = torch.randn(8, 8)
-    cm = partitioner.compile(Centered(), devices=2, pipeline=2, example_inputs=x, device_type="cpu", training=False,
-                             microbatches=2)  # fmt: skip
+    cm = partitioner.compile(Centered(), devices=2, pipeline=2, example_inputs=x, device_type="cpu")
+    assert cm.plan.microbatches == 1  # training: the batch stays whole
+    edited = json.loads(cm.plan.to_json())
+    edited["microbatches"] = 2  # a plan made elsewhere (or edited) that splits it
     with pytest.raises(ValueError, match="the plan splits the batch into 2 chunks, but the batch cannot be split"):
-        partitioner.compile(Centered(), devices=2, example_inputs=x, device_type="cpu", plan=cm.plan.to_json())
+        partitioner.compile(Centered(), devices=2, example_inputs=x, device_type="cpu", plan=json.dumps(edited))
 
 
 def test_batch_norm_in_training_splits_with_a_note() -> None:

@@ -120,3 +120,16 @@ def test_a_saved_plan_is_priced_on_its_own_device_unless_told_otherwise() -> Non
     assert [s.nodes for s in h100.stages] == [s.nodes for s in cm.plan.stages]
     assert h100.predicted["step_time"] < cm.plan.predicted["step_time"] / 5  # an H100 against the cpu preset
     assert [s.compute_time for s in h100.stages] != [s.compute_time for s in cm.plan.stages]
+
+
+def test_a_saved_plan_refuses_another_training_mode_or_a_batch_its_split_does_not_divide() -> None:
+    """A training plan's memory, recompute and data-parallel choices are training's; its microbatches x replicas
+    must divide the batch it is compiled with. Both are refused with the fix instead of running another plan."""
+    model, x = zoo.get("gpt3-tiny"), zoo.example_inputs("gpt3-tiny", batch=4)
+    cm = partitioner.compile(model, 2, x, device_type="cpu", pipeline=2, microbatches=4, training=True)
+    text = cm.plan.to_json()
+    with pytest.raises(ValueError, match="made for training.*pass training=True"):
+        partitioner.compile(model, 2, x, plan=text, training=False)
+    with pytest.raises(ValueError, match="4 equal chunks, which do not divide this example's batch of 6"):
+        partitioner.compile(model, 2, zoo.example_inputs("gpt3-tiny", batch=6), plan=text, training=True)
+    assert partitioner.compile(model, 2, zoo.example_inputs("gpt3-tiny", batch=8), plan=text).plan.microbatches == 4

@@ -139,6 +139,20 @@ def plan_model(
                 f"the plan is for {saved.devices} devices, compile was asked for {o.devices}: "
                 f"pass devices={saved.devices} or plan again"
             )
+        if saved.training != o.training:
+            made, asked = ("training", "inference") if saved.training else ("inference", "training")
+            raise ValueError(
+                f"the plan was made for {made} (its memory, recompute and data-parallel choices are {made}'s), "
+                f"compile was asked for {asked}: pass training={saved.training} or plan again"
+            )
+        chunks = saved.microbatches * saved.data_degree
+        batch = _batch_size(inputs, captured.input_names, dims)
+        if batch is not None and chunks > 1 and not refusal and batch % chunks:
+            raise ValueError(
+                f"the plan splits a step's batch into {saved.data_degree} replica(s) x {saved.microbatches} "
+                f"microbatches = {chunks} equal chunks, which do not divide this example's batch of {batch}: use a "
+                f"batch divisible by {chunks} or plan again"
+            )
         if refusal and saved.microbatches * saved.data_degree > 1:
             raise ValueError(
                 f"the plan splits the batch into {saved.microbatches * saved.data_degree} chunks, but {refusal}"
