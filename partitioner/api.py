@@ -304,6 +304,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     data_parallel: str | None = None,
     overlap_grad_reduce: bool = True,
     sequence_parallel: bool | None = None,
+    context_parallel: int = 1,
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -345,6 +346,10 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     layer norms, dropout) over the tp ranks along the sequence, reduce-scattering and all-gathering in place of its
     all-reduces (Megatron's sequence parallelism; partitioner.plan.tensor_sequence); None: priced with and without,
     the search takes the faster that fits.
+    context_parallel: split the sequence of every activation over this many ranks (partitioner.plan.context: k and v
+    gathered for attention, causal masks by global position, the loss all-reduced); pipeline x data share the rest
+    of the devices, gradients are averaged over data x context after the backward (ddp or zero1). Not yet with
+    tensor parallelism, nor searched: 1 (the default) plans without it.
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
@@ -354,7 +359,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         memory_limit=memory_limit, schedule=schedule, pipeline=pipeline, tensor_parallel=tensor_parallel,
         stages_per_device=stages_per_device, plan=plan, mincut=mincut, cost=cost, batch_dim=batch_dim,
         recompute=recompute, data_parallel=data_parallel, overlap_grad_reduce=overlap_grad_reduce,
-        sequence_parallel=sequence_parallel,
+        sequence_parallel=sequence_parallel, context_parallel=context_parallel,
     )  # fmt: skip
     example_inputs = as_call(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):

@@ -23,13 +23,15 @@ from typing import Any
 import torch.fx as fx
 
 from partitioner.capture import CapturedGraph
+from partitioner.passes.context_parallel import context_parallel_rank, stage_of_inserted_nodes
 from partitioner.passes.recompute import checkpoint_regions
 from partitioner.passes.split import StageModule, split_stages
 from partitioner.passes.tensor_parallel import TPComm, stage_of_rank_nodes, tensor_parallel_rank
+from partitioner.plan.context import ContextLayout, plan_context_parallel
 from partitioner.plan.schema import Plan
 from partitioner.plan.tensor_layout import TensorParallelPlan
 
-__all__ = ["apply", "plan_layout", "rank_graph"]
+__all__ = ["apply", "context_layout", "plan_layout", "rank_graph"]
 
 
 def plan_layout(plan: Plan) -> TensorParallelPlan | None:
@@ -48,6 +50,17 @@ def plan_layout(plan: Plan) -> TensorParallelPlan | None:
             f"corrupt partitioner plan: layout for tp={layout.tp} in a plan of tensor degree {plan.tensor_degree}"
         )
     return layout
+
+
+def context_layout(plan: Plan, gm: fx.GraphModule) -> ContextLayout | None:
+    """The context-parallel layout a plan records (None at context degree 1), derived again from the captured graph
+    by its record (degree, chunk order, sequence dims): the layout is a function of those and the graph."""
+    if plan.context_degree == 1:
+        return None
+    record = plan.context
+    return plan_context_parallel(
+        gm, plan.context_degree, seq_dims=record.get("seq_dims"), balance=record.get("balance")
+    )
 
 
 def rank_graph(
@@ -78,13 +91,22 @@ def apply(
     tp_rank: int | None = None,
     comm: TPComm | None = None,
     weights: Any = None,
+    cp_rank: int | None = None,
+    cp_comm: TPComm | None = None,
 ) -> list[StageModule]:
-    """The plan's stage modules for tensor-parallel rank `tp_rank` (None: the unsharded graph): `rank_graph`, then
-    the split by the plan's node -> stage map (nodes the TP rewrite inserted go with their anchors), then each
-    stage's recompute regions (`passes.recompute.checkpoint_regions`). ValueError when a stage's regions do not fit
-    its graph."""
+    """The plan's stage modules for tensor-parallel rank `tp_rank` (None: the unsharded graph) and context-parallel
+    rank `cp_rank` (None: the whole sequence): `rank_graph`, the context-parallel rewrite (passes.context_parallel;
+    output gradients left whole: the runtime averages gradients over dp x cp), then the split by the plan's
+    node -> stage map (inserted nodes go with their anchors or consumers), then each stage's recompute regions
+    (`passes.recompute.checkpoint_regions`). ValueError when a stage's regions do not fit its graph."""
     gm = rank_graph(plan, captured, tp_rank=tp_rank, comm=comm, weights=weights)
     stage_of = plan.node_stage if gm is captured.graph_module else stage_of_rank_nodes(gm, plan.node_stage)
+    layout = context_layout(plan, captured.graph_module)
+    if layout is not None and cp_rank is not None:
+        if cp_comm is None:
+            raise ValueError("a context-parallel rank graph needs the rank's communicator (cp_comm)")
+        gm = context_parallel_rank(gm, layout, cp_rank, cp_comm, divide_output_grads=False)
+        stage_of = stage_of_inserted_nodes(gm, stage_of, plan.num_stages)
     stages = split_stages(gm, stage_of, plan.num_stages)
     for s, stage in enumerate(stages):
         regions = plan.stages[s].recompute_regions

@@ -44,6 +44,7 @@ class CompileOptions:
     data_parallel: str | None = None  # forced data-parallel mode (plan.sharding.DP_MODES); None: searched
     overlap_grad_reduce: bool = True  # False: ddp / zero1 all-reduce after the backward (plan.sharding)
     sequence_parallel: bool | None = None  # tp's token-wise ops split over its ranks (plan.tensor_sequence)
+    context_parallel: int = 1  # ranks splitting every sequence (plan.context); 1: none
 
     @classmethod
     def create(
@@ -66,6 +67,7 @@ class CompileOptions:
         data_parallel: str | None = None,
         overlap_grad_reduce: bool = True,
         sequence_parallel: bool | None = None,
+        context_parallel: int = 1,
     ) -> CompileOptions:
         """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
 
@@ -115,6 +117,13 @@ class CompileOptions:
             raise ValueError(f"sequence_parallel must be True, False or None (searched), got {sequence_parallel!r}")
         if sequence_parallel and tensor_parallel == 1:
             raise ValueError("sequence_parallel=True splits tensor parallelism's token-wise ops, but tensor_parallel=1")
+        if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
+            raise ValueError(f"context_parallel must be an int >= 1, got {context_parallel!r}")
+        if context_parallel > 1 and tensor_parallel not in (None, 1):
+            raise ValueError(
+                "context parallelism with tensor parallelism is not supported yet: pass tensor_parallel=1 (or "
+                "context_parallel=1)"
+            )
         saved = Plan.from_json(plan) if isinstance(plan, str) else plan
         if device_type is None:  # a saved plan is priced on its own device unless told otherwise
             spec = _saved_device(saved) if saved is not None and saved.device_type else get_device_spec("h100")
@@ -140,6 +149,7 @@ class CompileOptions:
             data_parallel=data_parallel,
             overlap_grad_reduce=bool(overlap_grad_reduce),
             sequence_parallel=sequence_parallel,
+            context_parallel=context_parallel,
         )
 
 

@@ -337,3 +337,40 @@ def nccl_pipeline_step(*, steps: int = 2, lr: float = 0.1, seed: int = 0, out: s
     pipe.close()
     if out:
         torch.save({"losses": losses, "state": state}, out)
+
+
+def train_pp_cp(
+    *, model: str, pp: int, cp: int, dp: int = 1, microbatches: int = 4, batch: int = 8, steps: int = 3,
+    lr: float = 0.1, seed: int = 0, out: str | None = None, data_parallel: str | None = None,
+) -> None:  # fmt: skip
+    """dp x pp x cp through `distribute`: every stage rewritten for this rank's tokens of each sequence (k and v
+    gathered for attention), the batch's rows split over dp, gradients averaged over dp x cp after the backward.
+    Rank 0 saves the losses, ``full_state_dict()`` and the largest difference of any rank's tensors from
+    single-process training."""
+    meta, init = record_init(lambda: zoo.get(model), seed=seed)
+    cm = partitioner.compile(
+        meta, devices=dp * pp * cp, example_inputs=zoo.example_inputs(model, batch=batch, device="meta"),
+        device_type="cpu", microbatches=microbatches, schedule="1f1b", pipeline=pp, context_parallel=cp,
+        data_parallel=data_parallel,
+    )  # fmt: skip
+    assert cm.plan.context_degree == cp and cm.plan.num_stages == pp and cm.plan.data_degree == dp
+    pipe = cm.distributed(weights=init)
+    replica = pipe.mesh.get_local_rank("dp") if dp > 1 else 0
+    rows = slice(replica * batch, (replica + 1) * batch)
+    inputs = tuple(x[rows] for x in zoo.example_inputs(model, batch=batch * dp))
+    targets = zoo.example_targets(model, batch=batch * dp)[rows]
+    opt = pipe.make_optimizer(torch.optim.SGD, lr=lr)
+    losses = []
+    for _ in range(steps):
+        losses.append(float(pipe.step(inputs, targets, zoo.loss_fn(model))))
+        opt.step()
+        pipe.zero_grad()
+    full = pipe.full_state_dict()
+    _, ref = reference(model, microbatches=microbatches * dp, batch=batch * dp, steps=steps, lr=lr, seed=seed)
+    err = torch.zeros(())
+    for name, t in pipe.state_dict().items():
+        err = torch.maximum(err, (t.detach() - ref[name]).abs().max())
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    pipe.close()
+    if dist.get_rank() == 0 and out:
+        torch.save({"losses": losses, "max_weight_error": float(err), "state": full}, out)

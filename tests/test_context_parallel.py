@@ -25,7 +25,8 @@ from partitioner.plan.context import plan_context_parallel, rank_positions
 from partitioner.plan.context_cost import causal_share, context_parallel_model
 from partitioner.plan.graph import build_planning_graph
 from partitioner.plan.search import scale_graph
-from partitioner.runtime.cp_local import check_context_parallel
+from partitioner.plan.tensor import plan_tensor_parallel
+from partitioner.runtime.cp_local import check_context_parallel, check_tensor_context_parallel
 from partitioner.runtime.tp_local import ThreadGroup, _run_threads
 from tests.test_tensor_parallel import nano_graph, prepare, zoo_graph
 
@@ -208,3 +209,69 @@ def test_a_compiled_model_verifies_context_parallelism_on_the_call_inputs() -> N
     assert len(report.params) == len(list(model.parameters())) + 1  # the tied LM head under both names
     with pytest.raises(ValueError, match="divisible by 3"):
         cm.verify_context_parallel(3, *x)
+
+
+# ----------------------------------------------------------------------------------------------- compile and the Plan
+@pytest.mark.timeout(120)
+def test_compile_plans_and_records_a_forced_context_degree() -> None:
+    import partitioner
+
+    torch.manual_seed(0)
+    model = zoo.get("gpt3-tiny")
+    x = zoo.example_inputs("gpt3-tiny", batch=8)
+    cm = partitioner.compile(model, devices=8, example_inputs=x, context_parallel=2, pipeline=2, device_type="cpu")
+    plan = cm.plan
+    assert plan.context_degree == 2 and plan.pipeline_degree * plan.data_degree * plan.tensor_degree == 4
+    assert plan.context == {"balance": True, "seq_dims": {"idx": 1}}
+    assert plan.data_parallel in ("ddp", "zero1") and not plan.overlap_grad_reduce  # averaged after the backward
+    assert "x context 2 x data 2" in plan.summary()
+    again = partitioner.compile(model, devices=8, example_inputs=x, plan=plan.to_json())
+    assert again.plan == plan
+    torch.testing.assert_close(cm(*x), model(*x))  # one process runs the whole sequence, as for tp
+    # the same layout at cp 1 holds more activations per device: the cp plan's stages are priced lighter
+    plain = partitioner.compile(model, devices=4, example_inputs=x, pipeline=2, device_type="cpu",
+                                microbatches=plan.microbatches)  # fmt: skip
+    assert max(s.activation_bytes for s in plan.stages) < max(s.activation_bytes for s in plain.plan.stages)
+
+
+def test_bad_context_options_are_refused() -> None:
+    import partitioner
+
+    x = zoo.example_inputs("gpt3-tiny", batch=8)
+    model = zoo.get("gpt3-tiny")
+    with pytest.raises(ValueError, match="not supported yet: pass tensor_parallel=1"):
+        partitioner.compile(model, devices=4, example_inputs=x, context_parallel=2, tensor_parallel=2)
+    with pytest.raises(ValueError, match="int >= 1"):
+        partitioner.compile(model, devices=4, example_inputs=x, context_parallel=0)
+    with pytest.raises(ValueError, match="multiple of 4 devices"):
+        partitioner.compile(model, devices=6, example_inputs=x, context_parallel=4, device_type="cpu")
+
+
+# ------------------------------------------------------------------------------------------- with tensor parallelism
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["gpt3-tiny", "bert-tiny"])
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tensor_parallel_ranks_rewritten_for_context_parallelism_match(name: str, sequence_parallel: bool) -> None:
+    """tp 2 x cp 2 in one process: each tp rank's graph rewritten for its cp rank (with SP, the cp rank's tokens are
+    split again over tp); outputs equal on every rank, gradients summed over cp and merged over tp equal."""
+    gm, inputs = zoo_graph(name)
+    tp_plan = plan_tensor_parallel(gm, 2, sequence_parallel=sequence_parallel)
+    report = check_tensor_context_parallel(gm, tp_plan, plan_context_parallel(gm, 2), inputs)
+    assert len(report.params) == len(dict(gm.named_parameters(remove_duplicate=False)))
+
+
+@pytest.mark.timeout(120)
+def test_a_rewrite_that_hides_a_planned_read_is_refused() -> None:
+    """The layout names the captured graph's nodes; where a graph rewritten before moved a read the layout needs out
+    of reach (here: the position embedding read through an extra node), the rewrite refuses instead of skipping it."""
+    gm, _ = zoo_graph("gpt3-tiny")
+    layout = plan_context_parallel(gm, 2)
+    consumer, reads = next(iter(layout.scatter.items()))
+    value = next(iter(reads))
+    node = next(n for n in gm.graph.nodes if n.name == consumer)
+    src = next(a for a in node.all_input_nodes if a.name == value)
+    with gm.graph.inserting_after(src):
+        hidden = gm.graph.call_function(torch.clone, (src,))
+    node.replace_input_with(src, hidden)
+    with pytest.raises(ValueError, match=f"{consumer} reading {value}"):
+        context_parallel_rank(gm, layout, 0, ThreadGroup(2).comm(0))

@@ -255,6 +255,25 @@ def test_pipeline_of_sequence_parallel_stages_matches_single_process(model: str,
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("pp", "cp", "dp"),
+    [(2, 2, 1), pytest.param(1, 2, 2, marks=pytest.mark.slow), pytest.param(1, 4, 1, marks=pytest.mark.slow)],
+)
+def test_context_parallel_pipeline_matches_single_process(pp: int, cp: int, dp: int, tmp_path: Path) -> None:
+    """pp x cp (x dp): each rank runs its tokens of every sequence through its stage, k and v gathered over the cp
+    group; gradients averaged over dp x cp after the backward. 3 SGD steps equal one process's."""
+    out = tmp_path / "out.pt"
+    kw = {"microbatches": MICRO, "batch": BATCH, "steps": 3, "lr": LR, "seed": SEED, "out": str(out)}
+    kw |= {"model": "gpt3-tiny", "pp": pp, "cp": cp, "dp": dp}
+    _assert_ok(spawn("tests._dist_worker:train_pp_cp", pp * cp * dp, kw, timeout=280, pg_timeout=30))
+    got = torch.load(out)
+    _assert_tp_run_matches(
+        got, *reference("gpt3-tiny", microbatches=MICRO * dp, batch=BATCH * dp, steps=3, lr=LR, seed=SEED)
+    )
+
+
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_full_checkpoint_loads_into_tensor_parallel_shards(tmp_path: Path) -> None:
     """A single-process checkpoint (full tensors) is sliced into pp=2 x tp=2 shards; training goes on from it."""

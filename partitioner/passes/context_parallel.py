@@ -24,9 +24,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from partitioner.passes.tensor_parallel import TPComm, _GatherFromSequence, global_shape
 from partitioner.plan.context import ContextLayout, Split, rank_positions
-from partitioner.plan.tensor_ops import cross_entropy_call, op_key
+from partitioner.plan.tensor_ops import _CROSS_ENTROPY, _SDPA, cross_entropy_call, key_in, op_key
 
-__all__ = ["CPCollective", "context_parallel_rank", "scatter_input"]
+__all__ = ["CPCollective", "context_parallel_rank", "scatter_input", "stage_of_inserted_nodes"]
 
 
 def _positions_split(x: torch.Tensor, s: Split, positions: torch.Tensor) -> torch.Tensor:
@@ -77,18 +77,25 @@ class CPCollective(nn.Module):
         super().__init__()
         self.kind, self.comm, self.split, self.degree = kind, comm, split, layout.degree
         every = [rank_positions(layout.seq_len, layout.degree, r, layout.balance) for r in range(layout.degree)]
-        self.register_buffer("positions", every[comm.rank], persistent=False)
-        self.register_buffer("order", torch.argsort(torch.cat(every)), persistent=False)
+        # index tensors, not buffers: no state dict, materialization or data-parallel wrapper should see them
+        self._index = {"positions": every[comm.rank], "order": torch.argsort(torch.cat(every))}
+
+    def index(self, name: str, device: torch.device) -> torch.Tensor:
+        """An index tensor on `device` (moved once per device; meta stays meta-shaped)."""
+        key = f"{name}@{device}"
+        if key not in self._index:
+            self._index[key] = self._index[name].to(device)
+        return self._index[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.split
         if self.kind == "scatter":
-            return _positions_split(x, s, self.positions)
+            return _positions_split(x, s, self.index("positions", x.device))
         if self.kind == "gather":
             whole = _GatherFromSequence.apply(x, self.comm, s.dim)  # rank-major: (degree, outer, T/degree, inner)
             local = x.shape[s.dim] // (s.outer * s.inner)
             parts = whole.unflatten(s.dim, (self.degree, s.outer, local, s.inner)).transpose(s.dim, s.dim + 1)
-            tokens = parts.flatten(s.dim + 1, s.dim + 2).index_select(s.dim + 1, self.order)
+            tokens = parts.flatten(s.dim + 1, s.dim + 2).index_select(s.dim + 1, self.index("order", x.device))
             return tokens.flatten(s.dim, s.dim + 2)
         if self.kind in ("sum", "mean"):
             total = _AllReduceSum.apply(x, self.comm)
@@ -106,7 +113,7 @@ class CPAttention(nn.Module):
 
     def __init__(self, positions: torch.Tensor):
         super().__init__()
-        self.register_buffer("positions", positions, persistent=False)
+        self._positions = {"cpu": positions}  # not a buffer (see CPCollective)
 
     def forward(
         self,
@@ -123,7 +130,10 @@ class CPAttention(nn.Module):
             if attn_mask is not None:
                 raise ValueError("scaled_dot_product_attention with both attn_mask and is_causal")
             keys = torch.arange(key.shape[-2], device=query.device)
-            attn_mask = self.positions[:, None] >= keys[None, :]
+            where = str(query.device)
+            if where not in self._positions:
+                self._positions[where] = self._positions["cpu"].to(query.device)
+            attn_mask = self._positions[where][:, None] >= keys[None, :]
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
         )
@@ -173,8 +183,14 @@ def _local_shape_args(n: fx.Node, args: tuple, out_dim: int, degree: int, graph:
     return (args[0], *_localize(args[1:], out_dim, degree, graph))  # x.view(B, T, d)
 
 
-def context_parallel_rank(gm: fx.GraphModule, layout: ContextLayout, rank: int, comm: TPComm) -> fx.GraphModule:
-    """The graph context-parallel rank `rank` runs (module docstring); it shares gm's parameters and submodules."""
+def context_parallel_rank(
+    gm: fx.GraphModule, layout: ContextLayout, rank: int, comm: TPComm, *, divide_output_grads: bool = True
+) -> fx.GraphModule:
+    """The graph context-parallel rank `rank` runs (module docstring); it shares gm's parameters and submodules.
+
+    divide_output_grads: divide each output's gradient by the degree, so that the ranks' parameter gradients sum
+    to the model's (the in-process check); False where the caller averages gradients over the cp ranks instead
+    (runtime.distributed averages over dp x cp)."""
     if comm.world_size != layout.degree or comm.rank != rank:
         raise ValueError(f"a comm of rank {comm.rank} of {comm.world_size} for rank {rank} of {layout.degree}")
     graph = fx.Graph()
@@ -190,19 +206,28 @@ def context_parallel_rank(gm: fx.GraphModule, layout: ContextLayout, rank: int, 
 
     whole_of: dict[str, fx.Node] = {}
     scattered: dict[tuple, fx.Node] = {}
+    reader = _readers(gm, layout)
     reads_whole: dict[str, set[str]] = {}
     for value, consumers in layout.gather.items():
         for c in consumers:
-            reads_whole.setdefault(c, set()).add(value)
+            reads_whole.setdefault(reader.get((c, value), c), set()).add(value)
+    scatters: dict[str, dict[str, Split]] = {}
+    for c, reads in layout.scatter.items():
+        for value, split in reads.items():
+            scatters.setdefault(reader.get((c, value), c), {})[value] = split
     env: dict[str, fx.Node] = {}
+
+    applied: set[tuple[str, str]] = set()  # (consumer, value) reads the layout asks for that were rewritten
 
     def read(consumer: fx.Node, a: fx.Node) -> fx.Node:
         v, whole = env[a.name], a.name in reads_whole.get(consumer.name, ())
+        if whole or a.name in scatters.get(consumer.name, {}):
+            applied.add((consumer.name, a.name))
         if whole:
             if a.name not in whole_of:
                 whole_of[a.name] = step("gather", env[a.name], layout.split[a.name])
             v = whole_of[a.name]
-        s = layout.scatter.get(consumer.name, {}).get(a.name)
+        s = scatters.get(consumer.name, {}).get(a.name)
         if s is not None:
             key = (a.name, whole, s)
             if key not in scattered:
@@ -226,8 +251,7 @@ def context_parallel_rank(gm: fx.GraphModule, layout: ContextLayout, rank: int, 
                 v = env[a.name]
                 if i in layout.outputs:
                     v = whole_of.get(a.name) or step("gather", v, layout.outputs[i])
-                val = a.meta.get("val")
-                if isinstance(val, torch.Tensor) and val.is_floating_point():
+                if divide_output_grads and i in layout.float_outputs:  # the captured graph's output i, by position
                     v = step("output", v)
                 outs.append(v)
             graph.output(tree_unflatten(outs, spec))
@@ -258,10 +282,57 @@ def context_parallel_rank(gm: fx.GraphModule, layout: ContextLayout, rank: int, 
         if n.name in layout.reduce:
             new = step(layout.reduce[n.name], new)
         env[n.name] = new
+    _check_applied(gm, layout, {(c, v) for (r, v) in applied for c in _consumers_of(reader, r, v)})
     graph.lint()
     targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
     root = {t: owned[t] if t in owned else _lookup(gm, t) for t in targets}
     return fx.GraphModule(root, graph)
+
+
+def _readers(gm: fx.GraphModule, layout: ContextLayout) -> dict[tuple[str, str], str]:
+    """(consumer, value) pairs of the layout whose consumer, in `gm`, reads the value through a node tensor
+    parallelism inserted (its sequence-parallel scatter, its f): that node reads the value whole or at the rank's
+    positions instead, so the tp op sees this rank's tokens (SP then splits those further)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    pairs = [(c, v) for v, cs in layout.gather.items() for c in cs]
+    pairs += [(c, v) for c, reads in layout.scatter.items() for v in reads]
+    out: dict[tuple[str, str], str] = {}
+    for c, v in pairs:
+        node = nodes.get(c)
+        if node is None or v in {a.name for a in node.all_input_nodes}:
+            continue
+        for a in node.all_input_nodes:
+            if "tp_anchor" in a.meta and v in {b.name for b in a.all_input_nodes}:
+                out[c, v] = a.name
+                break
+    return out
+
+
+def _consumers_of(reader: dict[tuple[str, str], str], r: str, v: str) -> list[str]:
+    """The layout's consumers whose read of `v` node `r` carried out (itself, or those it stands in for)."""
+    return [r] + [c for (c, value), by in reader.items() if value == v and by == r]
+
+
+def _check_applied(gm: fx.GraphModule, layout: ContextLayout, applied: set[tuple[str, str]]) -> None:
+    """Every rewrite the layout asks for found its node in `gm`. The layout names the captured graph's nodes; a
+    graph rewritten before (tensor parallelism's) may have replaced one (a vocab-parallel loss for the cross entropy)
+    or put a node between a consumer and the value it must read whole: refuse rather than run it unrewritten."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    pairs = [(c, v) for v, cs in layout.gather.items() for c in cs]
+    pairs += [(c, v) for c, reads in layout.scatter.items() for v in reads]
+    missing = [f"{c} reading {v}" for c, v in pairs if (c, v) not in applied]
+    kinds = {"attention": (layout.attention, _SDPA), "cross entropy": (layout.cross_entropy, _CROSS_ENTROPY)}
+    for what, (names, keys) in kinds.items():
+        missing += [f"{what} {n}" for n in names if n not in nodes or not key_in(nodes[n], keys)]
+    missing += [f"reduction {n}" for n in layout.reduce if n not in nodes]
+    missing += [f"size argument of {n}" for n in layout.local_shape if n not in nodes]
+    missing += [f"size read {n}" for n in layout.global_sizes if n not in nodes]
+    if missing:
+        raise ValueError(
+            f"context parallelism cannot be applied to this graph: {', '.join(sorted(missing)[:5])}"
+            f"{' ...' if len(missing) > 5 else ''} no longer as the layout planned it (a rewrite before it, e.g. "
+            f"tensor parallelism's, changed those nodes): plan without one of them"
+        )
 
 
 def _lookup(gm: nn.Module, target: str) -> Any:
@@ -269,3 +340,18 @@ def _lookup(gm: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def stage_of_inserted_nodes(rank_gm: fx.GraphModule, stage_of: dict[str, int], num_stages: int) -> dict[str, int]:
+    """A pipeline plan's node -> stage map extended to the nodes the context-parallel rewrite inserted: each goes
+    with its earliest consumer (so the rank's own tokens, not a gathered copy, cross a stage boundary), and what
+    feeds the graph's output with the last stage."""
+    out = dict(stage_of)
+    for n in reversed(list(rank_gm.graph.nodes)):
+        if n.op in ("get_attr", "output") or n.name in out:
+            continue
+        users = [
+            num_stages - 1 if u.op == "output" else out[u.name] for u in n.users if u.op == "output" or u.name in out
+        ]
+        out[n.name] = min(users) if users else num_stages - 1
+    return out

@@ -120,6 +120,7 @@ class ContextLayout:
     global_sizes: dict[str, int] = field(default_factory=dict)
     local_shape: dict[str, int] = field(default_factory=dict)
     outputs: dict[int, Split] = field(default_factory=dict)
+    float_outputs: set[int] = field(default_factory=set)  # flat outputs that are floating tensors (have gradients)
     fallbacks: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -240,6 +241,9 @@ class _Propagation:
     def visit_output(self, n: fx.Node) -> None:
         flat, _ = torch.utils._pytree.tree_flatten(n.args[0])
         for i, a in enumerate(flat):
+            val = _val(a)
+            if isinstance(val, torch.Tensor) and val.is_floating_point():
+                self.lay.float_outputs.add(i)
             s = self.sp(a)
             if s is not None:
                 self.lay.outputs[i] = s

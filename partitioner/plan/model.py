@@ -18,11 +18,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from partitioner.apply import plan_layout
+from partitioner.apply import context_layout, plan_layout
 from partitioner.capture import CapturedGraph
 from partitioner.devices import DeviceSpec
 from partitioner.options import CompileOptions
 from partitioner.plan.batch import BatchFlow
+from partitioner.plan.context import ContextLayout, plan_context_parallel
+from partitioner.plan.context_cost import context_parallel_model
 from partitioner.plan.graph import PlanningGraph, evaluate
 from partitioner.plan.recompute import module_path
 from partitioner.plan.schema import Plan, StagePlan, graph_fingerprint
@@ -128,6 +130,8 @@ def plan_model(
     fingerprint = graph_fingerprint(gm)
     saved = o.saved_plan
     tp_model = TensorParallelLayouts(gm, o.spec, o.training, strict=o.tensor_parallel is not None)
+    context = _context_layout(gm, saved, o)
+    cp_model = context_parallel_model(gm, context, o.spec, training=o.training) if context is not None else None
     if saved is not None:
         if saved.fingerprint != fingerprint:
             raise ValueError(
@@ -157,12 +161,13 @@ def plan_model(
             raise ValueError(
                 f"the plan splits the batch into {saved.microbatches * saved.data_degree} chunks, but {refusal}"
             )
-        degrees = Degrees(saved.pipeline_degree, saved.tensor_degree, saved.data_degree)
+        degrees = Degrees(saved.pipeline_degree, saved.tensor_degree, saved.data_degree, saved.context_degree)
         saved_layout = plan_layout(saved)
-        mode = saved.data_parallel if degrees.dp > 1 and o.training else ""
+        mode = saved.data_parallel if degrees.grad_group > 1 and o.training else ""
         split = get_schedule(saved.schedule).split_backward
         scaled = scale_graph(pg, tp_model.adopt(saved_layout) if saved_layout is not None else None, degrees.dp,
-                             mode, saved.data_parallel_shard, split_backward=split, pp=degrees.pp)  # fmt: skip
+                             mode, saved.data_parallel_shard, split_backward=split, pp=degrees.pp,
+                             cp=cp_model)  # fmt: skip
         best = Candidate(
             degrees, saved.microbatches, saved.schedule, saved.num_stages // saved.pipeline_degree,
             data_parallel=mode, data_parallel_shard=saved.data_parallel_shard,
@@ -175,7 +180,9 @@ def plan_model(
         return PlannedModel(_repriced(saved, best, gm, o), best, [best])
 
     max_tp = 1
-    if o.tensor_parallel != 1:  # even where the devices leave no room for tp: the memory hint counts it
+    if (
+        o.tensor_parallel != 1 and context is None
+    ):  # even where the devices leave no room for tp: the memory hint counts it
         from partitioner.plan.tensor import max_tensor_parallel
 
         max_tp = max_tensor_parallel(gm, limit=o.spec.devices_per_node)
@@ -206,14 +213,25 @@ def plan_model(
             data_parallel=(o.data_parallel,) if o.data_parallel else None,
             overlap_grad_reduce=o.overlap_grad_reduce,
             sequence_parallel=o.sequence_parallel,
+            context=cp_model,
         )
     except ValueError as e:
         if refusal:
             raise ValueError(f"{e}; the batch stays whole because {refusal}") from e
         raise
     tp_layout = tp_model.layouts.get((best.degrees.tp, best.sequence_parallel)) if best.degrees.tp > 1 else None
-    plan = _make_plan(model_name, captured, gm, best, evaluated, fingerprint, o, tp_layout, flow)
+    plan = _make_plan(model_name, captured, gm, best, evaluated, fingerprint, o, tp_layout, flow, context)
     return PlannedModel(plan, best, evaluated)
+
+
+def _context_layout(gm: fx.GraphModule, saved: Plan | None, o: CompileOptions) -> ContextLayout | None:
+    """The context-parallel layout compile asked for, or the saved plan's (re-derived from this graph by its
+    record: the layout is a function of the graph, the degree, the chunk order and the sequence dims)."""
+    if saved is not None:
+        return context_layout(saved, gm)
+    if o.context_parallel == 1:
+        return None
+    return plan_context_parallel(gm, o.context_parallel)
 
 
 def _repriced(saved: Plan, best: Candidate, gm: fx.GraphModule, o: CompileOptions) -> Plan:
@@ -330,6 +348,7 @@ def _make_plan(
     o: CompileOptions,
     tp_layout: Any,
     flow: BatchFlow,
+    context: ContextLayout | None = None,
 ) -> Plan:
     pg, stage_of, metrics = best.graph, best.stage_of, best.metrics
     num_stages = len(metrics)
@@ -371,6 +390,10 @@ def _make_plan(
     # Where the batch analysis could not prove samples independent (or refused a split), and why.
     fallbacks += [{"what": node, "path": "batch not split", "reason": reason} for node, reason in flow.mixing]
     fallbacks += [{"what": node, "path": "batch", "reason": reason} for node, reason in flow.notes]
+    if context is not None:
+        fallbacks += [
+            {"what": n, "path": "context parallel: read whole", "reason": r} for n, r in context.fallbacks.items()
+        ]
     d = best.degrees
     return Plan(
         model=model_name,
@@ -398,10 +421,17 @@ def _make_plan(
         cost_model=o.cost,
         batch_dims=_batch_dims_record(o.batch_dim, flow.batch_dims),
         stage_ranks=get_schedule(best.schedule).stage_ranks(num_stages, d.pp),
-        data_parallel=best.data_parallel or (get_schedule(best.schedule).data_parallel_mode() if d.dp > 1 else ""),
+        data_parallel=best.data_parallel
+        or (get_schedule(best.schedule).data_parallel_mode() if d.grad_group > 1 else ""),
         data_parallel_shard=hsdp_shard(d.tp, d.dp, o.spec.devices_per_node) if best.data_parallel == "hsdp" else 0,
         overlap_grad_reduce=best.overlap_grad_reduce,
         reasons=_reasons(best, evaluated, o),
+        context_degree=d.cp,
+        context=(
+            {"balance": context.balance, "seq_dims": {k: s.dim for k, s in context.inputs.items()}}
+            if context is not None
+            else {}
+        ),
     )
 
 

@@ -89,6 +89,10 @@ class Plan:
     # False: the gradients are all-reduced after the last backward, not during it (ddp / zero1; plan.sharding)
     overlap_grad_reduce: bool = True
     reasons: list[str] = field(default_factory=list)  # why the plan recomputes and shards as it does (plan.model)
+    # context parallelism (plan.context): the sequence of every activation split over context_degree ranks;
+    # `context` holds what re-derives the layout from the graph: {"balance": bool, "seq_dims": {input: dim}}
+    context_degree: int = 1
+    context: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     @property
@@ -144,6 +148,8 @@ class Plan:
                 "data_parallel_shard",
                 "overlap_grad_reduce",
                 "reasons",
+                "context_degree",
+                "context",
             },
         )
         if unknown or missing:
@@ -224,6 +230,7 @@ def _format_plan(plan: Plan) -> str:
         f"Plan for {plan.model} on {plan.devices} x {dev['name']} "
         f"(pipeline {plan.pipeline_degree} x tensor {plan.tensor_degree}"
         + (" sequence parallel" if plan.tensor.get("sequence_parallel") else "")
+        + (f" x context {plan.context_degree}" if plan.context_degree > 1 else "")
         + f" x data {plan.data_degree}; "
         f"{_count(plan.microbatches, 'microbatch', 'microbatches')}, {plan.schedule}"
         + (f", data parallel {plan.data_parallel}" if plan.data_degree > 1 and plan.data_parallel else "")

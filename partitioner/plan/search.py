@@ -75,9 +75,15 @@ class Degrees:
     pp: int
     tp: int
     dp: int
+    cp: int = 1  # context parallelism (plan.context): ranks splitting every sequence, replicas of the weights
 
     def __str__(self) -> str:
-        return f"pp{self.pp} x tp{self.tp} x dp{self.dp}"
+        return f"pp{self.pp} x tp{self.tp}" + (f" x cp{self.cp}" if self.cp > 1 else "") + f" x dp{self.dp}"
+
+    @property
+    def grad_group(self) -> int:
+        """The ranks holding the same weights whose gradients are summed (and state sharded): dp x cp."""
+        return self.dp * self.cp
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ class Candidate:
             "pp": d.pp,
             "tp": d.tp,
             "dp": d.dp,
+            **({"cp": d.cp} if d.cp > 1 else {}),
             "microbatches": self.microbatches,
             "schedule": self.schedule,
         }
@@ -293,6 +300,7 @@ def search(
     data_parallel: Sequence[str] | None = None,
     overlap_grad_reduce: bool = True,
     sequence_parallel: bool | None = False,
+    context: ContextParallelModel | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
     """Best candidate and the evaluated ones (best first). Raises InfeasibleMemoryError if none fits.
 
@@ -304,9 +312,17 @@ def search(
     ranks; `tp_model(tp, sequence_parallel=True)` gives the split one. A tp degree whose layout
     cannot be planned is left out with its reason (unless forced). When nothing fits, the error gives the fewest
     devices the search would need (over the tp degrees it may use), and for forced degrees it reports their own
-    layouts' figures only.
+    layouts' figures only. `context`: a context-parallel layout every candidate uses (its degree divides the
+    devices; pp x tp x dp share the rest; gradients averaged over dp x cp after the backward, in ddp or zero1).
     """
     devices_per_node = pg.spec.devices_per_node
+    cp = context.cp if context is not None else 1
+    if devices % cp:
+        raise ValueError(f"context parallelism over {cp} ranks needs a multiple of {cp} devices, got {devices}")
+    devices //= cp
+    if cp > 1:  # the runtime averages gradients over dp x cp after the backward (runtime.distributed)
+        data_parallel = [m for m in (data_parallel or DP_MODES) if m in NON_OVERLAPPED_MODES]
+        overlap_grad_reduce = False
     degrees = []
     for tp in _divisors(devices):
         if tensor_parallel is not None and tp != tensor_parallel:
@@ -316,7 +332,7 @@ def search(
         for pp in _divisors(devices // tp):
             if pipeline is not None and pp != pipeline:
                 continue
-            degrees.append(Degrees(pp=pp, tp=tp, dp=devices // (tp * pp)))
+            degrees.append(Degrees(pp=pp, tp=tp, dp=devices // (tp * pp), cp=cp))
     if not degrees:
         raise ValueError(
             f"no pipeline x tensor x data degrees multiply to {devices} with pipeline={pipeline}, "
@@ -327,7 +343,8 @@ def search(
     ev = _Evaluator(pg, tp_model, memory_limit, schedules, batch, microbatches, stages_per_device,
                     forced_tp=tensor_parallel, min_chunk=min_chunk, recompute=modes,
                     data_parallel=tuple(data_parallel or DP_MODES),
-                    overlap_grad_reduce=overlap_grad_reduce, sequence_parallel=sequence_parallel)  # fmt: skip
+                    overlap_grad_reduce=overlap_grad_reduce, sequence_parallel=sequence_parallel,
+                    context=context)  # fmt: skip
     candidates: list[Candidate] = []
     for d in degrees:
         candidates += ev.candidates(d)
@@ -422,6 +439,7 @@ class _Evaluator:
     data_parallel: tuple[str, ...] = DP_MODES  # the data-parallel modes replicas may use (plan.sharding)
     overlap_grad_reduce: bool = True  # False: ddp / zero1 reduce after the backward; the other modes are left out
     sequence_parallel: bool | None = False  # None: price tp layouts with and without sequence parallelism
+    context: ContextParallelModel | None = None  # the context-parallel layout every candidate uses
     tp_models: dict[tuple[int, bool], TensorParallelModel | None] = field(
         default_factory=lambda: {(1, False): None, (1, True): None}
     )
@@ -471,23 +489,26 @@ class _Evaluator:
         model = self.layout(tp, sp)
         if (tp, sp) in self.tp_failed:
             return None
-        crosses = pp > 1 and tp * dp * pp > self.devices_per_node
+        cp = self.context.cp if self.context is not None else 1
+        crosses = pp > 1 and tp * cp * dp * pp > self.devices_per_node
         key = (tp, dp, mode, crosses, sp)
         if key not in self.scaled:
             base, split = mode.removesuffix(":split"), mode.endswith(":split")
-            shard = hsdp_shard(tp, dp, self.devices_per_node) if base == "hsdp" else 0
-            self.scaled[key] = scale_graph(self.pg, model, dp, base, shard, split_backward=split, pp=pp)
+            shard = hsdp_shard(tp, dp * cp, self.devices_per_node) if base == "hsdp" else 0
+            self.scaled[key] = scale_graph(
+                self.pg, model, dp, base, shard, split_backward=split, pp=pp, cp=self.context
+            )
         return self.scaled[key]
 
     def modes(self, d: Degrees, schedule: str) -> list[str]:
         """The data-parallel modes worth pricing at degrees d with `schedule` ("" alone at dp 1)."""
-        if d.dp == 1 or not self.pg.training:
+        if d.grad_group == 1 or not self.pg.training:
             return [""]
         out = []
         for mode in self.data_parallel:
             if mode in ("ddp", "zero1") and get_schedule(schedule).split_backward:
                 continue  # DDP's reducer does not follow a split backward (schedules.Schedule.data_parallel_mode)
-            if mode == "hsdp" and not hsdp_shard(d.tp, d.dp, self.devices_per_node):
+            if mode == "hsdp" and not hsdp_shard(d.tp, d.grad_group, self.devices_per_node):
                 continue
             if not self.overlap_grad_reduce and mode not in NON_OVERLAPPED_MODES:
                 continue
@@ -505,7 +526,7 @@ class _Evaluator:
             if g is None and sp and self.sequence_parallel is None:
                 continue  # nothing to split: the layout without is priced already
             k = self.stages_per_device or get_schedule(schedule).default_stages_per_rank()
-            shard = hsdp_shard(d.tp, d.dp, self.devices_per_node) if mode == "hsdp" else 0
+            shard = hsdp_shard(d.tp, d.grad_group, self.devices_per_node) if mode == "hsdp" else 0
             c = Candidate(d, m or 0, schedule, k, data_parallel=mode, data_parallel_shard=shard,
                           overlap_grad_reduce=self.overlap_grad_reduce, sequence_parallel=sp,
                           graph=g if g is not None else self.pg)  # fmt: skip
@@ -698,7 +719,8 @@ def price_candidate(
     c.peak_memory = priced.peak_memory
     c.pipeline_time = sim.step_time
     c.dp_sync = max(priced.tails)
-    c.tied_sync = tied_sync_time(c.graph, stage_of, sim.stage_to_rank, internode=d.pp * d.tp * d.dp > devices_per_node)
+    spans_nodes = d.pp * d.tp * d.cp * d.dp > devices_per_node
+    c.tied_sync = tied_sync_time(c.graph, stage_of, sim.stage_to_rank, internode=spans_nodes)
     c.optimizer_time = max(priced.optimizer)
     tied = set(g.tied)
     holders = sorted({sim.stage_to_rank[stage_of[i]] for i, ps in enumerate(g.params) if tied.intersection(ps)})
@@ -706,15 +728,16 @@ def price_candidate(
 
 
 def _layout(c: Candidate) -> Layout:
+    """The pricing layout: its dp is the gradient group (dp x cp: the cp ranks hold the same weights)."""
     d = c.degrees
-    return Layout(d.pp, d.tp, d.dp, c.microbatches, c.schedule, c.data_parallel, c.data_parallel_shard,
+    return Layout(d.pp, d.tp, d.grad_group, c.microbatches, c.schedule, c.data_parallel, c.data_parallel_shard,
                   c.overlap_grad_reduce)  # fmt: skip
 
 
 def _data_parallel_transient(c: Candidate) -> float:
     """The most the candidate's data-parallel mode holds transiently on a device: its largest layer's gathered
     weights and gradients (plan.sharding.data_parallel_cost, with the largest layer of the whole graph)."""
-    if c.degrees.dp <= 1 or c.data_parallel not in ("zero2", "fsdp", "hsdp") or not c.graph.training:
+    if c.degrees.grad_group <= 1 or c.data_parallel not in ("zero2", "fsdp", "hsdp") or not c.graph.training:
         return 0.0
     if get_schedule(c.schedule).split_backward:
         return 0.0
@@ -740,7 +763,7 @@ def _evaluate(
         if refine:
             # The winner: planned in full (every cut position), its boundaries moved by the step (plan.step), then
             # by min-cut (plan.mincut: same bottleneck or within its tie, fewer bytes sent); the faster of the two.
-            internode = c.degrees.pp * c.degrees.tp * c.degrees.dp > devices_per_node
+            internode = c.degrees.pp * c.degrees.tp * c.degrees.cp * c.degrees.dp > devices_per_node
             improve = step_improver(g, _layout(c), num_stages, recompute=recompute, stage_memory=share,
                                     rank_memory=share * c.stages_per_device, internode=internode)  # fmt: skip
             plan = plan_pipeline(g, num_stages, rel_tol=1e-5, improve=improve, **args)

@@ -96,8 +96,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from partitioner.apply import apply, plan_layout
+from partitioner.apply import apply, context_layout, plan_layout
 from partitioner.capture import CapturedGraph
+from partitioner.passes.context_parallel import scatter_input
 from partitioner.passes.retarget import retarget_devices
 from partitioner.passes.split import StageModule
 from partitioner.passes.tensor_parallel import merge_shards, shard_of
@@ -165,15 +166,16 @@ def distribute(
     ValueError when the world does not match the plan.
     """
     device = init_process_group(backend=backend, device=device)
-    dp, pp, tp = plan.data_degree, plan.pipeline_degree, plan.tensor_degree
+    dp, pp, tp, cp = plan.data_degree, plan.pipeline_degree, plan.tensor_degree, plan.context_degree
     world = dist.get_world_size()
     if mesh is None:
-        if dp * pp * tp != world:
+        if dp * pp * cp * tp != world:
+            context = f" x context {cp}" if cp > 1 else ""
             raise ValueError(
-                f"the plan needs data {dp} x pipeline {pp} x tensor {tp} = {dp * pp * tp} ranks, the world has "
-                f"{world}: launch torchrun with --nproc-per-node matching compile(devices=...)"
+                f"the plan needs data {dp} x pipeline {pp}{context} x tensor {tp} = {dp * pp * cp * tp} ranks, the "
+                f"world has {world}: launch torchrun with --nproc-per-node matching compile(devices=...)"
             )
-        sizes = [(n, d) for n, d in (("dp", dp), ("pp", pp), ("tp", tp)) if d > 1 or n == "pp"]
+        sizes = [(n, d) for n, d in (("dp", dp), ("pp", pp), ("cp", cp), ("tp", tp)) if d > 1 or n == "pp"]
         if len(sizes) > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -186,6 +188,15 @@ def distribute(
         comm = GroupComm(mesh.get_group("tp"))
         source = StateDictSource(weights) if isinstance(weights, Mapping) else weights
         stages = apply(plan, captured, tp_rank=comm.rank, comm=comm, weights=source)
+    if cp > 1:
+        if tp > 1:
+            raise ValueError("context parallelism with tensor parallelism is not supported yet: plan again with one")
+        if mesh is None or "cp" not in (mesh.mesh_dim_names or ()):
+            raise ValueError("a context-parallel plan needs a mesh with a 'cp' dim")
+        from partitioner.passes.tensor_parallel import GroupComm
+
+        cp_comm = GroupComm(mesh.get_group("cp"))
+        stages = apply(plan, captured, cp_rank=cp_comm.rank, cp_comm=cp_comm)
     return DistributedPipeline(
         plan, captured, stages, weights=weights, mesh=mesh, unused=unused, device=device, **kwargs
     )
@@ -237,8 +248,8 @@ class DistributedPipeline:
         self.plan, self.captured = plan, captured
         dims = tuple(mesh.mesh_dim_names or ()) if mesh is not None else ()
         if mesh is not None:  # the "pp" lines are pipelines; "dp" (optional) replicas; "tp" lives inside the stages
-            if "pp" not in dims or not set(dims) <= {"dp", "pp", "tp"}:
-                raise ValueError(f"mesh dims must be 'pp' plus optionally 'dp' and 'tp', got {dims}")
+            if "pp" not in dims or not set(dims) <= {"dp", "pp", "cp", "tp"}:
+                raise ValueError(f"mesh dims must be 'pp' plus optionally 'dp', 'cp' and 'tp', got {dims}")
             group = mesh.get_group("pp")
         self.mesh = mesh
         self.dp_group = mesh.get_group("dp") if "dp" in dims else None
@@ -248,6 +259,18 @@ class DistributedPipeline:
         self.tp_rank = mesh.get_local_rank("tp") if "tp" in dims else 0
         if self.tp != plan.tensor_degree:
             raise ValueError(f"the mesh has tp={self.tp}, the plan tensor degree {plan.tensor_degree}")
+        # context parallelism: the cp ranks run the same weights on their tokens of every sequence (plan.context)
+        self.cp = mesh.size(dims.index("cp")) if "cp" in dims else 1
+        self.cp_rank = mesh.get_local_rank("cp") if "cp" in dims else 0
+        if self.cp != plan.context_degree:
+            raise ValueError(f"the mesh has cp={self.cp}, the plan context degree {plan.context_degree}")
+        self.context = context_layout(plan, captured.graph_module)
+        # the ranks holding the same weights, whose gradients are averaged (and optimizer state sharded): dp x cp
+        self.grad_size = self.dp * self.cp
+        if self.cp > 1 and self.dp > 1:
+            self.grad_group = mesh["dp", "cp"]._flatten("dp_cp").get_group()
+        else:
+            self.grad_group = mesh.get_group("cp") if self.cp > 1 else self.dp_group
         # the plan's layout merges and slices tensor-parallel shards by original names (checkpoints)
         self.tensor_plan = plan_layout(plan)
         self.group = group or dist.group.WORLD
@@ -262,7 +285,7 @@ class DistributedPipeline:
         if self.data_parallel == "hsdp" and self.dp > 1:
             hsdp_sizes(self.dp, self.data_parallel_shard)  # raises with the numbers before any communication
         # overlap_grad_reduce=False: no wrapper; every gradient is averaged over "dp" after the step's last backward
-        self.reduce_after_backward = self.dp > 1 and not plan.overlap_grad_reduce
+        self.reduce_after_backward = self.grad_size > 1 and not plan.overlap_grad_reduce
         if self.reduce_after_backward and self.data_parallel not in NON_OVERLAPPED_MODES:
             raise ValueError(
                 f"the plan reduces gradients after the backward (overlap_grad_reduce=False), which runs in "
@@ -284,7 +307,9 @@ class DistributedPipeline:
 
         # Phase 2: the compiled example's microbatch input shapes (stage metadata follows from them, per shape).
         self._all_stages = list(stages)
-        self._example_shapes = example_microbatch_shapes(captured, self.microbatches * plan.data_degree)
+        self._example_shapes = self._local_shapes(
+            example_microbatch_shapes(captured, self.microbatches * plan.data_degree)
+        )
 
         # Phase 3: keep only this rank's stages and materialize exactly their tensors (+ unused ones on stage 0's rank).
         self.local_stages = [st for st in stages if self.stage_rank[st.index] == self.rank]
@@ -420,7 +445,7 @@ class DistributedPipeline:
         shards its state already). Tied copies are updated like every parameter: their gradients are reduced by
         ``step`` before the optimizer sees them. Call on every rank (ZeRO's step is collective over "dp").
         """
-        return make_optimizer(self.parameters(), optimizer_class, self.data_parallel, self.dp_group, **kwargs)
+        return make_optimizer(self.parameters(), optimizer_class, self.data_parallel, self.grad_group, **kwargs)
 
     def _tensors_named(self, name: str) -> list[torch.Tensor]:
         names = set(self._aliases().get(name, [name]))
@@ -507,6 +532,16 @@ class DistributedPipeline:
         self._shape = shapes
         return self._by_shape[shapes]
 
+    def _local_shapes(self, shapes: tuple | None) -> tuple | None:
+        """Microbatch input shapes as this cp rank holds them (its tokens of each sequence input)."""
+        if shapes is None or self.context is None:
+            return shapes
+        splits = self.context.inputs
+        return tuple(
+            tuple(d // self.cp if name in splits and i == splits[name].dim else d for i, d in enumerate(shape))
+            for name, shape in zip(self.captured.input_names, shapes)
+        )
+
     def _agree_on_shapes(self, args: tuple, holds_first: bool) -> tuple | None:
         """The step's microbatch input shapes, sent by stage 0's rank to the pipeline (one small broadcast).
 
@@ -579,6 +614,12 @@ class DistributedPipeline:
                     n: torch.tensor_split(a, self.microbatches)[0] for n, a in zip(self.captured.input_names, flat)
                 }
                 self.captured.check_shapes(first)
+            if flat and self.context is not None:  # this cp rank's tokens of every sequence input
+                splits = self.context.inputs
+                flat = [
+                    scatter_input(a, splits[name], self.context, self.cp_rank) if name in splits else a
+                    for name, a in zip(self.captured.input_names, flat)
+                ]
             args = tuple(a.to(self.device) for a in flat)
             shapes = self._agree_on_shapes(args, holds_first)
             if shapes is not None and shapes != self._shape:
@@ -597,7 +638,7 @@ class DistributedPipeline:
                         p.grad.div_(self.microbatches)
                 if self.reduce_after_backward:
                     tied = {id(t.held) for t in self._tied if t.held is not None}
-                    all_reduce_gradients([p for p in params if id(p) not in tied], self.dp_group)
+                    all_reduce_gradients([p for p in params if id(p) not in tied], self.grad_group)
                 self._reduce_tied_grads()
                 for p in params:
                     if id(p) in earlier:
@@ -622,9 +663,9 @@ class DistributedPipeline:
                 p.grad = torch.zeros_like(p)
             if tied.group is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=tied.group)
-            if self.dp_group is not None and self.dp > 1:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.dp_group)
-                p.grad /= self.dp
+            if self.grad_group is not None and self.grad_size > 1:  # the replicas: dp, and cp's token shares
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.grad_group)
+                p.grad /= self.grad_size
 
     def close(self) -> None:
         """Stop the watchdog (the process group is the caller's)."""
