@@ -119,11 +119,6 @@ class CompileOptions:
             raise ValueError("sequence_parallel=True splits tensor parallelism's token-wise ops, but tensor_parallel=1")
         if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
             raise ValueError(f"context_parallel must be an int >= 1, got {context_parallel!r}")
-        if context_parallel > 1 and tensor_parallel not in (None, 1):
-            raise ValueError(
-                "context parallelism with tensor parallelism is not supported yet: pass tensor_parallel=1 (or "
-                "context_parallel=1)"
-            )
         saved = Plan.from_json(plan) if isinstance(plan, str) else plan
         if device_type is None:  # a saved plan is priced on its own device unless told otherwise
             spec = _saved_device(saved) if saved is not None and saved.device_type else get_device_spec("h100")

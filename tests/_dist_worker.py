@@ -340,8 +340,9 @@ def nccl_pipeline_step(*, steps: int = 2, lr: float = 0.1, seed: int = 0, out: s
 
 
 def train_pp_cp(
-    *, model: str, pp: int, cp: int, dp: int = 1, microbatches: int = 4, batch: int = 8, steps: int = 3,
-    lr: float = 0.1, seed: int = 0, out: str | None = None, data_parallel: str | None = None,
+    *, model: str, pp: int, cp: int, dp: int = 1, tp: int = 1, microbatches: int = 4, batch: int = 8,
+    steps: int = 3, lr: float = 0.1, seed: int = 0, out: str | None = None, data_parallel: str | None = None,
+    sequence_parallel: bool = False,
 ) -> None:  # fmt: skip
     """dp x pp x cp through `distribute`: every stage rewritten for this rank's tokens of each sequence (k and v
     gathered for attention), the batch's rows split over dp, gradients averaged over dp x cp after the backward.
@@ -349,11 +350,12 @@ def train_pp_cp(
     single-process training."""
     meta, init = record_init(lambda: zoo.get(model), seed=seed)
     cm = partitioner.compile(
-        meta, devices=dp * pp * cp, example_inputs=zoo.example_inputs(model, batch=batch, device="meta"),
+        meta, devices=dp * pp * cp * tp, example_inputs=zoo.example_inputs(model, batch=batch, device="meta"),
         device_type="cpu", microbatches=microbatches, schedule="1f1b", pipeline=pp, context_parallel=cp,
-        data_parallel=data_parallel,
+        data_parallel=data_parallel, tensor_parallel=tp, sequence_parallel=sequence_parallel if tp > 1 else None,
     )  # fmt: skip
     assert cm.plan.context_degree == cp and cm.plan.num_stages == pp and cm.plan.data_degree == dp
+    assert cm.plan.tensor_degree == tp
     pipe = cm.distributed(weights=init)
     replica = pipe.mesh.get_local_rank("dp") if dp > 1 else 0
     rows = slice(replica * batch, (replica + 1) * batch)
@@ -367,9 +369,17 @@ def train_pp_cp(
         pipe.zero_grad()
     full = pipe.full_state_dict()
     _, ref = reference(model, microbatches=microbatches * dp, batch=batch * dp, steps=steps, lr=lr, seed=seed)
+    slices = {}
+    if tp > 1:
+        from partitioner.passes.tensor_parallel import local_param_slices
+
+        slices = local_param_slices(cm.tensor_parallel_plan, cm.captured.graph_module, pipe.mesh.get_local_rank("tp"))
     err = torch.zeros(())
     for name, t in pipe.state_dict().items():
-        err = torch.maximum(err, (t.detach() - ref[name]).abs().max())
+        expected = ref[name]
+        if name in slices:  # a tp shard: local = cat(full[s] for s in slices)
+            expected = torch.cat([expected[s] for s in slices[name]], cm.tensor_parallel_plan.param_shard[name]["dim"])
+        err = torch.maximum(err, (t.detach() - expected).abs().max())
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
     pipe.close()
     if dist.get_rank() == 0 and out:

@@ -257,16 +257,25 @@ def test_pipeline_of_sequence_parallel_stages_matches_single_process(model: str,
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("pp", "cp", "dp"),
-    [(2, 2, 1), pytest.param(1, 2, 2, marks=pytest.mark.slow), pytest.param(1, 4, 1, marks=pytest.mark.slow)],
+    ("pp", "cp", "dp", "tp", "sp"),
+    [
+        (2, 2, 1, 1, False),
+        (1, 2, 1, 2, True),
+        pytest.param(1, 2, 2, 1, False, marks=pytest.mark.slow),
+        pytest.param(1, 4, 1, 1, False, marks=pytest.mark.slow),
+        pytest.param(2, 2, 1, 2, False, marks=pytest.mark.slow),
+    ],
 )
-def test_context_parallel_pipeline_matches_single_process(pp: int, cp: int, dp: int, tmp_path: Path) -> None:
-    """pp x cp (x dp): each rank runs its tokens of every sequence through its stage, k and v gathered over the cp
-    group; gradients averaged over dp x cp after the backward. 3 SGD steps equal one process's."""
+def test_context_parallel_pipeline_matches_single_process(
+    pp: int, cp: int, dp: int, tp: int, sp: bool, tmp_path: Path
+) -> None:
+    """pp x cp x tp (x dp): each rank runs its tokens of every sequence through its stage (its tp rank's, with SP
+    split again over tp), k and v gathered over the cp group; gradients averaged over dp x cp after the backward.
+    3 SGD steps equal one process's."""
     out = tmp_path / "out.pt"
     kw = {"microbatches": MICRO, "batch": BATCH, "steps": 3, "lr": LR, "seed": SEED, "out": str(out)}
-    kw |= {"model": "gpt3-tiny", "pp": pp, "cp": cp, "dp": dp}
-    _assert_ok(spawn("tests._dist_worker:train_pp_cp", pp * cp * dp, kw, timeout=280, pg_timeout=30))
+    kw |= {"model": "gpt3-tiny", "pp": pp, "cp": cp, "dp": dp, "tp": tp, "sequence_parallel": sp}
+    _assert_ok(spawn("tests._dist_worker:train_pp_cp", pp * cp * dp * tp, kw, timeout=280, pg_timeout=30))
     got = torch.load(out)
     _assert_tp_run_matches(
         got, *reference("gpt3-tiny", microbatches=MICRO * dp, batch=BATCH * dp, steps=3, lr=LR, seed=SEED)

@@ -39,12 +39,30 @@ class ContextParallelModel:
 
     cp: int
     node_scale: dict[str, float]  # node -> factor on its compute time
-    comm_by_node: dict[str, tuple[float, float]]  # node -> (forward, backward) collective seconds after it
+    # node -> [(kind, bytes)] of the collectives after it, each run forward and backward: "gather" (all-gather
+    # forward, reduce-scatter backward) or "all_reduce"; bytes of the whole (unsharded by tp) value, per batch
+    collectives: dict[str, list[tuple[str, float]]]
     split_values: set[str]  # nodes whose outputs hold the rank's tokens only (crossing and saved bytes / cp)
     whole_saves: set[str] = field(default_factory=set)  # storages a consumer saves gathered, whole
     # node -> bytes its saved copies of gathered operands hold beyond their split share (saved as "node#whole")
     extra_saves: dict[str, float] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)  # node -> why it reads a split value whole
+
+    def comm_by_node(
+        self, spec: DeviceSpec, *, tp: int = 1, sharded: frozenset[str] | set[str] = frozenset(), training: bool = True
+    ) -> dict[str, tuple[float, float]]:
+        """node -> (forward, backward) seconds of its collectives on `spec`: a value tensor parallelism shards
+        (`sharded`, at degree `tp`) moves 1/tp of its bytes; the cp group leaves the node once tp x cp exceeds it."""
+        internode = tp * self.cp > spec.devices_per_node
+        out: dict[str, tuple[float, float]] = {}
+        for name, calls in self.collectives.items():
+            f = 0.0
+            for kind, nbytes in calls:
+                nbytes /= tp if name in sharded else 1
+                time = all_gather_time if kind == "gather" else all_reduce_time
+                f += time(spec, nbytes, self.cp, internode=internode)
+            out[name] = (f, f if training else 0.0)
+        return out
 
     def divisor(self, storage: str) -> int:
         """What a storage (`node` or `node#k`) is divided by on one cp rank."""
@@ -59,13 +77,10 @@ def causal_share(cp: int, balance: bool) -> float:
     return 1.0 / cp if balance else (2 * cp - 1) / cp**2
 
 
-def context_parallel_model(
-    gm: fx.GraphModule, layout: ContextLayout, spec: DeviceSpec, *, tp: int = 1, training: bool = True
-) -> ContextParallelModel:
-    """Price `layout` for one cp rank on `spec` (module docstring). `tp`: the tensor degree inside the cp group's
-    placement (tp ranks innermost, then cp), which says whether the cp collectives leave the node."""
+def context_parallel_model(gm: fx.GraphModule, layout: ContextLayout) -> ContextParallelModel:
+    """What `layout` costs one cp rank (module docstring); its collectives are timed by `comm_by_node` for a device
+    and a tensor degree (tp ranks innermost, then cp: Megatron's placement)."""
     cp = layout.degree
-    internode = tp * cp > spec.devices_per_node
     nodes = {n.name: n for n in gm.graph.nodes}
     split_values = {name for name, s in layout.split.items() if s is not None}
     scale: dict[str, float] = {}
@@ -73,12 +88,7 @@ def context_parallel_model(
         scale[name] = 1.0 / cp
     for name, mode in layout.attention.items():
         scale[name] = causal_share(cp, layout.balance) if mode == "causal" else 1.0 / cp
-    comm: dict[str, tuple[float, float]] = {}
-
-    def add(name: str, forward: float, backward: float) -> None:
-        f, b = comm.get(name, (0.0, 0.0))
-        comm[name] = (f + forward, b + (backward if training else 0.0))
-
+    collectives: dict[str, list[tuple[str, float]]] = {}
     whole_saves: set[str] = set()
     extra: dict[str, float] = {}
     gathered = dict(layout.gather)
@@ -87,8 +97,7 @@ def context_parallel_model(
         if out is not None:
             gathered.setdefault(out.name, [])
     for value, consumers in gathered.items():
-        t = all_gather_time(spec, nodes[value].meta.get("out_bytes", 0), cp, internode=internode)
-        add(value, t, t)
+        collectives.setdefault(value, []).append(("gather", float(nodes[value].meta.get("out_bytes", 0))))
         storages = nodes[value].meta.get("storages", [])
         for c in consumers:
             saves = nodes[c].meta.get("saves", {})
@@ -98,9 +107,8 @@ def context_parallel_model(
                 extra[c] = extra.get(c, 0.0) + nodes[value].meta.get("out_bytes", 0) * (1 - 1 / cp)
                 whole_saves.add(f"{c}#whole")
     for name in list(layout.reduce) + sorted(layout.cross_entropy):
-        t = all_reduce_time(spec, nodes[name].meta.get("out_bytes", 0), cp, internode=internode)
-        add(name, t, t)
-    return ContextParallelModel(cp, scale, comm, split_values, whole_saves, extra, dict(layout.fallbacks))
+        collectives.setdefault(name, []).append(("all_reduce", float(nodes[name].meta.get("out_bytes", 0))))
+    return ContextParallelModel(cp, scale, collectives, split_values, whole_saves, extra, dict(layout.fallbacks))
 
 
 def _output_node(gm: fx.GraphModule, index: int) -> fx.Node | None:

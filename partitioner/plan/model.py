@@ -131,7 +131,7 @@ def plan_model(
     saved = o.saved_plan
     tp_model = TensorParallelLayouts(gm, o.spec, o.training, strict=o.tensor_parallel is not None)
     context = _context_layout(gm, saved, o)
-    cp_model = context_parallel_model(gm, context, o.spec, training=o.training) if context is not None else None
+    cp_model = context_parallel_model(gm, context) if context is not None else None
     if saved is not None:
         if saved.fingerprint != fingerprint:
             raise ValueError(

@@ -224,9 +224,11 @@ def scale_graph(
                 param_static[canonical] = pg.param_static[canonical] / tp.tp
                 param_bytes[canonical] = pg.param_bytes[canonical] / tp.tp
     if cp is not None and cp.cp > 1:
+        sharded = tp.sharded_values if tp is not None and tp.tp > 1 else frozenset()
+        cp_comm = cp.comm_by_node(pg.spec, tp=tp_degree, sharded=sharded, training=pg.training)
         for i, name in enumerate(pg.names):
             s = cp.node_scale.get(name, 1.0)
-            cf, cb = cp.comm_by_node.get(name, (0.0, 0.0))
+            cf, cb = cp_comm.get(name, (0.0, 0.0))
             fwd[i] = fwd[i] * s + cf
             bwd[i] = bwd[i] * s + (cb if pg.training else 0.0)
             if name in cp.split_values:

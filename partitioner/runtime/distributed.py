@@ -188,15 +188,16 @@ def distribute(
         comm = GroupComm(mesh.get_group("tp"))
         source = StateDictSource(weights) if isinstance(weights, Mapping) else weights
         stages = apply(plan, captured, tp_rank=comm.rank, comm=comm, weights=source)
-    if cp > 1:
-        if tp > 1:
-            raise ValueError("context parallelism with tensor parallelism is not supported yet: plan again with one")
+    if cp > 1:  # this rank's tokens; under tp, its tp rank's graph rewritten for them
         if mesh is None or "cp" not in (mesh.mesh_dim_names or ()):
             raise ValueError("a context-parallel plan needs a mesh with a 'cp' dim")
         from partitioner.passes.tensor_parallel import GroupComm
 
         cp_comm = GroupComm(mesh.get_group("cp"))
-        stages = apply(plan, captured, cp_rank=cp_comm.rank, cp_comm=cp_comm)
+        tp_args = {}
+        if tp > 1:
+            tp_args = {"tp_rank": comm.rank, "comm": comm, "weights": source}
+        stages = apply(plan, captured, cp_rank=cp_comm.rank, cp_comm=cp_comm, **tp_args)
     return DistributedPipeline(
         plan, captured, stages, weights=weights, mesh=mesh, unused=unused, device=device, **kwargs
     )
