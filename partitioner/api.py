@@ -304,7 +304,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     data_parallel: str | None = None,
     overlap_grad_reduce: bool = True,
     sequence_parallel: bool | None = None,
-    context_parallel: int = 1,
+    context_parallel: int | None = None,
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -347,9 +347,9 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     all-reduces (Megatron's sequence parallelism; partitioner.plan.tensor_sequence); None: priced with and without,
     the search takes the faster that fits.
     context_parallel: split the sequence of every activation over this many ranks (partitioner.plan.context: k and v
-    gathered for attention, causal masks by global position, the loss all-reduced); pipeline x data share the rest
-    of the devices, gradients are averaged over data x context after the backward (ddp or zero1). Not yet with
-    tensor parallelism, nor searched: 1 (the default) plans without it.
+    gathered for attention, causal masks by global position, the loss all-reduced); pipeline x tensor x data share
+    the rest of the devices, the data-parallel mode runs over data x context. None (the default): searched where the
+    layouts without it recompute activations or do not fit (plan.model._search_context); 1: never.
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):

@@ -44,7 +44,7 @@ class CompileOptions:
     data_parallel: str | None = None  # forced data-parallel mode (plan.sharding.DP_MODES); None: searched
     overlap_grad_reduce: bool = True  # False: ddp / zero1 all-reduce after the backward (plan.sharding)
     sequence_parallel: bool | None = None  # tp's token-wise ops split over its ranks (plan.tensor_sequence)
-    context_parallel: int = 1  # ranks splitting every sequence (plan.context); 1: none
+    context_parallel: int | None = None  # ranks splitting every sequence (plan.context); None: searched; 1: none
 
     @classmethod
     def create(
@@ -67,7 +67,7 @@ class CompileOptions:
         data_parallel: str | None = None,
         overlap_grad_reduce: bool = True,
         sequence_parallel: bool | None = None,
-        context_parallel: int = 1,
+        context_parallel: int | None = None,
     ) -> CompileOptions:
         """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
 
@@ -117,8 +117,10 @@ class CompileOptions:
             raise ValueError(f"sequence_parallel must be True, False or None (searched), got {sequence_parallel!r}")
         if sequence_parallel and tensor_parallel == 1:
             raise ValueError("sequence_parallel=True splits tensor parallelism's token-wise ops, but tensor_parallel=1")
-        if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
-            raise ValueError(f"context_parallel must be an int >= 1, got {context_parallel!r}")
+        if context_parallel is not None and (
+            isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1
+        ):
+            raise ValueError(f"context_parallel must be an int >= 1 or None (searched), got {context_parallel!r}")
         saved = Plan.from_json(plan) if isinstance(plan, str) else plan
         if device_type is None:  # a saved plan is priced on its own device unless told otherwise
             spec = _saved_device(saved) if saved is not None and saved.device_type else get_device_spec("h100")

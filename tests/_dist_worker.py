@@ -376,6 +376,7 @@ def train_pp_cp(
         slices = local_param_slices(cm.tensor_parallel_plan, cm.captured.graph_module, pipe.mesh.get_local_rank("tp"))
     err = torch.zeros(())
     for name, t in pipe.state_dict().items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP: gathered over dp x cp
         expected = ref[name]
         if name in slices:  # a tp shard: local = cat(full[s] for s in slices)
             expected = torch.cat([expected[s] for s in slices[name]], cm.tensor_parallel_plan.param_shard[name]["dim"])

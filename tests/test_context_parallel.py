@@ -224,7 +224,7 @@ def test_compile_plans_and_records_a_forced_context_degree() -> None:
     plan = cm.plan
     assert plan.context_degree == 2 and plan.pipeline_degree * plan.data_degree * plan.tensor_degree == 4
     assert plan.context == {"balance": True, "seq_dims": {"idx": 1}}
-    assert plan.data_parallel in ("ddp", "zero1") and not plan.overlap_grad_reduce  # averaged after the backward
+    assert plan.data_parallel and plan.data_parallel != "hsdp"  # over the dp x cp ranks
     assert "x context 2 x data 2" in plan.summary()
     again = partitioner.compile(model, devices=8, example_inputs=x, plan=plan.to_json())
     assert again.plan == plan
@@ -274,3 +274,31 @@ def test_a_rewrite_that_hides_a_planned_read_is_refused() -> None:
     node.replace_input_with(src, hidden)
     with pytest.raises(ValueError, match=f"{consumer} reading {value}"):
         context_parallel_rank(gm, layout, 0, ThreadGroup(2).comm(0))
+
+
+# ----------------------------------------------------------------------------------------------- the search
+@pytest.mark.timeout(300)
+def test_the_search_splits_one_long_sequence_over_the_devices_it_cannot_fill_otherwise() -> None:
+    """One 2048-token sequence on 4 devices (a batch smaller than the devices): without context parallelism the best
+    is pp2 x tp2 with a single microbatch (half the pipeline idle); the search finds cp 4, says why, and is never
+    slower than compile(context_parallel=1)."""
+    import partitioner
+
+    torch.manual_seed(0)
+    model = zoo.get("gpt3-tiny", n_ctx=2048, n_layer=4, n_head=1)
+    x = (torch.randint(0, 512, (1, 2048)),)
+    searched = partitioner.compile(model, devices=4, example_inputs=x, memory_limit="16MiB").plan
+    without = partitioner.compile(model, devices=4, example_inputs=x, memory_limit="16MiB", context_parallel=1).plan
+    assert without.context_degree == 1 and searched.context_degree > 1
+    assert searched.predicted["step_time"] < without.predicted["step_time"]
+    assert any(r.startswith(f"context parallel {searched.context_degree}: without it") for r in searched.reasons)
+
+
+def test_the_search_leaves_context_parallelism_out_where_nothing_calls_for_it() -> None:
+    """Batch >= devices and no recompute: no context-parallel layout is even priced."""
+    import partitioner
+
+    x = zoo.example_inputs("gpt3-tiny", batch=8)
+    cm = partitioner.compile(zoo.get("gpt3-tiny"), devices=4, example_inputs=x, device_type="cpu")
+    assert cm.plan.context_degree == 1
+    assert all("cp" not in row for row in cm.plan.alternatives)

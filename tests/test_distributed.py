@@ -257,24 +257,26 @@ def test_pipeline_of_sequence_parallel_stages_matches_single_process(model: str,
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("pp", "cp", "dp", "tp", "sp"),
+    ("pp", "cp", "dp", "tp", "sp", "mode"),
     [
-        (2, 2, 1, 1, False),
-        (1, 2, 1, 2, True),
-        pytest.param(1, 2, 2, 1, False, marks=pytest.mark.slow),
-        pytest.param(1, 4, 1, 1, False, marks=pytest.mark.slow),
-        pytest.param(2, 2, 1, 2, False, marks=pytest.mark.slow),
+        (2, 2, 1, 1, False, "ddp"),
+        (1, 2, 1, 2, True, "fsdp"),
+        pytest.param(1, 2, 2, 1, False, "ddp", marks=pytest.mark.slow),
+        pytest.param(1, 2, 2, 1, False, "zero2", marks=pytest.mark.slow),
+        pytest.param(1, 4, 1, 1, False, "zero1", marks=pytest.mark.slow),
+        pytest.param(2, 2, 1, 2, False, "ddp", marks=pytest.mark.slow),
     ],
 )
 def test_context_parallel_pipeline_matches_single_process(
-    pp: int, cp: int, dp: int, tp: int, sp: bool, tmp_path: Path
+    pp: int, cp: int, dp: int, tp: int, sp: bool, mode: str, tmp_path: Path
 ) -> None:
     """pp x cp x tp (x dp): each rank runs its tokens of every sequence through its stage (its tp rank's, with SP
-    split again over tp), k and v gathered over the cp group; gradients averaged over dp x cp after the backward.
-    3 SGD steps equal one process's."""
+    split again over tp), k and v gathered over the cp group; DDP / ZeRO / FSDP over the dp x cp ranks average the
+    gradients. 3 SGD steps equal one process's."""
     out = tmp_path / "out.pt"
     kw = {"microbatches": MICRO, "batch": BATCH, "steps": 3, "lr": LR, "seed": SEED, "out": str(out)}
     kw |= {"model": "gpt3-tiny", "pp": pp, "cp": cp, "dp": dp, "tp": tp, "sequence_parallel": sp}
+    kw |= {"data_parallel": mode}
     _assert_ok(spawn("tests._dist_worker:train_pp_cp", pp * cp * dp * tp, kw, timeout=280, pg_timeout=30))
     got = torch.load(out)
     _assert_tp_run_matches(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from partitioner.capture import CapturedGraph
 from partitioner.devices import DeviceSpec
 from partitioner.options import CompileOptions
 from partitioner.plan.batch import BatchFlow
-from partitioner.plan.context import ContextLayout, plan_context_parallel
+from partitioner.plan.context import ContextLayout, infer_sequence_dims, plan_context_parallel
 from partitioner.plan.context_cost import context_parallel_model
 from partitioner.plan.graph import PlanningGraph, evaluate
 from partitioner.plan.recompute import module_path
@@ -180,9 +181,7 @@ def plan_model(
         return PlannedModel(_repriced(saved, best, gm, o), best, [best])
 
     max_tp = 1
-    if (
-        o.tensor_parallel != 1 and context is None
-    ):  # even where the devices leave no room for tp: the memory hint counts it
+    if o.tensor_parallel != 1:  # even where the devices leave no room for tp: the memory hint counts it
         from partitioner.plan.tensor import max_tensor_parallel
 
         max_tp = max_tensor_parallel(gm, limit=o.spec.devices_per_node)
@@ -194,15 +193,22 @@ def plan_model(
             f"microbatches={o.microbatches} cuts the batch of {batch} into chunks of {batch // o.microbatches}, "
             f"but the captured graph holds only for batches of {min_chunk} or more: use fewer microbatches"
         )
-    try:
-        best, evaluated = search(
+
+    def run(layout: ContextLayout | None, like: Candidate | None = None) -> tuple[Candidate, list[Candidate]]:
+        """The search at context layout `layout`; `like`: a plan found without it, whose schedule (and sequence
+        parallelism, where it used tp) the search keeps, to price only what context parallelism changes."""
+        schedules, sp = o.schedules, o.sequence_parallel
+        if like is not None:
+            schedules = (like.schedule,)
+            sp = like.sequence_parallel if like.degrees.tp > 1 and sp is None else sp
+        return search(
             pg,
             o.devices,
             tp_model=tp_model,
             max_tp=max_tp,
             batch=1 if refusal else batch,  # not splittable: one chunk, no microbatches, no data parallelism
             memory_limit=o.memory_limit,
-            schedules=o.schedules,
+            schedules=schedules,
             pipeline=o.pipeline,
             tensor_parallel=o.tensor_parallel,
             microbatches=o.microbatches,
@@ -212,9 +218,15 @@ def plan_model(
             recompute=(o.recompute,) if o.recompute else None,
             data_parallel=(o.data_parallel,) if o.data_parallel else None,
             overlap_grad_reduce=o.overlap_grad_reduce,
-            sequence_parallel=o.sequence_parallel,
-            context=cp_model,
+            sequence_parallel=sp,
+            context=context_parallel_model(gm, layout) if layout is not None else None,
         )
+
+    try:
+        if o.context_parallel is None:
+            best, evaluated, context = _search_context(gm, o, run, batch=1 if refusal else batch)
+        else:
+            best, evaluated = run(context)
     except ValueError as e:
         if refusal:
             raise ValueError(f"{e}; the batch stays whole because {refusal}") from e
@@ -229,9 +241,56 @@ def _context_layout(gm: fx.GraphModule, saved: Plan | None, o: CompileOptions) -
     record: the layout is a function of the graph, the degree, the chunk order and the sequence dims)."""
     if saved is not None:
         return context_layout(saved, gm)
-    if o.context_parallel == 1:
+    if o.context_parallel in (None, 1):  # None: searched (_search_context)
         return None
     return plan_context_parallel(gm, o.context_parallel)
+
+
+def _search_context(
+    gm: fx.GraphModule, o: CompileOptions, run: Callable[..., tuple[Candidate, list[Candidate]]], *, batch: int | None
+) -> tuple[Candidate, list[Candidate], ContextLayout | None]:
+    """The search without context parallelism, then with it where it can pay: when no layout fits, when the best one
+    recomputes activations (context parallelism divides activations, not weights), or when the batch has fewer
+    samples than devices (some devices must then share a sample: by pipeline, tensor or context parallelism; a
+    batch of one long sequence on 4 devices: pp2 x tp2 with one microbatch, half bubble, against cp4). cp degrees
+    are tried upwards (each dividing the devices and the sequence) while each beats the one before: the step falls
+    while the activations' recompute and the attention's share shrink, then rises as the gathers grow (gpt3-13b at
+    64K tokens on 64 H100s: 6.667, 6.191, 5.862, 7.713 s at cp 1, 2, 4, 8). They keep the schedule (and sequence
+    parallelism) the search chose without it: cp changes what a device holds, not what the schedule does."""
+    best: Candidate | None = None
+    evaluated: list[Candidate] = []
+    error: ValueError | None = None
+    try:
+        best, evaluated = run(None)
+    except ValueError as e:
+        error = e
+    starved = batch is not None and batch < o.devices
+    if best is not None and set(best.recompute or ["none"]) == {"none"} and not starved:
+        return best, evaluated, None
+    if not infer_sequence_dims(gm):
+        if best is None:
+            raise error
+        return best, evaluated, None
+    like = best
+    chosen: ContextLayout | None = None
+    for cp in range(2, o.devices + 1):
+        if o.devices % cp:
+            continue
+        try:
+            layout = plan_context_parallel(gm, cp)
+            found, tried = run(layout, like)
+        except ValueError:  # the sequence does not split cp ways, or nothing fits at this degree
+            if best is None:
+                continue
+            break
+        evaluated += tried
+        if best is not None and found.step_time >= best.step_time:
+            break
+        best, chosen = found, layout
+    if best is None:
+        raise error
+    evaluated.sort(key=lambda c: (not c.fits, c is not best, c.step_time, c.bound))
+    return best, evaluated, chosen
 
 
 def _repriced(saved: Plan, best: Candidate, gm: fx.GraphModule, o: CompileOptions) -> Plan:
@@ -456,6 +515,7 @@ def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions) -> 
             out = out[:2] + [f"... {len(out) - 3} more stages alike ..."] + out[-1:]
     if best.degrees.tp > 1:
         out += _sequence_reason(best, evaluated)
+    out += _context_reason(best, evaluated)
     if best.data_parallel and best.data_parallel != "ddp":
         same = [c for c in evaluated if c.degrees == best.degrees and c.schedule == best.schedule and c is not best
                 and c.sequence_parallel == best.sequence_parallel]  # fmt: skip
@@ -485,6 +545,21 @@ def _sequence_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
         return [f"{how}: {other} it the layout takes {format_seconds(twin.step_time)} "
                 f"({twin.step_time / best.step_time:.3f}x), peak {format_bytes(twin.peak_memory)}"]  # fmt: skip
     return [f"{how}: {other} it the layout does not fit" + (f": {twin.note[:160]}" if twin.note else "")]
+
+
+def _context_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
+    """Why the plan splits every sequence over cp ranks (or not), where the search priced layouts both ways."""
+    fits = [c for c in evaluated if c.fits and c is not best]
+    others = [c for c in fits if (c.degrees.cp > 1) != (best.degrees.cp > 1)]
+    if not others:
+        return []
+    other = min(others, key=lambda c: c.step_time)
+    ratio = f"{format_seconds(other.step_time)} ({other.step_time / best.step_time:.3f}x)"
+    recomputes = sorted(set(other.recompute or []) - {"none"})
+    also = f", recomputing {'/'.join(recomputes)}" if recomputes else ""
+    if best.degrees.cp > 1:
+        return [f"context parallel {best.degrees.cp}: without it the best layout ({other.degrees}) takes {ratio}{also}"]
+    return [f"no context parallelism: the best layout with it ({other.degrees}) takes {ratio}{also}"]
 
 
 def _stage_regions(pg: PlanningGraph, stage_of: list[int], stage: int, mode: str) -> list[list[str]]:

@@ -315,16 +315,15 @@ def search(
     cannot be planned is left out with its reason (unless forced). When nothing fits, the error gives the fewest
     devices the search would need (over the tp degrees it may use), and for forced degrees it reports their own
     layouts' figures only. `context`: a context-parallel layout every candidate uses (its degree divides the
-    devices; pp x tp x dp share the rest; gradients averaged over dp x cp after the backward, in ddp or zero1).
+    devices; pp x tp x dp share the rest; the data-parallel modes other than hsdp run over the dp x cp ranks).
     """
     devices_per_node = pg.spec.devices_per_node
     cp = context.cp if context is not None else 1
     if devices % cp:
         raise ValueError(f"context parallelism over {cp} ranks needs a multiple of {cp} devices, got {devices}")
     devices //= cp
-    if cp > 1:  # the runtime averages gradients over dp x cp after the backward (runtime.distributed)
-        data_parallel = [m for m in (data_parallel or DP_MODES) if m in NON_OVERLAPPED_MODES]
-        overlap_grad_reduce = False
+    if cp > 1:  # the dp x cp ranks are one gradient group (runtime.distributed); HSDP's split of it is not supported
+        data_parallel = [m for m in (data_parallel or DP_MODES) if m != "hsdp"]
     degrees = []
     for tp in _divisors(devices):
         if tensor_parallel is not None and tp != tensor_parallel:

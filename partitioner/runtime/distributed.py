@@ -267,11 +267,14 @@ class DistributedPipeline:
             raise ValueError(f"the mesh has cp={self.cp}, the plan context degree {plan.context_degree}")
         self.context = context_layout(plan, captured.graph_module)
         # the ranks holding the same weights, whose gradients are averaged (and optimizer state sharded): dp x cp
+        # (DDP / FSDP wrap the stages over them, as torchtitan shards over its flattened dp x cp mesh)
         self.grad_size = self.dp * self.cp
-        if self.cp > 1 and self.dp > 1:
-            self.grad_group = mesh["dp", "cp"]._flatten("dp_cp").get_group()
-        else:
-            self.grad_group = mesh.get_group("cp") if self.cp > 1 else self.dp_group
+        self.grad_mesh = None
+        if self.cp > 1:
+            self.grad_mesh = mesh["dp", "cp"]._flatten("dp_cp") if self.dp > 1 else mesh["cp"]
+        elif self.dp > 1:
+            self.grad_mesh = mesh["dp"]
+        self.grad_group = self.grad_mesh.get_group() if self.grad_mesh is not None else None
         # the plan's layout merges and slices tensor-parallel shards by original names (checkpoints)
         self.tensor_plan = plan_layout(plan)
         self.group = group or dist.group.WORLD
@@ -283,6 +286,8 @@ class DistributedPipeline:
         self.data_parallel = data_parallel_mode(data_parallel or plan.data_parallel or None, self.schedule_name)
         shard = plan.data_parallel_shard if data_parallel_shard is None else data_parallel_shard
         self.data_parallel_shard = shard if self.data_parallel == "hsdp" else 0
+        if self.data_parallel == "hsdp" and self.cp > 1:
+            raise ValueError("hsdp with context parallelism is not supported: pass data_parallel='fsdp' or plan again")
         if self.data_parallel == "hsdp" and self.dp > 1:
             hsdp_sizes(self.dp, self.data_parallel_shard)  # raises with the numbers before any communication
         # overlap_grad_reduce=False: no wrapper; every gradient is averaged over "dp" after the step's last backward
@@ -334,10 +339,8 @@ class DistributedPipeline:
         ckpt = set(range(self.num_stages)) if checkpoint is True else set(checkpoint or ())
         split = get_schedule(self.schedule_name).split_backward
         tied_tensors = [tied.held for tied in self._tied if tied.held is not None]
-        if self.dp > 1:  # hsdp: "dp" split into (replicate, shard), collective: every rank builds it here
-            dp_mesh = (
-                hsdp_mesh(self.mesh, self.data_parallel_shard) if self.data_parallel == "hsdp" else self.mesh["dp"]
-            )
+        if self.grad_size > 1:  # hsdp: "dp" split into (replicate, shard), collective: every rank builds it here
+            dp_mesh = hsdp_mesh(self.mesh, self.data_parallel_shard) if self.data_parallel == "hsdp" else self.grad_mesh
         self.stage_submodules: list[nn.Module] = []
         for st in self.local_stages:
             adapter: nn.Module = StageAdapter(
@@ -347,7 +350,7 @@ class DistributedPipeline:
                 clone_outputs=split,
                 device=self.device,
             )
-            if self.dp > 1 and not self.reduce_after_backward:
+            if self.grad_size > 1 and not self.reduce_after_backward:
                 adapter = wrap_stage(adapter, self.data_parallel, dp_mesh, tied_tensors, split_backward=split)
             self.stage_submodules.append(adapter)
         # torch's PipelineStages fix every boundary's shapes: one set per microbatch input shape seen (cached).
@@ -525,7 +528,7 @@ class DistributedPipeline:
                     input_args=static[st.index][0] if static else None,
                     output_args=static[st.index][1] if static else None,
                     group=self.group,
-                    data_parallel=self.data_parallel if self.dp > 1 else "",
+                    data_parallel=self.data_parallel if self.grad_size > 1 else "",
                     split_backward=split,
                 )
                 for st, adapter in zip(self.local_stages, self.stage_submodules)
