@@ -38,3 +38,18 @@ def test_the_causal_lm_loss_in_the_graph_matches_at_four_ranks(family: str) -> N
     layout = plan_context_parallel(gm, 4)
     assert layout.cross_entropy and set(layout.fallbacks) <= {"pad", "index"}, layout.fallbacks
     check_context_parallel(gm, layout, inputs, loss_fn=lambda out: out[0])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_grouped_query_attention_gathers_kv_heads_not_their_repeats(family: str) -> None:
+    """repeat_kv (expand + reshape to every query head) runs after the gather, on the gathered kv heads: the bytes
+    gathered are kv_heads / heads of what SDPA reads (2 of 4 heads here)."""
+    gm, inputs = hf_graph(family)
+    layout = plan_context_parallel(gm, 2)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sdpa = [n for n in gm.graph.nodes if n.name in layout.attention]
+    read = sum(nodes[a.name].meta["out_bytes"] for n in sdpa for a in n.args[1:3])
+    gathered = sum(nodes[v].meta["out_bytes"] for v in layout.gather if nodes[v].meta["val"].dim() == 5)
+    assert gathered * 2 == read
+    check_context_parallel(gm, layout, inputs)

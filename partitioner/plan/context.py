@@ -77,6 +77,8 @@ from partitioner.plan.tensor_ops import (
 __all__ = ["ContextLayout", "Split", "infer_sequence_dims", "plan_context_parallel", "rank_positions"]
 
 _CASTS = {"long", "int", "bool", "short", "byte", "char"}  # dtype casts tensor_ops does not list (ids, masks)
+# ops that only rearrange or repeat their input's elements: a gather may move above them (hoist_gathers)
+_MOVABLE = _RESHAPE | _TRANSPOSE | _UNSQUEEZE | _SQUEEZE | _EXPAND | {"contiguous", "clone", torch.clone}
 _ELEMENTWISE = _UNARY_FUNCTIONS | _UNARY_METHODS | _BINARY_FUNCTIONS | _BINARY_METHODS | _CASTS
 _SIZE = {"size", "numel"}
 _INFO_ATTRS = {"device", "dtype", "is_cuda", "requires_grad", "ndim", "layout"}
@@ -121,6 +123,9 @@ class ContextLayout:
     local_shape: dict[str, int] = field(default_factory=dict)
     outputs: dict[int, Split] = field(default_factory=dict)
     float_outputs: set[int] = field(default_factory=set)  # flat outputs that are floating tensors (have gradients)
+    # value -> consumers that read it whole, before hoist_gathers moved gathers above views: what the consumers
+    # see (their saved copies are whole), where `gather` says what is communicated
+    whole_reads: dict[str, list[str]] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -237,6 +242,34 @@ class _Propagation:
                 continue
             if out is not None:
                 self.lay.split[n.name] = out
+        self.hoist_gathers()
+
+    def hoist_gathers(self) -> None:
+        """Gather a value before the views, expands and copies that alone lead from it to the consumers reading it
+        whole, and run those whole: GQA's repeat_kv (expand + reshape of k and v to every query head) then gathers
+        kv_heads' bytes, not heads'."""
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        self.lay.whole_reads = {v: list(cs) for v, cs in self.lay.gather.items()}
+        for value in list(self.lay.gather):
+            consumers = set(self.lay.gather[value])
+            v, chain = nodes[value], []
+            while (
+                {u.name for u in v.users} <= (consumers if not chain else {chain[-1].name})
+                and v.op in ("call_function", "call_method")
+                and key_in(v, _MOVABLE)
+                and isinstance(v.args[0], fx.Node)
+                and self.sp(v.args[0]) is not None
+                and [a for a in v.all_input_nodes if a.name in self.lay.split] == [v.args[0]]
+            ):
+                chain.append(v)
+                v = v.args[0]
+            if not chain:
+                continue
+            for n in chain:  # now whole on every rank: no local sizes, nothing split
+                self.lay.split.pop(n.name, None)
+                self.lay.local_shape.pop(n.name, None)
+            del self.lay.gather[value]
+            self.lay.gather.setdefault(v.name, []).append(chain[-1].name)
 
     def visit_output(self, n: fx.Node) -> None:
         flat, _ = torch.utils._pytree.tree_flatten(n.args[0])

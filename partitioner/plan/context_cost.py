@@ -96,8 +96,9 @@ def context_parallel_model(gm: fx.GraphModule, layout: ContextLayout) -> Context
         out = _output_node(gm, i)
         if out is not None:
             gathered.setdefault(out.name, [])
-    for value, consumers in gathered.items():
+    for value in gathered:
         collectives.setdefault(value, []).append(("gather", float(nodes[value].meta.get("out_bytes", 0))))
+    for value, consumers in (layout.whole_reads or layout.gather).items():  # what each consumer saves whole
         storages = nodes[value].meta.get("storages", [])
         for c in consumers:
             saves = nodes[c].meta.get("saves", {})
