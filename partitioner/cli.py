@@ -370,6 +370,14 @@ def _add_plan_parser(sub: Any) -> None:
         default=None,
         help="split tensor parallelism's token-wise ops over its ranks (default: priced both ways)",
     )
+    p.add_argument(
+        "--context-parallel",
+        type=_positive_int,
+        default=None,
+        metavar="CP",
+        help="split every sequence over CP ranks (1: never; default: searched where layouts without it recompute, "
+        "do not fit, or get fewer samples than devices)",
+    )
     p.set_defaults(run=_plan)
 
 
@@ -424,6 +432,7 @@ def _plan(args: argparse.Namespace) -> int:
         recompute=args.recompute,
         data_parallel=args.data_parallel,
         sequence_parallel=None if args.sequence_parallel is None else args.sequence_parallel == "on",
+        context_parallel=args.context_parallel,
     )
     elapsed = time.perf_counter() - t0
     written = []  # files first: a closed stdout (| head) must not lose them

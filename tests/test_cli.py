@@ -216,3 +216,5 @@ def test_plan_forwards_recompute_data_parallel_and_sequence_parallel(capsys: pyt
     assert " full\n" in out  # the stage table's recompute column
     assert cli.main([*argv, "--sequence-parallel", "off"]) == 0
     assert "sequence parallel" not in capsys.readouterr().out.splitlines()[0]
+    assert cli.main(["plan", "gpt3-tiny", "--devices", "4", "--batch", "8", "--context-parallel", "2"]) == 0
+    assert "x context 2 x" in capsys.readouterr().out.splitlines()[0]
