@@ -279,11 +279,12 @@ def train_with_compiled_step(
 
 def train_hf_with_compiled_step(
     *, case: str, devices: int, pipeline: int, batch: int = 8, seq: int = 8, steps: int = 2, lr: float = 0.1,
-    seed: int = 0, out: str | None = None, tensor_parallel: int = 1,
+    seed: int = 0, out: str | None = None, tensor_parallel: int = 1, context_parallel: int = 1,
 ) -> None:  # fmt: skip
     """A HuggingFace model (captured by torch.export, tests/test_hf_training.py's tiny configs) trained with
     ``cm.step`` at the plan's default microbatches: in one process, or one stage per rank under torchrun (with
-    `tensor_parallel` > 1, each stage's tp-rewritten shard; in one process the unsharded stages run)."""
+    `tensor_parallel` > 1, each stage's tp-rewritten shard; with `context_parallel` > 1, each rank's tokens of every
+    sequence; in one process the unsharded stages run)."""
     from tests.test_hf_training import CASES
 
     spec = next(c for c in CASES if c.name == case)
@@ -295,10 +296,11 @@ def train_hf_with_compiled_step(
         devices=devices,
         pipeline=pipeline,
         tensor_parallel=tensor_parallel,
+        context_parallel=context_parallel,
         example_kwargs=kwargs,
         device_type="cpu",
     )
-    assert cm.plan.tensor_degree == tensor_parallel
+    assert cm.plan.tensor_degree == tensor_parallel and cm.plan.context_degree == context_parallel
     opt = torch.optim.SGD(cm.parameters(), lr=lr)
     losses = []
     for _ in range(steps):

@@ -496,6 +496,27 @@ def test_huggingface_models_train_under_torchrun_as_in_one_process(case: str, pi
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("pipeline, tp", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+def test_huggingface_llama_trains_with_context_parallelism_as_in_one_process(
+    pipeline: int, tp: int, tmp_path: Path
+) -> None:
+    """HF Llama (export graph: rotary tables from global positions, GQA's repeat_kv after the k/v gather, HF's causal
+    mask read at each rank's rows) at pipeline x tensor x context 2 on 4 gloo ranks trains like one process."""
+    pytest.importorskip("transformers")
+    from tests._dist_worker import train_hf_with_compiled_step
+
+    kw = dict(case="llama", devices=4, pipeline=pipeline, tensor_parallel=tp, context_parallel=2, steps=3, seed=SEED)
+    here, there = tmp_path / "here.pt", tmp_path / "there.pt"
+    train_hf_with_compiled_step(**kw, out=str(here))
+    _assert_ok(spawn("tests._dist_worker:train_hf_with_compiled_step", 4, dict(kw, out=str(there)), timeout=280))
+    local, ranks = torch.load(here), torch.load(there)
+    assert (local["distributed"], ranks["distributed"]) == (False, True)
+    assert ranks["losses"] == pytest.approx(local["losses"], abs=1e-5, rel=0)
+    _assert_state_equal(ranks["state"], local["state"])
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "case, steps", [("llama", 5)] + [pytest.param(c, 2, marks=pytest.mark.slow) for c in ("gpt2", "t5", "bert")]
 )
