@@ -180,6 +180,24 @@ def reference(
     return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
+def _max_weight_error(cm: Any, pipe: Any, ref: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The largest difference of any rank's local tensor from single-process training's (`ref`, full tensors): a tp
+    shard against its slices of the full tensor, an FSDP shard gathered first. Collective (max over the world)."""
+    from partitioner.passes.tensor_parallel import local_param_slices
+
+    plan = cm.tensor_parallel_plan
+    slices = local_param_slices(plan, cm.captured.graph_module, pipe.tp_rank) if plan is not None else {}
+    err = torch.zeros(())
+    for name, t in pipe.state_dict().items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        expected = ref[name]
+        if name in slices:  # local = cat(full[s] for s in slices)
+            expected = torch.cat([expected[s] for s in slices[name]], plan.param_shard[name]["dim"])
+        err = torch.maximum(err, (t.detach() - expected).abs().max())
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    return err
+
+
 def train_pp_tp(
     *, model: str, pp: int, tp: int, dp: int = 1, microbatches: int = 4, batch: int = 8, steps: int = 3,
     lr: float = 0.1, seed: int = 0, out: str | None = None, load_path: str | None = None,
@@ -192,7 +210,6 @@ def train_pp_tp(
     Rank 0 saves the losses, the merged ``full_state_dict()``, and the largest difference of any rank's local
     tensors from the single-process weights (`reference` after `steps` more steps, from the checkpoint if any).
     """
-    from partitioner.passes.tensor_parallel import local_param_slices
 
     meta, init = record_init(lambda: zoo.get(model), seed=seed)
     cm = partitioner.compile(
@@ -205,7 +222,6 @@ def train_pp_tp(
     pipe = cm.distributed(weights=init, data_parallel=data_parallel)  # the mesh from the plan's degrees
     if load_path:
         pipe.load_state_dict(torch.load(load_path))
-    comm_rank = pipe.mesh.get_local_rank("tp")
     replica = pipe.mesh.get_local_rank("dp") if dp > 1 else 0
     rows = slice(replica * batch, (replica + 1) * batch)
     inputs = tuple(x[rows] for x in zoo.example_inputs(model, batch=batch * dp))
@@ -221,16 +237,7 @@ def train_pp_tp(
     _, ref = reference(
         model, microbatches=microbatches * dp, batch=batch * dp, steps=steps, lr=lr, seed=seed, start=load_path
     )
-    slices = local_param_slices(cm.tensor_parallel_plan, cm.captured.graph_module, comm_rank)
-    err = torch.zeros(())
-    for name, t in pipe.state_dict().items():
-        t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP: the tp shard, gathered over dp
-        expected = ref[name]
-        if name in slices:
-            dim = cm.tensor_parallel_plan.param_shard[name]["dim"]
-            expected = torch.cat([expected[s] for s in slices[name]], dim)
-        err = torch.maximum(err, (t.detach() - expected).abs().max())
-    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    err = _max_weight_error(cm, pipe, ref)
     wrappers = [type(m).__name__ for m in pipe.stage_submodules]
     pipe.close()
     if dist.get_rank() == 0 and out:
@@ -371,19 +378,7 @@ def train_pp_cp(
         pipe.zero_grad()
     full = pipe.full_state_dict()
     _, ref = reference(model, microbatches=microbatches * dp, batch=batch * dp, steps=steps, lr=lr, seed=seed)
-    slices = {}
-    if tp > 1:
-        from partitioner.passes.tensor_parallel import local_param_slices
-
-        slices = local_param_slices(cm.tensor_parallel_plan, cm.captured.graph_module, pipe.mesh.get_local_rank("tp"))
-    err = torch.zeros(())
-    for name, t in pipe.state_dict().items():
-        t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP: gathered over dp x cp
-        expected = ref[name]
-        if name in slices:  # a tp shard: local = cat(full[s] for s in slices)
-            expected = torch.cat([expected[s] for s in slices[name]], cm.tensor_parallel_plan.param_shard[name]["dim"])
-        err = torch.maximum(err, (t.detach() - expected).abs().max())
-    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    err = _max_weight_error(cm, pipe, ref)
     pipe.close()
     if dist.get_rank() == 0 and out:
         torch.save({"losses": losses, "max_weight_error": float(err), "state": full}, out)

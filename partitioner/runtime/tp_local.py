@@ -75,7 +75,10 @@ class ThreadComm:
         return own_chunk(self.all_reduce(x, "sum"), self, dim)
 
 
-def _run_threads(fns: list[Callable[[], Any]], group: ThreadGroup) -> list[Any]:
+def _run_threads(fns: list[Callable[[], Any]], group: ThreadGroup | Sequence[ThreadGroup]) -> list[Any]:
+    """Run `fns` in threads, one per rank; an error in one aborts the barriers of every group (`group`: the ranks'
+    ThreadGroup, or several: cp_local's tp and cp groups), so no thread waits out the timeout. Re-raises it."""
+    groups = [group] if isinstance(group, ThreadGroup) else list(group)
     results: list[Any] = [None] * len(fns)
     errors: list[BaseException] = []
 
@@ -84,7 +87,8 @@ def _run_threads(fns: list[Callable[[], Any]], group: ThreadGroup) -> list[Any]:
             results[i] = fns[i]()
         except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
             errors.append(e)
-            group.barrier.abort()  # wake the other ranks instead of letting them wait out the timeout
+            for g in groups:  # wake the other ranks instead of letting them wait out the timeout
+                g.barrier.abort()
 
     threads = [threading.Thread(target=body, args=(i,), name=f"tp-rank-{i}") for i in range(len(fns))]
     for t in threads:
