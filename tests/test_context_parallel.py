@@ -302,3 +302,24 @@ def test_the_search_leaves_context_parallelism_out_where_nothing_calls_for_it() 
     cm = partitioner.compile(zoo.get("gpt3-tiny"), devices=4, example_inputs=x, device_type="cpu")
     assert cm.plan.context_degree == 1
     assert all("cp" not in row for row in cm.plan.alternatives)
+
+
+class _WritesToken0(torch.nn.Module):
+    """Zeroes the first token's features in place: a write at one sequence position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.lin(self.emb(idx))
+        h[:, 0] = 0.0
+        return h * 2
+
+
+def test_an_in_place_write_it_would_have_to_gather_is_refused_with_the_node() -> None:
+    """A fallback reads its split inputs gathered; an in-place write there would land in the gathered copy and the
+    rank's own tokens would go on unwritten (a silent wrong result): refused, naming the node."""
+    gm, _ = prepare(_WritesToken0(), (torch.randint(0, 32, (2, 8)),))
+    with pytest.raises(ValueError, match="writes in place"):
+        plan_context_parallel(gm, 2)

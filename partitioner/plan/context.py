@@ -80,9 +80,7 @@ _CASTS = {"long", "int", "bool", "short", "byte", "char"}  # dtype casts tensor_
 # ops that only rearrange or repeat their input's elements: a gather may move above them (hoist_gathers)
 _MOVABLE = _RESHAPE | _TRANSPOSE | _UNSQUEEZE | _SQUEEZE | _EXPAND | {"contiguous", "clone", torch.clone}
 _ELEMENTWISE = _UNARY_FUNCTIONS | _UNARY_METHODS | _BINARY_FUNCTIONS | _BINARY_METHODS | _CASTS
-_SIZE = {"size", "numel"}
 _INFO_ATTRS = {"device", "dtype", "is_cuda", "requires_grad", "ndim", "layout"}
-_FULL_SLICE = 2**62  # an ATen slice end at least this large means "to the end"
 
 
 @dataclass(frozen=True)
@@ -210,6 +208,12 @@ class _Propagation:
         return seen
 
     def gather_all(self, n: fx.Node, why: str) -> None:
+        if n.meta.get("writes"):  # it would write into the gathered copy, not the rank's tokens the graph goes on with
+            raise ValueError(
+                f"context parallelism cannot split the sequence through {n.name} ({op_name(n)}): it writes in place "
+                f"into a value it would have to read whole ({why}); write it out of place, or plan with "
+                f"context_parallel=1"
+            )
         for a in self.split_inputs(n):
             if isinstance(self.lay.split[a.name], Split):
                 self.lay.gather.setdefault(a.name, []).append(n.name)
@@ -242,7 +246,23 @@ class _Propagation:
                 continue
             if out is not None:
                 self.lay.split[n.name] = out
+        self.refuse_writes_through_whole_copies()
         self.hoist_gathers()
+
+    def refuse_writes_through_whole_copies(self) -> None:
+        """An in-place write into a split value's memory through a value read whole (a view of a gathered copy,
+        e.g. `h[:, 0] = 0`) would land in the copy, not in the rank's tokens the graph goes on with: refuse it."""
+        nodes = list(self.gm.graph.nodes)
+        split_storages = {st for n in nodes if self.sp(n) is not None for st in n.meta.get("storages", [])}
+        for n in nodes:
+            written = set(n.meta.get("writes") or ()) & split_storages
+            target = n.args[0] if n.args else None
+            if written and not (isinstance(target, fx.Node) and self.sp(target) is not None):
+                raise ValueError(
+                    f"context parallelism cannot split the sequence through {n.name} ({op_name(n)}): it writes in "
+                    f"place into {sorted(written)}, which each rank holds split, through a value read whole "
+                    f"(e.g. one position of the sequence); write it out of place, or plan with context_parallel=1"
+                )
 
     def hoist_gathers(self) -> None:
         """Gather a value before the views, expands and copies that alone lead from it to the consumers reading it
