@@ -147,6 +147,7 @@ def check(row: Row, *, search: bool) -> dict:
             microbatches=row.microbatches, schedule="interleaved" if row.vp > 1 else "1f1b",
             stages_per_device=row.vp if row.vp > 1 else None, recompute=row.recompute, data_parallel="ddp",
             overlap_grad_reduce=row.overlap_grad_reduce, sequence_parallel=row.sequence_parallel,
+            context_parallel=1,  # the published runs split no sequence
         )  # fmt: skip
         p = cm.plan.predicted
         out.update(predicted_s=p["step_time"], fits=True, peak=p["peak_memory"], bubble=p["bubble_fraction"],
@@ -161,7 +162,9 @@ def check(row: Row, *, search: bool) -> dict:
             plan = cm.plan
             modes = sorted({s.recompute for s in plan.stages})
             out.update(
-                search_layout=f"pp{plan.pipeline_degree} x tp{plan.tensor_degree} x dp{plan.data_degree}",
+                search_layout=f"pp{plan.pipeline_degree} x tp{plan.tensor_degree}"
+                + (f" x cp{plan.context_degree}" if plan.context_degree > 1 else "")
+                + f" x dp{plan.data_degree}",
                 search_detail=f"{plan.schedule}, {plan.microbatches} mb, {plan.data_parallel or '-'}, "
                 f"recompute {'/'.join(modes)}",
                 search_s=plan.predicted["step_time"],
