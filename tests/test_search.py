@@ -247,3 +247,17 @@ def test_a_lighter_twin_is_priced_at_the_finer_split_its_heavier_twin_needed():
     assert best.sequence_parallel and best.microbatches == 16
     assert best.step_time < light_alone.step_time and best.step_time <= heavy.step_time * (1 + 1e-9)
     assert {(c.sequence_parallel, c.microbatches) for c in evaluated if c.fits} == {(False, 16), (True, 16)}
+
+
+def test_an_incumbent_prunes_by_the_lower_bound_and_never_changes_the_winner() -> None:
+    """search(incumbent=s) prices only candidates whose lower bound is below s: with the best step itself (or above)
+    the same winner comes back; below every bound nothing is priced and NoBetterLayout says so."""
+    from partitioner.plan.search import NoBetterLayout
+
+    pg = _chain()
+    best, evaluated = _search(pg, 4)
+    again, _ = _search(pg, 4, incumbent=best.step_time * 1.0001)
+    assert (again.degrees, again.step_time) == (best.degrees, best.step_time)
+    lowest = min(c.bound for c in evaluated if c.bound > 0)
+    with pytest.raises(NoBetterLayout, match="incumbent"):
+        _search(pg, 4, incumbent=lowest * 0.5)

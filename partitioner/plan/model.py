@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,7 +195,9 @@ def plan_model(
             f"but the captured graph holds only for batches of {min_chunk} or more: use fewer microbatches"
         )
 
-    def run(layout: ContextLayout | None, like: Candidate | None = None) -> tuple[Candidate, list[Candidate]]:
+    def run(
+        layout: ContextLayout | None, like: Candidate | None = None, incumbent: float = math.inf
+    ) -> tuple[Candidate, list[Candidate]]:
         """The search at context layout `layout`; `like`: a plan found without it, whose schedule (and sequence
         parallelism, where it used tp) the search keeps, to price only what context parallelism changes."""
         schedules, sp = o.schedules, o.sequence_parallel
@@ -220,6 +223,7 @@ def plan_model(
             overlap_grad_reduce=o.overlap_grad_reduce,
             sequence_parallel=sp,
             context=context_parallel_model(gm, layout) if layout is not None else None,
+            incumbent=incumbent,
         )
 
     try:
@@ -278,7 +282,7 @@ def _search_context(
             continue
         try:
             layout = plan_context_parallel(gm, cp)
-            found, tried = run(layout, like)
+            found, tried = run(layout, like, best.step_time if best is not None else math.inf)
         except ValueError:  # the sequence does not split cp ways, or nothing fits at this degree
             if best is None:
                 continue

@@ -63,11 +63,16 @@ from partitioner.units import format_bytes
 __all__ = [
     "Candidate",
     "Degrees",
+    "NoBetterLayout",
     "TensorParallelModel",
     "price_candidate",
     "scale_graph",
     "search",
 ]
+
+
+class NoBetterLayout(ValueError):
+    """search(incumbent=...) priced nothing: no candidate's lower bound was below the incumbent's step."""
 
 
 @dataclass(frozen=True, order=True)
@@ -303,6 +308,7 @@ def search(
     overlap_grad_reduce: bool = True,
     sequence_parallel: bool | None = False,
     context: ContextParallelModel | None = None,
+    incumbent: float = math.inf,
 ) -> tuple[Candidate, list[Candidate]]:
     """Best candidate and the evaluated ones (best first). Raises InfeasibleMemoryError if none fits.
 
@@ -316,6 +322,8 @@ def search(
     devices the search would need (over the tp degrees it may use), and for forced degrees it reports their own
     layouts' figures only. `context`: a context-parallel layout every candidate uses (its degree divides the
     devices; pp x tp x dp share the rest; the data-parallel modes other than hsdp run over the dp x cp ranks).
+    `incumbent`: the step of a plan found elsewhere (without context parallelism): candidates whose lower bound is
+    not below it are not priced, and when none is the search raises NoBetterLayout.
     """
     devices_per_node = pg.spec.devices_per_node
     cp = context.cp if context is not None else 1
@@ -358,7 +366,7 @@ def search(
     for c in sorted(candidates, key=lambda c: (bool(c.note), c.bound, c.degrees, c.schedule, rank[c.data_parallel])):
         if c.note:
             continue
-        if best is not None and c.bound >= best.step_time:
+        if c.bound >= min(best.step_time if best is not None else math.inf, incumbent):
             c.note, c.skipped = f"skipped: its lower bound {c.bound:.4g} s is above the best step time", True
             continue
         if (c.degrees, c.schedule, c.sequence_parallel) in settled:
@@ -372,6 +380,8 @@ def search(
             best, c = c, best  # from here on c is the one that lost (if any)
         if c is not None:
             c.simulation = None  # only the winner's replay is read; a deep pipeline's holds millions of events
+    if best is None and math.isfinite(incumbent) and any(c.skipped for c in candidates):
+        raise NoBetterLayout(f"no layout's lower bound is below the incumbent step of {incumbent:.4g} s")
     if best is not None:
         best = _price_at_the_twins_count(ev, candidates, best)
     if best is not None and mincut:
