@@ -351,7 +351,7 @@ def nccl_pipeline_step(*, steps: int = 2, lr: float = 0.1, seed: int = 0, out: s
 def train_pp_cp(
     *, model: str, pp: int, cp: int, dp: int = 1, tp: int = 1, microbatches: int = 4, batch: int = 8,
     steps: int = 3, lr: float = 0.1, seed: int = 0, out: str | None = None, data_parallel: str | None = None,
-    sequence_parallel: bool = False,
+    sequence_parallel: bool = False, schedule: str = "1f1b",
 ) -> None:  # fmt: skip
     """dp x pp x cp through `distribute`: every stage rewritten for this rank's tokens of each sequence (k and v
     gathered for attention), the batch's rows split over dp, gradients averaged over dp x cp after the backward.
@@ -360,10 +360,11 @@ def train_pp_cp(
     meta, init = record_init(lambda: zoo.get(model), seed=seed)
     cm = partitioner.compile(
         meta, devices=dp * pp * cp * tp, example_inputs=zoo.example_inputs(model, batch=batch, device="meta"),
-        device_type="cpu", microbatches=microbatches, schedule="1f1b", pipeline=pp, context_parallel=cp,
+        device_type="cpu", microbatches=microbatches, schedule=schedule, pipeline=pp, context_parallel=cp,
         data_parallel=data_parallel, tensor_parallel=tp, sequence_parallel=sequence_parallel if tp > 1 else None,
     )  # fmt: skip
-    assert cm.plan.context_degree == cp and cm.plan.num_stages == pp and cm.plan.data_degree == dp
+    per_rank = 1 if schedule in ("1f1b", "gpipe") else 2
+    assert cm.plan.context_degree == cp and cm.plan.num_stages == pp * per_rank and cm.plan.data_degree == dp
     assert cm.plan.tensor_degree == tp
     pipe = cm.distributed(weights=init)
     replica = pipe.mesh.get_local_rank("dp") if dp > 1 else 0

@@ -265,6 +265,8 @@ def test_pipeline_of_sequence_parallel_stages_matches_single_process(model: str,
         pytest.param(1, 2, 2, 1, False, "zero2", marks=pytest.mark.slow),
         pytest.param(1, 4, 1, 1, False, "zero1", marks=pytest.mark.slow),
         pytest.param(2, 2, 1, 2, False, "ddp", marks=pytest.mark.slow),
+        pytest.param(2, 2, 1, 1, False, "ddp:interleaved", marks=pytest.mark.slow),
+        pytest.param(2, 2, 1, 1, False, "fsdp:zbv", marks=pytest.mark.slow),
     ],
 )
 def test_context_parallel_pipeline_matches_single_process(
@@ -276,7 +278,8 @@ def test_context_parallel_pipeline_matches_single_process(
     out = tmp_path / "out.pt"
     kw = {"microbatches": MICRO, "batch": BATCH, "steps": 3, "lr": LR, "seed": SEED, "out": str(out)}
     kw |= {"model": "gpt3-tiny", "pp": pp, "cp": cp, "dp": dp, "tp": tp, "sequence_parallel": sp}
-    kw |= {"data_parallel": mode}
+    mode, _, schedule = mode.partition(":")
+    kw |= {"data_parallel": mode, "schedule": schedule or "1f1b"}
     _assert_ok(spawn("tests._dist_worker:train_pp_cp", pp * cp * dp * tp, kw, timeout=280, pg_timeout=30))
     got = torch.load(out)
     _assert_tp_run_matches(

@@ -165,6 +165,8 @@ def _localize(sizes: Any, index: int, degree: int, graph: fx.Graph) -> Any:
     entry = items[index]
     if isinstance(entry, fx.Node):
         items[index] = graph.call_function(operator.floordiv, (entry, degree))
+        if isinstance(entry.meta.get("val"), int):  # a stage boundary carrying it needs its kind (a Python int)
+            items[index].meta["val"] = entry.meta["val"] // degree
     elif entry != -1:
         items[index] = entry // degree
     return type(sizes)(items)
@@ -279,6 +281,7 @@ def context_parallel_rank(
                 new = graph.call_function(operator.mul, (new, layout.degree))
             else:
                 new = graph.call_function(global_shape, (new, dim, layout.degree))
+            new.meta = dict(n.meta)  # the whole graph's (global) size: what a stage boundary carrying it expects
         if n.name in layout.reduce:
             new = step(layout.reduce[n.name], new)
         env[n.name] = new
