@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import zoo
 from partitioner.comm import all_gather_time
@@ -323,3 +325,28 @@ def test_an_in_place_write_it_would_have_to_gather_is_refused_with_the_node() ->
     gm, _ = prepare(_WritesToken0(), (torch.randint(0, 32, (2, 8)),))
     with pytest.raises(ValueError, match="writes in place"):
         plan_context_parallel(gm, 2)
+
+
+# ----------------------------------------------------------------------------------------------- property test
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    degree=st.sampled_from([2, 3, 4]),
+    chunks=st.integers(1, 3),
+    balance=st.booleans(),
+    attention=st.sampled_from(["sdpa", "math"]),
+    heads=st.sampled_from([1, 2, 4]),
+    layers=st.integers(1, 2),
+    batch=st.integers(1, 3),
+)
+def test_random_gpts_at_random_degrees_match(
+    degree: int, chunks: int, balance: bool, attention: str, heads: int, layers: int, batch: int
+) -> None:
+    """GPTs of random depth, heads, attention style and batch, at cp 2-4 (3 included), sequences of 2 x cp x k
+    tokens, balanced or contiguous: every rank's outputs and the summed gradients equal the model's."""
+    seq = 2 * degree * chunks
+    torch.manual_seed(degree * 100 + chunks)
+    model = zoo.get("gpt3-tiny", n_layer=layers, n_head=heads, d_model=8 * heads, d_ff=32, attention=attention)
+    gm, inputs = prepare(model, (torch.randint(0, 512, (batch, seq)),))
+    layout = plan_context_parallel(gm, degree, balance=balance)
+    assert not layout.fallbacks
+    check_context_parallel(gm, layout, inputs)
