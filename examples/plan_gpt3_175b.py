@@ -2,6 +2,7 @@
 
     python examples/plan_gpt3_175b.py                                        # about 20 s on 2 cores
     python examples/plan_gpt3_175b.py --model gpt3-1.3b --devices 8 --batch 16   # a smaller run, seconds
+    python examples/plan_gpt3_175b.py --model gpt3-13b --seq 65536 --batch 16    # long context: context parallel
 
 The same as `partitioner plan gpt3-175b --devices 64 --batch 256 --seq 2048` (README: Use).
 """
@@ -20,8 +21,11 @@ import zoo
 def plan(model_name: str, devices: int, batch: int, seq: int, device_type: str) -> partitioner.Plan:
     """Build `model_name` in bf16 on the meta device, compile it for `devices` x `device_type`, return the plan."""
     with torch.device("meta"):
-        model = zoo.get(model_name).to(torch.bfloat16)
-    x = zoo.example_inputs(model_name, batch=batch, device="meta", seq=seq)
+        model = zoo.get(model_name)
+        if seq > model.cfg.n_ctx:  # a longer context than the paper's: a position for every token
+            model = zoo.get(model_name, n_ctx=seq)
+        model = model.to(torch.bfloat16)
+    x = (torch.empty(batch, seq, dtype=torch.long, device="meta"),)  # token ids
     return partitioner.compile(model, devices=devices, example_inputs=x, device_type=device_type).plan
 
 

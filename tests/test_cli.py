@@ -132,6 +132,16 @@ def test_example_plan_gpt3_runs_small() -> None:
     assert lines[-1].startswith("planned gpt3-1.3b for 8 x h100 in ")
 
 
+def test_example_plans_a_long_context_with_context_parallelism() -> None:
+    """64K-token sequences of gpt3-13b on 64 H100s: the layouts without context parallelism recompute, with it
+    they need not; the summary says so."""
+    result = _python("examples/plan_gpt3_175b.py", "--model", "gpt3-13b", "--seq", "65536", "--batch", "16")
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert " x context " in first, first
+    assert "  context parallel " in result.stdout and "without it the best layout" in result.stdout
+
+
 @pytest.mark.slow
 def test_example_plan_gpt3_175b_as_published() -> None:
     result = _python("examples/plan_gpt3_175b.py")
