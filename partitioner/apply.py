@@ -101,8 +101,8 @@ def apply(
     (`passes.recompute.checkpoint_regions`). ValueError when a stage's regions do not fit its graph."""
     gm = rank_graph(plan, captured, tp_rank=tp_rank, comm=comm, weights=weights)
     stage_of = plan.node_stage if gm is captured.graph_module else stage_of_rank_nodes(gm, plan.node_stage)
-    layout = context_layout(plan, captured.graph_module)
-    if layout is not None and cp_rank is not None:
+    layout = context_layout(plan, captured.graph_module) if cp_rank is not None else None  # local runs: whole
+    if layout is not None:
         if cp_comm is None:
             raise ValueError("a context-parallel rank graph needs the rank's communicator (cp_comm)")
         gm = context_parallel_rank(gm, layout, cp_rank, cp_comm, divide_output_grads=False)

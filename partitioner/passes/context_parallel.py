@@ -297,10 +297,8 @@ def _readers(gm: fx.GraphModule, layout: ContextLayout) -> dict[tuple[str, str],
     parallelism inserted (its sequence-parallel scatter, its f): that node reads the value whole or at the rank's
     positions instead, so the tp op sees this rank's tokens (SP then splits those further)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    pairs = [(c, v) for v, cs in layout.gather.items() for c in cs]
-    pairs += [(c, v) for c, reads in layout.scatter.items() for v in reads]
     out: dict[tuple[str, str], str] = {}
-    for c, v in pairs:
+    for c, v in layout.planned_reads():
         node = nodes.get(c)
         if node is None or v in {a.name for a in node.all_input_nodes}:
             continue
@@ -321,9 +319,7 @@ def _check_applied(gm: fx.GraphModule, layout: ContextLayout, applied: set[tuple
     graph rewritten before (tensor parallelism's) may have replaced one (a vocab-parallel loss for the cross entropy)
     or put a node between a consumer and the value it must read whole: refuse rather than run it unrewritten."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    pairs = [(c, v) for v, cs in layout.gather.items() for c in cs]
-    pairs += [(c, v) for c, reads in layout.scatter.items() for v in reads]
-    missing = [f"{c} reading {v}" for c, v in pairs if (c, v) not in applied]
+    missing = [f"{c} reading {v}" for c, v in layout.planned_reads() if (c, v) not in applied]
     kinds = {"attention": (layout.attention, _SDPA), "cross entropy": (layout.cross_entropy, _CROSS_ENTROPY)}
     for what, (names, keys) in kinds.items():
         missing += [f"{what} {n}" for n in names if n not in nodes or not key_in(nodes[n], keys)]

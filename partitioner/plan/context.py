@@ -126,9 +126,10 @@ class ContextLayout:
     whole_reads: dict[str, list[str]] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def local_len(self) -> int:
-        return self.seq_len // self.degree
+    def planned_reads(self) -> list[tuple[str, str]]:
+        """(consumer, value) of every read the rewrite must change: gathered whole, or at the rank's positions."""
+        pairs = [(c, v) for v, cs in self.gather.items() for c in cs]
+        return pairs + [(c, v) for c, reads in self.scatter.items() for v in reads]
 
 
 def rank_positions(seq_len: int, degree: int, rank: int, balance: bool) -> torch.Tensor:
