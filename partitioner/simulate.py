@@ -63,9 +63,11 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from itertools import pairwise
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from partitioner.schedules import get_schedule
 
@@ -274,26 +276,47 @@ def _check_counts(schedule: str, num_stages: int, num_microbatches: int, num_ran
     return num_ranks
 
 
+def _single_stage_orders(schedule: str, num_stages: int, num_microbatches: int) -> tuple[tuple[Action, ...], ...]:
+    """The compute order of each rank of torch's single-stage schedules, as their loops run it
+    (``ScheduleGPipe`` / ``Schedule1F1B._step_microbatches`` in torch 2.13), written out rather than recorded: running
+    the loop once per rank costs O(ranks x microbatches) Python calls into torch, seconds for the deep pipelines a
+    search at thousands of devices prices. gpipe: every forward, then every backward, in microbatch order. 1f1b: rank
+    r runs min(m, p - r) forwards, then one backward and one forward in turn, then the backwards left; torch refuses
+    fewer microbatches than stages. tests/test_simulate.py checks both against what torch's own loops run."""
+    p, m = num_stages, num_microbatches
+    if schedule == "gpipe":
+        order = tuple(Action(0, "F", i) for i in range(m)) + tuple(Action(0, "B", i) for i in range(m))
+        return tuple(tuple(Action(r, a.kind, a.microbatch) for a in order) for r in range(p))
+    if m < p:
+        raise ValueError(
+            f"torch refuses Schedule1F1B(num_stages={p}, num_ranks={p}, n_microbatches={m}): Number of microbatches "
+            f"({m}) must be greater than or equal to the number of stages ({p})."
+        )
+    orders = []
+    for r in range(p):
+        warm = min(m, p - r)
+        order = [Action(r, "F", i) for i in range(warm)]
+        for i in range(m):
+            order.append(Action(r, "B", i))
+            if warm + i < m:
+                order.append(Action(r, "F", warm + i))
+        orders.append(tuple(order))
+    return tuple(orders)
+
+
 @lru_cache(maxsize=256)  # the planner's search asks for the same few orders many times; results are immutable
 def _torch_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
-    """Build torch's schedule object for these numbers; return (compute actions per rank, rank per stage)."""
+    """(compute actions per rank, rank per stage) of torch's schedule for these numbers: single-stage schedules
+    written out (`_single_stage_orders`), multi-stage ones from torch's own constructor."""
+    if get_schedule(schedule).single_stage:
+        return _single_stage_orders(schedule, num_stages, num_microbatches), tuple(range(num_stages))
     from torch.distributed.pipelining import schedules as torch_schedules  # about a second to import: on first use
 
     cls = _order_only(torch_schedules.get_schedule_class(get_schedule(schedule).torch_class))
     where = f"{cls.__name__}(num_stages={num_stages}, num_ranks={num_ranks}, n_microbatches={num_microbatches})"
     try:
-        # Single-stage classes: run the real loop once per rank and record the compute calls.
-        if get_schedule(schedule).single_stage:
-            orders: dict[int, list[Action]] = {}
-            for rank in range(num_ranks):
-                stage = _StandInStage(rank, num_stages, num_ranks, rank)
-                sched = cls(stage, num_microbatches)  # type: ignore[arg-type]
-                sched._initialize_stage = lambda *a, **k: None  # shape inference / p2p warm-up: nothing to do
-                sched._step_microbatches()
-                orders[rank] = stage.calls
-            return tuple(tuple(orders[r]) for r in range(num_ranks)), tuple(range(num_stages))
         # Multi-stage classes: the constructor computes every rank's compute order (the IR torch then lowers).
         per_rank = num_stages // num_ranks
         stand_ins = [_StandInStage(-1, num_stages, num_ranks, 0) for _ in range(per_rank)]
@@ -314,18 +337,12 @@ def _torch_orders(
 def _order_only(cls: type) -> type:
     """`cls` without the work torch does for running a schedule that the simulator does not need.
 
-    Single-stage classes build the whole pipeline's IR in their constructor (``_get_pipeline_order``, every rank's
-    actions), which the loop ``_step_microbatches`` never reads: built once per rank, that is O(ranks^2 x
-    microbatches), seconds at 64 ranks. Multi-stage classes lower their compute IR with unshard / reshard,
-    reduce-grad and send / recv actions (``_prepare_schedule_with_comms``), which insert communication around the
-    compute actions and never reorder them: here the compute IR is kept as it is, after torch's own check of its
-    stage placement. tests/test_simulate.py checks that every order equals the one the unmodified class runs.
+    Multi-stage classes lower their compute IR with unshard / reshard, reduce-grad and send / recv actions
+    (``_prepare_schedule_with_comms``), which insert communication around the compute actions and never reorder
+    them: here the compute IR is kept as it is, after torch's own check of its stage placement.
+    tests/test_simulate.py checks that every order equals the one the unmodified class runs.
     """
-    from torch.distributed.pipelining import schedules as torch_schedules
-
     overrides: dict[str, Any] = {}
-    if issubclass(cls, torch_schedules.PipelineScheduleSingle):
-        overrides["_get_pipeline_order"] = lambda self: None
     if hasattr(cls, "_prepare_schedule_with_comms"):
 
         def _prepare_schedule_with_comms(self: Any, actions: dict, format: str = "compute_only") -> None:
@@ -551,82 +568,133 @@ class _Replay:
     """A schedule's replay reduced to arrays: actions in an order where every dependency and every earlier action of
     the same rank comes first (a topological order, which depends on the action lists alone, never on durations),
     each with its rank, stage, kind, dependencies (action index, the stage whose send it waits for or -1) and the
-    stage whose send it holds its rank for under blocking sends (-1: none)."""
+    stage whose send it holds its rank for under blocking sends (-1: none).
+
+    The order is by level (an action's level is one more than the highest of its dependencies' and its rank
+    predecessor's): the actions of level k lie in level_starts[k]:level_starts[k + 1] and depend only on earlier
+    levels, which `_replay_by_levels` times a level at a time."""
 
     rank: tuple[int, ...]
     stage: tuple[int, ...]
     kind: tuple[str, ...]
-    deps: tuple[tuple[tuple[int, int], ...], ...]
     sends: tuple[int, ...]
     frees: tuple[int, ...]  # 1: the action frees its microbatch's activations at its end (B, or W when split)
     per_rank: tuple[tuple[int, ...], ...]  # each rank's actions in its execution order
     stage_ranks: tuple[int, ...]
+    level_starts: np.ndarray
+    kind_code: np.ndarray  # index into _KINDS
+    previous: np.ndarray  # the rank's previous action, or -1
+    dep_index: np.ndarray  # (n, 2): dependencies, -1 where fewer
+    dep_send: np.ndarray  # (n, 2): the stage whose send a dependency waits for, -1 for none
+
+    @cached_property
+    def deps(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per action, its (dependency, send stage) pairs (fast_replay's loop)."""
+        return tuple(
+            tuple((d, s) for d, s in zip(ds, ss) if d >= 0)
+            for ds, ss in zip(self.dep_index.tolist(), self.dep_send.tolist())
+        )
 
 
 @lru_cache(maxsize=64)
 def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: int) -> _Replay:
     """The replay structure of a schedule: every action's data dependencies and its rank predecessor as edges, put
-    in a topological order by Kahn's algorithm (linear in the number of actions; replay's sweep revisits every
-    rank's blocked head once per pass). Any topological order gives replay's times: an action starts at the latest
-    of its rank's previous action and its inputs' arrivals."""
+    in a topological order by Kahn's algorithm a level at a time (each wave of actions whose inputs are all placed is
+    handled in a few vector operations: a deep pipeline has hundreds of thousands of actions in thousands of
+    levels). Any topological order gives replay's times: an action starts at the latest of its rank's previous action
+    and its inputs' arrivals. Dependencies: F(s, i) on F(s - 1, i); B or I(s, i) on F(s, i) and on the gradient of
+    stage s + 1 (its B, else its I); W(s, i) on I(s, i); each waiting for the sender's send when they sit on
+    different ranks."""
     orders, stage_ranks = _torch_orders(schedule, num_stages, num_microbatches, num_ranks)
-    actions = [a for order in orders for a in order]  # rank-major: each rank's list in execution order
-    rank_of = [r for r, order in enumerate(orders) for _ in order]
-    where = {a: k for k, a in enumerate(actions)}
-    last = num_stages - 1
-    split = {(a.stage, a.microbatch) for a in actions if a.kind == "W"}
-    n = len(actions)
-    deps: list[tuple[tuple[int, int], ...]] = []
-    waiting = [0] * n  # edges into each action not yet satisfied
-    after: list[list[int]] = [[] for _ in range(n)]
-    for k, a in enumerate(actions):
-        if a.kind == "F":
-            need = [] if a.stage == 0 else [(Action(a.stage - 1, "F", a.microbatch), a.stage - 1)]
-        elif a.kind == "W":
-            need = [(Action(a.stage, "I", a.microbatch), -1)]
-        else:
-            need = [(Action(a.stage, "F", a.microbatch), -1)]
-            if a.stage < last:
-                grad = Action(a.stage + 1, "B", a.microbatch)
-                need.append((grad if grad in where else Action(a.stage + 1, "I", a.microbatch), a.stage))
-        if any(d not in where for d, _ in need):
-            waiting[k] = n + 1  # an input no action produces: never ready (reported as a deadlock below)
-        r = rank_of[k]
-        deps.append(tuple((where[d], s if stage_ranks[d.stage] != r else -1) for d, s in need if d in where))
-        for d, _ in need:
-            if d in where:
-                after[where[d]].append(k)
-                waiting[k] += 1
-        if k > 0 and rank_of[k - 1] == r:  # the previous action of its rank
-            after[k - 1].append(k)
-            waiting[k] += 1
-    order = [k for k in range(n) if waiting[k] == 0]
-    for k in order:  # grows while it is walked: Kahn's queue
-        for nxt in after[k]:
-            waiting[nxt] -= 1
-            if waiting[nxt] == 0:
-                order.append(nxt)
-    if len(order) != n:
-        raise RuntimeError(f"{schedule} with {num_stages} stages, {num_microbatches} microbatches deadlocks")
-    position = [0] * n
-    for p, k in enumerate(order):
-        position[k] = p
-    sends = [_send_stage(a, stage_ranks) for a in actions]
+    code = {k: c for c, k in enumerate(_KINDS)}
+    F, B, I, W = range(4)  # noqa: E741 (the action kinds, in _KINDS order)
+    stage = np.array([a.stage for o in orders for a in o], dtype=np.int64)  # rank-major, each rank in its order
+    kind = np.array([code[a.kind] for o in orders for a in o], dtype=np.int64)
+    mb = np.array([a.microbatch for o in orders for a in o], dtype=np.int64)
+    counts = np.array([len(o) for o in orders], dtype=np.int64)
+    rank = np.repeat(np.arange(len(orders)), counts)
+    n, last = len(stage), num_stages - 1
+    ranks_of = np.asarray(stage_ranks, dtype=np.int64)
+    table = np.full((4, num_stages + 1, max(num_microbatches, 1)), -1, dtype=np.int64)  # stage num_stages: none
+    table[kind, stage, mb] = np.arange(n)
+
+    dep_index, dep_send = np.full((n, 2), -1, dtype=np.int64), np.full((n, 2), -1, dtype=np.int64)
+    needed = np.zeros((n, 2), dtype=bool)
+    is_f, is_w, is_bi = kind == F, kind == W, (kind == B) | (kind == I)
+    f_dep = is_f & (stage > 0)
+    dep_index[f_dep, 0] = table[F, stage[f_dep] - 1, mb[f_dep]]
+    dep_send[f_dep, 0] = np.where(ranks_of[stage[f_dep] - 1] != rank[f_dep], stage[f_dep] - 1, -1)
+    needed[f_dep, 0] = True
+    dep_index[is_w, 0] = table[I, stage[is_w], mb[is_w]]
+    needed[is_w, 0] = True
+    dep_index[is_bi, 0] = table[F, stage[is_bi], mb[is_bi]]
+    needed[is_bi, 0] = True
+    grad = is_bi & (stage < last)
+    nxt = np.minimum(stage[grad] + 1, last)
+    from_b = table[B, nxt, mb[grad]]
+    dep_index[grad, 1] = np.where(from_b >= 0, from_b, table[I, nxt, mb[grad]])
+    dep_send[grad, 1] = np.where(ranks_of[nxt] != rank[grad], stage[grad], -1)
+    needed[grad, 1] = True
+    deadlock = RuntimeError(f"{schedule} with {num_stages} stages, {num_microbatches} microbatches deadlocks")
+    if np.any(needed & (dep_index < 0)):  # an input no action produces: never ready
+        raise deadlock
+    dep_send[dep_index < 0] = -1
+
+    previous = np.arange(n) - 1
+    previous[np.concatenate([[0], np.cumsum(counts)[:-1]])[counts > 0]] = -1  # each rank's first action
+    # Kahn's algorithm by waves over the edges (producer -> consumer), successors grouped by producer (CSR).
+    src = np.concatenate([previous, dep_index[:, 0], dep_index[:, 1]])
+    dst = np.concatenate([np.arange(n)] * 3)
+    valid = src >= 0
+    src, dst = src[valid], dst[valid]
+    waiting = np.bincount(dst, minlength=n)
+    by_src = np.argsort(src, kind="stable")
+    succ = dst[by_src]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=n))])
+    level = np.full(n, -1, dtype=np.int64)
+    wave, depth = np.flatnonzero(waiting == 0), 0
+    while wave.size:
+        level[wave] = depth
+        lengths = offsets[wave + 1] - offsets[wave]
+        if not lengths.sum():
+            break
+        firsts = np.repeat(offsets[wave] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        reached = succ[firsts]
+        np.subtract.at(waiting, reached, 1)
+        wave = np.unique(reached[waiting[reached] == 0])
+        depth += 1
+    if np.any(level < 0):
+        raise deadlock
+    order = np.argsort(level, kind="stable")
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+
+    def moved(index: np.ndarray) -> np.ndarray:  # action indices -> positions in the order (-1 stays)
+        return np.where(index >= 0, position[np.maximum(index, 0)], -1)
+
+    sends = np.full(n, -1, dtype=np.int64)
+    ahead = is_f & (stage < last)
+    ahead[ahead] = ranks_of[np.minimum(stage[ahead] + 1, last)] != rank[ahead]
+    sends[ahead] = stage[ahead]
+    behind = is_bi & (stage > 0)
+    behind[behind] = ranks_of[np.maximum(stage[behind] - 1, 0)] != rank[behind]
+    sends[behind] = stage[behind] - 1
+    frees = is_w | ((kind == B) & (table[W, stage, mb] < 0))
+    levels = level[order]
+    bounds = np.cumsum(counts)
     return _Replay(
-        rank=tuple(rank_of[k] for k in order),
-        stage=tuple(actions[k].stage for k in order),
-        kind=tuple(actions[k].kind for k in order),
-        deps=tuple(tuple((position[d], s) for d, s in deps[k]) for k in order),
-        sends=tuple(-1 if sends[k] is None else sends[k] for k in order),
-        frees=tuple(
-            1
-            if actions[k].kind == "W"
-            or (actions[k].kind == "B" and (actions[k].stage, actions[k].microbatch) not in split)
-            else 0
-            for k in order
-        ),  # fmt: skip
-        per_rank=tuple(tuple(position[where[a]] for a in o) for o in orders),
+        rank=tuple(rank[order].tolist()),
+        stage=tuple(stage[order].tolist()),
+        kind=tuple(_KINDS[c] for c in kind[order].tolist()),
+        sends=tuple(sends[order].tolist()),
+        frees=tuple(frees[order].astype(np.int64).tolist()),
+        per_rank=tuple(tuple(p) for p in np.split(position, bounds[:-1]) for p in [p.tolist()]),
         stage_ranks=tuple(stage_ranks),
+        level_starts=np.searchsorted(levels, np.arange(levels[-1] + 2 if n else 1)),
+        kind_code=kind[order],
+        previous=moved(previous[order]),
+        dep_index=moved(dep_index[order]),
+        dep_send=dep_send[order],
     )
 
 
@@ -640,6 +708,8 @@ def fast_replay(
     (tests/test_simulate.py)."""
     ranks = _check_counts(schedule, len(stages), num_microbatches, num_ranks)
     plan = _compiled(schedule, len(stages), num_microbatches, ranks)
+    if len(plan.rank) >= WIDE_LEVELS * (len(plan.level_starts) - 1):
+        return _replay_by_levels(plan, stages, ranks, blocking_sends)
     duration = {k: [c.duration(k) for c in stages] for k in _KINDS}
     send = [c.send_time for c in stages]
     n = len(plan.rank)
@@ -672,6 +742,54 @@ def fast_replay(
                 level -= stages[st].activation_bytes
         peaks.append(peak)
     return StepTimes(max(ends, default=0.0), ends, tuple(peaks), plan.stage_ranks)
+
+
+WIDE_LEVELS = 24  # actions per level from which `_replay_by_levels` beats one Python step per action
+
+
+def _replay_by_levels(plan: _Replay, stages: Sequence[StageCost], ranks: int, blocking_sends: bool) -> StepTimes:
+    """fast_replay with each level's actions (independent of one another) timed in a few vector operations, and each
+    rank's memory as a running sum: a deep pipeline's hundreds of thousands of actions in thousands of levels. Every
+    figure is computed by the same additions and maxima, in the same order per value, as fast_replay's loop, so the
+    two agree to the last bit (tests/test_simulate.py)."""
+    n = len(plan.rank)
+    stage = np.asarray(plan.stage, dtype=np.int64)
+    duration = np.array([[c.duration(k) for c in stages] for k in _KINDS], dtype=np.float64)[plan.kind_code, stage]
+    send = np.array([c.send_time for c in stages] + [0.0])  # index -1: no send
+    sends = np.asarray(plan.sends, dtype=np.int64)
+    hold = send[sends] if blocking_sends else np.zeros(n)  # a blocking send holds its rank after the action
+    end, free = np.zeros(n), np.zeros(n + 1)  # free[i]: when action i's rank is free again; free[-1] = 0: none before
+    previous, dep, dep_send = plan.previous, plan.dep_index, plan.dep_send
+    starts = plan.level_starts
+    for a, b in zip(starts[:-1], starts[1:]):
+        t = free[previous[a:b]]
+        for c in range(2):
+            d = dep[a:b, c]
+            arrive = np.where(d >= 0, end[d] + send[dep_send[a:b, c]], 0.0)
+            t = np.maximum(t, arrive)
+        end[a:b] = t + duration[a:b]
+        free[a:b] = np.where(hold[a:b] > 0, end[a:b] + hold[a:b], end[a:b])
+    ends, peaks = [], []
+    activation = np.array([c.activation_bytes for c in stages], dtype=np.float64)
+    transient = np.array([c.transient_bytes for c in stages], dtype=np.float64)
+    frees = np.asarray(plan.frees, dtype=bool)
+    kind = plan.kind_code
+    for r, actions in enumerate(plan.per_rank):
+        ends.append(float(free[actions[-1]]) if actions else 0.0)
+        level = sum(c.static_bytes for st, c in enumerate(stages) if plan.stage_ranks[st] == r)
+        if not actions:
+            peaks.append(level)
+            continue
+        idx = np.asarray(actions, dtype=np.int64)
+        st, k = stage[idx], kind[idx]
+        forward = k == 0
+        delta = np.where(forward, activation[st], np.where(frees[idx], -activation[st], 0.0))
+        after = np.cumsum(np.concatenate([[level], delta]))  # after[j]: the level after the rank's j-th action
+        spikes = ((k == 1) | (k == 2)) & (transient[st] > 0)  # B / I: its region's transient on top, before freeing
+        peak = max(level, float(after[1:][forward].max(initial=-np.inf)))
+        peak = max(peak, float((after[:-1][spikes] + transient[st][spikes]).max(initial=-np.inf)))
+        peaks.append(peak)
+    return StepTimes(max(ends, default=0.0), tuple(ends), tuple(peaks), plan.stage_ranks)
 
 
 def step_lower_bound(schedule: str, work: float, num_ranks: int, num_microbatches: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from partitioner.devices import PRESETS
 from partitioner.plan.graph import PlanningGraph, evaluate
+from partitioner.plan.recompute import ActivationModel
 
 
 def synthetic_graph(
@@ -147,3 +149,70 @@ def reference_min_stage_dp(
         g[i] = gj[k] + 1
         parent[i] = js[k]
     return g, parent
+
+
+def reference_activation_model(
+    mode: str,
+    regions: Sequence[tuple[int, int]],
+    saves: Sequence[dict[str, float]],
+    created_by: dict[str, int],
+    preds: Sequence[Sequence[int]],
+    storages: Sequence[Sequence[str]],
+    out_bytes: np.ndarray,
+    forward: np.ndarray,
+) -> ActivationModel:
+    """plan.recompute.activation_model as a walk over every saved storage (before RecomputeStructure): the
+    reference the structure's figures must equal to the last bit.
+
+    saves[i]: storage name -> bytes node i saves; created_by: storage name -> index of the node that created it
+    (absent for parameters and for storages made outside the planned nodes); preds[i]: planned inputs of node i;
+    storages[i]: the storages node i's output lives in; out_bytes[i]: its bytes (the size of a region input no
+    node saves); forward[i]: node i's forward seconds.
+    """
+    n = len(saves)
+    region_of = np.full(n, -1, dtype=np.int64)
+    for r, (a, b) in enumerate(regions):
+        region_of[a:b] = r
+    size: dict[str, float] = {}
+    for node_saves in saves:
+        for name, nbytes in node_saves.items():
+            size[name] = max(size.get(name, 0.0), nbytes)
+    first_keeper: dict[str, int] = {}
+    dropped = np.zeros(len(regions))
+
+    def keep(name: str, i: int) -> None:
+        if name not in first_keeper or i < first_keeper[name]:
+            first_keeper[name] = i
+
+    for i, node_saves in enumerate(saves):
+        r = region_of[i]
+        for name in node_saves:
+            if r < 0:
+                keep(name, i)
+                continue
+            a, b = regions[r]
+            if a <= created_by.get(name, -1) < b:
+                continue  # recomputed from the region's inputs
+            keep(name, a)  # a region input: the checkpoint holds it
+    seen_dropped: list[set[str]] = [set() for _ in regions]
+    for i, node_saves in enumerate(saves):
+        r = region_of[i]
+        if r < 0:
+            continue
+        a, b = regions[r]
+        for name, nbytes in node_saves.items():
+            if a <= created_by.get(name, -1) < b and name not in seen_dropped[r]:
+                seen_dropped[r].add(name)
+                dropped[r] += nbytes
+        for p in preds[i]:  # inputs the region reads but no node of it saves: held by the checkpoint too
+            if not a <= p < b:
+                for name in storages[p]:
+                    if name in size or name in created_by:
+                        size.setdefault(name, float(out_bytes[p]))
+                        keep(name, a)
+    kept = np.zeros(n)
+    for name, i in first_keeper.items():
+        kept[i] += size.get(name, 0.0)
+    recompute = np.where(region_of >= 0, forward, 0.0)
+    transient = np.where(region_of >= 0, dropped[region_of] if len(regions) else 0.0, 0.0)
+    return ActivationModel(mode, kept, recompute, transient, tuple(regions))

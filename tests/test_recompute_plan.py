@@ -16,17 +16,26 @@ from partitioner.annotate import annotate
 from partitioner.cost import node_costs
 from partitioner.devices import get_device_spec
 from partitioner.plan.graph import build_planning_graph, evaluate
+from partitioner.plan.model import TensorParallelLayouts
 from partitioner.plan.recompute import activation_model, layer_path
+from partitioner.plan.search import scale_graph
+from tests.planning_graphs import reference_activation_model
 from zoo.gpt3 import GPT, GPTConfig
 
 
-def _megatron_layer_graph(s: int, b: int, h: int, a: int, layers: int = 2):
-    """A GPT written as Megatron-LM writes it (attention probabilities materialized, dropout 0.1, fp16)."""
+def _megatron_layer_module(s: int, b: int, h: int, a: int, layers: int = 2) -> fx.GraphModule:
+    """A GPT written as Megatron-LM writes it (attention probabilities materialized, dropout 0.1, fp16), annotated."""
     cfg = GPTConfig(n_layer=layers, d_model=h, n_head=a, vocab_size=1024, n_ctx=s, attention="math", dropout=0.1)
     with torch.device("meta"):
         model = GPT(cfg).half()
     gm = fx.symbolic_trace(model)
     annotate(gm, [torch.zeros(b, s, dtype=torch.long, device="meta")])
+    return gm
+
+
+def _megatron_layer_graph(s: int, b: int, h: int, a: int, layers: int = 2):
+    """The planning graph of _megatron_layer_module."""
+    gm = _megatron_layer_module(s, b, h, a, layers)
     spec = get_device_spec("a100")
     return build_planning_graph(gm, node_costs(gm, spec), spec, training=True)
 
@@ -62,6 +71,37 @@ def test_under_no_recompute_the_kept_bytes_are_annotate_s() -> None:
     none = activation_model("none", [], pg.saves, created_by, pg.preds, pg.storages, pg.out_bytes, pg.forward)
     assert none.kept == pytest.approx(pg.saved_bytes)
     assert not none.recompute.any() and not none.transient.any()
+
+
+def test_shared_recompute_structures_give_the_walk_s_figures_to_the_bit() -> None:
+    # The structure of which node keeps / which region drops each storage is built once per set of regions and shared
+    # by the scaled copies of a graph (tensor parallel with and without sequence parallelism, data parallel): each
+    # copy's figures must be what walking its own saves gives (tests/planning_graphs.reference_activation_model),
+    # for every mode's regions and for stage-sized subsets of them ("full:k" and stages cut through a layer).
+    gm = _megatron_layer_module(128, 2, 256, 4, layers=4)
+    spec = get_device_spec("a100")
+    pg = build_planning_graph(gm, node_costs(gm, spec), spec, training=True)
+    layouts = TensorParallelLayouts(gm, spec, True, strict=False)
+    copies = [pg, scale_graph(pg, None, 2), scale_graph(pg, layouts(2), 1), scale_graph(pg, layouts(4, True), 2)]
+    assert all(c.recompute_structure() is pg.recompute_structure() for c in copies)
+    rng = np.random.default_rng(0)
+    subsets = [tuple(pg.regions[m]) for m in ("selective", "full")]
+    for mode in ("selective", "full"):
+        regions = pg.regions[mode]
+        for _ in range(6):
+            k = int(rng.integers(1, len(regions) + 1))
+            subsets.append(tuple(regions[j] for j in sorted(rng.choice(len(regions), size=k, replace=False))))
+    for c in copies:
+        index = {name: i for i, name in enumerate(c.names)}
+        stored = {name for node in c.saves for name in node} | {n for ss in c.storages for n in ss}
+        created_by = {name: index[name.split("#")[0]] for name in stored if name.split("#")[0] in index}
+        for regions in subsets:
+            got = c._model("full", regions)
+            want = reference_activation_model("full", regions, c.saves, created_by, c.preds, c.storages, c.out_bytes,
+                                              c.forward)  # fmt: skip
+            for field in ("kept", "recompute", "transient"):
+                assert np.array_equal(getattr(got, field), getattr(want, field)), (field, regions)
+            assert got.regions == want.regions
 
 
 def test_layers_are_found_from_module_paths() -> None:

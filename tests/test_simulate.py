@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.pipelining import schedules as torch_schedules
 
+import partitioner.simulate as simulate_module
 from partitioner.schedules import SCHEDULES, get_schedule
 from partitioner.simulate import (
     Action,
@@ -151,10 +152,35 @@ def test_orders_equal_what_the_unmodified_torch_classes_run(schedule: str, num_s
     assert schedule_actions(schedule, num_stages, m, ranks) == unmodified_torch_orders(schedule, num_stages, m, ranks)
 
 
-@pytest.mark.parametrize("schedule,num_stages,ranks", [("1f1b", 4, None), ("zero-bubble", 8, 4)])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_single_stage_orders_are_what_torch_s_loops_run(schedule: str) -> None:
+    """GPipe and 1F1B are written out (simulate._single_stage_orders), not recorded: every rank's order over a grid
+    of stage and microbatch counts equals what torch's unmodified loop runs, and where torch refuses the counts
+    (1F1B with fewer microbatches than stages) so do we."""
+    for p in (1, 2, 3, 5, 8):
+        for m in (1, 2, 3, p, p + 1, 2 * p + 3):
+            try:
+                want = unmodified_torch_orders(schedule, p, m, p)
+            except (ValueError, AssertionError) as e:
+                with pytest.raises(ValueError, match="torch refuses"):
+                    schedule_actions(schedule, p, m, p)
+                assert "microbatches" in str(e)
+                continue
+            assert schedule_actions(schedule, p, m, p) == want, (p, m)
+
+
+def _without_group_rank(init):
+    def stand_in_without(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        del self.group_rank  # an attribute every multi-stage constructor reads
+
+    return stand_in_without
+
+
+@pytest.mark.parametrize("schedule,num_stages,ranks", [("interleaved", 8, 4), ("zero-bubble", 8, 4)])
 def test_stand_in_breakage_is_reported(monkeypatch, schedule: str, num_stages: int, ranks: int | None) -> None:
     # if torch starts reading an attribute the stand-in lacks, the failure names the class, not a wrong order
-    monkeypatch.delattr(_StandInStage, "forward_one_chunk" if ranks is None else "submod")
+    monkeypatch.setattr(_StandInStage, "__init__", _without_group_rank(_StandInStage.__init__))
     _torch_orders.cache_clear()  # orders are cached per (schedule, stages, microbatches, ranks)
     with pytest.raises(RuntimeError, match="stand-in stages"):
         schedule_actions(schedule, num_stages, 8, ranks)
@@ -491,3 +517,44 @@ def test_fast_replay_gives_the_replay_s_step_rank_ends_and_peaks(case, ranks, ex
     assert fast.rank_ends == pytest.approx(full.rank_ends, rel=1e-12, abs=1e-12)
     assert fast.peak_memory == pytest.approx(full.peak_memory, rel=1e-12, abs=1e-12)
     assert fast.stage_to_rank == full.stage_to_rank
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from([("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("looped-bfs", 2), ("zero-bubble", 2), ("zbv", 2)]),
+    st.integers(2, 6),  # ranks
+    st.integers(0, 20),  # microbatches beyond the ranks
+    st.booleans(),  # blocking sends
+    st.data(),
+)
+def test_replay_by_levels_is_the_loop_to_the_bit(case, ranks, extra, blocking, data) -> None:
+    """Deep pipelines are replayed a level of independent actions at a time (simulate._replay_by_levels): every
+    figure must be exactly what the one-action-at-a-time loop gives, whatever the schedule, costs and sends."""
+    schedule, per_rank = case
+    num_stages, m = ranks * per_rank, ranks * per_rank + extra
+    if schedule == "zero-bubble":
+        m = max(m, num_stages)
+    value = st.floats(0.0, 5.0, allow_nan=False)
+    stages = [
+        StageCost(
+            forward=data.draw(value),
+            backward=data.draw(value),
+            send_time=data.draw(value),
+            backward_input_fraction=data.draw(st.floats(0.1, 0.9)),
+            activation_bytes=data.draw(value),
+            static_bytes=data.draw(value),
+            transient_bytes=data.draw(value),
+        )  # fmt: skip
+        for _ in range(num_stages)
+    ]
+    runs, default = [], simulate_module.WIDE_LEVELS
+    try:
+        for wide in (10**9, 0):  # the loop always, then the levels always
+            simulate_module.WIDE_LEVELS = wide
+            runs.append(fast_replay(stages, num_microbatches=m, schedule=schedule, num_ranks=ranks,
+                                    blocking_sends=blocking))  # fmt: skip
+    except ValueError:  # a count torch refuses
+        return
+    finally:
+        simulate_module.WIDE_LEVELS = default
+    assert runs[0] == runs[1]

@@ -40,7 +40,14 @@ from partitioner.comm import all_reduce_time, p2p_time, p2p_times
 from partitioner.cost import NodeCost
 from partitioner.devices import DeviceSpec
 from partitioner.plan.ordering import MutationOrder, mutation_order
-from partitioner.plan.recompute import MODES, ActivationModel, activation_model, find_regions, layers_recomputed
+from partitioner.plan.recompute import (
+    MODES,
+    ActivationModel,
+    RecomputeStructure,
+    find_regions,
+    layers_recomputed,
+    saved_entries,
+)
 from partitioner.simulate import SimResult, StageCost, simulate
 
 __all__ = [
@@ -54,6 +61,15 @@ __all__ = [
     "tied_sync_time",
     "to_stage_costs",
 ]
+
+
+def _range_stages(stage_of: np.ndarray, ranges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest stage of each non-empty [a, b) range (ranges sorted and disjoint)."""
+    if not len(ranges):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    bounds = np.array(ranges, dtype=np.int64).reshape(-1)  # a0 b0 a1 b1 ...: reduceat's even slices are the ranges
+    padded = np.append(stage_of, 0)  # reduceat needs every index inside the array (a range may end at n)
+    return np.minimum.reduceat(padded, bounds)[::2], np.maximum.reduceat(padded, bounds)[::2]
 
 
 def static_bytes_per_param(numel: int, element_size: int, *, training: bool, is_buffer: bool = False) -> int:
@@ -99,6 +115,9 @@ class PlanningGraph:
     # nodes, and its slowest boundary paces every microbatch).
     p2p_internode: bool = False
     _activations: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # mode / regions -> model
+    # Which node keeps each saved storage per set of regions (plan.recompute.RecomputeStructure): shared by the scaled
+    # copies dataclasses.replace makes (same storages, other bytes); one that changes `saves`' keys passes None.
+    _recompute_structure: RecomputeStructure | None = field(default=None, repr=False, compare=False)
     # plan.pipeline's segment prefix sums, by (microbatches, recompute modes, coarse): every plan of a search over one
     # scaled graph shares them
     _prefixes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -136,7 +155,9 @@ class PlanningGraph:
         k = layers_recomputed(mode)
         if k is None:
             return tuple((a, b) for a, b in self.regions.get(mode, ()) if (stage_of[a:b] == stage).any())
-        whole = [(a, b) for a, b in self.regions.get("full", ()) if (stage_of[a:b] == stage).all()]
+        layers = self.regions.get("full", ())
+        lowest, highest = _range_stages(np.asarray(stage_of), layers)
+        whole = [layers[r] for r in np.flatnonzero((lowest == stage) & (highest == stage))]
         if len(whole) < k:
             raise ValueError(f"recompute {mode!r}: stage {stage} holds only {len(whole)} whole layers")
         return tuple(whole[:k])
@@ -150,25 +171,69 @@ class PlanningGraph:
             self._activations[regions] = self._model("full", regions)
         return self._activations[regions]
 
+    def recompute_structure(self) -> RecomputeStructure:
+        """The structure of this graph's saved storages (made once; scaled copies made after share it)."""
+        if self._recompute_structure is None:
+            index = {name: i for i, name in enumerate(self.names)}
+            stored = {name for node in self.saves for name in node} | {n for ss in self.storages for n in ss}
+            # A storage is named after the node that created it (`node#k` for one it saved but did not return).
+            created_by = {name: index[name.split("#")[0]] for name in stored if name.split("#")[0] in index}
+            self._recompute_structure = RecomputeStructure(self.saves, created_by, self.preds, self.storages)
+        return self._recompute_structure
+
+    @cached_property
+    def _saved_entries(self) -> np.ndarray:
+        return saved_entries(self.saves)
+
     def _model(self, mode: str, regions: tuple[tuple[int, int], ...]) -> ActivationModel:
         if mode == "none" or not regions:
             zeros = np.zeros(self.n)
             return ActivationModel(mode, self.saved_bytes, zeros, zeros, ())
-        index = {name: i for i, name in enumerate(self.names)}
-        stored = {name for node in self.saves for name in node} | {n for ss in self.storages for n in ss}
-        # A storage is named after the node that created it (`node#k` for one it saved but did not return).
-        created_by = {name: index[name.split("#")[0]] for name in stored if name.split("#")[0] in index}
-        return activation_model(
-            mode, regions, self.saves, created_by, self.preds, self.storages, self.out_bytes, self.forward
-        )
+        structure = self.recompute_structure()
+        return structure.model(mode, regions, self._saved_entries, self.out_bytes, self.forward)
 
     @property
     def compute(self) -> np.ndarray:
         return self.forward + self.backward
 
+    @cached_property
+    def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(producer, consumer) index arrays of every edge between planned nodes, in node then `succs` order, and the
+        nodes the model returns (a consumer at index n)."""
+        src = [i for i, ss in enumerate(self.succs) for j in ss if j < self.n]
+        dst = [j for ss in self.succs for j in ss if j < self.n]
+        returned = [i for i, ss in enumerate(self.succs) if self.n in ss]
+        return np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), np.array(returned, dtype=np.int64)
+
+    @cached_property
+    def param_reads(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(node, parameter id) index arrays of every parameter read, and the parameter names the ids index."""
+        ids: dict[str, int] = {}
+        nodes = [i for i, ps in enumerate(self.params) for _ in ps]
+        pids = [ids.setdefault(p, len(ids)) for ps in self.params for p in ps]
+        return np.array(nodes, dtype=np.int64), np.array(pids, dtype=np.int64), list(ids)
+
+    def stage_param_sums(self, stage_of: np.ndarray, num_stages: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per stage, the static bytes and the tensor bytes of the parameters its nodes read (each once per stage)."""
+        nodes, pids, names = self.param_reads
+        if not len(names):
+            return np.zeros(num_stages), np.zeros(num_stages)
+        held = np.unique(stage_of[nodes] * len(names) + pids)
+        stage, pid = held // len(names), held % len(names)
+        static = np.array([self.param_static[p] for p in names], dtype=np.float64)
+        tensor = np.array([self.param_bytes[p] for p in names], dtype=np.float64)
+        return (
+            np.bincount(stage, weights=static[pid], minlength=num_stages),
+            np.bincount(stage, weights=tensor[pid], minlength=num_stages),
+        )
+
     def last_use(self) -> np.ndarray:
         """Index of each node's last consumer (n for the model output; the node itself if unused)."""
-        return np.array([max(s) if s else i for i, s in enumerate(self.succs)], dtype=np.int64)
+        src, dst, returned = self.edges
+        last = np.arange(self.n, dtype=np.int64)
+        np.maximum.at(last, src, dst)
+        last[returned] = self.n
+        return last
 
     def comm_times(self, nbytes: np.ndarray, microbatches: int, messages: np.ndarray) -> np.ndarray:
         """comm_time for arrays of (nbytes, messages) at once (comm.p2p_times)."""
@@ -341,25 +406,21 @@ def evaluate(
         raise ValueError(f"stages must lie in [0, {num_stages}), got [{stage_of.min()}, {stage_of.max()}]")
     if np.any(stage_of[: pg.num_inputs] != 0):
         raise ValueError("model inputs must be on stage 0")
-    for i, ss in enumerate(pg.succs):
-        for j in ss:
-            if j < pg.n and stage_of[j] < stage_of[i]:
-                raise ValueError(
-                    f"edge {pg.names[i]} -> {pg.names[j]} goes from stage {stage_of[i]} back to {stage_of[j]}"
-                )
+    src, dst, returned = pg.edges
+    backwards = np.flatnonzero(stage_of[dst] < stage_of[src])
+    if len(backwards):
+        i, j = src[backwards[0]], dst[backwards[0]]
+        raise ValueError(f"edge {pg.names[i]} -> {pg.names[j]} goes from stage {stage_of[i]} back to {stage_of[j]}")
     counts = np.bincount(stage_of, minlength=num_stages)
     if np.any(counts == 0):
         raise ValueError(f"stages {np.flatnonzero(counts == 0).tolist()} are empty")
     in_flight = list(in_flight) if in_flight is not None else [microbatches] * num_stages
 
-    # A value crosses boundaries stage_of[i] .. last_consumer_stage - 1.
-    last = np.array(
-        [
-            max((stage_of[j] if j < pg.n else num_stages - 1) for j in s) if s else stage_of[i]
-            for i, s in enumerate(pg.succs)
-        ],
-        dtype=np.int64,
-    )
+    # A value crosses boundaries stage_of[i] .. last_consumer_stage - 1 (no edge goes backwards: its own stage is
+    # never later than a consumer's).
+    last = stage_of.copy()
+    np.maximum.at(last, src, stage_of[dst])
+    last[returned] = num_stages - 1
     if pg.order is not None:
         pg.order.check(stage_of, last)
     cross = np.zeros(num_stages + 1)
@@ -386,9 +447,7 @@ def evaluate(
             redo += np.bincount(stage_of[mine], weights=model.recompute[mine], minlength=num_stages)
             if mine.any():
                 np.maximum.at(transient, stage_of[mine], model.transient[mine])
-    held: list[set[str]] = [set() for _ in range(num_stages)]
-    for i, ps in enumerate(pg.params):
-        held[stage_of[i]].update(ps)
+    static_of, tensor_of = pg.stage_param_sums(stage_of, num_stages)
 
     out = []
     for s in range(num_stages):
@@ -397,7 +456,7 @@ def evaluate(
         comm = pg.comm_time(send_s, microbatches, k_send)
         if pg.training:  # the gradients of what this stage received go back
             comm += pg.comm_time(recv_s, microbatches, k_recv)
-        static = float(sum(pg.param_static[p] for p in held[s]))
+        static = float(static_of[s])
         act_s = float(act[s])
         out.append(
             StageMetrics(
@@ -406,7 +465,7 @@ def evaluate(
                 comm=comm,
                 send_bytes=float(send_s),
                 recv_bytes=float(recv_s),
-                param_bytes=float(sum(pg.param_bytes[p] for p in held[s])),
+                param_bytes=float(tensor_of[s]),
                 static_bytes=static,
                 activation_bytes=act_s,
                 # saved_bytes is 0 without training, so inference memory is the static bytes.

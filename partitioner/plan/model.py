@@ -196,10 +196,11 @@ def plan_model(
         )
 
     def run(
-        layout: ContextLayout | None, like: Candidate | None = None, incumbent: float = math.inf
+        layout: ContextLayout | None, like: Candidate | None = None, incumbent: Candidate | None = None
     ) -> tuple[Candidate, list[Candidate]]:
         """The search at context layout `layout`; `like`: a plan found without it, whose schedule (and sequence
-        parallelism, where it used tp) the search keeps, to price only what context parallelism changes."""
+        parallelism, where it used tp) the search keeps, to price only what context parallelism changes;
+        `incumbent`: the best plan so far, which it must beat (search's incumbent and ranked_incumbent)."""
         schedules, sp = o.schedules, o.sequence_parallel
         if like is not None:
             schedules = (like.schedule,)
@@ -223,7 +224,8 @@ def plan_model(
             overlap_grad_reduce=o.overlap_grad_reduce,
             sequence_parallel=sp,
             context=context_parallel_model(gm, layout) if layout is not None else None,
-            incumbent=incumbent,
+            incumbent=incumbent.step_time if incumbent is not None else math.inf,
+            ranked_incumbent=incumbent.ranked_step if incumbent is not None else math.inf,
         )
 
     try:
@@ -282,7 +284,7 @@ def _search_context(
             continue
         try:
             layout = plan_context_parallel(gm, cp)
-            found, tried = run(layout, like, best.step_time if best is not None else math.inf)
+            found, tried = run(layout, like, best)
         except ValueError:  # the sequence does not split cp ways, or nothing fits at this degree
             if best is None:
                 continue

@@ -82,17 +82,16 @@ class _Prefix:
         self.working = np.concatenate([[0], np.cumsum(pg.compute > 0)])  # nodes with compute, prefix counts
         # Bytes crossing a cut between positions b-1 | b of the order (value produced before b,
         # consumed at or after b); the model output counts as a consumer at position n.
-        diff, count, short = np.zeros(n + 2), np.zeros(n + 2), np.zeros(n + 2)
+        diff, count = np.zeros(n + 2), np.zeros(n + 2)
         last = pg.last_use()
-        for u in range(n):
-            if last[u] > u:
-                diff[u + 1] += pg.out_bytes[u]
-                diff[last[u] + 1] -= pg.out_bytes[u]
-                count[u + 1] += 1
-                count[last[u] + 1] -= 1
-                if len(pg.succs[u]) < 3 or last[u] - u <= n // 8:  # not read all over (an ATen graph's rotary tables)
-                    short[u + 1] += 1
-                    short[last[u] + 1] -= 1
+        used = np.flatnonzero(last > np.arange(n))
+        ends = last[used] + 1
+        # The removals at a position come from earlier values than its one addition: added in that order, each
+        # position's float sum is the node-by-node loop's.
+        np.add.at(diff, ends, -pg.out_bytes[used])
+        np.add.at(diff, used + 1, pg.out_bytes[used])
+        np.add.at(count, ends, -1)
+        np.add.at(count, used + 1, 1)
         self.cross = np.cumsum(diff)[: n + 1]
         messages = np.cumsum(count)[: n + 1]  # values crossing each cut, one message each per microbatch
         self.messages = messages
@@ -105,13 +104,11 @@ class _Prefix:
         self.w_in = self.w if pg.training else np.zeros(n + 1)
         self.overlaps_comm = pg.spec.overlaps_comm
         # Static memory attributed to each parameter's first reader; activations per node.
-        first: dict[str, int] = {}
-        for i, ps in enumerate(pg.params):
-            for p in ps:
-                first.setdefault(p, i)
+        nodes, pids, names = pg.param_reads
+        _, first = np.unique(pids, return_index=True)  # each parameter's first read (reads are in node order)
+        first.sort()
         static = np.zeros(n)
-        for p, i in first.items():
-            static[i] += pg.param_static[p]
+        np.add.at(static, nodes[first], np.array([pg.param_static[names[pids[k]]] for k in first], dtype=np.float64))
         self.S = np.concatenate([[0.0], np.cumsum(static)])
         models = [pg.activations(mode) for mode in self.modes]
         self.R = [np.concatenate([[0.0], np.cumsum(m.recompute)]) for m in models]
@@ -130,10 +127,8 @@ class _Prefix:
             self.none = self.modes.index("none")
         # In-place writes (plan.ordering): boundaries that may not exist, and how far a stage may reach.
         order = pg.order
-        self.allowed = order.allowed_cuts() if order is not None else np.ones(n + 1, dtype=bool)
+        self.allowed = cut_mask(pg, coarse)
         self.limit = order.segment_limits(last) if order is not None else np.full(n + 1, n, dtype=np.int64)
-        if coarse:  # only where the fewest values cross (a residual stream between blocks), if enough such cuts
-            self.allowed = _narrow_cuts(self.allowed, np.cumsum(short)[: n + 1])
         self.positions = np.flatnonzero(self.allowed)
 
     def cost(self, j: int | np.ndarray, i: int | np.ndarray, k: int = 0) -> float | np.ndarray:
@@ -231,6 +226,45 @@ class _Prefix:
                     fitting.append((float(time[0]), self.modes.index("full") - 0.5, partial_mode(int(layers[0]))))
             out.append(min(fitting)[2] if fitting else self.modes[-1])
         return out
+
+
+def cut_mask(pg: PlanningGraph, coarse: bool = False) -> np.ndarray:
+    """Where a stage boundary may go (positions 0..n of the order): where in-place writes allow one (plan.ordering);
+    `coarse`: of those, only where the fewest values cross (`_narrow_cuts`), if there are enough such places.
+    Cached on the graph."""
+    key = ("cuts", coarse)
+    if key not in pg._prefixes:
+        n = pg.n
+        allowed = pg.order.allowed_cuts() if pg.order is not None else np.ones(n + 1, dtype=bool)
+        if coarse:  # values crossing each cut but those read all over (3+ readers over an eighth of the graph)
+            last = pg.last_use()
+            src, _, returned = pg.edges
+            readers = np.bincount(src, minlength=n)
+            readers[returned] += 1
+            used = np.flatnonzero(last > np.arange(n))
+            local = used[(readers[used] < 3) | (last[used] - used <= n // 8)]
+            short = np.zeros(n + 2)
+            np.add.at(short, last[local] + 1, -1)
+            np.add.at(short, local + 1, 1)
+            allowed = _narrow_cuts(allowed, np.cumsum(short)[: n + 1])
+        pg._prefixes[key] = allowed
+    return pg._prefixes[key]
+
+
+def bottleneck_floor(pg: PlanningGraph, num_stages: int) -> float:
+    """A lower bound on the compute (whole batch) of the slowest stage of a coarse contiguous split into
+    `num_stages` (what plan.search ranks its candidates on: plan_pipeline(coarse=True)): its heaviest segment between
+    two coarse cuts, or the heaviest node where those cuts are too few for the stages (the plan is then made at every
+    position, as also where in-place writes pin nodes together: the coarse plan may then fail with cuts to spare).
+    Any rank runs its stage's work in a step, so it bounds the step too."""
+    compute = pg.compute
+    heaviest = float(compute.max(initial=0.0))
+    cuts = np.flatnonzero(cut_mask(pg, coarse=True))
+    cuts = np.unique(np.concatenate([[0], cuts[cuts >= max(pg.num_inputs, 1)], [pg.n]]))  # boundaries a stage may use
+    if len(cuts) - 1 < num_stages or pg.order is not None:
+        return heaviest
+    prefix = np.concatenate([[0.0], np.cumsum(compute)])
+    return max(heaviest, float(np.diff(prefix[cuts]).max(initial=0.0)))
 
 
 def _prefix(pg: PlanningGraph, microbatches: int, modes: Sequence[str], coarse: bool = False) -> _Prefix:

@@ -44,12 +44,14 @@ import torch.fx as fx
 __all__ = [
     "MODES",
     "ActivationModel",
+    "RecomputeStructure",
     "activation_model",
     "find_regions",
     "layer_path",
     "layers_recomputed",
     "module_path",
     "partial_mode",
+    "saved_entries",
 ]
 
 MODES = ("none", "selective", "full")  # in order of memory kept (most first) and time (least first)
@@ -165,50 +167,143 @@ def activation_model(
     storages[i]: the storages node i's output lives in; out_bytes[i]: its bytes (the size of a region input no
     node saves); forward[i]: node i's forward seconds.
     """
-    n = len(saves)
-    region_of = np.full(n, -1, dtype=np.int64)
-    for r, (a, b) in enumerate(regions):
-        region_of[a:b] = r
-    size: dict[str, float] = {}
-    for node_saves in saves:
-        for name, nbytes in node_saves.items():
-            size[name] = max(size.get(name, 0.0), nbytes)
-    first_keeper: dict[str, int] = {}
-    dropped = np.zeros(len(regions))
+    return RecomputeStructure(saves, created_by, preds, storages).model(
+        mode, regions, saved_entries(saves), out_bytes, forward
+    )
 
-    def keep(name: str, i: int) -> None:
-        if name not in first_keeper or i < first_keeper[name]:
-            first_keeper[name] = i
 
-    for i, node_saves in enumerate(saves):
-        r = region_of[i]
-        for name in node_saves:
+def saved_entries(saves: Sequence[dict[str, float]]) -> np.ndarray:
+    """The bytes of every (node, storage) entry of `saves`, flattened in node then insertion order: the numbers a
+    RecomputeStructure built from saves with the same keys applies to."""
+    return np.fromiter((b for node in saves for b in node.values()), dtype=np.float64)
+
+
+class RecomputeStructure:
+    """Which node keeps, and which region drops, each saved storage under a set of regions: everything of an
+    ActivationModel but the numbers, which come from the saved bytes, output bytes and forward seconds.
+
+    Scaled copies of a planning graph (plan.search.scale_graph: tensor / context / data parallelism) save the same
+    storages in the same order with other bytes, so one structure per set of regions serves them all; the numbers
+    are then a few vector operations (`model`) instead of a walk over every saved storage. The sums run in the order
+    the walk adds them, so the figures are the walk's to the last bit.
+    """
+
+    def __init__(
+        self,
+        saves: Sequence[dict[str, float]],
+        created_by: dict[str, int],
+        preds: Sequence[Sequence[int]],
+        storages: Sequence[Sequence[str]],
+    ) -> None:
+        self.n = len(saves)
+        self._preds, self._storages = preds, storages
+        self._sid: dict[str, int] = {}
+        entry_node, entry_sid = [], []
+        for i, node in enumerate(saves):
+            for name in node:
+                entry_node.append(i)
+                entry_sid.append(self._sid.setdefault(name, len(self._sid)))
+        self.saved_storages = len(self._sid)  # ids below this are saved by some node
+        self.entry_node = np.array(entry_node, dtype=np.int64)
+        self.entry_sid = np.array(entry_sid, dtype=np.int64)
+        self._created_by = np.full(self.saved_storages, -1, dtype=np.int64)
+        for name, sid in self._sid.items():
+            self._created_by[sid] = created_by.get(name, -1)
+        self._created_by_name = created_by
+        self._cache: dict[tuple[tuple[int, int], ...], tuple[np.ndarray, ...]] = {}
+
+    @property
+    def entries(self) -> int:
+        return len(self.entry_node)
+
+    def _layout(self, regions: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, ...]:
+        """(region_of, keeper node, kept storage, region-input storage, its sizing node, drop region, drop entry)."""
+        if regions in self._cache:
+            return self._cache[regions]
+        n, sid_of = self.n, self._sid
+        region_of = np.full(n, -1, dtype=np.int64)
+        for r, (a, b) in enumerate(regions):
+            region_of[a:b] = r
+        first_keeper: dict[int, int] = {}
+
+        def keep(sid: int, i: int) -> None:
+            if sid not in first_keeper or i < first_keeper[sid]:
+                first_keeper[sid] = i
+
+        created = self._created_by
+        by_node: list[range] = []
+        bounds = np.searchsorted(self.entry_node, np.arange(n + 1))
+        for i in range(n):
+            by_node.append(range(int(bounds[i]), int(bounds[i + 1])))
+        for i in range(n):
+            r = region_of[i]
+            for e in by_node[i]:
+                sid = int(self.entry_sid[e])
+                if r < 0:
+                    keep(sid, i)
+                    continue
+                a, b = regions[r]
+                if a <= created[sid] < b:
+                    continue  # recomputed from the region's inputs
+                keep(sid, a)  # a region input: the checkpoint holds it
+        drop_region, drop_entry = [], []
+        sized_by: dict[int, int] = {}  # a region input no node saves: sized by the first pred that outputs it
+        seen_dropped: list[set[int]] = [set() for _ in regions]
+        for i in range(n):
+            r = region_of[i]
             if r < 0:
-                keep(name, i)
                 continue
             a, b = regions[r]
-            if a <= created_by.get(name, -1) < b:
-                continue  # recomputed from the region's inputs
-            keep(name, a)  # a region input: the checkpoint holds it
-    seen_dropped: list[set[str]] = [set() for _ in regions]
-    for i, node_saves in enumerate(saves):
-        r = region_of[i]
-        if r < 0:
-            continue
-        a, b = regions[r]
-        for name, nbytes in node_saves.items():
-            if a <= created_by.get(name, -1) < b and name not in seen_dropped[r]:
-                seen_dropped[r].add(name)
-                dropped[r] += nbytes
-        for p in preds[i]:  # inputs the region reads but no node of it saves: held by the checkpoint too
-            if not a <= p < b:
-                for name in storages[p]:
-                    if name in size or name in created_by:
-                        size.setdefault(name, float(out_bytes[p]))
-                        keep(name, a)
-    kept = np.zeros(n)
-    for name, i in first_keeper.items():
-        kept[i] += size.get(name, 0.0)
-    recompute = np.where(region_of >= 0, forward, 0.0)
-    transient = np.where(region_of >= 0, dropped[region_of] if len(regions) else 0.0, 0.0)
-    return ActivationModel(mode, kept, recompute, transient, tuple(regions))
+            for e in by_node[i]:
+                sid = int(self.entry_sid[e])
+                if a <= created[sid] < b and sid not in seen_dropped[r]:
+                    seen_dropped[r].add(sid)
+                    drop_region.append(r)
+                    drop_entry.append(e)
+            for p in self._preds[i]:  # inputs the region reads but no node of it saves: held by the checkpoint too
+                if not a <= p < b:
+                    for name in self._storages[p]:
+                        sid = sid_of.get(name)
+                        if sid is None:
+                            if name not in self._created_by_name:
+                                continue
+                            sid = sid_of[name] = len(sid_of)
+                        if sid >= self.saved_storages:
+                            sized_by.setdefault(sid, p)
+                        keep(sid, a)
+        layout = (
+            region_of,
+            np.fromiter(first_keeper.values(), dtype=np.int64, count=len(first_keeper)),
+            np.fromiter(first_keeper.keys(), dtype=np.int64, count=len(first_keeper)),
+            np.fromiter(sized_by.keys(), dtype=np.int64, count=len(sized_by)),
+            np.fromiter(sized_by.values(), dtype=np.int64, count=len(sized_by)),
+            np.array(drop_region, dtype=np.int64),
+            np.array(drop_entry, dtype=np.int64),
+        )
+        self._cache[regions] = layout
+        return layout
+
+    def model(
+        self,
+        mode: str,
+        regions: Sequence[tuple[int, int]],
+        entry_bytes: np.ndarray,
+        out_bytes: np.ndarray,
+        forward: np.ndarray,
+    ) -> ActivationModel:
+        """The ActivationModel of `mode` with `regions`, for a graph whose saved bytes are `entry_bytes`
+        (saved_entries of saves with this structure's keys), output bytes and forward seconds the given arrays."""
+        if len(entry_bytes) != self.entries:
+            raise ValueError(f"{len(entry_bytes)} saved entries for a structure of {self.entries}")
+        regions = tuple((int(a), int(b)) for a, b in regions)
+        region_of, keeper, kept_sid, input_sid, input_node, drop_region, drop_entry = self._layout(regions)
+        size = np.zeros(len(self._sid))
+        np.maximum.at(size, self.entry_sid, entry_bytes)
+        size[input_sid] = out_bytes[input_node]
+        kept = np.zeros(self.n)
+        np.add.at(kept, keeper, size[kept_sid])
+        dropped = np.zeros(len(regions))
+        np.add.at(dropped, drop_region, entry_bytes[drop_entry])
+        recompute = np.where(region_of >= 0, forward, 0.0)
+        transient = np.where(region_of >= 0, dropped[region_of] if len(regions) else 0.0, 0.0)
+        return ActivationModel(mode, kept, recompute, transient, regions)

@@ -42,6 +42,7 @@ from partitioner.plan.context_cost import ContextParallelModel
 from partitioner.plan.graph import PlanningGraph, StageMetrics, evaluate, tied_sync_time, to_stage_costs
 from partitioner.plan.pipeline import (
     InfeasibleMemoryError,
+    bottleneck_floor,
     devices_needed,
     max_stages,
     plan_pipeline,
@@ -72,7 +73,8 @@ __all__ = [
 
 
 class NoBetterLayout(ValueError):
-    """search(incumbent=...) priced nothing: no candidate's lower bound was below the incumbent's step."""
+    """search(incumbent=...) found nothing better: no candidate's lower bound was below the incumbent's step, or
+    (with ranked_incumbent) the best candidate did not rank below the incumbent's ranked step."""
 
 
 @dataclass(frozen=True, order=True)
@@ -122,7 +124,8 @@ class Candidate:
     overlap_grad_reduce: bool = True  # ddp / zero1 reduce during the backward (False: after it; plan.sharding)
     sequence_parallel: bool = False  # the tp layout splits its token-wise ops over the tp ranks (plan.tensor_sequence)
     step_time: float = math.inf
-    bound: float = 0.0  # lower bound on the step time (simulate.step_lower_bound)
+    bound: float = 0.0  # lower bound on the step time (simulate.step_lower_bound; plan.pipeline.bottleneck_floor)
+    ranked_step: float = math.inf  # the step it was ranked on (coarse cuts); a winner's step_time is then refined
     peak_memory: float = math.inf
     pipeline_time: float = math.inf
     dp_sync: float = 0.0
@@ -188,21 +191,33 @@ def scale_graph(
     group; `split_backward`: the schedule splits the backward). `pp`: the pipeline degree, which with tp and dp says
     whether stage-to-stage sends leave the node (PlanningGraph.p2p_internode). `cp`: a context-parallel layout
     (plan.context_cost): its split nodes' compute, crossing and saved bytes / cp, its collectives added; its ranks
-    hold the parameters whole and count with dp in the state's sharding group."""
-    tp_degree = tp.tp if tp is not None else 1
-    cp_degree = cp.cp if cp is not None else 1
-    pp_spans_nodes = pp > 1 and tp_degree * cp_degree * dp * pp > pg.spec.devices_per_node
-    if tp is None and cp is None and dp == 1 and pp_spans_nodes == pg.p2p_internode:
+    hold the parameters whole and count with dp in the state's sharding group.
+
+    Two steps, the first shared by every data-parallel degree and mode (the search keeps it): `scale_ranks` (what
+    tensor and context parallelism change per node), then `scale_replicas` (the batch / dp, the state's sharding)."""
+    return scale_replicas(
+        scale_ranks(pg, tp, cp), dp, data_parallel, shard, split_backward=split_backward, pp=pp,
+        ranks=(tp.tp if tp is not None else 1) * (cp.cp if cp is not None else 1),
+        state_group=cp.cp if cp is not None else 1,
+    )  # fmt: skip
+
+
+def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextParallelModel | None) -> PlanningGraph:
+    """The planning graph of one tensor / context-parallel rank with the whole batch (scale_graph's first step)."""
+    if tp is None and cp is None:
         return pg
+    tp_degree = tp.tp if tp is not None else 1
     fwd, bwd = pg.forward.copy(), pg.backward.copy()
     out_bytes, saved = pg.out_bytes.copy(), pg.saved_bytes.copy()
     node_saves = pg.saves
+    structure = pg.recompute_structure() if len(pg.saves) == pg.n else None  # shared: the copy saves the same storages
     if cp is not None and cp.extra_saves and len(pg.saves) == pg.n:  # gathered operands' copies, held whole
         index = {name: i for i, name in enumerate(pg.names)}
         node_saves = [dict(s) for s in pg.saves]
         for name, extra in cp.extra_saves.items():
             node_saves[index[name]][f"{name}#whole"] = extra
             saved[index[name]] += extra
+        structure = None  # storages the graph does not save: a structure of its own
     param_static, param_bytes = dict(pg.param_static), dict(pg.param_bytes)
 
     def divisor(storage: str) -> int:
@@ -247,23 +262,56 @@ def scale_graph(
                 seen.update(first)
         else:  # a graph without storage names (synthetic): what a node saves is as sharded as its output
             saved = np.array([b / divisor(name) for name, b in zip(pg.names, saved)])
-    if data_parallel and dp * cp_degree > 1:  # the state is sharded over the dp x cp ranks (all hold it whole)
-        fw, fg, fo = state_divisors(data_parallel, dp * cp_degree, shard, split_backward=split_backward)
-        for p, static in param_static.items():
-            w = param_bytes[p]
-            g = w if static > w else 0.0  # a trainable parameter has a gradient of its own size
-            param_static[p] = w / fw + g / fg + (static - w - g) / fo
-    saves = [{k: v / (divisor(k) * dp) for k, v in node.items()} for node in node_saves]
+    saves = [{k: v / divisor(k) for k, v in node.items()} for node in node_saves]
     return dataclasses.replace(
         pg,
-        p2p_internode=pp_spans_nodes,
-        forward=fwd / dp,
-        backward=bwd / dp,
-        out_bytes=out_bytes / dp,
-        saved_bytes=saved / dp,
+        forward=fwd,
+        backward=bwd,
+        out_bytes=out_bytes,
+        saved_bytes=saved,
         param_static=param_static,
         param_bytes=param_bytes,
         saves=saves,
+        _recompute_structure=structure,
+    )
+
+
+def scale_replicas(
+    pg: PlanningGraph,
+    dp: int,
+    data_parallel: str = "",
+    shard: int = 0,
+    *,
+    split_backward: bool = False,
+    pp: int = 1,
+    ranks: int = 1,
+    state_group: int = 1,
+) -> PlanningGraph:
+    """A rank's planning graph (scale_ranks) at dp replicas: compute, crossing and saved bytes / dp, the training
+    state sharded as `data_parallel` says over the dp x `state_group` ranks holding the same weights (the cp ranks);
+    `ranks`: the devices of one stage of one replica (tp x cp), which with dp and pp say whether stage-to-stage sends
+    leave the node (scale_graph's second step)."""
+    pp_spans_nodes = pp > 1 and ranks * dp * pp > pg.spec.devices_per_node
+    param_static = pg.param_static
+    if data_parallel and dp * state_group > 1:  # the state is sharded over the dp x cp ranks (all hold it whole)
+        param_static = dict(param_static)
+        fw, fg, fo = state_divisors(data_parallel, dp * state_group, shard, split_backward=split_backward)
+        for p, static in param_static.items():
+            w = pg.param_bytes[p]
+            g = w if static > w else 0.0  # a trainable parameter has a gradient of its own size
+            param_static[p] = w / fw + g / fg + (static - w - g) / fo
+    if dp == 1 and param_static is pg.param_static and pp_spans_nodes == pg.p2p_internode:
+        return pg
+    return dataclasses.replace(
+        pg,
+        p2p_internode=pp_spans_nodes,
+        forward=pg.forward / dp,
+        backward=pg.backward / dp,
+        out_bytes=pg.out_bytes / dp,
+        saved_bytes=pg.saved_bytes / dp,
+        param_static=param_static,
+        saves=[{k: v / dp for k, v in node.items()} for node in pg.saves] if dp > 1 else pg.saves,
+        _recompute_structure=pg.recompute_structure() if len(pg.saves) == pg.n else None,
     )
 
 
@@ -309,6 +357,7 @@ def search(
     sequence_parallel: bool | None = False,
     context: ContextParallelModel | None = None,
     incumbent: float = math.inf,
+    ranked_incumbent: float = math.inf,
 ) -> tuple[Candidate, list[Candidate]]:
     """Best candidate and the evaluated ones (best first). Raises InfeasibleMemoryError if none fits.
 
@@ -323,7 +372,9 @@ def search(
     layouts' figures only. `context`: a context-parallel layout every candidate uses (its degree divides the
     devices; pp x tp x dp share the rest; the data-parallel modes other than hsdp run over the dp x cp ranks).
     `incumbent`: the step of a plan found elsewhere (without context parallelism): candidates whose lower bound is
-    not below it are not priced, and when none is the search raises NoBetterLayout.
+    not below it are not priced, and when none is the search raises NoBetterLayout. `ranked_incumbent`: that plan's
+    step as it was ranked (before its refinement): a best candidate not ranking below it is not refined (what
+    refining costs: seconds at scale) and the search raises NoBetterLayout, as candidates of one search are compared.
     """
     devices_per_node = pg.spec.devices_per_node
     cp = context.cp if context is not None else 1
@@ -384,6 +435,11 @@ def search(
         raise NoBetterLayout(f"no layout's lower bound is below the incumbent step of {incumbent:.4g} s")
     if best is not None:
         best = _price_at_the_twins_count(ev, candidates, best)
+        best.ranked_step = best.step_time
+        if best.step_time >= ranked_incumbent:
+            raise NoBetterLayout(
+                f"the best layout ranks at {best.step_time:.4g} s, not below the incumbent's {ranked_incumbent:.4g} s"
+            )
     if best is not None and mincut:
         # Candidates are compared on their coarse contiguous plans; the winner is planned at every cut position and
         # its boundaries then move to min-bytes cuts, which never raises its bottleneck (plan.mincut). Should that
@@ -456,6 +512,7 @@ class _Evaluator:
     )
     tp_failed: dict[tuple[int, bool], str] = field(default_factory=dict)
     scaled: dict[tuple[int, int, str, bool, bool], PlanningGraph] = field(default_factory=dict)
+    ranks: dict[tuple[int, bool], PlanningGraph] = field(default_factory=dict)  # scale_ranks by (tp, sp)
     plans: dict = field(default_factory=dict)
 
     @property
@@ -506,8 +563,10 @@ class _Evaluator:
         if key not in self.scaled:
             base, split = mode.removesuffix(":split"), mode.endswith(":split")
             shard = hsdp_shard(tp, dp * cp, self.devices_per_node) if base == "hsdp" else 0
-            self.scaled[key] = scale_graph(
-                self.pg, model, dp, base, shard, split_backward=split, pp=pp, cp=self.context
+            if (tp, sp) not in self.ranks:  # what tp and cp change, shared by every dp degree and mode
+                self.ranks[(tp, sp)] = scale_ranks(self.pg, model, self.context)
+            self.scaled[key] = scale_replicas(
+                self.ranks[(tp, sp)], dp, base, shard, split_backward=split, pp=pp, ranks=tp * cp, state_group=cp
             )
         return self.scaled[key]
 
@@ -541,7 +600,12 @@ class _Evaluator:
             c = Candidate(d, m or 0, schedule, k, data_parallel=mode, data_parallel_shard=shard,
                           overlap_grad_reduce=self.overlap_grad_reduce, sequence_parallel=sp,
                           graph=g if g is not None else self.pg)  # fmt: skip
+            # Whatever the split, some rank runs its stage for the whole batch: with more stages than blocks the
+            # heaviest block between two coarse cuts (plan.pipeline.bottleneck_floor), not the balanced share, bounds
+            # the step, and ranks such layouts after shallower ones.
             c.bound = step_lower_bound(schedule, float(c.graph.compute.sum()), d.pp, self.most_microbatches(d, m))
+            if g is not None and d.pp * k <= max_stages(g):
+                c.bound = max(c.bound, bottleneck_floor(g, d.pp * k))
             if g is None:
                 c.note = self.tp_failed[(d.tp, sp)]
             elif m is None:

@@ -138,12 +138,17 @@ def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: n
     best = np.full(n + 1, np.inf)
     best[0] = 0.0
     parents = []
+    limit = bottleneck * (1 + 1e-6)  # a little over the DP's own tolerance: pruning less never changes the result
     for s in range(num_stages):
         nxt, parent = np.full(n + 1, np.inf), np.full(n + 1, -1, dtype=np.int64)
         starts = np.flatnonzero(np.isfinite(best))
         if starts.size == 0:
             return None
-        for i in ends if s < num_stages - 1 else np.array([n]):
+        # Only ends a stage from some start can reach with compute <= bottleneck, and from which the stages left can
+        # still cover the rest at <= bottleneck each: every other end gets no finite score or none that completes.
+        reach = (pre.P[ends] >= pre.P[starts[0]]) & (pre.P[ends] <= pre.P[starts[-1]] + limit)
+        reach &= pre.P[n] - pre.P[ends] <= (num_stages - 1 - s) * limit
+        for i in ends[reach] if s < num_stages - 1 else np.array([n]):
             i = int(i)
             j_lo = np.searchsorted(pre.P, pre.P[i] - bottleneck * (1 + 1e-9), side="left")  # a stage's compute <= T
             js = starts[(starts >= j_lo) & (starts < i) & (pre.limit[starts] >= i)]

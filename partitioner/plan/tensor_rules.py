@@ -673,7 +673,9 @@ def _rule_cross_entropy(st: _State, node: fx.Node) -> Layout:
 
 
 def _rule_output(st: _State, node: fx.Node) -> Layout:
-    for x in node.args[0]:
+    returned: list[fx.Node] = []  # a node, or nodes in any tuple / list / dict structure
+    fx.node.map_arg(node.args[0], returned.append)
+    for x in returned:
         lay = st.eff(x)
         if isinstance(lay, _Shard):
             if not st.gather_output:
