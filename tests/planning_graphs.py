@@ -216,3 +216,29 @@ def reference_activation_model(
     recompute = np.where(region_of >= 0, forward, 0.0)
     transient = np.where(region_of >= 0, dropped[region_of] if len(regions) else 0.0, 0.0)
     return ActivationModel(mode, kept, recompute, transient, tuple(regions))
+
+
+def reference_split_to(pre: Any, cuts: list[int], num_stages: int, num_inputs: int) -> list[int]:
+    """plan.pipeline._split_to one position at a time (before it was vectorized): add cuts until there are num_stages
+    segments, splitting where the larger half is smallest among the splits
+    that leave the fewest stages without compute (a stage of views alone costs a hop and a device for nothing)."""
+    cuts = list(cuts)
+    w = pre.working
+    while len(cuts) - 1 < num_stages:
+        best = None
+        for s in range(len(cuts) - 1):
+            j, i = cuts[s], cuts[s + 1]
+            for b in range(max(j + 1, num_inputs), i):
+                if not pre.allowed[b] or pre.limit[b] < i:
+                    continue
+                idle = int(w[b] == w[j]) + int(w[i] == w[b]) - int(w[i] == w[j])  # stages without compute it adds
+                key = (idle, max(pre.cost(j, b), pre.cost(b, i)))
+                if best is None or key < best[0]:
+                    best = (key, b)
+        if best is None:
+            why = " and the order of in-place writes (plan.ordering)" if pre.limit.min() < pre.n else ""
+            raise ValueError(
+                f"cannot make {num_stages} non-empty stages from {pre.n} nodes under their data edges{why}"
+            )
+        cuts = sorted(cuts + [best[1]])
+    return cuts

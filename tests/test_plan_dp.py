@@ -4,6 +4,8 @@ on a transformer with every recompute mode, "full:k" included."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,8 @@ from partitioner.annotate import annotate
 from partitioner.cost import node_costs
 from partitioner.devices import get_device_spec
 from partitioner.plan.graph import build_planning_graph
-from partitioner.plan.pipeline import _in_flight_array, _min_stage_dp, _prefix
-from tests.planning_graphs import random_dags, reference_min_stage_dp
+from partitioner.plan.pipeline import _chain_floor, _in_flight_array, _min_stage_dp, _prefix, _split_to
+from tests.planning_graphs import random_dags, reference_min_stage_dp, reference_split_to
 from zoo.gpt3 import GPT, GPTConfig
 
 
@@ -97,3 +99,40 @@ def test_coarse_cuts_of_an_export_transformer_are_its_block_boundaries() -> None
         flight = _in_flight_array([min(stages - s, 4) for s in range(stages)], stages, 4)
         _same(coarse, np.inf, pg.num_inputs, flight, np.inf, stages)
         _same(coarse, 1.1 * float(coarse.P[-1]) / stages, pg.num_inputs, flight, np.inf, stages)
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_dags(max_nodes=14), st.data(), st.booleans())
+def test_split_to_equals_the_position_by_position_search(pg, data, coarse):
+    """_split_to (more stages than the DP needed: a cut at a time, where the larger half is smallest among the cuts
+    adding the fewest stages without compute) picks every position all at once; the same cuts or the same error as
+    the scalar loop it replaced, from any starting cuts."""
+    pre = _prefix(pg, 2, ("none",), coarse)
+    inner = [int(p) for p in pre.positions if 0 < p < pre.n]
+    start = sorted({0, pre.n, *data.draw(st.lists(st.sampled_from(inner), max_size=3) if inner else st.just([]))})
+    target = len(start) - 1 + data.draw(st.integers(1, pg.n))
+    outcomes = []
+    for split in (_split_to, reference_split_to):
+        try:
+            outcomes.append(split(pre, start, target, pg.num_inputs))
+        except ValueError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_dags(max_nodes=12), st.integers(1, 5), st.booleans())
+def test_chain_floor_is_the_least_largest_compute_of_any_split(pg, stages, coarse):
+    """contiguous_partition starts its bisection at _chain_floor: it must never exceed the least largest stage
+    compute over every split at the DP's cut positions into at most `stages` stages (brute force), and be that
+    optimum to its tolerance."""
+    pre = _prefix(pg, 1, ("none",), coarse)
+    inner = [int(p) for p in pre.positions if max(pg.num_inputs, 1) <= p < pre.n]
+    best = np.inf
+    for k in range(min(stages - 1, len(inner)) + 1):
+        for chosen in itertools.combinations(inner, k):
+            bounds = [0, *chosen, pre.n]
+            best = min(best, max(pre.P[b] - pre.P[a] for a, b in zip(bounds, bounds[1:])))
+    floor = _chain_floor(pre, stages, pg.num_inputs)
+    assert floor <= best
+    assert floor >= best * (1 - 2e-4) - 1e-12

@@ -86,6 +86,10 @@ def static_bytes_per_param(numel: int, element_size: int, *, training: bool, is_
 
 @dataclass
 class PlanningGraph:
+    """An annotated graph as arrays (module docstring). Its structure (names, succs, preds, params, the keys of saves,
+    storages, regions) is fixed once built: `edges`, `param_reads` and the recompute structure are cached from it, and
+    scaled copies (plan.search.scale_graph) share the last. Numbers differ between copies, never structure."""
+
     names: list[str]  # planned nodes, topological order
     forward: np.ndarray  # seconds per node (whole batch)
     backward: np.ndarray

@@ -382,23 +382,25 @@ def _split_to(pre: _Prefix, cuts: list[int], num_stages: int, num_inputs: int) -
     that leave the fewest stages without compute (a stage of views alone costs a hop and a device for nothing)."""
     cuts = list(cuts)
     w = pre.working
+    candidates = np.flatnonzero(pre.allowed)
+    candidates = candidates[(candidates >= max(num_inputs, 1)) & (candidates < pre.n)]
     while len(cuts) - 1 < num_stages:
-        best = None
-        for s in range(len(cuts) - 1):
-            j, i = cuts[s], cuts[s + 1]
-            for b in range(max(j + 1, num_inputs), i):
-                if not pre.allowed[b] or pre.limit[b] < i:
-                    continue
-                idle = int(w[b] == w[j]) + int(w[i] == w[b]) - int(w[i] == w[j])  # stages without compute it adds
-                key = (idle, max(pre.cost(j, b), pre.cost(b, i)))
-                if best is None or key < best[0]:
-                    best = (key, b)
-        if best is None:
+        # Every allowed position strictly inside a segment, with its segment's ends (all segments at once).
+        bounds = np.asarray(cuts, dtype=np.int64)
+        seg = np.searchsorted(bounds, candidates, side="right") - 1
+        j, i = bounds[seg], bounds[np.minimum(seg + 1, len(bounds) - 1)]
+        ok = (candidates > j) & (candidates < i) & (pre.limit[candidates] >= i)
+        b, j, i = candidates[ok], j[ok], i[ok]
+        if b.size == 0:
             why = " and the order of in-place writes (plan.ordering)" if pre.limit.min() < pre.n else ""
             raise ValueError(
                 f"cannot make {num_stages} non-empty stages from {pre.n} nodes under their data edges{why}"
             )
-        cuts = sorted(cuts + [best[1]])
+        idle = (w[b] == w[j]).astype(np.int64) + (w[i] == w[b]) - (w[i] == w[j])  # stages without compute it adds
+        larger = np.maximum(pre.cost(j, b), pre.cost(b, i))
+        fewest = idle == idle.min()
+        pick = np.flatnonzero(fewest)[np.argmin(larger[fewest])]  # the first (lowest position) of equal keys
+        cuts = sorted(cuts + [int(b[pick])])
     return cuts
 
 
@@ -505,7 +507,7 @@ def contiguous_partition(
             f"state {format_bytes(pre.S[-1])} in all, activations {format_bytes(pre.A[-1][-1])} per microbatch in "
             f"flight{_with_recompute(pre)}): {hint}; raise devices, lower the batch or raise microbatches"
         )
-    lo = max(pre.P[-1] / num_stages, float(pg.compute.max(initial=0.0)))
+    lo = max(pre.P[-1] / num_stages, float(pg.compute.max(initial=0.0)), _chain_floor(pre, num_stages, pg.num_inputs))
     first = _cuts_from_parents(parent, pre.n)
     hi = max(lo, float(max(pre.cost(j, i) for j, i in zip(first, first[1:]))))
     best_parent = parent
@@ -535,6 +537,43 @@ def contiguous_partition(
     if len(cuts) - 1 < num_stages:
         cuts = _split_to(pre, cuts, num_stages, pg.num_inputs)
     return cuts
+
+
+def _chain_floor(pre: _Prefix, num_stages: int, num_inputs: int, rel_tol: float = 1e-4) -> float:
+    """A floor under contiguous_partition's bottleneck: the least largest compute of a split at the same cut positions
+    into at most `num_stages` stages, counting compute alone (the DP adds recompute, transfers and memory, and
+    in-place-write limits only remove splits). Where stages hold a few nodes each, node granularity puts the optimum
+    well above total / stages; starting the bisection here saves most of its DP runs.
+
+    For a bound T the fewest stages are the greedy's (each stage reaching as far as T allows), counted for all
+    positions at once: the jump function composed num_stages times by repeated squaring."""
+    cuts = pre.positions[(pre.positions == 0) | (pre.positions >= max(num_inputs, 1))]
+    if cuts[0] != 0 or cuts[-1] != pre.n:
+        return 0.0
+    prefix = pre.P[cuts]
+    last = len(cuts) - 1
+    lo, hi = max(float(np.diff(prefix).max(initial=0.0)), prefix[-1] / num_stages), float(prefix[-1])
+
+    def fits(t: float) -> bool:
+        jump = np.searchsorted(prefix, prefix + t, side="right") - 1  # the furthest cut one stage reaches
+        at, power, left = 0, jump, num_stages
+        while left:
+            if left & 1:
+                at = int(power[at])
+            left >>= 1
+            if left:
+                power = power[power]
+        return at == last
+
+    if fits(lo):
+        return lo * (1 - 1e-9)
+    while hi - lo > rel_tol * hi:
+        mid = (lo + hi) / 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return lo * (1 - 1e-9)  # never above the optimum: lo was found infeasible (or is the plain bound)
 
 
 def _bottleneck(pre: _Prefix, cuts: list[int], in_flight: np.ndarray, memory_limit: float) -> float:
