@@ -17,16 +17,27 @@ from partitioner.annotate import annotate
 from partitioner.cost import node_costs
 from partitioner.devices import get_device_spec
 from partitioner.plan.graph import build_planning_graph
-from partitioner.plan.pipeline import _chain_floor, _in_flight_array, _min_stage_dp, _prefix, _split_to
-from tests.planning_graphs import random_dags, reference_min_stage_dp, reference_split_to
+from partitioner.plan.pipeline import (
+    _chain_floor,
+    _in_flight_array,
+    _min_stage_dp,
+    _prefix,
+    _split_to,
+    _stage_starts,
+)
+from tests.planning_graphs import random_dags, reference_min_stage_dp, reference_split_to, synthetic_graph
 from zoo.gpt3 import GPT, GPTConfig
 
 
 def _same(pre, T: float, num_inputs: int, flight: np.ndarray, limit: float, stages: int) -> None:
     g, parent = _min_stage_dp(pre, T, num_inputs, flight, limit, stages)
     g_ref, parent_ref = reference_min_stage_dp(pre, T, num_inputs, flight, limit, stages)
-    np.testing.assert_array_equal(g, g_ref)
-    reached = np.isfinite(g_ref)
+    # The breadth-first DP stops at the stage count that reaches the end: prefixes first reached with more stages
+    # stay unreached there (the answer never reads them); every other one must match.
+    needed = g_ref <= g_ref[pre.n] if np.isfinite(g_ref[pre.n]) else np.ones(len(g_ref), dtype=bool)
+    np.testing.assert_array_equal(g[needed], g_ref[needed])
+    assert not np.isfinite(g[~needed]).any()
+    reached = np.isfinite(g_ref) & needed
     np.testing.assert_array_equal(parent[reached], parent_ref[reached])
 
 
@@ -46,6 +57,18 @@ def test_breadth_first_dp_equals_the_end_by_end_dp_on_random_graphs(pg, stages, 
     limit = np.inf if memory_scale > 0.9 else memory_scale * float(pre.S[-1] + pre.A[0][-1] * m) + 1.0
     for T in (np.inf, t_scale * total / stages):
         _same(pre, T, pg.num_inputs, flight, limit, stages)
+
+
+def test_the_dp_stops_at_the_stage_count_that_reaches_the_end() -> None:
+    # Found by the random test: one stage holds the whole graph, so the DP stops there; prefix 6 (its cut crossing a
+    # value at no overlap) would need a second stage, which only the end-by-end reference goes on to fill.
+    pg = synthetic_graph([0, 0, 0, 0, 1.0, 0, 0], [(0, k) for k in range(1, 7)] + [(5, 6)], [0, 0, 0, 0, 0, 1.0, 0],
+                         overlaps_comm=False)  # fmt: skip
+    pre = _prefix(pg, 4, ("none",))
+    flight = _in_flight_array([2, 1], 2, 4)
+    g, _ = _min_stage_dp(pre, 1.0, pg.num_inputs, flight, np.inf, 2)
+    assert g[pre.n] == 1 and not np.isfinite(g[6])
+    _same(pre, 1.0, pg.num_inputs, flight, np.inf, 2)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +156,6 @@ def test_chain_floor_is_the_least_largest_compute_of_any_split(pg, stages, coars
         for chosen in itertools.combinations(inner, k):
             bounds = [0, *chosen, pre.n]
             best = min(best, max(pre.P[b] - pre.P[a] for a, b in zip(bounds, bounds[1:])))
-    floor = _chain_floor(pre, stages, pg.num_inputs)
+    floor = _chain_floor(pre.P[_stage_starts(pg, pre.allowed)], stages)
     assert floor <= best
     assert floor >= best * (1 - 2e-4) - 1e-12

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import partitioner
+import partitioner.plan.tensor as tensor_plan_module
 import partitioner.plan.tensor_rules as tensor_rules
 import zoo
 from partitioner.annotate import annotate
@@ -835,3 +836,18 @@ def test_random_shape_arithmetic_blocks_compile_and_verify(case: tuple[list[tupl
         assert cm.plan.tensor_degree == tp and not cm.tensor_parallel_plan.fallbacks, cm.tensor_parallel_plan.fallbacks
     if cm.plan.tensor_degree > 1:
         cm.verify_tensor_parallel(x)
+
+
+@pytest.mark.parametrize("tp", [3, 5])
+def test_seeds_tp_cannot_split_are_left_out_up_front_with_the_same_layout(monkeypatch, tp: int) -> None:
+    # A degree dividing neither dim of a projection's weight (gpt3-tiny: d 64, d_ff 256) replicates it whatever role
+    # propagation would give it; such seeds are left out before propagating (plan.tensor._indivisible_seeds: one
+    # restart per layer otherwise). The layout must be what the propagation alone reaches, with the reason named.
+    gm, _ = zoo_graph("gpt3-tiny", n_ctx=32)  # no table of 64 rows: 64 is no vocabulary (which would be padded)
+    fast = plan_tensor_parallel(gm, tp)
+    monkeypatch.setattr(tensor_plan_module, "_indivisible_seeds", lambda *a: {})
+    slow = plan_tensor_parallel(gm, tp)
+    assert fast.param_shard == slow.param_shard and fast.node_layout == slow.node_layout
+    assert fast.collectives == slow.collectives
+    left_out = {f["node"] for f in fast.fallbacks if f"tp={tp} divides neither dim" in f["reason"]}
+    assert left_out and left_out <= {f["node"] for f in slow.fallbacks}

@@ -253,18 +253,21 @@ def cut_mask(pg: PlanningGraph, coarse: bool = False) -> np.ndarray:
 
 def bottleneck_floor(pg: PlanningGraph, num_stages: int) -> float:
     """A lower bound on the compute (whole batch) of the slowest stage of a coarse contiguous split into
-    `num_stages` (what plan.search ranks its candidates on: plan_pipeline(coarse=True)): its heaviest segment between
-    two coarse cuts, or the heaviest node where those cuts are too few for the stages (the plan is then made at every
-    position, as also where in-place writes pin nodes together: the coarse plan may then fail with cuts to spare).
-    Any rank runs its stage's work in a step, so it bounds the step too."""
-    compute = pg.compute
-    heaviest = float(compute.max(initial=0.0))
-    cuts = np.flatnonzero(cut_mask(pg, coarse=True))
-    cuts = np.unique(np.concatenate([[0], cuts[cuts >= max(pg.num_inputs, 1)], [pg.n]]))  # boundaries a stage may use
+    `num_stages` (what plan.search ranks its candidates on: plan_pipeline(coarse=True)): the least largest compute of
+    any split at the coarse cuts (_chain_floor), or at every position where those cuts are too few for the stages
+    (the plan is then made at every position, as also where in-place writes pin nodes together: the coarse plan may
+    then fail with cuts to spare). Any rank runs its stage's work in a step, so it bounds the step too."""
+    cuts = _stage_starts(pg, cut_mask(pg, coarse=True))
     if len(cuts) - 1 < num_stages or pg.order is not None:
-        return heaviest
-    prefix = np.concatenate([[0.0], np.cumsum(compute)])
-    return max(heaviest, float(np.diff(prefix[cuts]).max(initial=0.0)))
+        cuts = _stage_starts(pg, cut_mask(pg, coarse=False))
+    prefix = np.concatenate([[0.0], np.cumsum(pg.compute)])
+    return _chain_floor(prefix[cuts], num_stages)
+
+
+def _stage_starts(pg: PlanningGraph, allowed: np.ndarray) -> np.ndarray:
+    """The positions a stage boundary may take: 0, n, and the allowed ones after the inputs."""
+    cuts = np.flatnonzero(allowed)
+    return np.unique(np.concatenate([[0], cuts[cuts >= max(pg.num_inputs, 1)], [pg.n]]))
 
 
 def _prefix(pg: PlanningGraph, microbatches: int, modes: Sequence[str], coarse: bool = False) -> _Prefix:
@@ -507,7 +510,8 @@ def contiguous_partition(
             f"state {format_bytes(pre.S[-1])} in all, activations {format_bytes(pre.A[-1][-1])} per microbatch in "
             f"flight{_with_recompute(pre)}): {hint}; raise devices, lower the batch or raise microbatches"
         )
-    lo = max(pre.P[-1] / num_stages, float(pg.compute.max(initial=0.0)), _chain_floor(pre, num_stages, pg.num_inputs))
+    floor = _chain_floor(pre.P[_stage_starts(pg, pre.allowed)], num_stages)  # compute alone, node granularity
+    lo = max(pre.P[-1] / num_stages, float(pg.compute.max(initial=0.0)), floor)
     first = _cuts_from_parents(parent, pre.n)
     hi = max(lo, float(max(pre.cost(j, i) for j, i in zip(first, first[1:]))))
     best_parent = parent
@@ -539,23 +543,22 @@ def contiguous_partition(
     return cuts
 
 
-def _chain_floor(pre: _Prefix, num_stages: int, num_inputs: int, rel_tol: float = 1e-4) -> float:
-    """A floor under contiguous_partition's bottleneck: the least largest compute of a split at the same cut positions
-    into at most `num_stages` stages, counting compute alone (the DP adds recompute, transfers and memory, and
-    in-place-write limits only remove splits). Where stages hold a few nodes each, node granularity puts the optimum
-    well above total / stages; starting the bisection here saves most of its DP runs.
+def _chain_floor(prefix: np.ndarray, num_stages: int, rel_tol: float = 1e-4) -> float:
+    """The least largest segment of any split of a chain into at most `num_stages` segments, cut only at the given
+    positions (`prefix`: the compute prefix sum at each, the first at 0, the last at the end), to `rel_tol` and never
+    above it. A floor under any contiguous plan's bottleneck at those positions: plans add recompute, transfers and
+    memory, and in-place-write limits only remove splits. Where stages hold a few nodes each, node granularity puts it
+    well above total / stages.
 
-    For a bound T the fewest stages are the greedy's (each stage reaching as far as T allows), counted for all
-    positions at once: the jump function composed num_stages times by repeated squaring."""
-    cuts = pre.positions[(pre.positions == 0) | (pre.positions >= max(num_inputs, 1))]
-    if cuts[0] != 0 or cuts[-1] != pre.n:
+    For a bound T the fewest segments are the greedy's (each reaching as far as T allows), counted from every position
+    at once: the jump function composed num_stages times by repeated squaring."""
+    last = len(prefix) - 1
+    if last < 1:
         return 0.0
-    prefix = pre.P[cuts]
-    last = len(cuts) - 1
-    lo, hi = max(float(np.diff(prefix).max(initial=0.0)), prefix[-1] / num_stages), float(prefix[-1])
+    lo, hi = max(float(np.diff(prefix).max()), float(prefix[-1]) / num_stages), float(prefix[-1])
 
     def fits(t: float) -> bool:
-        jump = np.searchsorted(prefix, prefix + t, side="right") - 1  # the furthest cut one stage reaches
+        jump = np.searchsorted(prefix, prefix + t, side="right") - 1  # the furthest cut one segment reaches
         at, power, left = 0, jump, num_stages
         while left:
             if left & 1:

@@ -191,6 +191,31 @@ def _seed_weight(gm: fx.GraphModule, node: fx.Node) -> str:
     return op.param if op is not None else f"{node.target}.weight"
 
 
+def _indivisible_seeds(gm: fx.GraphModule, seeds: set[str], tp: int, vocab: set[int]) -> dict[str, str]:
+    """The linear-like seeds tp can shard in no role: it divides neither dim of the weight (column-parallel needs its
+    outputs to divide, row-parallel its inputs, a block split more) and neither is a vocabulary (which is padded).
+    Left out before propagating: the propagation would find each such conflict in turn, one restart per layer (a
+    1T GPT at tp 3: 128 restarts, 10 s), and end with them replicated all the same."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = {}
+    for name in sorted(seeds):
+        node = nodes[name]
+        op = weight_op(gm, node)
+        if op is not None and op.kind == "embedding":
+            continue
+        if op is not None:
+            weight = gm.get_parameter(op.param)
+        else:
+            mod = gm.get_submodule(str(node.target))
+            if not isinstance(mod, nn.Linear):
+                continue
+            weight = mod.weight
+        dims = tuple(weight.shape)
+        if len(dims) == 2 and all(d % tp and d not in vocab for d in dims):
+            out[name] = f"tp={tp} divides neither dim of its {dims[0]} x {dims[1]} weight"
+    return out
+
+
 def _run(
     gm: fx.GraphModule,
     tp: int | None,
@@ -210,10 +235,15 @@ def _run(
     seed_parts: dict[str, int] = {}
     parts_why: dict[str, _PartsRequest] = {}  # why a seed was re-seeded as blocks
     vocab = _vocab_sizes(gm)
+    if tp is not None and tp > 1 and not strict:
+        for name, reason in _indivisible_seeds(gm, seeds, tp, vocab).items():
+            seeds.discard(name)
+            fallbacks[name] = reason
     weights = {n.name: op.param for n in gm.graph.nodes if (op := weight_op(gm, n)) is not None}
     refused: dict[str, str] = {}  # strict: seeds tp does not divide -> the error, unless Megatron's kv rule covers it
+    modules: dict[str, nn.Module] = {}  # shared by every restart's state (the graph's modules do not change)
     for _ in range(4 * len(seeds) + 8):
-        st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab)
+        st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab, modules=modules)
         outcome = _propagate(st)
         if tp == 1 or (not outcome.conflicts and not outcome.parts):  # tp 1: nothing sharded, nothing to undo
             return st, _finish(st, refused, fallbacks)
@@ -278,9 +308,7 @@ def _sliced_sources(st: _State) -> set[str]:
         for n in frontier:
             op = weight_op(st.gm, n)
             if n.op == "call_module" or op is not None:
-                linear = (
-                    isinstance(st.gm.get_submodule(str(n.target)), nn.Linear) if op is None else op.kind != "embedding"
-                )
+                linear = isinstance(st.module(n.target), nn.Linear) if op is None else op.kind != "embedding"
                 if linear:
                     found.add(n.name)
                 continue

@@ -163,6 +163,17 @@ class _State:
     row_bias: dict[str, str] = field(default_factory=dict)  # row-parallel WeightOp -> its bias get_attr node
     # replicated value -> (dim, parts) -> the nodes reading each rank's slice of it
     slices: dict[str, dict[tuple[int, int], list[str]]] = field(default_factory=dict)
+    # module path -> module, filled on first use (get_submodule walks the path each time: half of a 1T GPT's search
+    # went there); one dict may serve every propagation over the same graph
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    def module(self, target: Any) -> nn.Module:
+        """The submodule a call_module node calls."""
+        name = str(target)
+        found = self.modules.get(name)
+        if found is None:
+            found = self.modules[name] = self.gm.get_submodule(name)
+        return found
 
     def slice(self, value: fx.Node, dim: int, reader: fx.Node, parts: int = 1) -> None:
         """`reader` reads its rank's 1/tp slice of replicated `value` along `dim` (of each of `parts` blocks)."""
@@ -247,7 +258,7 @@ def _broadcast(st: _State, node: fx.Node, inputs: list[fx.Node]) -> Layout:
 
 
 def _rule_call_module(st: _State, node: fx.Node) -> Layout:
-    mod = st.gm.get_submodule(str(node.target))
+    mod = st.module(node.target)
     x = node.args[0] if node.args else None
     lay = st.eff(x)
     if isinstance(mod, nn.Linear):
@@ -298,7 +309,7 @@ def _rule_call_module(st: _State, node: fx.Node) -> Layout:
 
 def _op_name(st: _State, node: fx.Node) -> str:
     if node.op == "call_module":
-        return type(st.gm.get_submodule(str(node.target))).__name__
+        return type(st.module(node.target)).__name__
     return op_name(node)
 
 

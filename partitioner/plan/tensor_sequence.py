@@ -108,7 +108,7 @@ def _token_wise(st: _State, node: fx.Node, seq: dict[fx.Node, int], tp: int) -> 
         return None
     s = dims.pop()
     if node.op == "call_module":
-        mod = st.gm.get_submodule(str(node.target))
+        mod = st.module(node.target)
         if isinstance(mod, _NORM_MODULES):
             normalized = len(mod.normalized_shape) if mod.normalized_shape else 1
             return (s, []) if s < nd - normalized and len(ins) == 1 else None
@@ -186,7 +186,7 @@ def sequence_parallel_layout(st: _State) -> SequenceLayout:
                 entries.append((d, users := []))
             users.append(n.name)
         if n.op == "call_module":
-            names = [f"{n.target}.{p}" for p, _ in st.gm.get_submodule(str(n.target)).named_parameters()]
+            names = [f"{n.target}.{p}" for p, _ in st.module(n.target).named_parameters()]
             if names:
                 out.param_grads[n.name] = names
     attrs = {n.name: str(n.target) for n in st.gm.graph.nodes if n.op == "get_attr"}
@@ -195,7 +195,7 @@ def sequence_parallel_layout(st: _State) -> SequenceLayout:
             node = next(n for n in seq if n.name == name)
             if name in st.row_bias:  # a functional / ATen linear: its bias is a get_attr input
                 out.param_grads[name] = [attrs[st.row_bias[name]]]
-            elif node.op == "call_module" and st.gm.get_submodule(str(node.target)).bias is not None:
+            elif node.op == "call_module" and st.module(node.target).bias is not None:
                 out.param_grads[name] = [f"{node.target}.bias"]
     for n, s in seq.items():
         out.seq[n.name] = s
