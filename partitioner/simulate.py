@@ -758,17 +758,18 @@ def _replay_by_levels(plan: _Replay, stages: Sequence[StageCost], ranks: int, bl
     send = np.array([c.send_time for c in stages] + [0.0])  # index -1: no send
     sends = np.asarray(plan.sends, dtype=np.int64)
     hold = send[sends] if blocking_sends else np.zeros(n)  # a blocking send holds its rank after the action
-    end, free = np.zeros(n), np.zeros(n + 1)  # free[i]: when action i's rank is free again; free[-1] = 0: none before
-    previous, dep, dep_send = plan.previous, plan.dep_index, plan.dep_send
-    starts = plan.level_starts
+    # Index -1 (no previous action, no dependency) reads the zero at the end of `end` / `free` and of `send`: a time
+    # of 0, never later than any start, so no case needs a branch (x + 0.0 and max(x, 0.0) are x for x >= 0).
+    end, free = np.zeros(n + 1), np.zeros(n + 1)  # free[i]: when action i's rank is free again
+    previous, dep0, dep1 = plan.previous, plan.dep_index[:, 0], plan.dep_index[:, 1]
+    send0, send1 = send[plan.dep_send[:, 0]], send[plan.dep_send[:, 1]]
+    starts = plan.level_starts.tolist()
     for a, b in zip(starts[:-1], starts[1:]):
-        t = free[previous[a:b]]
-        for c in range(2):
-            d = dep[a:b, c]
-            arrive = np.where(d >= 0, end[d] + send[dep_send[a:b, c]], 0.0)
-            t = np.maximum(t, arrive)
-        end[a:b] = t + duration[a:b]
-        free[a:b] = np.where(hold[a:b] > 0, end[a:b] + hold[a:b], end[a:b])
+        t = np.maximum(free[previous[a:b]], end[dep0[a:b]] + send0[a:b])
+        np.maximum(t, end[dep1[a:b]] + send1[a:b], out=t)
+        t += duration[a:b]
+        end[a:b] = t
+        free[a:b] = t + hold[a:b]
     ends, peaks = [], []
     activation = np.array([c.activation_bytes for c in stages], dtype=np.float64)
     transient = np.array([c.transient_bytes for c in stages], dtype=np.float64)
