@@ -478,6 +478,23 @@ def test_gantt_png_is_written(tmp_path, schedule: str, num_stages: int, ranks: i
     assert not math.isnan(r.step_time)
 
 
+def _drawn_stages(data: st.DataObject, num_stages: int, *, shortest: float) -> list[StageCost]:
+    """Random stage costs: durations from `shortest` to 5 s, sends, bytes and the input-gradient share at random."""
+    positive, duration = st.floats(0.0, 5.0, allow_nan=False), st.floats(shortest, 5.0, allow_nan=False)
+    return [
+        StageCost(
+            forward=data.draw(duration),
+            backward=data.draw(duration),
+            send_time=data.draw(positive),
+            backward_input_fraction=data.draw(st.floats(0.1, 0.9)),
+            activation_bytes=data.draw(positive),
+            static_bytes=data.draw(positive),
+            transient_bytes=data.draw(positive),
+        )
+        for _ in range(num_stages)
+    ]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.sampled_from([("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("looped-bfs", 2), ("zero-bubble", 2), ("zbv", 2)]),
@@ -492,22 +509,9 @@ def test_fast_replay_gives_the_replay_s_step_rank_ends_and_peaks(case, ranks, ex
     num_stages, m = ranks * per_rank, ranks * per_rank + extra
     if schedule == "zero-bubble":
         m = max(m, num_stages)  # torch's interleaved zero-bubble wants at least as many microbatches as stages
-    positive = st.floats(0.0, 5.0, allow_nan=False)
     # Positive durations: at zero length a transient's allocation and release fall at one time, ordered by replay's
     # tie rule (release first), while fast_replay counts it
-    duration = st.floats(0.01, 5.0, allow_nan=False)
-    stages = [
-        StageCost(
-            forward=data.draw(duration),
-            backward=data.draw(duration),
-            send_time=data.draw(positive),
-            backward_input_fraction=data.draw(st.floats(0.1, 0.9)),
-            activation_bytes=data.draw(positive),
-            static_bytes=data.draw(positive),
-            transient_bytes=data.draw(positive),
-        )
-        for _ in range(num_stages)
-    ]
+    stages = _drawn_stages(data, num_stages, shortest=0.01)
     try:
         full = simulate(stages, num_microbatches=m, schedule=schedule, num_ranks=ranks, blocking_sends=blocking)
     except ValueError:  # a count torch refuses
@@ -534,19 +538,7 @@ def test_replay_by_levels_is_the_loop_to_the_bit(case, ranks, extra, blocking, d
     num_stages, m = ranks * per_rank, ranks * per_rank + extra
     if schedule == "zero-bubble":
         m = max(m, num_stages)
-    value = st.floats(0.0, 5.0, allow_nan=False)
-    stages = [
-        StageCost(
-            forward=data.draw(value),
-            backward=data.draw(value),
-            send_time=data.draw(value),
-            backward_input_fraction=data.draw(st.floats(0.1, 0.9)),
-            activation_bytes=data.draw(value),
-            static_bytes=data.draw(value),
-            transient_bytes=data.draw(value),
-        )  # fmt: skip
-        for _ in range(num_stages)
-    ]
+    stages = _drawn_stages(data, num_stages, shortest=0.0)
     runs, default = [], simulate_module.WIDE_LEVELS
     try:
         for wide in (10**9, 0):  # the loop always, then the levels always
