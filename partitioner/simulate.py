@@ -29,10 +29,10 @@ this one-action-at-a-time replay does not model.
   ``stage_index_to_group_rank`` (``s % ranks`` for the looped ones, V-shaped for zbv).
 * Single-stage classes (``ScheduleGPipe``, ``Schedule1F1B``) run hand-written loops in ``_step_microbatches``.
   Their ``_get_pipeline_order()`` IR is only documentation, and in torch 2.13 ``Schedule1F1B``'s IR is wrong for
-  the last rank (it starts at F1 and lists F{m}, never F0). So for these we run the real
-  ``_step_microbatches`` once per rank on a ``_StandInStage`` that records ``forward_one_chunk`` /
-  ``backward_one_chunk`` calls and returns no p2p ops: the list is exactly the loop torch executes.
-  ``tests/test_simulate.py`` checks the recordings against every rank of torch's IR that is well formed.
+  the last rank (it starts at F1 and lists F{m}, never F0). The loops' orders are simple, so
+  ``_single_stage_orders`` writes them out; ``tests/test_simulate.py`` runs the real ``_step_microbatches`` once per
+  rank on a ``_StandInStage`` that records ``forward_one_chunk`` / ``backward_one_chunk`` calls (and returns no p2p
+  ops) and checks the written orders against those recordings over a grid of counts.
 
 Replay rules (checked independently by ``check_events``), for stage ``s``, microbatch ``i``, ``S`` stages:
 
@@ -224,7 +224,8 @@ class _StandInStage:
     Attributes read by the torch 2.13 constructors: ``num_stages`` (all), ``group_size`` / ``group_rank``
     (``PipelineScheduleMulti``: pipeline width and this rank), ``submod`` (the zero-bubble torch.compile check;
     ``None`` is skipped); the constructor writes ``stage_index_to_group_rank``. Read by the single-stage
-    ``_step_microbatches`` loops: ``stage_index``, ``is_first``, ``is_last`` and the methods below, where the
+    ``_step_microbatches`` loops, which the tests record to check ``_single_stage_orders``: ``stage_index``,
+    ``is_first``, ``is_last`` and the methods below, where the
     p2p-op getters return no ops (so nothing is sent) and the compute methods only record the call; the
     schedule's ``_initialize_stage`` (shape inference and p2p warm-up) is replaced by a no-op on that instance.
     If torch starts reading anything else, construction fails with AttributeError, which
@@ -285,8 +286,7 @@ def _single_stage_orders(schedule: str, num_stages: int, num_microbatches: int) 
     fewer microbatches than stages. tests/test_simulate.py checks both against what torch's own loops run."""
     p, m = num_stages, num_microbatches
     if schedule == "gpipe":
-        order = tuple(Action(0, "F", i) for i in range(m)) + tuple(Action(0, "B", i) for i in range(m))
-        return tuple(tuple(Action(r, a.kind, a.microbatch) for a in order) for r in range(p))
+        return tuple(tuple(Action(r, kind, i) for kind in "FB" for i in range(m)) for r in range(p))
     if m < p:
         raise ValueError(
             f"torch refuses Schedule1F1B(num_stages={p}, num_ranks={p}, n_microbatches={m}): Number of microbatches "
@@ -615,7 +615,7 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
     rank = np.repeat(np.arange(len(orders)), counts)
     n, last = len(stage), num_stages - 1
     ranks_of = np.asarray(stage_ranks, dtype=np.int64)
-    table = np.full((4, num_stages + 1, max(num_microbatches, 1)), -1, dtype=np.int64)  # stage num_stages: none
+    table = np.full((4, num_stages, max(num_microbatches, 1)), -1, dtype=np.int64)  # (kind, stage, mb) -> action
     table[kind, stage, mb] = np.arange(n)
 
     dep_index, dep_send = np.full((n, 2), -1, dtype=np.int64), np.full((n, 2), -1, dtype=np.int64)
@@ -630,7 +630,7 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
     dep_index[is_bi, 0] = table[F, stage[is_bi], mb[is_bi]]
     needed[is_bi, 0] = True
     grad = is_bi & (stage < last)
-    nxt = np.minimum(stage[grad] + 1, last)
+    nxt = stage[grad] + 1
     from_b = table[B, nxt, mb[grad]]
     dep_index[grad, 1] = np.where(from_b >= 0, from_b, table[I, nxt, mb[grad]])
     dep_send[grad, 1] = np.where(ranks_of[nxt] != rank[grad], stage[grad], -1)
@@ -674,10 +674,10 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
 
     sends = np.full(n, -1, dtype=np.int64)
     ahead = is_f & (stage < last)
-    ahead[ahead] = ranks_of[np.minimum(stage[ahead] + 1, last)] != rank[ahead]
+    ahead[ahead] = ranks_of[stage[ahead] + 1] != rank[ahead]
     sends[ahead] = stage[ahead]
     behind = is_bi & (stage > 0)
-    behind[behind] = ranks_of[np.maximum(stage[behind] - 1, 0)] != rank[behind]
+    behind[behind] = ranks_of[stage[behind] - 1] != rank[behind]
     sends[behind] = stage[behind] - 1
     frees = is_w | ((kind == B) & (table[W, stage, mb] < 0))
     levels = level[order]
@@ -728,8 +728,9 @@ def fast_replay(
             free[r] = end[i] + send[plan.sends[i]]
     ends = tuple(free)  # after a rank's last action, or its last blocking send
     peaks = []
+    static = _static_by_rank(stages, plan.stage_ranks, ranks)
     for r, actions in enumerate(plan.per_rank):
-        level = sum(c.static_bytes for st, c in enumerate(stages) if plan.stage_ranks[st] == r)
+        level = static[r]
         peak = level
         for i in actions:
             st, k = plan.stage[i], plan.kind[i]
@@ -742,6 +743,14 @@ def fast_replay(
                 level -= stages[st].activation_bytes
         peaks.append(peak)
     return StepTimes(max(ends, default=0.0), ends, tuple(peaks), plan.stage_ranks)
+
+
+def _static_by_rank(stages: Sequence[StageCost], stage_ranks: Sequence[int], ranks: int) -> list[float]:
+    """Each rank's static bytes: its stages' summed in stage order (one pass over the stages, not one per rank)."""
+    static = [0] * ranks
+    for st, c in enumerate(stages):
+        static[stage_ranks[st]] += c.static_bytes
+    return static
 
 
 WIDE_LEVELS = 24  # actions per level from which `_replay_by_levels` beats one Python step per action
@@ -771,13 +780,14 @@ def _replay_by_levels(plan: _Replay, stages: Sequence[StageCost], ranks: int, bl
         end[a:b] = t
         free[a:b] = t + hold[a:b]
     ends, peaks = [], []
+    static = _static_by_rank(stages, plan.stage_ranks, ranks)
     activation = np.array([c.activation_bytes for c in stages], dtype=np.float64)
     transient = np.array([c.transient_bytes for c in stages], dtype=np.float64)
     frees = np.asarray(plan.frees, dtype=bool)
     kind = plan.kind_code
     for r, actions in enumerate(plan.per_rank):
         ends.append(float(free[actions[-1]]) if actions else 0.0)
-        level = sum(c.static_bytes for st, c in enumerate(stages) if plan.stage_ranks[st] == r)
+        level = static[r]
         if not actions:
             peaks.append(level)
             continue

@@ -156,6 +156,6 @@ def test_chain_floor_is_the_least_largest_compute_of_any_split(pg, stages, coars
         for chosen in itertools.combinations(inner, k):
             bounds = [0, *chosen, pre.n]
             best = min(best, max(pre.P[b] - pre.P[a] for a, b in zip(bounds, bounds[1:])))
-    floor = _chain_floor(pre.P[_stage_starts(pg, pre.allowed)], stages)
+    floor = _chain_floor(pre.P[_stage_starts(pg, coarse)], stages)
     assert floor <= best
     assert floor >= best * (1 - 2e-4) - 1e-12

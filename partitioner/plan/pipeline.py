@@ -257,16 +257,23 @@ def bottleneck_floor(pg: PlanningGraph, num_stages: int) -> float:
     any split at the coarse cuts (_chain_floor), or at every position where those cuts are too few for the stages
     (the plan is then made at every position, as also where in-place writes pin nodes together: the coarse plan may
     then fail with cuts to spare). Any rank runs its stage's work in a step, so it bounds the step too."""
-    cuts = _stage_starts(pg, cut_mask(pg, coarse=True))
-    if len(cuts) - 1 < num_stages or pg.order is not None:
-        cuts = _stage_starts(pg, cut_mask(pg, coarse=False))
-    prefix = np.concatenate([[0.0], np.cumsum(pg.compute)])
-    return _chain_floor(prefix[cuts], num_stages)
+    coarse = len(_stage_starts(pg, True)) - 1 >= num_stages and pg.order is None
+    return chain_floor(pg, num_stages, coarse)
 
 
-def _stage_starts(pg: PlanningGraph, allowed: np.ndarray) -> np.ndarray:
-    """The positions a stage boundary may take: 0, n, and the allowed ones after the inputs."""
-    cuts = np.flatnonzero(allowed)
+def chain_floor(pg: PlanningGraph, num_stages: int, coarse: bool) -> float:
+    """_chain_floor of `pg`'s compute at its (coarse) cut positions, cached on the graph: the search bounds a
+    candidate by it and contiguous_partition starts its bisection there."""
+    key = ("floor", num_stages, coarse)
+    if key not in pg._prefixes:
+        prefix = np.concatenate([[0.0], np.cumsum(pg.compute)])
+        pg._prefixes[key] = _chain_floor(prefix[_stage_starts(pg, coarse)], num_stages)
+    return pg._prefixes[key]
+
+
+def _stage_starts(pg: PlanningGraph, coarse: bool) -> np.ndarray:
+    """The positions a stage boundary may take (cut_mask): 0, n, and the allowed ones after the inputs."""
+    cuts = np.flatnonzero(cut_mask(pg, coarse))
     return np.unique(np.concatenate([[0], cuts[cuts >= max(pg.num_inputs, 1)], [pg.n]]))
 
 
@@ -391,7 +398,7 @@ def _split_to(pre: _Prefix, cuts: list[int], num_stages: int, num_inputs: int) -
         # Every allowed position strictly inside a segment, with its segment's ends (all segments at once).
         bounds = np.asarray(cuts, dtype=np.int64)
         seg = np.searchsorted(bounds, candidates, side="right") - 1
-        j, i = bounds[seg], bounds[np.minimum(seg + 1, len(bounds) - 1)]
+        j, i = bounds[seg], bounds[seg + 1]  # every candidate is below n, the last cut
         ok = (candidates > j) & (candidates < i) & (pre.limit[candidates] >= i)
         b, j, i = candidates[ok], j[ok], i[ok]
         if b.size == 0:
@@ -510,7 +517,7 @@ def contiguous_partition(
             f"state {format_bytes(pre.S[-1])} in all, activations {format_bytes(pre.A[-1][-1])} per microbatch in "
             f"flight{_with_recompute(pre)}): {hint}; raise devices, lower the batch or raise microbatches"
         )
-    floor = _chain_floor(pre.P[_stage_starts(pg, pre.allowed)], num_stages)  # compute alone, node granularity
+    floor = chain_floor(pg, num_stages, coarse)  # compute alone, node granularity
     lo = max(pre.P[-1] / num_stages, float(pg.compute.max(initial=0.0)), floor)
     first = _cuts_from_parents(parent, pre.n)
     hi = max(lo, float(max(pre.cost(j, i) for j, i in zip(first, first[1:]))))

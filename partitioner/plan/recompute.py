@@ -37,6 +37,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch.fx as fx
@@ -178,6 +179,18 @@ def saved_entries(saves: Sequence[dict[str, float]]) -> np.ndarray:
     return np.fromiter((b for node in saves for b in node.values()), dtype=np.float64)
 
 
+class _RegionLayout(NamedTuple):
+    """RecomputeStructure's answer for one set of regions, in the order its walk adds the figures."""
+
+    region_of: np.ndarray  # per node: its region's index, -1 outside every region
+    keeper: np.ndarray  # per kept storage (first-kept order): the node holding it
+    kept: np.ndarray  # ... and its storage id
+    input_storage: np.ndarray  # region inputs no node saves: storage id
+    input_node: np.ndarray  # ... and the node whose output sizes it
+    drop_region: np.ndarray  # per dropped storage: the region recomputing it
+    drop_entry: np.ndarray  # ... and the saved entry giving its bytes
+
+
 class RecomputeStructure:
     """Which node keeps, and which region drops, each saved storage under a set of regions: everything of an
     ActivationModel but the numbers, which come from the saved bytes, output bytes and forward seconds.
@@ -210,14 +223,14 @@ class RecomputeStructure:
         for name, sid in self._sid.items():
             self._created_by[sid] = created_by.get(name, -1)
         self._created_by_name = created_by
-        self._cache: dict[tuple[tuple[int, int], ...], tuple[np.ndarray, ...]] = {}
+        self._cache: dict[tuple[tuple[int, int], ...], _RegionLayout] = {}
 
     @property
     def entries(self) -> int:
         return len(self.entry_node)
 
-    def _layout(self, regions: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, ...]:
-        """(region_of, keeper node, kept storage, region-input storage, its sizing node, drop region, drop entry)."""
+    def _layout(self, regions: tuple[tuple[int, int], ...]) -> _RegionLayout:
+        """Who keeps and who drops what under `regions` (cached per set of regions)."""
         if regions in self._cache:
             return self._cache[regions]
         n, sid_of = self.n, self._sid
@@ -230,15 +243,13 @@ class RecomputeStructure:
             if sid not in first_keeper or i < first_keeper[sid]:
                 first_keeper[sid] = i
 
-        created = self._created_by
-        by_node: list[range] = []
-        bounds = np.searchsorted(self.entry_node, np.arange(n + 1))
+        created, entry_sid, region_at = self._created_by.tolist(), self.entry_sid.tolist(), region_of.tolist()
+        bounds = np.searchsorted(self.entry_node, np.arange(n + 1)).tolist()
+        by_node = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]  # each node's entries
         for i in range(n):
-            by_node.append(range(int(bounds[i]), int(bounds[i + 1])))
-        for i in range(n):
-            r = region_of[i]
+            r = region_at[i]
             for e in by_node[i]:
-                sid = int(self.entry_sid[e])
+                sid = entry_sid[e]
                 if r < 0:
                     keep(sid, i)
                     continue
@@ -250,12 +261,12 @@ class RecomputeStructure:
         sized_by: dict[int, int] = {}  # a region input no node saves: sized by the first pred that outputs it
         seen_dropped: list[set[int]] = [set() for _ in regions]
         for i in range(n):
-            r = region_of[i]
+            r = region_at[i]
             if r < 0:
                 continue
             a, b = regions[r]
             for e in by_node[i]:
-                sid = int(self.entry_sid[e])
+                sid = entry_sid[e]
                 if a <= created[sid] < b and sid not in seen_dropped[r]:
                     seen_dropped[r].add(sid)
                     drop_region.append(r)
@@ -271,14 +282,14 @@ class RecomputeStructure:
                         if sid >= self.saved_storages:
                             sized_by.setdefault(sid, p)
                         keep(sid, a)
-        layout = (
-            region_of,
-            np.fromiter(first_keeper.values(), dtype=np.int64, count=len(first_keeper)),
-            np.fromiter(first_keeper.keys(), dtype=np.int64, count=len(first_keeper)),
-            np.fromiter(sized_by.keys(), dtype=np.int64, count=len(sized_by)),
-            np.fromiter(sized_by.values(), dtype=np.int64, count=len(sized_by)),
-            np.array(drop_region, dtype=np.int64),
-            np.array(drop_entry, dtype=np.int64),
+        layout = _RegionLayout(
+            region_of=region_of,
+            keeper=np.fromiter(first_keeper.values(), dtype=np.int64, count=len(first_keeper)),
+            kept=np.fromiter(first_keeper.keys(), dtype=np.int64, count=len(first_keeper)),
+            input_storage=np.fromiter(sized_by.keys(), dtype=np.int64, count=len(sized_by)),
+            input_node=np.fromiter(sized_by.values(), dtype=np.int64, count=len(sized_by)),
+            drop_region=np.array(drop_region, dtype=np.int64),
+            drop_entry=np.array(drop_entry, dtype=np.int64),
         )
         self._cache[regions] = layout
         return layout
@@ -296,14 +307,15 @@ class RecomputeStructure:
         if len(entry_bytes) != self.entries:
             raise ValueError(f"{len(entry_bytes)} saved entries for a structure of {self.entries}")
         regions = tuple((int(a), int(b)) for a, b in regions)
-        region_of, keeper, kept_sid, input_sid, input_node, drop_region, drop_entry = self._layout(regions)
+        lay = self._layout(regions)
         size = np.zeros(len(self._sid))
         np.maximum.at(size, self.entry_sid, entry_bytes)
-        size[input_sid] = out_bytes[input_node]
+        size[lay.input_storage] = out_bytes[lay.input_node]
         kept = np.zeros(self.n)
-        np.add.at(kept, keeper, size[kept_sid])
+        np.add.at(kept, lay.keeper, size[lay.kept])
         dropped = np.zeros(len(regions))
-        np.add.at(dropped, drop_region, entry_bytes[drop_entry])
-        recompute = np.where(region_of >= 0, forward, 0.0)
-        transient = np.where(region_of >= 0, dropped[region_of] if len(regions) else 0.0, 0.0)
+        np.add.at(dropped, lay.drop_region, entry_bytes[lay.drop_entry])
+        inside = lay.region_of >= 0
+        recompute = np.where(inside, forward, 0.0)
+        transient = np.where(inside, dropped[lay.region_of] if len(regions) else 0.0, 0.0)
         return ActivationModel(mode, kept, recompute, transient, regions)
