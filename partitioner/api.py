@@ -8,7 +8,6 @@ modules share the model's parameters (so training the compiled model trains the 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +26,10 @@ from partitioner.plan.batch import BatchFlow, batch_flow
 from partitioner.plan.graph import PlanningGraph, build_planning_graph
 from partitioner.plan.model import batch_dims_of, plan_model
 from partitioner.plan.schema import Plan
+from partitioner.progress import Progress, logger
 from partitioner.runtime.local import LocalPipeline
 from partitioner.simulate import SimResult
+from partitioner.units import format_seconds
 from partitioner.validate import as_call, check_batch_split
 
 __all__ = ["CompiledModel", "compile"]
@@ -305,6 +306,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     overlap_grad_reduce: bool = True,
     sequence_parallel: bool | None = None,
     context_parallel: int | None = None,
+    verbose: bool = True,
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -350,6 +352,9 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     gathered for attention, causal masks by global position, the loss all-reduced); pipeline x tensor x data share
     the rest of the devices, the data-parallel mode runs over data x context. None (the default): searched where the
     layouts without it recompute activations or do not fit (plan.model._search_context); 1: never.
+    verbose: a compile over 2 s draws one progress line on stderr when it is a terminal (erased when done; never in
+    pipes or logs); False: never. Either way the passes' times are logged on the "partitioner" logger
+    (partitioner.progress).
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
@@ -359,7 +364,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         memory_limit=memory_limit, schedule=schedule, pipeline=pipeline, tensor_parallel=tensor_parallel,
         stages_per_device=stages_per_device, plan=plan, mincut=mincut, cost=cost, batch_dim=batch_dim,
         recompute=recompute, data_parallel=data_parallel, overlap_grad_reduce=overlap_grad_reduce,
-        sequence_parallel=sequence_parallel, context_parallel=context_parallel,
+        sequence_parallel=sequence_parallel, context_parallel=context_parallel, verbose=verbose,
     )  # fmt: skip
     example_inputs = as_call(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
@@ -412,34 +417,32 @@ def _changed_structure(model: nn.Module, structure: dict[str, int]) -> str | Non
 def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
     """The passes of docs/design.md's picture: capture -> annotate -> cost -> batch proof -> plan -> apply."""
     o = cm.options
-    times: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    captured = capture(cm.model, args, kwargs)
-    gm = captured.graph_module
-    times["capture"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    inputs = captured.flatten_inputs(args, kwargs)
-    annotate(gm, inputs, training=o.training)
-    measured = _profile(cm.model, gm, inputs, o.training) if o.cost == "profile" else None
-    costs = node_costs(gm, o.spec, training=o.training, measured=measured)
-    pg = build_planning_graph(gm, costs, o.spec, training=o.training)
-    times["annotate"] = time.perf_counter() - t0
-
-    # Training splits the batch: prove that samples stay independent (plan.batch) before planning a split.
-    t0 = time.perf_counter()
-    dims = batch_dims_of(o.batch_dim, captured.input_names, inputs)
-    flow = batch_flow(gm, inputs, captured.input_names, dims) if o.training else BatchFlow(dims)
-    times["batch"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    planned = plan_model(type(cm.model).__name__, captured, pg, flow, inputs, o)
-    times["plan"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    stages = apply(planned.plan, captured)  # the Plan decides what runs (partitioner.apply)
-    times["split"] = time.perf_counter() - t0
+    label = f"{type(cm.model).__name__} on {o.devices} devices"
+    with Progress(label, enabled=o.verbose) as progress:
+        with progress.phase("capture"):
+            captured = capture(cm.model, args, kwargs)
+            gm = captured.graph_module
+        with progress.phase("annotate"):
+            inputs = captured.flatten_inputs(args, kwargs)
+            annotate(gm, inputs, training=o.training)
+            measured = _profile(cm.model, gm, inputs, o.training) if o.cost == "profile" else None
+            costs = node_costs(gm, o.spec, training=o.training, measured=measured)
+            pg = build_planning_graph(gm, costs, o.spec, training=o.training)
+        # Training splits the batch: prove that samples stay independent (plan.batch) before planning a split.
+        with progress.phase("batch"):
+            dims = batch_dims_of(o.batch_dim, captured.input_names, inputs)
+            flow = batch_flow(gm, inputs, captured.input_names, dims) if o.training else BatchFlow(dims)
+        with progress.phase("plan"):
+            planned = plan_model(type(cm.model).__name__, captured, pg, flow, inputs, o)
+        p = planned.plan
+        logger.info(
+            "%s: pipeline %d x tensor %d x data %d, %d microbatches, %s; predicted step %s",
+            label, p.pipeline_degree, p.tensor_degree, p.data_degree, p.microbatches, p.schedule,
+            format_seconds(p.predicted["step_time"]),
+        )  # fmt: skip
+        with progress.phase("split"):
+            stages = apply(planned.plan, captured)  # the Plan decides what runs (partitioner.apply)
+    times = progress.times
 
     cm._plan, cm.captured, cm.stages, cm.compile_times = planned.plan, captured, stages, times
     cm.planning_graph, cm.simulation = planned.best.graph, planned.best.simulation

@@ -16,6 +16,7 @@ import argparse
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import sys
 import textwrap
@@ -318,6 +319,18 @@ def _add_plan_parser(sub: Any) -> None:
         "default: not written)",
     )
     p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log each compile pass's time and the chosen layout on stderr (the 'partitioner' logger at INFO)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress line on the terminal (it shows only for compiles over 2 s on a terminal anyway)",
+    )
+    p.add_argument(
         "--tensor-parallel",
         type=_positive_int,
         default=None,
@@ -416,6 +429,8 @@ def _plan(args: argparse.Namespace) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("fp32" if args.device_type == "cpu" else "bf16")
     ]
+    if args.verbose:
+        _log_to_stderr()
     call = load_model(args.model, batch=args.batch, seq=args.seq, inputs=args.inputs, dtype=dtype)
     t0 = time.perf_counter()
     cm = partitioner.compile(
@@ -433,6 +448,7 @@ def _plan(args: argparse.Namespace) -> int:
         data_parallel=args.data_parallel,
         sequence_parallel=None if args.sequence_parallel is None else args.sequence_parallel == "on",
         context_parallel=args.context_parallel,
+        verbose=not args.quiet,
     )
     elapsed = time.perf_counter() - t0
     written = []  # files first: a closed stdout (| head) must not lose them
@@ -447,6 +463,16 @@ def _plan(args: argparse.Namespace) -> int:
     print(cm.plan.summary())
     print(f"\ncompiled in {elapsed:.2f} s", *written, sep="\n")
     return 0
+
+
+def _log_to_stderr() -> None:
+    """The 'partitioner' logger's INFO records on stderr, one plain line each (the application's choice: the
+    library itself adds no handler)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    log = logging.getLogger("partitioner")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ class CompileOptions:
     overlap_grad_reduce: bool = True  # False: ddp / zero1 all-reduce after the backward (plan.sharding)
     sequence_parallel: bool | None = None  # tp's token-wise ops split over its ranks (plan.tensor_sequence)
     context_parallel: int | None = None  # ranks splitting every sequence (plan.context); None: searched; 1: none
+    verbose: bool = True  # a progress line on a terminal for compiles over 2 s (partitioner.progress)
 
     @classmethod
     def create(
@@ -68,6 +69,7 @@ class CompileOptions:
         overlap_grad_reduce: bool = True,
         sequence_parallel: bool | None = None,
         context_parallel: int | None = None,
+        verbose: bool = True,
     ) -> CompileOptions:
         """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
 
@@ -147,6 +149,7 @@ class CompileOptions:
             overlap_grad_reduce=bool(overlap_grad_reduce),
             sequence_parallel=sequence_parallel,
             context_parallel=context_parallel,
+            verbose=bool(verbose),
         )
 
 

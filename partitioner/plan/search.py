@@ -57,6 +57,7 @@ from partitioner.plan.sharding import (
     state_divisors,
 )
 from partitioner.plan.step import step_improver
+from partitioner.progress import current
 from partitioner.schedules import get_schedule
 from partitioner.simulate import SimResult, step_lower_bound
 from partitioner.units import format_bytes
@@ -405,16 +406,21 @@ def search(
                     data_parallel=tuple(data_parallel or DP_MODES),
                     overlap_grad_reduce=overlap_grad_reduce, sequence_parallel=sequence_parallel,
                     context=context)  # fmt: skip
+    progress, at = current(), f" at cp{cp}" if cp > 1 else ""
+    progress.work(f"degrees bounded{at}", total=len(degrees))
     candidates: list[Candidate] = []
     for d in degrees:
         candidates += ev.candidates(d)
+        progress.advance()
 
     best: Candidate | None = None
     # Modes in DP_MODES order shard more and communicate more: once one fits with nothing recomputed at its
     # default microbatch count, the later modes of that layout cannot be faster, and are not priced.
     settled: set[tuple[Degrees, str, bool]] = set()
     rank = {mode: k for k, mode in enumerate(("",) + DP_MODES)}
+    progress.work(f"layouts searched{at}", total=len(candidates))
     for c in sorted(candidates, key=lambda c: (bool(c.note), c.bound, c.degrees, c.schedule, rank[c.data_parallel])):
+        progress.advance()
         if c.note:
             continue
         if c.bound >= min(best.step_time if best is not None else math.inf, incumbent):
@@ -441,6 +447,7 @@ def search(
                 f"the best layout ranks at {best.step_time:.4g} s, not below the incumbent's {ranked_incumbent:.4g} s"
             )
     if best is not None and mincut:
+        progress.work(f"refining {best.degrees}")
         # Candidates are compared on their coarse contiguous plans; the winner is planned at every cut position and
         # its boundaries then move to min-bytes cuts, which never raises its bottleneck (plan.mincut). Should that
         # plan not be better, or not fit (the simulated peak can exceed the DP's), the ranked plan stays.
