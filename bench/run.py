@@ -20,7 +20,9 @@ same devices. Figures and their formulas:
     node-level bound = max(total compute / stages, the heaviest node's compute): no split's slowest
                       stage is below it (a node is never cut); bottleneck / it says how much of the
                       imbalance is the planner's and how much the graph's
-One JSON per model goes to --out (git commit, options, machine, every figure); bench/compare.py diffs two.
+Each run writes a JSON per model (git commit, options, machine, every figure; bench/compare.py diffs two) and a
+Gantt PNG of our plan's step, both named by model, devices and a UTC timestamp: into bench/results/ only with
+--save (records to commit), otherwise into ~/.cache/partitioner/bench ($XDG_CACHE_HOME), or --out DIR.
 """
 
 from __future__ import annotations
@@ -55,7 +57,17 @@ from partitioner.schedules import get_schedule  # noqa: E402
 from partitioner.simulate import StageCost, simulate  # noqa: E402
 from partitioner.units import format_bytes, format_seconds  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # records kept in the repository (--save)
+
+
+def default_out(save: bool) -> Path:
+    """Where a run's JSON and Gantt go without --out: bench/results/ with --save, else the user's cache."""
+    if save:
+        return RESULTS
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "partitioner" / "bench"
+
+
 SCHEDULE_CHOICES = ["gpipe", "1f1b", "interleaved", "looped-bfs", "zero-bubble", "zbv", "auto"]
 
 
@@ -304,17 +316,11 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         if "step_time" in row and "step_time" in searched:
             row["ratio"] = row["step_time"] / searched["step_time"]
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{args.devices}dev-{args.device_type}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
     gantt = None
     if args.gantt:
-        from partitioner.gantt import plot_gantt
-
-        gantt = str(
-            plot_gantt(
-                ours.simulation,
-                out_dir / f"{name}-{args.devices}dev-{args.device_type}-gantt.png",
-                title=f"{name} on {args.devices} x {args.device_type}, {sched}",
-            )
-        )
+        gantt = _gantt(ours.simulation, out_dir / f"{stem}-gantt.png", f"{name} on {args.devices} x {args.device_type}")
     executed = _execute(name, args, _overrides(name, args.layers, args.width), args.devices) if args.execute else None
 
     valid = [r for r in baselines.values() if "step_time" in r]
@@ -338,15 +344,23 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         "searched_layout": searched, "tools_at_devices": tools, "gantt": gantt, "execute": executed,
     }  # fmt: skip
     _print(result, plan)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"{name}-{args.devices}dev-{args.device_type}-{stamp}.json"
+    path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(result, indent=1, sort_keys=True, default=str))
     result["json"] = str(path)
     print(f"results: {path}")
     if args.json:
         print(json.dumps(result, indent=1, sort_keys=True, default=str))
     return result
+
+
+def _gantt(simulation: Any, path: Path, title: str) -> str:
+    """Our plan's simulated step as a PNG at `path` (its path), or why it was not drawn."""
+    from partitioner.gantt import plot_gantt
+
+    try:
+        return str(plot_gantt(simulation, path, title=f"{title}, {simulation.schedule}"))
+    except ImportError:  # matplotlib is the bench extra's
+        return "not drawn: it needs matplotlib (pip install -e '.[bench]')"
 
 
 def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
@@ -452,9 +466,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPUs, fp32 on cpu")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
     parser.add_argument("--width", type=int, default=None, help="override the model width (d_ff = 4 x width)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes (default: bench/results)")
+    parser.add_argument("--save", action="store_true",
+                        help="write the JSON and Gantt into bench/results/, to commit as a record (default: the "
+                             "user cache, ~/.cache/partitioner/bench)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON and Gantt here instead")
     parser.add_argument("--execute", action="store_true", help="also run the model here (use small --layers/--width)")
-    parser.add_argument("--gantt", action="store_true", help="write a PNG timeline of our plan's schedule")
+    parser.add_argument("--gantt", action=argparse.BooleanOptionalAction, default=True,
+                        help="a PNG timeline of our plan's simulated step next to the JSON (default: on)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="also print the JSON to stdout")
     args = parser.parse_args(argv)
 
@@ -468,7 +486,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     failures = []
     for name in names:
         try:
-            run_model(name, args, args.out)
+            run_model(name, args, args.out or default_out(args.save))
         except (ValueError, NotApplicable) as e:  # e.g. a model that does not fit: report, go on
             print(f"\n=== {name}: {e}")
             failures.append(name)

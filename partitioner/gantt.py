@@ -4,8 +4,8 @@ One row per rank (rank 0 on top), one bar per event: forward blue, full backward
 backward red, weight-grad backward green; later stages on the same rank (interleaved / V schedules) are
 drawn lighter and hatched. Where sends hold their sender (``SimResult.send_holds``, CPUs with gloo) a thin grey
 bar marks each one. Each bar is labelled with its microbatch number (``stage:microbatch`` when a rank
-holds several stages). The title carries the schedule, step time and bubble fraction. Nothing but the file
-is written: the figure is created with the Agg backend and closed, whatever pyplot state the caller has.
+holds several stages), as the legend says. The title carries the schedule, step time and bubble fraction. Nothing
+but the file is written: the figure is created with the Agg backend and closed, whatever pyplot state the caller has.
 """
 
 from __future__ import annotations
@@ -80,8 +80,11 @@ def plot_gantt(result: SimResult, path: str | Path, *, title: str = "") -> Path:
     if result.send_holds:
         handles.append(Patch(facecolor=SEND_COLOR, label="send (holds the sender)"))
     if multi:
-        handles.append(Patch(facecolor="lightgray", hatch="//", label="later stage on rank (stage:mb)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
+        handles.append(Patch(facecolor="lightgray", hatch="//", label="later stage on its rank"))
+    # What the numbers in the boxes are, as a legend entry without a swatch.
+    ids = "box label: stage:microbatch" if multi else "box label: microbatch id"
+    handles.append(Patch(facecolor="none", edgecolor="none", label=ids))
+    fig.legend(handles=handles, loc="outside lower center", ncol=6, fontsize=8, frameon=False)
     head = (
         title
         or f"{result.schedule}: {len(result.stage_to_rank)} stages on {ranks} ranks, "

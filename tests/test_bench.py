@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from partitioner.plan.graph import evaluate
 
 
 def test_cli_runs_gpt3_tiny_end_to_end(tmp_path, capsys):
-    code = run.main(["--model", "gpt3-tiny", "--devices", "4", "--batch", "8", "--out", str(tmp_path), "--gantt"])
+    code = run.main(["--model", "gpt3-tiny", "--devices", "4", "--batch", "8", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "ratio to ours" in out and "perfect balance" in out and "searched layout" in out
@@ -26,7 +27,9 @@ def test_cli_runs_gpt3_tiny_end_to_end(tmp_path, capsys):
     result = json.loads(files[0].read_text())
     assert result["model"] == "gpt3-tiny" and result["git"]["commit"]
     assert result["predicted"]["step_time"] > 0 and result["predicted"]["throughput_unit"] == "tokens/s"
-    assert (tmp_path / "gpt3-tiny-4dev-h100-gantt.png").stat().st_size > 1000
+    gantt = files[0].with_name(files[0].stem + "-gantt.png")  # drawn by default, named like its JSON
+    assert result["gantt"] == str(gantt) and gantt.stat().st_size > 1000
+    assert f"gantt: {gantt}" in out and f"results: {files[0]}" in out
     # No split can beat perfect balance; ours minimizes the step every baseline is priced by (plan.step: exact over
     # contiguous splits when they are few, a local search otherwise), so no baseline using all stages beats it.
     assert result["perfect_balance"]["bottleneck"] <= result["plan"]["bottleneck"] * (1 + 1e-9)
@@ -195,3 +198,15 @@ def test_pipeline_fidelity_splits_are_valid_and_cut_at_block_boundaries() -> Non
             k = int(name.split("/ ")[1][0])
             first = pg.names[stage_of.index(1)]
             assert first.startswith(f"h_{k}_") and metrics[0].send_messages == 1  # the residual stream alone
+
+
+def test_results_go_to_the_repository_only_with_save(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert run.default_out(save=False) == tmp_path / "partitioner" / "bench"
+    assert run.default_out(save=True) == run.RESULTS == Path(run.__file__).resolve().parent / "results"
+    seen = []
+    monkeypatch.setattr(run, "run_model", lambda name, args, out_dir: seen.append(out_dir))
+    run.main(["--model", "gpt3-tiny"])
+    run.main(["--model", "gpt3-tiny", "--save"])
+    run.main(["--model", "gpt3-tiny", "--save", "--out", str(tmp_path / "mine")])
+    assert seen == [tmp_path / "partitioner" / "bench", run.RESULTS, tmp_path / "mine"]

@@ -478,6 +478,22 @@ def test_gantt_png_is_written(tmp_path, schedule: str, num_stages: int, ranks: i
     assert not math.isnan(r.step_time)
 
 
+@pytest.mark.parametrize(
+    "schedule,num_stages,ids", [("1f1b", 4, "microbatch id"), ("interleaved", 8, "stage:microbatch")]
+)
+def test_gantt_legend_says_what_the_box_labels_are(tmp_path, monkeypatch, schedule, num_stages, ids) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from partitioner.gantt import plot_gantt
+
+    legends = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: legends.extend(fig.legends))
+    plot_gantt(sim(schedule, equal_stages(num_stages, 1), 8, 4), tmp_path / "g.png")
+    labels = [t.get_text() for legend in legends for t in legend.get_texts()]
+    assert f"box label: {ids}" in labels and "forward" in labels, labels
+
+
 def _drawn_stages(data: st.DataObject, num_stages: int, *, shortest: float) -> list[StageCost]:
     """Random stage costs: durations from `shortest` to 5 s, sends, bytes and the input-gradient share at random."""
     positive, duration = st.floats(0.0, 5.0, allow_nan=False), st.floats(shortest, 5.0, allow_nan=False)
