@@ -73,6 +73,7 @@ class CompiledModel:
 
     @property
     def is_planned(self) -> bool:
+        """Whether the model is planned yet: True after compile with example inputs, else after the first call."""
         return self._plan is not None
 
     @property
@@ -81,6 +82,11 @@ class CompiledModel:
         return plan_layout(self.plan)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the model: every stage runs in this process, in order, and the output equals the model's.
+
+        Plans first when compile had no example inputs. Raises RuntimeError when a submodule or parameter of the
+        model was replaced after compile, ValueError when an input's dims or dtype differ from the compiled ones.
+        """
         if self._plan is None:  # planned lazily on the first call, like torch.compile
             _build(self, args, kwargs)
         self._check_structure()
@@ -143,8 +149,8 @@ class CompiledModel:
 
         seq_dims: input name -> its sequence dim (default: the dim after the batch dim of every input of the first
         input's sequence length); balance: the load-balanced chunk order (default: when 2 x degree divides it).
-        Context parallelism is not yet chosen by the planner nor run under torchrun: this checks that the model runs
-        correctly that way.
+        This checks, without torchrun, that the model runs correctly that way at any degree, whatever the plan chose
+        (compile's context_parallel option and search; runtime.distributed runs the plan's degree under torchrun).
         """
         from partitioner.plan.context import plan_context_parallel
         from partitioner.runtime.cp_local import check_context_parallel
@@ -268,6 +274,7 @@ class CompiledModel:
         return list(seen.values())
 
     def zero_grad(self) -> None:
+        """Set the gradient of every parameter in ``parameters()`` to None (as ``Optimizer.zero_grad`` does)."""
         for p in self.parameters():
             p.grad = None
 
@@ -280,6 +287,7 @@ class CompiledModel:
 
     @property
     def stage_modules(self) -> list[fx.GraphModule]:
+        """The stage GraphModules, stage order; they hold the model's own parameters and buffers."""
         return [s.module for s in self.stages]
 
 

@@ -74,10 +74,12 @@ class DeviceSpec:
         return self.memory_bandwidth * self.memory_efficiency
 
     def to_dict(self) -> dict:
+        """The spec as plain data (what `Plan.device_type` holds); `from_dict` reads it back."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> DeviceSpec:
+        """The spec `to_dict` wrote (e.g. a saved plan's `device_type`)."""
         return cls(**data)
 
 

@@ -97,6 +97,7 @@ class Plan:
 
     @property
     def num_stages(self) -> int:
+        """Pipeline stages: pipeline degree x stages per device."""
         return len(self.stages)
 
     @property
@@ -106,6 +107,7 @@ class Plan:
 
     @property
     def total_compute(self) -> float:
+        """Sum of the stages' compute times (seconds per step)."""
         return sum(s.compute_time for s in self.stages)
 
     @property
@@ -118,6 +120,8 @@ class Plan:
         return _format_plan(self)
 
     def to_json(self) -> str:
+        """The plan as JSON text (sorted keys, indent 1): identical for the same model and options; `from_json`
+        reads it back equal."""
         return json.dumps(asdict(self), sort_keys=True, indent=1)
 
     @classmethod

@@ -58,13 +58,16 @@ class TensorParallelPlan:
     global_shapes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """The layout as JSON text (sorted keys); `from_json` reads it back equal."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TensorParallelPlan:
+        """The layout `to_json` wrote."""
         return cls(**json.loads(text))
 
     def sharded_nodes(self) -> list[str]:
+        """Names of the nodes whose layout is not replicated (sharded, partial or sequence-split), graph order."""
         return [n for n, lay in self.node_layout.items() if lay != REPLICATED]
 
     def summary(self) -> str:

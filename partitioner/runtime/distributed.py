@@ -438,6 +438,8 @@ class DistributedPipeline:
                     yield name, p
 
     def parameters(self) -> list[nn.Parameter]:
+        """This rank's unique trainable parameters (``named_parameters()`` without the names): what an optimizer
+        takes."""
         return [p for _, p in self.named_parameters()]
 
     def make_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> torch.optim.Optimizer:
@@ -456,6 +458,7 @@ class DistributedPipeline:
         return [t for n, t in self.state_dict(keep_vars=True).items() if n in names]
 
     def zero_grad(self) -> None:
+        """Set the gradient of every parameter this rank trains to None (gradients accumulate over steps)."""
         for p in self.parameters():
             p.grad = None
 

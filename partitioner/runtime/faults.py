@@ -118,6 +118,7 @@ class FaultMonitor:
         return _Watch(self)
 
     def close(self) -> None:
+        """Stop the heartbeat and watchdog thread (the store is left as it is)."""
         self._stop.set()
 
     def _beat(self) -> None:

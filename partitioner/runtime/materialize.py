@@ -44,7 +44,9 @@ __all__ = ["ReplayInit", "StateDictSource", "WeightSource", "materialize_modules
 class WeightSource(Protocol):
     """Where a rank's real tensors come from: original names in, tensors (on `device`) out."""
 
-    def tensors(self, names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]: ...
+    def tensors(self, names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The real tensor of each of `names` (the original model's names), on `device`."""
+        ...
 
 
 @dataclass
@@ -54,6 +56,8 @@ class StateDictSource:
     state: Mapping[str, torch.Tensor]
 
     def tensors(self, names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """A detached copy of each named entry on `device`; only those entries are read (a lazy dict stays lazy).
+        Raises KeyError naming the entries the state dict lacks."""
         missing = [n for n in names if n not in self.state]
         if missing:
             raise KeyError(f"the state dict has no entries for {missing[:5]}{'...' if len(missing) > 5 else ''}")
@@ -119,6 +123,12 @@ class ReplayInit:
     stats: dict[str, int] = field(default_factory=dict)
 
     def tensors(self, names: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Replay the recorded construction for `names` only and return their tensors on `device`, each
+        bit-identical to the same tensor of ``torch.manual_seed(seed); build()`` (see the module docstring).
+
+        The caller's random generator state is left as it was; `stats` counts the ops recorded, run and run only to
+        advance the generator. Raises KeyError for names the recorded model does not have.
+        """
         unknown = [n for n in names if n not in self.names]
         if unknown:
             raise KeyError(f"the recorded model has no tensors named {unknown[:5]}")

@@ -59,6 +59,8 @@ class StageAdapter(nn.Module):
         self.box_device = torch.device(device)  # where boxed scalars are allocated (the stage's device)
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the stage on the received tensors, boxed scalars unboxed, and return its outputs as a tuple of
+        tensors (ints, sizes and devices boxed as in the class docstring)."""
         values = [
             _unbox(a, self.scalar_inputs[i])
             if i in self.scalar_inputs
