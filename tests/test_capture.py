@@ -298,6 +298,31 @@ def test_one_row_batches_are_taken_where_the_graph_is_shown_to_hold_for_them() -
     assert "the model is on meta" in c.fallbacks[-1].reason
 
 
+def test_a_view_given_as_example_is_captured_as_a_plain_tensor() -> None:
+    """`tokens[:, :-1]` as the example: export, not size-oblivious, guards on the view's base
+    (`x._base.size()[1] != x.size()[1]`), which a plain tensor breaks; capture traces a copy, so the one-row check
+    holds (no "batch > 1") and calls with plain tensors of any batch run."""
+    model, base = OneRowAlike(), torch.randn(8, 5)
+    c = capture(model, (base[:, :-1],))
+    assert [f.path for f in c.fallbacks] == ["torch.export"] and c.input_shapes["x"][0].min == 1
+    for rows in (1, 3):
+        x = torch.randn(rows, 4)
+        torch.testing.assert_close(_run(c, x), model(x))
+
+
+def test_default_microbatches_keep_two_rows_where_a_guard_refuses_one() -> None:
+    """A graph that refuses one-row batches by export's guard (`x.size()[0] != 1`, its range still from 1): the
+    default microbatch count leaves every chunk 2 rows or more, and the step runs."""
+    torch.manual_seed(0)
+    model, x, y = OneRowApart(), torch.randn(4, 4), torch.randn(4, 4)
+    cm = partitioner.compile(model, devices=1, example_inputs=(x,), device_type="cpu")
+    assert "batch > 1" in [f["path"] for f in cm.plan.fallbacks]
+    assert cm.plan.microbatches == 2  # 4 (= 4 x pipeline) would cut one-row chunks
+    mse, reference = torch.nn.functional.mse_loss, copy.deepcopy(model)
+    expected = torch.stack([mse(reference(a), b) for a, b in zip(x.split(2), y.split(2))]).mean()
+    torch.testing.assert_close(cm.step((x,), y, mse), expected)
+
+
 def test_pinned_batch_dim_is_a_static_shapes_fallback_with_a_clear_error() -> None:
     class Pinned(nn.Module):
         def __init__(self) -> None:

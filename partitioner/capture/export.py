@@ -144,6 +144,9 @@ def _trace_export(
     dynamic: bool,
     oblivious: bool = True,
 ) -> _Exported:
+    # A view's base is no part of the call: given `tokens[:, :-1]`, export guards on `_base`'s sizes, which calls
+    # with plain tensors (and the meta stand-ins of `_one_row_refusal`) break. Export traces a copy instead.
+    flat = {n: v.clone() if isinstance(v, torch.Tensor) and v._is_view() else v for n, v in flat.items()}
     args, kwargs = rebuild(flat)
     dynamic_shapes = _auto_dynamic_shapes(signature, args, kwargs) if dynamic else None
     with _NoTraceTimeMutation(model), _size_oblivious(dynamic and oblivious):

@@ -355,6 +355,8 @@ def _smallest_chunk(captured: CapturedGraph, dims: dict[str, int | None]) -> int
         if isinstance(spec, int):
             return None
         smallest = max(smallest, spec.min)
+    if any(f.path == "batch > 1" for f in captured.fallbacks):  # refused by a guard (`batch != 1`), not the range
+        smallest = max(smallest, 2)
     return smallest
 
 
