@@ -34,6 +34,7 @@ import torch.fx as fx
 from torch import nn
 
 from partitioner.plan.graph import PlanningGraph
+from partitioner.plan.recompute import module_path
 
 __all__ = [
     "BASELINES",
@@ -57,19 +58,9 @@ class NotApplicable(ValueError):
 
 
 def node_module_paths(gm: fx.GraphModule, pg: PlanningGraph) -> list[str]:
-    """Innermost module path of every planned node ("" for top-level operations)."""
+    """Innermost module path of every planned node ("" for top-level operations; plan.recompute.module_path)."""
     by_name = {n.name: n for n in gm.graph.nodes}
-    paths = []
-    for name in pg.names:
-        n = by_name[name]
-        stack = n.meta.get("nn_module_stack")
-        if n.op == "call_module":
-            paths.append(str(n.target))
-        elif stack:
-            paths.append(str(list(stack.values())[-1][0]))
-        else:
-            paths.append("")
-    return paths
+    return [module_path(by_name[name]) for name in pg.names]
 
 
 def repeated_blocks(model: nn.Module) -> tuple[str, int]:

@@ -17,7 +17,7 @@ from partitioner.cost import node_costs
 from partitioner.devices import get_device_spec
 from partitioner.plan.graph import build_planning_graph, evaluate
 from partitioner.plan.model import TensorParallelLayouts
-from partitioner.plan.recompute import activation_model, layer_path
+from partitioner.plan.recompute import activation_model, layer_path, module_path
 from partitioner.plan.search import scale_graph
 from tests.planning_graphs import reference_activation_model
 from zoo.gpt3 import GPT, GPTConfig
@@ -224,3 +224,13 @@ def test_a_saved_plan_s_recompute_is_what_runs() -> None:
     stages = apply(cm.plan, cm.captured)
     counts = [sum(isinstance(m, CheckpointedRegion) for m in st.module.modules()) for st in stages]
     assert counts == [0, len(plan.stages[1].recompute_regions)] and counts[1] > 0
+
+
+def test_module_path_skips_the_stand_in_export_gives_nodes_without_a_module() -> None:
+    graph = fx.Graph()
+    node = graph.placeholder("x")
+    hook = "_empty_nn_module_stack_from_metadata_hook"  # torch._export.passes._node_metadata_hook
+    node.meta["nn_module_stack"] = {hook: (hook, hook)}
+    assert module_path(node) == ""
+    node.meta["nn_module_stack"] = {"L__self___h_0": ("h.0", object), hook: (hook, hook)}
+    assert module_path(node) == "h.0"

@@ -83,12 +83,16 @@ def layer_path(path: str) -> str | None:
     return None
 
 
+_EXPORT_NO_MODULE = "_empty_nn_module_stack_from_metadata_hook"
+
+
 def module_path(node: fx.Node) -> str:
     """The innermost module a node runs in: its call_module target, else the last entry of its module stack (fx
     keys it by path; export by an id, with the path as the first element of the value)."""
     if node.op == "call_module":
         return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
+    # Export's metadata hook stands this key in for "no module" on the nodes it adds (torch._export.passes).
+    stack = {k: v for k, v in (node.meta.get("nn_module_stack") or {}).items() if k != _EXPORT_NO_MODULE}
     if not stack:
         return ""
     key, value = next(reversed(stack.items()))
