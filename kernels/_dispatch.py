@@ -17,23 +17,38 @@ Every public kernel function takes ``backend: Literal["auto", "triton", "referen
      when ``kernels`` was imported (Triton picks interpreter or compiler when a kernel is decorated, at
      import; tests/conftest.py sets it first). Meta tensors and other devices therefore get the reference.
 
-``"auto"`` is what makes the functions traceable: ``torch.fx.wrap`` records the call as a leaf, and the
-partitioner's meta-tensor FlopCounterMode pass runs the reference (rules 3 and 4), whose ops it counts.
+Every public kernel is an fx leaf (:func:`fx_leaf`): torch.fx records each call as one ``call_function`` node,
+whatever the caller's import style (``from kernels import f`` or ``kernels.f(...)``) and with no ``torch.fx.wrap``
+in the caller's module, so a traced model keeps the fused kernel. ``"auto"`` then keeps such graphs runnable
+anywhere: the partitioner's meta-tensor FlopCounterMode pass runs the reference (rules 3 and 4), whose ops it counts.
+(torch.export traces into the function instead: on its fake tensors it records the reference's ops.)
 Kernel-specific limits (dtype, head dimension) are the kernel's own business: it passes them to
 :func:`use_triton` as ``extra_reason`` so that ``"auto"`` falls back and ``"triton"`` raises with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import types
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import torch
 
-__all__ = ["Backend", "HAS_TRITON", "INTERPRET", "triton", "tl", "triton_unsupported_reason", "use_triton"]
+__all__ = [
+    "Backend",
+    "HAS_TRITON",
+    "INTERPRET",
+    "fx_leaf",
+    "tl",
+    "triton",
+    "triton_unsupported_reason",
+    "use_triton",
+]
 
 Backend = Literal["auto", "triton", "reference"]
+F = TypeVar("F", bound=Callable[..., Any])
 _BACKENDS = ("auto", "triton", "reference")
 
 
@@ -143,3 +158,23 @@ def use_triton(*tensors: torch.Tensor | None, backend: str, extra_reason: str | 
     if backend == "triton":
         raise RuntimeError(f"backend='triton' cannot run here: {reason}")
     return False
+
+
+def fx_leaf(fn: F) -> F:
+    """`fn`, recorded by torch.fx as one call_function node when a traced value (an fx Proxy) is among its
+    arguments, and run as itself otherwise.
+
+    It is what ``torch.fx.wrap("name")`` does, but for every caller: fx.wrap patches one name in one module's
+    globals, so a model that forgot it, or called ``kernels.slot_attention(...)`` through the package, was traced
+    into the kernel (which fails on proxies) and captured another way without the kernel. The node's target is the
+    returned function itself, so the graph runs the kernel (or its reference, by ``backend``) when it runs.
+    """
+
+    @functools.wraps(fn)
+    def leaf(*args: Any, **kwargs: Any) -> Any:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.fx.Proxy):
+                return a.tracer.create_proxy("call_function", leaf, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return leaf  # type: ignore[return-value]

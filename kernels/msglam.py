@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import INTERPRET, Backend, tl, triton, use_triton
+from kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
 
 __all__ = ["msglam_attention", "msglam_attention_reference", "nonlocal_attention_reference", "cbam_reference"]
 
@@ -624,6 +624,7 @@ def _kernel_objection(x: torch.Tensor, *params: torch.Tensor) -> str | None:
     return f"dtypes {bad} are not supported (float32, bfloat16, float16)" if bad else None
 
 
+@fx_leaf
 def msglam_attention(
     x: torch.Tensor,
     wq: torch.Tensor,

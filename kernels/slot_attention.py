@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from kernels._dispatch import INTERPRET, Backend, tl, triton, use_triton
+from kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
 from kernels._triton_common import _mm
 
 __all__ = ["slot_attention", "slot_attention_reference"]
@@ -456,6 +456,7 @@ def slot_attention_reference(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@fx_leaf
 def slot_attention(
     q: torch.Tensor,
     k: torch.Tensor,

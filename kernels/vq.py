@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import INTERPRET, Backend, tl, triton, use_triton
+from kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
 from kernels._triton_common import _mm
 
 __all__ = ["gumbel_noise_like_kernel", "vq_lookup", "vq_lookup_reference"]
@@ -455,6 +455,7 @@ def vq_lookup_reference(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@fx_leaf
 def vq_lookup(
     z: torch.Tensor,
     codebook: torch.Tensor,

@@ -570,3 +570,28 @@ def test_huggingface_model_output_on_export_and_module_level(path: str) -> None:
     assert isinstance(out, outputs.SequenceClassifierOutput) and out.loss is None
     torch.testing.assert_close(out.logits, ref.logits)
     torch.testing.assert_close(out["hidden_states"], ref.hidden_states)
+
+
+def test_kernel_calls_are_graph_nodes_however_they_are_imported() -> None:
+    """Every `kernels` function is an fx leaf (kernels._dispatch.fx_leaf): a model that neither wraps it with
+    torch.fx.wrap nor imports it by name is captured by fx with the call as one node, and runs equal."""
+    import kernels
+    from kernels import slot_attention
+
+    class Slots(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            out, attn = slot_attention(self.q(x), k, k, return_attn=True)
+            again, _ = kernels.slot_attention(out, k, k)  # through the package
+            return again + attn.sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model, x, k = Slots(), torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    c = capture(model, (x, k))
+    assert [f.path for f in c.fallbacks] == []  # fx, no export fallback
+    calls = [n for n in c.graph_module.graph.nodes if n.target is kernels.slot_attention]
+    assert len(calls) == 2 and all(n.op == "call_function" for n in calls)
+    torch.testing.assert_close(_run(c, x, k), model(x, k))

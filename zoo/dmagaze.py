@@ -65,14 +65,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from kernels.msglam import msglam_attention
 from zoo.registry import ModelEntry, register
-
-torch.fx.wrap("msglam_attention")  # fx records the fused attention as one leaf call
 
 __all__ = [
     "DMAGazeConfig",

@@ -86,9 +86,6 @@ from kernels.vq import vq_lookup
 from zoo.registry import ModelEntry, register
 from zoo.vit import ViTEncoder, vit_param_count
 
-torch.fx.wrap("slot_attention")
-torch.fx.wrap("vq_lookup")
-
 __all__ = [
     "MetaSlotConfig",
     "MetaSlot",
