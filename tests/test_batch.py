@@ -179,6 +179,24 @@ def test_rules_find_mixing(name: str) -> None:
     assert flow.mixing and not flow.splittable
 
 
+class Recurrent(nn.Module):
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        out = self.cell(x, h) if isinstance(self.cell, nn.GRUCell) else self.cell(x, (h, h))[0]
+        return out
+
+
+def test_recurrent_cells_are_followed_without_notes() -> None:
+    """nn.GRUCell / LSTMCell split their gates with aten.unsafe_split / unsafe_chunk, which have the rules of
+    split / chunk: along another dim the rows stay apart, proven (no "samples assumed independent" note)."""
+    for cell in (nn.GRUCell(4, 6), nn.LSTMCell(4, 6)):
+        flow = _flow(Recurrent(cell), torch.randn(3, 4), torch.randn(3, 6))
+        assert flow.splittable and not flow.notes, flow.notes
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_huggingface_models_are_proven_splittable(name: str) -> None:
     transformers = pytest.importorskip("transformers")

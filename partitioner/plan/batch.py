@@ -518,7 +518,8 @@ _register(_rule_unsqueeze, "unsqueeze")
 _register(_rule_squeeze, "squeeze")
 _register(_rule_picks("selects a row"), "select")
 _register(_rule_picks("slices rows"), "slice")
-_register(_rule_picks("splits or picks rows"), "split", "split_with_sizes", "unbind", "chunk", "narrow",
+_register(_rule_picks("splits or picks rows"), "split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes",
+          "unbind", "chunk", "unsafe_chunk", "narrow",
           "index_select", "tensor_split")  # fmt: skip
 _register(_rule_reduce, "sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "var_mean",
           "std_mean", "logsumexp", "prod", "any", "all", "norm", "linalg_vector_norm", "count_nonzero", "nansum",
