@@ -107,12 +107,15 @@ class GroupComm:
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         import torch.distributed._functional_collectives as funcol
 
-        return _wait(funcol.all_gather_tensor(x.contiguous(), dim, self.group))
+        # all_gather_single where torch has it (the *_tensor names warn that they are deprecated from 2.13)
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        return _wait(gather(x.contiguous(), dim, self.group))
 
     def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         import torch.distributed._functional_collectives as funcol
 
-        return _wait(funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim, self.group))
+        scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+        return _wait(scatter(x.contiguous(), "sum", dim, self.group))
 
 
 def _check_splits(x: torch.Tensor, dim: int, ranks: int) -> None:
