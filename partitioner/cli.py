@@ -322,13 +322,14 @@ def _add_plan_parser(sub: Any) -> None:
         "-v",
         "--verbose",
         action="store_true",
-        help="log each compile pass's time and the chosen layout on stderr (the 'partitioner' logger at INFO)",
+        help="log each compile pass's time and the chosen layout on stderr (the 'partitioner' logger at INFO; "
+        "default: not logged)",
     )
     p.add_argument(
         "-q",
         "--quiet",
         action="store_true",
-        help="no progress line on the terminal (it shows only for compiles over 2 s on a terminal anyway)",
+        help="no progress line (default: one on stderr for compiles over 2 s, when it is a terminal)",
     )
     p.add_argument(
         "--tensor-parallel",
