@@ -9,6 +9,8 @@ its gradients for every parameter (sharded ones reassembled), fp32 at 1e-5.
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +84,14 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
 
 
 def hf_graph(family: str, layers: int = 1, labels: bool = False) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """The annotated export graph of a small seeded HF model and its inputs: a copy of each test's own (export takes
+    seconds per model, and several tests read the same one)."""
+    gm, inputs = _hf_graph(family, layers, labels, VOCAB)  # VOCAB: a test may set another
+    return copy.deepcopy(gm), list(inputs)
+
+
+@functools.cache
+def _hf_graph(family: str, layers: int, labels: bool, vocab: int) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     torch.manual_seed(0)
     model, call = FAMILIES[family](layers)
     if labels:  # the loss inside the graph: HF shifts the labels and calls cross_entropy
