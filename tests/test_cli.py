@@ -1,4 +1,5 @@
-"""partitioner/cli.py and examples/: the command line as a user runs it (subprocesses), and its parsers in-process."""
+"""partitioner/cli.py and examples/: `python -m partitioner` and the examples as a user runs them (subprocesses), the
+other commands and the parsers in-process."""
 
 from __future__ import annotations
 
@@ -57,36 +58,36 @@ def test_plan_prints_the_summary_of_the_plan_compile_makes(planned) -> None:
     assert "compiled in" in result.stdout and "Traceback" not in result.stderr
 
 
-def test_plan_json_is_the_plan_and_explain_reads_it_back(planned) -> None:
+def test_plan_json_is_the_plan_and_explain_reads_it_back(planned, capsys: pytest.CaptureFixture) -> None:
     result, path = planned
     assert result.returncode == 0, result.stderr
     assert f"plan: {path}" in result.stdout
     saved = partitioner.Plan.from_json(path.read_text())
     assert saved == _tiny_plan()
-    explained = _python("-m", "partitioner", "explain", str(path))
-    assert explained.returncode == 0, explained.stderr
-    assert explained.stdout == saved.summary() + "\n"
+    assert cli.main(["explain", str(path)]) == 0  # in this process: the subprocess path is the fixture's
+    assert capsys.readouterr().out == saved.summary() + "\n"
 
 
-def test_plan_builds_a_transformers_config_on_meta() -> None:
-    result = _python("-m", "partitioner", "plan", LLAMA, "--devices", "2", "--batch", "4", "--seq", "32")
-    assert result.returncode == 0, result.stderr
-    first = result.stdout.splitlines()[0]
+def test_plan_builds_a_transformers_config_on_meta(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["plan", LLAMA, "--devices", "2", "--batch", "4", "--seq", "32"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("Plan for LlamaForCausalLM on 2 x h100 (") and "captured with export" in first
 
 
-def test_an_unknown_model_is_one_error_line_naming_every_form() -> None:
-    result = _python("-m", "partitioner", "plan", "gpt3-tny", "--devices", "2")
-    assert result.returncode == 2 and result.stdout == ""
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+def test_an_unknown_model_is_one_error_line_naming_every_form(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["plan", "gpt3-tny", "--devices", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert lines[0].startswith("partitioner: error: unknown model 'gpt3-tny' (did you mean gpt3-tiny")
     for form in [*zoo.names(), "module:factory", "--inputs module:function", "hf:ConfigClass:key=value"]:
         assert form in lines[0], form
 
 
-def test_plan_imports_a_factory_and_its_inputs_from_the_current_directory(tmp_path: Path) -> None:
+def test_plan_imports_a_factory_and_its_inputs_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     (tmp_path / "my_models.py").write_text(
         textwrap.dedent(
             """
@@ -110,9 +111,11 @@ def test_plan_imports_a_factory_and_its_inputs_from_the_current_directory(tmp_pa
         )
     )
     args = ["my_models:build", "--inputs", "my_models:example", "--devices", "2", "--batch", "6", "--seq", "5"]
-    result = _python("-m", "partitioner", "plan", *args, "--pipeline", "2", "--json", "p.json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("Plan for TwoBlocks on 2 x h100 (pipeline 2 x tensor 1 x data 1;")
+    monkeypatch.chdir(tmp_path)  # in this process, as the console script does: the current directory is importable
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    assert cli.main(["plan", *args, "--pipeline", "2", "--json", "p.json"]) == 0
+    assert capsys.readouterr().out.startswith("Plan for TwoBlocks on 2 x h100 (pipeline 2 x tensor 1 x data 1;")
     plan = partitioner.Plan.from_json((tmp_path / "p.json").read_text())
     assert plan.num_stages == 2 and plan.capture == "fx"
 
