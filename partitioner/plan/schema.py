@@ -15,7 +15,7 @@ from typing import Any
 import torch.fx as fx
 
 from partitioner.plan.graph import stage_time
-from partitioner.units import format_bytes, format_seconds
+from partitioner.units import format_bytes, format_flops, format_seconds
 
 __all__ = ["PLAN_VERSION", "Plan", "StagePlan", "graph_fingerprint"]
 
@@ -250,8 +250,8 @@ def _format_plan(plan: Plan) -> str:
                 str(s.index),
                 str(len(s.nodes)),
                 span,
-                f"{s.param_bytes / 2**20:.1f}",
-                f"{s.flops / 1e9:.2f}",
+                format_bytes(s.param_bytes),
+                format_flops(s.flops),
                 format_seconds(s.compute_time),
                 format_seconds(s.comm_time),
                 format_bytes(s.peak_memory),
@@ -259,7 +259,7 @@ def _format_plan(plan: Plan) -> str:
                 s.recompute,
             ]
         )
-    header = ["stage", "nodes", "modules", "params MiB", "fwd GFLOP", "compute", "comm", "memory", "sends", "recompute"]
+    header = ["stage", "nodes", "modules", "params", "forward", "compute", "comm", "memory", "sends", "recompute"]
     lines.append(_table(header, rows))
     lines += [
         "",
