@@ -393,3 +393,22 @@ def test_backward_bytes_are_the_output_gradient_what_was_saved_and_the_input_gra
     spec = dataclasses.replace(get_device_spec("cpu"), kernel_overhead=0.0)
     costs = node_costs(cap.graph_module, spec)
     assert costs["softmax"].backward == pytest.approx(1.5 * costs["softmax"].forward)
+
+
+def test_summary_groups_a_module_reused_by_several_stages() -> None:
+    """A block applied at both ends of the model: its parameters are held by the first and the last stage, said in
+    one line naming the block (not a line per parameter)."""
+
+    class Ends(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+            self.middle = nn.Sequential(*[nn.Linear(16, 16) for _ in range(6)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.shared(self.middle(self.shared(x)))
+
+    cm = partitioner.compile(Ends(), devices=2, example_inputs=(torch.randn(8, 16),), device_type="cpu", pipeline=2)
+    assert set(cm.plan.tied_stages) == {"shared.0.weight", "shared.0.bias", "shared.2.weight", "shared.2.bias"}
+    lines = [line for line in cm.plan.summary().splitlines() if "held by stages" in line]
+    assert lines == ["4 shared parameters of shared held by stages [0, 1]"]

@@ -274,11 +274,15 @@ def _format_plan(plan: Plan) -> str:
         f"peak stage: {format_bytes(max(s.peak_memory for s in plan.stages))}",
     ]
     lines += _predicted_lines(plan.predicted)
-    if plan.tied_stages:
-        for name, stages in sorted(plan.tied_stages.items()):
-            names = plan.tied_params.get(name)  # tied under several names, or one module reused by several stages
-            what = f"tied parameter {name} ({', '.join(names)})" if names else f"shared parameter {name}"
-            lines.append(f"{what} held by stages {stages}")
+    shared: dict[tuple[int, ...], list[str]] = {}  # one module reused by several stages: grouped by its stages
+    for name, stages in sorted(plan.tied_stages.items()):
+        names = plan.tied_params.get(name)  # tied under several names, or one module reused by several stages
+        if names:
+            lines.append(f"tied parameter {name} ({', '.join(names)}) held by stages {stages}")
+        else:
+            shared.setdefault(tuple(stages), []).append(name)
+    for stages, names in shared.items():
+        lines.append(f"{_shared_names(names)} held by stages {list(stages)}")
     if plan.reasons:
         lines.append("why it recomputes and shards as it does:")
         lines += [f"  {r}" for r in plan.reasons]
@@ -313,3 +317,20 @@ def _format_plan(plan: Plan) -> str:
     for fb in plan.fallbacks:
         lines.append(f"  {fb['what'] or '<model>'}: {fb['path']} ({fb['reason']})")
     return "\n".join(lines)
+
+
+def _shared_names(names: list[str]) -> str:
+    """Parameters several stages read, in a few words: one by name; more by the module holding them all, else the
+    first three and a count."""
+    if len(names) == 1:
+        return f"shared parameter {names[0]}"
+    parts = [name.split(".") for name in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    if common and len(common) < min(len(p) for p in parts):
+        return f"{len(names)} shared parameters of {'.'.join(common)}"
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{len(names)} shared parameters ({', '.join(names[:3])}{more})"
