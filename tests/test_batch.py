@@ -151,6 +151,10 @@ CASES = {
     "index-other": (lambda h: h[:, 1:3], Rows(0)),
     "gather-other": (lambda h: h.gather(2, h.argmax(-1, keepdim=True)), Rows(0)),
     "cat-other": (lambda h: torch.cat([h, h], 1), Rows(0)),
+    "max-pool": (lambda h: F.max_pool2d(h.unsqueeze(1), 2), Rows(0)),
+    "avg-pool": (lambda h: F.avg_pool1d(h, 2), Rows(0)),
+    "adaptive-pool": (lambda h: F.adaptive_avg_pool2d(h.unsqueeze(1), (2, 2)), Rows(0)),
+    "upsample": (lambda h: F.interpolate(h.unsqueeze(1), scale_factor=2.0), Rows(0)),
 }
 MIXING = {
     "softmax-batch": lambda h: h.softmax(0),
@@ -162,6 +166,7 @@ MIXING = {
     "layer-norm-over-batch": lambda h: F.layer_norm(h.transpose(0, 2), (h.shape[0],)),
     "flip": lambda h: h.flip(0),
     "centre": lambda h: h - h.mean(0, keepdim=True),
+    "pool-over-batch": lambda h: F.max_pool1d(h.permute(1, 2, 0), 3),
 }
 
 
@@ -170,6 +175,7 @@ def test_rules_follow_the_batch(name: str) -> None:
     fn, want = CASES[name]
     flow = _flow(Op(fn), torch.randn(3, 5, 4))
     assert not flow.mixing, flow.mixing
+    assert want is REDUCED or not flow.notes, flow.notes  # followed, not assumed (a mean over the batch is noted)
     assert flow.outputs == [want]
 
 

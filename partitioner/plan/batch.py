@@ -359,6 +359,18 @@ def _rule_conv(func, args, kwargs, out, state):
     return _combine([s, *(state(t) for t in args[2:3] if isinstance(t, torch.Tensor))], "adds a bias")
 
 
+def _rule_spatial(k: int) -> Callable:
+    """Pooling and resizing over the last `k` dims (N, C, *spatial): rows stay apart unless the batch is spatial."""
+
+    def rule(func, args, kwargs, out, state):
+        s = state(args[0])
+        if isinstance(s, Rows) and s.dim >= args[0].dim() - k:
+            raise _Mixing("pools or resizes over the batch dim")
+        return s
+
+    return rule
+
+
 def _rule_layer_norm(func, args, kwargs, out, state):
     s = state(args[0])
     if isinstance(s, Rows) and s.dim >= args[0].dim() - len(args[1]):
@@ -533,6 +545,12 @@ for _what, _names in (
     _register(_rule_along(_what), *_names)
 _register(_rule_mm, "mm", "addmm", "bmm", "baddbmm")
 _register(_rule_conv, "convolution")
+for _k in (1, 2, 3):
+    _register(_rule_spatial(_k), f"max_pool{_k}d", f"max_pool{_k}d_with_indices", f"avg_pool{_k}d",
+              f"adaptive_max_pool{_k}d", f"_adaptive_avg_pool{_k}d", f"adaptive_avg_pool{_k}d")  # fmt: skip
+_register(_rule_spatial(1), "upsample_nearest1d", "upsample_linear1d")
+_register(_rule_spatial(2), "upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d")
+_register(_rule_spatial(3), "upsample_nearest3d", "upsample_trilinear3d")
 _register(_rule_layer_norm, "native_layer_norm")
 _register(_rule_group_norm, "native_group_norm")
 _register(_rule_batch_norm, "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
