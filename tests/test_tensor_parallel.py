@@ -851,3 +851,35 @@ def test_seeds_tp_cannot_split_are_left_out_up_front_with_the_same_layout(monkey
     assert fast.collectives == slow.collectives
     left_out = {f["node"] for f in fast.fallbacks if f"tp={tp} divides neither dim" in f["reason"]}
     assert left_out and left_out <= {f["node"] for f in slow.fallbacks}
+
+
+class HandWrittenMLP(nn.Module):
+    """Projections written as matmuls with parameters: `x @ W.T` (W (out, in), as FalconLinear) and `h @ V`
+    (V (in, out))."""
+
+    def __init__(self, d: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(hidden, d) / d**0.5)
+        self.w_out = nn.Parameter(torch.randn(hidden, d) / hidden**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(x @ self.w_in.T) @ self.w_out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("capture_with", ["fx", "export"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_projections_written_as_matmuls_are_column_then_row_parallel(capture_with: str, tp: int) -> None:
+    torch.manual_seed(0)
+    model, x = HandWrittenMLP(), torch.randn(2, 8, 16)
+    if capture_with == "fx":
+        gm, inputs = prepare(model, (x,))
+    else:
+        cg = capture(torch.export.export(model, (x,)).module(), (x,))
+        gm, inputs = cg.graph_module, cg.flatten_inputs((x,), {})
+        annotate(gm, inputs, training=True)
+    plan = plan_tensor_parallel(gm, tp, strict=True)
+    shards = {k.rsplit(".", 1)[-1].replace("_", ""): v["dim"] for k, v in plan.param_shard.items()}
+    assert shards == {"win": 0, "wout": 0}, plan.param_shard  # w_in by its output rows, w_out by its input rows
+    assert sorted(plan.module_rules.values()) == ["column", "row"]
+    check_tensor_parallel(gm, plan, inputs)

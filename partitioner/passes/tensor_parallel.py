@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partitioner.plan.tensor_layout import TensorParallelPlan, shard_slices, shard_tensor, unshard_tensor
-from partitioner.plan.tensor_ops import cross_entropy_call, weight_op
+from partitioner.plan.tensor_ops import cross_entropy_call, op_name, weight_op
 
 __all__ = [
     "GroupComm",
@@ -736,8 +736,10 @@ def _weight_op_call(
         start = rank * rows
         pad = op.padding_idx - start if op.padding_idx is not None and start <= op.padding_idx < start + rows else None
         return vocab_parallel_embedding, (x, w, start, pad), {}
-    if op.kind == "linear":
+    if op.kind == "linear":  # x W^T, whether written F.linear or x @ W.T
         return (torch.ops.aten.linear.default if aten else F.linear), (x, w), {}
+    if op_name(n) == "matmul":  # x @ W of any rank
+        return (torch.ops.aten.matmul.default if aten else torch.matmul), (x, w), {}
     return (torch.ops.aten.mm.default if aten else torch.mm), (x, w), {}
 
 

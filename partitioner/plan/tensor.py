@@ -478,6 +478,9 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
     # shard's); nor on a row-parallel bias, added after the all-reduce (sequence parallelism sums it: param_grads).
     sharded = {name for name, spec in params.items() if spec.get("dim") is not None}
     no_f = {n.name for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) in sharded}
+    # ... nor on the transpose a weight op reads a sharded weight through (x @ W.T): it is the rank's shard too
+    no_f |= {op.via.name for n in gm.graph.nodes if (op := weight_op(gm, n)) is not None and op.via is not None
+             and op.param in sharded}  # fmt: skip
     collectives: list[dict[str, Any]] = []
     for n in gm.graph.nodes:
         lay = st.layout.get(n)

@@ -58,7 +58,8 @@ _REDUCE = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, tor
 _NORM_FUNCTIONS = {F.layer_norm, F.rms_norm}
 _NEW_TENSOR = {"new_ones", "new_zeros", "new_full", "new_empty", "new_tensor"}  # shape from arguments, not input
 _META_METHODS = {"dim", "ndimension", "is_floating_point", "is_complex", "element_size", "assert_metadata"}
-_WEIGHT_OPS = {F.linear, "linear", torch.addmm, "addmm", torch.mm, "mm", F.embedding, "embedding"}
+_WEIGHT_OPS = {F.linear, "linear", torch.addmm, "addmm", torch.mm, "mm", F.embedding, "embedding", torch.matmul,
+               "matmul", operator.matmul}  # fmt: skip
 
 
 def _aten_keys() -> dict[Any, Any]:
@@ -138,6 +139,7 @@ class WeightOp:
     out_dim: int
     in_dim: int
     padding_idx: int | None = None
+    via: fx.Node | None = None  # the transpose the op reads the weight through (x @ W.T), which reads it too
 
     @property
     def param(self) -> str:
@@ -146,6 +148,23 @@ class WeightOp:
     @property
     def bias_param(self) -> str | None:
         return str(self.bias.target) if self.bias is not None else None
+
+
+def _transposed_2d(w: Any) -> fx.Node | None:
+    """The node a 2-D transpose of `w` reads (`w.T`, `w.t()`, `transpose(w, 0, 1)`, `permute(w, [1, 0])`; ATen or
+    fx), or None when `w` is not one."""
+    if not isinstance(w, fx.Node) or w.op != "call_function" or not w.args:
+        return None
+    src, name = w.args[0], op_name(w)
+    if w.target is getattr and len(w.args) == 2 and w.args[1] in ("T", "mT"):
+        return src if isinstance(src, fx.Node) else None
+    if name in ("t", "numpy_T"):
+        return src if isinstance(src, fx.Node) else None
+    if name == "transpose" and len(w.args) == 3 and {w.args[1], w.args[2]} in ({0, 1}, {-1, -2}, {0, -1}, {1, -2}):
+        return src if isinstance(src, fx.Node) else None
+    if name == "permute" and len(w.args) == 2 and list(w.args[1]) == [1, 0]:
+        return src if isinstance(src, fx.Node) else None
+    return None
 
 
 def _param_node(gm: fx.GraphModule, x: Any, ndim: int) -> bool:
@@ -178,6 +197,14 @@ def weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightOp | None:
         found = WeightOp("addmm", x, w, b, 1, 0)
     elif key in (torch.mm, "mm"):
         found = WeightOp("addmm", arg(0, "input" if not aten else "self"), arg(1, "mat2"), None, 1, 0)
+    elif key in (torch.matmul, "matmul", operator.matmul):
+        # x @ W.T (FalconLinear, any hand-written linear): W (out, in) read through a transpose; x @ W: W (in, out)
+        x, w = args[0] if args else kw.get("input", kw.get("self")), args[1] if len(args) > 1 else kw.get("other")
+        source = _transposed_2d(w)
+        if source is not None:
+            found = WeightOp("linear", x, source, None, 0, 1, via=w)
+        else:
+            found = WeightOp("addmm", x, w, None, 1, 0)
     else:  # embedding: F.embedding(ids, weight, padding_idx, max_norm, ...); aten.embedding(weight, ids, pad, ...)
         if aten:
             w, x, pad = arg(0, "weight"), arg(1, "indices"), arg(2, "padding_idx", -1)

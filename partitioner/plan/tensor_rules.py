@@ -48,6 +48,7 @@ from partitioner.plan.tensor_ops import (
     _UNBIND,
     _UNSQUEEZE,
     _WEIGHT_OPS,
+    WeightOp,
     cross_entropy_call,
     key_in,
     op_key,
@@ -706,7 +707,7 @@ def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
     of the nn.Linear / nn.Embedding module rules. Row-parallel: the bias is added after the all-reduce (`row_bias`)."""
     op = weight_op(st.gm, node)
     if op is None:  # the weight is computed, not a parameter: an ordinary matmul
-        return _rule_matmul(st, node) if op_name(node) == "mm" else _default(st, node)
+        return _rule_matmul(st, node) if op_name(node) in ("mm", "matmul") else _default(st, node)
     lay = st.eff(op.x)
     w = _shape(op.weight)
     if op.kind == "embedding":
@@ -724,6 +725,7 @@ def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
         st.divides(node, w[op.in_dim], lay.parts, "in_features")
         st.rules[node.name] = "row"
         st.claim(node, op.param, {"dim": op.in_dim, "parts": lay.parts}, lay.origins)
+        _claim_via(st, op)
         if op.bias is not None:
             st.claim(node, op.bias_param, {"dim": None, "parts": 1}, lay.origins)
             st.row_bias[node.name] = op.bias.name
@@ -737,9 +739,16 @@ def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
     st.rules[node.name] = "column"
     mine = frozenset([node.name])
     st.claim(node, op.param, _spec(op.out_dim, parts, pad), mine)
+    _claim_via(st, op)
     if op.bias is not None:
         st.claim(node, op.bias_param, _spec(0, parts, pad), mine)
     return _Shard(len(_shape(node)) - 1, parts, mine, pad)
+
+
+def _claim_via(st: _State, op: WeightOp) -> None:
+    """The transpose an op reads its weight through (x @ W.T) reads the shard too: it transposes the rank's rows."""
+    if op.via is not None:
+        st.param_users.setdefault(op.param, set()).add(op.via.name)
 
 
 def _on_shard(rule: Callable[[_State, fx.Node, fx.Node, _Shard], Layout]) -> Callable[[_State, fx.Node], Layout]:
@@ -956,7 +965,11 @@ def _propagate(st: _State) -> _Outcome:
         try:
             st.layout[node] = _rule(st, node)
         except _Conflict as c:
-            origins = frozenset().union(*(_origins(st.layout.get(x)) for x in node.all_input_nodes))
+            # Blame the seeds whose shards reach this node as shards: a partial input is all-reduced before it (eff),
+            # so its seed is not at fault (Falcon's parallel MLP + attention add); else every input's seeds.
+            origins = frozenset().union(*(_origins(st.eff(x)) for x in node.all_input_nodes)) or frozenset().union(
+                *(_origins(st.layout.get(x)) for x in node.all_input_nodes)
+            )
             if c.blame is not None:
                 origins = c.blame
             if not origins and node.name in st.seeds:  # the seed itself cannot be sharded
