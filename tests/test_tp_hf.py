@@ -80,6 +80,11 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
     "falcon": lambda n: (T.FalconForCausalLM(T.FalconConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n, num_attention_heads=4, multi_query=True, bias=False,
         alibi=False, parallel_attn=True, hidden_dropout=0.0, attention_dropout=0.0, **NO_CACHE)), _text()),
+    # Falcon's new decoder architecture: grouped-query, QKV fused per kv group (q heads of a group, then its k, v)
+    "falcon_gqa": lambda n: (T.FalconForCausalLM(T.FalconConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, multi_query=False, bias=False, alibi=False, hidden_dropout=0.0,
+        attention_dropout=0.0, **NO_CACHE)), _text()),
     "vit": lambda n: (T.ViTModel(T.ViTConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4, image_size=32,
         patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
@@ -108,7 +113,9 @@ def _hf_graph(family: str, layers: int, labels: bool, vocab: int) -> tuple[fx.Gr
     return cg.graph_module, inputs
 
 
-PARTLY_SHARDED = {"falcon"}  # families some of whose projections stay replicated, each named (test below)
+# (family, tp) where some projections stay replicated, each named (test below): Falcon's multi-query QKV fused in
+# one weight; grouped-query QKV fused per group when tp does not divide the groups
+PARTLY_SHARDED = {("falcon", 2), ("falcon", 4), ("falcon_gqa", 4)}
 
 
 def linear_weights(gm: fx.GraphModule) -> set[str]:
@@ -120,7 +127,8 @@ def linear_weights(gm: fx.GraphModule) -> set[str]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "family, tp",
-    [(f, 2) for f in FAMILIES if f not in PARTLY_SHARDED] + [("gpt2", 4), ("gpt_neox", 4), ("bert", 4), ("bloom", 4)],
+    [(f, 2) for f in FAMILIES if (f, 2) not in PARTLY_SHARDED]
+    + [("gpt2", 4), ("gpt_neox", 4), ("bert", 4), ("bloom", 4)],
 )
 def test_every_projection_is_sharded_and_the_ranks_equal_the_model(family: str, tp: int) -> None:
     gm, inputs = hf_graph(family)
@@ -286,12 +294,13 @@ def test_bloom_alibi_is_read_per_head_of_every_batch_row() -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("family, tp", [(f, tp) for f in sorted(PARTLY_SHARDED) for tp in (2, 4)])
+@pytest.mark.parametrize("family, tp", sorted(PARTLY_SHARDED))
 def test_projections_written_as_matmuls_are_found_and_each_replicated_one_is_named(family: str, tp: int) -> None:
     """Falcon's `x @ W.T` projections are weight ops like F.linear (tensor_ops.weight_op): its MLP is column then row
-    parallel (its output added in place to the attention's, which stays whole, is all-reduced first); its fused
-    multi-query QKV, and so the attention's dense projection, stay replicated with a fallback naming each weight (not
-    yet sharded: issue #16); the ranks equal the model."""
+    parallel (its output added in place to the attention's, which stays whole, is all-reduced first); a fused QKV
+    tp cannot split by whole groups (multi-query: one k and v for all heads; grouped: fewer groups than ranks), and
+    so the attention's dense projection, stay replicated with a fallback naming each weight (not yet sharded: issue
+    #16); the ranks equal the model."""
     gm, inputs = hf_graph(family)
     plan = plan_tensor_parallel(gm, tp)
     weights = linear_weights(gm)

@@ -52,6 +52,7 @@ _UNSQUEEZE = {"unsqueeze", torch.unsqueeze}
 _SQUEEZE = {"squeeze", torch.squeeze}
 _SLICE = {"slice"}  # ATen's slice(x, dim, start, end, step); fx graphs index with getitem instead
 _SELECT = {"select", torch.select}
+_INDEX = {"index"}  # ATen's index.Tensor(x, [None, ..., idx, ...]): advanced indexing
 _EXPAND = {"expand"}
 _CAT = {torch.cat, torch.concat, "cat"}
 _REDUCE = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
@@ -71,10 +72,10 @@ def _aten_keys() -> dict[Any, Any]:
         "split": "split", "split_with_sizes": "split", "chunk": "chunk", "unbind": "unbind",
         "softmax": "softmax", "_softmax": "softmax", "log_softmax": "log_softmax", "_log_softmax": "log_softmax",
         "matmul": "matmul", "bmm": "bmm", "mm": "mm", "baddbmm": "baddbmm", "linear": "linear", "addmm": "addmm",
-        "embedding": "embedding",
+        "embedding": "embedding", "index": "index",
         "scaled_dot_product_attention": F.scaled_dot_product_attention,
         "sym_size": "size", "sym_numel": "numel",
-        "unsqueeze": "unsqueeze", "squeeze": "squeeze", "slice": "slice", "select": "select", "expand": "expand",
+        "unsqueeze": "unsqueeze", "squeeze": "squeeze", "slice": "slice", "select": "select", "expand": "expand", "broadcast_to": "expand",
         "cat": "cat", "mean": "mean", "sum": "sum", "amax": "amax", "amin": "amin",
         "layer_norm": F.layer_norm, "rms_norm": F.rms_norm,
         "cross_entropy_loss": "cross_entropy_loss", "to": "to", "type_as": "type_as",

@@ -28,6 +28,7 @@ from partitioner.plan.tensor_ops import (
     _CROSS_ENTROPY,
     _EXPAND,
     _FIRST_ARG_METHODS,
+    _INDEX,
     _MATMUL,
     _META_METHODS,
     _NEW_TENSOR,
@@ -802,6 +803,23 @@ def _rule_select(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
 
 
 @_on_shard
+def _rule_index(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
+    """ATen's index.Tensor(x, indices) with one 1-D replicated index tensor, on another dim than the sharded one
+    (Falcon's `qkv[:, :, :, [-2]]`): x's dims stay in place, that one resized, so the shard stays where it is."""
+    indices = list(_arg(node, 1, "indices") or [])
+    used = [d for d, i in enumerate(indices) if i is not None]
+    if len(used) != 1:
+        raise _Conflict(f"advanced indexing with {len(used)} index tensors of a sharded input")
+    (d,) = used
+    if d == lay.dim:
+        raise _Conflict("advanced indexing of the sharded dim")
+    idx = indices[d]
+    if not isinstance(idx, fx.Node) or st.eff(idx) is not None or len(_shape(idx)) != 1:
+        raise _Conflict("an index tensor that is not one replicated 1-D tensor")
+    return lay
+
+
+@_on_shard
 def _rule_expand(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     """x.expand(sizes): new leading dims and size-1 dims broadcast; the sharded dim's size (unless -1) made local."""
     k = lay.dim + len(_shape(node)) - len(_shape(x))
@@ -898,6 +916,7 @@ _FUNCTION_RULES: list[tuple[set, Callable[[_State, fx.Node], Layout]]] = [
     (_SQUEEZE, _rule_squeeze),
     (_SLICE, _rule_slice),
     (_SELECT, _rule_select),
+    (_INDEX, _rule_index),
     (_EXPAND, _rule_expand),
     (_CAT, _rule_cat),
     (_REDUCE, _rule_reduce),
