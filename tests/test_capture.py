@@ -595,3 +595,15 @@ def test_kernel_calls_are_graph_nodes_however_they_are_imported() -> None:
     calls = [n for n in c.graph_module.graph.nodes if n.target is kernels.slot_attention]
     assert len(calls) == 2 and all(n.op == "call_function" for n in calls)
     torch.testing.assert_close(_run(c, x, k), model(x, k))
+
+
+def test_an_input_named_like_a_builtin_is_bound_by_its_own_name() -> None:
+    """nn.GRUCell.forward(input, hx=None) goes to torch.export (fx cannot trace its branch on input.dim()), whose
+    placeholder for `input` fx names `input_1`: inputs and export's guards are bound by the argument's name."""
+    torch.manual_seed(0)
+    cell, x = nn.GRUCell(4, 6), torch.randn(4, 4)
+    c = capture(cell, (x,))
+    assert c.method == "export" and c.input_names == ["input"]
+    for rows in (1, 3):
+        h = torch.randn(rows, 4)
+        torch.testing.assert_close(_run(c, h), cell(h))

@@ -157,15 +157,16 @@ def _trace_export(
     guards = None
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
-            guards = _ExportGuards(gm.get_submodule("_guards_fn"), [a.name for a in node.args])
+            names = [str(a.target) if a.op == "placeholder" else a.name for a in node.args]  # the inputs' own names
+            guards = _ExportGuards(gm.get_submodule("_guards_fn"), names)
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     out_spec = gm.graph._codegen.pytree_info.out_spec if hasattr(gm.graph._codegen, "pytree_info") else None
     gm.graph._codegen = fx.graph.CodeGen()
-    # Export makes one placeholder per input leaf, named after its argument; non-tensor ones are
-    # specialized (unused) and dropped.
-    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    # Export makes one placeholder per input leaf, its target the argument's name (its node name may differ: fx
+    # renames `input` to `input_1`, a builtin's name); non-tensor ones are specialized (unused) and dropped.
+    placeholders = {str(n.target): n for n in gm.graph.nodes if n.op == "placeholder"}
     for name in tensor_names:
         if name not in placeholders:
             raise CaptureError(f"torch.export made placeholders {list(placeholders)} for tensor inputs {tensor_names}")
