@@ -125,8 +125,11 @@ class PlanningGraph:
     # plan.pipeline's segment prefix sums, by (microbatches, recompute modes, coarse): every plan of a search over one
     # scaled graph shares them
     _prefixes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # What is derived from the structure alone (edges, parameter reads): one dict, which dataclasses.replace hands on
+    # to every scaled copy (an init field), so a search over hundreds of copies derives it once.
+    _structure: dict = field(default_factory=dict, repr=False, compare=False)
 
-    @property
+    @cached_property
     def n(self) -> int:
         return len(self.names)
 
@@ -200,22 +203,29 @@ class PlanningGraph:
     def compute(self) -> np.ndarray:
         return self.forward + self.backward
 
-    @cached_property
+    @property
     def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(producer, consumer) index arrays of every edge between planned nodes, in node then `succs` order, and the
         nodes the model returns (a consumer at index n)."""
-        src = [i for i, ss in enumerate(self.succs) for j in ss if j < self.n]
-        dst = [j for ss in self.succs for j in ss if j < self.n]
-        returned = [i for i, ss in enumerate(self.succs) if self.n in ss]
-        return np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), np.array(returned, dtype=np.int64)
+        if "edges" not in self._structure:
+            n = self.n
+            src = [i for i, ss in enumerate(self.succs) for j in ss if j < n]
+            dst = [j for ss in self.succs for j in ss if j < n]
+            returned = [i for i, ss in enumerate(self.succs) if n in ss]
+            self._structure["edges"] = tuple(np.array(v, dtype=np.int64) for v in (src, dst, returned))
+        return self._structure["edges"]
 
-    @cached_property
+    @property
     def param_reads(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(node, parameter id) index arrays of every parameter read, and the parameter names the ids index."""
-        ids: dict[str, int] = {}
-        nodes = [i for i, ps in enumerate(self.params) for _ in ps]
-        pids = [ids.setdefault(p, len(ids)) for ps in self.params for p in ps]
-        return np.array(nodes, dtype=np.int64), np.array(pids, dtype=np.int64), list(ids)
+        if "param_reads" not in self._structure:
+            ids: dict[str, int] = {}
+            nodes = [i for i, ps in enumerate(self.params) for _ in ps]
+            pids = [ids.setdefault(p, len(ids)) for ps in self.params for p in ps]
+            self._structure["param_reads"] = (
+                np.array(nodes, dtype=np.int64), np.array(pids, dtype=np.int64), list(ids)
+            )  # fmt: skip
+        return self._structure["param_reads"]
 
     def stage_param_sums(self, stage_of: np.ndarray, num_stages: int) -> tuple[np.ndarray, np.ndarray]:
         """Per stage, the static bytes and the tensor bytes of the parameters its nodes read (each once per stage)."""
@@ -517,14 +527,14 @@ def tied_sync_time(
     """
     if not pg.training or not pg.tied:
         return 0.0
-    ranks_of: dict[str, set[int]] = {}
-    for i, ps in enumerate(pg.params):
-        for p in ps:
-            ranks_of.setdefault(p, set()).add(stage_to_rank[stage_of[i]])
+    nodes, pids, names = pg.param_reads
+    rank = np.asarray(stage_to_rank)[np.asarray(stage_of)[nodes]]  # the rank of every parameter read
+    index = {name: k for k, name in enumerate(names)}
     total = 0.0
     for canonical in pg.tied:
-        k = len(ranks_of.get(canonical, ()))
-        total += all_reduce_time(pg.spec, pg.param_bytes[canonical], k, internode=internode)
+        k = index.get(canonical)
+        holders = len(np.unique(rank[pids == k])) if k is not None else 0
+        total += all_reduce_time(pg.spec, pg.param_bytes[canonical], holders, internode=internode)
     return total
 
 
