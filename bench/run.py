@@ -400,8 +400,10 @@ def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
         f"{b['step_time'] / p['step_time']:>13.3f}   {format_seconds(b['bottleneck']):>10s}"
     )
     if r["speedup_over_best_baseline"]:
+        speedup = r["speedup_over_best_baseline"]
+        verdict = "as fast as" if abs(speedup - 1) < 5e-4 else "faster than" if speedup > 1 else "slower than"
         print(
-            f"\nours is {r['speedup_over_best_baseline']:.3f}x the best baseline ({r['best_baseline']}); "
+            f"\nours is {speedup:.3f}x {verdict} the best baseline ({r['best_baseline']}; its step / ours); "
             f"bottleneck / perfect balance = {r['bottleneck_over_perfect_balance']:.3f}; bottleneck / node-level bound "
             f"(the heaviest node or the even share, whichever is larger) = {r['bottleneck_over_node_level_bound']:.3f}"
         )
