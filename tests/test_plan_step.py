@@ -15,7 +15,7 @@ from partitioner.plan.graph import evaluate, price, to_stage_costs
 from partitioner.plan.pipeline import _prefix, contiguous_partition, cuts_to_stages, plan_pipeline
 from partitioner.plan.price import ContiguousState, Layout, stage_state
 from partitioner.plan.search import search
-from partitioner.plan.step import StepObjective, best_cuts_by_step, step_improver
+from partitioner.plan.step import StepObjective, balanced_cuts, best_cuts_by_step, step_improver
 from tests.planning_graphs import synthetic_graph
 
 
@@ -158,3 +158,36 @@ def test_memory_the_replay_exceeds_is_never_chosen() -> None:
     _, sim = price(pg, cuts_to_stages(cuts), stages, microbatches=m, schedule="1f1b", num_ranks=stages)
     assert max(sim.peak_memory) <= limit
     assert sim.step_time == pytest.approx(brute[1], rel=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(0.1, 10.0, allow_nan=False), min_size=4, max_size=9),
+    st.lists(st.floats(0.0, 1e4, allow_nan=False), min_size=10, max_size=10),
+    st.integers(2, 4),
+    st.floats(1.0, 1.5),
+)
+def test_fewest_hops_cuts_are_the_shortest_sends_within_the_bottleneck(compute, sends, stages, slack) -> None:
+    """balanced_cuts(score="hops") against every contiguous split: among those whose stages are all within the
+    bottleneck (and hold compute), the least sum of one microbatch's sends across the cuts."""
+    pg = _chain([0.0] + compute, sends[: len(compute) + 1])
+    if stages > len(compute):
+        return
+    m = 4
+    objective = _objective(pg, stages, m)
+    pre = objective.pre
+    start = contiguous_partition(pg, stages, microbatches=m)
+    bottleneck = max(float(pre.cost(j, i)) for j, i in zip(start, start[1:])) * slack
+    found = balanced_cuts(pre, stages, bottleneck, objective.in_flight, np.inf, pg.num_inputs, score="hops")
+    best = None
+    for middle in itertools.combinations(range(1, pg.n), stages - 1):
+        cuts = [0, *middle, pg.n]
+        spans = list(zip(cuts, cuts[1:]))
+        if any(float(pre.cost(j, i)) > bottleneck * (1 + 1e-9) or pg.compute[j:i].sum() <= 0 for j, i in spans):
+            continue
+        hops = sum(float(pre.hop[b]) for b in cuts[1:-1])
+        best = hops if best is None else min(best, hops)
+    assert (found is None) == (best is None)
+    if found is not None:
+        assert sum(float(pre.hop[b]) for b in found[1:-1]) == pytest.approx(best, rel=1e-9, abs=1e-15)
+        assert all(float(pre.cost(j, i)) <= bottleneck * (1 + 1e-9) for j, i in zip(found, found[1:]))
