@@ -124,7 +124,7 @@ def best_cuts_by_step(
     if even is not None and even != start:
         starts.append(even)
     share = budget // len(starts)
-    few = _fewest_hops(objective, bottleneck, num_inputs)
+    few = _fewest_hops(objective, start, bottleneck, num_inputs)
     if few is not None and few not in starts:
         starts.append(few)  # with a share of its own: taking replays from the other two starts lost elsewhere
     positions = np.asarray(inner, dtype=np.int64)
@@ -181,14 +181,20 @@ def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: n
 HOP_SLACK = (1.0, 1.02, 1.05, 1.1, 1.15, 1.2, 1.3)  # bottlenecks the fewest-hops start may trade for shorter sends
 
 
-def _fewest_hops(objective: StepObjective, bottleneck: float, num_inputs: int) -> list[int] | None:
+def _fewest_hops(objective: StepObjective, start: list[int], bottleneck: float, num_inputs: int) -> list[int] | None:
     """The best by `objective` of the splits with the shortest sends across their cuts (balanced_cuts' "hops")
     within each of HOP_SLACK x `bottleneck`: a step pays the slowest stage once per microbatch, but every hop twice
     (the first forward and the last backward cross them all), so a little less balance for much shorter sends can
-    win. None when no split exists."""
-    pre, num_stages = objective.pre, len(objective.in_flight)
+    win. Only the slacks whose extra bottleneck, paid m - 1 times, could be bought back by the hops of `start` (the
+    DP's cuts, at the least bottleneck), counted four times over, are tried: at scale (gpt3-175b, 64 microbatches of
+    one sequence) the sends are so short that only the first is. None when no split exists."""
+    pre, num_stages, m = objective.pre, len(objective.in_flight), objective.layout.microbatches
+    hops = float(sum(pre.hop[b] for b in start[1:-1]))
+    paid = (m - 1) / m * bottleneck  # the bottleneck's share of the step
     found = []
     for slack in HOP_SLACK:
+        if slack > 1.0 and (slack - 1.0) * paid > 4 * hops:
+            break
         cuts = balanced_cuts(pre, num_stages, bottleneck * slack, objective.in_flight, objective.stage_memory,
                              num_inputs, score="hops")  # fmt: skip
         if cuts is not None and cuts not in found:
