@@ -221,7 +221,9 @@ def _move(plan_json: str, moves: dict[str, int]) -> str:
 
 
 def _compile_edited(model: nn.Module, x: torch.Tensor, pipeline: int, moves: dict[str, int]) -> None:
-    cm = partitioner.compile(model, devices=pipeline, pipeline=pipeline, example_inputs=(x,), device_type="cpu")
+    # microbatches fixed: the moves name where the other nodes of this plan are (a search at fewer would cut elsewhere)
+    cm = partitioner.compile(model, devices=pipeline, pipeline=pipeline, microbatches=8, example_inputs=(x,),
+                             device_type="cpu")  # fmt: skip
     partitioner.compile(
         model, devices=pipeline, example_inputs=(x,), device_type="cpu", plan=_move(cm.plan.to_json(), moves)
     )

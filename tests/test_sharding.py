@@ -7,18 +7,24 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import partitioner
 import zoo
 from partitioner.devices import PRESETS
+from partitioner.plan.price import Layout, StageState, price_step, step_end
 from partitioner.plan.search import scale_graph, search
 from partitioner.plan.sharding import (
     DP_MODES,
     data_parallel_cost,
+    data_parallel_floor,
     hsdp_shard,
     optimizer_step_time,
     state_divisors,
 )
+from partitioner.schedules import get_schedule
+from partitioner.simulate import StageCost
 from tests.planning_graphs import synthetic_graph
 
 
@@ -185,3 +191,40 @@ def test_compile_records_a_reduction_after_the_backward_and_refuses_it_for_shard
     assert cm.plan.predicted["data_parallel_sync"] > during.plan.predicted["data_parallel_sync"]
     with pytest.raises(ValueError, match="overlap_grad_reduce=False"):
         partitioner.compile(model, 4, x, data_parallel="fsdp", overlap_grad_reduce=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["ddp", "zero1", "zero2", "fsdp", "hsdp"]),
+    st.sampled_from(["1f1b", "gpipe", "interleaved", "zero-bubble"]),
+    st.integers(1, 4),  # pp
+    st.sampled_from([2, 4, 16]),  # dp
+    st.sampled_from([1, 2]),  # tp
+    st.lists(st.floats(0.0, 1e-2), min_size=8, max_size=8),  # per-stage compute
+    st.lists(st.floats(0.0, 4e9), min_size=8, max_size=8),  # per-stage trainable bytes
+    st.sampled_from([True, False]),
+)
+def test_the_data_parallel_floor_never_exceeds_a_priced_step(mode, schedule, pp, dp, tp, compute, held, overlap):
+    """data_parallel_floor at the average weights per rank is a lower bound on the step plan.price prices, for any
+    split of compute and weights over the stages (what the search skips layouts by before it plans them)."""
+    spec = PRESETS["h100"]
+    if mode == "hsdp" and not hsdp_shard(tp, dp, spec.devices_per_node):
+        return
+    if not overlap and mode not in ("ddp", "zero1"):
+        return
+    k = 2 if schedule == "interleaved" else 1
+    stages = pp * k
+    if schedule == "interleaved" and pp == 1:
+        return
+    m = 2 * stages
+    shard = hsdp_shard(tp, dp, spec.devices_per_node) if mode == "hsdp" else 0
+    layout = Layout(pp, tp, dp, m, schedule, mode, shard, overlap)
+    costs = [StageCost(forward=c / 3, backward=2 * c / 3, send_time=1e-5) for c in compute[:stages]]
+    state = [StageState(trainable=w, layers=2, largest=w / 2) for w in held[:stages]]
+    pg = dataclasses.replace(synthetic_graph([0.0, 1.0], [(0, 1)], [0.0, 0.0]), spec=spec)
+    priced = price_step(pg, layout, costs, state, fast=True)
+    split = get_schedule(schedule).split_backward
+    floor = data_parallel_floor(mode, spec, tp=tp, dp=dp, weight_bytes=sum(held[:stages]) / pp, microbatches=m,
+                                element_size=pg.param_element_size, shard=shard, split_backward=split,
+                                overlap_grad_reduce=overlap)  # fmt: skip
+    assert floor <= step_end(priced) * (1 + 1e-9)

@@ -53,6 +53,7 @@ from partitioner.plan.price import Layout, price_step, stage_state, step_end
 from partitioner.plan.sharding import (
     DP_MODES,
     NON_OVERLAPPED_MODES,
+    data_parallel_floor,
     hsdp_shard,
     state_divisors,
 )
@@ -441,6 +442,7 @@ def search(
         raise NoBetterLayout(f"no layout's lower bound is below the incumbent step of {incumbent:.4g} s")
     if best is not None:
         best = _price_at_the_twins_count(ev, candidates, best)
+        best = _around_the_winner(ev, candidates, best)
         best.ranked_step = best.step_time
         if best.step_time >= ranked_incumbent:
             raise NoBetterLayout(
@@ -492,6 +494,49 @@ def _price_at_the_twins_count(ev: _Evaluator, candidates: list[Candidate], best:
                 best, finer = finer, best
         if finer is not best:
             finer.simulation = None
+    return best
+
+
+def _around_the_winner(ev: _Evaluator, candidates: list[Candidate], best: Candidate) -> Candidate:
+    """The winner at fewer microbatches and, where its schedule runs several stages per rank, at other counts of
+    stages per rank: the two dimensions the search otherwise fixes (4 pp microbatches, or fewer where the batch holds
+    fewer, more only where memory needs them; a schedule's default stages per rank). Fewer microbatches grow the
+    fill-and-drain bubble but pay each send's latency fewer times; more stages per rank shrink the bubble but add
+    hops. From the winner, each moves one step at a time (the next count dividing the batch; one stage per rank more
+    or fewer, two at least: one is another schedule) while the step improves by more than the search's tie.
+    Microbatches do not go above the default here: what a finer split costs beyond its sends (each kernel launched
+    m times, GEMMs less efficient on fewer rows) is not in the cost model, which would take every step up. Counts
+    the user fixed (`microbatches`, `stages_per_device`) stay. Every candidate priced here joins `candidates`."""
+
+    def priced(**change: int) -> Candidate | None:
+        trial = dataclasses.replace(best, simulation=None, **change)
+        _evaluate(trial, ev.memory_limit, ev.devices_per_node, ev.plans, recompute=ev.recompute)
+        if not trial.fits:
+            return None
+        candidates.append(trial)
+        return trial
+
+    d = best.degrees
+    if ev.microbatches is None and ev.batch is not None and d.dp and ev.batch % d.dp == 0:
+        per_replica = ev.batch // d.dp
+        counts = [m for m in _divisors(per_replica) if per_replica // m >= ev.min_chunk]
+        while best.microbatches in counts:
+            k = counts.index(best.microbatches) - 1
+            if k < 0 or (trial := priced(microbatches=counts[k])) is None:
+                break
+            if not _better(trial, best):
+                trial.simulation = None
+                break
+            best.simulation, best = None, trial
+    if ev.stages_per_device is None and not get_schedule(best.schedule).single_stage:
+        for step in (1, -1):
+            while (k := best.stages_per_device + step) >= 2 and d.pp * k <= max_stages(best.graph):
+                trial = priced(stages_per_device=k)
+                if trial is None or not _better(trial, best):
+                    if trial is not None:
+                        trial.simulation = None
+                    break
+                best.simulation, best = None, trial
     return best
 
 
@@ -613,6 +658,13 @@ class _Evaluator:
             c.bound = step_lower_bound(schedule, float(c.graph.compute.sum()), d.pp, self.most_microbatches(d, m))
             if g is not None and d.pp * k <= max_stages(g):
                 c.bound = max(c.bound, bottleneck_floor(g, d.pp * k))
+            if g is not None and g.training:  # the rank holding the most weights: its collectives and optimizer
+                held = sum(g.param_bytes[p] for p in g.trainable) / d.pp
+                c.bound = max(c.bound, data_parallel_floor(
+                    mode, g.spec, tp=d.tp, dp=d.grad_group, weight_bytes=held, microbatches=m or 1,
+                    element_size=g.param_element_size, shard=shard,
+                    split_backward=get_schedule(schedule).split_backward, overlap_grad_reduce=self.overlap_grad_reduce,
+                ))  # fmt: skip
             if g is None:
                 c.note = self.tp_failed[(d.tp, sp)]
             elif m is None:

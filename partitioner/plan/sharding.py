@@ -35,6 +35,7 @@ and its collectives then run at the inter-node bandwidth. HSDP's shard group is 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from partitioner.comm import all_gather_time, all_reduce_time
@@ -46,6 +47,7 @@ __all__ = [
     "DP_MODES",
     "DataParallelCost",
     "data_parallel_cost",
+    "data_parallel_floor",
     "hsdp_shard",
     "optimizer_step_time",
     "state_divisors",
@@ -167,6 +169,37 @@ def data_parallel_cost(
         tail=tail,
         transient=2 * largest_layer + grad_share,
     )
+
+
+def data_parallel_floor(
+    mode: str,
+    spec: DeviceSpec,
+    *,
+    tp: int,
+    dp: int,
+    weight_bytes: float,
+    microbatches: int,
+    element_size: int,
+    shard: int = 0,
+    split_backward: bool = False,
+    overlap_grad_reduce: bool = True,
+) -> float:
+    """A lower bound on the step of a rank holding `weight_bytes` of trainable parameters (per tp rank) under
+    `mode`, whatever its compute and its split into stages: each of its `microbatches` forwards and backwards lasts
+    at least the collectives it runs (data_parallel_cost with no compute to hide them behind), its tail at least what
+    no backward hides (DDP's last bucket, ZeRO's gathers), then its optimizer step. Every term grows with the bytes
+    and splitting them over stages only adds latencies, so the rank holding the most (at least the average) bounds
+    the step: what the search ranks layouts by before it plans them (FSDP over 64 ranks of a 175B model: 100 s of
+    gathers a compute-only bound does not see)."""
+    fo = state_divisors(mode, dp, shard, split_backward=split_backward)[2] if mode and dp > 1 else 1
+    floor = optimizer_step_time(spec, weight_bytes, fo, element_size)
+    if dp <= 1 or not mode or weight_bytes <= 0:
+        return floor
+    kw = dict(tp=tp, dp=dp, weight_bytes=weight_bytes, grad_bytes=weight_bytes, layers=1, largest_layer=0.0,
+              shard=shard, split_backward=split_backward, overlap_grad_reduce=overlap_grad_reduce)  # fmt: skip
+    bare = data_parallel_cost(mode, spec, forward=0.0, backward=0.0, **kw)
+    hidden = data_parallel_cost(mode, spec, forward=math.inf, backward=math.inf, **kw)
+    return floor + microbatches * (bare.forward + bare.backward) + hidden.tail
 
 
 def optimizer_step_time(spec: DeviceSpec, weight_bytes: float, divisor: int, element_size: int) -> float:
