@@ -49,7 +49,7 @@ from bench.baselines import BASELINES, NotApplicable  # noqa: E402
 from partitioner.plan.search import (  # noqa: E402
     Candidate,
     Degrees,
-    _microbatch_choice,
+    default_microbatches,
     price_candidate,
     scale_graph,
 )
@@ -156,7 +156,7 @@ def _tools_at(pg: Any, gm: Any, model: Any, devices: int, batch: int, schedule: 
             if (fn is None) != (pp == 1):
                 continue  # pp 1 is the data-parallel row; a tool's own rows split into pipelines
             dp = devices // pp
-            m = _microbatch_choice(batch, dp, pp, microbatches)
+            m = default_microbatches(batch, dp, pp, microbatches)
             if m is None:
                 continue
             try:

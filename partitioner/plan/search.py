@@ -68,6 +68,7 @@ __all__ = [
     "Degrees",
     "NoBetterLayout",
     "TensorParallelModel",
+    "default_microbatches",
     "price_candidate",
     "scale_graph",
     "search",
@@ -321,7 +322,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _microbatch_choice(batch: int | None, dp: int, pp: int, requested: int | None, min_chunk: int = 1) -> int | None:
+def default_microbatches(batch: int | None, dp: int, pp: int, requested: int | None, min_chunk: int = 1) -> int | None:
     """Requested count, else the largest count <= 4 pp that divides the replica's batch into chunks of at least
     `min_chunk` samples (what the captured graph holds for: an export graph may need 2). None: no such split.
 
@@ -639,7 +640,7 @@ class _Evaluator:
 
     def candidates(self, d: Degrees) -> list[Candidate]:
         """One candidate per schedule and data-parallel mode at degrees d; a note says why one cannot run."""
-        m = _microbatch_choice(self.batch, d.dp, d.pp, self.microbatches, self.min_chunk)
+        m = default_microbatches(self.batch, d.dp, d.pp, self.microbatches, self.min_chunk)
         out = []
         combos = [(s, mode, sp) for sp in self.sp_options(d.tp) for s in self.schedules for mode in self.modes(d, s)]
         for schedule, mode, sp in combos:
@@ -761,7 +762,7 @@ def _no_layout_error(
 def _most_microbatches(batch: int | None, pp: int, requested: int | None, min_chunk: int = 1) -> int:
     """The most microbatches the search tries at pp stages and dp 1: its default count, doubled while a layout
     fails on memory and the count divides the batch into chunks of at least min_chunk (`_Evaluator.run`)."""
-    m = _microbatch_choice(batch, 1, pp, requested, min_chunk) or 1
+    m = default_microbatches(batch, 1, pp, requested, min_chunk) or 1
     while requested is None and batch is not None and batch % (2 * m) == 0 and batch // (2 * m) >= min_chunk:
         m *= 2
     return m
