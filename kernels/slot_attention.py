@@ -15,6 +15,17 @@ eps at the end is exactly the renormalisation, so no more than one tile of the B
 with den = sum_n attn + eps and r = attn / den, the renormalisation's gradient term is
 ``sum_n d(renorm) * attn / den**2 = (dU . U) / den`` per slot, known from the forward outputs.
 
+Offsets: the batch row, and the slot and feature indices multiplied by a caller's stride, are int64 before the
+multiplication: B * N * D passes 2^31 on large inputs, and a strided view's slot or feature stride can be as large
+as its tensor (these are computed once per program; ptxas gives the kernels the same registers as with int32).
+Token offsets inside a batch row, computed per token tile, stay int32 unless the launcher finds that a token
+index times a token stride can reach 2^31 (``WIDE_TOKENS``, see :func:`_wide_tokens`): int64 there costs
+registers and spills in the backward. int32 also stays for the masks (indices below S, D, Dv, N < 2^31; tiles
+start at multiples of their power-of-two size, so index + tile < 2^31 too) and for the in-program part of the
+partial buffers the launcher allocates contiguous (slot * Dv + feature < 128 * 512). Widening is explicit, never
+through loop bounds: Triton's interpreter runs loops over Python ints, so a loop variable's type differs between
+the interpreter and compiled code (tests/test_kernels_offsets.py runs these kernels' index math in the interpreter).
+
 File layout: autotune space, forward kernel, backward kernel, launcher + autograd.Function, reference,
 public function.
 """
@@ -33,6 +44,7 @@ __all__ = ["slot_attention", "slot_attention_reference"]
 _LOG2E = 1.4426950408889634
 _MAX_SLOTS = 128  # the whole slot column must fit one tile
 _MAX_DIM = 512  # q/k and v feature dims held whole in registers
+_INT32_MAX = 2**31 - 1
 _SMEM_BYTES = 160 * 1024  # pruning: shared memory for pipelined tiles (H100 / H200 have 227 KiB per block)
 _REGS_PER_THREAD = 160  # pruning: 32-bit registers a thread may spend on resident tiles before spilling
 
@@ -96,40 +108,45 @@ def _slot_attention_fwd_kernel(
     stride_mb, stride_ms,
     stride_ab, stride_as, stride_an,
     S, N, D, DV, n_per_split, P, qk_scale_log2,
-    HAS_MASK: tl.constexpr, STORE_ATTN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, STORE_ATTN: tl.constexpr, WIDE_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_S >= 16, "tl.dot needs at least 16 rows: pad the slot axis")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 tokens per tile")
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs feature tiles of at least 16")
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # int64: B * stride_kb (B * N * D) may pass 2^31
     pid_p = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    # Slot and feature indices times the callers' strides: int64
+    s64, d64, dv64 = offs_s.to(tl.int64), offs_d.to(tl.int64), offs_dv.to(tl.int64)
 
     # Slot queries, pre-scaled by D^-0.5 * log2(e) so the softmax can use exp2: (BLOCK_S, BLOCK_D)
-    q_ptrs = Q + pid_b * stride_qb + offs_s[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    q_ptrs = Q + pid_b * stride_qb + s64[:, None] * stride_qs + d64[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=(offs_s[:, None] < S) & (offs_d[None, :] < D), other=0.0)
     q = (q.to(tl.float32) * qk_scale_log2).to(q.dtype)
 
     # Active slots: in range and (if given) slot_mask True: (BLOCK_S,)
     slot_ok = offs_s < S
     if HAS_MASK:
-        m = tl.load(MASK + pid_b * stride_mb + offs_s * stride_ms, mask=offs_s < S, other=0)
+        m = tl.load(MASK + pid_b * stride_mb + s64 * stride_ms, mask=offs_s < S, other=0)
         slot_ok = slot_ok & (m != 0)
 
     # Running sums over this program's tokens: sum_n attn * v (BLOCK_S, BLOCK_DV) and sum_n attn (BLOCK_S,)
     acc = tl.zeros((BLOCK_S, BLOCK_DV), dtype=tl.float32)
     asum = tl.zeros((BLOCK_S,), dtype=tl.float32)
-    n_start = pid_p * n_per_split
-    n_end = tl.minimum(n_start + n_per_split, N)
+    n_start = pid_p * n_per_split  # < N: int32
+    n_end = tl.minimum(n_start.to(tl.int64) + n_per_split, N).to(tl.int32)  # the sum may pass 2^31, the min not
+    tokens = tl.arange(0, BLOCK_N)
+    if WIDE_TOKENS:  # a token index times a token stride may pass 2^31 (see _wide_tokens)
+        tokens = tokens.to(tl.int64)
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tokens
         tok_ok = offs_n < n_end
         # Key tile (BLOCK_N, BLOCK_D) -> logits in log2 units (BLOCK_S, BLOCK_N), inactive slots -inf
         k = tl.load(
-            K + pid_b * stride_kb + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            K + pid_b * stride_kb + offs_n[:, None] * stride_kn + d64[None, :] * stride_kd,
             mask=tok_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
@@ -142,7 +159,7 @@ def _slot_attention_fwd_kernel(
         attn = tl.where(tok_ok[None, :], attn, 0.0)
         # Fold into the running sums with the value tile (BLOCK_N, BLOCK_DV)
         v = tl.load(
-            V + pid_b * stride_vb + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            V + pid_b * stride_vb + offs_n[:, None] * stride_vn + dv64[None, :] * stride_vd,
             mask=tok_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
@@ -150,10 +167,10 @@ def _slot_attention_fwd_kernel(
         asum += tl.sum(attn, axis=1)
         # Optionally keep the pre-renormalisation attention (B, S, N)
         if STORE_ATTN:
-            a_ptrs = ATTN + pid_b * stride_ab + offs_s[:, None] * stride_as + offs_n[None, :] * stride_an
+            a_ptrs = ATTN + pid_b * stride_ab + s64[:, None] * stride_as + offs_n[None, :] * stride_an
             tl.store(a_ptrs, attn.to(ATTN.dtype.element_ty), mask=(offs_s[:, None] < S) & tok_ok[None, :])
 
-    # Partial results of this split, contiguous fp32: ACC (B, P, S, DV), ASUM (B, P, S)
+    # Partial results of this split, contiguous fp32: ACC (B, P, S, DV), ASUM (B, P, S); row * S * DV is int64
     row = pid_b * P + pid_p
     acc_ptrs = ACC + row * S * DV + offs_s[:, None] * DV + offs_dv[None, :]
     tl.store(acc_ptrs, acc, mask=(offs_s[:, None] < S) & (offs_dv[None, :] < DV))
@@ -184,54 +201,59 @@ def _slot_attention_bwd_kernel(
     stride_dkb, stride_dkn, stride_dkd,
     stride_dvb, stride_dvn, stride_dvd,
     S, N, D, DV, n_per_split, P, qk_scale_log2, scale,
-    HAS_MASK: tl.constexpr, STORE_ATTN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, STORE_ATTN: tl.constexpr, WIDE_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     # STORE_ATTN here means "the returned attention has a gradient DATTN" (same autotune key as the forward)
     tl.static_assert(BLOCK_S >= 16, "tl.dot needs at least 16 rows: pad the slot axis")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 tokens per tile")
     tl.static_assert(BLOCK_D >= 16 and BLOCK_DV >= 16, "tl.dot needs feature tiles of at least 16")
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # int64: B * stride_kb (B * N * D) may pass 2^31
     pid_p = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    # Slot and feature indices times the callers' strides: int64
+    s64, d64, dv64 = offs_s.to(tl.int64), offs_d.to(tl.int64), offs_dv.to(tl.int64)
     s_in = offs_s < S
     sd_mask = s_in[:, None] & (offs_d[None, :] < D)
     sdv_mask = s_in[:, None] & (offs_dv[None, :] < DV)
 
     # Raw and log2-scaled queries (BLOCK_S, BLOCK_D), active slots (BLOCK_S,)
-    q = tl.load(Q + pid_b * stride_qb + offs_s[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + pid_b * stride_qb + s64[:, None] * stride_qs + d64[None, :] * stride_qd,
                 mask=sd_mask, other=0.0)  # fmt: skip
     q_log2 = (q.to(tl.float32) * qk_scale_log2).to(q.dtype)
     slot_ok = s_in
     if HAS_MASK:
-        m = tl.load(MASK + pid_b * stride_mb + offs_s * stride_ms, mask=s_in, other=0)
+        m = tl.load(MASK + pid_b * stride_mb + s64 * stride_ms, mask=s_in, other=0)
         slot_ok = slot_ok & (m != 0)
 
     # Per-slot constants: den (BLOCK_S,), dU (BLOCK_S, BLOCK_DV), c = (dU . U) / den (BLOCK_S,)
     den = tl.load(DEN + pid_b * S + offs_s, mask=s_in, other=1.0)
-    du = tl.load(DU + pid_b * stride_dub + offs_s[:, None] * stride_dus + offs_dv[None, :] * stride_dud,
+    du = tl.load(DU + pid_b * stride_dub + s64[:, None] * stride_dus + dv64[None, :] * stride_dud,
                  mask=sdv_mask, other=0.0).to(tl.float32)  # fmt: skip
-    u = tl.load(U + pid_b * stride_ub + offs_s[:, None] * stride_us + offs_dv[None, :] * stride_ud,
+    u = tl.load(U + pid_b * stride_ub + s64[:, None] * stride_us + dv64[None, :] * stride_ud,
                 mask=sdv_mask, other=0.0).to(tl.float32)  # fmt: skip
     c = tl.sum(du * u, axis=1) / den
     du_op = du.to(q.dtype)
 
     dq = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
-    n_start = pid_p * n_per_split
-    n_end = tl.minimum(n_start + n_per_split, N)
+    n_start = pid_p * n_per_split  # < N: int32
+    n_end = tl.minimum(n_start.to(tl.int64) + n_per_split, N).to(tl.int32)  # the sum may pass 2^31, the min not
+    tokens = tl.arange(0, BLOCK_N)
+    if WIDE_TOKENS:  # a token index times a token stride may pass 2^31 (see _wide_tokens)
+        tokens = tokens.to(tl.int64)
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + tokens
         tok_ok = offs_n < n_end
         # Recompute attn (BLOCK_S, BLOCK_N) exactly as the forward did
         k = tl.load(
-            K + pid_b * stride_kb + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            K + pid_b * stride_kb + offs_n[:, None] * stride_kn + d64[None, :] * stride_kd,
             mask=tok_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
         v = tl.load(
-            V + pid_b * stride_vb + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            V + pid_b * stride_vb + offs_n[:, None] * stride_vn + dv64[None, :] * stride_vd,
             mask=tok_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
@@ -243,7 +265,7 @@ def _slot_attention_bwd_kernel(
         # d attn (BLOCK_S, BLOCK_N) through the renormalised product, plus the returned attention's gradient
         d_attn = _mm(du_op, tl.trans(v), DOT_PRECISION) / den[:, None] - c[:, None]
         if STORE_ATTN:
-            da_ptrs = DATTN + pid_b * stride_ab + offs_s[:, None] * stride_as + offs_n[None, :] * stride_an
+            da_ptrs = DATTN + pid_b * stride_ab + s64[:, None] * stride_as + offs_n[None, :] * stride_an
             d_attn += tl.load(da_ptrs, mask=s_in[:, None] & tok_ok[None, :], other=0.0).to(tl.float32)
         # Softmax backward over the slot axis; zero on inactive slots and padded tokens (attn is 0 there)
         d_logits = attn * (d_attn - tl.sum(attn * d_attn, axis=0)[None, :])
@@ -253,12 +275,12 @@ def _slot_attention_bwd_kernel(
         dk = _mm(tl.trans(d_logits.to(q.dtype)), q, DOT_PRECISION) * scale
         r = attn / den[:, None]
         dv = _mm(tl.trans(r.to(du_op.dtype)), du_op, DOT_PRECISION)
-        tl.store(DK + pid_b * stride_dkb + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        tl.store(DK + pid_b * stride_dkb + offs_n[:, None] * stride_dkn + d64[None, :] * stride_dkd,
                  dk.to(DK.dtype.element_ty), mask=tok_ok[:, None] & (offs_d[None, :] < D))  # fmt: skip
-        tl.store(DV_OUT + pid_b * stride_dvb + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+        tl.store(DV_OUT + pid_b * stride_dvb + offs_n[:, None] * stride_dvn + dv64[None, :] * stride_dvd,
                  dv.to(DV_OUT.dtype.element_ty), mask=tok_ok[:, None] & (offs_dv[None, :] < DV))  # fmt: skip
 
-    # This split's dq partial, contiguous fp32 (B, P, S, D)
+    # This split's dq partial, contiguous fp32 (B, P, S, D); row * S * D is int64
     row = pid_b * P + pid_p
     tl.store(DQ + row * S * D + offs_s[:, None] * D + offs_d[None, :], dq * scale, mask=sd_mask)
 
@@ -323,7 +345,17 @@ def _splits(b: int, n: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(n, per), per
 
 
-def _common_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mask: torch.Tensor | None) -> dict:
+def _wide_tokens(n: int, *token_strides: int) -> bool:
+    """Whether a token index below n times one of the token strides can pass the int32 range (then the kernels
+    compute token offsets in int64). The products are per batch row: the batch offset is int64 anyway."""
+    return (n - 1) * max(abs(s) for s in token_strides) > _INT32_MAX
+
+
+def _common_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mask: torch.Tensor | None, *token_strides: int
+) -> dict:
+    """The launch arguments the forward and the backward share; token_strides: those of their other tensors with a
+    token axis (the attention, its gradient, dk, dv)."""
     b, s, d = q.shape
     n, dv = v.shape[1], v.shape[2]
     p, per = _splits(b, n, q.device)
@@ -331,6 +363,7 @@ def _common_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mask: t
         S=s, N=n, D=d, DV=dv, n_per_split=per, P=p,
         qk_scale_log2=d**-0.5 * _LOG2E,
         HAS_MASK=slot_mask is not None,
+        WIDE_TOKENS=_wide_tokens(n, k.stride(1), v.stride(1), *token_strides),
         DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_S=max(16, triton.next_power_of_2(s)),
         BLOCK_D=max(16, triton.next_power_of_2(d)),
@@ -351,7 +384,7 @@ def _slot_attention_fwd(
     """Launch the forward: (updates (B, S, Dv) in v's dtype, den (B, S) fp32, attn (B, S, N) or None)."""
     b, s, _ = q.shape
     n, dv = v.shape[1], v.shape[2]
-    meta = _common_args(q, k, v, slot_mask)
+    meta = _common_args(q, k, v, slot_mask, 1)  # attn: contiguous (B, S, N)
     p = meta["P"]
     acc = torch.empty((b, p, s, dv), device=q.device, dtype=torch.float32)
     asum = torch.empty((b, p, s), device=q.device, dtype=torch.float32)
@@ -382,11 +415,11 @@ def _slot_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: (dq, dk, dv) in the inputs' dtypes."""
     b, s, d = q.shape
-    meta = _common_args(q, k, v, slot_mask)
-    p = meta["P"]
-    dq_part = torch.empty((b, p, s, d), device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    meta = _common_args(q, k, v, slot_mask, dk.stride(1), dv.stride(1), *([] if d_attn is None else [d_attn.stride(2)]))
+    p = meta["P"]
+    dq_part = torch.empty((b, p, s, d), device=q.device, dtype=torch.float32)
     da_arg = d_attn if d_attn is not None else d_updates
     da_strides = d_attn.stride() if d_attn is not None else (0, 0, 0)
     mask, smb, sms = _mask_arg(q, slot_mask)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -214,3 +215,131 @@ def test_autotune_pruning_keeps_a_fitting_subset(monkeypatch: pytest.MonkeyPatch
             kept = vq._prune(configs, {"Z": torch.empty(1, dtype=dtype)}, M=20, K=40, BLOCK_D=256)
             assert all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs[second] <= 64 for c in kept)
         assert len(vq._prune(configs, {}, M=10**6, K=10**6, BLOCK_D=8192)) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampler's Philox stream (one call per four codes) and its distribution
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _philox4x32_10(seed: int, c0: np.ndarray, c1: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Philox4x32-10 as triton.language.random runs it for 32-bit counter words: counter (c0, c1, 0, 0), key (seed
+    low word, seed high word). Written from the algorithm (Salmon et al. 2011) with Triton's constants."""
+    mul_a, mul_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    c0, c1 = c0.astype(np.uint32), c1.astype(np.uint32)
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for _ in range(10):
+        prod_b, prod_a = mul_b * c2.astype(np.uint64), mul_a * c0.astype(np.uint64)
+        c0, c1, c2, c3 = (
+            (prod_b >> np.uint64(32)).astype(np.uint32) ^ c1 ^ np.uint32(k0),
+            prod_b.astype(np.uint32),
+            (prod_a >> np.uint64(32)).astype(np.uint32) ^ c3 ^ np.uint32(k1),
+            prod_a.astype(np.uint32),
+        )
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def test_gumbel_stream_is_one_philox_call_per_four_codes() -> None:
+    """The noise of (row m, code k) is output k % 4 of the Philox call at counter (m << 32) + k // 4, turned into a
+    uniform and then Gumbel noise as the kernel does. Checked against numpy's Philox over rows and codes that cross
+    the table kernel's tiles (32 x 64) and a group of four cut short by K."""
+    m, k, seed = 40, 70, 123456789
+    table = gumbel_noise_like_kernel(m, k, seed)
+    rows, codes = np.meshgrid(np.arange(m), np.arange(k), indexing="ij")
+    outputs = np.stack(_philox4x32_10(seed, codes // 4, rows))  # (4, m, k)
+    bits = np.take_along_axis(outputs, (codes % 4)[None], axis=0)[0].view(np.int32)
+    u = np.where(bits < 0, ~bits, bits).astype(np.float32) * np.float32(4.6566127342e-10)
+    u = np.minimum(np.maximum(u, np.float32(1e-20)), np.float32(1.0 - 1e-7))
+    expected = -np.log(-np.log(u))
+    torch.testing.assert_close(table, torch.from_numpy(expected), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sample_passes_chi_square_against_softmax(backend: str) -> None:
+    """2000 draws for one vector over 21 codes (two code tiles, the last group of four cut short) with
+    probabilities softmax(-d / tau) between 1.3% and 10%: Pearson's chi-square against them (20 degrees of freedom)
+    must not reject at the 0.1% level. Deterministic (fixed seed). A sampler that gave the four codes of one
+    Philox call the same or correlated noise would favour the nearest code of each group and fail."""
+    n, k, tau = 2000, 21, 0.5
+    angle = torch.arange(k) * (2 * torch.pi / k)
+    radius = (0.25 * (torch.arange(k) % 5)).sqrt()
+    codebook = torch.stack([radius * angle.cos(), radius * angle.sin()], dim=1)
+    z = torch.zeros(n, 2)
+    probs = torch.softmax(-(codebook**2).sum(1).double() / tau, dim=0)
+    assert probs.min() * n > 20  # expected counts large enough for the chi-square approximation
+    idx = vq_lookup(z, codebook, sample=True, tau=tau, generator=torch.Generator().manual_seed(11), backend=backend)[0]
+    counts = torch.bincount(idx, minlength=k).double()
+    chi2 = ((counts - n * probs) ** 2 / (n * probs)).sum()
+    p_value = torch.special.gammaincc(torch.tensor((k - 1) / 2, dtype=torch.float64), chi2 / 2)
+    assert p_value > 1e-3, (float(chi2), float(p_value), counts.tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotune key: M only through its power-of-two bucket
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tuning_keys(monkeypatch: pytest.MonkeyPatch, m: int, k: int, dtype: torch.dtype, tf32: bool = False) -> list:
+    """The autotune keys (as triton's Autotuner.run builds them) of the three VQ kernels for a launch at (m, k)."""
+    import kernels.vq as vq
+
+    keys = []
+
+    class Recorder:
+        def __init__(self, tuner: object) -> None:
+            self.tuner = tuner
+
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                named = {**dict(zip(self.tuner.arg_names, args)), **kwargs}
+                dtypes = [str(a.dtype) for a in named.values() if hasattr(a, "dtype")]
+                keys.append((*(named[name] for name in self.tuner.keys), *dtypes))
+
+            return launch
+
+    names = ("_vq_fwd_kernel", "_vq_st_bwd_dz_kernel", "_vq_st_bwd_dc_kernel")
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    with monkeypatch.context() as patch:
+        for name in names:
+            patch.setattr(vq, name, Recorder(getattr(vq, name)))
+        patch.setattr(vq, "INTERPRET", False)  # the GPU's dot precision, which follows torch's TF32 setting
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            z2 = torch.empty(m, 256, device="meta", dtype=dtype)
+            codebook = torch.empty(k, 256, device="meta", dtype=dtype)
+            _, row_max, row_sum = vq._vq_fwd(z2, codebook, False, 1.0, 0, stats=True)
+            ctx = type("Ctx", (), {})()
+            ctx.saved_tensors, ctx.args = (z2, codebook, row_max, row_sum), (False, 1.0, 0)
+            vq._SoftStraightThrough.backward(ctx, torch.empty_like(z2))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32  # a property: monkeypatch cannot restore it
+    assert len(keys) == 3
+    return keys
+
+
+def test_autotune_key_buckets_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch sizes within one power of two, or past 2^15 rows, share a tuning; K, dtype and TF32 do not."""
+    import kernels.vq as vq
+
+    for name in ("_vq_fwd_kernel", "_vq_st_bwd_dz_kernel", "_vq_st_bwd_dc_kernel"):
+        assert "M" not in getattr(vq, name).keys and "M_BUCKET" in getattr(vq, name).keys
+    key = lambda m, k=512, dtype=torch.bfloat16, tf32=False: _tuning_keys(monkeypatch, m, k, dtype, tf32)  # noqa: E731
+    assert key(704) == key(640) == key(1024)  # MetaSlot's 64 x 11 slots and smaller last batches
+    assert key(65536) == key(40000) == key(10**6)
+    assert key(704) != key(1025) and key(20) != key(40) and key(32768) != key(16384)
+    assert key(704) != key(704, k=1024) and key(704) != key(704, dtype=torch.float16)
+    assert key(704, dtype=torch.float32) != key(704, dtype=torch.float32, tf32=True)
+
+
+def test_autotune_pruning_depends_on_rows_only_through_the_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tuned config is reused for every M of its bucket, so the configs pruning keeps must be the same there."""
+    import kernels.vq as vq
+
+    monkeypatch.setattr(vq, "INTERPRET", False)
+    configs = vq._configs("BLOCK_K")
+    labels = lambda m: {str(c) for c in vq._prune(configs, {"Z": torch.empty(1)}, M=m, K=512, BLOCK_D=256)}  # noqa: E731
+    for m in (1, 9, 16, 17, 20, 31, 33, 64, 65, 100, 128, 129, 704, 5000, 2**15, 2**15 + 1, 10**6):
+        assert labels(m) == labels(vq._m_bucket(m)), m
+    assert labels(20) != labels(704)  # small M does prune wide row tiles
