@@ -328,13 +328,14 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     compile's device, limit and figures, with the saved layout unchanged.
     pipeline / tensor_parallel: force those degrees; otherwise the search (partitioner.plan.search)
     picks pipeline x tensor x data degrees by simulated step time under the memory limit.
-    microbatches: per training step (default: the largest count <= 4 x pipeline degree dividing the
-    batch per replica). memory_limit: bytes per device (default: the device's memory).
+    microbatches: per training step (default: searched; it starts at the largest count <= 4 x pipeline degree
+    dividing the batch per replica, doubles while a layout does not fit, and the winner falls to fewer while that is
+    faster). memory_limit: bytes per device (default: the device's memory).
     schedule: a torch.distributed.pipelining schedule ("gpipe", "1f1b", "interleaved", "looped-bfs",
     "zero-bubble", "zbv"), "auto" (the best of 1f1b, interleaved, zero-bubble, zbv), or None (1f1b and
     gpipe, both priced: torch's 1F1B needs a microbatch per stage at least, and GPipe can win on memory); the
-    multi-stage ones place stages_per_device stages on each device (default 2). plan: a Plan (or its JSON) to
-    apply instead of planning.
+    multi-stage ones place stages_per_device stages on each device (default: searched from 2). plan: a Plan (or
+    its JSON) to apply instead of planning.
     cost: "roofline" (analytic, from FLOPs and bytes on `device_type`; meta models work) or "profile" (every
     node's forward and backward timed on this machine with the real weights and example inputs, calibrated to
     a whole step: partitioner.cost.profile_node_times; `device_type` then prices only memory and links).
