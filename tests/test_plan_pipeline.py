@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import partitioner
+import zoo
 from partitioner.plan.graph import evaluate
 from partitioner.plan.mincut import refine_with_mincut
 from partitioner.plan.pipeline import (
@@ -16,6 +18,7 @@ from partitioner.plan.pipeline import (
     cuts_to_stages,
     devices_needed,
     plan_pipeline,
+    refine_plan,
 )
 from tests.planning_graphs import brute_force, random_dags, synthetic_graph
 
@@ -202,3 +205,28 @@ def test_planner_is_deterministic():
     edges = [(i, i + 1) for i in range(n - 1)] + [(i, i + 3) for i in range(n - 3)]
     pg = synthetic_graph([0] + list(rng.uniform(0, 1, n - 1)), edges, list(rng.uniform(0, 100, n)))
     assert plan_pipeline(pg, 5).stage_of == plan_pipeline(pg, 5).stage_of
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_dags(max_nodes=9), st.integers(2, 4), st.sampled_from([1, 4]))
+def test_min_cut_refinement_never_empties_a_stage_of_its_compute(pg, stages, m) -> None:
+    """refine_plan may move boundaries to cheaper cuts, but never leaves a stage that held compute without any (a stage
+    of an input alone costs a hop and a device: the runtime then holds a stage without parameters)."""
+    if stages > pg.n - pg.num_inputs:
+        return
+    try:
+        plan = plan_pipeline(pg, stages, microbatches=m, mincut=False)
+    except ValueError:
+        return
+    refined = refine_plan(pg, plan, microbatches=m)
+    assert sum(x.compute > 0 for x in refined.metrics) >= sum(x.compute > 0 for x in plan.metrics)
+
+
+def test_gpt3_tiny_looped_bfs_keeps_compute_on_every_stage() -> None:
+    """The plan that found it: gpt3-tiny at pp2 x dp2, two stages per rank, on the cpu cost model, whose min-cut
+    refinement had moved the first stage's embedding to the second (fewer bytes sent), leaving the input ids alone."""
+    model = zoo.get("gpt3-tiny")
+    cm = partitioner.compile(model, devices=4, example_inputs=zoo.example_inputs("gpt3-tiny", batch=16),
+                             device_type="cpu", microbatches=4, schedule="looped-bfs", pipeline=2, tensor_parallel=1,
+                             stages_per_device=2)  # fmt: skip
+    assert all(st.compute_time > 0 for st in cm.plan.stages), [st.compute_time for st in cm.plan.stages]

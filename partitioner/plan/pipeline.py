@@ -675,7 +675,9 @@ def refine_plan(
     tie-break (module docstring).
 
     Invariant: the result's bottleneck is at most the input's x (1 + TIE_TOLERANCE), and above the input's
-    only when its stages spend less time on transfers.
+    only when its stages spend less time on transfers; no stage of the input holding compute is left without
+    (moving a stage's few nodes to its neighbour can send fewer bytes, but leaves a hop and a device for nothing:
+    gpt3-tiny's first stage kept only its input ids).
     """
     from partitioner.plan.mincut import refine_with_mincut
 
@@ -689,6 +691,8 @@ def refine_plan(
         new = evaluate(pg, refined, num_stages, microbatches=microbatches, in_flight=in_flight,
                        recompute=plan.recompute)  # fmt: skip
         bottleneck, comm = max(m.time for m in new), sum(m.comm for m in new)
+        if sum(m.compute > 0 for m in new) < sum(m.compute > 0 for m in plan.metrics):
+            continue
         if tolerance == 0.0:
             better = bottleneck <= best.bottleneck * (1 + 1e-9)
         else:
