@@ -308,11 +308,15 @@ def train_hf_with_compiled_step(
         device_type="cpu",
     )
     assert cm.plan.tensor_degree == tensor_parallel and cm.plan.context_degree == context_parallel
-    opt = torch.optim.SGD(cm.parameters(), lr=lr)
+    # A rank whose stage reads no parameter (the plan may give a stage parameter-free nodes alone) has nothing to
+    # optimize, and torch's optimizers refuse an empty list.
+    params = list(cm.parameters())
+    opt = torch.optim.SGD(params, lr=lr) if params else None
     losses = []
     for _ in range(steps):
         losses.append(float(cm.step((), targets, spec.loss, kwargs=kwargs)))
-        opt.step()
+        if opt is not None:
+            opt.step()
         cm.zero_grad()
     state = cm.full_state_dict()
     distributed = cm.pipeline is not None
