@@ -134,6 +134,11 @@ class PlanningGraph:
         return len(self.names)
 
     @cached_property
+    def trainable_bytes(self) -> float:
+        """Bytes of every trainable parameter (each tied tensor once)."""
+        return float(sum(self.param_bytes[p] for p in self.trainable))
+
+    @cached_property
     def largest_layer_bytes(self) -> float:
         """Bytes of the trainable parameters of the largest layer (plan.recompute's layers; the whole graph when it
         has none): what FSDP gathers at once."""

@@ -509,35 +509,31 @@ def _around_the_winner(ev: _Evaluator, candidates: list[Candidate], best: Candid
     m times, GEMMs less efficient on fewer rows) is not in the cost model, which would take every step up. Counts
     the user fixed (`microbatches`, `stages_per_device`) stay. Every candidate priced here joins `candidates`."""
 
-    def priced(**change: int) -> Candidate | None:
+    def improves(**change: int) -> bool:
+        """Price the winner with `change`; adopt it if it fits and is better."""
+        nonlocal best
         trial = dataclasses.replace(best, simulation=None, **change)
         _evaluate(trial, ev.memory_limit, ev.devices_per_node, ev.plans, recompute=ev.recompute)
         if not trial.fits:
-            return None
+            return False
         candidates.append(trial)
-        return trial
+        if not _better(trial, best):
+            trial.simulation = None
+            return False
+        best.simulation, best = None, trial
+        return True
 
-    d = best.degrees
-    if ev.microbatches is None and ev.batch is not None and d.dp and ev.batch % d.dp == 0:
-        per_replica = ev.batch // d.dp
+    if ev.microbatches is None and ev.batch is not None and ev.batch % best.degrees.dp == 0:
+        per_replica = ev.batch // best.degrees.dp
         counts = [m for m in _divisors(per_replica) if per_replica // m >= ev.min_chunk]
-        while best.microbatches in counts:
-            k = counts.index(best.microbatches) - 1
-            if k < 0 or (trial := priced(microbatches=counts[k])) is None:
+        while best.microbatches in counts and (k := counts.index(best.microbatches)) > 0:
+            if not improves(microbatches=counts[k - 1]):
                 break
-            if not _better(trial, best):
-                trial.simulation = None
-                break
-            best.simulation, best = None, trial
     if ev.stages_per_device is None and not get_schedule(best.schedule).single_stage:
         for step in (1, -1):
-            while (k := best.stages_per_device + step) >= 2 and d.pp * k <= max_stages(best.graph):
-                trial = priced(stages_per_device=k)
-                if trial is None or not _better(trial, best):
-                    if trial is not None:
-                        trial.simulation = None
+            while (k := best.stages_per_device + step) >= 2 and best.degrees.pp * k <= max_stages(best.graph):
+                if not improves(stages_per_device=k):
                     break
-                best.simulation, best = None, trial
     return best
 
 
@@ -660,9 +656,8 @@ class _Evaluator:
             if g is not None and d.pp * k <= max_stages(g):
                 c.bound = max(c.bound, bottleneck_floor(g, d.pp * k))
             if g is not None and g.training:  # the rank holding the most weights: its collectives and optimizer
-                held = sum(g.param_bytes[p] for p in g.trainable) / d.pp
                 c.bound = max(c.bound, data_parallel_floor(
-                    mode, g.spec, tp=d.tp, dp=d.grad_group, weight_bytes=held, microbatches=m or 1,
+                    mode, g.spec, tp=d.tp, dp=d.grad_group, weight_bytes=g.trainable_bytes / d.pp, microbatches=m or 1,
                     element_size=g.param_element_size, shard=shard,
                     split_backward=get_schedule(schedule).split_backward, overlap_grad_reduce=self.overlap_grad_reduce,
                 ))  # fmt: skip
