@@ -81,8 +81,9 @@ def profiled_graph(
     times = profile_node_times(cap.graph_module, flat, repeats=repeats, threads=1)
     pg = build_planning_graph(cap.graph_module, node_costs(cap.graph_module, spec, measured=times), spec, training=True)
     pg = add_loss_cost(pg, *time_loss(model, one, zoo.example_targets(name, batch=rows, **extra), zoo.loss_fn(name)))
-    scale = batch / rows
-    return dataclasses.replace(pg, forward=pg.forward * scale, backward=pg.backward * scale,
+    scale = batch / rows  # the graph's times are one call's: the fixed part once (plan.graph.PlanningGraph)
+    fwd, bwd = pg.without_fixed()
+    return dataclasses.replace(pg, forward=fwd * scale + pg.forward_fixed, backward=bwd * scale + pg.backward_fixed,
                                out_bytes=pg.out_bytes * scale, saved_bytes=pg.saved_bytes * scale)  # fmt: skip
 
 

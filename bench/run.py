@@ -184,13 +184,14 @@ def _tools_at(pg: Any, gm: Any, model: Any, devices: int, batch: int, schedule: 
 
 
 def _perfect_balance(pg: Any, stages: int, m: int, schedule: str, ranks: int) -> dict[str, float]:
-    fwd, bwd = float(pg.forward.sum()) / stages / m, float(pg.backward.sum()) / stages / m
+    fwd, bwd = float(pg.forward_at(m).sum()) / stages / m, float(pg.backward_at(m).sum()) / stages / m
     sim = simulate(
         [StageCost(forward=fwd, backward=bwd)] * stages, num_microbatches=m, schedule=schedule, num_ranks=ranks
     )
     # No split beats the even share of the work, nor the heaviest node (a node is never cut in two)
-    node_level = max(float(pg.compute.sum()) / stages, float(pg.compute.max(initial=0.0)))
-    return {"step_time": sim.step_time, "bottleneck": float(pg.compute.sum()) / stages, "node_level": node_level}
+    compute = pg.compute_at(m)
+    node_level = max(float(compute.sum()) / stages, float(compute.max(initial=0.0)))
+    return {"step_time": sim.step_time, "bottleneck": float(compute.sum()) / stages, "node_level": node_level}
 
 
 def _throughput(name: str, inputs: tuple, step: float) -> tuple[float, str]:

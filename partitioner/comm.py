@@ -1,8 +1,12 @@
 """comm: how long a transfer or a collective takes on a DeviceSpec's links (the one place these formulas live).
 
     point to point      messages x latency + bytes / bandwidth
-    ring all-reduce     latency + 2 (k - 1) / k x bytes / bandwidth       (k ranks; nothing for k = 1)
+    ring all-reduce     2 latency + 2 (k - 1) / k x bytes / bandwidth     (k ranks; nothing for k = 1)
     ring all-gather     latency + (k - 1) / k x bytes / bandwidth         (bytes of the gathered tensor)
+
+A ring all-reduce is a reduce-scatter then an all-gather (the two phases NCCL's ring runs), so it costs what those
+two cost, a latency each: sequence parallelism, which runs the two apart, then pays what the all-reduce it
+replaces did (one latency for the all-reduce made splitting it look twice as slow to start).
 
 `bandwidth` is the link's achieved rate (peak x DeviceSpec.link_efficiency). `internode`: the ranks span nodes,
 so the inter-node bandwidth applies. Used by the planning graph (stage
@@ -37,10 +41,10 @@ def p2p_times(spec: DeviceSpec, nbytes: np.ndarray, messages: np.ndarray, *, int
 
 
 def all_reduce_time(spec: DeviceSpec, nbytes: float, ranks: int, *, internode: bool = False) -> float:
-    """A ring all-reduce of `nbytes` over `ranks` ranks."""
+    """A ring all-reduce of `nbytes` over `ranks` ranks: a reduce-scatter and an all-gather (module docstring)."""
     if ranks <= 1:
         return 0.0
-    return spec.link_latency + 2 * (ranks - 1) / ranks * nbytes / _bandwidth(spec, internode)
+    return 2 * spec.link_latency + 2 * (ranks - 1) / ranks * nbytes / _bandwidth(spec, internode)
 
 
 def all_gather_time(spec: DeviceSpec, nbytes: float, ranks: int, *, internode: bool = False) -> float:

@@ -2,6 +2,9 @@
 
 Roofline: time = max(FLOPs / achievable FLOP/s for the node's dtype, bytes / achievable bandwidth)
 + a fixed per-kernel overhead; views and Python-level nodes (sizes, getitem on tuples) cost nothing.
+The overhead is paid per call, whatever the batch: a node run as m microbatches pays it m times, and a rank with
+1 / k of the batch (or of the weights) pays all of it. `NodeCost` keeps it apart (`forward_fixed`) so that the
+planner charges it per microbatch and scales only the rest (plan.graph.PlanningGraph.forward_at).
 Backward uses `bwd_flops` and `bwd_bytes` (annotate: the outputs' gradient, what the node saved, the inputs'
 gradients; graphs annotated without it move the forward's bytes); nodes whose output needs no gradient have no
 backward.
@@ -38,8 +41,10 @@ _FREE_OPS = ("placeholder", "get_attr", "output")
 
 @dataclass(frozen=True)
 class NodeCost:
-    forward: float  # seconds, for the annotated batch
+    forward: float  # seconds, for the annotated batch (forward_fixed included)
     backward: float  # seconds; 0 when not training or nothing upstream needs a gradient
+    forward_fixed: float = 0.0  # the part of `forward` paid once per call whatever the batch (kernel launch)
+    backward_fixed: float = 0.0
 
 
 def _roofline(flops: float, nbytes: float, dtype: str, spec: DeviceSpec) -> float:
@@ -80,7 +85,10 @@ def node_costs(
             else:
                 ratio = bwd / fwd if fwd > 0 else 0.0
                 fwd, bwd = value, value * ratio
-        costs[n.name] = NodeCost(fwd, bwd)
+        # A measured time holds its call's overhead too; one shorter than the overhead is all overhead.
+        fixed_fwd = min(spec.kernel_overhead, fwd) if fwd > 0 else 0.0
+        fixed_bwd = min(spec.kernel_overhead, bwd) if bwd > 0 else 0.0
+        costs[n.name] = NodeCost(fwd, bwd, fixed_fwd, fixed_bwd)
     return costs
 
 

@@ -29,11 +29,13 @@ def synthetic_graph(
     saved_bytes: list[float] | None = None,
     training: bool = True,
     overlaps_comm: bool = True,
+    fixed: float = 0.0,
 ) -> PlanningGraph:
     """A PlanningGraph over nodes 0..n-1 (topological order; the first num_inputs are inputs).
 
     edges are (producer, consumer) with producer < consumer; `outputs` are the nodes the model returns
-    (default: the last node). compute is split 1:2 into forward and backward.
+    (default: the last node). compute is split 1:2 into forward and backward; `fixed` seconds of each direction
+    (at most all of it) are paid per call, once per microbatch (PlanningGraph.forward_fixed).
     """
     n = len(compute)
     succs: list[set[int]] = [set() for _ in range(n)]
@@ -58,6 +60,8 @@ def synthetic_graph(
         names=[f"n{i}" for i in range(n)],
         forward=c / 3,
         backward=c * 2 / 3,
+        forward_fixed=np.minimum(fixed, c / 3),
+        backward_fixed=np.minimum(fixed, c * 2 / 3),
         out_bytes=np.asarray(out_bytes, dtype=np.float64),
         saved_bytes=np.asarray(saved_bytes if saved_bytes is not None else [0.0] * n, dtype=np.float64),
         is_tensor=np.ones(n, dtype=bool),
@@ -73,8 +77,11 @@ def synthetic_graph(
     )
 
 
-def brute_force(pg: PlanningGraph, num_stages: int, *, microbatches: int = 1, memory_limit: float = np.inf):
-    """Best bottleneck over every valid assignment (exponential: small graphs only), or None."""
+def brute_force(
+    pg: PlanningGraph, num_stages: int, *, microbatches: int = 1, memory_limit: float = np.inf, busy: bool = False
+):
+    """Best bottleneck over every valid assignment (exponential: small graphs only), or None; `busy`: over those
+    whose every stage holds compute."""
     best = None
     free = range(pg.num_inputs, pg.n)
     for rest in itertools.product(range(num_stages), repeat=len(free)):
@@ -83,7 +90,7 @@ def brute_force(pg: PlanningGraph, num_stages: int, *, microbatches: int = 1, me
             metrics = evaluate(pg, stage_of, num_stages, microbatches=microbatches)
         except ValueError:
             continue
-        if any(m.peak_memory > memory_limit for m in metrics):
+        if any(m.peak_memory > memory_limit for m in metrics) or (busy and min(m.compute for m in metrics) <= 0):
             continue
         t = max(m.time for m in metrics)
         if best is None or t < best[0]:
@@ -107,7 +114,10 @@ def random_dags(draw, max_nodes: int = 7, chain: bool = False, comm: bool = True
             producers = draw(st.lists(st.integers(0, v - 1), min_size=1, max_size=3, unique=True))
             edges += [(u, v) for u in producers]
     latency = draw(st.sampled_from([0.0, 0.05])) if comm else 0.0
-    return synthetic_graph(compute, edges, out_bytes, overlaps_comm=draw(st.booleans()), link_latency=latency)
+    fixed = draw(st.sampled_from([0.0, 0.3]))  # per-call (kernel launch) seconds, paid once per microbatch
+    return synthetic_graph(
+        compute, edges, out_bytes, overlaps_comm=draw(st.booleans()), link_latency=latency, fixed=fixed
+    )
 
 
 def reference_min_stage_dp(

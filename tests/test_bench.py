@@ -64,12 +64,15 @@ def test_unknown_model_names_the_close_matches():
 @pytest.mark.parametrize("name", ["gpt3-tiny", "bert-tiny", "roberta-tiny"])
 @pytest.mark.parametrize("stages", [2, 4])
 def test_every_baseline_is_a_valid_plan_and_never_beats_perfect_balance(name, stages):
+    """Every tool's split is a valid plan whose slowest stage is no faster than the even share of the work, and whose
+    step, priced as the bench prices it, is no faster than ours (our boundaries minimize the step, not the slowest
+    stage: at 2 microbatches on bert-tiny the faster step has the less balanced stages)."""
     model = zoo.get(name)
     cm = partitioner.compile(model, devices=stages, example_inputs=zoo.example_inputs(name, batch=8), pipeline=stages)
     pg, gm = cm.planning_graph, cm.captured.graph_module
     bound = float(pg.compute.sum()) / stages
     m = cm.plan.microbatches  # price every split for the microbatches the plan was made for
-    ours = max(s.time for s in evaluate(pg, [cm.plan.node_stage[n] for n in pg.names], stages, microbatches=m))
+    ours = cm.plan.predicted["step_time"]
     for label, fn in bl.BASELINES.items():
         try:
             stage_of = fn(pg, gm, model, stages)
@@ -80,7 +83,8 @@ def test_every_baseline_is_a_valid_plan_and_never_beats_perfect_balance(name, st
         bottleneck = max(m.time for m in metrics)
         assert bottleneck >= bound * (1 - 1e-9), label
         if used == stages:
-            assert ours <= bottleneck * (1 + 1e-3), label  # the search's 0.1% tolerance
+            theirs = run._simulate(pg, stage_of, used, m, cm.plan.schedule, stages)["step_time"]
+            assert ours <= theirs * (1 + 1e-3), label  # within the search's tie (plan.search._better)
 
 
 class _Blocks(nn.Module):
@@ -105,7 +109,7 @@ def test_baselines_on_a_custom_model_are_valid_and_never_beat_ours():
     cm = partitioner.compile(model, devices=stages, example_inputs=(torch.randn(8, 16),), pipeline=stages)
     pg, gm = cm.planning_graph, cm.captured.graph_module
     m = cm.plan.microbatches
-    ours = max(s.time for s in evaluate(pg, [cm.plan.node_stage[n] for n in pg.names], stages, microbatches=m))
+    ours = cm.plan.predicted["step_time"]  # the step our boundaries minimize (as in the test above)
     bound = float(pg.compute.sum()) / stages
     priced = 0
     for label, fn in bl.BASELINES.items():
@@ -118,7 +122,8 @@ def test_baselines_on_a_custom_model_are_valid_and_never_beat_ours():
         bottleneck = max(s.time for s in evaluate(pg, stage_of, used, microbatches=m))  # raises if invalid
         assert bottleneck >= bound * (1 - 1e-9), label
         if used == stages:
-            assert ours <= bottleneck * (1 + 1e-3), label
+            theirs = run._simulate(pg, stage_of, used, m, cm.plan.schedule, stages)["step_time"]
+            assert ours <= theirs * (1 + 1e-3), label
         priced += 1
     assert priced >= 4  # uniform, deepspeed, pippy, smp and single device all express a ModuleList model
 

@@ -23,16 +23,17 @@ def test_point_to_point() -> None:
 
 
 def test_ring_collectives() -> None:
-    assert all_reduce_time(SPEC, 400.0, 4) == pytest.approx(0.5 + 2 * 3 / 4 * 4.0)
+    # a reduce-scatter then an all-gather: a latency each
+    assert all_reduce_time(SPEC, 400.0, 4) == pytest.approx(2 * 0.5 + 2 * 3 / 4 * 4.0)
     assert all_gather_time(SPEC, 400.0, 4) == pytest.approx(0.5 + 3 / 4 * 4.0)
-    assert all_reduce_time(SPEC, 400.0, 2, internode=True) == pytest.approx(0.5 + 2 * 1 / 2 * 40.0)
+    assert all_reduce_time(SPEC, 400.0, 2, internode=True) == pytest.approx(2 * 0.5 + 2 * 1 / 2 * 40.0)
     assert all_reduce_time(SPEC, 400.0, 1) == all_gather_time(SPEC, 400.0, 1) == 0.0
 
 
 def test_link_efficiency_scales_the_bandwidth_not_the_latency() -> None:
     half = dataclasses.replace(SPEC, link_efficiency=0.5)
     assert p2p_time(half, 200.0) == pytest.approx(0.5 + 4.0)
-    assert all_reduce_time(half, 400.0, 4) == pytest.approx(0.5 + 2 * 3 / 4 * 8.0)
+    assert all_reduce_time(half, 400.0, 4) == pytest.approx(2 * 0.5 + 2 * 3 / 4 * 8.0)
 
 
 def test_latency_in_bytes() -> None:

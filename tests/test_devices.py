@@ -42,8 +42,8 @@ def test_tied_embedding_sync_is_priced_once_per_step() -> None:
     spec = dataclasses.replace(PRESETS["cpu"], link_latency=1e-4, link_bandwidth=1e9, internode_bandwidth=1e9)
     two = _gpt(2, spec)
     wte = two.planning_graph.param_bytes["wte.weight"]
-    # Ring all-reduce over the 2 owners (first and last stage): latency + 2 (2-1)/2 x bytes / bandwidth.
-    assert two.plan.predicted["tied_weight_sync"] == pytest.approx(1e-4 + wte / 1e9)
+    # Ring all-reduce over the 2 owners (first and last stage): 2 latencies + 2 (2-1)/2 x bytes / bandwidth.
+    assert two.plan.predicted["tied_weight_sync"] == pytest.approx(2e-4 + wte / 1e9)
     p = two.plan.predicted
     assert p["step_time"] == pytest.approx(p["pipeline_time"] + p["tied_weight_sync"] + p["optimizer_step"])
     pg = two.planning_graph

@@ -232,7 +232,9 @@ def _compile_edited(model: nn.Module, x: torch.Tensor, pipeline: int, moves: dic
 def test_saved_plan_breaking_a_write_after_read_is_refused() -> None:
     x = torch.randn(8, 64)
     with pytest.raises(OrderViolation, match=r"'repeat' reads the output of 'a' before 'mul_' writes it"):
-        _compile_edited(IssueRepro(), x, 3, {"a": 1, "b": 1, "mul_": 1, "add": 1, "repeat": 2})
+        # the write and what it feeds on stage 1, the read it must follow on stage 2 with the rest of the model
+        rest = {n: 2 for n in ("sum_1", "c1", "c_0", "c_1", "c_2", "c_3", "repeat_1", "mul")}
+        _compile_edited(IssueRepro(), x, 3, {"a": 1, "b": 1, "mul_": 1, "add": 1, "repeat": 2} | rest)
 
 
 def test_saved_plan_breaking_a_write_through_a_view_is_refused() -> None:

@@ -198,6 +198,30 @@ def test_scale_graph_divides_sharded_work_and_adds_collectives():
     assert g.param_static["p1"] == pg.param_static["p1"] / 2 and g.param_static["p2"] == pg.param_static["p2"]
 
 
+def test_scale_graph_keeps_each_calls_fixed_part_whole():
+    """A rank with half the batch or half the weights still launches every kernel and pays every collective's
+    latency: only the rest of a node's time is divided, and each tensor-parallel collective adds its latency to the
+    fixed part (paid per microbatch)."""
+    pg = _chain(4)
+    pg = dataclasses.replace(pg, forward_fixed=pg.forward * 0.25, backward_fixed=pg.backward * 0.1)
+    latency = 0.01
+    tp = TensorParallelModel(
+        tp=2, node_scale={"n1": 0.5, "n2": 0.5}, comm_by_node={"n2": (0.1, 0.2)},
+        latency_by_node={"n2": (latency, 2 * latency)}, sharded_params={"p1"}, sharded_values={"n1"},
+    )  # fmt: skip
+    g = scale_graph(pg, tp, dp=2)
+    f, b = pg.forward, pg.backward
+    assert g.forward[1] == pytest.approx(f[1] * 0.75 * 0.5 / 2 + f[1] * 0.25)
+    assert g.forward[2] == pytest.approx((f[2] * 0.75 * 0.5 + 0.1 - latency) / 2 + f[2] * 0.25 + latency)
+    assert g.backward[2] == pytest.approx((b[2] * 0.9 * 0.5 + 0.2 - 2 * latency) / 2 + b[2] * 0.1 + 2 * latency)
+    assert g.forward_fixed[2] == pytest.approx(f[2] * 0.25 + latency)
+    assert g.backward_fixed[2] == pytest.approx(b[2] * 0.1 + 2 * latency)
+    # At m microbatches every node pays its fixed part m times per step, its rest once (split m ways)
+    m = 4
+    assert g.forward_at(m) == pytest.approx(g.forward + (m - 1) * g.forward_fixed)
+    assert g.compute_at(1) == pytest.approx(g.compute)
+
+
 def test_compile_search_on_gpt3_1_3b_prefers_data_parallelism_when_it_fits():
     with torch.device("meta"):
         model = zoo.get("gpt3-1.3b").to(torch.bfloat16)

@@ -230,21 +230,24 @@ def test_activation_memory_per_layer_matches_the_closed_forms(s: int, b: int, h:
 
 # ----------------------------------------------------------------------------------------------- search, compile
 def test_compile_prices_both_and_records_the_choice() -> None:
-    """gpt3-1.3b at tp 4: splitting the token-wise ops saves their compute and memory for the same bytes moved."""
+    """gpt3-1.3b at tp 4: both are priced, the faster is chosen and named; splitting the token-wise ops saves their
+    memory for the same bytes moved; a saved plan keeps the choice."""
     with torch.device("meta"):
         model = zoo.get("gpt3-1.3b")
     x = zoo.example_inputs("gpt3-1.3b", batch=64, device=torch.device("meta"))
     cm = partitioner.compile(model, 8, x, tensor_parallel=4, pipeline=1)
-    assert cm.tensor_parallel_plan.sequence_parallel
-    plain = [a for a in cm.plan.alternatives if not a.get("sequence_parallel") and "step_time" in a]
-    assert plain and all(a["step_time"] > cm.plan.predicted["step_time"] for a in plain)
-    assert "sequence parallel" in cm.plan.summary().splitlines()[0]
-    off = partitioner.compile(model, 8, x, tensor_parallel=4, pipeline=1, sequence_parallel=False)
-    assert not off.tensor_parallel_plan.sequence_parallel
-    assert off.plan.predicted["peak_memory"] > cm.plan.predicted["peak_memory"]
-    again = partitioner.compile(model, 8, x, plan=cm.plan.to_json())  # a saved plan keeps it
-    assert again.tensor_parallel_plan.sequence_parallel
-    assert again.plan.predicted["step_time"] == pytest.approx(cm.plan.predicted["step_time"])
+    chosen = cm.tensor_parallel_plan.sequence_parallel
+    other = [a for a in cm.plan.alternatives if bool(a.get("sequence_parallel")) != chosen and "step_time" in a]
+    assert other and all(a["step_time"] > cm.plan.predicted["step_time"] for a in other)
+    assert ("sequence parallel" in cm.plan.summary().splitlines()[0]) == chosen
+    on = partitioner.compile(model, 8, x, tensor_parallel=4, pipeline=1, sequence_parallel=True, microbatches=4)
+    off = partitioner.compile(model, 8, x, tensor_parallel=4, pipeline=1, sequence_parallel=False, microbatches=4)
+    assert on.tensor_parallel_plan.sequence_parallel and not off.tensor_parallel_plan.sequence_parallel
+    assert off.plan.predicted["peak_memory"] > on.plan.predicted["peak_memory"]
+    for compiled in (on, off):
+        again = partitioner.compile(model, 8, x, plan=compiled.plan.to_json())  # a saved plan keeps it
+        assert again.tensor_parallel_plan.sequence_parallel == compiled.tensor_parallel_plan.sequence_parallel
+        assert again.plan.predicted["step_time"] == pytest.approx(compiled.plan.predicted["step_time"])
 
 
 @pytest.mark.timeout(120)

@@ -80,10 +80,10 @@ def test_collectives_hide_behind_compute_where_they_can() -> None:
     ddp = _cost("ddp")
     # 4 GB all-reduced over 8 NVLink ranks: 2 x 7/8 x 4e9 / bw = 0.024 s, under the last backward (0.2 s): only
     # DDP's last 25 MiB bucket is exposed.
-    assert ddp.tail == pytest.approx(spec.link_latency + 2 * 7 / 8 * 25 * 2**20 / bw)
+    assert ddp.tail == pytest.approx(2 * spec.link_latency + 2 * 7 / 8 * 25 * 2**20 / bw)
     assert ddp.forward == ddp.backward == 0.0
     # A backward too short to hide it exposes the rest.
-    assert _cost("ddp", backward=0.001).tail == pytest.approx(spec.link_latency + 2 * 7 / 8 * 4e9 / bw - 0.001)
+    assert _cost("ddp", backward=0.001).tail == pytest.approx(2 * spec.link_latency + 2 * 7 / 8 * 4e9 / bw - 0.001)
     zero1 = _cost("zero1")
     assert zero1.tail == pytest.approx(ddp.tail + spec.link_latency + 7 / 8 * 4e9 / bw)  # + the weights' all-gather
     fsdp = _cost("fsdp")
@@ -156,7 +156,7 @@ def test_split_backward_schedules_price_hsdp_with_its_shard_group() -> None:
 def test_a_reduction_after_the_backward_exposes_the_whole_all_reduce() -> None:
     spec = PRESETS["h100"]
     bw = spec.link_bandwidth * spec.link_efficiency
-    whole = spec.link_latency + 2 * 7 / 8 * 4e9 / bw
+    whole = 2 * spec.link_latency + 2 * 7 / 8 * 4e9 / bw
     # The same 4 GB under a backward long enough to hide all but DDP's last bucket: after it, none of it hides.
     assert _cost("ddp").tail < whole / 10
     assert _cost("ddp", overlap_grad_reduce=False).tail == pytest.approx(whole)

@@ -408,7 +408,7 @@ def test_tp_cost_matches_the_ring_formula() -> None:
     cost = tp_cost(plan, gm, spec)
     act = 2 * 8 * 64 * 4  # one (B, T, d) fp32 activation
     bandwidth = spec.link_bandwidth * spec.link_efficiency  # what NCCL achieves on NVLink
-    ar = spec.link_latency + 2 * 3 / 4 * act / bandwidth
+    ar = 2 * spec.link_latency + 2 * 3 / 4 * act / bandwidth  # reduce-scatter + all-gather
     gather = spec.link_latency + 3 / 4 * (2 * 8 * 512 * 4) / bandwidth
     assert cost.comm_forward == pytest.approx(5 * ar + gather)
     assert cost.comm_backward == pytest.approx(5 * ar)

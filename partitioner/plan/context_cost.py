@@ -49,16 +49,18 @@ class ContextParallelModel:
     fallbacks: dict[str, str] = field(default_factory=dict)  # node -> why it reads a split value whole
 
     def comm_by_node(
-        self, spec: DeviceSpec, *, tp: int = 1, sharded: frozenset[str] | set[str] = frozenset(), training: bool = True
-    ) -> dict[str, tuple[float, float]]:
+        self, spec: DeviceSpec, *, tp: int = 1, sharded: frozenset[str] | set[str] = frozenset(), training: bool = True,
+        latency: bool = False,
+    ) -> dict[str, tuple[float, float]]:  # fmt: skip
         """node -> (forward, backward) seconds of its collectives on `spec`: a value tensor parallelism shards
-        (`sharded`, at degree `tp`) moves 1/tp of its bytes; the cp group leaves the node once tp x cp exceeds it."""
+        (`sharded`, at degree `tp`) moves 1/tp of its bytes; the cp group leaves the node once tp x cp exceeds it.
+        `latency`: only what does not shrink with the batch (each collective's latency, paid per microbatch)."""
         internode = tp * self.cp > spec.devices_per_node
         out: dict[str, tuple[float, float]] = {}
         for name, calls in self.collectives.items():
             f = 0.0
             for kind, nbytes in calls:
-                nbytes /= tp if name in sharded else 1
+                nbytes = 0.0 if latency else nbytes / (tp if name in sharded else 1)
                 time = all_gather_time if kind == "gather" else all_reduce_time
                 f += time(spec, nbytes, self.cp, internode=internode)
             out[name] = (f, f if training else 0.0)

@@ -5,6 +5,11 @@ Planned nodes are every node except `get_attr` (a parameter goes wherever its re
 output node (a virtual consumer at position n, always on the last stage). Placeholders come first
 and are pinned to stage 0: in a pipeline only the first stage receives the model's inputs.
 
+Every node's time has a part that shrinks with the batch and a fixed part paid per call (kernel launches,
+`forward_fixed` / `backward_fixed`; the collectives' latencies a tensor-parallel rewrite adds): at m microbatches a
+node costs forward + (m - 1) x forward_fixed per step (`forward_at`), and dividing the batch or the weights over
+ranks (plan.search.scale_graph) divides the first part only.
+
 Stage time model (per training step, all microbatches together), with
 comm(s) = comm(bytes sent forward by s) + comm(gradient bytes sent back by s):
     time(s) = max(forward(s) + backward(s), comm(s))    where transfers overlap compute (DeviceSpec.overlaps_comm)
@@ -91,7 +96,7 @@ class PlanningGraph:
     scaled copies (plan.search.scale_graph) share the last. Numbers differ between copies, never structure."""
 
     names: list[str]  # planned nodes, topological order
-    forward: np.ndarray  # seconds per node (whole batch)
+    forward: np.ndarray  # seconds per node (whole batch, one call: its fixed part once)
     backward: np.ndarray
     out_bytes: np.ndarray  # bytes of each node's output
     saved_bytes: np.ndarray  # activation bytes kept for backward (whole batch)
@@ -128,10 +133,40 @@ class PlanningGraph:
     # What is derived from the structure alone (edges, parameter reads): one dict, which dataclasses.replace hands on
     # to every scaled copy (an init field), so a search over hundreds of copies derives it once.
     _structure: dict = field(default_factory=dict, repr=False, compare=False)
+    # The part of forward / backward each node pays per call whatever its batch (module docstring); None: nothing.
+    forward_fixed: np.ndarray | None = None
+    backward_fixed: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.forward_fixed is None:
+            self.forward_fixed = np.zeros(len(self.names))
+        if self.backward_fixed is None:
+            self.backward_fixed = np.zeros(len(self.names))
 
     @cached_property
     def n(self) -> int:
         return len(self.names)
+
+    def forward_at(self, microbatches: int) -> np.ndarray:
+        """Each node's forward seconds per step when the batch runs as `microbatches` calls (fixed part each)."""
+        return self.forward + (microbatches - 1) * self.forward_fixed if microbatches > 1 else self.forward
+
+    def backward_at(self, microbatches: int) -> np.ndarray:
+        """backward as forward_at."""
+        return self.backward + (microbatches - 1) * self.backward_fixed if microbatches > 1 else self.backward
+
+    def compute_at(self, microbatches: int) -> np.ndarray:
+        return self.forward_at(microbatches) + self.backward_at(microbatches)
+
+    def recompute_at(self, model: ActivationModel, microbatches: int) -> np.ndarray:
+        """`model`'s recomputed forward seconds per step at `microbatches` calls (each rerun pays its fixed part)."""
+        if microbatches <= 1:
+            return model.recompute
+        return model.recompute + (microbatches - 1) * np.where(model.recompute > 0, self.forward_fixed, 0.0)
+
+    def without_fixed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(forward, backward) less their fixed parts: what dividing the batch or the weights divides."""
+        return self.forward - self.forward_fixed, self.backward - self.backward_fixed
 
     @cached_property
     def trainable_bytes(self) -> float:
@@ -334,6 +369,8 @@ def build_planning_graph(
     names = [nd.name for nd in nodes]
     forward = np.array([costs[nd.name].forward for nd in nodes], dtype=np.float64)
     backward = np.array([costs[nd.name].backward for nd in nodes], dtype=np.float64)
+    forward_fixed = np.array([costs[nd.name].forward_fixed for nd in nodes], dtype=np.float64)
+    backward_fixed = np.array([costs[nd.name].backward_fixed for nd in nodes], dtype=np.float64)
     out_bytes = np.array([nd.meta.get("out_bytes", 0) for nd in nodes], dtype=np.float64)
     if training:  # the loss on what the model returns (module docstring)
         returned = [i for i, s in enumerate(succs) if n in s]
@@ -344,6 +381,8 @@ def build_planning_graph(
         names=names,
         forward=forward,
         backward=backward,
+        forward_fixed=forward_fixed,
+        backward_fixed=backward_fixed,
         out_bytes=out_bytes,
         saved_bytes=np.array([nd.meta.get("saved_bytes", 0) for nd in nodes], dtype=np.float64),
         is_tensor=np.array([nd.meta.get("is_tensor", True) for nd in nodes], dtype=bool),
@@ -453,8 +492,8 @@ def evaluate(
     modes = list(recompute) if recompute is not None else ["none"] * num_stages
     if len(modes) != num_stages:
         raise ValueError(f"{len(modes)} recompute modes for {num_stages} stages")
-    fwd = np.bincount(stage_of, weights=pg.forward, minlength=num_stages)
-    bwd = np.bincount(stage_of, weights=pg.backward, minlength=num_stages)
+    fwd = np.bincount(stage_of, weights=pg.forward_at(microbatches), minlength=num_stages)
+    bwd = np.bincount(stage_of, weights=pg.backward_at(microbatches), minlength=num_stages)
     act, redo, transient = np.zeros(num_stages), np.zeros(num_stages), np.zeros(num_stages)
     for mode in set(modes):
         stages = [s for s in range(num_stages) if modes[s] == mode]
@@ -463,7 +502,8 @@ def evaluate(
             model = pg.stage_activations(stage_of, group[0], mode)
             mine = np.isin(stage_of, group)
             act += np.bincount(stage_of[mine], weights=model.kept[mine], minlength=num_stages)
-            redo += np.bincount(stage_of[mine], weights=model.recompute[mine], minlength=num_stages)
+            rerun = pg.recompute_at(model, microbatches)
+            redo += np.bincount(stage_of[mine], weights=rerun[mine], minlength=num_stages)
             if mine.any():
                 np.maximum.at(transient, stage_of[mine], model.transient[mine])
     static_of, tensor_of = pg.stage_param_sums(stage_of, num_stages)

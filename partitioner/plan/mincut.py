@@ -79,8 +79,10 @@ def boundary_network(pg: PlanningGraph, lo: int, hi: int, microbatches: int = 1)
     return G
 
 
-def _windows(pg: PlanningGraph, cuts: list[int], times: list[float], T: float) -> list[tuple[int, int]]:
-    P = np.concatenate([[0.0], np.cumsum(pg.compute)])
+def _windows(
+    pg: PlanningGraph, cuts: list[int], times: list[float], T: float, microbatches: int
+) -> list[tuple[int, int]]:
+    P = np.concatenate([[0.0], np.cumsum(pg.compute_at(microbatches))])
     S = len(cuts) - 1
     slack = [max(T - t, 0.0) / 2 for t in times]
     los, his = [], []
@@ -127,7 +129,7 @@ def refine_with_mincut(
     times = [m.time for m in metrics]
     T = max(times) * (1 + tolerance)
     new = list(stage_of)
-    for k, (lo, hi) in enumerate(_windows(pg, cuts, times, T), start=1):
+    for k, (lo, hi) in enumerate(_windows(pg, cuts, times, T, microbatches), start=1):
         if hi - lo < 1:
             continue
         G = boundary_network(pg, lo, hi, microbatches)

@@ -87,6 +87,7 @@ class TensorParallelLayouts:
             tp=layout.tp,
             node_scale=cost.node_scale,
             comm_by_node=cost.comm_by_node,
+            latency_by_node=cost.latency_by_node,
             sharded_params={p for p, sh in layout.param_shard.items() if sh.get("dim") is not None},
             sharded_values={n for n, lay in layout.node_layout.items() if lay.startswith(("shard", "seq"))},
             fallbacks=list(layout.fallbacks),
@@ -259,9 +260,11 @@ def _search_context(
     recomputes activations (context parallelism divides activations, not weights), or when the batch has fewer
     samples than devices (some devices must then share a sample: by pipeline, tensor or context parallelism; a
     batch of one long sequence on 4 devices: pp2 x tp2 with one microbatch, half bubble, against cp4). cp degrees
-    are tried upwards (each dividing the devices and the sequence) while each beats the one before: the step falls
-    while the activations' recompute and the attention's share shrink, then rises as the gathers grow (gpt3-13b at
-    64K tokens on 64 H100s: 6.667, 6.191, 5.862, 7.713 s at cp 1, 2, 4, 8). They keep the schedule (and sequence
+    are tried upwards (each dividing the devices and the sequence) until two in a row do not beat the best: the step
+    falls while the activations' recompute and the attention's share shrink, then rises as the gathers grow
+    (gpt3-13b at 64K tokens on 64 H100s: 6.667, 6.191, 5.862, 7.713 s at cp 1, 2, 4, 8); but a degree that frees a
+    pipeline stage can win after one that did not (one 2048-token sequence of a 4-layer GPT on 4 H100s: 985, 988,
+    884 us at cp 1, 2, 4: cp2 still runs two stages with one microbatch). They keep the schedule (and sequence
     parallelism) the search chose without it: cp changes what a device holds, not what the schedule does."""
     best: Candidate | None = None
     evaluated: list[Candidate] = []
@@ -279,20 +282,27 @@ def _search_context(
         return best, evaluated, None
     like = best
     chosen: ContextLayout | None = None
+    misses = 0  # degrees in a row that did not beat the best
     for cp in range(2, o.devices + 1):
         if o.devices % cp:
             continue
         try:
             layout = plan_context_parallel(gm, cp)
             found, tried = run(layout, like, best)
-        except ValueError:  # the sequence does not split cp ways, or nothing fits at this degree
+        except ValueError:  # the sequence does not split cp ways, or nothing fits / beats the best at this degree
             if best is None:
                 continue
-            break
+            misses += 1
+            if misses == 2:
+                break
+            continue
         evaluated += tried
         if best is not None and found.step_time >= best.step_time:
-            break
-        best, chosen = found, layout
+            misses += 1
+            if misses == 2:
+                break
+            continue
+        best, chosen, misses = found, layout, 0
     if best is None:
         raise error
     evaluated.sort(key=lambda c: (not c.fits, c is not best, c.step_time, c.bound))

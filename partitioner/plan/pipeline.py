@@ -77,9 +77,11 @@ class _Prefix:
         n = pg.n
         self.n = n
         self.modes = tuple(modes)
-        self.P = np.concatenate([[0.0], np.cumsum(pg.compute)])
-        self.F = np.concatenate([[0.0], np.cumsum(pg.forward)])
-        self.working = np.concatenate([[0], np.cumsum(pg.compute > 0)])  # nodes with compute, prefix counts
+        compute = pg.compute_at(microbatches)  # per step, each node's fixed part once per microbatch
+        self.P = np.concatenate([[0.0], np.cumsum(compute)])
+        self.F = np.concatenate([[0.0], np.cumsum(pg.forward_at(microbatches))])
+        self.B = np.concatenate([[0.0], np.cumsum(pg.backward_at(microbatches))])  # monotone: differences >= 0
+        self.working = np.concatenate([[0], np.cumsum(compute > 0)])  # nodes with compute, prefix counts
         # Bytes crossing a cut between positions b-1 | b of the order (value produced before b,
         # consumed at or after b); the model output counts as a consumer at position n.
         diff, count = np.zeros(n + 2), np.zeros(n + 2)
@@ -111,7 +113,7 @@ class _Prefix:
         np.add.at(static, nodes[first], np.array([pg.param_static[names[pids[k]]] for k in first], dtype=np.float64))
         self.S = np.concatenate([[0.0], np.cumsum(static)])
         models = [pg.activations(mode) for mode in self.modes]
-        self.R = [np.concatenate([[0.0], np.cumsum(m.recompute)]) for m in models]
+        self.R = [np.concatenate([[0.0], np.cumsum(pg.recompute_at(m, microbatches))]) for m in models]
         self.A = [np.concatenate([[0.0], np.cumsum(m.kept)]) / microbatches for m in models]
         transient = [m.transient / microbatches if m.transient.any() else None for m in models]
         self.T_table = [_range_max_table(t) if t is not None else None for t in transient]
@@ -122,7 +124,8 @@ class _Prefix:
             saved = [(none.kept[a:b].sum() - full.kept[a:b].sum()) / microbatches for a, b in spans]
             self.layers = spans
             self.D = np.concatenate([[0.0], np.cumsum(np.maximum(saved, 0.0))])
-            self.Q = np.concatenate([[0.0], np.cumsum([full.recompute[a:b].sum() for a, b in spans])])
+            redo = pg.recompute_at(full, microbatches)
+            self.Q = np.concatenate([[0.0], np.cumsum([redo[a:b].sum() for a, b in spans])])
             self.tau = float(full.transient.max(initial=0.0)) / microbatches
             self.none = self.modes.index("none")
         # In-place writes (plan.ordering): boundaries that may not exist, and how far a stage may reach.
@@ -172,7 +175,7 @@ class _Prefix:
         for s, (j, i) in enumerate(zip(cuts, cuts[1:])):
             mode = modes[s]
             forward = self.F[i] - self.F[j]
-            backward = self.P[i] - self.P[j] - forward
+            backward = self.B[i] - self.B[j]
             layers = layers_recomputed(mode)
             if layers is None:
                 k = self.modes.index(mode)

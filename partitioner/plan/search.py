@@ -58,7 +58,7 @@ from partitioner.plan.sharding import (
     state_divisors,
 )
 from partitioner.plan.step import step_improver
-from partitioner.progress import current
+from partitioner.progress import current, logger
 from partitioner.schedules import get_schedule
 from partitioner.simulate import SimResult, step_lower_bound
 from partitioner.units import format_bytes
@@ -109,6 +109,8 @@ class TensorParallelModel:
     gathered_saves: set[str] = field(default_factory=set)  # split values whose consumers save a gathered copy
     sequence_parallel: bool = False
     sharded_share: float = 1.0  # the fraction of the parameter bytes held as shards
+    # node -> (forward, backward) seconds of comm_by_node paid per microbatch whatever the batch (the latencies)
+    latency_by_node: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 # A tp degree sharding less than this share of the parameters is no layout (plan.tensor would only copy the model
@@ -210,7 +212,8 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
     if tp is None and cp is None:
         return pg
     tp_degree = tp.tp if tp is not None else 1
-    fwd, bwd = pg.forward.copy(), pg.backward.copy()
+    fwd, bwd = pg.without_fixed()  # a rank's share scales the rest; every rank pays each call's fixed part
+    fixed_f, fixed_b = pg.forward_fixed.copy(), pg.backward_fixed.copy()
     out_bytes, saved = pg.out_bytes.copy(), pg.saved_bytes.copy()
     node_saves = pg.saves
     structure = pg.recompute_structure() if len(pg.saves) == pg.n else None  # shared: the copy saves the same storages
@@ -237,8 +240,12 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
         for i, name in enumerate(pg.names):
             s = tp.node_scale.get(name, 1.0)
             cf, cb = tp.comm_by_node.get(name, (0.0, 0.0))
-            fwd[i] = fwd[i] * s + cf
-            bwd[i] = bwd[i] * s + (cb if pg.training else 0.0)
+            lf, lb = tp.latency_by_node.get(name, (0.0, 0.0))
+            lb = lb if pg.training else 0.0
+            fwd[i] = fwd[i] * s + cf - lf
+            bwd[i] = bwd[i] * s + (cb - lb if pg.training else 0.0)
+            fixed_f[i] += lf
+            fixed_b[i] += lb
             if name in tp.sharded_values:
                 out_bytes[i] /= tp.tp
         for p in tp.sharded_params:
@@ -249,11 +256,15 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
     if cp is not None and cp.cp > 1:
         sharded = tp.sharded_values if tp is not None and tp.tp > 1 else frozenset()
         cp_comm = cp.comm_by_node(pg.spec, tp=tp_degree, sharded=sharded, training=pg.training)
+        cp_latency = cp.comm_by_node(pg.spec, tp=tp_degree, sharded=sharded, training=pg.training, latency=True)
         for i, name in enumerate(pg.names):
             s = cp.node_scale.get(name, 1.0)
             cf, cb = cp_comm.get(name, (0.0, 0.0))
-            fwd[i] = fwd[i] * s + cf
-            bwd[i] = bwd[i] * s + (cb if pg.training else 0.0)
+            lf, lb = cp_latency.get(name, (0.0, 0.0))
+            fwd[i] = fwd[i] * s + cf - lf
+            bwd[i] = bwd[i] * s + (cb - lb if pg.training else 0.0)
+            fixed_f[i] += lf
+            fixed_b[i] += lb
             if name in cp.split_values:
                 out_bytes[i] /= cp.cp
     if (tp is not None and tp.tp > 1) or (cp is not None and cp.cp > 1):
@@ -268,8 +279,10 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
     saves = [{k: v / divisor(k) for k, v in node.items()} for node in node_saves]
     return dataclasses.replace(
         pg,
-        forward=fwd,
-        backward=bwd,
+        forward=fwd + fixed_f,
+        backward=bwd + fixed_b,
+        forward_fixed=fixed_f,
+        backward_fixed=fixed_b,
         out_bytes=out_bytes,
         saved_bytes=saved,
         param_static=param_static,
@@ -308,8 +321,8 @@ def scale_replicas(
     return dataclasses.replace(
         pg,
         p2p_internode=pp_spans_nodes,
-        forward=pg.forward / dp,
-        backward=pg.backward / dp,
+        forward=(pg.forward - pg.forward_fixed) / dp + pg.forward_fixed,  # each replica pays every call's fixed part
+        backward=(pg.backward - pg.backward_fixed) / dp + pg.backward_fixed,
         out_bytes=pg.out_bytes / dp,
         saved_bytes=pg.saved_bytes / dp,
         param_static=param_static,
@@ -925,6 +938,8 @@ def _evaluate(
         return
     except ValueError as e:  # a schedule refusing this microbatch count, too few nodes, ...
         c.note, c.out_of_memory = str(e).splitlines()[0][:200], False
+        if refine:  # the ranked plan of the same layout was priced: this is a fault of the refinement, not the layout
+            logger.warning("refining the winner %s failed (the ranked plan stays): %s", c.degrees, e)
         return
     c.note, c.out_of_memory = "", False
     if c.peak_memory > memory_limit:

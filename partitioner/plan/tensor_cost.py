@@ -3,7 +3,7 @@ as the pp x tp x dp search prices it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
@@ -24,6 +24,8 @@ class TPCost:
     nodes' FLOPs / tp plus replicated nodes' FLOPs (forward + backward). node_scale: node -> factor on its compute time.
     comm_by_node: node -> (forward, backward) seconds of the collectives anchored after it (to sum per stage).
     param_bytes_per_rank: parameter bytes one tp rank holds (tied parameters once; sharded ones / tp).
+    latency_by_node: node -> (forward, backward) seconds of comm_by_node that do not shrink with the batch (each
+    collective's latency: paid once per call, per microbatch).
     """
 
     comm_forward: float
@@ -33,34 +35,39 @@ class TPCost:
     node_scale: dict[str, float]
     comm_by_node: dict[str, tuple[float, float]]
     param_bytes_per_rank: float
+    latency_by_node: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def comm(self) -> float:
         return self.comm_forward + self.comm_backward
 
 
-def _collective_time(c: dict[str, Any], tp: int, spec: DeviceSpec) -> float:
+def _collective_time(c: dict[str, Any], tp: int, spec: DeviceSpec, nbytes: float | None = None) -> float:
     """A ring all-reduce, or an all-gather / reduce-scatter ((tp - 1) / tp of the whole tensor's bytes each);
-    sequence parallelism's scatter only slices."""
+    sequence parallelism's scatter only slices. `nbytes`: other bytes than the collective's (0: its latency)."""
     if c["kind"] == "scatter":
         return 0.0
     collective = all_reduce_time if c["kind"] == "all_reduce" else all_gather_time
-    return collective(spec, c["bytes"], tp, internode=tp > spec.devices_per_node)
+    return collective(spec, c["bytes"] if nbytes is None else nbytes, tp, internode=tp > spec.devices_per_node)
 
 
 def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, training: bool = True) -> TPCost:
     """Communication time and per-rank compute of `plan` on `spec` (see TPCost). Bytes are per annotated batch."""
     comm_by_node: dict[str, tuple[float, float]] = {}
+    latency_by_node: dict[str, tuple[float, float]] = {}
     fwd = bwd = 0.0
     for c in plan.collectives:
-        t = _collective_time(c, plan.tp, spec)
+        t, fixed = _collective_time(c, plan.tp, spec), _collective_time(c, plan.tp, spec, 0.0)
         f, b = comm_by_node.get(c["after"], (0.0, 0.0))
+        lf, lb = latency_by_node.get(c["after"], (0.0, 0.0))
         if c["phase"] == "forward":
             fwd += t
             comm_by_node[c["after"]] = (f + t, b)
+            latency_by_node[c["after"]] = (lf + fixed, lb)
         elif training:
             bwd += t
             comm_by_node[c["after"]] = (f, b + t)
+            latency_by_node[c["after"]] = (lf, lb + fixed)
     scale, per_rank, total = {}, 0.0, 0.0
     for n in gm.graph.nodes:
         s = 1.0 / plan.tp if plan.node_layout.get(n.name, REPLICATED) != REPLICATED else 1.0
@@ -72,4 +79,4 @@ def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, t
     for name, p in gm.named_parameters(remove_duplicate=False):
         sharded = plan.param_shard.get(name, {"dim": None})["dim"] is not None
         seen[id(p)] = p.numel() * p.element_size() / (plan.tp if sharded else 1)
-    return TPCost(fwd, bwd, per_rank, total, scale, comm_by_node, sum(seen.values()))
+    return TPCost(fwd, bwd, per_rank, total, scale, comm_by_node, sum(seen.values()), latency_by_node)
