@@ -256,6 +256,20 @@ def test_pipeline_of_sequence_parallel_stages_matches_single_process(model: str,
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("wrapper", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
+def test_sequence_parallel_replicas_sum_the_norm_gradients_once_per_step(wrapper: str, tmp_path: Path) -> None:
+    """dp=2 x tp=2 with sequence parallelism: each tp rank's norm and row-bias gradients hold its tokens' share, the
+    data-parallel wrapper averages them over dp during the backward (zero2: reduce-scatters them to shards), and
+    the runtime sums them over tp once the step's backward is done; training equals one process on the 2x batch."""
+    got = _run_pp_tp(tmp_path, 4, timeout=280, model="gpt3-tiny", pp=1, tp=2, dp=2, data_parallel=wrapper,
+                     sequence_parallel=True)  # fmt: skip
+    _assert_tp_run_matches(
+        got, *reference("gpt3-tiny", microbatches=2 * MICRO, batch=2 * BATCH, steps=3, lr=LR, seed=SEED)
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     ("pp", "cp", "dp", "tp", "sp", "mode"),
     [

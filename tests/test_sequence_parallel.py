@@ -16,6 +16,7 @@ import partitioner
 import zoo
 from partitioner.annotate import annotate
 from partitioner.capture import capture
+from partitioner.comm import all_gather_time
 from partitioner.cost import node_costs
 from partitioner.devices import get_device_spec
 from partitioner.passes.tensor_parallel import (
@@ -29,6 +30,7 @@ from partitioner.plan.model import TensorParallelLayouts
 from partitioner.plan.search import scale_graph
 from partitioner.plan.tensor import TensorParallelPlan, check_tensor_parallel_plan, plan_tensor_parallel
 from partitioner.runtime.tp_local import ThreadGroup, _run_threads, check_tensor_parallel
+from partitioner.simulate import StageCost
 from tests.test_tensor_parallel import LAYER, nano_graph, zoo_graph
 from zoo.gpt3 import GPT, GPTConfig
 
@@ -155,7 +157,8 @@ def test_a_sequence_length_tp_does_not_divide_is_refused_at_run_time() -> None:
 # ----------------------------------------------------------------------------------------------- the layout
 def test_collectives_per_layer_are_megatron_sp_s() -> None:
     """Per layer: 2 reduce-scatters in place of g and 2 all-gathers in place of f (forward); the rest of the layer
-    runs on 1/tp of the tokens. The plan's records say the same as the rank graph."""
+    runs on 1/tp of the tokens. The plan's records say the same as the rank graph. The norms' and row biases'
+    gradient sums are not in the graph: the runtime sums them once per step (TensorParallelPlan.step_summed_params)."""
     gm, _ = zoo_graph("gpt3-tiny")
     plan = plan_tensor_parallel(gm, 2, sequence_parallel=True)
     rank_gm = tensor_parallel_rank(gm, plan, 0, ThreadGroup(2).comm(0))
@@ -170,11 +173,13 @@ def test_collectives_per_layer_are_megatron_sp_s() -> None:
             per_layer[key][kind] += 1
     model = per_layer.pop("<model>")
     assert len(per_layer) == 2
-    for counts in per_layer.values():  # "copy": gradient sums of the norms' weights and biases and the row biases
-        assert counts == {"reduce_scatter": 2, "gather_sequence": 2, "copy": 6}, counts
-    # Outside: the embedding's reduce-scatter, wpe's scatter, ln_f's gather in front of the head (and its two
-    # parameters' gradient sums), the logits' gather.
-    assert model == {"reduce_scatter": 1, "scatter": 1, "gather_sequence": 1, "copy": 2, "gather": 1}
+    for counts in per_layer.values():
+        assert counts == {"reduce_scatter": 2, "gather_sequence": 2}, counts
+    # Outside: the embedding's reduce-scatter, wpe's scatter, ln_f's gather in front of the head, the logits' gather.
+    assert model == {"reduce_scatter": 1, "scatter": 1, "gather_sequence": 1, "gather": 1}
+    # Summed per step: per layer the two norms' weights and biases and the two row-parallel biases, and ln_f's two
+    summed = plan.step_summed_params()
+    assert len(summed) == 2 * 6 + 2 and "ln_f.weight" in summed and "h.0.attn.out_proj.bias" in summed, summed
     counts = count_collectives(rank_gm)
     assert counts["all_reduce_forward"] == 0
     assert sum(c["kind"] == "reduce_scatter" and c["phase"] == "forward" for c in plan.collectives) == 5
@@ -226,6 +231,34 @@ def test_activation_memory_per_layer_matches_the_closed_forms(s: int, b: int, h:
         assert split.activations("none").kept[first:last].sum() / sbh == pytest.approx(sequence, rel=1e-4), t
         assert split.activations("full").kept[first:last].sum() / sbh == pytest.approx(2 / t, rel=1e-4), t
         assert plain.activations("full").kept[first:last].sum() / sbh == pytest.approx(2, rel=1e-4), t
+
+
+def test_gradient_sums_of_the_step_are_priced_once_per_step() -> None:
+    """The norms' and row biases' gradient sums run once per step, in one call, after the backward: priced as one
+    all-reduce of all their bytes added to every rank's tail, neither in the backward's collectives nor per
+    microbatch."""
+    from partitioner.comm import all_reduce_time
+    from partitioner.plan.price import Layout, price_step, stage_state
+    from partitioner.plan.tensor_cost import tp_cost
+
+    gm, _ = zoo_graph("gpt3-tiny")
+    spec = get_device_spec("h100")
+    plan = plan_tensor_parallel(gm, 2, sequence_parallel=True)
+    cost = tp_cost(plan, gm, spec)
+    step = [c for c in plan.collectives if c["phase"] == "step"]
+    assert len(step) == 4 * 2 + 1  # per layer its two norms and two row-parallel biases, and ln_f
+    assert cost.step_sync == pytest.approx(all_reduce_time(spec, sum(c["bytes"] for c in step), 2))
+    backward = [c for c in plan.collectives if c["phase"] == "backward"]
+    ring = {"all_reduce": all_reduce_time, "all_gather": all_gather_time, "reduce_scatter": all_gather_time}
+    assert cost.comm_backward == pytest.approx(sum(ring[c["kind"]](spec, c["bytes"], 2) for c in backward))
+    pg = build_planning_graph(gm, node_costs(gm, spec), spec, training=True)
+    g = scale_graph(pg, TensorParallelLayouts(gm, spec, True, strict=False)(2, True), 1)
+    assert g.step_sync == pytest.approx(cost.step_sync)
+    state = stage_state(g, [0] * g.n, 1)
+    for m in (1, 4):
+        costs = [StageCost(forward=g.forward_at(m).sum() / m, backward=g.backward_at(m).sum() / m)]
+        priced = price_step(g, Layout(1, 2, 1, m, "gpipe"), costs, state)
+        assert priced.tails == [pytest.approx(g.step_sync)]
 
 
 # ----------------------------------------------------------------------------------------------- search, compile

@@ -511,6 +511,8 @@ def tensor_parallel_rank(
     reduce_scatters = {c["after"]: c["dim"] for c in plan.collectives if c["kind"] == "reduce_scatter"
                        and c["phase"] == "forward"}  # fmt: skip
     param_grads = {c["after"]: c["params"] for c in plan.collectives if "params" in c}
+    # summed once per step by the runtime (TensorParallelPlan.step_summed_params), not per call in the graph
+    summed_per_step = {c["after"] for c in plan.collectives if "params" in c and c["phase"] == "step"}
     global_sizes = set(plan.global_sizes)
 
     def collective(kind: str, after: fx.Node, x: fx.Node, dim: int = -1, suffix: str = "") -> fx.Node:
@@ -547,9 +549,12 @@ def tensor_parallel_rank(
     by_name = {n.name: n for n in gm.graph.nodes}
 
     def summed_param(target: str, value: nn.Parameter, anchor: fx.Node) -> fx.Node:
-        """A parameter read by a sequence-split op, its gradient summed over the ranks (each saw its tokens)."""
+        """A parameter read by a sequence-split op, its gradient summed over the ranks (each saw its tokens): after the
+        step's backward by the runtime (`sum_step_gradients`), or, for a plan saved before, per call in the graph."""
         root[target] = value
         attr = graph.create_node("get_attr", target, (), {}, name=f"tp_param_{target.replace('.', '_')}")
+        if anchor.name in summed_per_step:
+            return attr
         return collective("copy", anchor, attr, suffix=f"_{target.rsplit('.', 1)[-1]}_sum")
 
     for n in gm.graph.nodes:

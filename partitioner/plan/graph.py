@@ -136,6 +136,9 @@ class PlanningGraph:
     # The part of forward / backward each node pays per call whatever its batch (module docstring); None: nothing.
     forward_fixed: np.ndarray | None = None
     backward_fixed: np.ndarray | None = None
+    # Seconds every rank spends once per step after its last backward on collectives outside the schedule (tensor
+    # parallelism's step-phase gradient sums: plan.tensor_cost.TPCost.step_sync); plan.price adds it to each tail.
+    step_sync: float = 0.0
 
     def __post_init__(self) -> None:
         if self.forward_fixed is None:

@@ -3,7 +3,8 @@ plan.step moves boundaries by.
 
     stage costs   + the data-parallel collectives each microbatch's forward / backward cannot hide (plan.sharding)
     replay        the schedule over those costs (partitioner.simulate): each rank's last action, its peak memory
-    step end      per rank: its last action (or blocking send), + its data-parallel tail, + the tied-weight gradient
+    step end      per rank: its last action (or blocking send), + its data-parallel tail and the tensor-parallel
+                  gradient sums of the step (PlanningGraph.step_sync), + the tied-weight gradient
                   sync if it holds a tied copy (after the last holder is ready), + its optimizer step
 
 Ranks finish the schedule at different times (1F1B's first stage last), so a rank that finishes early updates its
@@ -112,6 +113,8 @@ def price_step(
             )  # fmt: skip
             for cost, extra in zip(costs, dp_costs)
         ]
+    if pg.training and pg.step_sync > 0:  # every rank sums its stages' share once the backward is over
+        tails = [t + pg.step_sync for t in tails]
     replay = fast_replay if fast else simulate
     sim = replay(costs, num_microbatches=layout.microbatches, schedule=layout.schedule, num_ranks=layout.pp,
                  blocking_sends=not pg.spec.overlaps_comm)  # fmt: skip

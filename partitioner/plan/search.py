@@ -111,6 +111,7 @@ class TensorParallelModel:
     sharded_share: float = 1.0  # the fraction of the parameter bytes held as shards
     # node -> (forward, backward) seconds of comm_by_node paid per microbatch whatever the batch (the latencies)
     latency_by_node: dict[str, tuple[float, float]] = field(default_factory=dict)
+    step_sync: float = 0.0  # seconds every rank spends once per step after its backward (TPCost.step_sync)
 
 
 # A tp degree sharding less than this share of the parameters is no layout (plan.tensor would only copy the model
@@ -283,6 +284,7 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
         backward=bwd + fixed_b,
         forward_fixed=fixed_f,
         backward_fixed=fixed_b,
+        step_sync=tp.step_sync if tp is not None and tp.tp > 1 and pg.training else 0.0,
         out_bytes=out_bytes,
         saved_bytes=saved,
         param_static=param_static,

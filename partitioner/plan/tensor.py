@@ -534,9 +534,11 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
             collectives.append(scatter)
             if needs_grad:
                 collectives.append(dict(kind="all_gather", phase="backward", after=n.name, dim=d, bytes=_nbytes(n)))
-        if n.name in sl.param_grads:  # parameters of split ops saw 1/tp of the tokens: sum their gradients
+        # Parameters of split ops saw 1/tp of the tokens: their gradients are summed once per step, after the backward
+        # (as Megatron-LM all-reduces its layer norms' gradients), not per microbatch in the graph.
+        if n.name in sl.param_grads:
             names = sl.param_grads[n.name]
-            collectives.append(dict(kind="all_reduce", phase="backward", after=n.name, op="sum", params=names,
+            collectives.append(dict(kind="all_reduce", phase="step", after=n.name, op="sum", params=names,
                                     bytes=sum(param_bytes[p] for p in names)))  # fmt: skip
         if st.rules.get(n.name) == "vocab_cross_entropy":
             rows = _val(n.args[0]).shape[0] * 4

@@ -26,6 +26,8 @@ class TPCost:
     param_bytes_per_rank: parameter bytes one tp rank holds (tied parameters once; sharded ones / tp).
     latency_by_node: node -> (forward, backward) seconds of comm_by_node that do not shrink with the batch (each
     collective's latency: paid once per call, per microbatch).
+    step_sync: seconds of the step-phase all-reduce (sequence parallelism's parameter gradients, all of them in one
+    call once per step, after the backward; not in comm_forward / comm_backward).
     """
 
     comm_forward: float
@@ -36,6 +38,7 @@ class TPCost:
     comm_by_node: dict[str, tuple[float, float]]
     param_bytes_per_rank: float
     latency_by_node: dict[str, tuple[float, float]] = field(default_factory=dict)
+    step_sync: float = 0.0
 
     @property
     def comm(self) -> float:
@@ -56,7 +59,10 @@ def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, t
     comm_by_node: dict[str, tuple[float, float]] = {}
     latency_by_node: dict[str, tuple[float, float]] = {}
     fwd = bwd = 0.0
+    step_bytes = sum(c["bytes"] for c in plan.collectives if c["phase"] == "step") if training else 0.0
     for c in plan.collectives:
+        if c["phase"] == "step":
+            continue
         t, fixed = _collective_time(c, plan.tp, spec), _collective_time(c, plan.tp, spec, 0.0)
         f, b = comm_by_node.get(c["after"], (0.0, 0.0))
         lf, lb = latency_by_node.get(c["after"], (0.0, 0.0))
@@ -79,4 +85,6 @@ def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, t
     for name, p in gm.named_parameters(remove_duplicate=False):
         sharded = plan.param_shard.get(name, {"dim": None})["dim"] is not None
         seen[id(p)] = p.numel() * p.element_size() / (plan.tp if sharded else 1)
-    return TPCost(fwd, bwd, per_rank, total, scale, comm_by_node, sum(seen.values()), latency_by_node)
+    internode = plan.tp > spec.devices_per_node
+    step_sync = all_reduce_time(spec, step_bytes, plan.tp, internode=internode) if step_bytes else 0.0
+    return TPCost(fwd, bwd, per_rank, total, scale, comm_by_node, sum(seen.values()), latency_by_node, step_sync)

@@ -34,9 +34,11 @@ class TensorParallelPlan:
         int in the graph stays a global size. global_shapes: torch.Size-valued nodes of sequence-split values ->
         the dim the applier multiplies by tp.
     collectives: {"kind": "all_reduce" | "all_gather" | "reduce_scatter" | "scatter", "phase": "forward" |
-        "backward", "after": node, "users": [nodes] (the consumers it feeds: f, and the gathers and scatters of
-        sequence parallelism), "grad": "reduce_scatter" | "slice" (a forward all-gather's backward), "params":
-        [names] (a backward all-reduce of these parameters' gradients), "columns": true (a gather feeding the
+        "backward" | "step", "after": node, "users": [nodes] (the consumers it feeds: f, and the gathers and scatters
+        of sequence parallelism), "grad": "reduce_scatter" | "slice" (a forward all-gather's backward), "params":
+        [names] (an all-reduce of these parameters' gradients: at phase "step" once per step, after the last
+        microbatch's backward, all of a rank's in one call; a plan saved before that has them at "backward", summed
+        per microbatch in the graph), "columns": true (a gather feeding the
         column-parallel Linears in `users` as one node that saves the shard), "op": "sum" | "max", "dim": gather /
         scatter dim, "bytes": bytes of the full tensor per call}. Backward records of sequence parallelism
         (all-gathers, reduce-scatters) are priced; the rewrite inserts them as the backward of forward ones.
@@ -69,6 +71,11 @@ class TensorParallelPlan:
     def sharded_nodes(self) -> list[str]:
         """Names of the nodes whose layout is not replicated (sharded, partial or sequence-split), graph order."""
         return [n for n, lay in self.node_layout.items() if lay != REPLICATED]
+
+    def step_summed_params(self) -> list[str]:
+        """The parameters whose gradients are summed over the tp ranks once per step, after the backward (sequence
+        parallelism's norms and row-parallel biases: each rank's copy saw only its tokens)."""
+        return [p for c in self.collectives if c["phase"] == "step" for p in c.get("params", ())]
 
     def summary(self) -> str:
         """A short table: counts per layout, collectives per kind/phase, fallbacks with reasons."""

@@ -23,7 +23,7 @@ import torch.fx as fx
 from partitioner.passes.context_parallel import context_parallel_rank, scatter_input
 from partitioner.plan.context import ContextLayout
 from partitioner.plan.tensor_layout import TensorParallelPlan, unshard_tensor
-from partitioner.runtime.tp_local import ThreadGroup, _default_loss, _run_threads
+from partitioner.runtime.tp_local import ThreadGroup, _default_loss, _run_threads, sum_step_gradients_local
 
 __all__ = ["CPCheckReport", "check_context_parallel", "check_tensor_context_parallel", "run_context_parallel_local"]
 
@@ -61,7 +61,11 @@ def run_context_parallel_local(
                 rank_gm = tensor_parallel_rank(gm, tp_plan, t, tp_groups[c].comm(t), share_replicated=False)
             modules[c, t] = context_parallel_rank(rank_gm, layout, c, cp_groups[t].comm(c))
             runs.append(_step(modules[c, t], local, loss_fn if backward else None))
-    return _run_threads(runs, tp_groups + cp_groups), modules
+    outputs = _run_threads(runs, tp_groups + cp_groups)
+    if backward and tp_plan is not None:  # each cp rank's tp group sums its step-phase gradients (runtime's order)
+        for c in range(cp):
+            sum_step_gradients_local([modules[c, t] for t in range(tp)], tp_plan)
+    return outputs, modules
 
 
 def _step(module: fx.GraphModule, local: list[Any], loss_fn: Loss | None) -> Callable[[], tuple]:

@@ -73,6 +73,7 @@ __all__ = [
     "load_into",
     "make_optimizer",
     "reshard_after_forward",
+    "sum_gradients",
     "wrap_stage",
 ]
 
@@ -320,8 +321,21 @@ def all_reduce_gradients(
     the backward, every gradient once after it, as Megatron-LM's own DDP did. Parameters without a gradient are
     skipped: every replica runs the same stage graph, so the same ones have none on each. Collective over `group`.
     """
-    size = dist.get_world_size(group)
     grads = [p.grad for p in params if p.grad is not None]
+    return _all_reduce_buckets(grads, group, bucket_bytes, dist.get_world_size(group))
+
+
+def sum_gradients(params: Iterable[nn.Parameter], group: dist.ProcessGroup) -> int:
+    """Sum the gradients of `params` over `group` in place, in as few calls as their dtypes allow (one flat buffer
+    each, up to DDP's bucket size); the number of all-reduces it ran. A sharded (FSDP) gradient sums its local shard:
+    the ranks of `group` hold the same shard of the same parameter (tensor parallelism's replicated ones).
+    Parameters without a gradient are skipped: every rank of `group` runs the same stage graph. Collective."""
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    return _all_reduce_buckets(grads, group, DDP_BUCKET_BYTES, 1)
+
+
+def _all_reduce_buckets(grads: list[torch.Tensor], group: dist.ProcessGroup, bucket_bytes: int, divisor: int) -> int:
+    """Sum `grads` over `group` in flat buckets of one dtype of at most `bucket_bytes`, then divide by `divisor`."""
     buckets: list[list[torch.Tensor]] = []
     for dtype in sorted({g.dtype for g in grads}, key=str):
         current: list[torch.Tensor] = []
@@ -339,7 +353,8 @@ def all_reduce_gradients(
         for bucket in buckets:
             flat = torch.cat([g.reshape(-1) for g in bucket])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-            flat /= size
+            if divisor != 1:
+                flat /= divisor
             offset = 0
             for g in bucket:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -112,6 +112,7 @@ from partitioner.runtime.data_parallel import (
     hsdp_sizes,
     load_into,
     make_optimizer,
+    sum_gradients,
     wrap_stage,
 )
 from partitioner.runtime.device import init_process_group
@@ -353,6 +354,11 @@ class DistributedPipeline:
             if self.grad_size > 1 and not self.reduce_after_backward:
                 adapter = wrap_stage(adapter, self.data_parallel, dp_mesh, tied_tensors, split_backward=split)
             self.stage_submodules.append(adapter)
+        # Sequence parallelism's replicated parameters read by split ops (norms, row-parallel biases): each tp rank's
+        # gradient holds its tokens' share, summed over "tp" once per step after the backward (step).
+        layout = plan_layout(plan) if self.tp_group is not None else None
+        summed = set(layout.step_summed_params()) if layout is not None else set()
+        self._tp_summed = [p for n, p in self.named_parameters() if n in summed]
         # torch's PipelineStages fix every boundary's shapes: one set per microbatch input shape seen (cached).
         self._by_shape: dict[tuple, list[PipelineStage]] = {}
         self._shape: tuple | None = None
@@ -646,6 +652,8 @@ class DistributedPipeline:
                 if self.reduce_after_backward:
                     tied = {id(t.held) for t in self._tied if t.held is not None}
                     all_reduce_gradients([p for p in params if id(p) not in tied], self.grad_group)
+                if self._tp_summed:
+                    sum_gradients(self._tp_summed, self.tp_group)
                 self._reduce_tied_grads()
                 for p in params:
                     if id(p) in earlier:

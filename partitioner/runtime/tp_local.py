@@ -27,7 +27,14 @@ from partitioner.passes.recompute import checkpoint_regions
 from partitioner.passes.tensor_parallel import own_chunk, tensor_parallel_rank
 from partitioner.plan.tensor_layout import TensorParallelPlan, unshard_tensor
 
-__all__ = ["TPCheckReport", "ThreadComm", "ThreadGroup", "check_tensor_parallel", "run_tensor_parallel_local"]
+__all__ = [
+    "TPCheckReport",
+    "ThreadComm",
+    "ThreadGroup",
+    "check_tensor_parallel",
+    "run_tensor_parallel_local",
+    "sum_step_gradients_local",
+]
 
 
 class ThreadGroup:
@@ -143,7 +150,25 @@ def run_tensor_parallel_local(
         return run
 
     outputs = _run_threads([step(m) for m in ranks], group)
+    if backward:
+        sum_step_gradients_local(ranks, plan)
     return outputs, ranks
+
+
+def sum_step_gradients_local(ranks: Sequence[torch.nn.Module], plan: TensorParallelPlan) -> None:
+    """What the runtime does after a step's backward, for rank modules run in this process: every rank's gradient of
+    each of `plan`'s step-summed parameters (TensorParallelPlan.step_summed_params) becomes the sum over the ranks,
+    added in rank order (the same on every rank, as ThreadComm's all-reduce). A rank without one counts zeros."""
+    for name in plan.step_summed_params():
+        params = [m.get_parameter(name) for m in ranks]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            continue
+        total = torch.zeros_like(grads[0])
+        for g in grads:
+            total = total + g
+        for p in params:
+            p.grad = total.clone()
 
 
 @dataclass
