@@ -294,6 +294,8 @@ def test_the_search_splits_one_long_sequence_over_the_devices_it_cannot_fill_oth
     assert without.context_degree == 1 and searched.context_degree > 1
     assert searched.predicted["step_time"] < without.predicted["step_time"]
     assert any(r.startswith(f"context parallel {searched.context_degree}: without it") for r in searched.reasons)
+    # the runners-up name their context degree (cp2 was priced on the way to cp4)
+    assert any(" x cp2 x dp1, " in line for line in searched.summary().splitlines()), searched.summary()
 
 
 def test_the_search_leaves_context_parallelism_out_where_nothing_calls_for_it() -> None:
@@ -325,6 +327,28 @@ def test_an_in_place_write_it_would_have_to_gather_is_refused_with_the_node() ->
     gm, _ = prepare(_WritesToken0(), (torch.randint(0, 32, (2, 8)),))
     with pytest.raises(ValueError, match="writes in place"):
         plan_context_parallel(gm, 2)
+
+
+class _KeywordModules(torch.nn.Module):
+    """Modules called with keyword arguments only (HF's `self.norm(hidden_states=h)` style): no args[0]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.norm, self.lin = torch.nn.Embedding(32, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lin(input=self.norm(input=self.emb(input=idx)))
+
+
+def test_modules_called_with_keywords_are_split_like_positional_ones() -> None:
+    """The planner read a module's input as args[0] and failed with an IndexError on HF Llama-70B (a module called
+    by keyword); it reads the module's one input node, and the ranks match the model."""
+    model, x = _KeywordModules(), (torch.randint(0, 32, (2, 8)),)
+    gm, inputs = prepare(model, x)
+    assert any(n.op == "call_module" and not n.args and n.kwargs for n in gm.graph.nodes)
+    layout = plan_context_parallel(gm, 2)
+    assert {"norm", "lin"} <= set(layout.split) and not layout.fallbacks
+    check_context_parallel(gm, layout, inputs)
 
 
 # ----------------------------------------------------------------------------------------------- property test

@@ -361,10 +361,12 @@ class _Propagation:
 
     # ------------------------------------------------------------------------------------------- rules
     def module(self, n: fx.Node, mod: nn.Module) -> Split | None:
-        x = n.args[0]
+        if len(n.all_input_nodes) != 1:  # (positional or keyword: a module called as m(x=h) has no args[0])
+            raise _Fallback(f"module {type(mod).__name__} with {len(n.all_input_nodes)} inputs")
+        x = n.all_input_nodes[0]
         s = self.sp(x)
-        if s is None or len(n.all_input_nodes) != 1:
-            raise _Fallback(f"module {type(mod).__name__} with several inputs")
+        if s is None:
+            raise _Fallback(f"module {type(mod).__name__} reads a split value through a container")
         ndim = len(_shape(x))
         if isinstance(mod, nn.Embedding):
             return s
