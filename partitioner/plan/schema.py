@@ -291,7 +291,8 @@ def _format_plan(plan: Plan) -> str:
         chosen = plan.predicted.get("step_time")
         for alt in plan.alternatives:
             what = (
-                f"pp{alt['pp']} x tp{alt['tp']}{'+sp' if alt.get('sequence_parallel') else ''} x dp{alt['dp']}, "
+                f"pp{alt['pp']} x tp{alt['tp']}{'+sp' if alt.get('sequence_parallel') else ''}"
+                f"{f' x cp{cp}' if (cp := alt.get('cp') or 1) > 1 else ''} x dp{alt['dp']}, "
                 f"{_count(alt['microbatches'], 'microbatch', 'microbatches')}, {alt['schedule']}"
             )
             if alt.get("data_parallel"):

@@ -69,6 +69,7 @@ __all__ = [
     "NoBetterLayout",
     "TensorParallelModel",
     "default_microbatches",
+    "microbatch_counts",
     "price_candidate",
     "scale_graph",
     "search",
@@ -337,6 +338,13 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def microbatch_counts(per_replica: int, min_chunk: int = 1) -> list[int]:
+    """The microbatch counts a replica's `per_replica` samples split into: equal chunks of at least `min_chunk`
+    samples (what the captured graph holds for), ascending. The one rule behind the default count, the retries on
+    memory and the winner's moves (search)."""
+    return [m for m in _divisors(per_replica) if per_replica // m >= min_chunk] if per_replica > 0 else []
+
+
 def default_microbatches(batch: int | None, dp: int, pp: int, requested: int | None, min_chunk: int = 1) -> int | None:
     """Requested count, else the largest count <= 4 pp that divides the replica's batch into chunks of at least
     `min_chunk` samples (what the captured graph holds for: an export graph may need 2). None: no such split.
@@ -347,10 +355,9 @@ def default_microbatches(batch: int | None, dp: int, pp: int, requested: int | N
         return requested
     if batch is None:
         return 4 * pp
-    if batch % dp or batch // dp < min_chunk:
+    if batch % dp:
         return None
-    per_replica = batch // dp
-    return max(m for m in range(1, min(per_replica // min_chunk, 4 * pp) + 1) if per_replica % m == 0)
+    return max((m for m in microbatch_counts(batch // dp, min_chunk) if m <= 4 * pp), default=None)
 
 
 def search(
@@ -539,8 +546,7 @@ def _around_the_winner(ev: _Evaluator, candidates: list[Candidate], best: Candid
         return True
 
     if ev.microbatches is None and ev.batch is not None and ev.batch % best.degrees.dp == 0:
-        per_replica = ev.batch // best.degrees.dp
-        counts = [m for m in _divisors(per_replica) if per_replica // m >= ev.min_chunk]
+        counts = microbatch_counts(ev.batch // best.degrees.dp, ev.min_chunk)
         while best.microbatches in counts and (k := counts.index(best.microbatches)) > 0:
             if not improves(microbatches=counts[k - 1]):
                 break
@@ -699,8 +705,7 @@ class _Evaluator:
         batch into chunks of at least min_chunk samples), or None when it may not."""
         if self.microbatches is not None or self.batch is None:
             return None
-        per_replica, more = self.batch // d.dp, 2 * m
-        return None if more * self.min_chunk > per_replica or per_replica % more else more
+        return 2 * m if 2 * m in microbatch_counts(self.batch // d.dp, self.min_chunk) else None
 
     def most_microbatches(self, d: Degrees, m: int | None) -> int:
         """The most microbatches a candidate starting at `m` may end up with (`run` doubles them on memory)."""
