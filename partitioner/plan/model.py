@@ -287,23 +287,17 @@ def _search_context(
     for cp in range(2, o.devices + 1):
         if o.devices % cp:
             continue
+        found = None
         try:
             layout = plan_context_parallel(gm, cp)
             found, tried = run(layout, like, best)
+            evaluated += tried
         except ValueError:  # the sequence does not split cp ways, or nothing fits / beats the best at this degree
-            if best is None:
-                continue
-            misses += 1
-            if misses == 2:
-                break
-            continue
-        evaluated += tried
-        if best is not None and found.step_time >= best.step_time:
-            misses += 1
-            if misses == 2:
-                break
-            continue
-        best, chosen, misses = found, layout, 0
+            pass
+        if found is not None and (best is None or found.step_time < best.step_time):
+            best, chosen, misses = found, layout, 0
+        elif best is not None and (misses := misses + 1) == 2:
+            break
     if best is None:
         raise error
     evaluated.sort(key=lambda c: (not c.fits, c is not best, c.step_time, c.bound))

@@ -113,7 +113,9 @@ def price_step(
             )  # fmt: skip
             for cost, extra in zip(costs, dp_costs)
         ]
-    if pg.training and pg.step_sync > 0:  # every rank sums its stages' share once the backward is over
+    # Every rank sums its stages' step-phase gradients once the backward is over, priced at the whole graph's (one
+    # call, latency-bound: a rank's share moves fewer bytes for the same latencies)
+    if pg.training and pg.step_sync > 0:
         tails = [t + pg.step_sync for t in tails]
     replay = fast_replay if fast else simulate
     sim = replay(costs, num_microbatches=layout.microbatches, schedule=layout.schedule, num_ranks=layout.pp,

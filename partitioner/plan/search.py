@@ -216,6 +216,15 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
     tp_degree = tp.tp if tp is not None else 1
     fwd, bwd = pg.without_fixed()  # a rank's share scales the rest; every rank pays each call's fixed part
     fixed_f, fixed_b = pg.forward_fixed.copy(), pg.backward_fixed.copy()
+
+    def add(i: int, scale: float, comm: tuple[float, float], latency: tuple[float, float]) -> None:
+        """Node i's share `scale` of its work, plus its collectives `comm`, of which `latency` is paid per call."""
+        back, lat_back = (comm[1], latency[1]) if pg.training else (0.0, 0.0)
+        fwd[i] = fwd[i] * scale + comm[0] - latency[0]
+        bwd[i] = bwd[i] * scale + back - lat_back
+        fixed_f[i] += latency[0]
+        fixed_b[i] += lat_back
+
     out_bytes, saved = pg.out_bytes.copy(), pg.saved_bytes.copy()
     node_saves = pg.saves
     structure = pg.recompute_structure() if len(pg.saves) == pg.n else None  # shared: the copy saves the same storages
@@ -240,14 +249,8 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
 
     if tp is not None and tp.tp > 1:
         for i, name in enumerate(pg.names):
-            s = tp.node_scale.get(name, 1.0)
-            cf, cb = tp.comm_by_node.get(name, (0.0, 0.0))
-            lf, lb = tp.latency_by_node.get(name, (0.0, 0.0))
-            lb = lb if pg.training else 0.0
-            fwd[i] = fwd[i] * s + cf - lf
-            bwd[i] = bwd[i] * s + (cb - lb if pg.training else 0.0)
-            fixed_f[i] += lf
-            fixed_b[i] += lb
+            none = (0.0, 0.0)
+            add(i, tp.node_scale.get(name, 1.0), tp.comm_by_node.get(name, none), tp.latency_by_node.get(name, none))
             if name in tp.sharded_values:
                 out_bytes[i] /= tp.tp
         for p in tp.sharded_params:
@@ -260,13 +263,7 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
         cp_comm = cp.comm_by_node(pg.spec, tp=tp_degree, sharded=sharded, training=pg.training)
         cp_latency = cp.comm_by_node(pg.spec, tp=tp_degree, sharded=sharded, training=pg.training, latency=True)
         for i, name in enumerate(pg.names):
-            s = cp.node_scale.get(name, 1.0)
-            cf, cb = cp_comm.get(name, (0.0, 0.0))
-            lf, lb = cp_latency.get(name, (0.0, 0.0))
-            fwd[i] = fwd[i] * s + cf - lf
-            bwd[i] = bwd[i] * s + (cb - lb if pg.training else 0.0)
-            fixed_f[i] += lf
-            fixed_b[i] += lb
+            add(i, cp.node_scale.get(name, 1.0), cp_comm.get(name, (0.0, 0.0)), cp_latency.get(name, (0.0, 0.0)))
             if name in cp.split_values:
                 out_bytes[i] /= cp.cp
     if (tp is not None and tp.tp > 1) or (cp is not None and cp.cp > 1):
@@ -321,11 +318,12 @@ def scale_replicas(
             param_static[p] = w / fw + g / fg + (static - w - g) / fo
     if dp == 1 and param_static is pg.param_static and pp_spans_nodes == pg.p2p_internode:
         return pg
+    fwd, bwd = pg.without_fixed()  # each replica pays every call's fixed part
     return dataclasses.replace(
         pg,
         p2p_internode=pp_spans_nodes,
-        forward=(pg.forward - pg.forward_fixed) / dp + pg.forward_fixed,  # each replica pays every call's fixed part
-        backward=(pg.backward - pg.backward_fixed) / dp + pg.backward_fixed,
+        forward=fwd / dp + pg.forward_fixed,
+        backward=bwd / dp + pg.backward_fixed,
         out_bytes=pg.out_bytes / dp,
         saved_bytes=pg.saved_bytes / dp,
         param_static=param_static,
@@ -524,11 +522,12 @@ def _around_the_winner(ev: _Evaluator, candidates: list[Candidate], best: Candid
     """The winner at fewer microbatches and, where its schedule runs several stages per rank, at other counts of
     stages per rank: the two dimensions the search otherwise fixes (4 pp microbatches, or fewer where the batch holds
     fewer, more only where memory needs them; a schedule's default stages per rank). Fewer microbatches grow the
-    fill-and-drain bubble but pay each send's latency fewer times; more stages per rank shrink the bubble but add
-    hops. From the winner, each moves one step at a time (the next count dividing the batch; one stage per rank more
-    or fewer, two at least: one is another schedule) while the step improves by more than the search's tie.
-    Microbatches do not go above the default here: what a finer split costs beyond its sends (each kernel launched
-    m times, GEMMs less efficient on fewer rows) is not in the cost model, which would take every step up. Counts
+    fill-and-drain bubble but pay each send's latency and each kernel's launch fewer times; more stages per rank
+    shrink the bubble but add hops. From the winner, each moves one step at a time (the next count dividing the
+    batch; one stage per rank more or fewer, two at least: one is another schedule) while the step improves by more
+    than the search's tie.
+    Microbatches do not go above the default here: GEMMs lose efficiency on fewer rows, which the cost model does not
+    price (each kernel's launch per microbatch it does), so a finer split would look faster than it is. Counts
     the user fixed (`microbatches`, `stages_per_device`) stay. Every candidate priced here joins `candidates`."""
 
     def improves(**change: int) -> bool:
@@ -778,7 +777,8 @@ def _most_microbatches(batch: int | None, pp: int, requested: int | None, min_ch
     """The most microbatches the search tries at pp stages and dp 1: its default count, doubled while a layout
     fails on memory and the count divides the batch into chunks of at least min_chunk (`_Evaluator.run`)."""
     m = default_microbatches(batch, 1, pp, requested, min_chunk) or 1
-    while requested is None and batch is not None and batch % (2 * m) == 0 and batch // (2 * m) >= min_chunk:
+    counts = microbatch_counts(batch, min_chunk) if requested is None and batch is not None else []
+    while 2 * m in counts:
         m *= 2
     return m
 
