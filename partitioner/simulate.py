@@ -80,6 +80,7 @@ __all__ = [
     "check_events",
     "fast_replay",
     "replay",
+    "replay_lower_bound",
     "schedule_actions",
     "simulate",
     "step_lower_bound",
@@ -822,6 +823,46 @@ def step_lower_bound(schedule: str, work: float, num_ranks: int, num_microbatche
         return balanced
     m = num_microbatches
     return max(balanced, (work / m) / (1.0 - (1.0 - 1.0 / m) ** num_ranks))
+
+
+def replay_lower_bound(
+    stages: Sequence[StageCost], *, num_microbatches: int, schedule: str, num_ranks: int | None = None
+) -> float:
+    """A lower bound on `fast_replay`'s (and `simulate`'s) step time for these stage costs, in O(stages): what the
+    planner's boundary search checks before it replays a split (plan.step).
+
+    For a rank r whose lowest stage is s: none of its actions can start before the first microbatch's forward has
+    crossed the stages below s (their forwards and the sends between ranks: the fill). Every forward and input-grad
+    backward of r for microbatch j precedes, through the dependency chain, the input-grad backward of stage s for
+    j; so the last of those ends no earlier than the fill plus all of r's forward and input-grad work, and the step
+    after it still runs the input-grad backwards of the stages below s (the drain). The rank's whole work, weight
+    gradients included, also follows the fill. Hence, with I the input-grad share of a backward (all of it unless
+    the schedule splits the backward),
+
+        step >= fill(s) + max(m * sum_r (F + B), m * sum_r (F + I) + drain(s))    for every rank r.
+
+    Exact for 1F1B over equal stages without sends: (m + p - 1)(F + B). Sends that hold their rank (blocking sends)
+    only lengthen the step, so the bound ignores them."""
+    entry = get_schedule(schedule)
+    ranks = _check_counts(schedule, len(stages), num_microbatches, num_ranks)
+    rank_of = entry.stage_ranks(len(stages), ranks)
+    m = num_microbatches
+    fill = drain = 0.0  # over the stages below the current one
+    lowest: dict[int, tuple[float, float]] = {}  # rank -> (fill, drain) at its lowest stage
+    everything, forward_input = [0.0] * ranks, [0.0] * ranks
+    for s, c in enumerate(stages):
+        r = rank_of[s]
+        lowest.setdefault(r, (fill, drain))
+        input_grad = c.backward_input_fraction * c.backward if entry.split_backward else c.backward
+        everything[r] += m * (c.forward + c.backward)
+        forward_input[r] += m * (c.forward + input_grad)
+        hop = c.send_time if s + 1 < len(stages) and rank_of[s + 1] != r else 0.0
+        fill += c.forward + hop
+        drain += input_grad + hop
+    return max(
+        (f + max(everything[r], forward_input[r] + d) for r, (f, d) in lowest.items()),
+        default=0.0,
+    )
 
 
 def check_events(result: SimResult, stages: Sequence[StageCost]) -> None:

@@ -25,6 +25,7 @@ from partitioner.simulate import (
     check_events,
     fast_replay,
     replay,
+    replay_lower_bound,
     schedule_actions,
     simulate,
     step_lower_bound,
@@ -537,6 +538,49 @@ def test_fast_replay_gives_the_replay_s_step_rank_ends_and_peaks(case, ranks, ex
     assert fast.rank_ends == pytest.approx(full.rank_ends, rel=1e-12, abs=1e-12)
     assert fast.peak_memory == pytest.approx(full.peak_memory, rel=1e-12, abs=1e-12)
     assert fast.stage_to_rank == full.stage_to_rank
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(
+        [
+            ("gpipe", 1),
+            ("1f1b", 1),
+            ("interleaved", 2),
+            ("interleaved", 3),
+            ("looped-bfs", 2),
+            ("zero-bubble", 2),
+            ("zbv", 2),
+        ]
+    ),
+    st.integers(1, 4),  # ranks
+    st.integers(0, 6),  # microbatches beyond the stages
+    st.booleans(),  # blocking sends
+    st.data(),
+)
+def test_the_replay_lower_bound_is_below_every_replay(case, ranks, extra, blocking, data) -> None:
+    """plan.step skips the replay of a split whose replay_lower_bound cannot beat the best: the bound must never
+    exceed the replayed step, whatever the schedule, costs, sends and ranks."""
+    schedule, per_rank = case
+    num_stages = ranks * per_rank
+    m = num_stages + extra
+    stages = _drawn_stages(data, num_stages, shortest=0.0)
+    try:
+        step = fast_replay(stages, num_microbatches=m, schedule=schedule, num_ranks=ranks, blocking_sends=blocking)
+    except ValueError:  # a count torch refuses
+        return
+    bound = replay_lower_bound(stages, num_microbatches=m, schedule=schedule, num_ranks=ranks)
+    assert bound <= step.step_time * (1 + 1e-12)
+
+
+def test_the_replay_lower_bound_is_the_step_of_even_one_f_one_b() -> None:
+    """Equal stages under 1F1B without sends run (m + p - 1)(F + B): the bound is that step, so a split is skipped
+    only when it truly cannot win. (With sends 1F1B's steady state waits for them too, which the bound leaves out.)"""
+    p, m = 4, 9
+    stages = [StageCost(forward=1.0, backward=2.0) for _ in range(p)]
+    step = fast_replay(stages, num_microbatches=m, schedule="1f1b").step_time
+    bound = replay_lower_bound(stages, num_microbatches=m, schedule="1f1b")
+    assert bound == pytest.approx(step) and step == pytest.approx((m + p - 1) * 3.0)
 
 
 @settings(max_examples=40, deadline=None)

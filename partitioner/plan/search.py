@@ -915,7 +915,7 @@ def _evaluate(
             # by min-cut (plan.mincut: same bottleneck or within its tie, fewer bytes sent); the faster of the two.
             internode = c.degrees.pp * c.degrees.tp * c.degrees.cp * c.degrees.dp > devices_per_node
             improve = step_improver(g, _layout(c), num_stages, recompute=recompute, stage_memory=share,
-                                    rank_memory=share * c.stages_per_device, internode=internode)  # fmt: skip
+                                    rank_memory=memory_limit, internode=internode)  # fmt: skip
             plan = plan_pipeline(g, num_stages, rel_tol=1e-5, improve=improve, **args)
             moved = refine_plan(g, plan, microbatches=c.microbatches, in_flight=flight, memory_limit=share)
             if moved.stage_of != plan.stage_of:
