@@ -84,6 +84,8 @@ def test_shared_recompute_structures_give_the_walk_s_figures_to_the_bit() -> Non
     layouts = TensorParallelLayouts(gm, spec, True, strict=False)
     copies = [pg, scale_graph(pg, None, 2), scale_graph(pg, layouts(2), 1), scale_graph(pg, layouts(4, True), 2)]
     assert all(c.recompute_structure() is pg.recompute_structure() for c in copies)
+    # A replica's saves are divided when read (plan.recompute.ScaledSaves), as a dict-by-dict copy would hold them
+    assert list(copies[1].saves) == [{k: v / 2 for k, v in node.items()} for node in pg.saves]
     rng = np.random.default_rng(0)
     subsets = [tuple(pg.regions[m]) for m in ("selective", "full")]
     for mode in ("selective", "full"):

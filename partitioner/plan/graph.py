@@ -114,7 +114,7 @@ class PlanningGraph:
     order: MutationOrder | None = None  # constraints of in-place writes (plan.ordering); None: no writes
     # Activation recomputation (plan.recompute): what each node saves (storage name -> bytes, whole batch), the
     # storages each node's output lives in, and the regions each mode checkpoints ([a, b) node ranges).
-    saves: list[dict[str, float]] = field(default_factory=list)
+    saves: Sequence[dict[str, float]] = field(default_factory=list)  # a list, or plan.recompute.ScaledSaves
     storages: list[list[str]] = field(default_factory=list)
     regions: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     trainable: frozenset[str] = frozenset()  # canonical names of the parameters that get a gradient

@@ -46,6 +46,7 @@ __all__ = [
     "MODES",
     "ActivationModel",
     "RecomputeStructure",
+    "ScaledSaves",
     "activation_model",
     "find_regions",
     "layer_path",
@@ -180,7 +181,36 @@ def activation_model(
 def saved_entries(saves: Sequence[dict[str, float]]) -> np.ndarray:
     """The bytes of every (node, storage) entry of `saves`, flattened in node then insertion order: the numbers a
     RecomputeStructure built from saves with the same keys applies to."""
+    if isinstance(saves, ScaledSaves):
+        return saves.entries()
     return np.fromiter((b for node in saves for b in node.values()), dtype=np.float64)
+
+
+class ScaledSaves(Sequence[dict[str, float]]):
+    """`saves` (per node: storage name -> bytes) with every byte count divided by `divisor`, each node's dict made
+    when read. What a data-parallel replica's planning graph saves (plan.search.scale_replicas): the search makes
+    hundreds of such copies of a graph of thousands of nodes, and reads the bytes of almost none of them one by
+    one; the numbers it does read (`saved_entries`) are the base's flattened entries / divisor, the same divisions
+    as dividing dict by dict, so the figures are equal to the last bit. `entries`: the base's saved_entries, when
+    the caller has them (cached on the graph they come from)."""
+
+    def __init__(self, base: Sequence[dict[str, float]], divisor: float, entries: np.ndarray | None = None) -> None:
+        self.base = list(base)  # a ScaledSaves base is read (divided) here: one division per value, as a dict copy
+        self.divisor = divisor
+        self._base_entries = entries
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204 - Sequence's index or slice
+        if isinstance(i, slice):
+            return [{k: v / self.divisor for k, v in node.items()} for node in self.base[i]]
+        return {k: v / self.divisor for k, v in self.base[i].items()}
+
+    def entries(self) -> np.ndarray:
+        """saved_entries of the scaled saves."""
+        base = self._base_entries if self._base_entries is not None else saved_entries(self.base)
+        return base / self.divisor
 
 
 class _RegionLayout(NamedTuple):

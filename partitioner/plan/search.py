@@ -50,6 +50,7 @@ from partitioner.plan.pipeline import (
     too_many_stages,
 )
 from partitioner.plan.price import Layout, price_step, stage_state, step_end
+from partitioner.plan.recompute import ScaledSaves
 from partitioner.plan.sharding import (
     DP_MODES,
     NON_OVERLAPPED_MODES,
@@ -327,7 +328,7 @@ def scale_replicas(
         out_bytes=pg.out_bytes / dp,
         saved_bytes=pg.saved_bytes / dp,
         param_static=param_static,
-        saves=[{k: v / dp for k, v in node.items()} for node in pg.saves] if dp > 1 else pg.saves,
+        saves=ScaledSaves(pg.saves, dp, pg._saved_entries) if dp > 1 else pg.saves,
         _recompute_structure=pg.recompute_structure() if len(pg.saves) == pg.n else None,
     )
 
