@@ -431,6 +431,14 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
         with progress.phase("capture"):
             captured = capture(cm.model, args, kwargs)
             gm = captured.graph_module
+            if captured.leaves:  # each leaf runs whole on one stage and is priced as one block: say so, and why
+                why = "; ".join(f.reason for f in captured.fallbacks if f.path in ("torch.export", "module-level"))
+                logger.warning(
+                    "%s: neither torch.fx nor torch.export captured the whole model, so %d module(s) stay opaque "
+                    "leaves that no stage boundary, tensor or context parallelism goes into (%s): %s",
+                    type(cm.model).__name__, len(captured.leaves), ", ".join(captured.leaves[:5])
+                    + (", ..." if len(captured.leaves) > 5 else ""), why,
+                )  # fmt: skip
         with progress.phase("annotate"):
             inputs = captured.flatten_inputs(args, kwargs)
             annotate(gm, inputs, training=o.training)

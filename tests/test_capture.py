@@ -610,3 +610,52 @@ def test_an_input_named_like_a_builtin_is_bound_by_its_own_name() -> None:
     for rows in (1, 3):
         h = torch.randn(rows, 4)
         torch.testing.assert_close(_run(c, h), cell(h))
+
+
+class _Carrier:
+    """A plain class holding a tensor: not a pytree node, so torch.export cannot return it."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+class _ShapeBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[-1] > 2 else x  # a branch on a shape: torch.fx refuses it, torch.export takes it
+
+
+class _ReturnsCarrier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.branch = _ShapeBranch()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.branch(self.lin(x))
+        return h, _Carrier(h)
+
+
+def test_an_output_export_cannot_return_is_named_with_the_fix() -> None:
+    """torch.export refuses an output type that is no pytree node (and fx a branch, so no path captures the model):
+    the error says what to register."""
+    with pytest.raises(CaptureError, match=r"returns a _Carrier: register it as a pytree node"):
+        capture(_ReturnsCarrier(), (torch.randn(3, 4),))
+
+
+def test_an_hf_causal_lm_with_its_cache_on_is_told_to_turn_it_off(caplog: pytest.LogCaptureFixture) -> None:
+    """A causal LM returns a DynamicCache unless use_cache=False, which torch.export refuses: capture falls back to
+    the whole model as one leaf, compile warns that it cannot be split, and the reason says to turn the cache off."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    with caplog.at_level("WARNING", logger="partitioner"):
+        cm = partitioner.compile(model, devices=1, example_inputs=(ids,), device_type="h100")
+    reasons = [f["reason"] for f in cm.plan.fallbacks if f["path"] == "module-level"]
+    assert reasons and "pass example_kwargs={'use_cache': False}" in reasons[0]
+    assert any("opaque leaves" in r.getMessage() and "use_cache" in r.getMessage() for r in caplog.records)
+    assert capture(model, (ids,), {"use_cache": False}).method == "export"

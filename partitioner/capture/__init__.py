@@ -44,6 +44,7 @@ the feature dim, `input_shapes == {"x": (DynamicDim("s0", 1, None), 16)}`.
 from __future__ import annotations
 
 import keyword
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -106,7 +107,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
             method = "export"
             fallbacks.extend(gave_up)
         except Exception as e_export:
-            export_reason = f"torch.export failed: {_first_line(e_export)}"
+            export_reason = f"torch.export failed: {_export_failure(e_export, flat)}"
             fallbacks.append(Fallback("", "module-level", export_reason))
             gm, leaf_reasons = _trace_with_leaves(model, flat, tensor_names, rebuild, fx_reason, export_reason)
             method = "module-level"
@@ -151,3 +152,29 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
             for f in captured.fallbacks
         ]
     return captured
+
+
+_UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
+
+
+def _export_failure(error: BaseException, flat: dict[str, Any]) -> str:
+    """Why torch.export failed, in a line; where it refused a type the model returns, with what to do: a cache an HF
+    model returns because `use_cache` is on (training has no use for it: turn it off, in the example call and in the
+    calls after), or any other type, which export needs registered as a pytree node."""
+    found = _UNKNOWN_OUTPUT.search(str(error))
+    if found is None:
+        return _first_line(error)
+    name = found.group(1).rsplit(".", 1)[-1]
+    return f"{type(error).__name__}: {found.group(0)}{_output_type_hint(name, flat)}"
+
+
+def _output_type_hint(name: str, flat: dict[str, Any]) -> str:
+    if "use_cache" in flat and flat["use_cache"] is not False and "cache" in name.lower():
+        return (
+            f". The model returns a {name} because use_cache is on: pass example_kwargs={{'use_cache': False}} "
+            f"and call the compiled model with use_cache=False (training does not use the cache)"
+        )
+    return (
+        f". The model returns a {name}: register it as a pytree node (torch.utils._pytree.register_pytree_node) "
+        f"or return tensors, tuples, lists and dicts of them"
+    )
