@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"training in {where}: {args.steps} steps of {args.batch} x {args.seq} tokens, AdamW lr {args.lr}")
 
     # The same calls in one process and under torchrun, where cm.step runs this rank's stages on torch's
-    # pipeline schedule and cm.parameters() are this rank's shards.
-    opt = torch.optim.AdamW(cm.parameters(), lr=args.lr)
+    # pipeline schedule and cm.make_optimizer trains this rank's shards (as the plan's data-parallel mode says).
+    opt = cm.make_optimizer(torch.optim.AdamW, lr=args.lr)
     losses = []
     for i, (kwargs, targets) in enumerate(batches):
         losses.append(cm.step((), targets, causal_lm_loss, kwargs=kwargs).item())

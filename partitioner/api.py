@@ -273,6 +273,19 @@ class CompiledModel:
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
+    def make_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **kwargs: Any) -> torch.optim.Optimizer:
+        """An `optimizer_class` (e.g. ``torch.optim.AdamW``; `kwargs`: its arguments, e.g. lr) over ``parameters()``,
+        the one script in one process or under torchrun: there, the optimizer the plan's data-parallel mode needs
+        (ZeRO-1's sharded one at "zero1": ``DistributedPipeline.make_optimizer``), and on a rank whose stages hold no
+        trainable parameter (a stage of parameter-free nodes) one whose step does nothing, where torch's optimizers
+        refuse an empty list. Call on every rank (ZeRO's step is collective over the replicas)."""
+        from partitioner.runtime.data_parallel import make_optimizer
+
+        params = self.parameters()  # under torchrun: builds this rank's pipeline
+        if self._pipeline is not None:
+            return self._pipeline.make_optimizer(optimizer_class, **kwargs)
+        return make_optimizer(params, optimizer_class, "", None, **kwargs)
+
     def zero_grad(self) -> None:
         """Set the gradient of every parameter in ``parameters()`` to None (as ``Optimizer.zero_grad`` does)."""
         for p in self.parameters():

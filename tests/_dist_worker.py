@@ -259,7 +259,7 @@ def train_with_compiled_step(
         microbatches=microbatches, schedule="1f1b", pipeline=pipeline, tensor_parallel=1,
     )  # fmt: skip
     assert cm.plan.data_degree == devices // pipeline
-    opt = torch.optim.SGD(cm.parameters(), lr=lr)
+    opt = cm.make_optimizer(torch.optim.SGD, lr=lr)
     inputs, targets = zoo.example_inputs(model, batch=batch), zoo.example_targets(model, batch=batch)
     losses, rows = [], [0]
 
@@ -308,15 +308,13 @@ def train_hf_with_compiled_step(
         device_type="cpu",
     )
     assert cm.plan.tensor_degree == tensor_parallel and cm.plan.context_degree == context_parallel
-    # A rank whose stage reads no parameter (the plan may give a stage parameter-free nodes alone) has nothing to
-    # optimize, and torch's optimizers refuse an empty list.
-    params = list(cm.parameters())
-    opt = torch.optim.SGD(params, lr=lr) if params else None
+    # A rank whose stage reads no parameter (the plan may give a stage parameter-free nodes alone) gets an optimizer
+    # whose step does nothing (torch's own refuse an empty list): the same loop runs on every rank.
+    opt = cm.make_optimizer(torch.optim.SGD, lr=lr)
     losses = []
     for _ in range(steps):
         losses.append(float(cm.step((), targets, spec.loss, kwargs=kwargs)))
-        if opt is not None:
-            opt.step()
+        opt.step()
         cm.zero_grad()
     state = cm.full_state_dict()
     distributed = cm.pipeline is not None

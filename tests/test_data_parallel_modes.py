@@ -18,6 +18,7 @@ also run against torch's own behaviour, where it fails. CI runs the fast cases; 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -560,3 +561,34 @@ def test_make_optimizer_without_a_dp_group_is_the_plain_class() -> None:
         opt = make_optimizer(net.parameters(), torch.optim.AdamW, mode, None, lr=0.5)
         assert type(opt) is torch.optim.AdamW and opt.defaults["lr"] == 0.5
         assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 2
+
+
+def test_make_optimizer_over_no_parameters_steps_nothing() -> None:
+    """A rank whose stages read no parameter runs the same loop as the others: its optimizer (any mode, even with a
+    dp group) holds one empty group and its step and zero_grad do nothing (torch's own refuse an empty list)."""
+    for mode in DATA_PARALLEL_MODES:
+        opt = make_optimizer([], torch.optim.AdamW, mode, None, lr=0.5)
+        assert type(opt) is torch.optim.AdamW and [g["params"] for g in opt.param_groups] == [[]]
+        opt.zero_grad()
+        opt.step()
+        assert opt.state_dict()["state"] == {}
+
+
+def test_compiled_make_optimizer_trains_what_parameters_returns() -> None:
+    """In one process cm.make_optimizer is the plain class over cm.parameters() (every stage's): one SGD step on the
+    compiled model moves the weights as the same step on the model itself."""
+    torch.manual_seed(0)
+    net = zoo.get("gpt3-tiny")
+    reference = copy.deepcopy(net)
+    inputs, targets = zoo.example_inputs("gpt3-tiny", batch=4), zoo.example_targets("gpt3-tiny", batch=4)
+    cm = partitioner.compile(net, devices=2, example_inputs=inputs, device_type="cpu", pipeline=2, microbatches=2)
+    opt = cm.make_optimizer(torch.optim.SGD, lr=0.1)
+    assert type(opt) is torch.optim.SGD
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in cm.parameters()}
+    cm.step(inputs, targets, zoo.loss_fn("gpt3-tiny"))
+    opt.step()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    zoo.loss_fn("gpt3-tiny")(reference(*inputs), targets).backward()
+    ref_opt.step()
+    for (name, a), b in zip(net.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

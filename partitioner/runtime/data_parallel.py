@@ -296,9 +296,13 @@ def make_optimizer(
     "zero1" with a dp group: torch's ``ZeroRedundancyOptimizer`` over `dp_group` (each rank keeps the state of
     its part of the parameters, steps it, and broadcasts it). FSDP modes: the sharded (DTensor) parameters and
     the plain ones (excluded tied copies) in two parameter groups, so foreach / fused kernels never mix them.
-    Otherwise the plain class.
+    Otherwise the plain class. No parameters (a rank whose stages read none; then every rank of its dp group, which
+    runs the same stages, has none): the class over one empty group, whose step does nothing, so the same training
+    loop runs on every rank (torch's optimizers refuse an empty parameter list).
     """
     params = list(params)
+    if not params:
+        return optimizer_class([{"params": []}], **defaults)
     if mode == "zero1" and dp_group is not None and dist.get_world_size(dp_group) > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
