@@ -20,14 +20,15 @@ How:
   squared stage times under the same bottleneck with compute on every stage (`balanced_cuts`), and the split with
   the shortest sends across its cuts within a little more than that bottleneck (`_fewest_hops`: DMAGaze at 4
   stages, 3.83 -> 3.65 ms, where SageMaker's split had beaten the other two starts), each taking the first move
-  that improves until none does or its share of BUDGET replays is spent (the first two share BUDGET, the third
-  gets a share as large again). Moves: (a) one boundary to another position between its neighbours (the nearest ones,
-  then doubling distances, and the position that balances the two stages); (c) every boundary after (or before)
-  one shifted together, moving work between the pipeline's ends; (b) one boundary removed, merging the lightest
-  stages, and another added at the balanced point of a heavy stage.
+  that improves until none does or its share of the budget is spent (BUDGET replays, fewer for deep pipelines:
+  ACTION_BUDGET; the first two share it, the third gets a share as large again). Moves: (a) one boundary to
+  another position between its neighbours (the nearest ones, then doubling distances, and the position that
+  balances the two stages); (c) every boundary after (or before) one shifted together, moving work between the
+  pipeline's ends; (b) one boundary removed, merging the lightest stages, and another added at the balanced point
+  of a heavy stage.
 A split whose replay cannot beat the best so far (simulate.replay_lower_bound over its stage costs: the fill before
-each rank, its work, the drain after) is not replayed, and does not count against BUDGET: near a local optimum most
-moves lengthen the slowest stage, which that bound sees (gpt3-175b at 64 H100s: 523 of 792 splits skipped).
+each rank, its work, the drain after) is not replayed, and does not count against the budget: near a local optimum
+most moves lengthen the slowest stage, which that bound sees (gpt3-175b at 64 H100s: 523 of 792 splits skipped).
 The given cuts are a candidate, so the result is never worse than them by this objective. Stage costs come from prefix
 sums (plan.pipeline._Prefix.stage_costs, plan.price.ContiguousState), equal to plan.graph.evaluate's; plan.search
 prices the result in full (and its min-cut refinement) and keeps whichever that price prefers.
@@ -52,6 +53,9 @@ __all__ = ["StepObjective", "balanced_cuts", "best_cuts_by_step", "step_improver
 
 EXHAUSTIVE = 256  # price every contiguous split when there are at most this many
 BUDGET = 1000  # replays the local search may spend (simulate.fast_replay: about 1 ms each at 8 stages)
+# ... and at most this many replayed actions (stages x microbatches x 2 each): gpt3-175b's pp8 x 256 microbatches
+# keeps its 1000 replays, the 1T GPT's pp32 x 256 gets 250 (its full 1000 took 9.5 s for a step 0.03% shorter).
+ACTION_BUDGET = 1000 * 8 * 256 * 2
 
 
 class StepObjective:
@@ -107,12 +111,16 @@ class StepObjective:
 
 def step_improver(
     pg: PlanningGraph, layout: Layout, num_stages: int, *, recompute: Sequence[str] = ("none",), coarse: bool = False,
-    stage_memory: float = math.inf, rank_memory: float | None = None, internode: bool = False, budget: int = BUDGET,
+    stage_memory: float = math.inf, rank_memory: float | None = None, internode: bool = False,
+    budget: int | None = None,
 ) -> Callable[[list[int]], list[int]]:  # fmt: skip
     """What plan.pipeline.plan_pipeline(improve=...) takes: contiguous cuts -> the cuts minimizing the step of
-    `layout` (StepObjective's arguments)."""
+    `layout` (StepObjective's arguments). `budget`: replays (default BUDGET, fewer where each replays more than
+    ACTION_BUDGET / BUDGET actions)."""
     objective = StepObjective(pg, layout, num_stages, recompute=recompute, coarse=coarse, stage_memory=stage_memory,
                               rank_memory=rank_memory, internode=internode)  # fmt: skip
+    if budget is None:
+        budget = max(min(BUDGET, ACTION_BUDGET // (2 * num_stages * layout.microbatches)), 1)
     return lambda cuts: best_cuts_by_step(objective, cuts, pg.num_inputs, budget=budget)
 
 
