@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,6 +16,9 @@ from partitioner.plan.mincut import refine_with_mincut
 from partitioner.plan.pipeline import (
     TIE_TOLERANCE,
     InfeasibleMemoryError,
+    _in_flight_array,
+    _least_bottleneck,
+    _prefix,
     contiguous_partition,
     cuts_to_stages,
     devices_needed,
@@ -257,3 +262,51 @@ def test_each_microbatch_pays_every_kernel_launch() -> None:
     one, four = evaluate(pg, stage_of, 2, microbatches=1), evaluate(pg, stage_of, 2, microbatches=4)
     assert sum(s.forward for s in four) - sum(s.forward for s in one) == pytest.approx(3 * kernels_fwd * 1e-3)
     assert sum(s.backward for s in four) - sum(s.backward for s in one) == pytest.approx(3 * kernels_bwd * 1e-3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=3, max_size=9),
+    st.lists(st.floats(0.0, 100.0, allow_nan=False), min_size=10, max_size=10),
+    st.integers(2, 4),
+    st.sampled_from([1, 4]),
+    st.floats(0.2, 1.5),
+    st.booleans(),
+)
+def test_the_exact_min_max_dp_is_the_best_split_with_compute_on_every_stage(
+    compute, saved, stages, m, tightness, overlaps
+) -> None:
+    """plan.pipeline._least_bottleneck (how contiguous_partition ends for coarse plans) against every
+    contiguous split whose stages all hold compute: the least bottleneck, each stage at its fastest recompute mode
+    that fits its 1F1B in-flight microbatches, at memory limits from below to above the unlimited plan's peak."""
+    n = len(compute) + 1
+    pg = _chain_with_memory([0.0] + compute, saved[:n], overlaps)
+    if stages > n - 1:
+        return
+    pre = _prefix(pg, m, ("none",))
+    flight = _in_flight_array([min(stages - s, m) for s in range(stages)], stages, m)
+    limit = tightness * float(pre.A[0][-1]) * stages / 2 + 1.0
+    best = None
+    for middle in itertools.combinations(range(1, n), stages - 1):
+        cuts = [0, *middle, n]
+        if any(pre.working[i] == pre.working[j] for j, i in zip(cuts, cuts[1:])):
+            continue
+        times = [float(pre.fitting_time(np.array([j]), i, float(flight[s]), limit)[0])
+                 for s, (j, i) in enumerate(zip(cuts, cuts[1:]))]  # fmt: skip
+        if best is None or max(times) < best:
+            best = max(times)
+    found = _least_bottleneck(pre, pg.num_inputs, flight, limit, stages, hi=float(pre.P[-1]) * 2 + 1.0)
+    if best is None or not np.isfinite(best):
+        assert found is None
+        return
+    assert found is not None and len(found) == stages + 1
+    times = [float(pre.fitting_time(np.array([j]), i, float(flight[s]), limit)[0])
+             for s, (j, i) in enumerate(zip(found, found[1:]))]  # fmt: skip
+    assert max(times) == pytest.approx(best, rel=1e-12, abs=1e-12)
+    assert all(pre.working[i] > pre.working[j] for j, i in zip(found, found[1:]))
+
+
+def _chain_with_memory(compute: list[float], saved: list[float], overlaps: bool):
+    n = len(compute)
+    return synthetic_graph(compute, [(i, i + 1) for i in range(n - 1)], [10.0] * n, saved_bytes=saved,
+                           overlaps_comm=overlaps, link_latency=0.01)  # fmt: skip
