@@ -448,8 +448,11 @@ def _least_bottleneck(
         parent = np.full(n + 1, -1, dtype=np.int64)
         parent[ends[head]] = js[head]
         parents.append(parent)
-    if not np.isfinite(best[n]):
-        return None
+    return _backtrack(parents, n) if np.isfinite(best[n]) else None
+
+
+def _backtrack(parents: Sequence[np.ndarray], n: int) -> list[int]:
+    """The cuts [0, ..., n] of a DP over (stage, prefix) that kept, per stage, the start of each prefix's last stage."""
     cuts = [n]
     for parent in reversed(parents):
         cuts.append(int(parent[cuts[-1]]))

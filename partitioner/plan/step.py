@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from partitioner.plan.graph import PlanningGraph, tied_sync_time
-from partitioner.plan.pipeline import _in_flight_array, _Prefix, _prefix
+from partitioner.plan.pipeline import _backtrack, _in_flight_array, _Prefix, _prefix
 from partitioner.plan.price import ContiguousState, Layout, price_step, step_end
 from partitioner.schedules import get_schedule
 from partitioner.simulate import replay_lower_bound
@@ -194,12 +194,7 @@ def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: n
                 nxt[i], parent[i] = total[k], js[k]
         best = nxt
         parents.append(parent)
-    if not np.isfinite(best[n]):
-        return None
-    cuts = [n]
-    for parent in reversed(parents):
-        cuts.append(int(parent[cuts[-1]]))
-    return cuts[::-1]
+    return _backtrack(parents, n) if np.isfinite(best[n]) else None
 
 
 HOP_SLACK = (1.0, 1.02, 1.05, 1.1, 1.15, 1.2, 1.3)  # bottlenecks the fewest-hops start may trade for shorter sends
