@@ -25,6 +25,9 @@ Writes into `node.meta` (consumers check `"flops" in node.meta` rather than re-d
                  views; plus the running statistics of batch/instance norm in training, which ATen updates
                  without a version bump (`_hidden_writes`). Consumers: partitioner.plan.ordering.
 
+A node whose call repeats an earlier node's exactly (a transformer's layers) is annotated from that node's record
+instead of being run (partitioner.annotate_reuse): the same figures, a sixth of gpt3-175b's annotation time.
+
 Invariant: no real memory is allocated for weights or activations: real parameters are swapped for
 meta tensors while the graph runs (and restored after), so gpt3-175b annotates in a few hundred MB.
 
@@ -52,6 +55,7 @@ from torch.nn.utils import stateless
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from partitioner.annotate_reuse import Record, record, signature
 from partitioner.meta import meta_device, to_meta
 
 __all__ = ["AnnotationError", "annotate"]
@@ -76,13 +80,19 @@ def _nbytes(t: torch.Tensor) -> int:
 class _CostInterpreter(fx.Interpreter):
     """Runs nodes on meta tensors, recording per-node costs into node.meta."""
 
-    def __init__(self, gm: fx.GraphModule, param_storages: dict[int, str], training: bool):
+    def __init__(self, gm: fx.GraphModule, param_storages: dict[int, str], training: bool, reuse: bool = True):
         # Every value stays alive for the whole run, so a storage key is never reused for another storage.
         super().__init__(gm, garbage_collect_values=False)
         self.param_storages = param_storages  # storage key -> qualified name
         self.storage_names = dict(param_storages)  # storage key -> name of what first held it
         self.training = training
         self.saved_seen: set[int] = set()
+        # What autograd saved is freed with its graph where no output needs a gradient: kept, as every value is
+        self.saved_alive: list[torch.Tensor] = []
+        # Calls that repeat an earlier one's exactly are annotated from its record (partitioner.annotate_reuse)
+        self.records: dict[tuple, Record] | None = {} if reuse else None
+        self.reused = 0
+        self._own_key = 0  # keys (negative) for the storages a reused call saves of its own
 
     def _storage_name(self, t: torch.Tensor, creator: fx.Node) -> str:
         return self.storage_names.setdefault(_storage_key(t), creator.name)
@@ -94,6 +104,7 @@ class _CostInterpreter(fx.Interpreter):
             key = _storage_key(t)
             if key not in self.param_storages:
                 packed[key] = (self._storage_name(t, n), t.untyped_storage().nbytes())
+                self.saved_alive.append(t)  # its key names it: no later storage may take the key over
             return t
 
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -102,6 +113,11 @@ class _CostInterpreter(fx.Interpreter):
             args, kwargs = pytree.tree_map(meta_device, (args, kwargs))
         inputs = _tensors((args, kwargs))
         watched = inputs + self._module_state(n)
+        key = None
+        if self.records is not None and "capture_leaf" not in n.meta:
+            key = signature(n, self.module, args, kwargs, self.param_storages.keys())
+            if key is not None and key in self.records:
+                return self._from_record(n, self.records[key], inputs, watched)
         versions = [t._version for t in watched]
         try:
             with FlopCounterMode(display=False) as counter, saved_tensors_hooks(pack, lambda t: t):
@@ -158,6 +174,40 @@ class _CostInterpreter(fx.Interpreter):
         n.meta["storages"] = sorted({self._storage_name(t, n) for t in outputs})
         n.meta["reads"] = sorted({self._storage_name(t, n) for t in watched})
         n.meta["writes"] = sorted({self._storage_name(t, n) for t in written})
+        if key is not None and not written and "leaf_profile" not in n.meta:
+            same = {k: n.meta[k] for k in _CALL_FIGURES}
+            made = record(n, inputs, result, packed, self.storage_names, same)
+            if made is not None:
+                self.records[key] = made
+        return result
+
+    def _from_record(self, n: fx.Node, rec: Record, inputs: list[torch.Tensor], watched: list[torch.Tensor]) -> Any:
+        """Annotate n from the record of an earlier call it repeats: its outputs made from the recipes, every storage
+        named as a full run names it (partitioner.annotate_reuse)."""
+        self.reused += 1
+        result = rec.outputs.make(inputs)
+        outputs = _tensors(result)
+        packed: dict[int, tuple[str, int]] = {}
+        for where, which, nbytes in rec.saves:
+            if where == "own":
+                self._own_key -= 1
+                packed[self._own_key] = (f"{n.name}#{which}", nbytes)
+            else:
+                t = inputs[which] if where == "input" else outputs[which]
+                packed[_storage_key(t)] = (self._storage_name(t, n), nbytes)
+        saves: dict[str, int] = {}
+        for name, nbytes in packed.values():
+            saves[name] = saves.get(name, 0) + nbytes
+        saved = sum(nbytes for key, (_, nbytes) in packed.items() if key not in self.saved_seen)
+        self.saved_seen.update(packed)
+        n.meta["val"] = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
+        n.meta.update(rec.meta)
+        n.meta["saved_bytes"] = saved if self.training else 0
+        n.meta["saves"] = saves if self.training else {}
+        n.meta["params"] = self._params_read(n, inputs)
+        n.meta["storages"] = sorted({self._storage_name(t, n) for t in outputs})
+        n.meta["reads"] = sorted({self._storage_name(t, n) for t in watched})
+        n.meta["writes"] = []
         return result
 
     def _name_internals(self, n: fx.Node, packed: dict, outputs: list[torch.Tensor]) -> dict:
@@ -267,6 +317,9 @@ class _CostInterpreter(fx.Interpreter):
         return flops * min(grads, 2)
 
 
+# The figures of node.meta that depend on the call alone (annotate_reuse.Record.meta)
+_CALL_FIGURES = ("flops", "bwd_flops", "out_bytes", "mem_bytes", "bwd_bytes", "is_tensor", "requires_grad", "dtype")
+
 _MATMUL_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Bilinear)
 _MATMUL_FUNCTIONS = {
     torch.nn.functional.linear,
@@ -342,10 +395,11 @@ def _bind_arguments(target: Any, args: tuple, kwargs: dict) -> dict[str, Any] | 
         return None
 
 
-def annotate(gm: fx.GraphModule, inputs: list[Any], *, training: bool = True) -> fx.GraphModule:
+def annotate(gm: fx.GraphModule, inputs: list[Any], *, training: bool = True, reuse: bool = True) -> fx.GraphModule:
     """Annotate `gm` in place for placeholder values `inputs` (real or meta tensors); returns `gm`.
 
-    Raises AnnotationError (a ValueError) naming the first node that fails on these inputs.
+    Raises AnnotationError (a ValueError) naming the first node that fails on these inputs. `reuse`: annotate a call
+    that repeats an earlier one's exactly from its record (partitioner.annotate_reuse; the same node.meta, faster).
     """
     meta_state: dict[str, torch.Tensor] = {}
     by_tensor: dict[int, torch.Tensor] = {}
@@ -360,8 +414,9 @@ def annotate(gm: fx.GraphModule, inputs: list[Any], *, training: bool = True) ->
     meta_inputs = to_meta(list(inputs))
     grad_mode = torch.enable_grad() if training else torch.no_grad()
     with stateless._reparametrize_module(gm, meta_state, tie_weights=True), grad_mode:
-        interp = _CostInterpreter(gm, param_storages, training)
+        interp = _CostInterpreter(gm, param_storages, training, reuse)
         interp.run(*meta_inputs)
+    gm.meta["annotate_reused"] = interp.reused  # nodes annotated from an earlier call's record
     for n in gm.graph.nodes:
         if n.op == "output":
             n.meta["flops"] = 0
