@@ -277,3 +277,38 @@ def test_splittable_verdicts_are_sound(pieces: list[str]) -> None:
             return
         halves = torch.cat([model(x[:2]), model(x[2:])], dim=out_state.dim)
     torch.testing.assert_close(halves, whole)
+
+
+def _both_flows(model: nn.Module, *args: torch.Tensor) -> tuple:
+    cap = capture(model, args, {})
+    inputs = cap.flatten_inputs(args, {})
+    annotate(cap.graph_module, inputs)
+    dims = {n: 0 for n in cap.input_names}
+    return tuple(batch_flow(cap.graph_module, inputs, cap.input_names, dims, reuse=r) for r in (False, True))
+
+
+@settings(max_examples=40)
+@given(st.lists(st.sampled_from(sorted(PIECES)), min_size=2, max_size=6))
+def test_followed_once_calls_give_every_finding_and_state(pieces: list[str]) -> None:
+    """A call repeating an earlier one's on inputs of the same states is not run again (plan.batch._Interpreter): the
+    findings (under each node's own name) and output states are those of following every call."""
+    full, reused = _both_flows(Program(pieces + pieces), torch.randn(4, 4, 4))
+    assert (reused.mixing, reused.notes, reused.outputs) == (full.mixing, full.notes, full.outputs)
+
+
+@pytest.mark.parametrize("model", ["gpt3-tiny", "batch-norms", "seq-first"])
+def test_followed_once_calls_in_models(model: str) -> None:
+    """Repeated layers, batch norm's notes at every norm, and mixing at a sequence-first attention: as in full."""
+    import zoo
+
+    if model == "seq-first":
+        net, args = SeqFirstAttention(), (torch.randn(6, 4, 16),)
+    elif model == "batch-norms":
+        block = lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())  # noqa: E731
+        net, args = nn.Sequential(block(), block(), block()), (torch.randn(4, 4, 8, 8),)
+    else:
+        net, inputs = zoo.get(model), zoo.example_inputs(model, batch=4)
+        args = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
+    full, reused = _both_flows(net, *args)
+    assert (reused.mixing, reused.notes, reused.outputs) == (full.mixing, full.notes, full.outputs)
+    assert full.notes or full.mixing or model == "gpt3-tiny"
