@@ -1,8 +1,9 @@
 """annotate_reuse: a node whose call repeats an earlier node's exactly is annotated from that node's record.
 
-A transformer repeats one block per layer: gpt3-175b's 96 layers are 2,600 nodes that run 27 distinct calls, each
-on meta tensors of the same shapes. Annotating every one costs a meta execution under FlopCounterMode and autograd's
-saved-tensor hooks (about 0.6 ms a node, 1.8 s of gpt3-175b's compile); a repeat costs only making its outputs.
+A transformer repeats one block per layer: of gpt3-175b's 2,605 nodes (96 layers) 28 are run and 2,577 repeat an
+earlier call, on meta tensors of the same shapes. Annotating every one costs a meta execution under FlopCounterMode
+and autograd's saved-tensor hooks (about 0.6 ms a node, 1.8 s of gpt3-175b's compile); a repeat costs only making
+its outputs.
 
 Two calls are the same (`signature`) when they run the same target (the function, the method name, or for
 `call_module` a torch.nn module of the same class with the same plain attributes and parameter / buffer shapes,
