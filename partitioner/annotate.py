@@ -56,17 +56,13 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from partitioner.annotate_reuse import Record, record, signature
-from partitioner.meta import meta_device, to_meta
+from partitioner.meta import meta_device, storage_key, to_meta
 
 __all__ = ["AnnotationError", "annotate"]
 
 
 class AnnotationError(ValueError):
     """A node failed on meta tensors; the message names the node and the module it came from."""
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -95,13 +91,13 @@ class _CostInterpreter(fx.Interpreter):
         self._own_key = 0  # keys (negative) for the storages a reused call saves of its own
 
     def _storage_name(self, t: torch.Tensor, creator: fx.Node) -> str:
-        return self.storage_names.setdefault(_storage_key(t), creator.name)
+        return self.storage_names.setdefault(storage_key(t), creator.name)
 
     def run_node(self, n: fx.Node) -> Any:
         packed: dict[int, tuple[str, int]] = {}  # storage key -> (name, bytes) of what autograd saves here
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            key = _storage_key(t)
+            key = storage_key(t)
             if key not in self.param_storages:
                 packed[key] = (self._storage_name(t, n), t.untyped_storage().nbytes())
                 self.saved_alive.append(t)  # its key names it: no later storage may take the key over
@@ -145,14 +141,10 @@ class _CostInterpreter(fx.Interpreter):
             # meta path keeps one of the input's dtype.
             packed = {-id(n): (f"{n.name}#mask", outputs[0].numel())}
         packed = self._name_internals(n, packed, outputs)
-        saves: dict[str, int] = {}
-        for name, nbytes in packed.values():
-            saves[name] = saves.get(name, 0) + nbytes
-        saved = sum(nbytes for key, (_, nbytes) in packed.items() if key not in self.saved_seen)
-        self.saved_seen.update(packed)
+        saves, saved = self._saves(packed)
         params = self._params_read(n, inputs)
-        in_keys = {_storage_key(t) for t in inputs}
-        aliases = bool(outputs) and all(_storage_key(t) in in_keys for t in outputs)
+        in_keys = {storage_key(t) for t in inputs}
+        aliases = bool(outputs) and all(storage_key(t) in in_keys for t in outputs)
         n.meta["val"] = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
         n.meta["flops"] = flops
         n.meta["bwd_flops"] = self._bwd_flops(flops, inputs, n) if self.training else 0
@@ -161,8 +153,6 @@ class _CostInterpreter(fx.Interpreter):
         n.meta["bwd_bytes"] = (
             self._bwd_bytes(n, inputs, outputs, sum(saves.values()), flops) if self.training and not aliases else 0
         )
-        n.meta["saved_bytes"] = saved if self.training else 0
-        n.meta["saves"] = saves if self.training else {}
         n.meta["params"] = params
         n.meta["is_tensor"] = bool(outputs)
         n.meta["requires_grad"] = any(t.requires_grad for t in outputs)
@@ -171,9 +161,7 @@ class _CostInterpreter(fx.Interpreter):
         written = [t for t, v in zip(watched, versions) if t._version != v] + _hidden_writes(
             n, self.module, args, kwargs
         )
-        n.meta["storages"] = sorted({self._storage_name(t, n) for t in outputs})
-        n.meta["reads"] = sorted({self._storage_name(t, n) for t in watched})
-        n.meta["writes"] = sorted({self._storage_name(t, n) for t in written})
+        self._name_storages(n, outputs, watched, written, saves, saved)
         if key is not None and not written and "leaf_profile" not in n.meta:
             same = {k: n.meta[k] for k in _CALL_FIGURES}
             made = record(n, inputs, result, packed, self.storage_names, same)
@@ -194,26 +182,36 @@ class _CostInterpreter(fx.Interpreter):
                 packed[self._own_key] = (f"{n.name}#{which}", nbytes)
             else:
                 t = inputs[which] if where == "input" else outputs[which]
-                packed[_storage_key(t)] = (self._storage_name(t, n), nbytes)
+                packed[storage_key(t)] = (self._storage_name(t, n), nbytes)
+        n.meta["val"] = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
+        n.meta.update(rec.meta)
+        n.meta["params"] = self._params_read(n, inputs)
+        self._name_storages(n, outputs, watched, [], *self._saves(packed))
+        return result
+
+    def _saves(self, packed: dict[int, tuple[str, int]]) -> tuple[dict[str, int], int]:
+        """What a node saves (storage name -> bytes) from its packed storages, and the bytes it pays: those no earlier
+        node saved (the first saver of a storage pays for it)."""
         saves: dict[str, int] = {}
         for name, nbytes in packed.values():
             saves[name] = saves.get(name, 0) + nbytes
         saved = sum(nbytes for key, (_, nbytes) in packed.items() if key not in self.saved_seen)
         self.saved_seen.update(packed)
-        n.meta["val"] = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
-        n.meta.update(rec.meta)
+        return saves, saved
+
+    def _name_storages(self, n: fx.Node, outputs: list[torch.Tensor], watched: list[torch.Tensor],
+                       written: list[torch.Tensor], saves: dict[str, int], saved: int) -> None:  # fmt: skip
+        """node.meta's saved activations and the storages n's outputs live in, reads and writes, by name."""
         n.meta["saved_bytes"] = saved if self.training else 0
         n.meta["saves"] = saves if self.training else {}
-        n.meta["params"] = self._params_read(n, inputs)
         n.meta["storages"] = sorted({self._storage_name(t, n) for t in outputs})
         n.meta["reads"] = sorted({self._storage_name(t, n) for t in watched})
-        n.meta["writes"] = []
-        return result
+        n.meta["writes"] = sorted({self._storage_name(t, n) for t in written})
 
     def _name_internals(self, n: fx.Node, packed: dict, outputs: list[torch.Tensor]) -> dict:
         """Storages node n created and saved but does not return (a mask, statistics) are named `n#k`, so that they
         are told apart from its output, which carries n's own name."""
-        out_keys = {_storage_key(t) for t in outputs}
+        out_keys = {storage_key(t) for t in outputs}
         renamed, k = {}, 0
         for key, (name, nbytes) in packed.items():
             if name == n.name and key not in out_keys:
@@ -231,10 +229,10 @@ class _CostInterpreter(fx.Interpreter):
         a CPU (torch's fused CPU kernel)."""
         if not self.training or not any(t.requires_grad for t in outputs):
             return {}
-        packed = {_storage_key(t): (self._storage_name(t, n), t.untyped_storage().nbytes()) for t in inputs}
+        packed = {storage_key(t): (self._storage_name(t, n), t.untyped_storage().nbytes()) for t in inputs}
         out = outputs[0]
         lse = out.numel() // out.shape[-1] * 4  # (..., heads, queries) in fp32
-        packed[_storage_key(out)] = (self._storage_name(out, n), _nbytes(out) + lse)
+        packed[storage_key(out)] = (self._storage_name(out, n), _nbytes(out) + lse)
         return packed
 
     def _module_state(self, n: fx.Node) -> list[torch.Tensor]:
@@ -297,11 +295,11 @@ class _CostInterpreter(fx.Interpreter):
         if not grad_out:
             return 0
         params = [t for t in self._module_state(n) if t.is_floating_point()] + [
-            t for t in inputs if _storage_key(t) in self.param_storages and t.is_floating_point()
+            t for t in inputs if storage_key(t) in self.param_storages and t.is_floating_point()
         ]
-        param_keys = {_storage_key(t) for t in params}
+        param_keys = {storage_key(t) for t in params}
         activations = [
-            t for t in inputs if t.requires_grad and t.is_floating_point() and _storage_key(t) not in param_keys
+            t for t in inputs if t.requires_grad and t.is_floating_point() and storage_key(t) not in param_keys
         ]
         needing = activations + [t for t in params if t.requires_grad]
         held = sum(_nbytes(t) for t in params) if activations else 0  # an input's gradient goes through the weights
@@ -409,7 +407,7 @@ def annotate(gm: fx.GraphModule, inputs: list[Any], *, training: bool = True, re
         meta_state[name] = by_tensor[id(t)]
     param_storages: dict[int, str] = {}
     for name, t in meta_state.items():  # a tied tensor is named by its first name, as plan.graph names it
-        param_storages.setdefault(_storage_key(t), name)
+        param_storages.setdefault(storage_key(t), name)
 
     meta_inputs = to_meta(list(inputs))
     grad_mode = torch.enable_grad() if training else torch.no_grad()

@@ -33,13 +33,11 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from partitioner.meta import storage_key
+
 __all__ = ["Outputs", "Record", "outputs_of", "record", "signature"]
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
 
 
 def _plain(value: Any) -> bool:
@@ -75,7 +73,7 @@ def signature(n: fx.Node, root: torch.nn.Module, args: tuple, kwargs: dict, para
     items: list[Any] = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            key = _storage_key(leaf)
+            key = storage_key(leaf)
             items.append((
                 tuple(leaf.shape), leaf.stride(), leaf.storage_offset(), leaf.untyped_storage().nbytes(), leaf.dtype,
                 leaf.requires_grad, key in params, groups.setdefault(key, len(groups)),
@@ -124,7 +122,7 @@ class Outputs:
 def outputs_of(inputs: list[torch.Tensor], result: Any, fresh: Callable[[int], bool]) -> Outputs | None:
     """The recipe of `result` from the call's tensor `inputs`, or None when it cannot be made from them alone (an
     output is a storage that existed before the call but is no input's: `fresh(storage key)` says it is new)."""
-    in_keys = [_storage_key(t) for t in inputs]
+    in_keys = [storage_key(t) for t in inputs]
     leaves, spec = pytree.tree_flatten(result)
     recipes: list[tuple] = []
     groups: dict[int, tuple[int, bool]] = {}  # fresh storage key -> (group, requires_grad of its first view)
@@ -134,7 +132,7 @@ def outputs_of(inputs: list[torch.Tensor], result: Any, fresh: Callable[[int], b
                 return None
             recipes.append(("value", leaf))
             continue
-        key = _storage_key(leaf)
+        key = storage_key(leaf)
         view = (tuple(leaf.shape), leaf.stride(), leaf.storage_offset())
         if key in in_keys:
             k = in_keys.index(key)
@@ -179,8 +177,8 @@ def record(
     outputs = outputs_of(inputs, result, lambda key: names.get(key) == n.name)
     if outputs is None:
         return None
-    in_keys = [_storage_key(t) for t in inputs]
-    out_keys = [_storage_key(t) for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+    in_keys = [storage_key(t) for t in inputs]
+    out_keys = [storage_key(t) for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
     saves = []
     for key, (name, nbytes) in packed.items():
         if key in in_keys:

@@ -12,7 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-__all__ = ["StayOnMeta", "meta_device", "to_meta"]
+__all__ = ["StayOnMeta", "meta_device", "storage_key", "to_meta"]
 
 
 def to_meta(value: Any) -> Any:
@@ -25,6 +25,12 @@ def to_meta(value: Any) -> Any:
         return t
 
     return pytree.tree_map(conv, value)
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage (views share it): unique among storages alive at once, so an analysis keying
+    storages by it keeps every tensor it has seen alive."""
+    return t.untyped_storage()._cdata
 
 
 def meta_device(x: Any) -> Any:

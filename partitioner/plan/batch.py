@@ -53,7 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from partitioner.annotate_reuse import Outputs, outputs_of, signature
-from partitioner.meta import meta_device, to_meta
+from partitioner.meta import meta_device, storage_key, to_meta
 
 __all__ = ["REDUCED", "UNKNOWN", "BatchFlow", "Rows", "batch_flow"]
 
@@ -658,7 +658,7 @@ class _Interpreter(fx.Interpreter):
         self.reuse = reuse
         self.records: dict[tuple, tuple[Outputs, tuple[State, ...], tuple, tuple]] = {}
         # Storages of the weights (`state`) and of every value so far: a call's output outside them is fresh
-        self.known: set[int] = {t.untyped_storage()._cdata for t in state}
+        self.known: set[int] = {storage_key(t) for t in state}
 
     def run_node(self, n: fx.Node) -> Any:
         self.tracker.node = n.name
@@ -700,7 +700,7 @@ class _Interpreter(fx.Interpreter):
         return result
 
     def _remember(self, result: Any) -> Any:
-        self.known.update(t.untyped_storage()._cdata for t in _tensors(result))
+        self.known.update(storage_key(t) for t in _tensors(result))
         return result
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:

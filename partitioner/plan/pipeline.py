@@ -351,22 +351,11 @@ def _min_stage_dp(
     for s in range(max_stages):
         if sources.size == 0 or np.isfinite(g[n]):
             break
-        # Each start's reachable ends: after it, within its in-place-write limit, compute within T and static bytes
-        # within memory (both only grow with the end), not reached yet
+        # Each start's reachable ends (_stage_pairs), not reached yet
         first = np.searchsorted(ends_all, sources, side="right")
-        last = np.searchsorted(ends_all, pre.limit[sources], side="right")
-        if np.isfinite(T):  # generous by a hair: the exact test (the end-by-end DP's) follows
-            within = np.searchsorted(pre.P, pre.P[sources] + T * (1 + 1e-9), side="right") - 1
-            last = np.minimum(last, np.searchsorted(ends_all, within, side="right"))
-        if finite:
-            within = np.searchsorted(pre.S, pre.S[sources] + memory_limit * (1 + 1e-9), side="right") - 1
-            last = np.minimum(last, np.searchsorted(ends_all, within, side="right"))
-        counts = np.maximum(last - first, 0)
-        if counts.sum() == 0:
+        js, ends = _stage_pairs(pre, ends_all, sources, first, pre.limit[sources], T, memory_limit)
+        if js.size == 0:
             break
-        js = np.repeat(sources, counts)
-        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        ends = ends_all[np.repeat(first, counts) + offsets]
         keep = ~np.isfinite(g[ends]) & (pre.P[js] >= pre.P[ends] - T)
         js, ends = js[keep], ends[keep]
         flight = float(in_flight[min(s, max_stages - 1)])
@@ -389,6 +378,26 @@ def _min_stage_dp(
         parent[reached] = best[reached]
         sources = reached[reached < n]
     return g, parent
+
+
+def _stage_pairs(
+    pre: _Prefix, ends_all: np.ndarray, sources: np.ndarray, first: np.ndarray, top: np.ndarray, T: float,
+    memory_limit: float,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Every (start, end) pair one stage may span, as two arrays: for each start j of `sources`, the ends of
+    `ends_all` from index first[j] up to position top[j] (its in-place-write limit, or less) whose compute alone is
+    within T and static bytes alone within memory (both only grow with the end; generous by a hair: the callers'
+    exact tests follow). Every pair of one stage count at once, in a few vector operations."""
+    last = np.searchsorted(ends_all, top, side="right")
+    if np.isfinite(T):
+        within = np.searchsorted(pre.P, pre.P[sources] + T * (1 + 1e-9), side="right") - 1
+        last = np.minimum(last, np.searchsorted(ends_all, within, side="right"))
+    if np.isfinite(memory_limit):
+        within = np.searchsorted(pre.S, pre.S[sources] + memory_limit * (1 + 1e-9), side="right") - 1
+        last = np.minimum(last, np.searchsorted(ends_all, within, side="right"))
+    counts = np.maximum(last - first, 0)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(sources, counts), ends_all[np.repeat(first, counts) + offsets]
 
 
 def _least_bottleneck(
@@ -420,19 +429,9 @@ def _least_bottleneck(
         first = np.searchsorted(ends_all, sources, side="right")
         if left == 0:
             first = np.maximum(first, ends_all.size - 1)  # the last stage ends at n
-        last = np.searchsorted(ends_all, top, side="right")
-        reach = np.searchsorted(pre.P, pre.P[sources] + limit, side="right") - 1  # compute alone within hi
-        last = np.minimum(last, np.searchsorted(ends_all, reach, side="right"))
-        if np.isfinite(memory_limit):  # the static bytes alone within memory
-            fits = np.searchsorted(pre.S, pre.S[sources] + memory_limit * (1 + 1e-9), side="right") - 1
-            last = np.minimum(last, np.searchsorted(ends_all, fits, side="right"))
-        counts = np.maximum(last - first, 0)
-        if counts.sum() == 0:
+        js, ends = _stage_pairs(pre, ends_all, sources, first, top, hi, memory_limit)
+        if js.size == 0:
             return None
-        js = np.repeat(sources, counts)
-        ends = ends_all[
-            np.repeat(first, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        ]
         keep = (pre.working[js] < pre.working[ends]) & (pre.P[n] - pre.P[ends] <= left * limit)
         js, ends = js[keep], ends[keep]
         value = np.maximum(best[js], pre.fitting_time(js, ends, float(in_flight[s]), memory_limit))
@@ -612,9 +611,10 @@ def contiguous_partition(
             return True
         return False
 
-    # Galloping from the lower bound (the optimum is most often within a few percent of it, and the fewest-stages
-    # split above can be far slower), then bisection; or, where the cut positions are few (coarse plans), one exact
-    # pass over the splits whose stages are all within the feasible bound the galloping found.
+    # Coarse plans (few cut positions): one exact pass over the splits whose stages all take at most the first split's
+    # slowest stage. Otherwise (or where that finds no split with compute on every stage) galloping from the lower
+    # bound (the optimum is most often within a few percent of it, and the fewest-stages split can be far slower),
+    # then bisection.
     if coarse and pre.positions.size <= EXACT_MAX_POSITIONS and hi - lo > rel_tol * max(hi, 1e-30):
         # The window: the first split's slowest stage at its fitting mode (hi prices every stage without recompute)
         window = max(hi, _bottleneck(pre, first, flight, memory_limit))
