@@ -17,17 +17,22 @@ from torch import nn
 
 from partitioner.annotate import annotate
 from partitioner.apply import apply, plan_layout
-from partitioner.capture import CapturedGraph, capture
+from partitioner.capture import CapturedGraph, UncapturableForward, capture
+from partitioner.capture.normal_form import _bind, _forward_signature, flat_arguments
+from partitioner.capture.placement import METHOD as PLACEMENT
+from partitioner.capture.placement import record_calls
 from partitioner.cost import node_costs, profile_node_times
 from partitioner.devices import DeviceSpec
-from partitioner.options import CompileOptions
+from partitioner.options import DEFAULT_SCHEDULES, CompileOptions
 from partitioner.passes.split import StageModule
 from partitioner.plan.batch import BatchFlow, batch_flow
 from partitioner.plan.graph import PlanningGraph, build_planning_graph
-from partitioner.plan.model import batch_dims_of, plan_model
+from partitioner.plan.model import _json_value, batch_dims_of, plan_model
+from partitioner.plan.placement import plan_placement
 from partitioner.plan.schema import Plan
 from partitioner.progress import Progress, logger
 from partitioner.runtime.local import LocalPipeline
+from partitioner.runtime.placement import PlacementRunner
 from partitioner.simulate import SimResult
 from partitioner.units import format_seconds
 from partitioner.validate import as_call, check_batch_split
@@ -52,10 +57,11 @@ class CompiledModel:
     planning_graph: PlanningGraph | None = None
     compile_times: dict[str, float] = field(default_factory=dict)
     simulation: SimResult | None = None  # the schedule replayed with the plan's stage costs
-    _runner: LocalPipeline | None = None
+    _runner: LocalPipeline | PlacementRunner | None = None
     _pipeline: Any = None  # this rank's DistributedPipeline under torchrun, built by distributed()
     _input_meta: list[tuple[str, int, torch.dtype]] = field(default_factory=list)
     _structure: dict[str, int] = field(default_factory=dict)  # module/parameter/buffer name -> id at compile
+    _nested: dict[str, str] = field(default_factory=dict)  # placement: units also called inside another unit's call
 
     @property
     def plan(self) -> Plan:
@@ -90,8 +96,15 @@ class CompiledModel:
         if self._plan is None:  # planned lazily on the first call, like torch.compile
             _build(self, args, kwargs)
         self._check_structure()
-        self._check_inputs(args, kwargs)
+        if not self.is_placement:  # a placement plan runs the model's own forward, which takes any call it takes
+            self._check_inputs(args, kwargs)
         return self._runner(*args, **kwargs)
+
+    @property
+    def is_placement(self) -> bool:
+        """Whether the plan places modules of a forward no graph captured (capture "module-placement",
+        partitioner.plan.placement): the model's own forward runs; there is no captured graph."""
+        return self._plan is not None and self._plan.capture == PLACEMENT
 
     def _check_structure(self) -> None:
         """The stages run in this process hold the model's own submodules and tensors: refuse if one was replaced."""
@@ -157,6 +170,8 @@ class CompiledModel:
 
         if self._plan is None:
             raise ValueError("compile with example_inputs (or call the model once) before verifying it")
+        if self.is_placement:
+            raise ValueError("this plan places the modules of a forward no graph captured: there is no graph to split")
         inputs = self.captured.flatten_inputs(args, kwargs)
         gm = self.captured.graph_module
         layout = plan_context_parallel(gm, degree, seq_dims=seq_dims, balance=balance)
@@ -186,6 +201,16 @@ class CompiledModel:
 
         if self._plan is None:
             raise ValueError("compile with example_inputs (or call the model once) before distributing it")
+        if self.is_placement:  # no graph, no stage modules: rank 0 runs the forward, the others serve module calls
+            from partitioner.runtime.placement_remote import RemotePlacement
+
+            if weights is not None or mesh is not None or data_parallel is not None or data_parallel_shard is not None:
+                raise ValueError(
+                    "a module-placement plan takes no weights, mesh or data-parallel options: build the same model "
+                    "(same seed or weights) on every rank"
+                )
+            self._pipeline = RemotePlacement(self.model, self.plan, self._nested, **kwargs)
+            return self._pipeline
         unused = unused_tensors(self.model, self.stages, self.plan)
         self._pipeline = distribute(
             self.plan, self.captured, self.stages, unused=unused, weights=weights, mesh=mesh,
@@ -221,6 +246,12 @@ class CompiledModel:
                 "this model was compiled with training=False: its plan has no backward (no gradient all-reduces for "
                 "tensor parallelism, no activation memory for backward); compile with training=True to train it"
             )
+        if self.is_placement:  # the model's own forward runs: here, or on the driver rank under torchrun
+            self._check_structure()
+            if self._pipeline is None and _torchrun_world(self.plan.devices) > 1:
+                self.distributed()
+            runner = self._pipeline if self._pipeline is not None else self._runner
+            return runner.step(inputs, targets, loss_fn, self.plan.microbatches, kwargs)
         named = self._check_inputs(inputs, dict(kwargs or {}), shapes=False)
         dims = {n: self.plan.batch_dims.get(n, 0) for n in self.captured.input_names}
         target_dim = self.plan.batch_dims.get("targets", 0)
@@ -267,6 +298,8 @@ class CompiledModel:
                     "example_inputs / example_kwargs (or run a step) before making the optimizer"
                 )
             return list(self.model.parameters())
+        if self.is_placement:
+            return list(self.model.parameters())  # in one process (under torchrun: the pipeline's, above)
         seen: dict[int, nn.Parameter] = {}
         for st in self.stages:
             for p in st.module.parameters():
@@ -328,6 +361,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     sequence_parallel: bool | None = None,
     context_parallel: int | None = None,
     verbose: bool = True,
+    capture: str = "auto",
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -377,6 +411,13 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     verbose: a compile over 2 s draws one progress line on stderr when it is a terminal (erased when done; never in
     pipes or logs); False: never. Either way the passes' times are logged on the "partitioner" logger
     (partitioner.progress).
+    capture: "auto" captures a graph (torch.fx, then torch.export, then fx with opaque module-level leaves) and, when
+    none can (the forward branches or loops on tensor values in its own code), places modules instead: the forward
+    runs once on the example inputs (real weights needed) to record its module calls, whole modules are placed on
+    stages (partitioner.plan.placement), and the model's own forward runs at every call, each placed module on its
+    stage (under torchrun rank 0 runs the forward and sends each call of a module placed on stage s to rank s); one
+    microbatch unless `microbatches` says otherwise, no tensor, context or data parallelism. "module-placement": that
+    mode whatever the graph captures would do.
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
@@ -386,7 +427,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         memory_limit=memory_limit, schedule=schedule, pipeline=pipeline, tensor_parallel=tensor_parallel,
         stages_per_device=stages_per_device, plan=plan, mincut=mincut, cost=cost, batch_dim=batch_dim,
         recompute=recompute, data_parallel=data_parallel, overlap_grad_reduce=overlap_grad_reduce,
-        sequence_parallel=sequence_parallel, context_parallel=context_parallel, verbose=verbose,
+        sequence_parallel=sequence_parallel, context_parallel=context_parallel, verbose=verbose, capture=capture,
     )  # fmt: skip
     example_inputs = as_call(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
@@ -440,42 +481,96 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
     """The passes of docs/design.md's picture: capture -> annotate -> cost -> batch proof -> plan -> apply."""
     o = cm.options
     label = f"{type(cm.model).__name__} on {o.devices} devices"
-    with Progress(label, enabled=o.verbose) as progress:
-        with progress.phase("capture"):
-            captured = capture(cm.model, args, kwargs)
-            gm = captured.graph_module
-            if captured.leaves:  # each leaf runs whole on one stage and is priced as one block: say so, and why
-                why = "; ".join(f.reason for f in captured.fallbacks if f.path in ("torch.export", "module-level"))
-                logger.warning(
-                    "%s: neither torch.fx nor torch.export captured the whole model, so %d module(s) stay opaque "
-                    "leaves that no stage boundary, tensor or context parallelism goes into (%s): %s",
-                    type(cm.model).__name__, len(captured.leaves), ", ".join(captured.leaves[:5])
-                    + (", ..." if len(captured.leaves) > 5 else ""), why,
-                )  # fmt: skip
-        with progress.phase("annotate"):
-            inputs = captured.flatten_inputs(args, kwargs)
-            annotate(gm, inputs, training=o.training)
-            measured = _profile(cm.model, gm, inputs, o.training) if o.cost == "profile" else None
-            costs = node_costs(gm, o.spec, training=o.training, measured=measured)
-            pg = build_planning_graph(gm, costs, o.spec, training=o.training)
-        # Training splits the batch: prove that samples stay independent (plan.batch) before planning a split.
-        with progress.phase("batch"):
-            dims = batch_dims_of(o.batch_dim, captured.input_names, inputs)
-            flow = batch_flow(gm, inputs, captured.input_names, dims) if o.training else BatchFlow(dims)
-        with progress.phase("plan"):
-            planned = plan_model(type(cm.model).__name__, captured, pg, flow, inputs, o)
-        p = planned.plan
-        logger.info(
-            "%s: pipeline %d x tensor %d x data %d, %d microbatches, %s; predicted step %s",
-            label, p.pipeline_degree, p.tensor_degree, p.data_degree, p.microbatches, p.schedule,
-            format_seconds(p.predicted["step_time"]),
-        )  # fmt: skip
-        with progress.phase("split"):
-            stages = apply(planned.plan, captured)  # the Plan decides what runs (partitioner.apply)
+    if o.capture == PLACEMENT or (o.saved_plan is not None and o.saved_plan.capture == PLACEMENT):
+        why = "compile(capture='module-placement')" if o.capture == PLACEMENT else "the saved plan places modules"
+        _build_placement(cm, args, kwargs, why)
+        return
+    try:
+        with Progress(label, enabled=o.verbose) as progress:
+            _build_graph(cm, args, kwargs, progress)
+    except UncapturableForward as e:  # no graph holds the forward: place its modules instead
+        logger.warning("%s; placing its modules instead (module placement)", e)
+        _build_placement(cm, args, kwargs, str(e))
+
+
+def _build_graph(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], progress: Progress) -> None:
+    """The graph path: capture -> annotate -> cost -> batch proof -> plan -> apply."""
+    o = cm.options
+    label = f"{type(cm.model).__name__} on {o.devices} devices"
+    with progress.phase("capture"):
+        captured = capture(cm.model, args, kwargs)  # UncapturableForward: the caller places modules instead
+        gm = captured.graph_module
+        if captured.leaves:  # each leaf runs whole on one stage and is priced as one block: say so, and why
+            why = "; ".join(f.reason for f in captured.fallbacks if f.path in ("torch.export", "module-level"))
+            logger.warning(
+                "%s: neither torch.fx nor torch.export captured the whole model, so %d module(s) stay opaque "
+                "leaves that no stage boundary, tensor or context parallelism goes into (%s): %s",
+                type(cm.model).__name__, len(captured.leaves), ", ".join(captured.leaves[:5])
+                + (", ..." if len(captured.leaves) > 5 else ""), why,
+            )  # fmt: skip
+    with progress.phase("annotate"):
+        inputs = captured.flatten_inputs(args, kwargs)
+        annotate(gm, inputs, training=o.training)
+        measured = _profile(cm.model, gm, inputs, o.training) if o.cost == "profile" else None
+        costs = node_costs(gm, o.spec, training=o.training, measured=measured)
+        pg = build_planning_graph(gm, costs, o.spec, training=o.training)
+    # Training splits the batch: prove that samples stay independent (plan.batch) before planning a split.
+    with progress.phase("batch"):
+        dims = batch_dims_of(o.batch_dim, captured.input_names, inputs)
+        flow = batch_flow(gm, inputs, captured.input_names, dims) if o.training else BatchFlow(dims)
+    with progress.phase("plan"):
+        planned = plan_model(type(cm.model).__name__, captured, pg, flow, inputs, o)
+    p = planned.plan
+    logger.info(
+        "%s: pipeline %d x tensor %d x data %d, %d microbatches, %s; predicted step %s",
+        label, p.pipeline_degree, p.tensor_degree, p.data_degree, p.microbatches, p.schedule,
+        format_seconds(p.predicted["step_time"]),
+    )  # fmt: skip
+    with progress.phase("split"):
+        stages = apply(planned.plan, captured)  # the Plan decides what runs (partitioner.apply)
     times = progress.times
 
     cm._plan, cm.captured, cm.stages, cm.compile_times = planned.plan, captured, stages, times
     cm.planning_graph, cm.simulation = planned.best.graph, planned.best.simulation
     cm._runner = LocalPipeline(captured, stages)
     cm._input_meta = [(n, v.dim(), v.dtype) for n, v in zip(captured.input_names, inputs)]
+    cm._structure = _structure_of(cm.model)
+
+
+def _build_placement(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], reason: str) -> None:
+    """The module-placement path (no graph): record the forward's module calls, place modules on stages, run the
+    model's own forward (partitioner.capture.placement, plan.placement, runtime.placement)."""
+    o = cm.options
+    refused = {
+        "tensor_parallel": o.tensor_parallel not in (None, 1), "context_parallel": o.context_parallel not in (None, 1),
+        "data_parallel": o.data_parallel is not None, "recompute": o.recompute not in (None, "none"),
+        "schedule": o.schedules not in (DEFAULT_SCHEDULES, ("gpipe",)), "cost": o.cost != "roofline",
+    }  # fmt: skip
+    if any(refused.values()):
+        raise ValueError(
+            f"{type(cm.model).__name__} is compiled by module placement ({reason}), which runs whole modules on "
+            f"pipeline stages in GPipe's order and prices them with the roofline: the options "
+            f"{sorted(k for k, v in refused.items() if v)} do not apply to it; leave them at their defaults"
+        )
+    signature = _forward_signature(cm.model)
+    flat = flat_arguments(signature, _bind(signature, tuple(args), dict(kwargs)))
+    input_names = [n for n, v in flat.items() if isinstance(v, torch.Tensor)]
+    constants = {n: _json_value(v) for n, v in flat.items() if not isinstance(v, torch.Tensor)}
+    label = f"{type(cm.model).__name__} on {o.devices} devices (module placement)"
+    with Progress(label, enabled=o.verbose) as progress:
+        with progress.phase("record"):
+            record = record_calls(cm.model, tuple(args), dict(kwargs), training=o.training, reason=reason)
+        with progress.phase("plan"):
+            plan, layout = plan_placement(
+                record, model_name=type(cm.model).__name__, devices=o.devices, spec=o.spec,
+                microbatches=o.microbatches or 1, memory_limit=o.memory_limit, pipeline=o.pipeline,
+                input_names=input_names, constants=constants,
+                fallbacks=[{"what": "", "path": PLACEMENT, "reason": reason}], saved=o.saved_plan,
+            )  # fmt: skip
+    logger.info(
+        "%s: %d stage(s) over %d placed modules, %d microbatch(es); predicted step %s", label, plan.pipeline_degree,
+        len(plan.node_stage), plan.microbatches, format_seconds(plan.predicted["step_time"]),
+    )  # fmt: skip
+    cm._plan, cm.compile_times, cm.simulation = plan, progress.times, layout.simulation
+    cm._runner, cm._nested = PlacementRunner(cm.model), layout.nested
     cm._structure = _structure_of(cm.model)

@@ -18,11 +18,12 @@ from partitioner.plan.sharding import DP_MODES, NON_OVERLAPPED_MODES
 from partitioner.schedules import SCHEDULES, get_schedule
 from partitioner.validate import memory_bytes, positive_int
 
-__all__ = ["AUTO_SCHEDULES", "COST_MODELS", "DEFAULT_SCHEDULES", "CompileOptions"]
+__all__ = ["AUTO_SCHEDULES", "CAPTURES", "COST_MODELS", "DEFAULT_SCHEDULES", "CompileOptions"]
 
 AUTO_SCHEDULES = ("1f1b", "interleaved", "zero-bubble", "zbv")
 DEFAULT_SCHEDULES = ("1f1b", "gpipe")
 COST_MODELS = ("roofline", "profile")
+CAPTURES = ("auto", "module-placement")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,7 @@ class CompileOptions:
     sequence_parallel: bool | None = None  # tp's token-wise ops split over its ranks (plan.tensor_sequence)
     context_parallel: int | None = None  # ranks splitting every sequence (plan.context); None: searched; 1: none
     verbose: bool = True  # a progress line on a terminal for compiles over 2 s (partitioner.progress)
+    capture: str = "auto"  # "auto": fx, export, module-level leaves, then module placement; or "module-placement"
 
     @classmethod
     def create(
@@ -70,6 +72,7 @@ class CompileOptions:
         sequence_parallel: bool | None = None,
         context_parallel: int | None = None,
         verbose: bool = True,
+        capture: str = "auto",
     ) -> CompileOptions:
         """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
 
@@ -123,6 +126,8 @@ class CompileOptions:
             isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1
         ):
             raise ValueError(f"context_parallel must be an int >= 1 or None (searched), got {context_parallel!r}")
+        if capture not in CAPTURES:
+            raise ValueError(f"capture={capture!r}: choose one of {CAPTURES}")
         saved = Plan.from_json(plan) if isinstance(plan, str) else plan
         if device_type is None:  # a saved plan is priced on its own device unless told otherwise
             spec = _saved_device(saved) if saved is not None and saved.device_type else get_device_spec("h100")
@@ -150,6 +155,7 @@ class CompileOptions:
             sequence_parallel=sequence_parallel,
             context_parallel=context_parallel,
             verbose=bool(verbose),
+            capture=capture,
         )
 
 

@@ -8,6 +8,7 @@ the test compares to `out` (``torch.save``).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -385,3 +386,99 @@ def train_pp_cp(
     pipe.close()
     if dist.get_rank() == 0 and out:
         torch.save({"losses": losses, "max_weight_error": float(err), "state": full}, out)
+
+
+def train_placement(
+    *, model: str, devices: int, pipeline: int | None, microbatches: int = 1, batch: int = 8, steps: int = 3,
+    lr: float = 0.1, seed: int = 0, out: str | None = None,
+) -> None:  # fmt: skip
+    """A model whose forward branches on data (tests.control_flow_models), compiled by module placement and trained
+    with ``cm.step`` / ``cm.make_optimizer``: the same script in one process or under torchrun."""
+    from tests import control_flow_models
+
+    net = control_flow_models.build(model, seed)
+    x, y = control_flow_models.batch(batch)
+    cm = partitioner.compile(
+        net, devices=devices, example_inputs=(x,), device_type="cpu", microbatches=microbatches, pipeline=pipeline,
+        verbose=False,
+    )  # fmt: skip
+    assert cm.plan.capture == "module-placement", cm.plan.capture
+    opt = cm.make_optimizer(torch.optim.SGD, lr=lr)
+    losses = []
+    for _ in range(steps):
+        losses.append(float(cm.step((x,), y, torch.nn.functional.mse_loss)))
+        opt.step()
+        cm.zero_grad()
+    state = cm.full_state_dict()
+    if (not dist.is_initialized() or dist.get_rank() == 0) and out:
+        torch.save({"losses": losses, "state": state, "stages": cm.plan.num_stages}, out)
+
+
+def reference_placement(
+    model: str, *, microbatches: int, batch: int = 8, steps: int = 3, lr: float = 0.1, seed: int = 0
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same training on the original model in one process: each step the mean loss of the microbatches (each
+    through the model's own forward), SGD."""
+    from tests import control_flow_models
+
+    net = control_flow_models.build(model, seed)
+    x, y = control_flow_models.batch(batch)
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        parts = [torch.nn.functional.mse_loss(net(a), b) for a, b in zip(x.tensor_split(microbatches),
+                                                                           y.tensor_split(microbatches))]  # fmt: skip
+        for part in parts:
+            (part / microbatches).backward()
+        losses.append(float(torch.stack([p.detach() for p in parts]).mean()))
+        opt.step()
+        opt.zero_grad()
+    return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+_DEVICE = threading.Lock()  # one device per process: its calls run one at a time, whatever thread makes them
+
+
+class _Sleepy(torch.nn.Module):
+    """A Linear that takes `seconds` longer (to see calls overlap) and logs its start and end."""
+
+    def __init__(self, name: str, seconds: float, log: list) -> None:
+        super().__init__()
+        self.lin, self.name, self.seconds, self.log = torch.nn.Linear(4, 4), name, seconds, log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _DEVICE:
+            start = time.monotonic()
+            time.sleep(self.seconds)
+            out = self.lin(x)
+            self.log.append((self.name, start, time.monotonic()))
+        return out
+
+
+class _TwoSleepy(torch.nn.Module):
+    def __init__(self, seconds: float, log: list) -> None:
+        super().__init__()
+        self.first, self.second = _Sleepy("first", seconds, log), _Sleepy("second", seconds, log)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        return self.second(h) if h.sum() > -1e9 else h
+
+
+def placement_overlap(*, microbatches: int = 4, seconds: float = 0.2, out: str | None = None) -> None:
+    """Two placed modules on two ranks, each call sleeping `seconds`: rank 0's log of its own calls and of the remote
+    calls it waited for (start, end), to show the microbatches overlap."""
+    torch.manual_seed(0)
+    log: list = []
+    net = _TwoSleepy(seconds, log)
+    x = torch.randn(2 * microbatches, 4)
+    cm = partitioner.compile(net, devices=2, example_inputs=(x,), device_type="cpu", microbatches=microbatches,
+                             pipeline=2, verbose=False)  # fmt: skip
+    log.clear()
+    start = time.monotonic()
+    cm.step((x,), torch.zeros_like(x), torch.nn.functional.mse_loss)
+    wall = time.monotonic() - start
+    logs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(log, logs, dst=0)
+    if dist.get_rank() == 0 and out:
+        torch.save({"logs": logs, "wall": wall, "stages": cm.plan.node_stage}, out)

@@ -184,6 +184,35 @@ def test_leaf_output_that_breaks_its_parent_makes_the_parent_the_leaf() -> None:
         torch.testing.assert_close(_run(c, x), m(x))
 
 
+def test_capture_leaves_the_models_attributes_the_objects_they_were() -> None:
+    """torch.export (non-strict) swaps a module's list attributes for copies; capture puts the user's objects back, so
+    a model that appends to a list it holds appends to that list after compile."""
+
+    class Logs(nn.Module):
+        def __init__(self, log: list) -> None:
+            super().__init__()
+            self.lin, self.log = nn.Linear(4, 4), log
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.log.append(x.shape[0])
+            return self.lin(x)
+
+    class Root(nn.Module):
+        def __init__(self, log: list) -> None:
+            super().__init__()
+            self.inner = Logs(log)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inner(x)
+            return h if h.sum() > 0 else -h  # fx and export fail here: export ran (and swapped) first
+
+    log: list = []
+    model = Root(log)
+    with pytest.raises(CaptureError):
+        capture(model, (torch.randn(2, 4),))
+    assert model.inner.log is log
+
+
 def test_failure_in_the_models_own_forward_is_a_clear_error() -> None:
     class TopBranch(nn.Module):
         def __init__(self) -> None:

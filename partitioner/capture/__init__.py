@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import keyword
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -59,6 +61,7 @@ from partitioner.capture.normal_form import (
     CaptureError,
     DynamicDim,
     Fallback,
+    UncapturableForward,
     _bind,
     _ExportGuards,
     _first_line,
@@ -68,14 +71,23 @@ from partitioner.capture.normal_form import (
     flat_arguments,
 )
 
-__all__ = ["CaptureError", "CapturedGraph", "DynamicDim", "Fallback", "capture", "flat_arguments"]
+__all__ = [
+    "CaptureError",
+    "CapturedGraph",
+    "DynamicDim",
+    "Fallback",
+    "UncapturableForward",
+    "capture",
+    "flat_arguments",
+]
 
 
 def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None) -> CapturedGraph:
     """Capture `model` called as `model(*args, **kwargs)` into the normal form described above.
 
     The model is not modified (a profiling run of module-level leaves restores buffers and RNG).
-    Raises ValueError when the call does not fit `forward`, CaptureError when no path captures it.
+    Raises ValueError when the call does not fit `forward`, CaptureError when no path captures it
+    (UncapturableForward when what no path captures is the model's own forward: compile places modules instead).
     """
     signature = _forward_signature(model)
     flat = flat_arguments(signature, _bind(signature, tuple(args), dict(kwargs or {})))
@@ -91,6 +103,27 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
     constants = {n: v for n, v in flat.items() if not isinstance(v, torch.Tensor)}
     rebuild = _rebuild_call(signature)
 
+    with _attributes_kept(model):
+        return _capture(model, flat, tensor_names, constants, signature, rebuild)
+
+
+@contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module attribute capture replaced back: torch.export (non-strict, torch 2.13) leaves a module's list
+    attributes swapped for copies, whether it succeeds or fails, so a model appending to a list it holds (a log, a
+    cache) would append to a copy after compile."""
+    saved = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            for key, value in attrs.items():
+                if m.__dict__.get(key) is not value:
+                    m.__dict__[key] = value
+
+
+def _capture(model: nn.Module, flat: dict[str, Any], tensor_names: list[str], constants: dict[str, Any],
+             signature: Any, rebuild: Any) -> CapturedGraph:  # fmt: skip
     fallbacks: list[Fallback] = []
     input_shapes: dict[str, tuple[int | DynamicDim, ...]] | None = None
     guards: _ExportGuards | None = None

@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from partitioner.capture.normal_form import CaptureError, _first_line
+from partitioner.capture.normal_form import CaptureError, UncapturableForward, _first_line
 
 _MAX_LEAF_ROUNDS = 256  # module-level fallback: re-traces at most this many times
 
@@ -213,7 +213,7 @@ def _trace_with_leaves(
         except Exception as e:
             path = getattr(e, "_partitioner_module", "")
             if not path:
-                raise CaptureError(
+                raise UncapturableForward(
                     f"could not capture {type(model).__name__}: {fx_reason}; {export_reason}; and the failure is in "
                     f"{type(model).__name__}.forward's own code, not in a submodule that could be kept opaque "
                     f"({_first_line(e)}). Fix: move that code (e.g. a branch on a tensor's value) into a submodule, "
@@ -227,4 +227,6 @@ def _trace_with_leaves(
             if node.op == "call_module" and node.target in reasons:
                 node.meta["capture_leaf"] = reasons[node.target]
         return gm, reasons
-    raise CaptureError(f"could not capture {type(model).__name__}: more than {_MAX_LEAF_ROUNDS} untraceable modules")
+    raise UncapturableForward(
+        f"could not capture {type(model).__name__}: more than {_MAX_LEAF_ROUNDS} untraceable modules"
+    )

@@ -15,11 +15,16 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["CaptureError", "CapturedGraph", "DynamicDim", "Fallback", "flat_arguments"]
+__all__ = ["CaptureError", "CapturedGraph", "DynamicDim", "Fallback", "UncapturableForward", "flat_arguments"]
 
 
 class CaptureError(RuntimeError):
     """No capture path worked; the message lists each path's error and what to change."""
+
+
+class UncapturableForward(CaptureError):
+    """No graph holds the model's own forward (a branch on a tensor's value in its code, Python state it updates, too
+    many untraceable modules), while the model itself runs: compile places its modules instead (capture.placement)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,409 @@
+"""plan/placement: which modules a module-placement capture places, on which stage, and what that costs.
+
+The recorded run (capture.placement.CallRecord) is a call tree, not a graph: the model's own Python code (the
+"top-level code": the root's forward and the forward of every module that is not placed) runs on the driver, the
+rank that holds stage 0, and each call of a placed module (a "unit") runs on the unit's stage, its tensor inputs sent
+there and its outputs sent back. So:
+
+- Units start as the modules the root's forward calls directly; a unit that costs more than a device's fair share
+  (the whole run's time / devices) is replaced by the modules its own calls call directly (its forward joins the
+  top-level code), until none is too large or none can be split further (`choose_units`). A unit's cost covers
+  every call of it made from top-level code; calls made inside another unit's call run there.
+- Stages are contiguous runs of units in the order of their first call (a unit called again later, as in a
+  data-dependent loop, runs on its one stage each time), stage 0 holding the top-level code too (its compute, the
+  activations it saves, the parameters no unit holds). Every stage fits the memory limit with all microbatches in
+  flight (the runtime runs every forward, then every backward: GPipe's order).
+- A step is priced with the simulator's GPipe replay over those stages: a stage's forward and backward each include
+  the transfers of its units' inputs and outputs to and from the driver (none on stage 0). The layout with the least
+  predicted step wins, fewer stages on a tie: with one microbatch the calls run one after another whatever the
+  split, so more stages only buy memory.
+
+Costs are the roofline of the cost model (partitioner.cost) on each call's counted FLOPs and the bytes it must move
+(its inputs, outputs and parameters; the backward twice the forward's FLOPs): a floor for memory-bound code, whose
+real traffic the recording does not see. Microbatches: the recorded batch's figures divided by the count (a call's
+parameters are read once per microbatch).
+Example: four equal Linear children on 4 devices, one microbatch: one stage (no transfers); with a memory limit
+below their weights, as few stages as fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from partitioner.capture.placement import METHOD, CallRecord
+from partitioner.comm import p2p_time
+from partitioner.cost import _roofline
+from partitioner.devices import DeviceSpec
+from partitioner.plan.graph import static_bytes_per_param
+from partitioner.plan.schema import Plan, StagePlan
+from partitioner.simulate import SimResult, StageCost, simulate
+from partitioner.units import format_bytes
+
+__all__ = [
+    "PlacementLayout",
+    "Unit",
+    "choose_units",
+    "nested_units",
+    "placement_fingerprint",
+    "plan_placement",
+    "units_of",
+]
+
+TOP_LEVEL = "<top-level code>"  # the model's own Python code, run by the driver on stage 0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A placed module: its calls from top-level code and their figures summed over the recorded run."""
+
+    path: str
+    calls: tuple[int, ...]  # indices of its calls made from top-level code, in order
+    flops: int
+    saved_bytes: int
+    io_bytes: int  # its calls' tensor inputs + outputs
+    dtype: str
+
+
+@dataclass(frozen=True)
+class PlacementLayout:
+    """Units by stage and what the simulator made of them."""
+
+    stages: list[list[Unit]]
+    costs: list[StageCost]
+    simulation: SimResult
+    params: list[list[str]]  # parameter / buffer names each stage holds
+    nested: dict[str, str] = field(default_factory=dict)  # nested_units: units also called inside another's call
+
+
+def _owners(record: CallRecord, units: set[str]) -> dict[int, int]:
+    """Call index -> the call of a unit it runs in (the outermost on its chain), for calls inside some unit."""
+    owner: dict[int, int] = {}
+    for c in record.calls[1:]:
+        parent = owner.get(c.parent)
+        if parent is not None:
+            owner[c.index] = parent
+        elif c.path in units:
+            owner[c.index] = c.index
+    return owner
+
+
+def units_of(record: CallRecord, paths: set[str]) -> list[Unit]:
+    """The units `paths` make, in order of first call (a path whose every call happens inside another unit's
+    call is no unit)."""
+    owner = _owners(record, paths)
+    own: dict[str, list[int]] = {}
+    for index, o in owner.items():
+        if index == o:
+            own.setdefault(record.calls[index].path, []).append(index)
+    units = []
+    for path, calls in sorted(own.items(), key=lambda kv: kv[1][0]):
+        figures = [record.calls[i] for i in calls]
+        units.append(
+            Unit(path, tuple(calls), sum(c.flops for c in figures), sum(c.saved_bytes for c in figures),
+                 sum(c.in_bytes + c.out_bytes for c in figures), figures[0].dtype)
+        )  # fmt: skip
+    return units
+
+
+def nested_units(record: CallRecord, units: list[Unit]) -> dict[str, str]:
+    """Unit path -> the unit inside whose call it is also called (the first such), for units called both from
+    top-level code and inside another unit's call (their weights serve two stages)."""
+    paths = {u.path for u in units}
+    owner = _owners(record, paths)
+    nested: dict[str, str] = {}
+    for index, o in owner.items():
+        path = record.calls[index].path
+        if index != o and path in paths and record.calls[o].path != path:
+            nested.setdefault(path, record.calls[o].path)
+    return nested
+
+
+def _call_times(flops: float, nbytes: float, dtype: str, spec: DeviceSpec, training: bool) -> tuple[float, float]:
+    """(forward, backward) seconds of a call: the roofline, the backward twice the forward's FLOPs and bytes."""
+    forward = _roofline(flops, nbytes, dtype, spec)
+    return forward, (_roofline(2 * flops, 2 * nbytes, dtype, spec) if training else 0.0)
+
+
+def _param_bytes(record: CallRecord, path: str) -> int:
+    prefix = f"{path}." if path else ""
+    return sum(n * size for name, (n, size, _, _) in record.tensors.items() if name.startswith(prefix))
+
+
+def choose_units(record: CallRecord, spec: DeviceSpec, devices: int) -> list[Unit]:
+    """Units for `devices` (module docstring): the root's direct calls, the costliest split while it costs more than
+    the whole run / devices and its calls call modules."""
+    root = record.calls[0]
+
+    def cost(u: Unit) -> float:
+        return sum(_call_times(u.flops, u.io_bytes + _param_bytes(record, u.path), u.dtype, spec, record.training))
+
+    paths = {record.calls[i].path for i in record.children.get(0, [])}
+    while True:
+        units = units_of(record, paths)
+        splittable = [u for u in units if any(record.children.get(i) for i in u.calls)]
+        if not splittable:
+            return units
+        top = max(root.flops - sum(u.flops for u in units), 0)  # the top-level code's own FLOPs
+        total = sum(map(cost, units)) + sum(_call_times(top, 0.0, root.dtype, spec, record.training))
+        big = max(splittable, key=cost)
+        if cost(big) <= total / devices:
+            return units
+        paths.discard(big.path)
+        paths.update(record.calls[j].path for i in big.calls for j in record.children.get(i, []))
+
+
+def placement_fingerprint(record: CallRecord) -> str:
+    """What a saved placement plan must match: the recorded calls' module paths in order and every tensor's shape."""
+    h = hashlib.sha256()
+    for c in record.calls:
+        h.update(f"{c.path}|{c.parent}\n".encode())
+    for name, (n, size, grad, buffer) in sorted(record.tensors.items()):
+        h.update(f"{name}|{n}|{size}|{grad}|{buffer}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class _Pricer:
+    """Per-microbatch stage costs of a split of units (module docstring)."""
+
+    def __init__(self, record: CallRecord, units: list[Unit], spec: DeviceSpec, microbatches: int):
+        self.record, self.units, self.spec, self.m = record, units, spec, microbatches
+        training = record.training
+        owned: set[str] = set()
+        self.params: list[list[str]] = []
+        self.static: list[float] = []
+        for u in units:  # a tensor two units share (tied) is held by the first
+            prefix = f"{u.path}." if u.path else ""
+            names = [n for n in record.tensors if n.startswith(prefix) and n not in owned]
+            owned.update(names)
+            self.params.append(names)
+            self.static.append(sum(self._static(n) for n in names))
+        self.top_params = [n for n in record.tensors if n not in owned]
+        self.top_static = sum(self._static(n) for n in self.top_params)
+        self.times = [
+            _call_times(u.flops / self.m, u.io_bytes / self.m + len(u.calls) * self._read(i), u.dtype, spec, training)
+            for i, u in enumerate(units)
+        ]
+        self.io = [u.io_bytes / self.m for u in units]
+        root = record.calls[0]
+        top_flops = root.flops - sum(u.flops for u in units)
+        self.top_times = _call_times(max(top_flops, 0) / self.m, 0.0, root.dtype, spec, training)
+        self.top_saved = max(root.saved_bytes - sum(u.saved_bytes for u in units), 0) / self.m
+        self.saved = [u.saved_bytes / self.m for u in units]
+
+    def _static(self, name: str) -> float:
+        n, size, grad, buffer = self.record.tensors[name]
+        return static_bytes_per_param(n, size, training=self.record.training and grad, is_buffer=buffer)
+
+    def _read(self, i: int) -> float:
+        return sum(self.record.tensors[n][0] * self.record.tensors[n][1] for n in self.params[i])
+
+    def comm(self, index: int, lo: int, hi: int) -> float:
+        """Seconds per microbatch and direction to send units[lo:hi]'s inputs from the driver and their outputs back
+        (the gradients the same way in the backward); nothing on the driver's own stage 0."""
+        calls = sum(len(u.calls) for u in self.units[lo:hi])
+        return 0.0 if index == 0 else p2p_time(self.spec, sum(self.io[lo:hi]), 2 * calls)
+
+    def stage(self, index: int, lo: int, hi: int) -> StageCost:
+        """Stage `index` holding units[lo:hi] (stage 0 with the top-level code)."""
+        forward = sum(t[0] for t in self.times[lo:hi]) + (self.top_times[0] if index == 0 else 0.0)
+        backward = sum(t[1] for t in self.times[lo:hi]) + (self.top_times[1] if index == 0 else 0.0)
+        comm = self.comm(index, lo, hi)
+        return StageCost(
+            forward=forward + comm,
+            backward=backward + comm if self.record.training else 0.0,
+            activation_bytes=sum(self.saved[lo:hi]) + (self.top_saved if index == 0 else 0.0),
+            static_bytes=sum(self.static[lo:hi]) + (self.top_static if index == 0 else 0.0),
+        )
+
+    def memory(self, cost: StageCost) -> float:
+        return cost.static_bytes + self.m * cost.activation_bytes
+
+
+def _splits(pricer: _Pricer, stages: int, limit: float) -> list[int] | None:
+    """The boundaries (stage s holds units[b[s]:b[s+1]]) of the contiguous split into `stages` non-empty stages with
+    the least largest stage time that fits `limit` (exact DP), or None when none fits."""
+    n = len(pricer.units)
+    inf = float("inf")
+    # best[s][j]: least bottleneck of units[:j] in s stages; stage index s-1 is the last of them
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    parent = [[-1] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for j in range(s, n - (stages - s) + 1):
+            for i in range(s - 1, j):
+                if best[s - 1][i] == inf:
+                    continue
+                cost = pricer.stage(s - 1, i, j)
+                if pricer.memory(cost) > limit:
+                    continue
+                value = max(best[s - 1][i], cost.forward + cost.backward)
+                if value < best[s][j]:
+                    best[s][j], parent[s][j] = value, i
+    if best[stages][n] == inf:
+        return None
+    bounds, j = [n], n
+    for s in range(stages, 0, -1):
+        j = parent[s][j]
+        bounds.append(j)
+    return bounds[::-1]
+
+
+def plan_layout(record: CallRecord, units: list[Unit], spec: DeviceSpec, devices: int, microbatches: int,
+                memory_limit: float, stages: int | None = None) -> PlacementLayout:  # fmt: skip
+    """The split of `units` over at most `devices` stages (exactly `stages` when given) with the least predicted
+    step that fits `memory_limit`. Raises ValueError naming the memory needed when no split fits."""
+    pricer = _Pricer(record, units, spec, microbatches)
+    counts = [stages] if stages else range(1, min(devices, max(len(units), 1)) + 1)
+    best: PlacementLayout | None = None
+    for count in counts:
+        if count > max(len(units), 1):
+            raise ValueError(f"pipeline={count} needs {count} placed modules; this model has {len(units)} to place")
+        bounds = _splits(pricer, count, memory_limit) if units else [0, 0]
+        if bounds is None:
+            continue
+        costs = [pricer.stage(s, bounds[s], bounds[s + 1]) for s in range(count)]
+        sim = simulate(costs, num_microbatches=microbatches, schedule="gpipe",
+                       blocking_sends=not spec.overlaps_comm)  # fmt: skip
+        if best is None or sim.step_time < best.simulation.step_time * (1 - 1e-9):
+            held = [sum((pricer.params[i] for i in range(bounds[s], bounds[s + 1])), []) for s in range(count)]
+            held[0] = pricer.top_params + held[0]
+            split = [units[bounds[s] : bounds[s + 1]] for s in range(count)]
+            best = PlacementLayout(split, costs, sim, held)
+    if best is None:
+        least = max(pricer.static) if pricer.static else pricer.top_static
+        raise ValueError(
+            f"no placement of the model's modules over {devices} devices fits {format_bytes(memory_limit)} per device "
+            f"with {microbatches} microbatch(es) in flight (its largest placed module alone holds "
+            f"{format_bytes(least)} of weights and training state): add devices, raise memory_limit, or use more "
+            f"microbatches"
+        )
+    return best
+
+
+def plan_placement(
+    record: CallRecord,
+    *,
+    model_name: str,
+    devices: int,
+    spec: DeviceSpec,
+    microbatches: int,
+    memory_limit: float,
+    pipeline: int | None,
+    input_names: Sequence[str],
+    constants: dict,
+    fallbacks: list[dict[str, str]],
+    saved: Plan | None = None,
+) -> tuple[Plan, PlacementLayout]:
+    """The Plan of a module-placement capture (module docstring); `saved`: a placement plan to apply instead
+    (its units and stages, checked against the recording; ValueError when it was made for another model)."""
+    fingerprint = placement_fingerprint(record)
+    if saved is not None:
+        if saved.capture != METHOD or saved.fingerprint != fingerprint:
+            raise ValueError(
+                f"the saved plan was made for another model (or capture): its fingerprint {saved.fingerprint} "
+                f"({saved.capture}) differs from this model's {fingerprint} ({METHOD}); plan again"
+            )
+        paths = [p for s in saved.stages for p in s.nodes]
+        units = units_of(record, set(paths))
+        pricer = _Pricer(record, units, spec, saved.microbatches)
+        by_path = {u.path: i for i, u in enumerate(units)}
+        bounds = [0]
+        for s in saved.stages:
+            bounds.append(bounds[-1] + len(s.nodes))
+        if [u.path for u in units] != paths or any(p not in by_path for p in paths):
+            raise ValueError("the saved plan's placed modules are not called in its order by this model; plan again")
+        layout = _fixed_layout(pricer, units, bounds, spec, saved.microbatches)
+        microbatches = saved.microbatches
+        fallbacks = [f for f in saved.fallbacks if f["path"] == METHOD]  # why the plan was made this way
+    else:
+        units = choose_units(record, spec, devices)
+        layout = plan_layout(record, units, spec, devices, microbatches, memory_limit, stages=pipeline)
+    layout = replace(layout, nested=nested_units(record, units))
+    return _to_plan(record, layout, model_name=model_name, fingerprint=fingerprint, devices=devices, spec=spec,
+                    microbatches=microbatches, memory_limit=memory_limit, input_names=input_names,
+                    constants=constants, fallbacks=fallbacks), layout  # fmt: skip
+
+
+def _fixed_layout(pricer: _Pricer, units: list[Unit], bounds: list[int], spec: DeviceSpec, m: int) -> PlacementLayout:
+    count = len(bounds) - 1
+    costs = [pricer.stage(s, bounds[s], bounds[s + 1]) for s in range(count)]
+    sim = simulate(costs, num_microbatches=m, schedule="gpipe", blocking_sends=not spec.overlaps_comm)
+    held = [sum((pricer.params[i] for i in range(bounds[s], bounds[s + 1])), []) for s in range(count)]
+    held[0] = pricer.top_params + held[0]
+    return PlacementLayout([units[bounds[s] : bounds[s + 1]] for s in range(count)], costs, sim, held)
+
+
+def _to_plan(record: CallRecord, layout: PlacementLayout, *, model_name: str, fingerprint: str, devices: int,
+             spec: DeviceSpec, microbatches: int, memory_limit: float, input_names: Sequence[str], constants: dict,
+             fallbacks: list[dict[str, str]]) -> Plan:  # fmt: skip
+    m = microbatches
+    stages = []
+    for s, (units, cost, params) in enumerate(zip(layout.stages, layout.costs, layout.params)):
+        comm = p2p_time(spec, sum(u.io_bytes for u in units) / m, 2 * sum(len(u.calls) for u in units)) if s else 0.0
+        comm *= 2 if record.training else 1
+        paths = [u.path for u in units] or [TOP_LEVEL]
+        stages.append(
+            StagePlan(
+                index=s,
+                nodes=[u.path for u in units],
+                modules=[paths[0], paths[-1]],
+                params=params,
+                param_bytes=float(sum(record.tensors[n][0] * record.tensors[n][1] for n in params)),
+                flops=float(sum(u.flops for u in units) + (_top_flops(record, layout) if s == 0 else 0)),
+                compute_time=m * (cost.forward + cost.backward - comm),
+                comm_time=m * comm,
+                peak_memory=layout.simulation.peak_memory[s],
+                send_bytes=float(sum(u.io_bytes for u in units)) if s else 0.0,
+                activation_bytes=cost.activation_bytes * m,
+                overlaps_comm=False,  # the driver waits for each call's outputs
+            )
+        )
+    called = {c.path for c in record.calls}
+    never = sorted(
+        {name.rsplit(".", 1)[0] for name in record.tensors if "." in name and name.rsplit(".", 1)[0] not in called}
+    )
+    why = "not called in the recorded run: its weights stay with the top-level code on stage 0, where a call of it on "
+    why += "other inputs runs"
+    notes = [{"what": path, "path": "top-level code", "reason": why} for path in never]
+    sim = layout.simulation
+    reasons = [
+        "captured by running the forward (module placement): the model's own code runs on stage 0's device, each "
+        "placed module's calls on its stage",
+        f"{m} microbatch(es): no graph proves that the forward's control flow treats samples independently, so the "
+        "batch is split only when `microbatches` asks for it (each microbatch then takes its own branches)",
+    ]
+    return Plan(
+        model=model_name,
+        fingerprint=fingerprint,
+        capture=METHOD,
+        devices=devices,
+        device_type=spec.to_dict(),
+        pipeline_degree=len(stages),
+        tensor_degree=1,
+        data_degree=1,
+        microbatches=m,
+        schedule="gpipe",
+        training=record.training,
+        memory_limit=memory_limit,
+        stages=stages,
+        node_stage={u.path: s for s, units in enumerate(layout.stages) for u in units},
+        tied_params={},
+        tied_stages={},
+        fallbacks=fallbacks + notes,
+        input_names=list(input_names),
+        constants=constants,
+        predicted={
+            "step_time": sim.step_time,
+            "pipeline_time": sim.step_time,
+            "bubble_fraction": sim.bubble_fraction,
+            "peak_memory": max(sim.peak_memory),
+        },
+        stage_ranks=list(range(len(stages))),
+        reasons=reasons,
+    )
+
+
+def _top_flops(record: CallRecord, layout: PlacementLayout) -> int:
+    return max(record.calls[0].flops - sum(u.flops for units in layout.stages for u in units), 0)

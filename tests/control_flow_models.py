@@ -1,0 +1,74 @@
+"""Models whose own forward branches or loops on tensor values (issue #20): no graph capture holds them, so compile
+places their modules (capture "module-placement"). Small, deterministic for a seed, CPU float32."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WIDTH = 16
+
+
+class Branch(nn.Module):
+    """A data-dependent branch in the top-level forward (the issue's example)."""
+
+    def __init__(self, width: int = WIDTH):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        x = self.b(x) if x.sum() > 0 else -self.b(x)
+        return self.d(torch.relu(self.c(x)))
+
+
+class Loop(nn.Module):
+    """A loop whose trip count depends on the activations' values (at most `max_steps` block calls)."""
+
+    def __init__(self, width: int = WIDTH, max_steps: int = 6):
+        super().__init__()
+        self.embed = nn.Linear(width, width)
+        self.block = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.head = nn.Linear(width, width)
+        self.max_steps = max_steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        steps = 0
+        while steps < self.max_steps and h.norm() > 0.5 * h.shape[0]:
+            h = 0.5 * self.block(h) + 0.5 * h
+            steps += 1
+        return self.head(h)
+
+
+class EarlyReturn(nn.Module):
+    """Returns from the middle of its forward when the activations say so."""
+
+    def __init__(self, width: int = WIDTH):
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+        self.short_head = nn.Linear(width, width)
+        self.long_head = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if h.mean() > 0.25:  # the example batch (8 rows) goes on; of its halves, one returns here
+            return self.short_head(h)
+        h = torch.relu(self.b(h))
+        return self.long_head(h)
+
+
+MODELS = {"branch": Branch, "loop": Loop, "early-return": EarlyReturn}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """The model `name` with weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    return MODELS[name]()
+
+
+def batch(rows: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and regression targets."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, WIDTH, generator=g), torch.randn(rows, WIDTH, generator=g)
