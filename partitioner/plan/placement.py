@@ -263,14 +263,9 @@ def plan_layout(record: CallRecord, units: list[Unit], spec: DeviceSpec, devices
         bounds = _splits(pricer, count, memory_limit) if units else [0, 0]
         if bounds is None:
             continue
-        costs = [pricer.stage(s, bounds[s], bounds[s + 1]) for s in range(count)]
-        sim = simulate(costs, num_microbatches=microbatches, schedule="gpipe",
-                       blocking_sends=not spec.overlaps_comm)  # fmt: skip
-        if best is None or sim.step_time < best.simulation.step_time * (1 - 1e-9):
-            held = [sum((pricer.params[i] for i in range(bounds[s], bounds[s + 1])), []) for s in range(count)]
-            held[0] = pricer.top_params + held[0]
-            split = [units[bounds[s] : bounds[s + 1]] for s in range(count)]
-            best = PlacementLayout(split, costs, sim, held)
+        layout = _fixed_layout(pricer, units, bounds, spec, microbatches)
+        if best is None or layout.simulation.step_time < best.simulation.step_time * (1 - 1e-9):
+            best = layout
     if best is None:
         least = max(pricer.static) if pricer.static else pricer.top_static
         raise ValueError(
@@ -327,6 +322,7 @@ def plan_placement(
 
 
 def _fixed_layout(pricer: _Pricer, units: list[Unit], bounds: list[int], spec: DeviceSpec, m: int) -> PlacementLayout:
+    """The layout with stage s holding units[bounds[s]:bounds[s + 1]] (stage 0 also the top-level code), replayed."""
     count = len(bounds) - 1
     costs = [pricer.stage(s, bounds[s], bounds[s + 1]) for s in range(count)]
     sim = simulate(costs, num_microbatches=m, schedule="gpipe", blocking_sends=not spec.overlaps_comm)
@@ -348,7 +344,7 @@ def _to_plan(record: CallRecord, layout: PlacementLayout, *, model_name: str, fi
             StagePlan(
                 index=s,
                 nodes=[u.path for u in units],
-                modules=[paths[0], paths[-1]],
+                modules=paths[:1] if len(paths) == 1 else [paths[0], paths[-1]],
                 params=params,
                 param_bytes=float(sum(record.tensors[n][0] * record.tensors[n][1] for n in params)),
                 flops=float(sum(u.flops for u in units) + (_top_flops(record, layout) if s == 0 else 0)),
