@@ -61,7 +61,6 @@ class CompiledModel:
     _pipeline: Any = None  # this rank's DistributedPipeline under torchrun, built by distributed()
     _input_meta: list[tuple[str, int, torch.dtype]] = field(default_factory=list)
     _structure: dict[str, int] = field(default_factory=dict)  # module/parameter/buffer name -> id at compile
-    _nested: dict[str, str] = field(default_factory=dict)  # placement: units also called inside another unit's call
 
     @property
     def plan(self) -> Plan:
@@ -209,7 +208,7 @@ class CompiledModel:
                     "a module-placement plan takes no weights, mesh or data-parallel options: build the same model "
                     "(same seed or weights) on every rank"
                 )
-            self._pipeline = RemotePlacement(self.model, self.plan, self._nested, **kwargs)
+            self._pipeline = RemotePlacement(self.model, self.plan, **kwargs)
             return self._pipeline
         unused = unused_tensors(self.model, self.stages, self.plan)
         self._pipeline = distribute(
@@ -572,5 +571,5 @@ def _build_placement(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], rea
         len(plan.node_stage), plan.microbatches, format_seconds(plan.predicted["step_time"]),
     )  # fmt: skip
     cm._plan, cm.compile_times, cm.simulation = plan, progress.times, layout.simulation
-    cm._runner, cm._nested = PlacementRunner(cm.model), layout.nested
+    cm._runner = PlacementRunner(cm.model)
     cm._structure = _structure_of(cm.model)

@@ -59,7 +59,50 @@ class EarlyReturn(nn.Module):
         return self.long_head(h)
 
 
-MODELS = {"branch": Branch, "loop": Loop, "early-return": EarlyReturn}
+class TiedHead(nn.Module):
+    """The top-level code multiplies by a placed module's weight (a tied LM head): on two stages, the weight is used by
+    both the driver and the stage holding `proj`."""
+
+    def __init__(self, width: int = WIDTH):
+        super().__init__()
+        self.body = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(torch.relu(self.body(x))))
+        h = h if h.mean() > -1 else -h
+        return nn.functional.linear(h, self.proj.weight)  # the tied head, in top-level code
+
+
+class Mix(nn.Module):
+    """Three matrix products in its own code (no submodule, so module placement never splits it)."""
+
+    def __init__(self, width: int = WIDTH):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, width, width) / width**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for w in self.weight:
+            x = torch.tanh(x @ w)
+        return x
+
+
+class Nested(nn.Module):
+    """A module called by the top-level code and again inside another module's call: at 2 stages, `inner` and
+    `outer` land on different stages whichever split wins, so `inner`'s weight is used on both."""
+
+    def __init__(self, width: int = WIDTH):
+        super().__init__()
+        self.inner = nn.Linear(width, width)
+        self.mix = Mix(width)
+        self.outer = nn.Sequential(self.inner, nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mix(self.inner(x))
+        return self.outer(h) if h.sum() > -1e9 else h
+
+
+MODELS = {"branch": Branch, "loop": Loop, "early-return": EarlyReturn, "tied-head": TiedHead, "nested": Nested}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

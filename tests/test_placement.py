@@ -17,7 +17,7 @@ import partitioner
 from partitioner.capture.placement import METHOD, record_calls
 from partitioner.devices import get_device_spec
 from partitioner.launch import spawn
-from partitioner.plan.placement import _Pricer, _splits, choose_units, nested_units, units_of
+from partitioner.plan.placement import _Pricer, _splits, choose_units, units_of
 from partitioner.plan.schema import Plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -190,19 +190,14 @@ def test_a_saved_placement_plan_applies_to_the_same_model_only() -> None:
                             verbose=False)  # fmt: skip
 
 
-def test_a_unit_also_called_inside_another_is_found() -> None:
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = nn.Linear(4, 4)
-            self.outer = nn.Sequential(self.inner, nn.ReLU())
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.outer(self.inner(x)) if x.sum() > -1e9 else x
-
-    record = record_calls(Shared(), (torch.randn(2, 4),), {}, training=True, reason="test")
-    units = units_of(record, {"inner", "outer"})
-    assert nested_units(record, units) == {"inner": "outer"}
+@pytest.mark.parametrize(("name", "tied"), [("tied-head", ["proj.weight"]), ("nested", ["inner.bias", "inner.weight"])])
+def test_a_parameter_used_on_two_stages_is_held_by_both(name: str, tied: list[str]) -> None:
+    """A weight read by top-level code while its module is placed elsewhere, or a module called again inside another
+    placed module: both stages hold it (their gradients summed under torchrun, checked below)."""
+    _, cm = _compile(name, devices=2, pipeline=2, microbatches=2)
+    assert cm.plan.tied_stages == dict.fromkeys(tied, [0, 1])
+    assert all(name in s.params for s in cm.plan.stages for name in tied)
+    assert "held by stages [0, 1]" in cm.plan.summary()
 
 
 @pytest.mark.distributed

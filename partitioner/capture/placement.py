@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -50,6 +51,9 @@ class ModuleCall:
     out_bytes: int  # bytes of its tensor outputs
     seconds: float  # forward wall time on this machine
     dtype: str  # the dtype its floating-point outputs (else inputs) have, for the cost model ("float32" if none)
+    # parameters and buffers its own code hands to torch functions (not those of the calls it makes), by the first
+    # name of each: `self.weight` in F.linear, or another module's weight read directly (a tied LM head)
+    reads: tuple[str, ...] = ()
 
 
 @dataclass
@@ -83,6 +87,22 @@ def _dtype(args: Any, out: Any) -> str:
     return str(floating[0]).removeprefix("torch.") if floating else "float32"
 
 
+class _Reads(TorchFunctionMode):
+    """Adds, to the innermost running call's "reads", every named parameter or buffer a torch function is given."""
+
+    def __init__(self, names: dict[int, str], stack: list[int], calls: list[dict[str, Any]]):
+        super().__init__()
+        self.names, self.stack, self.calls = names, stack, calls
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if self.stack:
+            for t in pytree.tree_leaves((args, kwargs)):
+                name = self.names.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if name is not None:
+                    self.calls[self.stack[-1]].setdefault("reads", set()).add(name)
+        return func(*args, **(kwargs or {}))
+
+
 def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, reason: str) -> CallRecord:
     """Run `model(*args, **kwargs)` once with every submodule hooked and return its calls (see module docstring).
 
@@ -107,6 +127,8 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, train
 
     kept: list[torch.Tensor] = []
     counter = FlopCounterMode(display=False)
+    tensor_names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    reads = _Reads(tensor_names, stack, calls)
 
     def pre(module: nn.Module, a: tuple, kw: dict[str, Any]) -> None:
         index = len(calls)
@@ -132,7 +154,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, train
     state = _State(model)
     call_args, call_kwargs = _clone((args, kwargs))
     try:
-        with torch.set_grad_enabled(training), counter, saved_tensors_hooks(pack, lambda t: t):
+        with torch.set_grad_enabled(training), counter, saved_tensors_hooks(pack, lambda t: t), reads:
             out = model(*call_args, **call_kwargs)
     except Exception as e:
         on_meta = any(t.is_meta for t in [*model.parameters(), *_tensors((args, kwargs))])
@@ -154,7 +176,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, train
         raise ValueError(f"{type(model).__name__}'s forward left a module call unfinished; it cannot be recorded")
     records = [
         ModuleCall(c["index"], c["path"], c["parent"], int(c["flops"]), c["saved"] if training else 0,
-                   c["in_bytes"], c["out_bytes"], c["seconds"], c["dtype"])
+                   c["in_bytes"], c["out_bytes"], c["seconds"], c["dtype"], tuple(sorted(c.get("reads", ()))))
         for c in calls
     ]  # fmt: skip
     tensors = {n: (p.numel(), p.element_size(), p.requires_grad, False) for n, p in model.named_parameters()}

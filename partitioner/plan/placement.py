@@ -13,6 +13,9 @@ there and its outputs sent back. So:
   data-dependent loop, runs on its one stage each time), stage 0 holding the top-level code too (its compute, the
   activations it saves, the parameters no unit holds). Every stage fits the memory limit with all microbatches in
   flight (the runtime runs every forward, then every backward: GPipe's order).
+- A parameter used by code on another stage than the one holding it (a tied LM head reading the embedding's weight
+  in top-level code; a unit also called inside another unit's call) is held by each such stage, its gradients
+  summed after the backward (`shared_parameters`, `Plan.tied_stages`); the copies are not priced.
 - A step is priced with the simulator's GPipe replay over those stages: a stage's forward and backward each include
   the transfers of its units' inputs and outputs to and from the driver (none on stage 0). The layout with the least
   predicted step wins, fewer stages on a tie: with one microbatch the calls run one after another whatever the
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from partitioner.capture.placement import METHOD, CallRecord
 from partitioner.comm import p2p_time
@@ -45,9 +48,9 @@ __all__ = [
     "PlacementLayout",
     "Unit",
     "choose_units",
-    "nested_units",
     "placement_fingerprint",
     "plan_placement",
+    "shared_parameters",
     "units_of",
 ]
 
@@ -73,8 +76,8 @@ class PlacementLayout:
     stages: list[list[Unit]]
     costs: list[StageCost]
     simulation: SimResult
-    params: list[list[str]]  # parameter / buffer names each stage holds
-    nested: dict[str, str] = field(default_factory=dict)  # nested_units: units also called inside another's call
+    params: list[list[str]]  # parameter / buffer names each stage holds (a shared one on each stage using it)
+    shared: dict[str, list[int]] = field(default_factory=dict)  # shared_parameters: name -> the stages using it
 
 
 def _owners(record: CallRecord, units: set[str]) -> dict[int, int]:
@@ -105,19 +108,6 @@ def units_of(record: CallRecord, paths: set[str]) -> list[Unit]:
                  sum(c.in_bytes + c.out_bytes for c in figures), figures[0].dtype)
         )  # fmt: skip
     return units
-
-
-def nested_units(record: CallRecord, units: list[Unit]) -> dict[str, str]:
-    """Unit path -> the unit inside whose call it is also called (the first such), for units called both from
-    top-level code and inside another unit's call (their weights serve two stages)."""
-    paths = {u.path for u in units}
-    owner = _owners(record, paths)
-    nested: dict[str, str] = {}
-    for index, o in owner.items():
-        path = record.calls[index].path
-        if index != o and path in paths and record.calls[o].path != path:
-            nested.setdefault(path, record.calls[o].path)
-    return nested
 
 
 def _call_times(flops: float, nbytes: float, dtype: str, spec: DeviceSpec, training: bool) -> tuple[float, float]:
@@ -315,7 +305,6 @@ def plan_placement(
     else:
         units = choose_units(record, spec, devices)
         layout = plan_layout(record, units, spec, devices, microbatches, memory_limit, stages=pipeline)
-    layout = replace(layout, nested=nested_units(record, units))
     return _to_plan(record, layout, model_name=model_name, fingerprint=fingerprint, devices=devices, spec=spec,
                     microbatches=microbatches, memory_limit=memory_limit, input_names=input_names,
                     constants=constants, fallbacks=fallbacks), layout  # fmt: skip
@@ -328,7 +317,32 @@ def _fixed_layout(pricer: _Pricer, units: list[Unit], bounds: list[int], spec: D
     sim = simulate(costs, num_microbatches=m, schedule="gpipe", blocking_sends=not spec.overlaps_comm)
     held = [sum((pricer.params[i] for i in range(bounds[s], bounds[s + 1])), []) for s in range(count)]
     held[0] = pricer.top_params + held[0]
-    return PlacementLayout([units[bounds[s] : bounds[s + 1]] for s in range(count)], costs, sim, held)
+    split = [units[bounds[s] : bounds[s + 1]] for s in range(count)]
+    shared = shared_parameters(pricer.record, split, held)
+    for name, stages in shared.items():
+        for s in stages:
+            if name not in held[s]:
+                held[s].append(name)
+    return PlacementLayout(split, costs, sim, held, shared)
+
+
+def shared_parameters(record: CallRecord, split: list[list[Unit]], held: list[list[str]]) -> dict[str, list[int]]:
+    """Trainable parameter -> the stages whose code uses it, where more than the stage holding it does: a tied LM
+    head reading the embedding's weight in top-level code, a placed module also called inside another placed
+    module's call. Each of those stages keeps a copy and the copies' gradients are summed after the backward (as
+    tied weights in a pipeline). A call's reads count on the stage its code runs on: its unit's, or stage 0's for
+    top-level code."""
+    stage_of = {u.path: s for s, units in enumerate(split) for u in units}
+    owner = _owners(record, set(stage_of))
+    holder = {name: s for s, names in enumerate(held) for name in names}
+    users: dict[str, set[int]] = {}
+    for c in record.calls:
+        o = owner.get(c.index)
+        stage = stage_of[record.calls[o].path] if o is not None else 0
+        for name in c.reads:
+            if name in holder and record.tensors[name][2]:  # requires grad: buffers are not summed
+                users.setdefault(name, {holder[name]}).add(stage)
+    return {name: sorted(stages) for name, stages in sorted(users.items()) if len(stages) > 1}
 
 
 def _to_plan(record: CallRecord, layout: PlacementLayout, *, model_name: str, fingerprint: str, devices: int,
@@ -386,7 +400,7 @@ def _to_plan(record: CallRecord, layout: PlacementLayout, *, model_name: str, fi
         stages=stages,
         node_stage={u.path: s for s, units in enumerate(layout.stages) for u in units},
         tied_params={},
-        tied_stages={},
+        tied_stages=layout.shared,
         fallbacks=fallbacks + notes,
         input_names=list(input_names),
         constants=constants,

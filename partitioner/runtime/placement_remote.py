@@ -12,10 +12,10 @@ simulation priced), each microbatch in its own driver thread, so that while one 
 go on; a lock per peer keeps each request and its reply together.
 
 Invariants: every rank builds the same model (the same script, seed or weights); rank s trains only the parameters
-and buffers its stage holds (`Plan.stages[s].params`), which no other rank computes with, so after each optimizer
-step the ranks' stages together are the model trained in one process. A module a remote module calls inside its own
-call runs there, so a unit called both by the top-level code and inside another remote unit's call is refused (its
-weights would be trained by two ranks).
+and buffers its stage holds (`Plan.stages[s].params`), so after each optimizer step the ranks' stages together are
+the model trained in one process. A parameter code on several stages uses (`Plan.tied_stages`: a tied head reading
+an embedding's weight in top-level code, a module a remote module calls inside its own call) is held by each of
+them, its gradients summed over them after the backward, so the copies stay equal.
 
 Protocol (rank 0 -> rank s, then back): a header object (op, unit path, call id, grad enabled) and the call's
 argument structure with tensors replaced by `_Slot`s (shape, dtype, requires_grad) via `send_object_list`, then each
@@ -147,19 +147,12 @@ class RemotePlacement:
     """This rank's part of a module-placement plan under torchrun (module docstring): `step`, `parameters`,
     `make_optimizer`, `full_state_dict`."""
 
-    def __init__(self, model: nn.Module, plan: Plan, nested: dict[str, str], *, timeout_s: float = 60.0):
+    def __init__(self, model: nn.Module, plan: Plan, *, timeout_s: float = 60.0):
         self.model, self.plan = model, plan
         self.device = init_process_group(timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world != plan.devices:
             raise ValueError(f"the plan is for {plan.devices} devices and torchrun started {self.world} ranks")
-        shared = {u: v for u, v in nested.items() if plan.node_stage.get(u) is not None}
-        if shared:
-            inner, outer = next(iter(shared.items()))
-            raise NotImplementedError(
-                f"module {inner!r} is placed as a unit and also called inside {outer!r}'s calls, so two ranks would "
-                f"train its weights: run this plan in one process, or give the model one module per role"
-            )
         self.stage = self.rank if self.rank < plan.num_stages else None
         mine = set(plan.stages[self.stage].params) if self.stage is not None else set()
         named = dict(model.named_parameters(remove_duplicate=False))
@@ -168,6 +161,13 @@ class RemotePlacement:
         for name, t in [*named.items(), *model.named_buffers(remove_duplicate=False)]:
             if name in mine and t.device != self.device:  # only what this rank computes with moves to its device
                 t.data = t.data.to(self.device)
+        # Parameters several stages use (plan.placement.shared_parameters): one group per set of stages, made by every
+        # rank in the same order, as new_group requires.
+        self._tied: list[tuple[nn.Parameter, dist.ProcessGroup]] = []
+        for name, stages in sorted(plan.tied_stages.items()):
+            group = dist.new_group(stages)
+            if self.rank in stages:
+                self._tied.append((named[name], group))
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this rank trains: those of its stage (none beyond the plan's stages)."""
@@ -204,6 +204,10 @@ class RemotePlacement:
             loss = torch.stack([each.detach().float() for each in losses]).mean().to(self.device)
         elif self.stage is not None:
             self._serve()
+        for p, group in self._tied:  # every copy's gradient summed: the copies take the same optimizer step
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad, group=group)
+            p.grad = grad
         dist.broadcast(loss, src=0)
         return loss.cpu()
 
