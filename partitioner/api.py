@@ -246,6 +246,10 @@ class CompiledModel:
                 "tensor parallelism, no activation memory for backward); compile with training=True to train it"
             )
         if self.is_placement:  # the model's own forward runs: here, or on the driver rank under torchrun
+            signature = _forward_signature(self.model)
+            flat = flat_arguments(signature, _bind(signature, tuple(inputs), dict(kwargs or {})))
+            named = {n: v for n, v in flat.items() if isinstance(v, torch.Tensor)}
+            check_batch_split(named, targets, microbatches=self.plan.microbatches, data_degree=1)
             self._check_structure()
             if self._pipeline is None and _torchrun_world(self.plan.devices) > 1:
                 self.distributed()

@@ -64,6 +64,13 @@ def test_a_placement_step_trains_like_the_original_model(name: str, microbatches
         torch.testing.assert_close(cm.model.state_dict()[k], v, atol=1e-6, rtol=0)
 
 
+def test_a_placement_step_refuses_a_batch_that_does_not_split_evenly() -> None:
+    _, cm = _compile("branch", microbatches=4)
+    x, y = control_flow_models.batch(rows=6)
+    with pytest.raises(ValueError, match="batch 6 does not split into 4 equal chunks"):
+        cm.step((x,), y, nn.functional.mse_loss)
+
+
 def test_the_recording_is_the_call_tree_of_the_branch_taken() -> None:
     net = control_flow_models.build("early-return")
     x, _ = control_flow_models.batch()
