@@ -389,11 +389,21 @@ def train_pp_cp(
 
 
 def train_placement(
-    *, model: str, devices: int, pipeline: int | None, microbatches: int = 1, batch: int = 8, steps: int = 3,
+    *, models: list[str], devices: int, pipeline: int | None, microbatches: int = 1, batch: int = 8, steps: int = 3,
     lr: float = 0.1, seed: int = 0, out: str | None = None,
 ) -> None:  # fmt: skip
-    """A model whose forward branches on data (tests.control_flow_models), compiled by module placement and trained
-    with ``cm.step`` / ``cm.make_optimizer``: the same script in one process or under torchrun."""
+    """Models whose forward branches on data (tests.control_flow_models), each compiled by module placement and
+    trained with ``cm.step`` / ``cm.make_optimizer``: the same script in one process or under torchrun (one world for
+    all of them: a process start each would cost more than the training). `out`: {model: results}."""
+    results = {}
+    for model in models:
+        results[model] = _train_placement(model, devices, pipeline, microbatches, batch, steps, lr, seed)
+    if (not dist.is_initialized() or dist.get_rank() == 0) and out:
+        torch.save(results, out)
+
+
+def _train_placement(model: str, devices: int, pipeline: int | None, microbatches: int, batch: int, steps: int,
+                     lr: float, seed: int) -> dict[str, Any]:  # fmt: skip
     from tests import control_flow_models
 
     net = control_flow_models.build(model, seed)
@@ -409,9 +419,7 @@ def train_placement(
         losses.append(float(cm.step((x,), y, torch.nn.functional.mse_loss)))
         opt.step()
         cm.zero_grad()
-    state = cm.full_state_dict()
-    if (not dist.is_initialized() or dist.get_rank() == 0) and out:
-        torch.save({"losses": losses, "state": state, "stages": cm.plan.num_stages}, out)
+    return {"losses": losses, "state": cm.full_state_dict(), "stages": cm.plan.num_stages}
 
 
 def reference_placement(

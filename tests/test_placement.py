@@ -209,22 +209,26 @@ def test_a_parameter_used_on_two_stages_is_held_by_both(name: str, tied: list[st
 
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", sorted(control_flow_models.MODELS))
-def test_placement_trains_under_torchrun_equal_to_one_process(name: str, tmp_path: Path) -> None:
+def test_placement_trains_under_torchrun_equal_to_one_process(tmp_path: Path) -> None:
     """Two gloo ranks, two stages, two microbatches whose branches differ: rank 0 runs the forward and sends stage 1's
-    calls to rank 1; 3 SGD steps equal the original model's in one process, and the merged state is the model's."""
+    calls to rank 1; for every model of tests.control_flow_models (one world for all), 3 SGD steps equal the original
+    model's in one process, and the merged state is the model's."""
     out = tmp_path / "out.pt"
-    kw = {"model": name, "devices": 2, "pipeline": 2, "microbatches": 2, "out": str(out)}
-    results = spawn("tests._dist_worker:train_placement", 2, kw, timeout=180, pg_timeout=30)
+    names = sorted(control_flow_models.MODELS)
+    kw = {"models": names, "devices": 2, "pipeline": 2, "microbatches": 2, "out": str(out)}
+    results = spawn("tests._dist_worker:train_placement", 2, kw, timeout=200, pg_timeout=30)
     for r in results:
         assert r.returncode == 0, f"rank {r.rank} exited {r.returncode}:\n{r.stderr[-4000:]}"
-    got = torch.load(out)
-    assert got["stages"] == 2
-    losses, state = reference_placement(name, microbatches=2)
-    assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
-    assert set(got["state"]) == set(state)
-    for k, v in state.items():
-        torch.testing.assert_close(got["state"][k], v, atol=1e-5, rtol=0)
+    runs = torch.load(out)
+    assert sorted(runs) == names
+    for name, got in runs.items():
+        assert got["stages"] == 2, name
+        losses, state = reference_placement(name, microbatches=2)
+        assert got["losses"] == pytest.approx(losses, abs=1e-5, rel=0), name
+        assert set(got["state"]) == set(state), name
+        for k, v in state.items():
+            where = f"{name} {k}"
+            torch.testing.assert_close(got["state"][k], v, atol=1e-5, rtol=0, msg=lambda m, w=where: f"{w}: {m}")
 
 
 @pytest.mark.distributed

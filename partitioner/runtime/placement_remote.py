@@ -98,7 +98,8 @@ class _RemoteCall(torch.autograd.Function):
         it = iter(tensors[1:])  # tensors[0]: the token that makes the outputs require grad (see _Link.call)
         args = pytree.tree_unflatten([next(it) if isinstance(x, _Slot) else x for x in leaves], spec)
         with link.lock:  # a request and its reply, atomic per peer: microbatch threads share the link
-            _send((_FORWARD, link.path, call, torch.is_grad_enabled() or link.grad), args, link.rank, link.device)
+            # grad mode is off inside an autograd Function's forward: the caller's is in the holder
+            _send((_FORWARD, link.path, call, holder.pop()), args, link.rank, link.device)
             _, out = _recv(link.rank, link.device)
         out_leaves, out_spec = pytree.tree_flatten(out)
         outputs = [t for t in out_leaves if isinstance(t, torch.Tensor)]
@@ -134,8 +135,9 @@ class _Link:
         structure = pytree.tree_unflatten(
             [_Slot(0, (), t.dtype, False) if isinstance(t, torch.Tensor) else t for t in leaves], spec
         )
-        token = torch.zeros((), device=self.device, requires_grad=self.grad and torch.is_grad_enabled())
-        holder: list = []
+        grad = torch.is_grad_enabled()  # the owner builds an autograd graph (and keeps the call) only then
+        token = torch.zeros((), device=self.device, requires_grad=self.grad and grad)
+        holder: list = [grad]
         outputs = iter(_RemoteCall.apply(self, next(self.calls), holder, structure, token, *tensors))
         out_leaves, out_spec = holder[0]
         return pytree.tree_unflatten(
