@@ -205,6 +205,10 @@ def test_a_parameter_used_on_two_stages_is_held_by_both(name: str, tied: list[st
     assert cm.plan.tied_stages == dict.fromkeys(tied, [0, 1])
     assert all(name in s.params for s in cm.plan.stages for name in tied)
     assert "held by stages [0, 1]" in cm.plan.summary()
+    assert cm.plan.predicted["tied_weight_sync"] > 0
+    assert cm.plan.predicted["step_time"] == cm.plan.predicted["pipeline_time"] + cm.plan.predicted["tied_weight_sync"]
+    # every stage's memory holds the training state (fp32 + Adam: 4x the weights) of all it holds, the copies too
+    assert all(s.peak_memory >= 4 * s.param_bytes for s in cm.plan.stages)
 
 
 @pytest.mark.distributed

@@ -15,7 +15,8 @@ there and its outputs sent back. So:
   flight (the runtime runs every forward, then every backward: GPipe's order).
 - A parameter used by code on another stage than the one holding it (a tied LM head reading the embedding's weight
   in top-level code; a unit also called inside another unit's call) is held by each such stage, its gradients
-  summed after the backward (`shared_parameters`, `Plan.tied_stages`); the copies are not priced.
+  summed after the backward (`shared_parameters`, `Plan.tied_stages`); the copies' training state counts in those
+  stages' memory and the sums in the step (after the split is chosen: the DP does not see them).
 - A step is priced with the simulator's GPipe replay over those stages: a stage's forward and backward each include
   the transfers of its units' inputs and outputs to and from the driver (none on stage 0). The layout with the least
   predicted step wins, fewer stages on a tie: with one microbatch the calls run one after another whatever the
@@ -31,12 +32,13 @@ below their weights, as few stages as fit.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from partitioner.capture.placement import METHOD, CallRecord
-from partitioner.comm import p2p_time
+from partitioner.comm import all_reduce_time, p2p_time
 from partitioner.cost import _roofline
 from partitioner.devices import DeviceSpec
 from partitioner.plan.graph import static_bytes_per_param
@@ -78,6 +80,12 @@ class PlacementLayout:
     simulation: SimResult
     params: list[list[str]]  # parameter / buffer names each stage holds (a shared one on each stage using it)
     shared: dict[str, list[int]] = field(default_factory=dict)  # shared_parameters: name -> the stages using it
+    shared_sync: float = 0.0  # seconds summing the shared parameters' gradients after the backward
+
+    @property
+    def step_time(self) -> float:
+        """The predicted step: the GPipe replay, then the shared parameters' gradient sums."""
+        return self.simulation.step_time + self.shared_sync
 
 
 def _owners(record: CallRecord, units: set[str]) -> dict[int, int]:
@@ -168,9 +176,9 @@ class _Pricer:
             names = [n for n in record.tensors if n.startswith(prefix) and n not in owned]
             owned.update(names)
             self.params.append(names)
-            self.static.append(sum(self._static(n) for n in names))
+            self.static.append(sum(self.static_of(n) for n in names))
         self.top_params = [n for n in record.tensors if n not in owned]
-        self.top_static = sum(self._static(n) for n in self.top_params)
+        self.top_static = sum(self.static_of(n) for n in self.top_params)
         self.times = [
             _call_times(u.flops / self.m, u.io_bytes / self.m + len(u.calls) * self._read(i), u.dtype, spec, training)
             for i, u in enumerate(units)
@@ -182,7 +190,8 @@ class _Pricer:
         self.top_saved = max(root.saved_bytes - sum(u.saved_bytes for u in units), 0) / self.m
         self.saved = [u.saved_bytes / self.m for u in units]
 
-    def _static(self, name: str) -> float:
+    def static_of(self, name: str) -> float:
+        """Bytes a copy of parameter / buffer `name` holds for the step (weights, gradients, optimizer state)."""
         n, size, grad, buffer = self.record.tensors[name]
         return static_bytes_per_param(n, size, training=self.record.training and grad, is_buffer=buffer)
 
@@ -254,7 +263,9 @@ def plan_layout(record: CallRecord, units: list[Unit], spec: DeviceSpec, devices
         if bounds is None:
             continue
         layout = _fixed_layout(pricer, units, bounds, spec, microbatches)
-        if best is None or layout.simulation.step_time < best.simulation.step_time * (1 - 1e-9):
+        if max(layout.simulation.peak_memory) > memory_limit:  # the shared parameters' copies do not fit
+            continue
+        if best is None or layout.step_time < best.step_time * (1 - 1e-9):
             best = layout
     if best is None:
         least = max(pricer.static) if pricer.static else pricer.top_static
@@ -314,16 +325,26 @@ def _fixed_layout(pricer: _Pricer, units: list[Unit], bounds: list[int], spec: D
     """The layout with stage s holding units[bounds[s]:bounds[s + 1]] (stage 0 also the top-level code), replayed."""
     count = len(bounds) - 1
     costs = [pricer.stage(s, bounds[s], bounds[s + 1]) for s in range(count)]
-    sim = simulate(costs, num_microbatches=m, schedule="gpipe", blocking_sends=not spec.overlaps_comm)
     held = [sum((pricer.params[i] for i in range(bounds[s], bounds[s + 1])), []) for s in range(count)]
     held[0] = pricer.top_params + held[0]
     split = [units[bounds[s] : bounds[s + 1]] for s in range(count)]
     shared = shared_parameters(pricer.record, split, held)
+    copies = [0.0] * count  # the training state of the shared parameters' copies each stage holds besides its own
     for name, stages in shared.items():
         for s in stages:
             if name not in held[s]:
                 held[s].append(name)
-    return PlacementLayout(split, costs, sim, held, shared)
+                copies[s] += pricer.static_of(name)
+    costs = [dataclasses.replace(c, static_bytes=c.static_bytes + extra) for c, extra in zip(costs, copies)]
+    sim = simulate(costs, num_microbatches=m, schedule="gpipe", blocking_sends=not spec.overlaps_comm)
+    # After the backward, each shared parameter's gradient is summed over the stages holding it (one after another)
+    sync = sum(all_reduce_time(spec, _bytes(pricer.record, name), len(stages)) for name, stages in shared.items())
+    return PlacementLayout(split, costs, sim, held, shared, sync)
+
+
+def _bytes(record: CallRecord, name: str) -> float:
+    numel, size, _, _ = record.tensors[name]
+    return float(numel * size)
 
 
 def shared_parameters(record: CallRecord, split: list[list[Unit]], held: list[list[str]]) -> dict[str, list[int]]:
@@ -405,8 +426,9 @@ def _to_plan(record: CallRecord, layout: PlacementLayout, *, model_name: str, fi
         input_names=list(input_names),
         constants=constants,
         predicted={
-            "step_time": sim.step_time,
+            "step_time": layout.step_time,
             "pipeline_time": sim.step_time,
+            "tied_weight_sync": layout.shared_sync,
             "bubble_fraction": sim.bubble_fraction,
             "peak_memory": max(sim.peak_memory),
         },
