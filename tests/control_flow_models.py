@@ -102,7 +102,30 @@ class Nested(nn.Module):
         return self.outer(h) if h.sum() > -1e9 else h
 
 
-MODELS = {"branch": Branch, "loop": Loop, "early-return": EarlyReturn, "tied-head": TiedHead, "nested": Nested}
+class InPlace(nn.Module):
+    """An activation writes its input in place and the code reads that input after: placed on another stage, the
+    write would land on a copy (module placement keeps such a module with its caller)."""
+
+    def __init__(self, width: int = WIDTH):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, width)
+        self.block = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True))  # writes inside its own call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        g = self.act(h)  # h itself is now the activation's output: the code below reads it
+        h = self.block(h + g) if h.sum() > -1e9 else h
+        return self.b(h * 2 + g)
+
+
+MODELS = {
+    "branch": Branch,
+    "loop": Loop,
+    "early-return": EarlyReturn,
+    "tied-head": TiedHead,
+    "nested": Nested,
+    "in-place": InPlace,
+}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:

@@ -117,6 +117,22 @@ def test_a_unit_larger_than_a_devices_share_is_split_into_the_modules_it_calls()
     torch.testing.assert_close(cm(x), net(x), rtol=0, atol=0)
 
 
+def test_a_module_that_writes_its_input_in_place_is_never_placed() -> None:
+    net = control_flow_models.build("in-place")
+    x, _ = control_flow_models.batch()
+    record = record_calls(net, (x,), {}, training=True, reason="test")
+    assert [c.path for c in record.calls if c.writes_inputs] == ["act", "block.1"]
+    units = [u.path for u in choose_units(record, CPU, devices=2)]
+    assert units == ["a", "block", "b"]
+    cm = partitioner.compile(net, devices=2, example_inputs=(x,), device_type="cpu", pipeline=2, microbatches=2,
+                             verbose=False)  # fmt: skip
+    assert "act" not in cm.plan.node_stage
+    notes = [f for f in cm.plan.fallbacks if f["what"] == "act"]
+    assert notes and "in place" in notes[0]["reason"]
+    assert not [f for f in cm.plan.fallbacks if f["what"] == "block.1"]  # it runs inside its placed block
+    torch.testing.assert_close(cm(x), net(x), rtol=0, atol=0)
+
+
 def test_the_split_is_the_best_contiguous_one_within_memory() -> None:
     """The DP's split against every contiguous split into the same number of stages, over random call trees."""
     rng = random.Random(0)

@@ -54,6 +54,9 @@ class ModuleCall:
     # parameters and buffers its own code hands to torch functions (not those of the calls it makes), by the first
     # name of each: `self.weight` in F.linear, or another module's weight read directly (a tied LM head)
     reads: tuple[str, ...] = ()
+    # it wrote one of its tensor arguments in place (nn.ReLU(inplace=True), `x += ...`): run elsewhere, the write would
+    # land on a copy, so plan.placement never places such a module (its code runs where its caller's does)
+    writes_inputs: bool = False
 
 
 @dataclass
@@ -135,7 +138,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, train
         calls.append({
             "index": index, "path": names[id(module)], "parent": stack[-1] if stack else -1,
             "in_bytes": _nbytes((a, kw)), "flops": counter.get_total_flops(), "saved": saved[0],
-            "start": time.perf_counter(), "args": (a, kw),
+            "start": time.perf_counter(), "args": (a, kw), "versions": [t._version for t in _tensors((a, kw))],
         })  # fmt: skip
         stack.append(index)
 
@@ -145,6 +148,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, train
         c["flops"] = counter.get_total_flops() - c["flops"]
         c["saved"] = saved[0] - c["saved"]
         c["out_bytes"] = _nbytes(out)
+        c["writes_inputs"] = [t._version for t in _tensors(c["args"])] != c.pop("versions")
         c["dtype"] = _dtype(c.pop("args"), out)
 
     handles = []
@@ -176,7 +180,8 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, train
         raise ValueError(f"{type(model).__name__}'s forward left a module call unfinished; it cannot be recorded")
     records = [
         ModuleCall(c["index"], c["path"], c["parent"], int(c["flops"]), c["saved"] if training else 0,
-                   c["in_bytes"], c["out_bytes"], c["seconds"], c["dtype"], tuple(sorted(c.get("reads", ()))))
+                   c["in_bytes"], c["out_bytes"], c["seconds"], c["dtype"], tuple(sorted(c.get("reads", ()))),
+                   c["writes_inputs"])
         for c in calls
     ]  # fmt: skip
     tensors = {n: (p.numel(), p.element_size(), p.requires_grad, False) for n, p in model.named_parameters()}

@@ -5,6 +5,8 @@ The recorded run (capture.placement.CallRecord) is a call tree, not a graph: the
 rank that holds stage 0, and each call of a placed module (a "unit") runs on the unit's stage, its tensor inputs sent
 there and its outputs sent back. So:
 
+- A module whose call writes a tensor argument in place (nn.ReLU(inplace=True), `x += ...`) is never a unit: on
+  another stage the write would land on a copy. Its code runs with its caller's (its submodules may be units).
 - Units start as the modules the root's forward calls directly; a unit that costs more than a device's fair share
   (the whole run's time / devices) is replaced by the modules its own calls call directly (its forward joins the
   top-level code), until none is too large or none can be split further (`choose_units`). A unit's cost covers
@@ -140,6 +142,12 @@ def choose_units(record: CallRecord, spec: DeviceSpec, devices: int) -> list[Uni
     paths = {record.calls[i].path for i in record.children.get(0, [])}
     while True:
         units = units_of(record, paths)
+        writers = [u for u in units if any(record.calls[i].writes_inputs for i in u.calls)]
+        if writers:  # never placed: its code runs with its caller's, the modules it calls may be
+            for u in writers:
+                paths.discard(u.path)
+                paths.update(record.calls[j].path for i in u.calls for j in record.children.get(i, []))
+            continue
         splittable = [u for u in units if any(record.children.get(i) for i in u.calls)]
         if not splittable:
             return units
@@ -310,6 +318,12 @@ def plan_placement(
             bounds.append(bounds[-1] + len(s.nodes))
         if [u.path for u in units] != paths or any(p not in by_path for p in paths):
             raise ValueError("the saved plan's placed modules are not called in its order by this model; plan again")
+        writers = [u.path for u in units if any(record.calls[i].writes_inputs for i in u.calls)]
+        if writers:
+            raise ValueError(
+                f"the saved plan places {writers[0]!r}, which writes a tensor it is given in place (on another stage "
+                f"the write would land on a copy): plan again"
+            )
         layout = _fixed_layout(pricer, units, bounds, spec, saved.microbatches)
         microbatches = saved.microbatches
         fallbacks = [f for f in saved.fallbacks if f["path"] == METHOD]  # why the plan was made this way
@@ -398,6 +412,10 @@ def _to_plan(record: CallRecord, layout: PlacementLayout, *, model_name: str, fi
     why = "not called in the recorded run: its weights stay with the top-level code on stage 0, where a call of it on "
     why += "other inputs runs"
     notes = [{"what": path, "path": "top-level code", "reason": why} for path in never]
+    inside = _owners(record, {u.path for units in layout.stages for u in units})  # calls running in a unit's call
+    writers = sorted({c.path for c in record.calls[1:] if c.writes_inputs and c.index not in inside})
+    why = "writes a tensor it is given in place, which on another stage would write a copy: it runs with its caller"
+    notes += [{"what": path, "path": "top-level code", "reason": why} for path in writers]
     sim = layout.simulation
     reasons = [
         "captured by running the forward (module placement): the model's own code runs on stage 0's device, each "
