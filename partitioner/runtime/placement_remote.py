@@ -8,8 +8,9 @@ the driver, so `loss.backward()` there reaches it in reverse order and sends the
 back-propagates through the call it kept (its parameters' `.grad` accumulate there) and returns the input gradients.
 Ranks other than the driver serve calls until the driver ends the step; ranks beyond the plan's stages only take part
 in the loss broadcast. A step runs every microbatch's forward, then every backward (GPipe's order, what the plan's
-simulation priced), each microbatch in its own driver thread, so that while one waits for a remote call the others
-go on; a lock per peer keeps each request and its reply together.
+simulation priced), each microbatch in its own driver thread, so that while one waits for a remote call another
+runs the driver's code (one at a time: a driver lock, released while waiting); a lock per peer keeps each request and
+its reply together.
 
 Invariants: every rank builds the same model (the same script, seed or weights); rank s trains only the parameters
 and buffers its stage holds (`Plan.stages[s].params`), so after each optimizer step the ranks' stages together are
@@ -97,10 +98,8 @@ class _RemoteCall(torch.autograd.Function):
         leaves, spec = pytree.tree_flatten(structure)
         it = iter(tensors[1:])  # tensors[0]: the token that makes the outputs require grad (see _Link.call)
         args = pytree.tree_unflatten([next(it) if isinstance(x, _Slot) else x for x in leaves], spec)
-        with link.lock:  # a request and its reply, atomic per peer: microbatch threads share the link
-            # grad mode is off inside an autograd Function's forward: the caller's is in the holder
-            _send((_FORWARD, link.path, call, holder.pop()), args, link.rank, link.device)
-            _, out = _recv(link.rank, link.device)
+        # grad mode is off inside an autograd Function's forward: the caller's is in the holder
+        _, out = link.exchange((_FORWARD, link.path, call, holder.pop()), args)
         out_leaves, out_spec = pytree.tree_flatten(out)
         outputs = [t for t in out_leaves if isinstance(t, torch.Tensor)]
         holder.append((out_leaves, out_spec))
@@ -112,9 +111,7 @@ class _RemoteCall(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
         link = ctx.link
-        with link.lock:
-            _send((_BACKWARD, link.path, ctx.call, True), list(grads), link.rank, link.device)
-            _, back = _recv(link.rank, link.device)
+        _, back = link.exchange((_BACKWARD, link.path, ctx.call, True), list(grads))
         back = [None if g is None else g.detach().to(dev) for g, (_, _, dev) in zip(back, ctx.inputs)]
         return (None, None, None, None, None, *back)
 
@@ -127,6 +124,18 @@ class _Link:
     grad: bool  # the module has trainable parameters: its outputs need a backward even for inputs without grads
     calls: Iterator[int]  # call ids, shared by all links (next() is atomic under the GIL)
     lock: threading.Lock  # the peer's: one exchange with it at a time
+    driver: threading.Lock  # the driver's own compute: one microbatch thread at a time runs it
+
+    def exchange(self, header: Any, value: Any) -> tuple[Any, Any]:
+        """Send a request to the peer and wait for its reply, letting another microbatch thread run the driver's code
+        meanwhile (the driver lock is released first, so no thread waits for a peer while holding it)."""
+        self.driver.release()
+        try:
+            with self.lock:  # a request and its reply, atomic per peer
+                _send(header, value, self.rank, self.device)
+                return _recv(self.rank, self.device)
+        finally:
+            self.driver.acquire()
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """What the driver's patched forward does: one remote call; the outputs rebuilt in the module's structure."""
@@ -190,16 +199,25 @@ class RemotePlacement:
             calls = split_batch((tuple(inputs), dict(kwargs or {})), microbatches, "the inputs")
             chunks = split_batch(targets, microbatches, "the targets")
 
+            driver = threading.Lock()
+
             def forward(i: int) -> torch.Tensor:
                 (a, kw), t = calls[i], chunks[i]
-                return loss_fn(self.model(*a, **kw), t)
+                with driver:
+                    return loss_fn(self.model(*a, **kw), t)
 
-            # One thread per microbatch: while one waits for a remote call, the others go on (GPipe's overlap, as far
-            # as each microbatch's control flow allows); every forward, then every backward.
+            def backward(each: torch.Tensor) -> None:
+                with driver:
+                    (each / microbatches).backward()
+
+            # One thread per microbatch: while one waits for a remote call, another runs the driver's code (GPipe's
+            # overlap, as far as each microbatch's control flow allows); every forward, then every backward. The
+            # driver's own code runs one thread at a time, as a device runs one kernel stream: a module updating state
+            # (BatchNorm's running statistics) is never run by two threads at once.
             try:
-                with self._remote_units(), ThreadPoolExecutor(microbatches) as pool:
+                with self._remote_units(driver), ThreadPoolExecutor(microbatches) as pool:
                     losses = list(pool.map(forward, range(microbatches)))
-                    list(pool.map(lambda each: (each / microbatches).backward(), losses))
+                    list(pool.map(backward, losses))
             finally:
                 for s in range(1, self.plan.num_stages):
                     _send((_STOP, "", 0, False), None, s, self.device)
@@ -214,7 +232,7 @@ class RemotePlacement:
         return loss.cpu()
 
     @contextmanager
-    def _remote_units(self) -> Iterator[None]:
+    def _remote_units(self, driver: threading.Lock) -> Iterator[None]:
         """Each module placed on another stage: its forward a remote call (the driver's model only, for the step)."""
         calls = itertools.count()
         locks = {s: threading.Lock() for s in range(1, self.plan.num_stages)}
@@ -224,7 +242,7 @@ class RemotePlacement:
                 continue
             module = self.model.get_submodule(path)
             grad = any(p.requires_grad for p in module.parameters())
-            link = _Link(path, stage, self.device, grad, calls, locks[stage])
+            link = _Link(path, stage, self.device, grad, calls, locks[stage], driver)
             patched.append((module, module.__dict__.get("forward")))
             module.forward = link.call
         try:
