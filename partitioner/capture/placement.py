@@ -6,8 +6,10 @@ a leaf). Like SageMaker's model parallelism, this mode never needs a graph: it r
 example inputs with a pre- and post-hook on every submodule and records the call tree: for each call its module
 path, its parent call, and, inclusive of everything it calls, the forward FLOPs (FlopCounterMode), the activation
 bytes autograd saves for backward (saved_tensors_hooks, each storage once), the bytes of its tensor inputs and
-outputs, and its wall time on this machine. `plan.placement` chooses which modules to place and where; at run time
-the real forward runs and each placed module's calls run on its stage (`runtime.placement`).
+outputs, and its wall time on this machine; besides, which named parameters and buffers its own code hands to torch
+functions (a TorchFunctionMode: how plan.placement finds a weight two stages use) and whether it wrote one of its
+tensor arguments in place (their version counters). `plan.placement` chooses which modules to place and where; at
+run time the real forward runs and each placed module's calls run on its stage (`runtime.placement`).
 
 Invariants: the model is left as it was (buffers, Python scalar attributes and the RNG state restored; the example
 inputs cloned before use; no gradient produced); call 0 is the root's call and every other call's parent precedes
