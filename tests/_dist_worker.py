@@ -490,3 +490,21 @@ def placement_overlap(*, microbatches: int = 4, seconds: float = 0.2, out: str |
     dist.gather_object(log, logs, dst=0)
     if dist.get_rank() == 0 and out:
         torch.save({"logs": logs, "wall": wall, "stages": cm.plan.node_stage}, out)
+
+
+def placement_remote_failure() -> None:
+    """A module failing where its stage runs (rank 1; a stand-in for a bug in the user's module): the driver's step
+    raises, naming the module and the rank."""
+    from tests import control_flow_models
+
+    net = control_flow_models.build("branch")
+    x, y = control_flow_models.batch()
+    cm = partitioner.compile(net, devices=2, example_inputs=(x,), device_type="cpu", pipeline=2, verbose=False)
+    assert cm.plan.node_stage["d"] == 1
+
+    def broken(module: torch.nn.Module, args: tuple) -> None:
+        if dist.get_rank() == 1:
+            raise ValueError("broken on purpose")
+
+    net.d.register_forward_pre_hook(broken)
+    cm.step((x,), y, torch.nn.functional.mse_loss)

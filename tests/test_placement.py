@@ -266,3 +266,11 @@ def test_placement_overlaps_microbatches_across_ranks(tmp_path: Path) -> None:
     assert len(local) == len(remote) == 4
     overlapping = [(a, b) for a in local for b in remote if max(a[0], b[0]) < min(a[1], b[1]) - 0.05]
     assert overlapping, f"no call of rank 1 overlaps one of rank 0: {local} {remote}"
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_a_module_failing_on_its_rank_is_named_by_the_driver() -> None:
+    results = spawn("tests._dist_worker:placement_remote_failure", 2, {}, timeout=90, pg_timeout=30)
+    assert all(r.returncode != 0 for r in results)
+    assert "module 'd' failed on rank 1 (its stage): ValueError: broken on purpose" in results[0].stderr

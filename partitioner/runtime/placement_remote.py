@@ -45,7 +45,7 @@ from partitioner.runtime.placement import split_batch
 
 __all__ = ["RemotePlacement"]
 
-_FORWARD, _BACKWARD, _STOP = "forward", "backward", "stop"
+_FORWARD, _BACKWARD, _STOP, _FAILED = "forward", "backward", "stop", "failed"
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,8 @@ class _RemoteCall(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
         link = ctx.link
         _, back = link.exchange((_BACKWARD, link.path, ctx.call, True), list(grads))
+        # an empty reply: the call kept nothing to differentiate on its rank
+        back = list(back) + [None] * (len(ctx.inputs) - len(back))
         back = [None if g is None else g.detach().to(dev) for g, (_, _, dev) in zip(back, ctx.inputs)]
         return (None, None, None, None, None, *back)
 
@@ -133,9 +135,12 @@ class _Link:
         try:
             with self.lock:  # a request and its reply, atomic per peer
                 _send(header, value, self.rank, self.device)
-                return _recv(self.rank, self.device)
+                reply, value = _recv(self.rank, self.device)
         finally:
             self.driver.acquire()
+        if reply[0] == _FAILED:
+            raise RuntimeError(f"module {self.path!r} failed on rank {self.rank} (its stage): {value}")
+        return reply, value
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """What the driver's patched forward does: one remote call; the outputs rebuilt in the module's structure."""
@@ -220,7 +225,10 @@ class RemotePlacement:
                     list(pool.map(backward, losses))
             finally:
                 for s in range(1, self.plan.num_stages):
-                    _send((_STOP, "", 0, False), None, s, self.device)
+                    try:
+                        _send((_STOP, "", 0, False), None, s, self.device)
+                    except Exception:  # a rank that failed has stopped already: the error raised names it
+                        pass
             loss = torch.stack([each.detach().float() for each in losses]).mean().to(self.device)
         elif self.stage is not None:
             self._serve()
@@ -261,21 +269,32 @@ class RemotePlacement:
             (op, path, call, grad), value = _recv(0, self.device)
             if op == _STOP:
                 return
-            if op == _FORWARD:
-                args, kwargs = value
-                with torch.set_grad_enabled(grad):
-                    out = self.model.get_submodule(path)(*args, **kwargs)
-                _send((op, path, call, grad), out, 0, self.device)
-                outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-                if grad and any(t.requires_grad for t in outs):
-                    ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-                    kept[call] = (ins, outs)
-            else:  # backward of a kept call
-                ins, outs = kept.pop(call)
-                pairs = [(o, g) for o, g in zip(outs, value) if o.requires_grad and g is not None]
-                if pairs:
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-                _send((op, path, call, True), [t.grad if t.requires_grad else None for t in ins], 0, self.device)
+            try:
+                if op == _FORWARD:
+                    reply = self._forward(kept, path, call, grad, value)
+                else:
+                    reply = self._backward(kept, call, value)
+            except Exception as e:  # the driver raises it, naming the module; then this rank stops
+                _send((_FAILED, path, call, grad), f"{type(e).__name__}: {e}", 0, self.device)
+                raise
+            _send((op, path, call, grad), reply, 0, self.device)
+
+    def _forward(self, kept: dict, path: str, call: int, grad: bool, value: Any) -> Any:
+        args, kwargs = value
+        with torch.set_grad_enabled(grad):
+            out = self.model.get_submodule(path)(*args, **kwargs)
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if grad and any(t.requires_grad for t in outs):
+            kept[call] = ([t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)], outs)
+        return out
+
+    def _backward(self, kept: dict, call: int, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The input gradients of a kept call (none where its outputs needed no backward here)."""
+        ins, outs = kept.pop(call, ([], []))
+        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return [t.grad if t.requires_grad else None for t in ins]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The model's state by original names on rank 0 (each stage's tensors from its rank; collective), None
