@@ -492,7 +492,8 @@ def _build(cm: CompiledModel, args: tuple, kwargs: dict[str, Any]) -> None:
         with Progress(label, enabled=o.verbose) as progress:
             _build_graph(cm, args, kwargs, progress)
     except UncapturableForward as e:  # no graph holds the forward: place its modules instead
-        logger.warning("%s; placing its modules instead (module placement)", e)
+        logger.warning("%s is compiled by module placement (its own forward runs, whole modules placed): %s",
+                       type(cm.model).__name__, e)  # fmt: skip
         _build_placement(cm, args, kwargs, str(e))
 
 

@@ -127,6 +127,13 @@ def test_example_reuse_saved_plan_runs() -> None:
     assert "outputs equal the plain model's" in result.stdout
 
 
+def test_example_control_flow_trains_equal_to_the_plain_model() -> None:
+    result = _python("examples/control_flow.py")
+    assert result.returncode == 0, result.stderr
+    assert "captured with module-placement" in result.stdout
+    assert "trained equal to the plain model" in result.stdout
+
+
 def test_example_plan_gpt3_runs_small() -> None:
     result = _python("examples/plan_gpt3_175b.py", "--model", "gpt3-1.3b", "--devices", "8", "--batch", "16")
     assert result.returncode == 0, result.stderr

@@ -284,7 +284,8 @@ def _format_plan(plan: Plan) -> str:
     for stages, names in shared.items():
         lines.append(f"{_shared_names(names)} held by stages {list(stages)}")
     if plan.reasons:
-        lines.append("why it recomputes and shards as it does:")
+        placed = plan.capture == "module-placement"  # (capture.placement.METHOD; schema imports no capture code)
+        lines.append("why it is placed as it is:" if placed else "why it recomputes and shards as it does:")
         lines += [f"  {r}" for r in plan.reasons]
     if plan.alternatives:
         lines.append("runners-up (why the chosen layout wins):")
