@@ -213,6 +213,25 @@ def test_capture_leaves_the_models_attributes_the_objects_they_were() -> None:
     assert model.inner.log is log
 
 
+def test_a_failed_export_does_not_flood_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    """torch.export prints the partial graph of a failed attempt to stderr (tens of lines, each attempt): capture
+    holds that back, the reason being in its error in a line."""
+
+    class TopBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return h if h.sum() > 0 else -h
+
+    with pytest.raises(CaptureError, match="torch.export failed"):
+        capture(TopBranch(), (torch.randn(2, 4),))
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "Unable to find user code" not in err, err[:500]
+
+
 def test_failure_in_the_models_own_forward_is_a_clear_error() -> None:
     class TopBranch(nn.Module):
         def __init__(self) -> None:

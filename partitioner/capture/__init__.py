@@ -43,10 +43,13 @@ the feature dim, `input_shapes == {"x": (DynamicDim("s0", 1, None), 16)}`.
 
 from __future__ import annotations
 
+import io
 import keyword
+import logging
 import re
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import replace
 from typing import Any
 
@@ -108,6 +111,24 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
 
 
 @contextmanager
+def _export_quiet() -> Iterator[None]:
+    """What torch.export writes to stderr while it runs is held back, and written out only if it succeeds: where export
+    fails (a branch on data), torch prints the partial graph (tens of lines per attempt, several attempts) beside the
+    error capture reports in a line. Its shape-inference warnings (which go to their logger's own stream) are held
+    back too."""
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    held = io.StringIO()
+    try:
+        with redirect_stderr(held):
+            yield
+        sys.stderr.write(held.getvalue())
+    finally:
+        log.setLevel(level)
+
+
+@contextmanager
 def _attributes_kept(model: nn.Module) -> Iterator[None]:
     """Put every module attribute capture replaced back: torch.export (non-strict, torch 2.13) leaves a module's list
     attributes swapped for copies, whether it succeeds or fails, so a model appending to a list it holds (a log, a
@@ -135,7 +156,8 @@ def _capture(model: nn.Module, flat: dict[str, Any], tensor_names: list[str], co
         fx_reason = f"torch.fx.symbolic_trace failed: {_first_line(e_fx)}"
         fallbacks.append(Fallback("", "torch.export", fx_reason))
         try:
-            exported, gave_up = _trace_export_dynamic(model, signature, flat, tensor_names, rebuild)
+            with _export_quiet():
+                exported, gave_up = _trace_export_dynamic(model, signature, flat, tensor_names, rebuild)
             gm, input_shapes, guards = exported.graph_module, exported.shapes, exported.guards
             method = "export"
             fallbacks.extend(gave_up)
