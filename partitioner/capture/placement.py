@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from partitioner.leaves import _clone, _State
+from partitioner.leaves import _clone, _State, _tensors
 from partitioner.meta import storage_key
 
 __all__ = ["METHOD", "CallRecord", "ModuleCall", "record_calls"]
@@ -77,10 +77,6 @@ class CallRecord:
     def __post_init__(self) -> None:
         for c in self.calls[1:]:
             self.children.setdefault(c.parent, []).append(c.index)
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _nbytes(value: Any) -> int:

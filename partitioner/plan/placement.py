@@ -39,6 +39,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from partitioner.capture.placement import METHOD, CallRecord
 from partitioner.comm import all_reduce_time, p2p_time
 from partitioner.cost import _roofline
@@ -81,6 +83,7 @@ class PlacementLayout:
     costs: list[StageCost]
     simulation: SimResult
     params: list[list[str]]  # parameter / buffer names each stage holds (a shared one on each stage using it)
+    comms: list[float]  # per stage, seconds per microbatch and direction of transfers (in `costs`' forward / backward)
     shared: dict[str, list[int]] = field(default_factory=dict)  # shared_parameters: name -> the stages using it
     shared_sync: float = 0.0  # seconds summing the shared parameters' gradients after the backward
 
@@ -126,9 +129,15 @@ def _call_times(flops: float, nbytes: float, dtype: str, spec: DeviceSpec, train
     return forward, (_roofline(2 * flops, 2 * nbytes, dtype, spec) if training else 0.0)
 
 
-def _param_bytes(record: CallRecord, path: str) -> int:
+def _bytes(record: CallRecord, name: str) -> float:
+    """The bytes of parameter / buffer `name`."""
+    numel, size, _, _ = record.tensors[name]
+    return float(numel * size)
+
+
+def _param_bytes(record: CallRecord, path: str) -> float:
     prefix = f"{path}." if path else ""
-    return sum(n * size for name, (n, size, _, _) in record.tensors.items() if name.startswith(prefix))
+    return sum(_bytes(record, name) for name in record.tensors if name.startswith(prefix))
 
 
 def choose_units(record: CallRecord, spec: DeviceSpec, devices: int) -> list[Unit]:
@@ -139,14 +148,17 @@ def choose_units(record: CallRecord, spec: DeviceSpec, devices: int) -> list[Uni
     def cost(u: Unit) -> float:
         return sum(_call_times(u.flops, u.io_bytes + _param_bytes(record, u.path), u.dtype, spec, record.training))
 
+    def descend(u: Unit) -> None:  # u's code joins the top-level code; the modules its calls call may be units
+        paths.discard(u.path)
+        paths.update(record.calls[j].path for i in u.calls for j in record.children.get(i, []))
+
     paths = {record.calls[i].path for i in record.children.get(0, [])}
     while True:
         units = units_of(record, paths)
-        writers = [u for u in units if any(record.calls[i].writes_inputs for i in u.calls)]
-        if writers:  # never placed: its code runs with its caller's, the modules it calls may be
+        writers = [u for u in units if _writes_inputs(record, u)]
+        if writers:  # never placed: its code runs with its caller's
             for u in writers:
-                paths.discard(u.path)
-                paths.update(record.calls[j].path for i in u.calls for j in record.children.get(i, []))
+                descend(u)
             continue
         splittable = [u for u in units if any(record.children.get(i) for i in u.calls)]
         if not splittable:
@@ -156,8 +168,12 @@ def choose_units(record: CallRecord, spec: DeviceSpec, devices: int) -> list[Uni
         big = max(splittable, key=cost)
         if cost(big) <= total / devices:
             return units
-        paths.discard(big.path)
-        paths.update(record.calls[j].path for i in big.calls for j in record.children.get(i, []))
+        descend(big)
+
+
+def _writes_inputs(record: CallRecord, u: Unit) -> bool:
+    """Whether a call of u wrote a tensor it was given in place (then u may not be placed: module docstring)."""
+    return any(record.calls[i].writes_inputs for i in u.calls)
 
 
 def placement_fingerprint(record: CallRecord) -> str:
@@ -171,57 +187,64 @@ def placement_fingerprint(record: CallRecord) -> str:
 
 
 class _Pricer:
-    """Per-microbatch stage costs of a split of units (module docstring)."""
+    """Per-microbatch stage costs of a split of units (module docstring), each in O(1) from prefix sums (the DP asks
+    for O(stages x units^2) of them)."""
 
     def __init__(self, record: CallRecord, units: list[Unit], spec: DeviceSpec, microbatches: int):
         self.record, self.units, self.spec, self.m = record, units, spec, microbatches
         training = record.training
         owned: set[str] = set()
         self.params: list[list[str]] = []
-        self.static: list[float] = []
         for u in units:  # a tensor two units share (tied) is held by the first
             prefix = f"{u.path}." if u.path else ""
             names = [n for n in record.tensors if n.startswith(prefix) and n not in owned]
             owned.update(names)
             self.params.append(names)
-            self.static.append(sum(self.static_of(n) for n in names))
         self.top_params = [n for n in record.tensors if n not in owned]
         self.top_static = sum(self.static_of(n) for n in self.top_params)
-        self.times = [
-            _call_times(u.flops / self.m, u.io_bytes / self.m + len(u.calls) * self._read(i), u.dtype, spec, training)
-            for i, u in enumerate(units)
+        read = [sum(_bytes(record, n) for n in names) for names in self.params]
+        times = [
+            _call_times(u.flops / self.m, u.io_bytes / self.m + len(u.calls) * r, u.dtype, spec, training)
+            for u, r in zip(units, read)
         ]
-        self.io = [u.io_bytes / self.m for u in units]
         root = record.calls[0]
-        top_flops = root.flops - sum(u.flops for u in units)
-        self.top_times = _call_times(max(top_flops, 0) / self.m, 0.0, root.dtype, spec, training)
+        self.top_times = _call_times(max(root.flops - sum(u.flops for u in units), 0) / self.m, 0.0, root.dtype, spec,
+                                     training)  # fmt: skip
         self.top_saved = max(root.saved_bytes - sum(u.saved_bytes for u in units), 0) / self.m
-        self.saved = [u.saved_bytes / self.m for u in units]
+        self.static = [sum(self.static_of(n) for n in names) for names in self.params]
+        self._sums = {
+            key: np.concatenate([[0.0], np.cumsum(values, dtype=float)])
+            for key, values in {
+                "forward": [t[0] for t in times], "backward": [t[1] for t in times],
+                "io": [u.io_bytes / self.m for u in units], "calls": [len(u.calls) for u in units],
+                "saved": [u.saved_bytes / self.m for u in units], "static": self.static,
+            }.items()
+        }  # fmt: skip
+
+    def _sum(self, key: str, lo: int, hi: int) -> float:
+        return float(self._sums[key][hi] - self._sums[key][lo])
 
     def static_of(self, name: str) -> float:
         """Bytes a copy of parameter / buffer `name` holds for the step (weights, gradients, optimizer state)."""
         n, size, grad, buffer = self.record.tensors[name]
         return static_bytes_per_param(n, size, training=self.record.training and grad, is_buffer=buffer)
 
-    def _read(self, i: int) -> float:
-        return sum(self.record.tensors[n][0] * self.record.tensors[n][1] for n in self.params[i])
-
     def comm(self, index: int, lo: int, hi: int) -> float:
         """Seconds per microbatch and direction to send units[lo:hi]'s inputs from the driver and their outputs back
         (the gradients the same way in the backward); nothing on the driver's own stage 0."""
-        calls = sum(len(u.calls) for u in self.units[lo:hi])
-        return 0.0 if index == 0 else p2p_time(self.spec, sum(self.io[lo:hi]), 2 * calls)
+        return 0.0 if index == 0 else p2p_time(self.spec, self._sum("io", lo, hi), 2 * self._sum("calls", lo, hi))
 
     def stage(self, index: int, lo: int, hi: int) -> StageCost:
         """Stage `index` holding units[lo:hi] (stage 0 with the top-level code)."""
-        forward = sum(t[0] for t in self.times[lo:hi]) + (self.top_times[0] if index == 0 else 0.0)
-        backward = sum(t[1] for t in self.times[lo:hi]) + (self.top_times[1] if index == 0 else 0.0)
+        top = index == 0
         comm = self.comm(index, lo, hi)
         return StageCost(
-            forward=forward + comm,
-            backward=backward + comm if self.record.training else 0.0,
-            activation_bytes=sum(self.saved[lo:hi]) + (self.top_saved if index == 0 else 0.0),
-            static_bytes=sum(self.static[lo:hi]) + (self.top_static if index == 0 else 0.0),
+            forward=self._sum("forward", lo, hi) + (self.top_times[0] if top else 0.0) + comm,
+            backward=self._sum("backward", lo, hi) + (self.top_times[1] if top else 0.0) + comm
+            if self.record.training
+            else 0.0,
+            activation_bytes=self._sum("saved", lo, hi) + (self.top_saved if top else 0.0),
+            static_bytes=self._sum("static", lo, hi) + (self.top_static if top else 0.0),
         )
 
     def memory(self, cost: StageCost) -> float:
@@ -312,13 +335,12 @@ def plan_placement(
         paths = [p for s in saved.stages for p in s.nodes]
         units = units_of(record, set(paths))
         pricer = _Pricer(record, units, spec, saved.microbatches)
-        by_path = {u.path: i for i, u in enumerate(units)}
         bounds = [0]
         for s in saved.stages:
             bounds.append(bounds[-1] + len(s.nodes))
-        if [u.path for u in units] != paths or any(p not in by_path for p in paths):
+        if [u.path for u in units] != paths:
             raise ValueError("the saved plan's placed modules are not called in its order by this model; plan again")
-        writers = [u.path for u in units if any(record.calls[i].writes_inputs for i in u.calls)]
+        writers = [u.path for u in units if _writes_inputs(record, u)]
         if writers:
             raise ValueError(
                 f"the saved plan places {writers[0]!r}, which writes a tensor it is given in place (on another stage "
@@ -353,12 +375,8 @@ def _fixed_layout(pricer: _Pricer, units: list[Unit], bounds: list[int], spec: D
     sim = simulate(costs, num_microbatches=m, schedule="gpipe", blocking_sends=not spec.overlaps_comm)
     # After the backward, each shared parameter's gradient is summed over the stages holding it (one after another)
     sync = sum(all_reduce_time(spec, _bytes(pricer.record, name), len(stages)) for name, stages in shared.items())
-    return PlacementLayout(split, costs, sim, held, shared, sync)
-
-
-def _bytes(record: CallRecord, name: str) -> float:
-    numel, size, _, _ = record.tensors[name]
-    return float(numel * size)
+    comms = [pricer.comm(s, bounds[s], bounds[s + 1]) for s in range(count)]
+    return PlacementLayout(split, costs, sim, held, comms, shared, sync)
 
 
 def shared_parameters(record: CallRecord, split: list[list[Unit]], held: list[list[str]]) -> dict[str, list[int]]:
@@ -386,8 +404,7 @@ def _to_plan(record: CallRecord, layout: PlacementLayout, *, model_name: str, fi
     m = microbatches
     stages = []
     for s, (units, cost, params) in enumerate(zip(layout.stages, layout.costs, layout.params)):
-        comm = p2p_time(spec, sum(u.io_bytes for u in units) / m, 2 * sum(len(u.calls) for u in units)) if s else 0.0
-        comm *= 2 if record.training else 1
+        comm = layout.comms[s] * (2 if record.training else 1)  # forward, and the gradients back
         paths = [u.path for u in units] or [TOP_LEVEL]
         stages.append(
             StagePlan(
@@ -395,7 +412,7 @@ def _to_plan(record: CallRecord, layout: PlacementLayout, *, model_name: str, fi
                 nodes=[u.path for u in units],
                 modules=paths[:1] if len(paths) == 1 else [paths[0], paths[-1]],
                 params=params,
-                param_bytes=float(sum(record.tensors[n][0] * record.tensors[n][1] for n in params)),
+                param_bytes=sum(_bytes(record, n) for n in params),
                 flops=float(sum(u.flops for u in units) + (_top_flops(record, layout) if s == 0 else 0)),
                 compute_time=m * (cost.forward + cost.backward - comm),
                 comm_time=m * comm,

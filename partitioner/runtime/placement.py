@@ -20,16 +20,11 @@ from torch.utils import _pytree as pytree
 __all__ = ["PlacementRunner", "split_batch"]
 
 
-def split_batch(value: Any, chunks: int, what: str) -> list[Any]:
+def split_batch(value: Any, chunks: int) -> list[Any]:
     """Every tensor in `value` (a pytree) cut into `chunks` along dim 0 (torch.tensor_split, as the pipeline
-    schedules cut); other leaves repeated. Raises ValueError when a tensor has fewer rows than chunks or the tensors
-    disagree on their rows, naming `what`."""
+    schedules cut); other leaves repeated. The caller has checked the rows split evenly (validate.check_batch_split,
+    in CompiledModel.step)."""
     leaves, spec = pytree.tree_flatten(value)
-    rows = {t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
-    if len(rows) > 1:
-        raise ValueError(f"the tensors of {what} have {sorted(rows)} rows in dim 0; a step splits them all alike")
-    if rows and min(rows) < chunks:
-        raise ValueError(f"{what} has {min(rows)} rows in dim 0, fewer than the plan's {chunks} microbatches")
     parts = [
         torch.tensor_split(t, chunks) if isinstance(t, torch.Tensor) and t.dim() > 0 else [t] * chunks for t in leaves
     ]
@@ -54,8 +49,8 @@ class PlacementRunner:
         kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Forward every microbatch, then backward each (module docstring); returns the mean loss, detached."""
-        calls = split_batch((tuple(inputs), dict(kwargs or {})), microbatches, "the inputs")
-        target_chunks = split_batch(targets, microbatches, "the targets")
+        calls = split_batch((tuple(inputs), dict(kwargs or {})), microbatches)
+        target_chunks = split_batch(targets, microbatches)
         losses = [loss_fn(self.model(*a, **kw), t) for (a, kw), t in zip(calls, target_chunks)]
         for loss in losses:
             (loss / microbatches).backward()

@@ -201,8 +201,8 @@ class RemotePlacement:
         microbatch loss on every rank."""
         loss = torch.zeros((), device=self.device)
         if self.rank == 0:
-            calls = split_batch((tuple(inputs), dict(kwargs or {})), microbatches, "the inputs")
-            chunks = split_batch(targets, microbatches, "the targets")
+            calls = split_batch((tuple(inputs), dict(kwargs or {})), microbatches)
+            chunks = split_batch(targets, microbatches)
 
             driver = threading.Lock()
 
