@@ -563,7 +563,7 @@ def _build_placement(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], rea
     label = f"{type(cm.model).__name__} on {o.devices} devices (module placement)"
     with Progress(label, enabled=o.verbose) as progress:
         with progress.phase("record"):
-            record = record_calls(cm.model, tuple(args), dict(kwargs), training=o.training, reason=reason)
+            record = record_calls(cm.model, tuple(args), dict(kwargs), training=o.training)
         with progress.phase("plan"):
             plan, layout = plan_placement(
                 record, model_name=type(cm.model).__name__, devices=o.devices, spec=o.spec,

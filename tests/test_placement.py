@@ -75,7 +75,7 @@ def test_the_recording_is_the_call_tree_of_the_branch_taken() -> None:
     net = control_flow_models.build("early-return")
     x, _ = control_flow_models.batch()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    record = record_calls(net, (x,), {}, training=True, reason="test")
+    record = record_calls(net, (x,), {}, training=True)
     assert [c.path for c in record.calls] == ["", "a", "b", "long_head"]  # 8 rows go the long way
     assert all(c.parent == 0 for c in record.calls[1:])
     assert [c.flops for c in record.calls[1:]] == [2 * 8 * 16 * 16] * 3  # a Linear's FLOPs, counted
@@ -106,7 +106,7 @@ class _Wide(nn.Module):
 
 def test_a_unit_larger_than_a_devices_share_is_split_into_the_modules_it_calls() -> None:
     net = _Wide()
-    record = record_calls(net, (torch.randn(32, 8),), {}, training=True, reason="test")
+    record = record_calls(net, (torch.randn(32, 8),), {}, training=True)
     assert [u.path for u in choose_units(record, CPU, devices=1)] == ["head", "block", "tail"]
     split = [u.path for u in choose_units(record, CPU, devices=4)]
     assert split == ["head", "block.0", "block.1", "block.2", "block.3", "tail"]
@@ -120,7 +120,7 @@ def test_a_unit_larger_than_a_devices_share_is_split_into_the_modules_it_calls()
 def test_a_module_that_writes_its_input_in_place_is_never_placed() -> None:
     net = control_flow_models.build("in-place")
     x, _ = control_flow_models.batch()
-    record = record_calls(net, (x,), {}, training=True, reason="test")
+    record = record_calls(net, (x,), {}, training=True)
     assert [c.path for c in record.calls if c.writes_inputs] == ["act", "block.1"]
     units = [u.path for u in choose_units(record, CPU, devices=2)]
     assert units == ["a", "block", "b"]
@@ -141,7 +141,7 @@ def test_the_split_is_the_best_contiguous_one_within_memory() -> None:
         layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip([8, *widths], widths))
         net = nn.Module()
         net.layers = layers
-        record = record_calls(_Seq(layers), (torch.randn(4, 8),), {}, training=True, reason="test")
+        record = record_calls(_Seq(layers), (torch.randn(4, 8),), {}, training=True)
         units = units_of(record, {f"layers.{i}" for i in range(len(widths))})
         pricer = _Pricer(record, units, CPU, microbatches=2)
         stages = rng.randint(1, len(units))

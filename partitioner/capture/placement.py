@@ -5,10 +5,10 @@ The capture for models no graph can hold: a forward that branches or loops on te
 a leaf). Like SageMaker's model parallelism, this mode never needs a graph: it runs the forward once on the
 example inputs with a pre- and post-hook on every submodule and records the call tree: for each call its module
 path, its parent call, and, inclusive of everything it calls, the forward FLOPs (FlopCounterMode), the activation
-bytes autograd saves for backward (saved_tensors_hooks, each storage once), the bytes of its tensor inputs and
-outputs, and its wall time on this machine; besides, which named parameters and buffers its own code hands to torch
-functions (a TorchFunctionMode: how plan.placement finds a weight two stages use) and whether it wrote one of its
-tensor arguments in place (their version counters). `plan.placement` chooses which modules to place and where; at
+bytes autograd saves for backward (saved_tensors_hooks, each storage once) and the bytes of its tensor inputs and
+outputs; besides, which named parameters and buffers its own code hands to torch functions (a TorchFunctionMode: how
+plan.placement finds a weight two stages use) and whether it wrote one of its tensor arguments in place (their
+version counters). `plan.placement` chooses which modules to place and where; at
 run time the real forward runs and each placed module's calls run on its stage (`runtime.placement`).
 
 Invariants: the model is left as it was (buffers, Python scalar attributes and the RNG state restored; the example
@@ -21,7 +21,6 @@ Example: `M.forward` = `a(x)`, then `b(x)` or `-b(x)` by `x.sum() > 0`, then `d(
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +50,6 @@ class ModuleCall:
     saved_bytes: int  # activation bytes autograd keeps for backward (0 when not training)
     in_bytes: int  # bytes of its tensor arguments
     out_bytes: int  # bytes of its tensor outputs
-    seconds: float  # forward wall time on this machine
     dtype: str  # the dtype its floating-point outputs (else inputs) have, for the cost model ("float32" if none)
     # parameters and buffers its own code hands to torch functions (not those of the calls it makes), by the first
     # name of each: `self.weight` in F.linear, or another module's weight read directly (a tied LM head)
@@ -63,12 +61,10 @@ class ModuleCall:
 
 @dataclass
 class CallRecord:
-    """The recorded run: its calls in order, the model's parameters by module, and why this mode was used."""
+    """The recorded run: its calls in order and the model's parameters and buffers."""
 
     calls: list[ModuleCall]
-    reason: str  # why the graph captures could not be used (or that the option asked for this mode)
     training: bool
-    output_bytes: int  # the model's outputs
     # qualified name -> (numel, element size, requires_grad, is_buffer): every parameter and buffer once (a tied one
     # under its first name)
     tensors: dict[str, tuple[int, int, bool, bool]] = field(default_factory=dict)
@@ -104,7 +100,7 @@ class _Reads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, reason: str) -> CallRecord:
+def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool) -> CallRecord:
     """Run `model(*args, **kwargs)` once with every submodule hooked and return its calls (see module docstring).
 
     Training runs the forward with gradients enabled (to count what autograd saves) and never runs a backward.
@@ -136,13 +132,12 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, train
         calls.append({
             "index": index, "path": names[id(module)], "parent": stack[-1] if stack else -1,
             "in_bytes": _nbytes((a, kw)), "flops": counter.get_total_flops(), "saved": saved[0],
-            "start": time.perf_counter(), "args": (a, kw), "versions": [t._version for t in _tensors((a, kw))],
+            "args": (a, kw), "versions": [t._version for t in _tensors((a, kw))],
         })  # fmt: skip
         stack.append(index)
 
     def post(module: nn.Module, a: tuple, kw: dict[str, Any], out: Any) -> None:
         c = calls[stack.pop()]
-        c["seconds"] = time.perf_counter() - c.pop("start")
         c["flops"] = counter.get_total_flops() - c["flops"]
         c["saved"] = saved[0] - c["saved"]
         c["out_bytes"] = _nbytes(out)
@@ -157,7 +152,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, train
     call_args, call_kwargs = _clone((args, kwargs))
     try:
         with torch.set_grad_enabled(training), counter, saved_tensors_hooks(pack, lambda t: t), reads:
-            out = model(*call_args, **call_kwargs)
+            model(*call_args, **call_kwargs)
     except Exception as e:
         on_meta = any(t.is_meta for t in [*model.parameters(), *_tensors((args, kwargs))])
         fix = (
@@ -174,14 +169,14 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, train
         for h in handles:
             h.remove()
         state.restore()
-    if stack or any("seconds" not in c for c in calls):
+    if stack or any("out_bytes" not in c for c in calls):
         raise ValueError(f"{type(model).__name__}'s forward left a module call unfinished; it cannot be recorded")
     records = [
         ModuleCall(c["index"], c["path"], c["parent"], int(c["flops"]), c["saved"] if training else 0,
-                   c["in_bytes"], c["out_bytes"], c["seconds"], c["dtype"], tuple(sorted(c.get("reads", ()))),
+                   c["in_bytes"], c["out_bytes"], c["dtype"], tuple(sorted(c.get("reads", ()))),
                    c["writes_inputs"])
         for c in calls
     ]  # fmt: skip
     tensors = {n: (p.numel(), p.element_size(), p.requires_grad, False) for n, p in model.named_parameters()}
     tensors.update((n, (b.numel(), b.element_size(), False, True)) for n, b in model.named_buffers())
-    return CallRecord(records, reason, training, _nbytes(out), tensors)
+    return CallRecord(records, training, tensors)
