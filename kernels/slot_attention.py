@@ -26,8 +26,18 @@ partial buffers the launcher allocates contiguous (slot * Dv + feature < 128 * 5
 through loop bounds: Triton's interpreter runs loops over Python ints, so a loop variable's type differs between
 the interpreter and compiled code (tests/test_kernels_offsets.py runs these kernels' index math in the interpreter).
 
-File layout: autotune space, forward kernel, backward kernel, launcher + autograd.Function, reference,
-public function.
+Precision per input dtype (the tl.dot calls, see ``_dot_precision``): bf16 / fp16 dots take their operands in
+the input dtype (q pre-scaled, the attention tile, and in the backward d logits and attn / den are rounded to it)
+and accumulate in fp32 on tensor cores (mma.sync / wgmma on sm_90); the softmax, the running sums, dq and the
+partial buffers are fp32. fp32 dots are exact fp32 (``input_precision="ieee"``, FMA loops on CUDA cores) unless
+``torch.backends.cuda.matmul.allow_tf32`` is set, then TF32 on tensor cores (10-bit mantissa operands, fp32
+accumulation), as torch's own matmuls in the reference; the autotune key has DOT_PRECISION, so each setting is
+tuned on its own. The backward computes dk and dv in feature chunks (``BLOCK_C``) so that no whole (BLOCK_N,
+feature) fp32 tile is live; autotune configs are pruned by shared-memory and register models checked against
+sm_90 compiles (``_prune``).
+
+File layout: autotune space and its pruning, forward kernel, backward kernel, launcher + autograd.Function,
+reference, public function.
 """
 
 from __future__ import annotations
@@ -45,8 +55,8 @@ _LOG2E = 1.4426950408889634
 _MAX_SLOTS = 128  # the whole slot column must fit one tile
 _MAX_DIM = 512  # q/k and v feature dims held whole in registers
 _INT32_MAX = 2**31 - 1
-_SMEM_BYTES = 160 * 1024  # pruning: shared memory for pipelined tiles (H100 / H200 have 227 KiB per block)
-_REGS_PER_THREAD = 160  # pruning: 32-bit registers a thread may spend on resident tiles before spilling
+_DK_CHUNK = 64  # features of dk / dv the backward computes and stores at a time
+_SMEM_LIMIT = 232448  # H100 / H200: 227 KiB of shared memory per block
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,29 +77,104 @@ def _configs() -> list:
     ]
 
 
-def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
-    """Keep configs whose token tile fits a split, whose pipelined k and v tiles fit shared memory and whose
-    resident tiles fit their warps' registers; the smallest config survives if none does."""
+# Pruning by the H100's limits, with models checked against sm_90 compiles of all 24 configs of each kernel at
+# the benchmark shapes (bench/kernels_sm90.py, Triton 3.9, ptxas 13.4; B=64, S=7 / 11, N=1024 / 256, D = Dv =
+# 256, i.e. BLOCK_S=16, BLOCK_D = BLOCK_DV = 256, BLOCK_C=64) for bf16, fp16, fp32 and fp32 with TF32: 192
+# compiles. "fma": fp32 inputs with ieee dots (no TF32), which Triton lowers to FMA loops on CUDA cores, with
+# their own register use. Register budget in words per thread (_reg_words), per kernel and dot path, between
+# the largest count that compiled without spills and the smallest that spilled:
+#   fwd, tensor cores: clean up to 224 (bf16 BLOCK_N=128 w4: 233 registers), spills at 368 (TF32
+#       BLOCK_N=128 w4, s1 and s2) -> 232.
+#   fwd, fma: clean up to 102 (BLOCK_N=16 w4: 198 registers at s1), spills from 108 (BLOCK_N=64 w8) -> 104.
+#   bwd, tensor cores: clean up to 192 (bf16 BLOCK_N=64 w4: 222 registers; TF32 BLOCK_N=32 w4: 224), spills
+#       from 240 (TF32 BLOCK_N=128 w8) -> 200.
+#   bwd, fma: clean up to 96 (BLOCK_N=32 w8, s2 and s3), spills at 144 with 8 warps (BLOCK_N=64 w8) though not
+#       with 4 (BLOCK_N=16 w4 s2 / s3, pruned with it) -> 96; and every num_stages=1 config spilled (0.4-90 KB
+#       per thread), so the backward's FMA configs need s >= 2.
+_REG_WORDS = {("fwd", False): 232, ("fwd", True): 104, ("bwd", False): 200, ("bwd", True): 96}
+
+
+def _reg_words(bwd: bool, bn: int, warps: int, bs: int, bd: int, bdv: int, elem: int, block_c: int) -> float:
+    """32-bit words per thread of the tiles a program keeps in registers: the loop-invariant slot tiles (forward:
+    q and the fp32 accumulator; backward: log2-scaled q, dU and the fp32 dq accumulator), one (BLOCK_N, feature)
+    k or v tile in the input dtype, logits-sized fp32 tiles (3 in the forward, 4 in the backward) and, in the
+    backward, one (BLOCK_N, BLOCK_C) fp32 chunk of dk / dv."""
+    word = elem / 4
+    tile = bn * max(bd, bdv) * word
+    if bwd:
+        resident = bs * (bd + bdv) * word + bs * bd
+        tile += bn * block_c + 4 * bs * bn
+    else:
+        resident = bs * bd * word + bs * bdv
+        tile += 3 * bs * bn
+    return (resident + tile) / (32 * warps)
+
+
+def _smem_bytes(
+    bwd: bool, bn: int, stages: int, bs: int, bd: int, bdv: int, elem: int, block_c: int, tf32: bool
+) -> int:
+    """Upper bound of the shared memory Triton 3.9 gives one program (the compiled kernel's `metadata.shared`).
+
+    The dot operands live in shared memory: the loop-invariant slot tiles (q; in the backward also dU), and per
+    token tile the k and v tiles (and in the backward the q and dU column chunks the dk / dv dots re-load). With
+    num_stages = s >= 2 the software pipeliner keeps s - 1 copies of every load in the loop in flight; with s = 1
+    each tile passes through shared memory once. Layout conversions add scratch: the forward's attention operand
+    (BLOCK_S, BLOCK_N) in the input dtype; the backward's (BLOCK_N, BLOCK_C) fp32 dk / dv chunk on its way to the
+    store and two (BLOCK_S, BLOCK_N) fp32 tiles; with TF32 and s >= 2 one more k and v tile (the compiles need
+    10-72 KiB more there than without TF32).
+    Of the 192 compiles above none needs more: the forward's bound is exact, the backward's is above by up to
+    40 KiB (s = 1: 96 KiB, its k and v tiles are not both live; more with TF32, whose extra term is generous),
+    so the backward may drop a config within a few KiB of the limit (fp32 BLOCK_N=32 w8 s3: 226 KiB).
+    Other shapes are not measured: tests/test_kernels_slot_attention_limits.py compiles some to check."""
+    kv = bn * (bd + bdv) * elem  # one k and one v tile
+    if not bwd:
+        resident, per_stage, scratch = bs * bd * elem, kv, bs * bn * elem
+        once = bn * max(bd, bdv) * elem  # s = 1: k, then v, through the same buffer
+    else:
+        resident, per_stage = bs * (bd + bdv) * elem, kv + bs * (bd + bdv) * elem
+        scratch = bn * (block_c + 2 * bs) * 4 + (kv if tf32 and stages >= 2 else 0)
+        once = kv
+    return resident + (per_stage * (stages - 1) if stages >= 2 else once) + scratch
+
+
+def _prune(kernel: str, configs: list, named_args: dict, **kwargs: object) -> list:
+    """Keep the configs of `kernel` ("fwd" / "bwd") whose token tile fits a split, whose shared memory
+    (:func:`_smem_bytes`) fits an H100's 227 KiB and whose register tiles (:func:`_reg_words`) fit the budget
+    that compiled without spills (`_REG_WORDS`); the smallest config survives if none does."""
     args = {**named_args, **kwargs}
+    bwd = kernel == "bwd"
     tokens = max(16, triton.next_power_of_2(int(args["n_per_split"])))
-    block_s, block_d, block_dv = int(args["BLOCK_S"]), int(args["BLOCK_D"]), int(args["BLOCK_DV"])
+    bs, bd, bdv = int(args["BLOCK_S"]), int(args["BLOCK_D"]), int(args["BLOCK_DV"])
+    block_c = int(args.get("BLOCK_C", min(_DK_CHUNK, bd, bdv)))
     elem = args["K"].element_size() if hasattr(args.get("K"), "element_size") else 4
+    precision = args.get("DOT_PRECISION", "ieee")
+    fma = elem == 4 and precision == "ieee"
+    tf32 = elem == 4 and precision == "tf32"
 
     def fits(c: triton.Config) -> bool:
-        bn = c.kwargs["BLOCK_N"]
-        smem = bn * (block_d + block_dv) * elem * max(1, c.num_stages)  # k, v tiles in flight (bytes)
-        regs = block_s * (block_d + block_dv) + 3 * block_s * bn  # q, acc / dq, logits-sized tiles (fp32)
-        return bn <= tokens and smem <= _SMEM_BYTES and regs <= _REGS_PER_THREAD * 32 * c.num_warps
+        bn, warps, stages = c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        smem = _smem_bytes(bwd, bn, stages, bs, bd, bdv, elem, block_c, tf32)
+        words = _reg_words(bwd, bn, warps, bs, bd, bdv, elem, block_c)
+        return (
+            bn <= tokens
+            and smem <= _SMEM_LIMIT
+            and words <= _REG_WORDS[kernel, fma]
+            and not (bwd and fma and stages < 2)
+        )
 
     kept = [c for c in configs if fits(c)]
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.num_stages, -c.num_warps))]
 
 
-_AUTOTUNE = dict(
-    configs=_configs(),
-    key=["S", "N", "D", "DV", "n_per_split", "HAS_MASK", "STORE_ATTN"],
-    prune_configs_by={"early_config_prune": _prune},
-)
+def _autotune(kernel: str) -> dict:
+    """triton.autotune arguments of `kernel` ("fwd" / "bwd"). The key holds what changes the best config or the
+    compiled kernel: the sizes, the launch constexprs, and DOT_PRECISION (TF32 or not changes the dots' lowering,
+    their registers and shared memory)."""
+    return dict(
+        configs=_configs(),
+        key=["S", "N", "D", "DV", "n_per_split", "HAS_MASK", "STORE_ATTN", "DOT_PRECISION"],
+        prune_configs_by={"early_config_prune": functools.partial(_prune, kernel)},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,7 +183,7 @@ _AUTOTUNE = dict(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(**_AUTOTUNE)
+@triton.autotune(**_autotune("fwd"))
 @triton.jit
 def _slot_attention_fwd_kernel(
     Q, K, V, MASK, ACC, ASUM, ATTN,
@@ -183,11 +268,12 @@ def _slot_attention_fwd_kernel(
 #   d attn = (dU v^T) / den - c (+ d attn from the returned attention)
 #   d logits = attn * (d attn - sum_s attn * d attn)          softmax over slots, local to a token column
 #   dq = scale * sum_n dlogits k      dk = scale * dlogits^T q      dv = r^T dU
-# dk and dv rows belong to one program; dq is a per-split partial DQ[b, p] (fp32) summed by the launcher.
+# dk and dv rows belong to one program, which writes them BLOCK_C features at a time; dq is a per-split partial
+# DQ[b, p] (fp32) summed by the launcher.
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(**_AUTOTUNE)
+@triton.autotune(**_autotune("bwd"))
 @triton.jit
 def _slot_attention_bwd_kernel(
     Q, K, V, MASK, DEN, U, DU, DATTN, DQ, DK, DV_OUT,
@@ -203,6 +289,7 @@ def _slot_attention_bwd_kernel(
     S, N, D, DV, n_per_split, P, qk_scale_log2, scale,
     HAS_MASK: tl.constexpr, STORE_ATTN: tl.constexpr, WIDE_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # STORE_ATTN here means "the returned attention has a gradient DATTN" (same autotune key as the forward)
     tl.static_assert(BLOCK_S >= 16, "tl.dot needs at least 16 rows: pad the slot axis")
@@ -219,23 +306,24 @@ def _slot_attention_bwd_kernel(
     sd_mask = s_in[:, None] & (offs_d[None, :] < D)
     sdv_mask = s_in[:, None] & (offs_dv[None, :] < DV)
 
-    # Raw and log2-scaled queries (BLOCK_S, BLOCK_D), active slots (BLOCK_S,)
-    q = tl.load(Q + pid_b * stride_qb + s64[:, None] * stride_qs + d64[None, :] * stride_qd,
-                mask=sd_mask, other=0.0)  # fmt: skip
-    q_log2 = (q.to(tl.float32) * qk_scale_log2).to(q.dtype)
+    # log2-scaled queries (BLOCK_S, BLOCK_D) for the logits, active slots (BLOCK_S,). The raw q and dU are not
+    # held: the dk / dv chunks below re-load the column chunks they need (L1 / L2 hits, BLOCK_S rows).
+    q_log2 = tl.load(Q + pid_b * stride_qb + s64[:, None] * stride_qs + d64[None, :] * stride_qd,
+                     mask=sd_mask, other=0.0)  # fmt: skip
+    q_log2 = (q_log2.to(tl.float32) * qk_scale_log2).to(q_log2.dtype)
     slot_ok = s_in
     if HAS_MASK:
         m = tl.load(MASK + pid_b * stride_mb + s64 * stride_ms, mask=s_in, other=0)
         slot_ok = slot_ok & (m != 0)
 
-    # Per-slot constants: den (BLOCK_S,), dU (BLOCK_S, BLOCK_DV), c = (dU . U) / den (BLOCK_S,)
+    # Per-slot constants: den (BLOCK_S,), dU (BLOCK_S, BLOCK_DV) as a dot operand, c = (dU . U) / den (BLOCK_S,)
     den = tl.load(DEN + pid_b * S + offs_s, mask=s_in, other=1.0)
-    du = tl.load(DU + pid_b * stride_dub + s64[:, None] * stride_dus + dv64[None, :] * stride_dud,
-                 mask=sdv_mask, other=0.0).to(tl.float32)  # fmt: skip
+    du_ptrs = DU + pid_b * stride_dub + s64[:, None] * stride_dus
+    du = tl.load(du_ptrs + dv64[None, :] * stride_dud, mask=sdv_mask, other=0.0).to(tl.float32)
     u = tl.load(U + pid_b * stride_ub + s64[:, None] * stride_us + dv64[None, :] * stride_ud,
                 mask=sdv_mask, other=0.0).to(tl.float32)  # fmt: skip
     c = tl.sum(du * u, axis=1) / den
-    du_op = du.to(q.dtype)
+    du_op = du.to(q_log2.dtype)
 
     dq = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
     n_start = pid_p * n_per_split  # < N: int32
@@ -243,6 +331,7 @@ def _slot_attention_bwd_kernel(
     tokens = tl.arange(0, BLOCK_N)
     if WIDE_TOKENS:  # a token index times a token stride may pass 2^31 (see _wide_tokens)
         tokens = tokens.to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tokens
         tok_ok = offs_n < n_end
@@ -252,17 +341,17 @@ def _slot_attention_bwd_kernel(
             mask=tok_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
-        v = tl.load(
-            V + pid_b * stride_vb + offs_n[:, None] * stride_vn + dv64[None, :] * stride_vd,
-            mask=tok_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
         logits = _mm(q_log2, tl.trans(k), DOT_PRECISION)
         logits = tl.where(slot_ok[:, None], logits, float("-inf"))
         p = tl.exp2(logits - tl.max(logits, axis=0)[None, :])
         attn = p / tl.sum(p, axis=0)[None, :]
         attn = tl.where(tok_ok[None, :], attn, 0.0)
         # d attn (BLOCK_S, BLOCK_N) through the renormalised product, plus the returned attention's gradient
+        v = tl.load(
+            V + pid_b * stride_vb + offs_n[:, None] * stride_vn + dv64[None, :] * stride_vd,
+            mask=tok_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
         d_attn = _mm(du_op, tl.trans(v), DOT_PRECISION) / den[:, None] - c[:, None]
         if STORE_ATTN:
             da_ptrs = DATTN + pid_b * stride_ab + s64[:, None] * stride_as + offs_n[None, :] * stride_an
@@ -270,15 +359,30 @@ def _slot_attention_bwd_kernel(
         # Softmax backward over the slot axis; zero on inactive slots and padded tokens (attn is 0 there)
         d_logits = attn * (d_attn - tl.sum(attn * d_attn, axis=0)[None, :])
         d_logits = tl.where(slot_ok[:, None] & tok_ok[None, :], d_logits, 0.0)
-        # dq partial (BLOCK_S, BLOCK_D); dk (BLOCK_N, BLOCK_D) and dv (BLOCK_N, BLOCK_DV) are final
+        # dq partial (BLOCK_S, BLOCK_D), fp32 accumulation of input-dtype operands
         dq += _mm(d_logits.to(k.dtype), k, DOT_PRECISION)
-        dk = _mm(tl.trans(d_logits.to(q.dtype)), q, DOT_PRECISION) * scale
-        r = attn / den[:, None]
-        dv = _mm(tl.trans(r.to(du_op.dtype)), du_op, DOT_PRECISION)
-        tl.store(DK + pid_b * stride_dkb + offs_n[:, None] * stride_dkn + d64[None, :] * stride_dkd,
-                 dk.to(DK.dtype.element_ty), mask=tok_ok[:, None] & (offs_d[None, :] < D))  # fmt: skip
-        tl.store(DV_OUT + pid_b * stride_dvb + offs_n[:, None] * stride_dvn + dv64[None, :] * stride_dvd,
-                 dv.to(DV_OUT.dtype.element_ty), mask=tok_ok[:, None] & (offs_dv[None, :] < DV))  # fmt: skip
+        # dk = scale * dlogits^T q (BLOCK_N, BLOCK_D) and dv = r^T dU (BLOCK_N, BLOCK_DV) are final: computed and
+        # stored BLOCK_C features at a time, so that one (BLOCK_N, BLOCK_C) fp32 tile is live instead of two
+        # (BLOCK_N, 256) ones (the backward spilled at BLOCK_N >= 64 with whole tiles)
+        ds_t = tl.trans(d_logits.to(k.dtype))  # (BLOCK_N, BLOCK_S)
+        r_t = tl.trans((attn / den[:, None]).to(v.dtype))
+        dk_rows = DK + pid_b * stride_dkb + offs_n[:, None] * stride_dkn
+        for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+            c64 = (c0 + offs_c).to(tl.int64)
+            c_ok = (c0 + offs_c) < D
+            q_c = tl.load(Q + pid_b * stride_qb + s64[:, None] * stride_qs + c64[None, :] * stride_qd,
+                          mask=s_in[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+            dk = _mm(ds_t, q_c, DOT_PRECISION) * scale
+            tl.store(dk_rows + c64[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+                     mask=tok_ok[:, None] & c_ok[None, :])  # fmt: skip
+        dv_rows = DV_OUT + pid_b * stride_dvb + offs_n[:, None] * stride_dvn
+        for c0 in tl.static_range(0, BLOCK_DV, BLOCK_C):
+            c64 = (c0 + offs_c).to(tl.int64)
+            c_ok = (c0 + offs_c) < DV
+            du_c = tl.load(du_ptrs + c64[None, :] * stride_dud, mask=s_in[:, None] & c_ok[None, :], other=0.0)
+            dv = _mm(r_t, du_c.to(v.dtype), DOT_PRECISION)
+            tl.store(dv_rows + c64[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
+                     mask=tok_ok[:, None] & c_ok[None, :])  # fmt: skip
 
     # This split's dq partial, contiguous fp32 (B, P, S, D); row * S * D is int64
     row = pid_b * P + pid_p
@@ -427,7 +531,7 @@ def _slot_attention_bwd(
         q, k, v, mask, den, updates, d_updates, da_arg, dq_part, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), smb, sms,
         *updates.stride(), *d_updates.stride(), *da_strides, *dk.stride(), *dv.stride(),
-        scale=d**-0.5, STORE_ATTN=d_attn is not None, **meta,
+        scale=d**-0.5, STORE_ATTN=d_attn is not None, BLOCK_C=min(_DK_CHUNK, meta["BLOCK_D"], meta["BLOCK_DV"]), **meta,
     )  # fmt: skip
     return dq_part.sum(dim=1).to(q.dtype), dk, dv
 

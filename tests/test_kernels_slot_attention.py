@@ -108,6 +108,23 @@ def test_metaslot_shape_and_noncontiguous() -> None:
         _assert_close(g, g_ref, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("shape", [(1, 5, 40, 130, 20), (2, 3, 50, 24, 72)], ids=["wide-d", "wide-dv"])
+def test_backward_feature_chunks(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], chunk: int) -> None:
+    """The backward writes dk and dv BLOCK_C = min(chunk, BLOCK_D, BLOCK_DV) features at a time: several chunks,
+    a chunk cut by D or Dv and chunks wholly past it, for q / k (wide-d) and v (wide-dv), masked, with attn."""
+    sa = importlib.import_module("kernels.slot_attention")  # the package exports the function under this name
+
+    monkeypatch.setattr(sa, "_DK_CHUNK", chunk)
+    q, k, v, mask = _inputs(shape, torch.float32, True, seed=3)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    u, a = slot_attention(q, k, v, mask, return_attn=True, backend="triton")
+    du, da = torch.randn_like(u), torch.randn_like(a)
+    _, _, grads_ref = _fp32_reference(q, k, v, mask, du, da)
+    for name, g, g_ref in zip("qkv", torch.autograd.grad((u * du).sum() + (a * da).sum(), (q, k, v)), grads_ref):
+        _assert_close(g, g_ref, torch.float32, f"d{name}")
+
+
 @settings(max_examples=12)
 @given(
     b=st.integers(1, 3),
@@ -218,20 +235,33 @@ def test_row_without_active_slot_is_rejected() -> None:
 
 
 def test_autotune_pruning_keeps_a_fitting_subset(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU autotune space (only used on CUDA) pruned for MetaSlot sizes: non-empty, within the split."""
+    """The GPU autotune space (only used on CUDA) pruned for MetaSlot sizes: non-empty, within the split, and by
+    the limits the sm_90 compiles showed (tests/test_kernels_slot_attention_limits.py checks the models)."""
     sa = importlib.import_module("kernels.slot_attention")  # the package exports the function under this name
 
     monkeypatch.setattr(sa, "INTERPRET", False)
     configs = sa._configs()
     assert len(configs) > 1
-    for dtype in (torch.float32, torch.bfloat16):
-        meta = dict(BLOCK_S=16, BLOCK_D=256, BLOCK_DV=256)
-        kept = sa._prune(configs, {"K": torch.empty(1, dtype=dtype)}, n_per_split=128, **meta)
-        assert 0 < len(kept) < len(configs) and all(c.kwargs["BLOCK_N"] <= 128 for c in kept)
-        kept = sa._prune(configs, {"K": torch.empty(1, dtype=dtype)}, n_per_split=20, **meta)
-        assert {c.kwargs["BLOCK_N"] for c in kept} <= {16, 32}
+    meta = dict(BLOCK_S=16, BLOCK_D=256, BLOCK_DV=256)
+    for kernel in ("fwd", "bwd"):
+        for dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "ieee")):
+            args = {"K": torch.empty(1, dtype=dtype)}
+            kept = sa._prune(kernel, configs, args, n_per_split=128, DOT_PRECISION=precision, **meta)
+            assert 0 < len(kept) < len(configs) and all(c.kwargs["BLOCK_N"] <= 128 for c in kept)
+            kept = sa._prune(kernel, configs, args, n_per_split=20, DOT_PRECISION=precision, **meta)
+            assert {c.kwargs["BLOCK_N"] for c in kept} <= {16, 32}
+    # The backward's fp32 FMA dots spilled at every num_stages=1 config: none is kept
+    kept = sa._prune("bwd", configs, {"K": torch.empty(1)}, n_per_split=256, DOT_PRECISION="ieee", **meta)
+    assert kept and all(c.num_stages >= 2 for c in kept)
+    # TF32 changes what is kept (and the key has DOT_PRECISION, so each setting is tuned on its own)
+    tf32 = sa._prune("bwd", configs, {"K": torch.empty(1)}, n_per_split=256, DOT_PRECISION="tf32", **meta)
+    assert set(map(str, tf32)) != set(map(str, kept))
+    assert (
+        "DOT_PRECISION" in sa._slot_attention_fwd_kernel.keys and "DOT_PRECISION" in sa._slot_attention_bwd_kernel.keys
+    )
     # Nothing fits (huge tiles): the smallest config still runs
-    assert len(sa._prune(configs, {}, n_per_split=128, BLOCK_S=128, BLOCK_D=4096, BLOCK_DV=4096)) == 1
+    huge = dict(n_per_split=128, BLOCK_S=128, BLOCK_D=4096, BLOCK_DV=4096)
+    assert len(sa._prune("fwd", configs, {}, **huge)) == len(sa._prune("bwd", configs, {}, **huge)) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
