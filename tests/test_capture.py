@@ -707,3 +707,27 @@ def test_an_hf_causal_lm_with_its_cache_on_is_told_to_turn_it_off() -> None:
     captured = capture(model, (torch.zeros(2, 8, dtype=torch.long, device="meta"),))
     reasons = [f.reason for f in captured.fallbacks if f.path == "module-level"]
     assert captured.leaves == ["model"] and "pass example_kwargs={'use_cache': False}" in reasons[0]
+
+
+class _IndexesByAConstant(nn.Module):
+    """fx cannot iterate over a traced size; torch.export can, and lifts the index list [-1] into a tensor constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.register_buffer("scale", torch.ones(6), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [self.lin(x[i : i + 1]) for i in range(len(x))]
+        return torch.cat(rows).view(-1, 3, 2)[:, [-1]] * self.scale.view(3, 2)[:1]
+
+
+def test_constants_export_lifts_and_non_persistent_buffers_are_not_model_state() -> None:
+    """`transient`: tensors the graph reads that the model's state_dict() does not hold (a distributed
+    full_state_dict leaves them out, so it loads into the model with strict=True)."""
+    model = _IndexesByAConstant()
+    cg = capture(model, (torch.randn(2, 4),))
+    assert cg.method == "export"
+    lifted = {str(n.target) for n in cg.graph_module.graph.nodes if n.op == "get_attr"} - set(model.state_dict())
+    assert lifted and cg.transient == lifted
+    assert "scale" in cg.transient and not cg.transient & set(model.state_dict())

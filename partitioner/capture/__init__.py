@@ -54,6 +54,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -192,11 +193,7 @@ def _capture(model: nn.Module, flat: dict[str, Any], tensor_names: list[str], co
         output_constants,
         modes,
         guards,
-        frozenset(
-            f"{path}.{name}" if path else name
-            for path, m in model.named_modules()
-            for name in m._non_persistent_buffers_set
-        ),
+        _transient(model, gm),
     )
     if leaves:
         from partitioner.leaves import attach_leaf_profiles
@@ -207,6 +204,26 @@ def _capture(model: nn.Module, flat: dict[str, Any], tensor_names: list[str], co
             for f in captured.fallbacks
         ]
     return captured
+
+
+def _transient(model: nn.Module, gm: fx.GraphModule) -> frozenset[str]:
+    """The tensors the graph reads that are not the model's state: buffers registered with persistent=False, and the
+    constants torch.export lifts into the graph (Falcon's index tensors `lifted_tensor_0`, ...)."""
+    state = set(model.state_dict(keep_vars=True))
+    non_persistent = {
+        f"{path}.{name}" if path else name
+        for path, m in model.named_modules()
+        for name in m._non_persistent_buffers_set
+    }
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    return frozenset(non_persistent | {t for t in read if t not in state and isinstance(_attr(gm, t), torch.Tensor)})
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 _UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
