@@ -293,9 +293,9 @@ def train_hf_with_compiled_step(
     ``cm.step`` at the plan's default microbatches: in one process, or one stage per rank under torchrun (with
     `tensor_parallel` > 1, each stage's tp-rewritten shard; with `context_parallel` > 1, each rank's tokens of every
     sequence; in one process the unsharded stages run)."""
-    from tests.test_hf_training import CASES
+    from tests.test_hf_training import CASES, MORE_CASES
 
-    spec = next(c for c in CASES if c.name == case)
+    spec = next(c for c in CASES + MORE_CASES if c.name == case)
     torch.manual_seed(seed)
     model = spec.build()
     kwargs, targets = spec.call(batch, seq)

@@ -535,17 +535,19 @@ def test_huggingface_llama_trains_with_context_parallelism_as_in_one_process(
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    "case, steps", [("llama", 5)] + [pytest.param(c, 2, marks=pytest.mark.slow) for c in ("gpt2", "t5", "bert")]
+    "case, steps",
+    [("llama", 5)] + [pytest.param(c, 2, marks=pytest.mark.slow) for c in ("gpt2", "t5", "bert", "falcon")],
 )
 def test_huggingface_models_train_pp2_x_tp2_under_torchrun_as_in_one_process(
     case: str, steps: int, tmp_path: Path
 ) -> None:
     """Issue #16: an export-captured HF model at pipeline 2 x tensor 2 (4 gloo ranks, each running its stage's tp
-    shard: aten.linear / addmm / embedding sharded, Llama's single kv head replicated and sliced per rank) trains
-    like the unsharded model in one process, and the merged checkpoint loads into the original HF class."""
+    shard: aten.linear / addmm / embedding sharded, Llama's single kv head replicated and sliced per rank, Falcon's
+    multi-query q | k | v fused in one weight with its k and v rows kept whole on every rank) trains like the unsharded
+    model in one process, and the merged checkpoint loads into the original HF class."""
     pytest.importorskip("transformers")
     from tests._dist_worker import train_hf_with_compiled_step
-    from tests.test_hf_training import CASES
+    from tests.test_hf_training import CASES, MORE_CASES
 
     kw = dict(case=case, devices=4, pipeline=2, tensor_parallel=2, steps=steps, seed=SEED)
     here, there = tmp_path / "here.pt", tmp_path / "there.pt"
@@ -556,7 +558,7 @@ def test_huggingface_models_train_pp2_x_tp2_under_torchrun_as_in_one_process(
     assert len(ranks["sharded"]) >= 8  # q / o / MLP projections of both layers at least
     assert ranks["losses"] == pytest.approx(local["losses"], abs=1e-5, rel=0)
     _assert_state_equal(ranks["state"], local["state"])
-    fresh = next(c for c in CASES if c.name == case).build()
+    fresh = next(c for c in CASES + MORE_CASES if c.name == case).build()
     fresh.load_state_dict(ranks["state"], strict=True)  # the HF class's own names, full (unsharded) tensors
     for name, value in fresh.state_dict().items():
         torch.testing.assert_close(value, ranks["state"][name])

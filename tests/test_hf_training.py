@@ -98,6 +98,16 @@ def _t5() -> nn.Module:
     return _hf("T5ForConditionalGeneration")(config)
 
 
+def _falcon() -> nn.Module:
+    """Falcon-7B's layout in small: multi-query (one k and v head fused with the q heads in one weight), parallel
+    attention and MLP, rotary embeddings. Not in CASES (the distributed tp test trains it)."""
+    config = _hf("FalconConfig")(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=False,
+        alibi=False, parallel_attn=True, hidden_dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    return _hf("FalconForCausalLM")(config)
+
+
 def _causal(batch: int, seq: int) -> tuple[dict[str, Any], torch.Tensor]:
     call = {**_text(batch, seq, seed=batch + seq), "use_cache": False}
     return call, _ids(batch, seq, seed=1)
@@ -119,6 +129,7 @@ CASES = [
     Case("bert", _bert, _encoder, _hidden_loss),
     Case("t5", _t5, _seq2seq, _lm_loss),
 ]
+MORE_CASES = [Case("falcon", _falcon, _causal, _lm_loss)]  # trained by the distributed tests only
 
 
 def reference_step(

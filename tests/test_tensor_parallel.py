@@ -41,6 +41,7 @@ from partitioner.passes.tensor_parallel import (
 )
 from partitioner.plan.tensor import (
     TensorParallelPlan,
+    check_tensor_parallel_plan,
     max_tensor_parallel,
     plan_tensor_parallel,
     shard_tensor,
@@ -432,6 +433,55 @@ def test_shard_math_roundtrip() -> None:
     shards = [shard_tensor(t, 0, 3, r, 4) for r in range(4)]
     assert shards[1][:16, 0].tolist() == list(range(32, 64, 2))  # rows 16:32 of the q block
     assert torch.equal(unshard_tensor(shards, 0, 3), t)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(0, 3), st.integers(1, 3), st.integers(0, 1))
+def test_shard_math_roundtrip_with_a_tail_kept_whole(tp: int, head: int, whole: int, width: int, dim: int) -> None:
+    """Each rank holds its 1/tp of the first rows and the last `whole` rows themselves; unsharding gives the tensor."""
+    rows = head * tp + whole
+    t = torch.arange(rows * width).view(rows, width) if dim == 0 else torch.arange(rows * width).view(width, rows)
+    shards = [shard_tensor(t, dim, 1, r, tp, whole=whole) for r in range(tp)]
+    for r, s in enumerate(shards):
+        assert s.shape[dim] == head + whole
+        assert torch.equal(s.narrow(dim, 0, head), t.narrow(dim, r * head, head))
+        assert torch.equal(s.narrow(dim, head, whole), t.narrow(dim, rows - whole, whole))
+    assert torch.equal(unshard_tensor(shards, dim, 1, whole=whole), t)
+
+
+class MultiQueryAttention(nn.Module):
+    """One fused q | k | v Linear holding `n_head` q heads and one k and one v head (PaLM / Falcon-7B style),
+    cut by fx getitem slices: q = qkv[:, :, :-2], k = qkv[:, :, -2:-1], v = qkv[:, :, -1:] of its (B, T, nh + 2, hd)
+    view; k and v broadcast over the q heads."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head, self.hd = n_head, d // n_head
+        self.qkv = nn.Linear(d, d + 2 * self.hd)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_head + 2, self.hd)
+        q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, :-2], qkv[:, :, -2:-1], qkv[:, :, -1:]))
+        y = F.scaled_dot_product_attention(q, k.expand(-1, self.n_head, -1, -1), v.expand(-1, self.n_head, -1, -1))
+        return x + self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_multi_query_fused_linear_keeps_k_and_v_whole_in_an_fx_graph(tp: int) -> None:
+    """The fx twin of the HF multi-query tests (test_tp_hf.py): an nn.Linear seed re-seeded with its k and v rows kept
+    whole, the view's size made local as (6 - 2) / tp + 2, the getitem slices' negative bounds left as they are."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MultiQueryAttention(32, 4), MultiQueryAttention(32, 4))
+    gm, inputs = prepare(model, (torch.randn(2, 5, 32),))
+    plan = plan_tensor_parallel(gm, tp)
+    assert plan.param_shard["0.qkv.weight"] == plan.param_shard["0.qkv.bias"] == {"dim": 0, "parts": 1, "whole": 16}
+    assert plan.param_shard["1.out.weight"] == {"dim": 1, "parts": 1} and not plan.fallbacks
+    check_tensor_parallel_plan(gm, plan)
+    check_tensor_parallel(gm, plan, inputs)
+    rank = tensor_parallel_rank(gm, plan, 1, ThreadGroup(tp).comm(1))
+    assert rank.get_submodule("0.qkv").weight.shape == (32 // tp + 16, 32)
 
 
 def test_meta_model_rank_holds_only_local_shapes_and_loads_from_a_source() -> None:

@@ -24,6 +24,7 @@ from partitioner.annotate import annotate
 from partitioner.capture import capture
 from partitioner.passes.tensor_parallel import count_collectives, merge_shards, shard_of, tensor_parallel_rank
 from partitioner.plan.tensor import check_tensor_parallel_plan, plan_tensor_parallel
+from partitioner.plan.tensor_layout import TensorParallelPlan
 from partitioner.plan.tensor_ops import weight_op
 from partitioner.runtime.tp_local import ThreadGroup, check_tensor_parallel
 
@@ -80,6 +81,10 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
     "falcon": lambda n: (T.FalconForCausalLM(T.FalconConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n, num_attention_heads=4, multi_query=True, bias=False,
         alibi=False, parallel_attn=True, hidden_dropout=0.0, attention_dropout=0.0, **NO_CACHE)), _text()),
+    # GPTBigCode (StarCoder, SantaCoder) multi-query: c_attn(x).split((embed, 2 * head_dim), dim=2)
+    "gpt_bigcode": lambda n: (T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=n, n_head=4, n_positions=32, multi_query=True, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, **NO_CACHE)), _text()),
     # Falcon's new decoder architecture: grouped-query, QKV fused per kv group (q heads of a group, then its k, v)
     "falcon_gqa": lambda n: (T.FalconForCausalLM(T.FalconConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n, num_attention_heads=4, num_kv_heads=2,
@@ -113,9 +118,9 @@ def _hf_graph(family: str, layers: int, labels: bool, vocab: int) -> tuple[fx.Gr
     return cg.graph_module, inputs
 
 
-# (family, tp) where some projections stay replicated, each named (test below): Falcon's multi-query QKV fused in
-# one weight; grouped-query QKV fused per group when tp does not divide the groups
-PARTLY_SHARDED = {("falcon", 2), ("falcon", 4), ("falcon_gqa", 4)}
+# (family, tp) where some projections stay replicated, each named (test below): grouped-query QKV fused per group when
+# tp does not divide the groups
+PARTLY_SHARDED = {("falcon_gqa", 4)}
 
 
 def linear_weights(gm: fx.GraphModule) -> set[str]:
@@ -128,7 +133,7 @@ def linear_weights(gm: fx.GraphModule) -> set[str]:
 @pytest.mark.parametrize(
     "family, tp",
     [(f, 2) for f in FAMILIES if (f, 2) not in PARTLY_SHARDED]
-    + [("gpt2", 4), ("gpt_neox", 4), ("bert", 4), ("bloom", 4)],
+    + [("gpt2", 4), ("gpt_neox", 4), ("bert", 4), ("bloom", 4), ("falcon", 4), ("gpt_bigcode", 4)],
 )
 def test_every_projection_is_sharded_and_the_ranks_equal_the_model(family: str, tp: int) -> None:
     gm, inputs = hf_graph(family)
@@ -297,10 +302,10 @@ def test_bloom_alibi_is_read_per_head_of_every_batch_row() -> None:
 @pytest.mark.parametrize("family, tp", sorted(PARTLY_SHARDED))
 def test_projections_written_as_matmuls_are_found_and_each_replicated_one_is_named(family: str, tp: int) -> None:
     """Falcon's `x @ W.T` projections are weight ops like F.linear (tensor_ops.weight_op): its MLP is column then row
-    parallel (its output added in place to the attention's, which stays whole, is all-reduced first); a fused QKV
-    tp cannot split by whole groups (multi-query: one k and v for all heads; grouped: fewer groups than ranks), and
-    so the attention's dense projection, stay replicated with a fallback naming each weight (not yet sharded: issue
-    #16); the ranks equal the model."""
+    parallel (its output added in place to the attention's, which stays whole, is all-reduced first); a grouped QKV
+    fused per group that tp cannot split by whole groups (fewer groups than ranks), and so the attention's dense
+    projection, stay replicated with a fallback naming each weight (not yet sharded: issue #16); the ranks equal the
+    model."""
     gm, inputs = hf_graph(family)
     plan = plan_tensor_parallel(gm, tp)
     weights = linear_weights(gm)
@@ -310,3 +315,55 @@ def test_projections_written_as_matmuls_are_found_and_each_replicated_one_is_nam
     assert named == replicated, (replicated, plan.fallbacks)
     assert not {w for w in replicated if ".mlp." in w}, plan.fallbacks
     check_tensor_parallel(gm, plan, inputs)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family, qkv, tp", [("falcon", "self_attention.query_key_value", 2),
+                                             ("falcon", "self_attention.query_key_value", 4),
+                                             ("gpt_bigcode", "attn.c_attn", 2)])  # fmt: skip
+def test_multi_query_fused_qkv_shards_the_q_heads_and_keeps_k_and_v_whole(family: str, qkv: str, tp: int) -> None:
+    """A multi-query q | k | v in one weight (4 q heads, then one k and one v head of 16): each rank holds its q heads'
+    rows and the k, v rows whole (`"whole": 32`, Megatron's rule for kv heads tp does not split, applied inside the
+    fused weight); Falcon's view (B, T, 4 + 2, 16) becomes (B, T, 4 / tp + 2, 16), GPTBigCode's split sizes
+    (64, 32) become (64 / tp, 32). The ranks equal the model, with and without
+    sequence parallelism, and the merged shards are the model's weights."""
+    gm, inputs = hf_graph(family)
+    name = next(p for p, _ in gm.named_parameters() if p.endswith(f"{qkv}.weight"))
+    spec = {"dim": 0, "parts": 1, "whole": 32}
+    plan = plan_tensor_parallel(gm, tp)
+    assert plan.param_shard[name] == spec and not plan.fallbacks or all("wpe" in f["reason"] for f in plan.fallbacks)
+    assert set(plan.local_shares.values()) == {(64 / tp + 32) / 96}
+    check_tensor_parallel_plan(gm, TensorParallelPlan.from_json(plan.to_json()))
+    check_tensor_parallel(gm, plan, inputs)
+    full = dict(gm.named_parameters())
+    shards = [{k: shard_of(plan, k, v, r) for k, v in full.items()} for r in range(tp)]
+    assert shards[1][name].shape[0] == 64 // tp + 32
+    torch.testing.assert_close(shards[1][name][64 // tp :], full[name][64:], rtol=0, atol=0)  # k, v whole
+    merged = merge_shards(plan, shards)
+    assert all(torch.equal(merged[k], v) for k, v in full.items())
+    counts = []
+    for layers in (1, 2):
+        g, _ = hf_graph(family, layers)
+        counts.append(
+            count_collectives(tensor_parallel_rank(g, plan_tensor_parallel(g, tp), 0, ThreadGroup(tp).comm(0)))
+        )
+    assert counts[1]["all_reduce_forward"] - counts[0]["all_reduce_forward"] == 2
+    # Falcon: one f for its attention and MLP (they read one layer norm in parallel), one each for k and v, which its
+    # attention broadcasts over the heads; GPTBigCode: Megatron's two, its k and v expanded to every head and read as
+    # each rank's slice (all-gathered backward, not all-reduced)
+    assert counts[1]["all_reduce_backward"] - counts[0]["all_reduce_backward"] == (3 if family == "falcon" else 2)
+    if family == "falcon":
+        sp = plan_tensor_parallel(gm, tp, sequence_parallel=True)
+        assert sp.param_shard[name] == spec
+        check_tensor_parallel(gm, sp, inputs)
+
+
+@pytest.mark.timeout(300)
+def test_a_saved_layout_that_keeps_another_tail_whole_is_refused() -> None:
+    gm, _ = hf_graph("falcon")
+    plan = plan_tensor_parallel(gm, 2)
+    name = "transformer.h.0.self_attention.query_key_value.weight"
+    edited = TensorParallelPlan.from_json(plan.to_json())
+    edited.param_shard[name] = {"dim": 0, "parts": 1, "whole": 16}
+    with pytest.raises(ValueError, match=r"view dim 2's 6 - 1 kept whole=5 is not divisible by tp=2"):
+        check_tensor_parallel_plan(gm, edited)

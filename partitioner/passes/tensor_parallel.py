@@ -13,8 +13,12 @@ What the applier does, table-driven like gpt-fast's `tp.py` (`_SHARD_MODULE`):
     vocab_embedding    VocabParallelEmbedding  dim 0          num_embeddings /= tp g (all-reduce)
     vocab_cross_entropy VocabParallelCrossEntropy  -          -                    (3 all-reduces inside)
 
+A column-parallel weight whose last rows every rank holds whole (a multi-query q | k | v, "whole" in its spec) is
+two products joined along the last dim: the q rows from f(x), the kept rows from x itself (`_kept_whole_column`).
+
 plus: size arguments in `arg_rewrites` become size // tp (an int, or a new `floordiv` node when the size was
-computed in the graph; -1 is left alone and infers the local size), ints in `global_sizes` are multiplied by
+computed in the graph; -1 is left alone and infers the local size; in `whole_rewrites`, (size - whole) // tp +
+whole), ints in `global_sizes` are multiplied by
 tp, `f` (identity forward, all-reduce backward) is inserted in front of the rank-dependent consumers of each
 replicated value needing a gradient, and sharded outputs are all-gathered (backward: each rank keeps its slice).
 
@@ -362,14 +366,14 @@ class VocabParallelCrossEntropy(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- parameters
 def _local_tensor(full: torch.Tensor, spec: dict, rank: int, tp: int, name: str, source: Any) -> torch.Tensor:
-    dim, parts, pad = spec["dim"], spec["parts"], spec.get("pad", 0)
+    dim, parts, pad, whole = spec["dim"], spec["parts"], spec.get("pad", 0), spec.get("whole", 0)
     if full.is_meta and source is not None:
         full = source.tensors([name], torch.device("cpu"))[name]
     if full.is_meta:
         shape = list(full.shape)
-        shape[dim] = (shape[dim] + pad) // tp
+        shape[dim] = (shape[dim] - whole + pad) // tp + whole
         return torch.empty(shape, dtype=full.dtype, device="meta")
-    return shard_tensor(full.detach(), dim, parts, rank, tp, pad).clone()
+    return shard_tensor(full.detach(), dim, parts, rank, tp, pad, whole).clone()
 
 
 def local_param_slices(plan: TensorParallelPlan, gm: fx.GraphModule, rank: int) -> dict[str, list[tuple]]:
@@ -382,7 +386,9 @@ def local_param_slices(plan: TensorParallelPlan, gm: fx.GraphModule, rank: int) 
     for name, p in gm.named_parameters(remove_duplicate=False):
         spec = plan.param_shard.get(name, {"dim": None})
         if spec["dim"] is not None:
-            out[name] = shard_slices(tuple(p.shape), spec["dim"], spec["parts"], rank, plan.tp, spec.get("pad", 0))
+            out[name] = shard_slices(
+                tuple(p.shape), spec["dim"], spec["parts"], rank, plan.tp, spec.get("pad", 0), spec.get("whole", 0)
+            )
     return out
 
 
@@ -401,7 +407,9 @@ def merge_shards(plan: TensorParallelPlan, shards: Sequence[Mapping[str, torch.T
         if spec["dim"] is None:
             out[name] = t
         else:
-            out[name] = unshard_tensor([s[name] for s in shards], spec["dim"], spec["parts"], spec.get("pad", 0))
+            out[name] = unshard_tensor(
+                [s[name] for s in shards], spec["dim"], spec["parts"], spec.get("pad", 0), spec.get("whole", 0)
+            )
     return out
 
 
@@ -410,7 +418,7 @@ def shard_of(plan: TensorParallelPlan, name: str, full: torch.Tensor, rank: int)
     spec = plan.param_shard.get(name, {"dim": None})
     if spec["dim"] is None:
         return full
-    return shard_tensor(full, spec["dim"], spec["parts"], rank, plan.tp, spec.get("pad", 0))
+    return shard_tensor(full, spec["dim"], spec["parts"], rank, plan.tp, spec.get("pad", 0), spec.get("whole", 0))
 
 
 class _Params:
@@ -442,8 +450,10 @@ def _shard_module(mod: nn.Module, rule: str, target: str, params: _Params, tp: i
             new = RowParallelLinear(weight.shape[1], mod.out_features, bias=mod.bias is not None)
         else:
             new = VocabParallelEmbedding(weight.shape[0], mod.embedding_dim)
-    pad = params.plan.param_shard[f"{target}.weight"].get("pad", 0)
-    assert weight.shape[0] * (tp if rule != "row" else 1) == mod.weight.shape[0] + pad, (rule, target)
+    spec = params.plan.param_shard[f"{target}.weight"]
+    rows, pad, whole = mod.weight.shape[0], spec.get("pad", 0), spec.get("whole", 0)
+    local_rows = rows if rule == "row" else (rows - whole + pad) // tp + whole
+    assert weight.shape[0] == local_rows, (rule, target)
     new.weight = weight
     if rule == "column" and mod.bias is not None:
         new.bias = params.get(f"{target}.bias", mod.bias)
@@ -599,6 +609,10 @@ def tensor_parallel_rank(
                     raise ValueError(f"{n.name}: size {value} at {path} is not divisible by tp={tp}")
                 local = value // tp
             args, kwargs = _set_path(args, kwargs, path, local)
+        for rewrite in plan.whole_rewrites.get(n.name, []):  # along a dim whose last `whole` every rank holds whole
+            path, whole = rewrite["path"], rewrite["whole"]
+            value = _get_path(args if path[0] == "args" else kwargs, path[1:])
+            args, kwargs = _set_path(args, kwargs, path, _kept_whole_size(graph, n, value, whole, tp))
         rule = plan.module_rules.get(n.name)
         if rule == "vocab_cross_entropy":
             target = f"tp_vocab_cross_entropy_{n.name}"
@@ -612,6 +626,8 @@ def tensor_parallel_rank(
             new = graph.create_node("call_module", target, (logits, labels), {}, name=n.name)
         elif rule in ("row", "vocab_embedding") and n.op == "call_function":
             new = graph.create_node("call_function", *_weight_op_call(gm, n, rule, lookup, env, rank, tp), name=n.name)
+        elif rule == "column" and _kept_whole_rows(gm, plan, n):
+            new = _kept_whole_column(gm, graph, root, params, n, feeds, env, tp, rank)
         elif n.name in columns:  # computed by its group: this node reads its output
             group, k = columns[n.name]
             new = graph.create_node("call_function", operator.getitem, (group, k), {}, name=n.name)
@@ -714,6 +730,104 @@ def tensor_parallel_rank(
     return out
 
 
+def _kept_whole_size(graph: fx.Graph, n: fx.Node, value: Any, whole: int, tp: int) -> Any:
+    """A global size or index v along a dim whose last `whole` elements every rank holds whole -> (v - whole) // tp +
+    whole (an int, or nodes computing it when v is computed in the graph)."""
+    if isinstance(value, fx.Node):
+        head = graph.create_node("call_function", operator.sub, (value, whole), {}, name=f"tp_head_size_{n.name}")
+        local = graph.create_node("call_function", operator.floordiv, (head, tp), {}, name=f"tp_local_head_{n.name}")
+        out = graph.create_node("call_function", operator.add, (local, whole), {}, name=f"tp_local_size_{n.name}")
+        for node in (head, local, out):
+            node.meta["tp_anchor"] = n.name
+        return out
+    if (value - whole) % tp:
+        raise ValueError(f"{n.name}: {value - whole} of size {value} before the {whole} kept whole is not divisible "
+                         f"by tp={tp}")  # fmt: skip
+    return (value - whole) // tp + whole
+
+
+def _kept_whole_rows(gm: fx.GraphModule, plan: TensorParallelPlan, n: fx.Node) -> int:
+    """How many of a column-parallel node's output rows every rank computes whole (param_shard's "whole"), or 0."""
+    op = weight_op(gm, n)
+    name = op.param if op is not None else f"{n.target}.weight"
+    return int(plan.param_shard.get(name, {}).get("whole", 0))
+
+
+def _kept_whole_column(
+    gm: fx.GraphModule,
+    graph: fx.Graph,
+    root: dict[str, Any],
+    params: _Params,
+    n: fx.Node,
+    feeds: dict[fx.Node, list[tuple[fx.Node, set[str]]]],
+    env: dict[fx.Node, fx.Node],
+    tp: int,
+    rank: int,
+) -> fx.Node:
+    """A column-parallel projection whose last `whole` output rows every rank computes (a multi-query q | k | v): the
+    rank's q rows from f(x), the kept rows from x itself, joined along the last dim.
+
+    Why two products, not one over the rank's rows: the kept rows' outputs are the same on every rank, and so are their
+    gradients (their readers put f in front of the rank-dependent ones). Read through f, each rank's x gradient would
+    hold that part once, and f's all-reduce would sum it tp times; read from x directly, it enters once per rank, as
+    any replicated computation's does, and the weight rows' gradients are the full ones on every rank. Under sequence
+    parallelism x is split along the tokens: the q rows read it through the all-gather whose backward reduce-scatters
+    (as any column-parallel reader), the kept rows through the one whose backward keeps the rank's own slice."""
+    op = weight_op(gm, n)
+    whole = _kept_whole_rows(gm, params.plan, n)
+    aten = isinstance(n.target, torch._ops.OpOverload)
+    narrow = torch.ops.aten.narrow.default if aten else torch.narrow
+
+    def add(target: Any, args: tuple, kwargs: dict, name: str, op_kind: str = "call_function") -> fx.Node:
+        node = graph.create_node(op_kind, target, args, kwargs, name=f"{name}_{n.name}")
+        node.meta["tp_anchor"] = n.name
+        return node
+
+    x = op.x if op is not None else n.args[0]
+
+    def fed(value: fx.Node, *kinds: str) -> fx.Node:
+        """`value` as `n` reads it through the collective of one of `kinds` in front of it (f, a gather), or itself."""
+        for node, users in feeds.get(value, ()):
+            if n.name in users and root[str(node.target)].kind in kinds:
+                return node
+        return env[value]
+
+    def lookup(value: fx.Node, user: fx.Node) -> fx.Node:
+        return fed(value, "copy", "gather_sequence", "scatter")
+
+    if op is None:  # an nn.Linear module: its rank's rows as a module (state dict names), called as F.linear twice
+        target = str(n.target)
+        mod = gm.get_submodule(target)
+        root[target] = _shard_module(mod, "column", target, params, tp, rank)
+        root[f"{target}.weight"] = root[target].weight
+        if mod.bias is not None:
+            root[f"{target}.bias"] = root[target].bias
+        weight = add(f"{target}.weight", (), {}, "tp_weight", "get_attr")
+        bias = add(f"{target}.bias", (), {}, "tp_bias", "get_attr") if mod.bias is not None else None
+        rows = root[target].weight.shape[0]
+    else:
+        rows = params.get(op.param, gm.get_parameter(op.param)).shape[op.out_dim]
+    pieces = []
+    halves = ((0, rows - whole, fed(x, "copy", "gather_sequence")), (rows - whole, whole, fed(x, "gather")))
+    for i, (start, length, xin) in enumerate(halves):
+        if op is None:
+            w = add(narrow, (weight, 0, start, length), {}, f"tp_rows{i}")
+            b = add(narrow, (bias, 0, start, length), {}, f"tp_bias{i}") if bias is not None else None
+            pieces.append(add(F.linear, (xin, w, b), {}, f"tp_part{i}"))
+            continue
+        w = add(narrow, (env[op.weight], op.out_dim, start, length), {}, f"tp_rows{i}")
+        swap = {op.weight: w, x: xin}
+        if op.via is not None:  # x @ W.T: the transpose of those rows
+            via_args = fx.map_arg(op.via.args, lambda a, w=w: w if a is op.weight else env[a])
+            swap[op.via] = add(op.via.target, via_args, dict(op.via.kwargs), f"tp_via{i}")
+        if op.bias is not None:
+            swap[op.bias] = add(narrow, (env[op.bias], 0, start, length), {}, f"tp_bias{i}")
+        args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a, s=swap: s[a] if a in s else lookup(a, n))
+        pieces.append(add(n.target, args, kwargs, f"tp_part{i}"))
+    cat = torch.ops.aten.cat.default if aten else torch.cat
+    return graph.create_node("call_function", cat, (pieces, -1), {}, name=n.name)
+
+
 def _padded_vocabularies(gm: fx.GraphModule, plan: TensorParallelPlan) -> dict[int, int]:
     """Vocabulary size -> padded size, for the parameters the plan pads (a size literal equal to one of these that
     tp does not divide can only be that vocabulary: plan.tensor shards no other dim tp does not divide)."""
@@ -801,7 +915,9 @@ def stage_of_rank_nodes(rank_gm: fx.GraphModule, stage_of: dict[str, int]) -> di
         if n.name in stage_of:
             out[n.name] = stage_of[n.name]
         elif (n.meta.get("tp_feeds") or str(n.target).endswith("_grad")) and n.users and n.op != "get_attr":
-            out[n.name] = min(stage_of[u.name] for u in n.users if u.name in stage_of)
+            # a consumer may itself be inserted (the halves of a column with rows kept whole): its anchor's stage
+            stages = [stage_of.get(u.name, stage_of.get(u.meta.get("tp_anchor", ""))) for u in n.users]
+            out[n.name] = min(s for s in stages if s is not None)
         else:
             anchor = n.meta["tp_anchor"]
             out[n.name] = stage_of[anchor] if anchor in stage_of else out[anchor]

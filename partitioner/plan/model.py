@@ -98,8 +98,19 @@ class TensorParallelLayouts:
             sequence_parallel=layout.sequence_parallel
             and any(v.startswith("seq") for v in layout.node_layout.values()),
             sharded_share=_sharded_share(self.gm, layout),
+            shares={**layout.local_shares, **_param_shares(self.gm, layout)},
         )
         return self.models[key]
+
+
+def _param_shares(gm: fx.GraphModule, layout: Any) -> dict[str, float]:
+    """Parameter -> the fraction a rank holds, for the sharded ones with a tail kept whole (others hold 1/tp)."""
+    out = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        spec = layout.param_shard.get(name, {})
+        if spec.get("whole") and spec.get("dim") is not None:
+            out[name] = layout.param_share(name, p.shape[spec["dim"]])
+    return out
 
 
 def _sharded_share(gm: fx.GraphModule, layout: Any) -> float:

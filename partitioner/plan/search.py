@@ -114,6 +114,12 @@ class TensorParallelModel:
     # node -> (forward, backward) seconds of comm_by_node paid per microbatch whatever the batch (the latencies)
     latency_by_node: dict[str, tuple[float, float]] = field(default_factory=dict)
     step_sync: float = 0.0  # seconds every rank spends once per step after its backward (TPCost.step_sync)
+    # parameter or node -> the fraction a rank holds where it is not 1/tp (a tail kept whole: multi-query q | k | v)
+    shares: dict[str, float] = field(default_factory=dict)
+
+    def share(self, name: str) -> float:
+        """The fraction of a sharded parameter or value one rank holds."""
+        return self.shares.get(name, 1.0 / self.tp)
 
 
 # A tp degree sharding less than this share of the parameters is no layout (plan.tensor would only copy the model
@@ -246,19 +252,20 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
         by_cp = cp.divisor(storage) if cp is not None else 1
         if tp is None or tp.tp == 1 or storage in tp.gathered_saves:
             return by_cp
-        return (tp.tp if storage.split("#")[0] in tp.sharded_values else 1) * by_cp
+        node = storage.split("#")[0]
+        return (1.0 / tp.share(node) if node in tp.sharded_values else 1) * by_cp
 
     if tp is not None and tp.tp > 1:
         for i, name in enumerate(pg.names):
             none = (0.0, 0.0)
             add(i, tp.node_scale.get(name, 1.0), tp.comm_by_node.get(name, none), tp.latency_by_node.get(name, none))
             if name in tp.sharded_values:
-                out_bytes[i] /= tp.tp
+                out_bytes[i] *= tp.share(name)
         for p in tp.sharded_params:
             canonical = pg.alias_of.get(p, p)
             if canonical in param_static:
-                param_static[canonical] = pg.param_static[canonical] / tp.tp
-                param_bytes[canonical] = pg.param_bytes[canonical] / tp.tp
+                param_static[canonical] = pg.param_static[canonical] * tp.share(p)
+                param_bytes[canonical] = pg.param_bytes[canonical] * tp.share(p)
     if cp is not None and cp.cp > 1:
         sharded = tp.sharded_values if tp is not None and tp.tp > 1 else frozenset()
         cp_comm = cp.comm_by_node(pg.spec, tp=tp_degree, sharded=sharded, training=pg.training)

@@ -24,6 +24,8 @@ and torch.export (ATen) graphs alike: `plan.tensor_ops.op_key` names an ATen op 
     softmax / norm on other d  shard(d)              shard(d)      -
     SDPA / matmul on heads     shard(head dim)       shard         - (SDPA: k / v / mask replicated with all the
                                                                    heads are read as each rank's slice: a scatter)
+    slice / index / split      shard(d, whole w)     shard(d) or   the head: a plain shard; in the last w: replicated
+      cutting d                                      replicated    (positive bounds made local)
     unsqueeze/squeeze/select   shard(d)              shard(d')     - (not on d)
     slice / cat / mean / sum   shard(d)              shard(d')     - (not along d; slice: all of d only)
     expand                     shard(d)              shard(d')     size argument of d divided by tp
@@ -73,6 +75,11 @@ Sequence parallelism (`sequence_parallel=True`, plan.tensor_sequence) is derived
 token-wise ops left replicated between a g and an f run on 1/tp of the tokens, each g a reduce-scatter and each f
 an all-gather; the tensor-parallel decisions (seeds, shards, rewrites) are the same with or without it.
 
+A tail kept whole (multi-query q | k | v fused in one weight: Falcon-7B, GPTBigCode): the seed keeps the last rows
+of its output whole on every rank (its q rows sharded, its one k and v not), asked for by the first reader that cuts
+the sharded dim into a head and a tail (docs/design.md); views map the tail, size arguments become (v - w) / tp + w
+(`whole_rewrites`).
+
 Vocabulary padding: a vocabulary (an embedding's row count) tp does not divide is padded to the next multiple of tp
 (`pad` rows at the end, on the last rank; the parameter's spec records "pad"). The lookup never reads them (ids <
 vocab), the vocab-parallel cross-entropy masks the padded logits to -inf (never the max, no probability, no
@@ -114,9 +121,11 @@ from partitioner.plan.tensor_rules import (
     _Partial,
     _PartsRequest,
     _propagate,
+    _Shard,
     _SizeOf,
     _State,
     _val,
+    _WholeRequest,
 )
 from partitioner.plan.tensor_sequence import SequenceLayout, counts_as_sequence_user, sequence_parallel_layout
 
@@ -233,7 +242,8 @@ def _run(
     if tp == 1:  # nothing to shard: the plan is all replicated, with no collectives
         seeds, fallbacks = set(), {}
     seed_parts: dict[str, int] = {}
-    parts_why: dict[str, _PartsRequest] = {}  # why a seed was re-seeded as blocks
+    parts_why: dict[str, _PartsRequest | _WholeRequest] = {}  # why a seed was re-seeded as blocks / partly whole
+    seed_whole: dict[str, tuple[int, int]] = {}
     vocab = _vocab_sizes(gm)
     if tp is not None and tp > 1 and not strict:
         for name, reason in _indivisible_seeds(gm, seeds, tp, vocab).items():
@@ -243,15 +253,24 @@ def _run(
     refused: dict[str, str] = {}  # strict: seeds tp does not divide -> the error, unless Megatron's kv rule covers it
     modules: dict[str, nn.Module] = {}  # shared by every restart's state (the graph's modules do not change)
     for _ in range(4 * len(seeds) + 8):
-        st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab, modules=modules)
+        st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab, modules=modules,
+                    seed_whole=dict(seed_whole))  # fmt: skip
         outcome = _propagate(st)
-        if tp == 1 or (not outcome.conflicts and not outcome.parts):  # tp 1: nothing sharded, nothing to undo
+        if tp == 1 or (not outcome.conflicts and not outcome.parts and not outcome.whole):  # tp 1: nothing to undo
             return st, _finish(st, refused, fallbacks)
         for seed, req in outcome.parts.items():
             seed_parts[seed] = req.parts
             parts_why.setdefault(seed, req)
-        restart = bool(outcome.parts)
+        for seed, wreq in outcome.whole.items():
+            seed_whole[seed] = (wreq.kept, wreq.of)
+            parts_why.setdefault(seed, wreq)
+        restart = bool(outcome.parts or outcome.whole)
+        reseeded = set(outcome.parts) | set(outcome.whole)
         for node, c, origins in outcome.conflicts:
+            # a seed re-seeded this round is judged next round: another reader's conflict with its old shard (the k
+            # slice of a q | k | v whose q slice asked for k and v kept whole) is what the new one may resolve
+            if origins & reseeded:
+                continue
             if strict and not origins:
                 raise ValueError(f"tensor parallel tp={tp} (strict): {node.name}: {c.reason}")
             if strict and c.divisibility:
@@ -265,11 +284,14 @@ def _run(
                 seeds.discard(s)
                 where = "" if s == node.name else f" its shard reaches {node.name}:"
                 reason = f"{where} {c.reason}".strip()
-                if s in parts_why:  # the first reason is the real one; the block split did not help either
+                if s in parts_why:  # the first reason is the real one; the re-seeding did not help either
                     first = parts_why[s]
-                    if strict and first.divisibility:
-                        refused.setdefault(s, f"tensor parallel tp={tp} (strict): {s}: {first.reason}")
-                    reason = f"{first.reason}; as {first.parts} blocks: {reason}"
+                    if isinstance(first, _WholeRequest):
+                        reason = f"{first.reason}; with its last {first.kept}/{first.of} kept whole: {reason}"
+                    else:
+                        if strict and first.divisibility:
+                            refused.setdefault(s, f"tensor parallel tp={tp} (strict): {s}: {first.reason}")
+                        reason = f"{first.reason}; as {first.parts} blocks: {reason}"
                 if s in weights:  # a functional / ATen op: its node name says little, its weight's name says which
                     reason = f"{reason} (weight {weights[s]})"
                 fallbacks.setdefault(s, reason)
@@ -385,12 +407,15 @@ def check_tensor_parallel_plan(gm: fx.GraphModule, plan: TensorParallelPlan) -> 
             f"{where}: nodes {(missing or unknown)[:3]} are {'missing' if missing else 'not in the graph'}"
         )
     seeds = {n for n, rule in plan.module_rules.items() if rule in ("column", "vocab_embedding") and n in nodes}
-    seed_parts = {}
+    seed_parts, seed_whole = {}, {}
     for n in seeds:
-        spec = plan.param_shard.get(_seed_weight(gm, nodes[n]), {})
+        weight = _seed_weight(gm, nodes[n])
+        spec = plan.param_shard.get(weight, {})
         seed_parts[n] = int(spec.get("parts") or 1)
+        if spec.get("whole") and spec.get("dim") is not None:
+            seed_whole[n] = (int(spec["whole"]), gm.get_parameter(weight).shape[spec["dim"]])
     vocab = _vocab_sizes(gm)
-    st = _State(gm, plan.tp, seeds, seed_parts, plan.gather_output, vocab)
+    st = _State(gm, plan.tp, seeds, seed_parts, plan.gather_output, vocab, seed_whole=seed_whole)
     outcome = _propagate(st)
     for node, conflict, origins in outcome.conflicts:
         if origins:  # a recorded sharding reaches a node that cannot take it
@@ -398,6 +423,9 @@ def check_tensor_parallel_plan(gm: fx.GraphModule, plan: TensorParallelPlan) -> 
     if outcome.parts:
         seed, request = next(iter(outcome.parts.items()))
         raise ValueError(f"{where}: node {seed!r} must be sharded as {request.parts} blocks ({request.reason})")
+    if outcome.whole:
+        seed, wreq = next(iter(outcome.whole.items()))
+        raise ValueError(f"{where}: node {seed!r} must keep its last {wreq.kept}/{wreq.of} whole ({wreq.reason})")
     derived = _to_plan(st, plan.tp, {}, plan.sequence_parallel)
     for name in nodes:  # graph order: the first difference is the one to fix
         if derived.node_layout[name] != plan.node_layout[name]:
@@ -410,7 +438,7 @@ def check_tensor_parallel_plan(gm: fx.GraphModule, plan: TensorParallelPlan) -> 
             raise ValueError(
                 f"{where}: parameter {name!r} is recorded {plan.param_shard.get(name)}, its node makes it {spec}"
             )
-    for what in ("module_rules", "arg_rewrites", "global_sizes", "global_shapes", "collectives"):
+    for what in ("module_rules", "arg_rewrites", "whole_rewrites", "global_sizes", "global_shapes", "collectives"):
         got, want = getattr(plan, what), getattr(derived, what)
         if _canonical(got) != _canonical(want):
             node = _first_difference(got, want)
@@ -457,6 +485,16 @@ def max_tensor_parallel(gm: fx.GraphModule, limit: int = 8, *, min_vocab: int = 
 def _nbytes(n: fx.Node) -> int:
     v = _val(n)
     return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
+
+
+def _local_shares(st: _State, tp: int) -> dict[str, float]:
+    """Node -> the fraction of its elements a rank holds, where a tail kept whole makes it more than 1/tp."""
+    out = {}
+    for n, lay in st.layout.items():
+        if isinstance(lay, _Shard) and lay.whole:
+            size = _val(n).shape[lay.dim]
+            out[n.name] = ((size - lay.whole) / tp + lay.whole) / size
+    return out
 
 
 def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: bool = False) -> TensorParallelPlan:
@@ -555,6 +593,8 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
         param_shard=params,
         module_rules=dict(st.rules),
         arg_rewrites=st.arg_rewrites,
+        whole_rewrites=st.whole_rewrites,
+        local_shares=_local_shares(st, tp),
         global_sizes=list(st.global_sizes) + sl.global_sizes,
         collectives=collectives,
         fallbacks=[{"node": k, "reason": v} for k, v in fallbacks.items()],

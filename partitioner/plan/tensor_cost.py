@@ -76,15 +76,16 @@ def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, t
             latency_by_node[c["after"]] = (lf, lb + fixed)
     scale, per_rank, total = {}, 0.0, 0.0
     for n in gm.graph.nodes:
-        s = 1.0 / plan.tp if plan.node_layout.get(n.name, REPLICATED) != REPLICATED else 1.0
+        sharded = plan.node_layout.get(n.name, REPLICATED) != REPLICATED
+        s = plan.local_shares.get(n.name, 1.0 / plan.tp) if sharded else 1.0
         scale[n.name] = s
         flops = n.meta.get("flops", 0) + (n.meta.get("bwd_flops", 0) if training else 0)
         per_rank += flops * s
         total += flops
     seen: dict[int, float] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
-        sharded = plan.param_shard.get(name, {"dim": None})["dim"] is not None
-        seen[id(p)] = p.numel() * p.element_size() / (plan.tp if sharded else 1)
+        dim = plan.param_shard.get(name, {"dim": None})["dim"]
+        seen[id(p)] = p.numel() * p.element_size() * (plan.param_share(name, p.shape[dim]) if dim is not None else 1)
     internode = plan.tp > spec.devices_per_node
     step_sync = all_reduce_time(spec, step_bytes, plan.tp, internode=internode) if step_bytes else 0.0
     return TPCost(fwd, bwd, per_rank, total, scale, comm_by_node, sum(seen.values()), latency_by_node, step_sync)

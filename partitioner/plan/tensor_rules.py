@@ -66,6 +66,9 @@ class _Shard:
     parts: int = 1
     origins: frozenset[str] = frozenset()  # the seeds whose sharding produced this value
     pad: int = 0  # a vocabulary dim padded by `pad` columns so that tp divides it (the last rank holds them)
+    # the last `whole` elements of `dim` are held whole by every rank, after its 1/tp of the others (a fused q | k | v
+    # whose one k and v tp does not split: Falcon's or GPTBigCode's multi-query attention); parts 1, no pad
+    whole: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,15 @@ class _PartsRequest(Exception):
     def __init__(self, seed: str, parts: int, reason: str = "", divisibility: bool = False):
         super().__init__(f"{seed} needs {parts} parts")
         self.seed, self.parts, self.reason, self.divisibility = seed, parts, reason, divisibility
+
+
+class _WholeRequest(Exception):
+    """Re-seed column producer `seed` with the last `kept` / `of` of its outputs held whole by every rank (the k and v
+    of a fused multi-query q | k | v, sliced off after the q heads); `reason`: why the plain shard did not do."""
+
+    def __init__(self, seed: str, kept: int, of: int, reason: str):
+        super().__init__(f"{seed} needs its last {kept}/{of} kept whole")
+        self.seed, self.kept, self.of, self.reason = seed, kept, of, reason
 
 
 def _layout_str(lay: Layout) -> str:
@@ -157,6 +169,9 @@ class _State:
     rules: dict[str, str] = field(default_factory=dict)
     params: dict[str, tuple[dict[str, int | None], frozenset[str]]] = field(default_factory=dict)
     arg_rewrites: dict[str, list[list[Any]]] = field(default_factory=dict)
+    whole_rewrites: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # column seed -> (kept, of): its last kept / of outputs are held whole by every rank (_WholeRequest)
+    seed_whole: dict[str, tuple[int, int]] = field(default_factory=dict)
     global_sizes: list[str] = field(default_factory=list)
     gathers: dict[str, int] = field(default_factory=dict)
     gather_pads: dict[str, int] = field(default_factory=dict)  # gathered outputs with vocabulary padding to drop
@@ -217,13 +232,35 @@ class _State:
         self.divides(node, size, parts, what)
         return 0
 
-    def rewrite(self, node: fx.Node, path: list[Any]) -> None:
-        self.arg_rewrites.setdefault(node.name, []).append(path)
+    def rewrite(self, node: fx.Node, path: list[Any], whole: int = 0) -> None:
+        """The size or index at `path` becomes local: v // tp, or with `whole`, (v - whole) // tp + whole."""
+        if whole:
+            self.whole_rewrites.setdefault(node.name, []).append({"path": path, "whole": whole})
+        else:
+            self.arg_rewrites.setdefault(node.name, []).append(path)
+
+    def seed_whole_rows(self, node: fx.Node, out: int) -> int:
+        """How many of a column seed's `out` outputs every rank holds whole (0 unless re-seeded so); tp must divide
+        the others."""
+        if node.name not in self.seed_whole:
+            return 0
+        kept, of = self.seed_whole[node.name]
+        if (out * kept) % of:
+            raise _Conflict(f"its last {kept}/{of} of {out} outputs are not a whole number of rows")
+        whole = out * kept // of
+        self.divides(node, out - whole, 1, f"out_features {out} - {whole} kept whole")
+        return whole
 
 
-def _spec(dim: int, parts: int, pad: int) -> dict[str, int | None]:
-    """A parameter's shard spec (TensorParallelPlan.param_shard); "pad" only where a vocabulary is padded."""
-    return {"dim": dim, "parts": parts, "pad": pad} if pad else {"dim": dim, "parts": parts}
+def _spec(dim: int, parts: int, pad: int, whole: int = 0) -> dict[str, int | None]:
+    """A parameter's shard spec (TensorParallelPlan.param_shard); "pad" only where a vocabulary is padded, "whole"
+    only where the last rows are held whole."""
+    spec: dict[str, int | None] = {"dim": dim, "parts": parts}
+    if pad:
+        spec["pad"] = pad
+    if whole:
+        spec["whole"] = whole
+    return spec
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -263,6 +300,8 @@ def _rule_call_module(st: _State, node: fx.Node) -> Layout:
     mod = st.module(node.target)
     x = node.args[0] if node.args else None
     lay = st.eff(x)
+    if isinstance(lay, _Shard) and lay.whole and not isinstance(mod, _UNARY_MODULES):
+        raise _Conflict(f"{type(mod).__name__} on a value whose sharded dim is partly kept whole on every rank")
     if isinstance(mod, nn.Linear):
         if isinstance(lay, _Shard):  # rowwise: (…, in/tp) @ W[:, in/tp]^T -> partial (…, out)
             if lay.dim != len(_shape(x)) - 1:
@@ -275,13 +314,14 @@ def _rule_call_module(st: _State, node: fx.Node) -> Layout:
             return _Partial(lay.origins)
         if node.name in st.seeds:  # colwise: W[out/tp, :] -> (…, out/tp)
             parts = st.seed_parts.get(node.name, 1)
-            pad = st.vocab_pad(node, mod.out_features, parts, "out_features")
+            whole = st.seed_whole_rows(node, mod.out_features)
+            pad = st.vocab_pad(node, mod.out_features, parts, "out_features") if not whole else 0
             st.rules[node.name] = "column"
             mine = frozenset([node.name])
-            st.params[f"{node.target}.weight"] = (_spec(0, parts, pad), mine)
+            st.params[f"{node.target}.weight"] = (_spec(0, parts, pad, whole), mine)
             if mod.bias is not None:
-                st.params[f"{node.target}.bias"] = (_spec(0, parts, pad), mine)
-            return _Shard(len(_shape(node)) - 1, parts, mine, pad)
+                st.params[f"{node.target}.bias"] = (_spec(0, parts, pad, whole), mine)
+            return _Shard(len(_shape(node)) - 1, parts, mine, pad, whole)
         return None
     if isinstance(mod, nn.Embedding):
         if lay is not None:
@@ -340,6 +380,8 @@ def _rule_reshape(st: _State, node: fx.Node) -> Layout:
     if not isinstance(lay, _Shard):
         return _default(st, node)
     a, b = _shape(x), _shape(node)
+    if lay.whole:
+        return _reshape_partly_whole(st, node, lay, a, b)
     if lay.pad:  # a padded vocabulary: only views that keep it as the last dim, its size a literal (made local)
         k = len(b) - 1
         if lay.dim != len(a) - 1 or b[-1] != a[-1]:
@@ -361,7 +403,11 @@ def _rule_reshape(st: _State, node: fx.Node) -> Layout:
         parts = span // block
         local = b[k] // parts
         seed = next(iter(lay.origins)) if len(lay.origins) == 1 else None
-        if local % (st.tp or 2) and lay.parts == 1 and seed and seed not in st.seed_parts and span > b[k]:
+        kept = _tail_cut_by_readers(st, node, k, b[k]) if st.tp and local % st.tp and not lay.pad else 0
+        if kept and (b[k] - kept) % st.tp == 0:  # (B, T, nh + 2, hd) of a multi-query q | k | v, tp not dividing nh + 2
+            _ask_whole(st, lay, kept, b[k], f"view dim {k}={b[k]} is not divisible by tp={st.tp}")
+        blocks = seed and seed not in st.seed_parts and seed not in st.seed_whole  # a seed is re-seeded one way
+        if local % (st.tp or 2) and lay.parts == 1 and blocks and span > b[k]:
             # e.g. (B, T, 3*C) -> (B, T, 3, nh, hd): dim k counts blocks (q|k|v), not heads; shard the
             # producer as `local` blocks so that the next dim (heads) carries the shard.
             why = f"view dim {k}={local} is not divisible by tp={st.tp}"
@@ -373,6 +419,26 @@ def _rule_reshape(st: _State, node: fx.Node) -> Layout:
             st.rewrite(node, path)
         return _Shard(k, parts, lay.origins)
     raise _Conflict(f"view {list(a)} -> {list(b)} does not keep sharded dim {lay.dim} whole in one output dim")
+
+
+def _reshape_partly_whole(st: _State, node: fx.Node, lay: _Shard, a: tuple, b: tuple) -> Layout:
+    """A view of a dim whose last `whole` elements every rank holds whole: it must map the dim (with the dims after
+    it) onto one output dim k and those after it, the head and the tail each a whole number of dim-k elements, e.g.
+    (B, T, (nh + 2) * hd) <-> (B, T, nh + 2, hd). The size of dim k becomes (size - whole_k) / tp + whole_k."""
+    inner_a = math.prod(a[lay.dim + 1 :])
+    span, tail = a[lay.dim] * inner_a, lay.whole * inner_a
+    for k in range(len(b)):
+        inner_b = math.prod(b[k + 1 :])
+        if b[k] * inner_b != span or tail % inner_b or b[k] == 1:
+            continue
+        whole = tail // inner_b
+        st.divides(node, b[k] - whole, 1, f"view dim {k}'s {b[k]} - {whole} kept whole")
+        path = _size_arg_path(node, k, len(b))
+        if path is not None and _get(node, path) != -1:
+            _check_size_arg(st, node, path, k)
+            st.rewrite(node, path, whole=whole)
+        return _Shard(k, 1, lay.origins, whole=whole)
+    raise _Conflict(f"view {list(a)} -> {list(b)} does not keep the sharded dim {lay.dim}'s kept-whole tail in one dim")
 
 
 def _size_arg_path(node: fx.Node, k: int, out_ndim: int) -> list[Any] | None:
@@ -440,13 +506,15 @@ def _rule_split(st: _State, node: fx.Node) -> Layout:
     dim = _norm_dim(_arg(node, 2, "dim", 0), nd)
     pieces = [tuple(v.shape) for v in _val(node)]
     if dim != lay.dim:
-        return _Tuple(tuple(_Shard(lay.dim, lay.parts, lay.origins) for _ in pieces))
+        return _Tuple(tuple(lay for _ in pieces))
     n = len(pieces)
-    if len({p[dim] for p in pieces}) != 1:
-        raise _Conflict("split of the sharded dim into unequal pieces")
+    sizes = [p[dim] for p in pieces]
+    if lay.whole or len(set(sizes)) != 1:  # q | k | v of unequal sizes: q sharded, k and v whole on every rank
+        return _split_head_from_tail(st, node, lay, sizes)
     if lay.parts % n:
-        if lay.parts == 1 and len(lay.origins) == 1:  # re-seed the column producer with one block per piece
-            raise _PartsRequest(next(iter(lay.origins)), n)
+        seed = next(iter(lay.origins)) if len(lay.origins) == 1 else None
+        if lay.parts == 1 and seed is not None and seed not in st.seed_whole:  # re-seed with one block per piece
+            raise _PartsRequest(seed, n)
         raise _Conflict(f"split into {n} pieces of a dim made of {lay.parts} blocks")
     if op_name(node) == "split":
         sizes = _arg(node, 1, "split_size_or_sections" if not isinstance(node.target, str) else "split_size")
@@ -460,6 +528,122 @@ def _rule_split(st: _State, node: fx.Node) -> Layout:
     return _Tuple(tuple(_Shard(dim, lay.parts // n, lay.origins) for _ in pieces))
 
 
+def _split_head_from_tail(st: _State, node: fx.Node, lay: _Shard, sizes: list[int]) -> Layout:
+    """split([head, tail pieces...]) of the sharded dim, the first piece exactly the part sharded over the ranks (the
+    rest held whole by each: GPTBigCode's `c_attn(x).split((embed, 2 * kv), dim=2)`): a shard, then replicated pieces.
+    On a plain shard, the seed is asked to keep what follows the first piece whole."""
+    size, head = sum(sizes), sum(sizes) - lay.whole
+    if not lay.whole:
+        _ask_whole(st, lay, size - sizes[0], size, "split of the sharded dim into unequal pieces")
+    if sizes[0] != head:
+        raise _Conflict(f"split {sizes} of a dim whose last {lay.whole} are kept whole does not cut there")
+    if op_name(node) != "split" or not isinstance(_arg(node, 1, "split_size"), (list, tuple)):
+        raise _Conflict("split of a partly whole dim by a size, not by the pieces' sizes")
+    st.rewrite(node, ["args", 1, 0] if len(node.args) > 1 else ["kwargs", "split_size", 0])
+    return _Tuple((_Shard(lay.dim, 1, lay.origins),) + (None,) * (len(sizes) - 1))
+
+
+def _ask_whole(st: _State, lay: _Shard, kept: int, size: int, why: str) -> None:
+    """Raise the request that re-seeds the column producer of `lay` with its last `kept` / `size` outputs held whole
+    by every rank, or, where that cannot be (several seeds, blocks, a padded vocabulary, or its seed keeps at least as
+    much whole already, so requests only grow and the restarts end), the conflict `why`."""
+    seed = next(iter(lay.origins)) if len(lay.origins) == 1 else None
+    if 0 < kept < size and seed is not None and lay.parts == 1 and not lay.pad and seed not in st.seed_parts:
+        held = st.seed_whole.get(seed)
+        if held is None or kept * held[1] > held[0] * size:
+            raise _WholeRequest(seed, kept, size, why)
+    raise _Conflict(why)
+
+
+def _cut(st: _State, node: fx.Node, lay: _Shard, size: int, lo: int, hi: int, paths: tuple) -> Layout:
+    """Elements [lo, hi) (normalized, step 1) of the sharded dim of `size`: all of it keeps the shard; exactly the
+    part sharded over the ranks (before a tail kept whole) is a plain shard; a piece of the kept-whole tail is the same
+    on every rank, replicated. `paths`: where the start and the end are written (None where the value needs no
+    rewrite: absent, negative, or past the end; "fixed" where it could not be rewritten, e.g. inside a slice object)."""
+    head = size - lay.whole
+    if lo == 0 and hi == size:
+        return lay
+    start_path, end_path = paths
+    if lay.whole and lo == 0 and hi == head:
+        if end_path == "fixed":
+            raise _Conflict("a positive end of a slice of the sharded dim that cannot be made local")
+        if end_path is not None:
+            st.rewrite(node, end_path)
+        return _Shard(lay.dim, 1, lay.origins)
+    if lay.whole and lo >= head:
+        for path, value in ((start_path, lo), (end_path, hi)):
+            if path == "fixed":
+                raise _Conflict("a positive index into the kept-whole part that cannot be made local")
+            if path is not None:
+                st.rewrite(node, path, whole=value - head)
+        return None
+    if lo == 0 and hi < size:
+        _ask_whole(st, lay, size - hi, size, f"slice [0:{hi}] of the sharded dim of {size}")
+    if hi == size and lo > 0:
+        _ask_whole(st, lay, size - lo, size, f"slice [{lo}:] of the sharded dim of {size}")
+    raise _Conflict(f"slice [{lo}:{hi}] of the sharded dim of {size}")
+
+
+def _tail_cut_by_readers(st: _State, node: fx.Node, k: int, size: int) -> int:
+    """How many trailing elements of dim k (of `size`) the readers of `node` cut off as a tail (slices [0:-t] or
+    [size - t:], selects and constant indices near the end), the most any of them does; 0 if none does."""
+    kept = 0
+    for u in node.users:
+        name = op_name(u) if u.op == "call_function" else ""
+        try:
+            if name == "slice" and _norm_dim(_arg(u, 1, "dim", 0), len(_shape(node))) == k:
+                lo, _ = _bound(_arg(u, 2, "start"), size, 0, None)
+                hi, _ = _bound(_arg(u, 3, "end"), size, size, None)
+                cut = size - hi if lo == 0 else size - lo if hi == size else 0
+            elif name == "select" and _norm_dim(_arg(u, 1, "dim"), len(_shape(node))) == k:
+                i = _arg(u, 2, "index")
+                cut = -i if isinstance(i, int) and i < 0 else 0
+            elif u.op == "call_function" and u.target is operator.getitem and u.args[0] is node:
+                i = _index_at(u.args[1], k, len(_shape(node)))
+                if isinstance(i, int):
+                    cut = -i if i < 0 else 0
+                elif isinstance(i, slice) and i.step in (None, 1):
+                    lo, _ = _bound(i.start, size, 0, None)
+                    hi, _ = _bound(i.stop, size, size, None)
+                    cut = size - hi if lo == 0 else size - lo if hi == size else 0
+                else:
+                    cut = 0
+            elif name == "index":
+                indices = list(_arg(u, 1, "indices") or [])
+                idx = indices[k] if len(indices) > k else None
+                values = _constant_ints(st, idx) if isinstance(idx, fx.Node) else None
+                cut = max(-v for v in values) if values and all(v < 0 for v in values) else 0
+            else:
+                cut = 0
+        except _Conflict:
+            cut = 0
+        if 0 < cut < size:
+            kept = max(kept, cut)
+    return kept
+
+
+def _index_at(idx: Any, k: int, nd: int) -> Any:
+    """The entry of a getitem index (an int, slice, None, ... or a tuple of them) that applies to input dim k."""
+    index = idx if isinstance(idx, tuple) else (idx,)
+    if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in index):
+        return None
+    ell = index.index(Ellipsis) if Ellipsis in index else len(index)
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded = [i for i in [*index[:ell], *[slice(None)] * (nd - consumed), *index[ell + 1 :]] if i is not None]
+    return expanded[k] if k < len(expanded) else None
+
+
+def _bound(value: Any, size: int, default: int, path: Any) -> tuple[int, Any]:
+    """A slice bound normalized into [0, size], and the path to rewrite it at (None: nothing to rewrite)."""
+    if value is None:
+        return default, None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Conflict(f"a slice bound of the sharded dim is {value!r}, not an int")
+    if value < 0:
+        return max(0, value + size), None
+    return min(value, size), (path if value < size else None)
+
+
 def _rule_unbind(st: _State, node: fx.Node) -> Layout:
     x = node.args[0]
     lay = st.eff(x)
@@ -468,7 +652,7 @@ def _rule_unbind(st: _State, node: fx.Node) -> Layout:
     dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(x)))
     if dim == lay.dim:
         raise _Conflict("unbind of the sharded dim")
-    out = _Shard(lay.dim - (dim < lay.dim), lay.parts, lay.origins)
+    out = dataclasses.replace(lay, dim=lay.dim - (dim < lay.dim))
     return _Tuple(tuple(out for _ in _val(node)))
 
 
@@ -500,13 +684,30 @@ def _rule_getitem(st: _State, node: fx.Node) -> Layout:
                 d_out += 1
                 continue
             if d_in == lay.dim:
-                if i != slice(None):
-                    raise _Conflict("indexing into the sharded dim")
-                return _Shard(d_out, lay.parts, lay.origins)
+                if i == slice(None):
+                    return dataclasses.replace(lay, dim=d_out)
+                return _getitem_sharded_dim(st, node, lay, _shape(src)[lay.dim], i, d_out)
             d_out += 0 if isinstance(i, int) else 1
             d_in += 1
-        return _Shard(lay.dim - (nd - out_nd), lay.parts, lay.origins)
+        return dataclasses.replace(lay, dim=lay.dim - (nd - out_nd))
     return _default(st, node)
+
+
+def _getitem_sharded_dim(st: _State, node: fx.Node, lay: _Shard, size: int, i: Any, d_out: int) -> Layout:
+    """x[..., i, ...] or x[..., a:b, ...] on the sharded dim (fx graphs): as the slice / select rules, with the bounds
+    inside the index, where a positive one cannot be made local."""
+    if isinstance(i, int):
+        lo = i + size if i < 0 else i
+        out = _cut(st, node, lay, size, lo, lo + 1, (None if i < 0 else "fixed", None if i < 0 else "fixed"))
+        if out is not None:
+            raise _Conflict("indexing into the sharded dim")
+        return None
+    if i.step not in (None, 1):
+        raise _Conflict("a strided slice of the sharded dim")
+    lo, lo_path = _bound(i.start, size, 0, "fixed")
+    hi, hi_path = _bound(i.stop, size, size, "fixed")
+    out = _cut(st, node, lay, size, lo, hi, (lo_path, hi_path))
+    return dataclasses.replace(out, dim=d_out) if isinstance(out, _Shard) else out
 
 
 def _rule_size(st: _State, node: fx.Node) -> Layout:
@@ -519,6 +720,8 @@ def _rule_size(st: _State, node: fx.Node) -> Layout:
     reads_dim |= key == "size" and _arg(node, 1, "dim") in (None, lay.dim, lay.dim - len(_shape(x)))
     if lay.pad and reads_dim:
         raise _Conflict("the size of a padded vocabulary dim is read (a rank's size x tp is the padded size)")
+    if lay.whole and reads_dim:
+        raise _Conflict("the size of a dim partly kept whole is read (a rank's size x tp is not the model's)")
     if key == "numel":  # the shard's numel x tp: shards are equal
         st.global_sizes.append(node.name)
         return None
@@ -700,6 +903,8 @@ def _rule_output(st: _State, node: fx.Node) -> Layout:
                 st.gather_pads[x.name] = lay.pad
         elif lay is not None:
             raise _Conflict(f"output {x.name} has layout {_layout_str(lay)}")
+        if isinstance(lay, _Shard) and lay.whole:
+            raise _Conflict("a value partly kept whole on every rank reaches the model output")
     return None
 
 
@@ -736,14 +941,15 @@ def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
     if node.name not in st.seeds:
         return None
     parts = st.seed_parts.get(node.name, 1)
-    pad = st.vocab_pad(node, w[op.out_dim], parts, "out_features")
+    whole = st.seed_whole_rows(node, w[op.out_dim])
+    pad = st.vocab_pad(node, w[op.out_dim], parts, "out_features") if not whole else 0
     st.rules[node.name] = "column"
     mine = frozenset([node.name])
-    st.claim(node, op.param, _spec(op.out_dim, parts, pad), mine)
+    st.claim(node, op.param, _spec(op.out_dim, parts, pad, whole), mine)
     _claim_via(st, op)
     if op.bias is not None:
-        st.claim(node, op.bias_param, _spec(0, parts, pad), mine)
-    return _Shard(len(_shape(node)) - 1, parts, mine, pad)
+        st.claim(node, op.bias_param, _spec(0, parts, pad, whole), mine)
+    return _Shard(len(_shape(node)) - 1, parts, mine, pad, whole)
 
 
 def _claim_via(st: _State, op: WeightOp) -> None:
@@ -786,20 +992,29 @@ def _rule_squeeze(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
 def _rule_slice(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     """ATen's slice(x, dim, start, end, step): any slice of another dim; of the sharded dim, only all of it."""
     dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(x)))
-    if dim == lay.dim:
-        start, end, step = _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1)
-        whole = start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and end >= _shape(x)[dim]))
-        if not whole:
-            raise _Conflict("slice of the sharded dim")
-    return lay
+    if dim != lay.dim:
+        return lay
+    if _arg(node, 4, "step", 1) != 1:
+        raise _Conflict("a strided slice of the sharded dim")
+    size = _shape(x)[dim]
+    lo, lo_path = _bound(_arg(node, 2, "start"), size, 0, ["args", 2] if len(node.args) > 2 else ["kwargs", "start"])
+    hi, hi_path = _bound(_arg(node, 3, "end"), size, size, ["args", 3] if len(node.args) > 3 else ["kwargs", "end"])
+    return _cut(st, node, lay, size, lo, hi, (lo_path, hi_path))
 
 
 @_on_shard
 def _rule_select(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     dim = _norm_dim(_arg(node, 1, "dim"), len(_shape(x)))
-    if dim == lay.dim:
-        raise _Conflict("select of an index in the sharded dim")
-    return _Shard(lay.dim - (dim < lay.dim), lay.parts, lay.origins)
+    if dim == lay.dim:  # an index into the kept-whole tail: the same row on every rank
+        size, i = _shape(x)[dim], _arg(node, 2, "index")
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise _Conflict("select of the sharded dim at a computed index")
+        lo = i + size if i < 0 else i
+        path = None if i < 0 else (["args", 2] if len(node.args) > 2 else ["kwargs", "index"])
+        if _cut(st, node, lay, size, lo, lo + 1, (path, None)) is not None:
+            raise _Conflict("select of an index in the sharded dim")
+        return None
+    return dataclasses.replace(lay, dim=lay.dim - (dim < lay.dim))
 
 
 @_on_shard
@@ -811,12 +1026,36 @@ def _rule_index(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     if len(used) != 1:
         raise _Conflict(f"advanced indexing with {len(used)} index tensors of a sharded input")
     (d,) = used
-    if d == lay.dim:
-        raise _Conflict("advanced indexing of the sharded dim")
     idx = indices[d]
     if not isinstance(idx, fx.Node) or st.eff(idx) is not None or len(_shape(idx)) != 1:
         raise _Conflict("an index tensor that is not one replicated 1-D tensor")
-    return lay
+    if d != lay.dim:
+        return lay
+    # rows of the kept-whole tail, by negative constant indices (Falcon's `qkv[..., [-2], :]`): the same on every rank
+    values = _constant_ints(st, idx)
+    size = _shape(x)[d]
+    if not values or any(not -size <= v < size for v in values):
+        raise _Conflict("advanced indexing of the sharded dim by a computed index")
+    lo = min(v + size if v < 0 else v for v in values)
+    if lay.whole and lo >= size - lay.whole and all(v < 0 for v in values):
+        return None
+    _ask_whole(st, lay, size - lo, size, f"advanced indexing of the sharded dim at {values}")
+    raise AssertionError("unreachable")
+
+
+def _constant_ints(st: _State, node: fx.Node) -> list[int] | None:
+    """The values of a 1-D integer tensor the graph holds as a constant (a get_attr, maybe through export's
+    lift_fresh_copy or a copy), or None."""
+    while node.op == "call_function" and op_name(node) in ("clone", "detach", "to") and node.args:
+        node = node.args[0]
+    if node.op != "get_attr":
+        return None
+    value = st.gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    if not isinstance(value, torch.Tensor) or value.is_meta or value.dim() != 1 or value.is_floating_point():
+        return None
+    return [int(v) for v in value.tolist()]
 
 
 @_on_shard
@@ -923,6 +1162,10 @@ _FUNCTION_RULES: list[tuple[set, Callable[[_State, fx.Node], Layout]]] = [
     (_NORM_FUNCTIONS, _rule_norm_function),
     (_NEW_TENSOR, _rule_new_tensor),
 ]
+# ops that keep a kept-whole tail where it is, and ops that cut it (their rules read `_Shard.whole`)
+_WHOLE_KEEPS = {_rule_elementwise, _rule_transpose, _rule_unsqueeze, _rule_squeeze, _rule_softmax, _rule_reduce,
+                _rule_norm_function, _rule_cat, _rule_unbind}  # fmt: skip
+_WHOLE_AWARE = {_rule_reshape, _rule_split, _rule_getitem, _rule_size, _rule_slice, _rule_select, _rule_index}
 _SIZE_RULES = {operator.getitem, "size", "numel", getattr}  # these read sizes of sharded tensors themselves
 _PAD_AWARE = {_rule_elementwise, _rule_reshape, _rule_transpose, _rule_getitem, _rule_unsqueeze, _rule_slice,
               _rule_select, _rule_softmax, _rule_cross_entropy, _rule_size}  # fmt: skip
@@ -952,8 +1195,20 @@ def _rule(st: _State, node: fx.Node) -> Layout:
 def _padded(st: _State, node: fx.Node, rule: Callable[[_State, fx.Node], Layout]) -> Layout:
     """Apply `rule`; a padded vocabulary shard may only reach the ops that keep its padding apart (`_PAD_AWARE`:
     casts and elementwise ops, views and indexing that keep the vocab dim, cross_entropy, which masks it, and the
-    output, which drops it), and what they make stays padded."""
-    pads = {lay.pad for x in node.all_input_nodes if isinstance(lay := st.eff(x), _Shard)}
+    output, which drops it), and what they make stays padded. Likewise a shard with a tail kept whole on every rank
+    reaches only the ops that keep it (`_WHOLE_KEEPS`: what they make has the same tail) or cut it (`_WHOLE_AWARE`:
+    the rule decides)."""
+    sharded = [lay for x in node.all_input_nodes if isinstance(lay := st.eff(x), _Shard)]
+    wholes = {lay.whole for lay in sharded}
+    if wholes - {0}:
+        if rule in _WHOLE_AWARE:
+            return rule(st, node)
+        if rule not in _WHOLE_KEEPS or len(wholes) > 1:
+            kept = max(wholes)
+            raise _Conflict(f"{op_name(node)} on a shard whose last {kept} elements every rank holds whole")
+        out = rule(st, node)
+        return dataclasses.replace(out, whole=wholes.pop()) if isinstance(out, _Shard) else out
+    pads = {lay.pad for lay in sharded}
     if not pads - {0}:
         return rule(st, node)
     if rule not in _PAD_AWARE or len(pads) > 1:
@@ -974,11 +1229,13 @@ class _Outcome:
     state: _State
     conflicts: list[tuple[fx.Node, _Conflict, frozenset[str]]]
     parts: dict[str, _PartsRequest]
+    whole: dict[str, _WholeRequest] = field(default_factory=dict)
 
 
 def _propagate(st: _State) -> _Outcome:
     conflicts: list[tuple[fx.Node, _Conflict, frozenset[str]]] = []
     parts: dict[str, _PartsRequest] = {}
+    whole: dict[str, _WholeRequest] = {}
     tainted: set[fx.Node] = set()
     for node in st.gm.graph.nodes:
         try:
@@ -1002,11 +1259,17 @@ def _propagate(st: _State) -> _Outcome:
             parts.setdefault(r.seed, r)
             tainted.add(node)
             st.layout[node] = None
+        except _WholeRequest as r:
+            held = whole.get(r.seed)
+            if held is None or r.kept * held.of > held.kept * r.of:  # the most any reader needs kept whole
+                whole[r.seed] = r
+            tainted.add(node)
+            st.layout[node] = None
         if any(x in tainted for x in node.all_input_nodes):
             tainted.add(node)
-    if not any(origins for _, _, origins in conflicts) and not parts:
+    if not any(origins for _, _, origins in conflicts) and not parts and not whole:
         conflicts += _tied_conflicts(st)
-    return _Outcome(st, conflicts, parts)
+    return _Outcome(st, conflicts, parts, whole)
 
 
 def read_parameter_names(gm: fx.GraphModule) -> set[str]:

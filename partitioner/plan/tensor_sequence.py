@@ -214,7 +214,9 @@ def sequence_parallel_layout(st: _State) -> SequenceLayout:
                 continue
             elif st.layout.get(u) is not None:  # rank-dependent: its input gradient is partial over the ranks
                 out.gather_partial.setdefault(n.name, []).append(u.name)
-                if st.rules.get(u.name) == "column" and u.args == (n,) and not u.kwargs:
+                if u.name in st.seed_whole:  # its rows kept whole read `n` as a replicated computation does too
+                    out.gather_replicated.setdefault(n.name, []).append(u.name)
+                elif st.rules.get(u.name) == "column" and u.args == (n,) and not u.kwargs:
                     out.column_groups.setdefault(n.name, []).append(u.name)
             else:
                 out.gather_replicated.setdefault(n.name, []).append(u.name)

@@ -165,7 +165,7 @@ def _check(
                 )
             full = per_tp[0]
         else:
-            full = unshard_tensor(per_tp, spec["dim"], spec["parts"], spec.get("pad", 0))
+            full = unshard_tensor(per_tp, spec["dim"], spec["parts"], spec.get("pad", 0), spec.get("whole", 0))
             torch.testing.assert_close(full, ref.grad, rtol=rtol, atol=atol * scale, msg=lambda m, k=name: f"{k}: {m}")
         report.max_grad_diff = max(report.max_grad_diff, (full - ref.grad).abs().max().item())
         report.params.append(name)

@@ -240,7 +240,7 @@ def check_tensor_parallel(
                 report.max_grad_diff = max(report.max_grad_diff, (g - ref.grad).abs().max().item())
         else:
             report.sharded_params.append(name)
-            full = unshard_tensor(grads, spec["dim"], spec["parts"], spec.get("pad", 0))
+            full = unshard_tensor(grads, spec["dim"], spec["parts"], spec.get("pad", 0), spec.get("whole", 0))
             torch.testing.assert_close(
                 full, ref.grad, rtol=rtol, atol=atol * scale, msg=lambda m, k=name: f"{k} (sharded): {m}"
             )
