@@ -1,7 +1,7 @@
 """Vector-quantisation lookup: nearest code by squared L2 (or a Gumbel-max sample), without an N x K matrix.
 
 For z (M, D) and a codebook C (K, D), ``d[m, k] = |z_m|^2 - 2 z_m . c_k + |c_k|^2``. The forward kernel
-(FlashAssign-style) keeps a tile of z in registers, streams code tiles, and keeps a running arg-best per row,
+(FlashAssign-style) keeps a tile of z on chip, streams code tiles, and keeps a running arg-best per row,
 so only one (BLOCK_M, BLOCK_K) tile of d exists at a time:
 
 - eval (``sample=False``): index = argmin_k d[m, k];
@@ -19,8 +19,25 @@ if quantized were ``(onehot - p.detach() + p) @ C``; its backward kernels rebuil
 per-row online-softmax statistics saved by the forward (row max and sum of exp), again without N x K:
 
     g_k = dq . c_k,  s = sum_k p_k g_k,  dscore_k = p_k (g_k - s),  dd_k = -dscore_k / tau
-    dz  = sum_k dd_k (2 z - 2 c_k)                      (kernel over row tiles, two passes over codes)
-    dC_k += sum_m p_mk dq_m + dd_mk (2 c_k - 2 z_m)     (kernel over code tiles, one pass over rows)
+    dz  = sum_k dd_k (2 z - 2 c_k) = -2 dd @ C          (kernel over row tiles, two passes over codes)
+    dC_k += sum_m p_mk dq_m + dd_mk (2 c_k - 2 z_m)     (kernel over code tiles, one pass over rows, computed
+                                                         transposed: codes x rows, as flash-attention's dK / dV)
+
+(sum_k dd_k = 0, p summing to 1: see _vq_st_bwd_dz_kernel for how the kernel keeps that exact to rounding.)
+
+Precision, per input dtype (every dot accumulates in fp32; scores, softmax statistics, p, s and dd are fp32):
+
+- bf16 / fp16: every dot runs on tensor cores (wgmma on sm_90 where a tile has 64 rows, else mma) with operands in
+  the input dtype. z . c and dq . c are exact products of the inputs. The straight-through backward's last dots
+  take p and -2 dd rounded to the input dtype (as flash-attention's backward rounds P and dS): each term of
+  dz = -2 dd @ C and of dC is off by at most the dtype's unit roundoff (2^-8 bf16, 2^-11 fp16) of its size
+  (tests/test_kernels_vq.py checks that bound against float64). fp16 dd must stay below 65504 in magnitude
+  (|dd| <= |g - s| / tau). Outputs: dz and dC in fp32, then rounded to the input dtype.
+- fp32 with TF32 allowed (``torch.backends.cuda.matmul.allow_tf32``, as torch's matmul): every dot on tensor cores
+  in TF32 (10-bit mantissa operands), as torch's own fp32 matmul would then.
+- fp32 otherwise: ieee fp32 dots, i.e. FMA loops on CUDA cores (exact fp32 products). In the backward, whose
+  score dots share an operand, they go over the features in chunks of 32 (``BLOCK_DC``, see _nt_dots) so that no
+  thread holds a whole 256-wide row of both operands.
 
 Offsets: the row and code indices, and the feature index where a caller's stride multiplies it, are int64 before
 they multiply a stride or a row length: M * D or K * D pass 2^31 on large inputs, and a strided view's feature
@@ -33,11 +50,16 @@ the feature column (< 512) of the contiguous (M, D) / (K, D) outputs the launche
 never through loop bounds: Triton's interpreter runs loops over Python ints, so a loop variable's type differs
 between the interpreter and compiled code (tests/test_kernels_offsets.py runs these kernels' index math there).
 
-File layout: autotune spaces, forward kernel, straight-through backward kernels, launchers + autograd.Function,
-reference, public function.
+Autotuning: configs are pruned by what an H100 holds: shared memory computed from the tiles and stages as Triton's
+pipeliner allocates it, registers from the sm_90 compiles of bench/kernels_sm90.py (see _pruner).
+
+File layout: autotune spaces and pruning, forward kernel, straight-through backward kernels, launchers +
+autograd.Function, reference, public function.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -50,8 +72,6 @@ _MAX_DIM = 512  # the feature dim is held whole in registers
 _INT32_MAX = 2**31 - 1
 _MAX_CODES = _INT32_MAX  # code indices are int32 in the kernels (written out as int64)
 _M_BUCKET_MAX = 2**15  # autotune key: rows in powers of two up to this, one bucket beyond (see _m_bucket)
-_SMEM_BYTES = 160 * 1024  # pruning: shared memory for pipelined tiles (H100 / H200 have 227 KiB per block)
-_REGS_PER_THREAD = 160  # pruning: 32-bit registers a thread may spend on resident tiles before spilling
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,13 +79,29 @@ _REGS_PER_THREAD = 160  # pruning: 32-bit registers a thread may spend on reside
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _configs(second: str) -> list:
+def _fwd_configs() -> list:
+    """The forward's space: row tiles of 32 to 256 (wide tiles re-read the codebook less often; 32 for small M)
+    by code tiles of 32 to 128; one warpgroup (4 warps) per 64 rows up to 128 rows, 8 warps from 128 rows."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm in (32, 64, 128, 256)
+        for bk in (32, 64, 128)
+        for w in ((4,) if bm <= 64 else (4, 8) if bm == 128 else (8,))
+        for s in (2, 3)
+    ]
+
+
+def _bwd_configs(second: str) -> list:
+    """The straight-through kernels' space; `second` names the code tile (BLOCK_K or BLOCK_K2). Code tiles of 16
+    to 64: each holds (BLOCK_M, code tile) fp32 score tiles beside a (rows or codes, BLOCK_D) fp32 accumulator."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, second: 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, second: bk}, num_warps=w, num_stages=s)
         for bm in (32, 64, 128)
-        for bk in (32, 64, 128)
+        for bk in (16, 32, 64)
         for w in (4, 8)
         for s in (2, 3)
     ]
@@ -86,26 +122,223 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(1, m)), _M_BUCKET_MAX)
 
 
-def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
-    """Keep configs whose tiles are not far larger than the problem, whose pipelined tiles fit shared memory
-    and whose resident tiles fit their warps' registers; the smallest config survives if none does.
+# ----------------------------------------------------------------------------------------------------------
+# Autotune pruning by the H100's limits. Shared memory: computed from the tiles, element sizes and stages the way
+# Triton 3.9's pipeliner allocates it (an upper bound; tests/test_kernels_vq_limits.py checks it against what
+# bench/kernels_sm90.py compiles). Registers: ptxas decides them, and how it does is not a function of the tile
+# sizes alone (at 8 warps it often holds a kernel to 128 registers and spills a few bytes rather than use more),
+# so a coarse model of the live fp32 tiles drops what cannot fit at any width, and at the benchmarks' row width
+# (BLOCK_D = 256) the configs the compile spilled are dropped by name (_SPILLED, from bench/kernels_sm90.py).
+# ----------------------------------------------------------------------------------------------------------
 
-    Depends on the rows only through _m_bucket(M), which is in the autotune key (a tuned config is reused for
-    every M in its bucket, so the pruning that chose it must not depend on more)."""
-    args = {**named_args, **kwargs}
-    m_cap = max(16, _m_bucket(int(args["M"])))
-    k_cap = max(16, triton.next_power_of_2(int(args["K"])))
-    block_d = int(args["BLOCK_D"])
-    elem = args["Z"].element_size() if hasattr(args.get("Z"), "element_size") else 4
+_SMEM_LIMIT = 232448  # bytes of shared memory per block on an H100 / H200 (227 KiB, the opt-in maximum)
+# Registers per thread the resident fp32 tiles may take in the coarse model: tensor-core paths (the accumulators
+# live in the MMA layouts), and fp32 FMA dots (their operands pass through registers too).
+_TILE_WORDS = {"tc": 192, "fma": 96}
 
-    def fits(c: triton.Config) -> bool:
-        bm, bk = c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_K", c.kwargs.get("BLOCK_K2"))
-        smem = max(bm, bk) * block_d * elem * max(1, c.num_stages)  # the streamed tile (bytes)
-        regs = 2 * min(bm, bk) * block_d + 3 * bm * bk  # resident row/code tiles + score-sized tiles (fp32)
-        return bm <= m_cap and bk <= k_cap and smem <= _SMEM_BYTES and regs <= _REGS_PER_THREAD * 32 * c.num_warps
 
-    kept = [c for c in configs if fits(c)]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages, -c.num_warps))]
+def _tc_buffers(stages: int, elem: int, wgmma: bool) -> int:
+    """Buffers the pipeliner allocates for a tile streamed into a tensor-core dot: num_stages for wgmma (Hopper's
+    MMA reads its operands from shared memory while the next loads land) and for fp32 (TF32) operands,
+    num_stages - 1 for mma.sync with 2-byte operands (measured on the harness's compiles)."""
+    return stages if wgmma or elem == 4 else stages - 1
+
+
+def _smem_fwd(bm: int, bk: int, stages: int, block_d: int, elem: int) -> int:
+    """Forward: z (BLOCK_M, BLOCK_D) resident, num_stages - 1 code tiles (BLOCK_K, BLOCK_D) in flight, and a
+    (BLOCK_M, BLOCK_K) fp32 tile of scratch (layout conversions and cross-warp reductions of the scores)."""
+    return bm * block_d * elem + (stages - 1) * bk * block_d * elem + bm * bk * 4
+
+
+def _smem_dz(bm: int, bk: int, stages: int, block_d: int, elem: int, chunk: int) -> int:
+    """Straight-through part 1: the larger of its loops and its epilogue (buffers are reused between them).
+
+    Tensor-core path: z and dq (BLOCK_M, BLOCK_D) resident, code tiles and their norms streamed, -2 dd
+    (BLOCK_M, BLOCK_K) staged for the last dot. fp32 FMA path (chunk < BLOCK_D): pass 1 streams feature chunks of
+    z, dq and c, pass 2 stages a whole code tile and dd. Epilogue: dz (BLOCK_M, BLOCK_D) fp32 re-laid out for the
+    store."""
+    if chunk < block_d:
+        loop = max(stages * (2 * bm + bk) * chunk * 4, bk * block_d * 4 + bm * bk * 4)
+    else:
+        bufs = _tc_buffers(stages, elem, wgmma=bm >= 64)
+        loop = 2 * bm * block_d * elem + bufs * bk * block_d * elem + stages * bk * 4 + bm * bk * 4
+    return max(loop, bm * block_d * 4)
+
+
+def _smem_dc(bm: int, bk: int, stages: int, block_d: int, elem: int, chunk: int) -> int:
+    """Straight-through part 2: the larger of its loop and its epilogue.
+
+    Tensor-core path: the program's codes (BLOCK_K2, BLOCK_D) resident, row tiles of z and dq (BLOCK_M, BLOCK_D)
+    and four (BLOCK_M,) row statistics streamed, p^T / dd^T (BLOCK_K2, BLOCK_M) staged for the last dots, and for
+    TF32 a second copy of z and dq (32-bit operands cannot be read transposed from shared memory). fp32 FMA path:
+    feature chunks in flight, then z and dq whole. Epilogue: dc (BLOCK_K2, BLOCK_D) fp32 re-laid out."""
+    if chunk < block_d:
+        loop = max(stages * (2 * bm + bk) * chunk * 4, 2 * bm * block_d * 4 + bk * bm * 4 + 16 * bm)
+    else:
+        bufs = _tc_buffers(stages, elem, wgmma=bk >= 64)
+        loop = bk * block_d * elem + bufs * (2 * bm * block_d * elem + 16 * bm) + bk * bm * 4
+        loop += 2 * bm * block_d * 4 if elem == 4 else 0
+    return max(loop, bk * block_d * 4)
+
+
+def _tile_words(kernel: str, bm: int, bk: int, warps: int, block_d: int) -> float:
+    """32-bit registers per thread for the fp32 tiles live in the loop: the (rows or codes, BLOCK_D) accumulator
+    and four (BLOCK_M, code tile) score-sized tiles (scores, g, p, dd)."""
+    acc = (bm if kernel == "dz" else bk) * block_d
+    return (acc + 4 * bm * bk) / (32 * warps)
+
+
+# Every config ptxas spilled at BLOCK_D = 256 (bench/kernels_sm90.py, triton 3.9.0, ptxas 13.4, sm_90a; some the model
+# above drops too), by kernel and input ("2byte": bf16 or fp16, either spilled; "tf32": fp32 with TF32 dots), as
+# (BLOCK_M, code tile, num_warps, num_stages). Regenerate when Triton or ptxas changes (see the limits test).
+_SPILLED: dict[tuple[str, str], frozenset[tuple[int, int, int, int]]] = {
+    ("dc", "2byte"): frozenset(
+        {
+            (32, 32, 8, 3),
+            (32, 64, 4, 2),
+            (32, 64, 4, 3),
+            (32, 64, 8, 2),
+            (32, 64, 8, 3),
+            (64, 64, 8, 2),
+            (128, 16, 4, 2),
+            (128, 32, 4, 2),
+        }
+    ),
+    ("dc", "fp32"): frozenset(
+        {
+            (32, 32, 4, 2),
+            (32, 32, 4, 3),
+            (32, 32, 8, 2),
+            (32, 32, 8, 3),
+            (32, 64, 8, 2),
+            (32, 64, 8, 3),
+            (64, 16, 4, 2),
+            (64, 16, 4, 3),
+            (64, 32, 8, 2),
+            (64, 32, 8, 3),
+        }
+    ),
+    ("dc", "tf32"): frozenset({(32, 32, 4, 2), (32, 32, 4, 3), (32, 64, 8, 2), (64, 16, 4, 2)}),
+    ("dz", "2byte"): frozenset(
+        {
+            (32, 32, 8, 2),
+            (32, 64, 8, 2),
+            (64, 32, 4, 3),
+            (64, 64, 4, 2),
+            (64, 64, 4, 3),
+            (64, 64, 8, 2),
+            (64, 64, 8, 3),
+            (128, 16, 4, 2),
+            (128, 16, 4, 3),
+            (128, 32, 4, 2),
+            (128, 32, 4, 3),
+            (128, 64, 4, 2),
+            (128, 64, 4, 3),
+            (128, 64, 8, 2),
+            (128, 64, 8, 3),
+        }
+    ),
+    ("dz", "fp32"): frozenset(
+        {
+            (32, 16, 4, 2),
+            (32, 16, 4, 3),
+            (32, 16, 8, 3),
+            (32, 32, 4, 2),
+            (32, 32, 4, 3),
+            (32, 32, 8, 2),
+            (32, 32, 8, 3),
+            (32, 64, 4, 2),
+            (32, 64, 4, 3),
+            (64, 16, 4, 2),
+            (64, 16, 4, 3),
+            (64, 16, 8, 2),
+            (64, 16, 8, 3),
+            (64, 32, 4, 2),
+            (64, 32, 4, 3),
+            (64, 32, 8, 2),
+            (64, 32, 8, 3),
+        }
+    ),
+    ("dz", "tf32"): frozenset(
+        {
+            (32, 32, 4, 2),
+            (32, 32, 4, 3),
+            (32, 32, 8, 2),
+            (32, 32, 8, 3),
+            (32, 64, 4, 2),
+            (64, 16, 4, 2),
+            (64, 16, 4, 3),
+            (64, 16, 8, 2),
+            (64, 16, 8, 3),
+            (64, 32, 4, 2),
+            (64, 32, 8, 2),
+        }
+    ),
+    ("fwd", "fp32"): frozenset(
+        {
+            (32, 64, 4, 2),
+            (32, 64, 4, 3),
+            (32, 128, 4, 2),
+            (64, 32, 4, 2),
+            (64, 32, 4, 3),
+            (64, 64, 4, 2),
+            (64, 64, 4, 3),
+            (128, 32, 4, 2),
+            (128, 32, 4, 3),
+            (128, 32, 8, 2),
+            (128, 32, 8, 3),
+            (128, 64, 8, 2),
+        }
+    ),
+    ("fwd", "tf32"): frozenset({(32, 128, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2)}),
+}
+
+
+def _input_kind(elem: int, precision: str) -> str:
+    """_SPILLED's input key: "2byte" (bf16 / fp16), "tf32" (fp32 with TF32 dots) or "fp32" (ieee, FMA loops)."""
+    return {2: "2byte", 4: "tf32" if precision == "tf32" else "fp32"}[elem]
+
+
+def _pruner(kernel: str) -> Callable[..., list]:
+    """The early_config_prune of `kernel` ("fwd", "dz" or "dc")."""
+
+    def prune(configs: list, named_args: dict, **kwargs: object) -> list:
+        """Keep configs whose tiles are not far larger than the problem and that fit the H100: shared memory
+        (_smem_*), registers (_tile_words, _SPILLED); the smallest config survives if none does.
+
+        Depends on the rows only through _m_bucket(M), which is in the autotune key (a tuned config is reused
+        for every M in its bucket, so the pruning that chose it must not depend on more)."""
+        args = {**named_args, **kwargs}
+        m_cap = max(16, _m_bucket(int(args["M"])))
+        k_cap = max(16, triton.next_power_of_2(int(args["K"])))
+        block_d = int(args["BLOCK_D"])
+        elem = args["Z"].element_size() if hasattr(args.get("Z"), "element_size") else 4
+        precision = str(args.get("DOT_PRECISION", "ieee"))
+        chunk = int(args.get("BLOCK_DC", block_d))
+        kind = _input_kind(elem, precision)
+        spilled = _SPILLED.get((kernel, kind), frozenset()) if block_d == 256 else frozenset()
+
+        def fits(c: triton.Config) -> bool:
+            bm, bk = c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_K", c.kwargs.get("BLOCK_K2"))
+            st, w = c.num_stages, c.num_warps
+            if kernel == "fwd":
+                smem = _smem_fwd(bm, bk, st, block_d, elem)
+                words = (bm * bk * 3) / (32 * w)  # dist / score tiles; the accumulators are (BLOCK_M,) vectors
+            else:
+                smem = (_smem_dz if kernel == "dz" else _smem_dc)(bm, bk, st, block_d, elem, chunk)
+                words = _tile_words(kernel, bm, bk, w, block_d)
+            fits_regs = words <= _TILE_WORDS["fma" if kind == "fp32" else "tc"] and (bm, bk, w, st) not in spilled
+            return bm <= m_cap and bk <= k_cap and smem <= _SMEM_LIMIT and fits_regs
+
+        kept = [c for c in configs if fits(c)]
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.num_stages, -c.num_warps))]
+
+    return prune
+
+
+_prune_fwd = _pruner("fwd")
+_prune_dz = _pruner("dz")
+_prune_dc = _pruner("dc")
 
 
 @triton.jit
@@ -174,7 +407,7 @@ _FWD_KEY = ["M_BUCKET", "K", "D", "SAMPLE", "STATS", "DOT_PRECISION"]
 _BWD_KEY = ["M_BUCKET", "K", "D", "SAMPLE", "DOT_PRECISION"]
 
 
-@triton.autotune(configs=_configs("BLOCK_K"), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_fwd_configs(), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _vq_fwd_kernel(
     Z, C, IDX, ROW_MAX, ROW_SUM,
@@ -221,20 +454,115 @@ def _vq_fwd_kernel(
         tl.store(ROW_SUM + offs_m, run_sum, mask=m_ok)
 
 
+# Straight-through backward. Both kernels rebuild p tile by tile from the forward's per-row statistics:
+#   p_mk = exp(score_mk - row_max_m) / (row_sum_m * r_m),  score = -(|z_m|^2 - 2 z_m . c_k + |c_k|^2) / tau (+ g_mk),
+# with |c_k|^2 precomputed by the launcher (CC, fp32), and r_m = sum_k exp(...) / row_sum_m the correction part 1
+# finds (see there). No (BLOCK_M, BLOCK_D) tile is upcast to fp32 inside a loop.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mm_acc(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with acc fp32 (the dot accumulates into it: no temporary tile). See _mm for "interp"."""
+    if DOT_PRECISION == "interp":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _soft_tile(z, dq, z_rows, q_rows, m_ok, C, CC, k0, offs_d, offs_m, zz, row_max, row_norm,
+               K, D, stride_zd, stride_qd, stride_ck, stride_cd, seed, inv_tau, SAMPLE: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DC: tl.constexpr):  # fmt: skip
+    """Code tile k0 .. k0 + BLOCK_K - 1 for rows offs_m: (codes c (BLOCK_K, BLOCK_D) in the input dtype, p, g),
+    p and g = dq . c_k both (BLOCK_M, BLOCK_K) fp32, p = 0 on codes past K.
+
+    z, dq (BLOCK_M, BLOCK_D) stay in the input dtype: both dots run on tensor cores for bf16 / fp16 (products of
+    2-byte floats are exact in the fp32 accumulator). The rows' zz = |z|^2, row_max and row_norm (the forward's
+    row sum, times part 1's correction) are (BLOCK_M,) fp32; the score is the forward's (and the reference's)
+    -(|z|^2 - 2 z . c + |c|^2) / tau, so that its fp32 rounding, ~1e-7 of |z|^2 + |c|^2, is the one theirs has.
+    BLOCK_DC < BLOCK_D (fp32 FMA dots): z . c and dq . c are summed over feature chunks of BLOCK_DC, reloaded
+    from z_rows / q_rows (pointers to the rows, (BLOCK_M, 1)) and C (see _nt_dots).
+    """
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    # int64: K * stride_ck (a large codebook) or D * stride_cd (a transposed one) may pass 2^31
+    c_rows = C + offs_k.to(tl.int64)[:, None] * stride_ck
+    c = tl.load(c_rows + offs_d.to(tl.int64)[None, :] * stride_cd, mask=k_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0)  # fmt: skip
+    cc = tl.load(CC + offs_k, mask=k_ok, other=0.0)
+    zc, g = _nt_dots(z, dq, c, z_rows, q_rows, c_rows, m_ok, k_ok, D, stride_zd, stride_qd, stride_cd,
+                     DOT_PRECISION, BLOCK_D, BLOCK_DC, False)  # fmt: skip
+    if BLOCK_DC < BLOCK_D:  # the chunked dots did not use c (its load above is dead): loaded after them, the
+        # tile is not live across their loop
+        c = tl.load(c_rows + offs_d.to(tl.int64)[None, :] * stride_cd, mask=k_ok[:, None] & (offs_d[None, :] < D),
+                    other=0.0)  # fmt: skip
+    score = -(zz[:, None] - 2.0 * zc + cc[None, :]) * inv_tau
+    if SAMPLE:
+        score += _gumbel(seed, offs_m, k0, BLOCK_K)
+    p = tl.exp2((score - row_max[:, None]) * 1.4426950408889634) / row_norm[:, None]
+    p = tl.where(k_ok[None, :], p, 0.0)
+    return c, p, g
+
+
+@triton.jit
+def _nt_dots(z, dq, c, z_rows, q_rows, c_rows, m_ok, k_ok, D, stride_zd, stride_qd, stride_cd,
+             DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+             CODES_FIRST: tl.constexpr):  # fmt: skip
+    """(z c^T, dq c^T), each (rows, codes) fp32, or transposed (c z^T, c dq^T) when CODES_FIRST.
+
+    BLOCK_DC == BLOCK_D: one dot each on the tiles z, dq (rows, BLOCK_D) and c (codes, BLOCK_D). BLOCK_DC < BLOCK_D
+    (fp32 inputs with ieee dots): the features in chunks of BLOCK_DC, each loaded from z_rows, q_rows (rows, 1) and
+    c_rows (codes, 1) (pointers to the rows, L1 / L2 hits): an FMA dot holds each thread's rows and columns of
+    its operands whole along the reduced dimension, and with the shared operand live across two dots a whole
+    256-wide feature dimension spilled.
+    """
+    if BLOCK_DC == BLOCK_D:
+        if CODES_FIRST:
+            zc = _mm(c, tl.trans(z), DOT_PRECISION)
+            g = _mm(c, tl.trans(dq), DOT_PRECISION)
+        else:
+            zc = _mm(z, tl.trans(c), DOT_PRECISION)
+            g = _mm(dq, tl.trans(c), DOT_PRECISION)
+    else:
+        if CODES_FIRST:
+            zc = tl.zeros((c_rows.shape[0], z_rows.shape[0]), dtype=tl.float32)
+        else:
+            zc = tl.zeros((z_rows.shape[0], c_rows.shape[0]), dtype=tl.float32)
+        g = tl.zeros_like(zc)
+        for d0 in range(0, BLOCK_D, BLOCK_DC):
+            offs = d0 + tl.arange(0, BLOCK_DC)
+            d_ok = offs[None, :] < D
+            offs64 = offs.to(tl.int64)[None, :]
+            zt = tl.load(z_rows + offs64 * stride_zd, mask=m_ok[:, None] & d_ok, other=0.0)
+            qt = tl.load(q_rows + offs64 * stride_qd, mask=m_ok[:, None] & d_ok, other=0.0)
+            ct = tl.load(c_rows + offs64 * stride_cd, mask=k_ok[:, None] & d_ok, other=0.0)
+            if CODES_FIRST:
+                zc = _mm_acc(ct, tl.trans(zt), zc, DOT_PRECISION)
+                g = _mm_acc(ct, tl.trans(qt), g, DOT_PRECISION)
+            else:
+                zc = _mm_acc(zt, tl.trans(ct), zc, DOT_PRECISION)
+                g = _mm_acc(qt, tl.trans(ct), g, DOT_PRECISION)
+    return zc, g
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Straight-through backward, part 1: grid (cdiv(M, BLOCK_M),). Pass 1 over code tiles: s = sum_k p_k g_k.
-# Pass 2: dd = -p (g - s) / tau, dz = 2 z sum_k dd_k - 2 dd @ C. Writes dz (M, D) and s (M,) for part 2.
+# Pass 2: dd = p (s - g) / tau, dz = -2 dd @ C. Writes dz (M, D); s, |z|^2 and row_sum * r (M,)
+# for part 2. Live across the loops: z, dq (input dtype) and dz (fp32), each (BLOCK_M, BLOCK_D).
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs("BLOCK_K"), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_bwd_configs("BLOCK_K"), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dz})
 @triton.jit
 def _vq_st_bwd_dz_kernel(
-    Z, C, DQ, ROW_MAX, ROW_SUM, DZ, S_OUT,
+    Z, C, DQ, ROW_MAX, ROW_SUM, CC, DZ, S_OUT, ZZ_OUT, NORM_OUT,
     stride_zm, stride_zd, stride_ck, stride_cd, stride_qm, stride_qd,
     M, K, D, M_BUCKET, seed, inv_tau,
     SAMPLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_M >= 16 and BLOCK_K >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
     pid = tl.program_id(0)
@@ -244,55 +572,66 @@ def _vq_st_bwd_dz_kernel(
     m_ok = offs_m < M
     md_mask = m_ok[:, None] & (offs_d[None, :] < D)
 
-    # Row tiles of z and of the incoming gradient dq (BLOCK_M, BLOCK_D); softmax statistics (BLOCK_M,)
-    z = tl.load(Z + offs_m[:, None] * stride_zm + offs_d64[None, :] * stride_zd, mask=md_mask, other=0.0)
-    z = z.to(tl.float32)
-    zz = tl.sum(z * z, axis=1)
-    dq = tl.load(DQ + offs_m[:, None] * stride_qm + offs_d64[None, :] * stride_qd, mask=md_mask, other=0.0)
-    dq = dq.to(tl.float32)
+    # Row tiles of z and of the incoming gradient dq (BLOCK_M, BLOCK_D), in the input dtype; padded rows are 0
+    z_rows = Z + offs_m[:, None] * stride_zm
+    q_rows = DQ + offs_m[:, None] * stride_qm
+    z = tl.load(z_rows + offs_d64[None, :] * stride_zd, mask=md_mask, other=0.0)
+    dq = tl.load(q_rows + offs_d64[None, :] * stride_qd, mask=md_mask, other=0.0)
+    zz = tl.sum(z.to(tl.float32) * z.to(tl.float32), axis=1)
     row_max = tl.load(ROW_MAX + offs_m, mask=m_ok, other=0.0)
     row_sum = tl.load(ROW_SUM + offs_m, mask=m_ok, other=1.0)
 
-    # Pass 1: s = sum_k p_k (dq . c_k)
+    # Pass 1: s = sum_k p_k (dq . c_k) / sum_k p_k. The forward summed exp(score) with its own dot and tiles, so
+    # sum_k p_k is 1 only to ~1e-6; s - g_k cancels for the likely codes (p_k ~ 1), where that error would come
+    # back amplified in dz. So p is renormalised by its own sum r: row_sum * r is the norm from here on.
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    r = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cf, _, score = _scores(z, zz, C, k0, offs_d, offs_m, K, D, stride_ck, stride_cd, seed, inv_tau,
-                               SAMPLE, DOT_PRECISION, BLOCK_K)  # fmt: skip
-        p = tl.exp2((score - row_max[:, None]) * 1.4426950408889634) / row_sum[:, None]
-        g = _mm(dq, tl.trans(cf), DOT_PRECISION)
+        _, p, g = _soft_tile(z, dq, z_rows, q_rows, m_ok, C, CC, k0, offs_d, offs_m, zz, row_max, row_sum, K, D,
+                             stride_zd, stride_qd, stride_ck, stride_cd, seed, inv_tau, SAMPLE, DOT_PRECISION,
+                             BLOCK_K, BLOCK_D, BLOCK_DC)  # fmt: skip
         s += tl.sum(p * g, axis=1)
+        r += tl.sum(p, axis=1)
+    r = tl.where(m_ok, r, 1.0)  # padded rows: p underflows to 0 there
+    s = s / r
+    row_norm = row_sum * r
 
-    # Pass 2: dz = sum_k dd_k (2 z - 2 c_k) with dd = -p (g - s) / tau
+    # Pass 2: dz = sum_k dd_k (2 z - 2 c_k) = -2 dd @ C, since sum_k dd_k = (s sum_k p_k - sum_k p_k g_k) / tau
+    # is 0 (to rounding: p sums to 1 and s = sum_k p_k g_k with the very p of this kernel; the reference's autograd
+    # sums the same rounding noise). Dropping the 2 z sum_k dd_k term keeps z out of registers and dz's epilogue
+    # free of (BLOCK_M, BLOCK_D) layout conversions. -2 dd goes into the dot in the codes' dtype (bf16 / fp16:
+    # rounded to 8 / 11 bits, as flash-attention's backward rounds dS), accumulated in fp32 into dz itself.
     dz = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dd_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cf, _, score = _scores(z, zz, C, k0, offs_d, offs_m, K, D, stride_ck, stride_cd, seed, inv_tau,
-                               SAMPLE, DOT_PRECISION, BLOCK_K)  # fmt: skip
-        p = tl.exp2((score - row_max[:, None]) * 1.4426950408889634) / row_sum[:, None]
-        g = _mm(dq, tl.trans(cf), DOT_PRECISION)
-        dd = -p * (g - s[:, None]) * inv_tau
-        dd_sum += tl.sum(dd, axis=1)
-        dz -= 2.0 * _mm(dd, cf, DOT_PRECISION)
-    dz += 2.0 * z * dd_sum[:, None]
+        c, p, g = _soft_tile(z, dq, z_rows, q_rows, m_ok, C, CC, k0, offs_d, offs_m, zz, row_max, row_norm, K, D,
+                             stride_zd, stride_qd, stride_ck, stride_cd, seed, inv_tau, SAMPLE, DOT_PRECISION,
+                             BLOCK_K, BLOCK_D, BLOCK_DC)  # fmt: skip
+        dd = p * (s[:, None] - g) * inv_tau
+        dz = _mm_acc((-2.0 * dd).to(c.dtype), c, dz, DOT_PRECISION)
 
     tl.store(DZ + offs_m[:, None] * D + offs_d[None, :], dz, mask=md_mask)  # contiguous (M, D): column < 512
     tl.store(S_OUT + offs_m, s, mask=m_ok)
+    tl.store(ZZ_OUT + offs_m, zz, mask=m_ok)
+    tl.store(NORM_OUT + offs_m, row_norm, mask=m_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Straight-through backward, part 2: grid (cdiv(K, BLOCK_K2),). One pass over row tiles:
 # dC_k = sum_m p_mk dq_m + dd_mk (2 c_k - 2 z_m)  (the soft part; the gather part is an index_add outside).
+# Computed transposed, codes x rows (as flash-attention's dK / dV): p^T and dd^T (BLOCK_K2, BLOCK_M) come out of
+# c @ z^T and c @ dq^T and feed p^T @ dq and dd^T @ z directly. Live across the loop: c (input dtype) and dc
+# (fp32), each (BLOCK_K2, BLOCK_D); z and dq (BLOCK_M, BLOCK_D) stream through shared memory.
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs("BLOCK_K2"), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_bwd_configs("BLOCK_K2"), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dc})
 @triton.jit
 def _vq_st_bwd_dc_kernel(
-    Z, C, DQ, ROW_MAX, ROW_SUM, S_IN, DC,
+    Z, C, DQ, ROW_MAX, ZZ_IN, NORM_IN, S_IN, CC, DC,
     stride_zm, stride_zd, stride_ck, stride_cd, stride_qm, stride_qd,
     M, K, D, M_BUCKET, seed, inv_tau,
     SAMPLE: tl.constexpr, WIDE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K2: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_M >= 16 and BLOCK_K2 >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
     pid = tl.program_id(0)
@@ -303,38 +642,51 @@ def _vq_st_bwd_dc_kernel(
     rows = tl.arange(0, BLOCK_M)
     if WIDE_ROWS:  # a row index times a row stride may pass 2^31 (see _wide_rows)
         rows = rows.to(tl.int64)
-    kd_mask = (offs_k[:, None] < K) & (offs_d[None, :] < D)
+    k_ok = offs_k < K
+    kd_mask = k_ok[:, None] & (offs_d[None, :] < D)
 
-    # This program's codes (BLOCK_K2, BLOCK_D) and their accumulators
-    c = tl.load(C + offs_k[:, None] * stride_ck + offs_d64[None, :] * stride_cd, mask=kd_mask, other=0.0)
-    cf = c.to(tl.float32)
+    # This program's codes (BLOCK_K2, BLOCK_D) in the input dtype, their squared norms, and the accumulators
+    c_rows = C + offs_k[:, None] * stride_ck
+    c = tl.load(c_rows + offs_d64[None, :] * stride_cd, mask=kd_mask, other=0.0)
+    cc = tl.load(CC + offs_k, mask=k_ok, other=0.0)
     dc = tl.zeros((BLOCK_K2, BLOCK_D), dtype=tl.float32)
     dd_sum = tl.zeros((BLOCK_K2,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + rows
         m_ok = offs_m < M
         md_mask = m_ok[:, None] & (offs_d[None, :] < D)
-        # Row tile: z, dq (BLOCK_M, BLOCK_D), statistics and s (BLOCK_M,); padded rows contribute 0
-        z = tl.load(Z + offs_m[:, None] * stride_zm + offs_d64[None, :] * stride_zd, mask=md_mask, other=0.0)
-        z = z.to(tl.float32)
-        zz = tl.sum(z * z, axis=1)
-        dq = tl.load(DQ + offs_m[:, None] * stride_qm + offs_d64[None, :] * stride_qd, mask=md_mask, other=0.0)
-        dq = dq.to(tl.float32)
+        # Row tile: z, dq (BLOCK_M, BLOCK_D) in the input dtype; part 1's row statistics (BLOCK_M,)
+        z_rows = Z + offs_m[:, None] * stride_zm
+        q_rows = DQ + offs_m[:, None] * stride_qm
+        zz = tl.load(ZZ_IN + offs_m, mask=m_ok, other=0.0)
         row_max = tl.load(ROW_MAX + offs_m, mask=m_ok, other=0.0)
-        row_sum = tl.load(ROW_SUM + offs_m, mask=m_ok, other=1.0)
+        row_norm = tl.load(NORM_IN + offs_m, mask=m_ok, other=1.0)
         s = tl.load(S_IN + offs_m, mask=m_ok, other=0.0)
-        # Recompute p and dd for (rows, codes): (BLOCK_M, BLOCK_K2)
-        _, _, score = _scores(z, zz, C, k0, offs_d, offs_m, K, D, stride_ck, stride_cd, seed, inv_tau,
-                              SAMPLE, DOT_PRECISION, BLOCK_K2)  # fmt: skip
-        p = tl.exp2((score - row_max[:, None]) * 1.4426950408889634) / row_sum[:, None]
-        p = tl.where(m_ok[:, None], p, 0.0)
-        g = _mm(dq, tl.trans(cf), DOT_PRECISION)
-        dd = -p * (g - s[:, None]) * inv_tau
-        # Accumulate p^T dq - 2 dd^T z (BLOCK_K2, BLOCK_D) and sum_m dd (BLOCK_K2,)
-        dc += _mm(tl.trans(p), dq, DOT_PRECISION)
-        dc -= 2.0 * _mm(tl.trans(dd), z, DOT_PRECISION)
-        dd_sum += tl.sum(dd, axis=0)
-    dc += 2.0 * cf * dd_sum[:, None]
+        # c z^T and c dq^T (BLOCK_K2, BLOCK_M); z and dq whole are loaded after chunked dots (not live across them)
+        if BLOCK_DC == BLOCK_D:
+            z = tl.load(z_rows + offs_d64[None, :] * stride_zd, mask=md_mask, other=0.0)
+            dq = tl.load(q_rows + offs_d64[None, :] * stride_qd, mask=md_mask, other=0.0)
+            zc, g = _nt_dots(z, dq, c, z_rows, q_rows, c_rows, m_ok, k_ok, D, stride_zd, stride_qd, stride_cd,
+                             DOT_PRECISION, BLOCK_D, BLOCK_DC, True)  # fmt: skip
+        else:
+            zc, g = _nt_dots(None, None, None, z_rows, q_rows, c_rows, m_ok, k_ok, D, stride_zd, stride_qd,
+                             stride_cd, DOT_PRECISION, BLOCK_D, BLOCK_DC, True)  # fmt: skip
+            z = tl.load(z_rows + offs_d64[None, :] * stride_zd, mask=md_mask, other=0.0)
+            dq = tl.load(q_rows + offs_d64[None, :] * stride_qd, mask=md_mask, other=0.0)
+        # p^T and dd^T (BLOCK_K2, BLOCK_M), as part 1 computes p and dd; padded rows give p = 0
+        score = -(zz[None, :] - 2.0 * zc + cc[:, None]) * inv_tau
+        if SAMPLE:
+            score += tl.trans(_gumbel(seed, offs_m, k0, BLOCK_K2))
+        p = tl.exp2((score - row_max[None, :]) * 1.4426950408889634) / row_norm[None, :]
+        p = tl.where(m_ok[None, :], p, 0.0)
+        dd = p * (s[None, :] - g) * inv_tau
+        dd_sum += tl.sum(dd, axis=1)
+        # dc += p^T dq - 2 dd^T z: operands in the input dtype (p, dd rounded as in part 1), fp32 accumulation
+        dc = _mm_acc(p.to(dq.dtype), dq, dc, DOT_PRECISION)
+        dc = _mm_acc((-2.0 * dd).to(z.dtype), z, dc, DOT_PRECISION)
+    # c again from memory (L2) rather than live in registers across the loop beside dc
+    c = tl.load(c_rows + offs_d64[None, :] * stride_cd, mask=kd_mask, other=0.0)
+    dc += 2.0 * c.to(tl.float32) * dd_sum[:, None]
     tl.store(DC + offs_k[:, None] * D + offs_d[None, :], dc, mask=kd_mask)  # contiguous (K, D): column < 512
 
 
@@ -379,6 +731,12 @@ def _dot_precision() -> str:
     if INTERPRET:
         return "interp"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _feature_chunk(dtype: torch.dtype, block_d: int) -> int:
+    """BLOCK_DC of the straight-through kernels: the whole row, except fp32 inputs with ieee dots (FMA loops), whose
+    score dots go over the features in chunks of 32 (see _nt_dots)."""
+    return min(block_d, 32) if dtype == torch.float32 and _dot_precision() == "ieee" else block_d
 
 
 def _seed(generator: torch.Generator | None) -> int:
@@ -436,18 +794,22 @@ class _SoftStraightThrough(torch.autograd.Function):
         k = codebook.shape[0]
         dz = torch.empty((m, d), device=z2.device, dtype=torch.float32)
         s = torch.empty(m, device=z2.device, dtype=torch.float32)
+        zz = torch.empty(m, device=z2.device, dtype=torch.float32)
+        norm = torch.empty(m, device=z2.device, dtype=torch.float32)
         dc = torch.empty((k, d), device=z2.device, dtype=torch.float32)
+        cc = codebook.float().square().sum(1)  # |c_k|^2 (K,) fp32
+        block_d = max(16, triton.next_power_of_2(d))
         common = dict(
             M=m, K=k, D=d, M_BUCKET=_m_bucket(m), seed=seed, inv_tau=1.0 / tau, SAMPLE=sample,
-            DOT_PRECISION=_dot_precision(), BLOCK_D=max(16, triton.next_power_of_2(d)),
+            DOT_PRECISION=_dot_precision(), BLOCK_D=block_d, BLOCK_DC=_feature_chunk(z2.dtype, block_d),
         )  # fmt: skip
         strides = (*z2.stride(), *codebook.stride(), *dq.stride())
         _vq_st_bwd_dz_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-            z2, codebook, dq, row_max, row_sum, dz, s, *strides, **common
+            z2, codebook, dq, row_max, row_sum, cc, dz, s, zz, norm, *strides, **common
         )
         wide_rows = _wide_rows(m, z2.stride(0), dq.stride(0))
         _vq_st_bwd_dc_kernel[lambda meta: (triton.cdiv(k, meta["BLOCK_K2"]),)](
-            z2, codebook, dq, row_max, row_sum, s, dc, *strides, WIDE_ROWS=wide_rows, **common
+            z2, codebook, dq, row_max, zz, norm, s, cc, dc, *strides, WIDE_ROWS=wide_rows, **common
         )
         return dz.to(z2.dtype), dc.to(codebook.dtype), None, None, None, None, None
 

@@ -109,6 +109,66 @@ def test_sample_matches_reference_with_the_kernels_noise(straight_through: bool)
         _assert_close(g, g_ref, torch.float32, name)
 
 
+@pytest.mark.parametrize("sample", [False, True], ids=["eval", "sample"])
+def test_straight_through_feature_chunks_match_reference(monkeypatch: pytest.MonkeyPatch, sample: bool) -> None:
+    """The fp32 FMA path of the straight-through kernels (score dots summed over feature chunks, BLOCK_DC <
+    BLOCK_D; on a GPU for fp32 without TF32) forced here: D = 40 in 64-wide rows, chunks of 16 with a ragged last."""
+    import kernels.vq as vq
+
+    monkeypatch.setattr(vq, "_feature_chunk", lambda dtype, block_d: 16)
+    z, codebook = _inputs((3, 11, 40), 37, torch.float32)
+    z.requires_grad_()
+    codebook.requires_grad_()
+    kwargs = dict(sample=sample, tau=0.7, straight_through=True)
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    idx, quant, dist = vq_lookup(z, codebook, generator=gen(), backend="triton", **kwargs)
+    noise = gumbel_noise_like_kernel(33, 37, _seed(gen())) if sample else None
+    idx_ref, quant_ref, dist_ref = vq_lookup_reference(z, codebook, gumbel=noise, **kwargs)
+    assert torch.equal(idx, idx_ref)
+    gq, gd = torch.randn_like(quant), torch.randn_like(dist)
+    grads = torch.autograd.grad((quant * gq).sum() + (dist * gd).sum(), (z, codebook))
+    grads_ref = torch.autograd.grad((quant_ref * gq).sum() + (dist_ref * gd).sum(), (z, codebook))
+    for name, g, g_ref in zip(("dz", "dcodebook"), grads, grads_ref):
+        _assert_close(g, g_ref, torch.float32, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_straight_through_two_byte_operands_within_their_rounding(dtype: torch.dtype) -> None:
+    """bf16 / fp16 inputs: the backward's last dots take dd (and p) rounded to the input dtype, as flash-attention
+    rounds dS. Checked against float64 with the bound that rounding allows, elementwise: each product of a rounded
+    factor is off by at most the unit roundoff u (2^-8 bf16, 2^-11 fp16) of its size, so a sum is off by at most
+    u * (the sum of its terms' absolute values); the bound takes 2u (for the fp32 scores' ~1e-5 relative error in
+    p and the fp32 sums), plus u of the result for its rounding to the output dtype."""
+    import kernels.vq as vq
+
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    gen = torch.Generator().manual_seed(1)
+    m, k, d, tau = 40, 48, 64, 0.5
+    # Small vectors: the soft assignment is spread over many codes, not one-hot
+    z2 = (0.2 * torch.randn(m, d, generator=gen)).to(dtype)
+    codebook = (0.2 * torch.randn(k, d, generator=gen)).to(dtype)
+    dq = torch.randn(m, d, generator=gen).to(dtype)
+    _, row_max, row_sum = vq._vq_fwd(z2, codebook, False, tau, 0, stats=True)
+    ctx = type("Ctx", (), {})()
+    ctx.saved_tensors, ctx.args = (z2, codebook, row_max, row_sum), (False, tau, 0)
+    dz, dc = vq._SoftStraightThrough.backward(ctx, dq)[:2]
+    assert dz.dtype == dc.dtype == dtype
+
+    zd, cd, qd = z2.double(), codebook.double(), dq.double()
+    p = (-((zd[:, None, :] - cd[None, :, :]) ** 2).sum(-1) / tau).softmax(-1)  # (M, K)
+    g = qd @ cd.t()
+    dd = p * ((p * g).sum(1, keepdim=True) - g) / tau  # d loss / d dist
+    dz_exact = -2.0 * dd @ cd + 2.0 * zd * dd.sum(1, keepdim=True)
+    dc_exact = p.t() @ qd - 2.0 * dd.t() @ zd + 2.0 * cd * dd.sum(0)[:, None]
+    dz_bound = 2 * u * (2.0 * dd.abs() @ cd.abs() + 2.0 * zd.abs() * dd.sum(1, keepdim=True).abs())
+    dc_bound = 2 * u * (p.t() @ qd.abs() + 2.0 * dd.abs().t() @ zd.abs() + 2.0 * cd.abs() * dd.abs().sum(0)[:, None])
+    for name, got, exact, bound in (("dz", dz, dz_exact, dz_bound), ("dc", dc, dc_exact, dc_bound)):
+        excess = (got.double() - exact).abs() - (bound + u * exact.abs() + 1e-6)
+        assert excess.max() <= 0, f"{name}: over its bound by {excess.max().item():.3g}"
+    # and the rounding is visible: not the fp32 result to fp32 accuracy (else this test checks nothing)
+    assert (dz.double() - dz_exact).abs().max() > 1e-4 * dz_exact.abs().max()
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_sample_is_seeded(backend: str) -> None:
     z, codebook = _inputs((64, 8), 12, torch.float32)
@@ -206,15 +266,16 @@ def test_autotune_pruning_keeps_a_fitting_subset(monkeypatch: pytest.MonkeyPatch
     import kernels.vq as vq
 
     monkeypatch.setattr(vq, "INTERPRET", False)
-    for second in ("BLOCK_K", "BLOCK_K2"):
-        configs = vq._configs(second)
+    spaces = [(vq._fwd_configs(), vq._prune_fwd, "BLOCK_K"), (vq._bwd_configs("BLOCK_K"), vq._prune_dz, "BLOCK_K")]
+    spaces.append((vq._bwd_configs("BLOCK_K2"), vq._prune_dc, "BLOCK_K2"))
+    for configs, prune, second in spaces:
         assert len(configs) > 1
         for dtype in (torch.float32, torch.bfloat16):
-            kept = vq._prune(configs, {"Z": torch.empty(1, dtype=dtype)}, M=704, K=512, BLOCK_D=256)
+            kept = prune(configs, {"Z": torch.empty(1, dtype=dtype)}, M=704, K=512, BLOCK_D=256)
             assert 0 < len(kept) < len(configs)
-            kept = vq._prune(configs, {"Z": torch.empty(1, dtype=dtype)}, M=20, K=40, BLOCK_D=256)
+            kept = prune(configs, {"Z": torch.empty(1, dtype=dtype)}, M=20, K=40, BLOCK_D=256)
             assert all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs[second] <= 64 for c in kept)
-        assert len(vq._prune(configs, {}, M=10**6, K=10**6, BLOCK_D=8192)) == 1
+        assert len(prune(configs, {}, M=10**6, K=10**6, BLOCK_D=8192)) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,8 +399,9 @@ def test_autotune_pruning_depends_on_rows_only_through_the_bucket(monkeypatch: p
     import kernels.vq as vq
 
     monkeypatch.setattr(vq, "INTERPRET", False)
-    configs = vq._configs("BLOCK_K")
-    labels = lambda m: {str(c) for c in vq._prune(configs, {"Z": torch.empty(1)}, M=m, K=512, BLOCK_D=256)}  # noqa: E731
+    configs = vq._fwd_configs()
+    z = torch.empty(1, dtype=torch.bfloat16)  # fp32 FMA dots keep only 32-row tiles at BLOCK_D = 256: no cut-off
+    labels = lambda m: {str(c) for c in vq._prune_fwd(configs, {"Z": z}, M=m, K=512, BLOCK_D=256)}  # noqa: E731
     for m in (1, 9, 16, 17, 20, 31, 33, 64, 65, 100, 128, 129, 704, 5000, 2**15, 2**15 + 1, 10**6):
         assert labels(m) == labels(vq._m_bucket(m)), m
     assert labels(20) != labels(704)  # small M does prune wide row tiles
