@@ -303,26 +303,13 @@ def _rule_call_module(st: _State, node: fx.Node) -> Layout:
     if isinstance(lay, _Shard) and lay.whole and not isinstance(mod, _UNARY_MODULES):
         raise _Conflict(f"{type(mod).__name__} on a value whose sharded dim is partly kept whole on every rank")
     if isinstance(mod, nn.Linear):
-        if isinstance(lay, _Shard):  # rowwise: (…, in/tp) @ W[:, in/tp]^T -> partial (…, out)
-            if lay.dim != len(_shape(x)) - 1:
-                raise _Conflict(f"Linear input is sharded on dim {lay.dim}, not on in_features")
-            st.divides(node, mod.in_features, lay.parts, "in_features")
-            st.rules[node.name] = "row"
-            st.params[f"{node.target}.weight"] = ({"dim": 1, "parts": lay.parts}, lay.origins)
-            if mod.bias is not None:
-                st.params[f"{node.target}.bias"] = ({"dim": None, "parts": 1}, lay.origins)
-            return _Partial(lay.origins)
-        if node.name in st.seeds:  # colwise: W[out/tp, :] -> (…, out/tp)
-            parts = st.seed_parts.get(node.name, 1)
-            whole = st.seed_whole_rows(node, mod.out_features)
-            pad = st.vocab_pad(node, mod.out_features, parts, "out_features") if not whole else 0
-            st.rules[node.name] = "column"
-            mine = frozenset([node.name])
-            st.params[f"{node.target}.weight"] = (_spec(0, parts, pad, whole), mine)
-            if mod.bias is not None:
-                st.params[f"{node.target}.bias"] = (_spec(0, parts, pad, whole), mine)
-            return _Shard(len(_shape(node)) - 1, parts, mine, pad, whole)
-        return None
+        target = str(node.target)
+
+        def record(name: str, spec: dict[str, int | None], origins: frozenset[str]) -> None:
+            st.params[name] = (spec, origins)  # a module's own parameters: its calls share them (_tied_conflicts)
+
+        bias = f"{target}.bias" if mod.bias is not None else None
+        return _linear(st, node, x, tuple(mod.weight.shape), f"{target}.weight", bias, 1, 0, "Linear", record)
     if isinstance(mod, nn.Embedding):
         if lay is not None:
             raise _Conflict("Embedding indices are sharded")
@@ -925,30 +912,58 @@ def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
         st.rules[node.name] = "vocab_embedding"
         st.claim(node, op.param, _spec(0, 1, pad), frozenset([node.name]))
         return _Partial(frozenset([node.name]))
-    if isinstance(lay, _Shard):  # rowwise
-        if lay.dim != len(_shape(op.x)) - 1:
-            raise _Conflict(f"{op_name(node)} input is sharded on dim {lay.dim}, not on its in_features")
-        st.divides(node, w[op.in_dim], lay.parts, "in_features")
+
+    def record(name: str, spec: dict[str, int | None], origins: frozenset[str]) -> None:
+        st.claim(node, name, spec, origins)
+        if name == op.param:
+            _claim_via(st, op)
+
+    out = _linear(st, node, op.x, w, op.param, op.bias_param, op.in_dim, op.out_dim, op_name(node), record)
+    if st.rules.get(node.name) == "row" and op.bias is not None:
+        st.row_bias[node.name] = op.bias.name  # added after the all-reduce
+    return out
+
+
+def _linear(
+    st: _State,
+    node: fx.Node,
+    x: fx.Node,
+    w: tuple[int, ...],
+    weight: str,
+    bias: str | None,
+    in_dim: int,
+    out_dim: int,
+    what: str,
+    record: Callable[[str, dict[str, int | None], frozenset[str]], None],
+) -> Layout:
+    """A linear-like call (an nn.Linear module or a functional / ATen weight op) reading parameters `weight` (shape
+    `w`; its `in_dim` and `out_dim`) and `bias`: row-parallel when its input is sharded on the features (partial
+    output, the bias replicated and added after the all-reduce), column-parallel when it is a seed (its output rows
+    sharded: as blocks, padded to a vocabulary, or with a tail kept whole, as the seed was asked), else replicated.
+    `record` notes a parameter's shard spec (a module's calls share its parameters; a functional op claims them)."""
+    lay = st.eff(x)
+    if isinstance(lay, _Shard):  # rowwise: (…, in/tp) @ W[:, in/tp]^T -> partial (…, out)
+        if lay.dim != len(_shape(x)) - 1:
+            raise _Conflict(f"{what} input is sharded on dim {lay.dim}, not on its in_features")
+        st.divides(node, w[in_dim], lay.parts, "in_features")
         st.rules[node.name] = "row"
-        st.claim(node, op.param, {"dim": op.in_dim, "parts": lay.parts}, lay.origins)
-        _claim_via(st, op)
-        if op.bias is not None:
-            st.claim(node, op.bias_param, {"dim": None, "parts": 1}, lay.origins)
-            st.row_bias[node.name] = op.bias.name
+        record(weight, {"dim": in_dim, "parts": lay.parts}, lay.origins)
+        if bias is not None:
+            record(bias, {"dim": None, "parts": 1}, lay.origins)
         return _Partial(lay.origins)
     if lay is not None:
-        raise _Conflict(f"{op_name(node)} input has layout {_layout_str(lay)}")
+        raise _Conflict(f"{what} input has layout {_layout_str(lay)}")
     if node.name not in st.seeds:
         return None
+    # colwise: W[out/tp, :] -> (…, out/tp)
     parts = st.seed_parts.get(node.name, 1)
-    whole = st.seed_whole_rows(node, w[op.out_dim])
-    pad = st.vocab_pad(node, w[op.out_dim], parts, "out_features") if not whole else 0
+    whole = st.seed_whole_rows(node, w[out_dim])
+    pad = st.vocab_pad(node, w[out_dim], parts, "out_features") if not whole else 0
     st.rules[node.name] = "column"
     mine = frozenset([node.name])
-    st.claim(node, op.param, _spec(op.out_dim, parts, pad, whole), mine)
-    _claim_via(st, op)
-    if op.bias is not None:
-        st.claim(node, op.bias_param, _spec(0, parts, pad, whole), mine)
+    record(weight, _spec(out_dim, parts, pad, whole), mine)
+    if bias is not None:
+        record(bias, _spec(0, parts, pad, whole), mine)
     return _Shard(len(_shape(node)) - 1, parts, mine, pad, whole)
 
 
