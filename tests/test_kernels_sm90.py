@@ -1,12 +1,11 @@
 """bench/kernels_sm90.py: the kernels compiled ahead of time for sm_90 (H100) on a machine without a GPU.
 
-The fast test runs the harness on one small config, so CI exercises it. The `slow` ones (`pytest -m slow`,
-about an hour on 2 cores, minutes on many: `--jobs` is the CPU count) compile every config the autotune pruning
-keeps at the benchmark shapes, for bf16, fp16, fp32 and fp32-tf32 (fp32 with TF32 allowed), as
+The fast test runs the harness on one small config, so CI exercises it. The `slow` ones (`pytest -m slow`, about
+17 minutes of compiles on one core, minutes on many: `--jobs` is the CPU count) compile every config the autotune
+pruning keeps at the benchmark shapes, for bf16, fp16, fp32 and fp32-tf32 (fp32 with TF32 allowed), as
 bench/results/kernels-sm90-20261130-kept.md does: every one must compile (a regression guard), and the targets of
-issue #21 (no register spills, shared memory within the H100's 227 KiB, tensor cores for bf16 / fp16) are strict
-xfails where they do not hold yet, naming what misses them (MISSES), so that fixing a kernel makes its test XPASS
-(a failure) and MISSES must be updated with it.
+issue #21 (no register spills, shared memory within the H100's 227 KiB, tensor cores for bf16 / fp16) must hold at
+every one (MISSES, empty today, would name a known miss as a strict xfail).
 """
 
 from __future__ import annotations
@@ -77,56 +76,12 @@ def _expand(*patterns: str, dtypes: tuple[str, ...] = DTYPES) -> set[str]:
     return out
 
 
-_2B, _ALL = "{bf16,fp16}", "{bf16,fp16,fp32,fp32-tf32}"
-# MS-GLAM's whole autotune space, 72 configs: its pruning keeps every one at the bench shape (fp32-tf32 compiles as
-# fp32: the kernel always passes input_precision="ieee").
-_MSGLAM_KEPT = "BLOCK_K={16,32,64} BLOCK_D={16,32,64} BLOCK_CV={32,64} w{4,8} s{1,2} {bf16,fp16,fp32}"
-# The kept configs of VQ's straight-through backward, BK being BLOCK_K (dz) or BLOCK_K2 (dc): six at every dtype,
-# four more with bigger tiles at 2-byte inputs (their pruning counts shared memory by the element size).
-_VQ_ST_KEPT = (
-    "BLOCK_M=32 BK=32 w{4,8} s{2,3} " + _ALL, "BLOCK_M=32 BK=64 w8 s2 " + _ALL, "BLOCK_M=64 BK=32 w8 s2 " + _ALL,
-    "BLOCK_M=32 BK=64 w8 s3 " + _2B, "BLOCK_M=64 BK=32 w8 s3 " + _2B, "BLOCK_M={32 BK=128,128 BK=32} w8 s2 " + _2B,
-)  # fmt: skip
-
-
-def _vq_st_kept(block_k: str, dtypes: tuple[str, ...] = DTYPES) -> set[str]:
-    return _expand(*(p.replace("BK", block_k) for p in _VQ_ST_KEPT), dtypes=dtypes)
-
-
-# What misses each target today: the "<config> <dtype>" (as `_misses` names them) of the kept configs at the bench
-# shapes, from bench/results/kernels-sm90-20261130-kept.json (triton 3.9.0, ptxas 13.4). A (kernel, target) not
-# here is met: vq_fwd meets all three, no slot attention or MS-GLAM config exceeds 227 KiB, slot attention's bf16 /
-# fp16 dots all run on tensor cores.
-MISSES: dict[tuple[str, str], set[str]] = {
-    # Slot attention spills with fp32 dots on FMA loops and in the backward's bigger token tiles.
-    ("slot_attention_fwd", "no_spills"): _expand("BLOCK_N=32 w4 s{1,2} fp32", "BLOCK_N=64 w{4,8} s1 fp32"),
-    ("slot_attention_bwd", "no_spills"): _expand(
-        "BLOCK_N=64 w{4,8} s{1,2} " + _2B,
-        "BLOCK_N=128 w{4,8} s1 " + _2B,
-        "BLOCK_N={16,64} w{4,8} s1 fp32",
-        "BLOCK_N=32 w4 s{1,2} fp32",
-        "BLOCK_N=32 w8 s1 fp32",
-        "BLOCK_N=32 w4 s{1,2} fp32-tf32",
-        "BLOCK_N=64 w{4,8} s1 fp32-tf32",
-    ),
-    # VQ's straight-through backward upcasts its operands to fp32 and its dots are ieee unless TF32 is allowed: FMA
-    # loops, no tensor cores for bf16 / fp16. Every kept config spills (but two of dc's with TF32); the biggest
-    # tiles overflow shared memory at 2-byte inputs.
-    ("vq_st_bwd_dz", "no_spills"): _vq_st_kept("BLOCK_K"),
-    ("vq_st_bwd_dz", "smem_fits"): _expand("BLOCK_M={32 BLOCK_K=128,128 BLOCK_K=32} w8 s2 " + _2B),
-    ("vq_st_bwd_dz", "tensor_cores"): _vq_st_kept("BLOCK_K", dtypes=("bf16", "fp16")),
-    ("vq_st_bwd_dc", "no_spills"): _vq_st_kept("BLOCK_K2") - _expand("BLOCK_M=32 BLOCK_K2=32 w8 s{2,3} fp32-tf32"),
-    ("vq_st_bwd_dc", "smem_fits"): _expand(
-        "BLOCK_M={32 BLOCK_K2=128,128 BLOCK_K2=32} w8 s2 " + _2B, "BLOCK_M=64 BLOCK_K2=32 w8 s{2,3} " + _2B
-    ),
-    ("vq_st_bwd_dc", "tensor_cores"): _vq_st_kept("BLOCK_K2", dtypes=("bf16", "fp16")),
-    # MS-GLAM computes in fp32 by design (bf16 / fp16 upcast on load, ieee dots): no tensor cores, and every config
-    # spills at every dtype.
-    ("msglam_fwd", "no_spills"): _expand(_MSGLAM_KEPT),
-    ("msglam_fwd", "tensor_cores"): _expand(_MSGLAM_KEPT, dtypes=("bf16", "fp16")),
-    ("msglam_bwd", "no_spills"): _expand(_MSGLAM_KEPT),
-    ("msglam_bwd", "tensor_cores"): _expand(_MSGLAM_KEPT, dtypes=("bf16", "fp16")),
-}
+# What misses each target: the "<config> <dtype>" (as `_misses` names them) of the kept configs at the bench shapes.
+# Empty since issue #21's restructuring (bench/results/kernels-sm90-20261130-kept.json, triton 3.9.0, ptxas 13.4):
+# every kept config of every kernel compiles without spills, within 227 KiB of shared memory, and with tensor-core
+# dots for bf16 / fp16. A kernel that starts missing a target again is named here (`_expand` patterns) with the
+# reason: a strict xfail, so fixing it fails until the entry goes.
+MISSES: dict[tuple[str, str], set[str]] = {}
 
 
 def _misses(rows: list[dict[str, Any]], kernel: str, target: str) -> set[str]:
@@ -154,7 +109,7 @@ def kept_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 TARGETS = ("no_spills", "smem_fits", "tensor_cores")
-# The fixture compiles 680 configs: about an hour on 2 cores (3533 s for kernels-sm90-20261130-kept), minutes on many
+# The fixture compiles 376 configs: 1,036 s of compiles on one core for kernels-sm90-20261130-kept, minutes on many
 SLOW_TIMEOUT = 8 * 3600
 SLOW = [pytest.mark.slow, pytest.mark.timeout(SLOW_TIMEOUT)]
 
