@@ -51,6 +51,7 @@ from partitioner.plan.pipeline import (
 )
 from partitioner.plan.price import Layout, price_step, stage_state, step_end
 from partitioner.plan.recompute import ScaledSaves
+from partitioner.plan.recompute_bound import forced_recompute_floor
 from partitioner.plan.sharding import (
     DP_MODES,
     NON_OVERLAPPED_MODES,
@@ -683,6 +684,13 @@ class _Evaluator:
             c.bound = step_lower_bound(schedule, float(c.graph.compute.sum()), d.pp, self.most_microbatches(d, m))
             if g is not None and d.pp * k <= max_stages(g):
                 c.bound = max(c.bound, bottleneck_floor(g, d.pp * k))
+            if g is not None and m is not None and k == 1:  # what memory forces the stages to recompute
+                counts = self.microbatch_ladder(d, m)
+                redo = forced_recompute_floor(g, stages=d.pp, schedule=schedule, microbatch_counts=counts,
+                                              memory_limit=self.memory_limit, modes=self.recompute)  # fmt: skip
+                if redo > 0:
+                    work = float(c.graph.compute.sum()) + redo
+                    c.bound = max(c.bound, step_lower_bound(schedule, work, d.pp, counts[-1]))
             if g is not None and g.training:  # the rank holding the most weights: its collectives and optimizer
                 c.bound = max(c.bound, data_parallel_floor(
                     mode, g.spec, tp=d.tp, dp=d.grad_group, weight_bytes=g.trainable_bytes / d.pp, microbatches=m or 1,
@@ -716,11 +724,14 @@ class _Evaluator:
 
     def most_microbatches(self, d: Degrees, m: int | None) -> int:
         """The most microbatches a candidate starting at `m` may end up with (`run` doubles them on memory)."""
-        if m is None:
-            return 1
-        while (more := self.doubled(d, m)) is not None:
-            m = more
-        return m
+        return self.microbatch_ladder(d, m)[-1] if m is not None else 1
+
+    def microbatch_ladder(self, d: Degrees, m: int) -> list[int]:
+        """The microbatch counts a candidate starting at `m` may be priced at: m, then doubled while `run` may."""
+        counts = [m]
+        while (more := self.doubled(d, counts[-1])) is not None:
+            counts.append(more)
+        return counts
 
     def run(self, c: Candidate) -> None:
         """Price c; out of memory, retry with twice as many microbatches while they divide the batch: smaller
