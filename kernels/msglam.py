@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
+from kernels._triton_common import prune_spills
 
 __all__ = ["msglam_attention", "msglam_attention_reference", "nonlocal_attention_reference", "cbam_reference"]
 
@@ -480,6 +481,7 @@ _AUTOTUNE = dict(configs=_configs(), key=["C", "N", "W"], prune_configs_by={"ear
 _AUTOTUNE_BWD = dict(_AUTOTUNE, prune_configs_by={"early_config_prune": _prune_bwd})
 
 
+@prune_spills
 @triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _msglam_fwd_kernel(
@@ -550,6 +552,7 @@ def _msglam_fwd_kernel(
         tl.store(nl_out_ptr + pid.to(tl.int64) * C * N + ptrs, (x_res + o).to(DT), mask=mask)
 
 
+@prune_spills
 @triton.autotune(**_AUTOTUNE_BWD)
 @triton.jit
 def _msglam_bwd_kernel(

@@ -47,7 +47,7 @@ import functools
 import torch
 
 from kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
-from kernels._triton_common import _mm
+from kernels._triton_common import _mm, prune_spills
 
 __all__ = ["slot_attention", "slot_attention_reference"]
 
@@ -187,6 +187,7 @@ def _autotune(kernel: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@prune_spills
 @triton.autotune(**_autotune("fwd"))
 @triton.jit
 def _slot_attention_fwd_kernel(
@@ -277,6 +278,7 @@ def _slot_attention_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@prune_spills
 @triton.autotune(**_autotune("bwd"))
 @triton.jit
 def _slot_attention_bwd_kernel(

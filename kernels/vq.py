@@ -64,7 +64,7 @@ from collections.abc import Callable
 import torch
 
 from kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
-from kernels._triton_common import _mm
+from kernels._triton_common import _mm, prune_spills
 
 __all__ = ["gumbel_noise_like_kernel", "vq_lookup", "vq_lookup_reference"]
 
@@ -407,6 +407,7 @@ _FWD_KEY = ["M_BUCKET", "K", "D", "SAMPLE", "STATS", "DOT_PRECISION"]
 _BWD_KEY = ["M_BUCKET", "K", "D", "SAMPLE", "DOT_PRECISION"]
 
 
+@prune_spills
 @triton.autotune(configs=_fwd_configs(), key=_FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _vq_fwd_kernel(
@@ -555,6 +556,7 @@ def _nt_dots(z, dq, c, z_rows, q_rows, c_rows, m_ok, k_ok, D, stride_zd, stride_
 # ----------------------------------------------------------------------------------------------------------
 
 
+@prune_spills
 @triton.autotune(configs=_bwd_configs("BLOCK_K"), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dz})
 @triton.jit
 def _vq_st_bwd_dz_kernel(
@@ -624,6 +626,7 @@ def _vq_st_bwd_dz_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@prune_spills
 @triton.autotune(configs=_bwd_configs("BLOCK_K2"), key=_BWD_KEY, prune_configs_by={"early_config_prune": _prune_dc})
 @triton.jit
 def _vq_st_bwd_dc_kernel(
