@@ -484,6 +484,31 @@ def test_multi_query_fused_linear_keeps_k_and_v_whole_in_an_fx_graph(tp: int) ->
     assert rank.get_submodule("0.qkv").weight.shape == (32 // tp + 16, 32)
 
 
+class PackedQKV(nn.Module):
+    """q | k | v packed as (B, T, 3, nh, hd), v read by a negative position: blocks, not a tail kept whole (no reader
+    takes a head slice)."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head, self.hd = n_head, d // n_head
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.hd)
+        q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, -1]))
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+
+
+def test_a_packed_qkv_read_by_a_negative_position_is_cut_into_blocks() -> None:
+    torch.manual_seed(0)
+    gm, inputs = prepare(PackedQKV(32, 4), (torch.randn(2, 5, 32),))
+    plan = plan_tensor_parallel(gm, 2)
+    assert plan.param_shard["qkv.weight"] == {"dim": 0, "parts": 3} and not plan.fallbacks
+    check_tensor_parallel(gm, plan, inputs)
+
+
 def test_meta_model_rank_holds_only_local_shapes_and_loads_from_a_source() -> None:
     from partitioner.runtime.materialize import StateDictSource
 

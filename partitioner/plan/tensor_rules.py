@@ -572,41 +572,42 @@ def _cut(st: _State, node: fx.Node, lay: _Shard, size: int, lo: int, hi: int, pa
 
 
 def _tail_cut_by_readers(st: _State, node: fx.Node, k: int, size: int) -> int:
-    """How many trailing elements of dim k (of `size`) the readers of `node` cut off as a tail (slices [0:-t] or
-    [size - t:], selects and constant indices near the end), the most any of them does; 0 if none does."""
-    kept = 0
+    """How many trailing elements of dim k (of `size`) the readers of `node` keep apart as a tail: some reader takes the
+    head [0:size - t] as a slice and the others read inside the last t (slices, selects and constant indices, by
+    negative positions), Falcon's `qkv[..., :-2, :]`, `qkv[..., [-2], :]`, `qkv[..., [-1], :]`; 0 otherwise (a packed
+    q | k | v read by positions 0, 1, 2 is cut into blocks instead)."""
+    heads, tails = set(), [0]
+    nd = len(_shape(node))
     for u in node.users:
         name = op_name(u) if u.op == "call_function" else ""
         try:
-            if name == "slice" and _norm_dim(_arg(u, 1, "dim", 0), len(_shape(node))) == k:
-                lo, _ = _bound(_arg(u, 2, "start"), size, 0, None)
-                hi, _ = _bound(_arg(u, 3, "end"), size, size, None)
-                cut = size - hi if lo == 0 else size - lo if hi == size else 0
-            elif name == "select" and _norm_dim(_arg(u, 1, "dim"), len(_shape(node))) == k:
-                i = _arg(u, 2, "index")
-                cut = -i if isinstance(i, int) and i < 0 else 0
+            if name == "slice" and _norm_dim(_arg(u, 1, "dim", 0), nd) == k:
+                piece: Any = slice(_arg(u, 2, "start"), _arg(u, 3, "end"))
+            elif name == "select" and _norm_dim(_arg(u, 1, "dim"), nd) == k:
+                piece = _arg(u, 2, "index")
             elif u.op == "call_function" and u.target is operator.getitem and u.args[0] is node:
-                i = _index_at(u.args[1], k, len(_shape(node)))
-                if isinstance(i, int):
-                    cut = -i if i < 0 else 0
-                elif isinstance(i, slice) and i.step in (None, 1):
-                    lo, _ = _bound(i.start, size, 0, None)
-                    hi, _ = _bound(i.stop, size, size, None)
-                    cut = size - hi if lo == 0 else size - lo if hi == size else 0
-                else:
-                    cut = 0
+                piece = _index_at(u.args[1], k, nd)
             elif name == "index":
                 indices = list(_arg(u, 1, "indices") or [])
                 idx = indices[k] if len(indices) > k else None
-                values = _constant_ints(st, idx) if isinstance(idx, fx.Node) else None
-                cut = max(-v for v in values) if values and all(v < 0 for v in values) else 0
+                piece = _constant_ints(st, idx) if isinstance(idx, fx.Node) else None
             else:
-                cut = 0
+                continue
+            if isinstance(piece, slice) and piece.step in (None, 1):
+                lo, _ = _bound(piece.start, size, 0, None)
+                hi, _ = _bound(piece.stop, size, size, None)
+                if lo == 0 and hi < size:
+                    heads.add(size - hi)
+                elif isinstance(piece.start, int) and piece.start < 0 and hi > lo:  # inside the last size - lo
+                    tails.append(size - lo)
+            elif isinstance(piece, int) and not isinstance(piece, bool) and piece < 0:
+                tails.append(-piece)
+            elif isinstance(piece, list) and piece and all(v < 0 for v in piece):
+                tails.append(-min(piece))
         except _Conflict:
-            cut = 0
-        if 0 < cut < size:
-            kept = max(kept, cut)
-    return kept
+            continue
+    kept = max(tails)
+    return kept if 0 < kept < size and kept in heads else 0
 
 
 def _index_at(idx: Any, k: int, nd: int) -> Any:
