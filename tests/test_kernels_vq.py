@@ -41,6 +41,18 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
     torch.testing.assert_close(actual.float(), expected.float(), atol=TOL[dtype] * scale, rtol=TOL[dtype], msg=what)
 
 
+def _assert_same_gradients(
+    z: torch.Tensor, codebook: torch.Tensor, outs: tuple, refs: tuple, dtype: torch.dtype
+) -> None:
+    """The gradients into z and the codebook of quantized and distances (random cotangents) equal the reference's."""
+    (_, quant, dist), (_, quant_ref, dist_ref) = outs, refs
+    gq, gd = torch.randn_like(quant), torch.randn_like(dist)
+    grads = torch.autograd.grad((quant * gq).sum() + (dist * gd).sum(), (z, codebook))
+    grads_ref = torch.autograd.grad((quant_ref * gq).sum() + (dist_ref * gd).sum(), (z, codebook))
+    for name, g, g_ref in zip(("dz", "dcodebook"), grads, grads_ref):
+        _assert_close(g, g_ref, dtype, name)
+
+
 def _assert_nearest(idx: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor) -> None:
     """idx picks a nearest code (exact ties aside, the same one the reference picks)."""
     d = torch.cdist(z.reshape(-1, z.shape[-1]).double(), codebook.double()) ** 2  # (M, K)
@@ -66,12 +78,8 @@ def test_eval_matches_reference(z_shape: tuple[int, ...], k: int, dtype: torch.d
     _assert_close(dist[same], dist_ref[same], dtype, "distances")
 
     # Gradients: the gather (+ soft straight-through) into quantized, the exact one into distances
-    gq, gd = torch.randn_like(quant), torch.randn_like(dist)
-    grads = torch.autograd.grad((quant * gq).sum() + (dist * gd).sum(), (z, codebook))
     if bool(same.all()):
-        grads_ref = torch.autograd.grad((quant_ref * gq).sum() + (dist_ref * gd).sum(), (z, codebook))
-        for name, g, g_ref in zip(("dz", "dcodebook"), grads, grads_ref):
-            _assert_close(g, g_ref, dtype, name)
+        _assert_same_gradients(z, codebook, (idx, quant, dist), (idx_ref, quant_ref, dist_ref), dtype)
 
 
 def test_default_gradients_follow_metaslot() -> None:
@@ -102,11 +110,7 @@ def test_sample_matches_reference_with_the_kernels_noise(straight_through: bool)
         z, codebook, sample=True, tau=tau, straight_through=straight_through, gumbel=noise
     )
     assert torch.equal(idx, idx_ref)
-    gq, gd = torch.randn_like(quant), torch.randn_like(dist)
-    grads = torch.autograd.grad((quant * gq).sum() + (dist * gd).sum(), (z, codebook))
-    grads_ref = torch.autograd.grad((quant_ref * gq).sum() + (dist_ref * gd).sum(), (z, codebook))
-    for name, g, g_ref in zip(("dz", "dcodebook"), grads, grads_ref):
-        _assert_close(g, g_ref, torch.float32, name)
+    _assert_same_gradients(z, codebook, (idx, quant, dist), (idx_ref, quant_ref, dist_ref), torch.float32)
 
 
 @pytest.mark.parametrize("sample", [False, True], ids=["eval", "sample"])
@@ -125,11 +129,7 @@ def test_straight_through_feature_chunks_match_reference(monkeypatch: pytest.Mon
     noise = gumbel_noise_like_kernel(33, 37, _seed(gen())) if sample else None
     idx_ref, quant_ref, dist_ref = vq_lookup_reference(z, codebook, gumbel=noise, **kwargs)
     assert torch.equal(idx, idx_ref)
-    gq, gd = torch.randn_like(quant), torch.randn_like(dist)
-    grads = torch.autograd.grad((quant * gq).sum() + (dist * gd).sum(), (z, codebook))
-    grads_ref = torch.autograd.grad((quant_ref * gq).sum() + (dist_ref * gd).sum(), (z, codebook))
-    for name, g, g_ref in zip(("dz", "dcodebook"), grads, grads_ref):
-        _assert_close(g, g_ref, torch.float32, name)
+    _assert_same_gradients(z, codebook, (idx, quant, dist), (idx_ref, quant_ref, dist_ref), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

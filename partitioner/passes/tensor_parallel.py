@@ -626,8 +626,8 @@ def tensor_parallel_rank(
             new = graph.create_node("call_module", target, (logits, labels), {}, name=n.name)
         elif rule in ("row", "vocab_embedding") and n.op == "call_function":
             new = graph.create_node("call_function", *_weight_op_call(gm, n, rule, lookup, env, rank, tp), name=n.name)
-        elif rule == "column" and _kept_whole_rows(gm, plan, n):
-            new = _kept_whole_column(gm, graph, root, params, n, feeds, env, tp, rank)
+        elif rule == "column" and (whole := _kept_whole_rows(gm, plan, n)):
+            new = _kept_whole_column(gm, graph, root, params, n, whole, feeds, env, tp, rank)
         elif n.name in columns:  # computed by its group: this node reads its output
             group, k = columns[n.name]
             new = graph.create_node("call_function", operator.getitem, (group, k), {}, name=n.name)
@@ -759,6 +759,7 @@ def _kept_whole_column(
     root: dict[str, Any],
     params: _Params,
     n: fx.Node,
+    whole: int,
     feeds: dict[fx.Node, list[tuple[fx.Node, set[str]]]],
     env: dict[fx.Node, fx.Node],
     tp: int,
@@ -774,7 +775,6 @@ def _kept_whole_column(
     parallelism x is split along the tokens: the q rows read it through the all-gather whose backward reduce-scatters
     (as any column-parallel reader), the kept rows through the one whose backward keeps the rank's own slice."""
     op = weight_op(gm, n)
-    whole = _kept_whole_rows(gm, params.plan, n)
     aten = isinstance(n.target, torch._ops.OpOverload)
     narrow = torch.ops.aten.narrow.default if aten else torch.narrow
 
@@ -786,14 +786,12 @@ def _kept_whole_column(
     x = op.x if op is not None else n.args[0]
 
     def fed(value: fx.Node, *kinds: str) -> fx.Node:
-        """`value` as `n` reads it through the collective of one of `kinds` in front of it (f, a gather), or itself."""
+        """`value` as `n` reads it through the collective in front of it (f, a gather; one of `kinds` if given), or
+        itself."""
         for node, users in feeds.get(value, ()):
-            if n.name in users and root[str(node.target)].kind in kinds:
+            if n.name in users and (not kinds or root[str(node.target)].kind in kinds):
                 return node
         return env[value]
-
-    def lookup(value: fx.Node, user: fx.Node) -> fx.Node:
-        return fed(value, "copy", "gather_sequence", "scatter")
 
     if op is None:  # an nn.Linear module: its rank's rows as a module (state dict names), called as F.linear twice
         target = str(n.target)
@@ -822,7 +820,7 @@ def _kept_whole_column(
             swap[op.via] = add(op.via.target, via_args, dict(op.via.kwargs), f"tp_via{i}")
         if op.bias is not None:
             swap[op.bias] = add(narrow, (env[op.bias], 0, start, length), {}, f"tp_bias{i}")
-        args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a, s=swap: s[a] if a in s else lookup(a, n))
+        args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a, s=swap: s[a] if a in s else fed(a))
         pieces.append(add(n.target, args, kwargs, f"tp_part{i}"))
     cat = torch.ops.aten.cat.default if aten else torch.cat
     return graph.create_node("call_function", cat, (pieces, -1), {}, name=n.name)

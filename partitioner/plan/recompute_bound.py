@@ -19,8 +19,9 @@ Relaxation (each step gives up only tightness):
   fractional knapsack over every region of every mode allowed, highest bytes per second first (regions of two modes
   overlapping only make that cheaper). A stage boundary cutting a region recomputes part of it, whose rate the
   region's does not bound; a part's rate is at most its best node's (bytes it drops over seconds it reruns; the
-  ratio of sums never exceeds the largest ratio), and each stage cuts at most two regions: 2 x stages more items of
-  the largest region's bytes at the best node rate, their zero-time nodes' bytes free.
+  ratio of sums never exceeds the largest ratio), and each of the stages - 1 boundaries makes at most two parts:
+  2 x (stages - 1) more items of the largest region's bytes at the best node rate, their zero-time nodes' bytes free
+  (one stage recomputes whole regions only).
 - Microbatches: the search may double a candidate's count on memory; the bound is the least over those counts.
 """
 
@@ -51,7 +52,7 @@ def forced_recompute_floor(
     entry = get_schedule(schedule)
     if not entry.single_stage or entry.split_backward or not np.isfinite(memory_limit) or not g.training:
         return 0.0
-    items = _items(g, [m for m in modes if m != "none"], cuts=2 * stages)
+    items = _items(g, [m for m in modes if m != "none"], cuts=2 * (stages - 1))
     if items is None:
         return 0.0
     rates, dropped = items

@@ -681,16 +681,15 @@ class _Evaluator:
             # Whatever the split, some rank runs its stage for the whole batch: with more stages than blocks the
             # heaviest block between two coarse cuts (plan.pipeline.bottleneck_floor), not the balanced share, bounds
             # the step, and ranks such layouts after shallower ones.
-            c.bound = step_lower_bound(schedule, float(c.graph.compute.sum()), d.pp, self.most_microbatches(d, m))
+            # The work: the graph's compute, and the recompute memory forces on the stages (one per rank).
+            counts = self.microbatch_ladder(d, m) if m is not None else [1]
+            work = float(c.graph.compute.sum())
+            if g is not None and m is not None and k == 1:
+                work += forced_recompute_floor(g, stages=d.pp, schedule=schedule, microbatch_counts=counts,
+                                               memory_limit=self.memory_limit, modes=self.recompute)  # fmt: skip
+            c.bound = step_lower_bound(schedule, work, d.pp, counts[-1])
             if g is not None and d.pp * k <= max_stages(g):
                 c.bound = max(c.bound, bottleneck_floor(g, d.pp * k))
-            if g is not None and m is not None and k == 1:  # what memory forces the stages to recompute
-                counts = self.microbatch_ladder(d, m)
-                redo = forced_recompute_floor(g, stages=d.pp, schedule=schedule, microbatch_counts=counts,
-                                              memory_limit=self.memory_limit, modes=self.recompute)  # fmt: skip
-                if redo > 0:
-                    work = float(c.graph.compute.sum()) + redo
-                    c.bound = max(c.bound, step_lower_bound(schedule, work, d.pp, counts[-1]))
             if g is not None and g.training:  # the rank holding the most weights: its collectives and optimizer
                 c.bound = max(c.bound, data_parallel_floor(
                     mode, g.spec, tp=d.tp, dp=d.grad_group, weight_bytes=g.trainable_bytes / d.pp, microbatches=m or 1,
@@ -722,12 +721,9 @@ class _Evaluator:
             return None
         return 2 * m if 2 * m in microbatch_counts(self.batch // d.dp, self.min_chunk) else None
 
-    def most_microbatches(self, d: Degrees, m: int | None) -> int:
-        """The most microbatches a candidate starting at `m` may end up with (`run` doubles them on memory)."""
-        return self.microbatch_ladder(d, m)[-1] if m is not None else 1
-
     def microbatch_ladder(self, d: Degrees, m: int) -> list[int]:
-        """The microbatch counts a candidate starting at `m` may be priced at: m, then doubled while `run` may."""
+        """The microbatch counts a candidate starting at `m` may be priced at: m, then doubled while `run` may (on
+        memory); the last is the most it may end up with."""
         counts = [m]
         while (more := self.doubled(d, counts[-1])) is not None:
             counts.append(more)

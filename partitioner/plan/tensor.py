@@ -110,6 +110,7 @@ from partitioner.plan.tensor_cost import TPCost, tp_cost
 from partitioner.plan.tensor_layout import (
     REPLICATED,
     TensorParallelPlan,
+    kept_whole_share,
     shard_slices,
     shard_tensor,
     unshard_tensor,
@@ -492,8 +493,7 @@ def _local_shares(st: _State, tp: int) -> dict[str, float]:
     out = {}
     for n, lay in st.layout.items():
         if isinstance(lay, _Shard) and lay.whole:
-            size = _val(n).shape[lay.dim]
-            out[n.name] = ((size - lay.whole) / tp + lay.whole) / size
+            out[n.name] = kept_whole_share(_val(n).shape[lay.dim], lay.whole, tp)
     return out
 
 

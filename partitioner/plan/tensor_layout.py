@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["REPLICATED", "TensorParallelPlan", "shard_slices", "shard_tensor", "unshard_tensor"]
+__all__ = ["REPLICATED", "TensorParallelPlan", "kept_whole_share", "shard_slices", "shard_tensor", "unshard_tensor"]
 
 REPLICATED = "replicated"
 
@@ -86,10 +86,7 @@ class TensorParallelPlan:
         """The fraction of parameter `name` (its sharded dim of `size` elements) one rank holds: 1 when replicated,
         1/tp when sharded, more with a dim held partly whole."""
         spec = self.param_shard.get(name, {"dim": None})
-        if spec.get("dim") is None:
-            return 1.0
-        whole = spec.get("whole", 0)
-        return ((size - whole) / self.tp + whole) / size if whole else 1.0 / self.tp
+        return kept_whole_share(size, spec.get("whole", 0), self.tp) if spec.get("dim") is not None else 1.0
 
     def step_summed_params(self) -> list[str]:
         """The parameters whose gradients are summed over the tp ranks once per step, after the backward (sequence
@@ -113,6 +110,12 @@ class TensorParallelPlan:
 
 
 # ----------------------------------------------------------------------------------------------- shard math
+def kept_whole_share(size: int, whole: int, tp: int) -> float:
+    """The fraction of a dim of `size` one of `tp` ranks holds when its last `whole` are held whole by every rank (1/tp
+    when none is)."""
+    return ((size - whole) / tp + whole) / size if whole else 1.0 / tp
+
+
 def shard_slices(
     shape: tuple[int, ...] | torch.Size, dim: int, parts: int, rank: int, tp: int, pad: int = 0, whole: int = 0
 ) -> list[tuple]:

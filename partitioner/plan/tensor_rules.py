@@ -886,13 +886,13 @@ def _rule_output(st: _State, node: fx.Node) -> Layout:
                 raise _Conflict("a sharded value reaches the model output (gather_output=False)")
             if lay.parts != 1:
                 raise _Conflict("a value of several sharded blocks reaches the model output")
+            if lay.whole:
+                raise _Conflict("a value partly kept whole on every rank reaches the model output")
             st.gathers[x.name] = lay.dim
             if lay.pad:
                 st.gather_pads[x.name] = lay.pad
         elif lay is not None:
             raise _Conflict(f"output {x.name} has layout {_layout_str(lay)}")
-        if isinstance(lay, _Shard) and lay.whole:
-            raise _Conflict("a value partly kept whole on every rank reaches the model output")
     return None
 
 
