@@ -58,6 +58,8 @@ def prune_spills(autotuner: Any) -> Any:
 def _compiled_spills(fn: Any, named_args: dict, kwargs: dict, config: Any) -> int:
     """Bytes per thread ptxas spills compiling `fn` with `config` for this call's arguments (Triton's CompiledKernel
     reports its register use and spills once its handles are loaded on the device)."""
-    compiled = fn.warmup(grid=(1,), **named_args, **kwargs, **config.all_kwargs())
+    # Older Triton (3.6) hands the autotuner the launch's own `grid` and `warmup` among the kernel's keywords.
+    call = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    compiled = fn.warmup(grid=(1,), **named_args, **call, **config.all_kwargs())
     compiled._init_handles()
     return int(compiled.n_spills)

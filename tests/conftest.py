@@ -1,8 +1,5 @@
 import os
 
-# Triton reads this when a kernel is decorated (at import), so it must be set before any test imports
-# `kernels`: on this CPU-only CI the kernels run in Triton's interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 # One intra-op thread for the test process and every process it spawns (gloo workers inherit the
 # environment): on a 2-core machine two OpenMP threads per process spin at every barrier once other
 # processes take the cores, which once turned a 5 s test into a 300 s timeout.
@@ -10,6 +7,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 from hypothesis import HealthCheck, settings
+
+# Triton reads this when a kernel is decorated (at import), so it must be set before any test imports
+# `kernels`: without CUDA (CI) the kernels run in Triton's interpreter; with a GPU they are compiled for it, so the
+# `gpu` tests exercise the real kernels and the autotuner's compile-based pruning.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Deterministic in CI; `HYPOTHESIS_PROFILE=dev` for the long local runs.
 settings.register_profile(
