@@ -1,7 +1,10 @@
 """cost: price every annotated node on a DeviceSpec (roofline), or measure it on this machine.
 
 Roofline: time = max(FLOPs / achievable FLOP/s for the node's dtype, bytes / achievable bandwidth)
-+ a fixed per-kernel overhead; views and Python-level nodes (sizes, getitem on tuples) cost nothing.
++ a fixed per-kernel overhead; views and Python-level nodes (sizes, getitem on tuples) cost nothing. A tensor-core
+GEMM whose rows are not aligned to 16 bytes reaches only a fraction of the achievable FLOP/s (`gemm_rows`,
+DeviceSpec.gemm_efficiency: ~6x slower on an H200), and normalizations, softmaxes and transcendental activations
+stream at their own measured fraction of the bandwidth (`stream_class`, DeviceSpec.stream_efficiency).
 The overhead is paid per call, whatever the batch: a node run as m microbatches pays it m times, and a rank with
 1 / k of the batch (or of the weights) pays all of it. `NodeCost` keeps it apart (`forward_fixed`) so that the
 planner charges it per microbatch and scales only the rest (plan.graph.PlanningGraph.forward_at).
@@ -22,6 +25,7 @@ machine at hand (`compile(..., cost="profile")`; bench reports the error).
 
 from __future__ import annotations
 
+import operator
 import statistics
 import time
 from collections.abc import Callable
@@ -30,11 +34,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from partitioner.devices import DeviceSpec
 
-__all__ = ["NodeCost", "node_costs", "profile_forward_times", "profile_node_times"]
+__all__ = ["NodeCost", "gemm_rows", "node_costs", "stream_class", "profile_forward_times", "profile_node_times"]
 
 _FREE_OPS = ("placeholder", "get_attr", "output")
 
@@ -47,10 +52,86 @@ class NodeCost:
     backward_fixed: float = 0.0
 
 
-def _roofline(flops: float, nbytes: float, dtype: str, spec: DeviceSpec) -> float:
+def _roofline(
+    flops: float, nbytes: float, dtype: str, spec: DeviceSpec, gemm_efficiency: float = 1.0, stream: str = ""
+) -> float:
     if flops <= 0 and nbytes <= 0:
         return 0.0
-    return max(flops / spec.flops_per_second(dtype), nbytes / spec.bytes_per_second()) + spec.kernel_overhead
+    compute = flops / (spec.flops_per_second(dtype) * gemm_efficiency)
+    return max(compute, nbytes / spec.bytes_per_second(stream)) + spec.kernel_overhead
+
+
+# Transcendental activations, matched at the end of a name ("gelu", "NewGELUActivation", "aten::silu_"); ELU only
+# whole, since "relu" ends the same way and streams at the copy rate.
+_ACTIVATIONS = ("gelu", "silu", "swish", "tanh", "sigmoid", "mish", "softplus", "erf", "exp")
+
+
+def stream_class(n: fx.Node) -> str:
+    """ "norm", "softmax", "activation" (a transcendental elementwise op) or "" for a node's memory-bound kernel:
+    the classes whose kernels stream below the plain copy rate (DeviceSpec.stream_efficiency). Read from the
+    module's class (call_module) or the function / method / ATen op's name."""
+    if n.op == "call_module" and n.graph.owning_module is not None:
+        name = type(n.graph.owning_module.get_submodule(str(n.target))).__name__.lower()
+    elif n.op in ("call_function", "call_method"):
+        target = n.target._schema.name if isinstance(n.target, torch._ops.OpOverload) else n.target
+        name = str(getattr(target, "__name__", target)).lower().removeprefix("aten::").strip("_")
+    else:
+        return ""
+    if "softmax" in name:
+        return "softmax"
+    if name.endswith("norm") or name.endswith("norm2d") or name.endswith("norm1d") or "_norm" in name:
+        return "norm"
+    base = name.removesuffix("_").removesuffix("activation")
+    return "activation" if base == "elu" or base.endswith(_ACTIVATIONS) else ""
+
+
+_MATMUL_FUNCTIONS = {F.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul}
+_MATMUL_WITH_BIAS_FIRST = {torch.addmm, torch.baddbmm}  # (bias, a, b)
+_MATMUL_ATEN = {"linear", "mm", "bmm", "matmul"}
+_MATMUL_ATEN_BIAS_FIRST = {"addmm", "baddbmm"}
+_MATMUL_METHODS = {"matmul", "mm", "bmm"}
+# The tensor-core dtypes whose GEMMs need aligned rows; float32 runs on CUDA cores (TF32 off, torch's default).
+_TENSOR_CORE_DTYPES = {"bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"}
+
+
+def _shape(arg: Any) -> tuple[int, ...] | None:
+    val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) and val.dim() > 0 else None
+
+
+def gemm_rows(n: fx.Node) -> tuple[int, int] | None:
+    """(K, N) of a matrix-product node: the length of its first operand's rows (the reduction dim) and of its
+    output's rows. Every operand of the forward GEMM and of both backward GEMMs (dX = dY W, dW = dY^T X) has rows
+    of one of these two lengths, whatever the batch. None for a node that is not a matrix product (an nn.Linear
+    module, F.linear, matmul / mm / bmm / addmm / baddbmm as functions, methods or ATen ops)."""
+    first: Any = None
+    if n.op == "call_module":
+        module = n.graph.owning_module.get_submodule(str(n.target)) if n.graph.owning_module is not None else None
+        if isinstance(module, torch.nn.Linear):
+            return module.in_features, module.out_features
+        return None
+    if n.op == "call_method" and n.target in _MATMUL_METHODS:
+        first = n.args[0]
+    elif n.op == "call_function":
+        if n.target in _MATMUL_FUNCTIONS:
+            first = n.args[0]
+        elif n.target in _MATMUL_WITH_BIAS_FIRST and len(n.args) > 1:
+            first = n.args[1]
+        elif isinstance(n.target, torch._ops.OpOverload):
+            name = n.target._schema.name.removeprefix("aten::")
+            first = n.args[0] if name in _MATMUL_ATEN else n.args[1] if name in _MATMUL_ATEN_BIAS_FIRST else None
+    a, out = _shape(first), _shape(n)
+    return (a[-1], out[-1]) if a is not None and out is not None else None
+
+
+def _gemm_efficiency(n: fx.Node, spec: DeviceSpec) -> float:
+    """The fraction of the achievable GEMM rate this node reaches on `spec`: below 1 for a tensor-core GEMM whose
+    rows are not aligned (DeviceSpec.gemm_efficiency), else 1."""
+    dtype = n.meta.get("dtype", "float32")
+    if dtype not in _TENSOR_CORE_DTYPES or spec.misaligned_gemm_efficiency >= 1.0:
+        return 1.0
+    rows = gemm_rows(n)
+    return spec.gemm_efficiency(rows, torch.empty((), dtype=getattr(torch, dtype)).element_size()) if rows else 1.0
 
 
 def node_costs(
@@ -74,10 +155,12 @@ def node_costs(
             costs[n.name] = NodeCost(0.0, 0.0)
             continue
         m = n.meta
-        fwd = _roofline(m["flops"], m["mem_bytes"], m["dtype"], spec)
+        gemm = _gemm_efficiency(n, spec) if m["flops"] > 0 else 1.0
+        stream = stream_class(n) if spec.stream_efficiency else ""
+        fwd = _roofline(m["flops"], m["mem_bytes"], m["dtype"], spec, gemm, stream)
         bwd = 0.0
         if training and m.get("requires_grad", False):
-            bwd = _roofline(m["bwd_flops"], m.get("bwd_bytes", m["mem_bytes"]), m["dtype"], spec)
+            bwd = _roofline(m["bwd_flops"], m.get("bwd_bytes", m["mem_bytes"]), m["dtype"], spec, gemm, stream)
         if measured is not None and n.name in measured:
             value = measured[n.name]
             if isinstance(value, tuple):

@@ -44,6 +44,15 @@ class DeviceSpec:
     internode_bandwidth: float  # bytes/s per direction to a peer in another node (InfiniBand)
     devices_per_node: int = 8
     compute_efficiency: float = 0.75  # fraction of peak FLOP/s that large GEMMs reach
+    # Tensor-core GEMMs run their fast kernels only when every operand's rows start on this many bytes (the reduction
+    # dim K and the output's columns N are row lengths: NVIDIA's "Matrix Multiplication Background" guide asks for
+    # multiples of 16 bytes; Hopper's TMA copies need 16-byte-aligned strides). Otherwise cuBLAS falls back to
+    # kernels that reach `misaligned_gemm_efficiency` of the aligned rate (1.0: no penalty, the CPU presets).
+    gemm_alignment: int = 16
+    misaligned_gemm_efficiency: float = 1.0
+    # Memory-bound kernels that stream below the copy rate: class ("norm", "softmax", "activation": cost.stream_class)
+    # -> fraction of memory_bandwidth their kernels reach (replacing memory_efficiency for those nodes).
+    stream_efficiency: dict[str, float] = field(default_factory=dict)
     memory_efficiency: float = 0.85  # fraction of peak bandwidth that streaming kernels reach
     # Fraction of a link's per-direction bandwidth that NCCL moves: nccl-tests all_reduce_perf reports a bus
     # bandwidth of about 230 GB/s on a DGX A100's NVLink (300 GB/s per direction) and about 360 GB/s on a DGX H100's
@@ -60,7 +69,9 @@ class DeviceSpec:
                 raise ValueError(f"DeviceSpec {self.name!r}: {attr} must be positive, got {getattr(self, attr)}")
         if not self.peak_flops or min(self.peak_flops.values()) <= 0:
             raise ValueError(f"DeviceSpec {self.name!r}: peak_flops needs positive entries, got {self.peak_flops}")
-        if not (0 < self.compute_efficiency <= 1 and 0 < self.memory_efficiency <= 1 and 0 < self.link_efficiency <= 1):
+        efficiencies = (self.compute_efficiency, self.memory_efficiency, self.link_efficiency,
+                        self.misaligned_gemm_efficiency)  # fmt: skip
+        if not all(0 < e <= 1 for e in efficiencies):
             raise ValueError(f"DeviceSpec {self.name!r}: efficiencies must lie in (0, 1]")
 
     def flops_per_second(self, dtype: torch.dtype | str) -> float:
@@ -69,9 +80,16 @@ class DeviceSpec:
         peak = self.peak_flops.get(key, self.peak_flops.get("float32", max(self.peak_flops.values())))
         return peak * self.compute_efficiency
 
-    def bytes_per_second(self) -> float:
-        """Achievable device-memory bandwidth."""
-        return self.memory_bandwidth * self.memory_efficiency
+    def gemm_efficiency(self, row_elements: tuple[int, ...], element_size: int) -> float:
+        """The fraction of `flops_per_second` a tensor-core GEMM reaches given its operands' row lengths (K and N, in
+        elements of `element_size` bytes): 1.0 when all are multiples of `gemm_alignment` bytes, else
+        `misaligned_gemm_efficiency` (e.g. an LM head over GPT-2's 50257-token vocabulary, which Megatron pads)."""
+        aligned = all(r * element_size % self.gemm_alignment == 0 for r in row_elements)
+        return 1.0 if aligned else self.misaligned_gemm_efficiency
+
+    def bytes_per_second(self, stream: str = "") -> float:
+        """Achievable device-memory bandwidth; of a kernel of `stream` class where stream_efficiency names it."""
+        return self.memory_bandwidth * self.stream_efficiency.get(stream, self.memory_efficiency)
 
     def to_dict(self) -> dict:
         """The spec as plain data (what `Plan.device_type` holds); `from_dict` reads it back."""
@@ -100,6 +118,18 @@ def _hopper(name: str, hbm_bandwidth: float, memory_bytes: float, source: str) -
         link_bandwidth=450 * GB,  # NVLink 4: 900 GB/s bidirectional
         link_latency=10e-6,
         internode_bandwidth=50 * GB,  # one 400 Gb/s NDR InfiniBand NIC per GPU
+        # Measured on an H200 (bench/results/device-rates-NVIDIA_H200-20261130-1915.json, torch 2.11 / CUDA 13.0
+        # cuBLAS, bf16): the median of the 261 aligned GEMMs of >= 1e11 FLOPs (a GPT layer's forward, input- and
+        # weight-gradient GEMMs at hidden 1024-12288, tp 1-8) ran at 0.69 of the dense peak (0.59-0.80); the 53
+        # random shapes of >= 5e9 FLOPs with a row length not a multiple of 16 bytes ran 5.95x slower than that
+        # (median): 0.17. The H100 shares the die, the SXM clocks and the libraries.
+        compute_efficiency=0.69,
+        misaligned_gemm_efficiency=0.17,
+        # The same file, 2^28 bf16 elements (rows of 1024), bytes read + written once over the HBM datasheet rate:
+        # add 0.91, copy 0.87 (memory_efficiency 0.85 holds), gelu 0.65, softmax 0.56, layer_norm 0.37. There a
+        # one-element add took 4.2 us of GPU time per kernel in a tight loop (9.1 us of host time per launch from
+        # Python), and the GEMM rate + kernel_overhead (5 us) fits the 480 GEMMs' times with a median error of 4.8%.
+        stream_efficiency={"activation": 0.65, "softmax": 0.56, "norm": 0.37},
         source=source,
     )
 
@@ -120,6 +150,9 @@ PRESETS: dict[str, DeviceSpec] = {
         link_bandwidth=300 * GB,  # NVLink 3: 600 GB/s bidirectional
         link_latency=10e-6,
         internode_bandwidth=25 * GB,  # one 200 Gb/s HDR NIC per GPU
+        # Not measured on an A100: Ampere's fast kernels need the same 16-byte rows (cp.async's 16-byte copies), and
+        # the penalty measured on the H200 is assumed for its fallback kernels.
+        misaligned_gemm_efficiency=0.17,
         source="NVIDIA A100 SXM4 80GB datasheet",
     ),
     # A small 2-core x86 server (AVX2 FMA) with processes talking over loopback gloo. The link figures

@@ -28,8 +28,9 @@ Memory(s) = static bytes of the parameters the stage reads (weights, grads, Adam
 saved activations per microbatch x microbatches in flight at stage s (given by the schedule), as kept under the
 stage's activation recomputation (plan.recompute), + the largest recomputed region's activations during its backward.
 Training also computes a loss on what the model returns, outside the captured graph: the nodes whose values are
-returned pay a memory-bound pass that reads them and writes probabilities (forward) and writes their gradient
-(backward), as a cross-entropy over logits does.
+returned pay what torch's cross-entropy over logits moves, at a softmax's streaming rate: log_softmax reads them
+and writes the log-probabilities (2 passes forward); nll_loss's backward writes a dense gradient and log_softmax's
+backward reads it and the log-probabilities and writes the logits' gradient (4 passes backward).
 """
 
 from __future__ import annotations
@@ -377,8 +378,9 @@ def build_planning_graph(
     out_bytes = np.array([nd.meta.get("out_bytes", 0) for nd in nodes], dtype=np.float64)
     if training:  # the loss on what the model returns (module docstring)
         returned = [i for i, s in enumerate(succs) if n in s]
-        forward[returned] += 2 * out_bytes[returned] / spec.bytes_per_second()
-        backward[returned] += out_bytes[returned] / spec.bytes_per_second()
+        rate = spec.bytes_per_second("softmax")
+        forward[returned] += 2 * out_bytes[returned] / rate
+        backward[returned] += 4 * out_bytes[returned] / rate
 
     return PlanningGraph(
         names=names,
