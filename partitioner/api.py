@@ -8,7 +8,7 @@ modules share the model's parameters (so training the compiled model trains the 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,9 +21,10 @@ from partitioner.capture import CapturedGraph, UncapturableForward, capture
 from partitioner.capture.normal_form import _bind, _forward_signature, flat_arguments
 from partitioner.capture.placement import METHOD as PLACEMENT
 from partitioner.capture.placement import record_calls
-from partitioner.cost import node_costs, profile_node_times
+from partitioner.cost import NodeCost, node_costs, profile_node_times
 from partitioner.devices import DeviceSpec
 from partitioner.options import DEFAULT_SCHEDULES, CompileOptions
+from partitioner.passes.align import applicable_pads, gemm_pads, pad_cost
 from partitioner.passes.split import StageModule
 from partitioner.plan.batch import BatchFlow, batch_flow
 from partitioner.plan.graph import PlanningGraph, build_planning_graph
@@ -365,6 +366,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     context_parallel: int | None = None,
     verbose: bool = True,
     capture: str = "auto",
+    pad_gemms: bool = True,
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -421,6 +423,10 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     stage (under torchrun rank 0 runs the forward and sends each call of a module placed on stage s to rank s); one
     microbatch unless `microbatches` says otherwise, no tensor, context or data parallelism. "module-placement": that
     mode whatever the graph captures would do.
+    pad_gemms: on a device whose tensor-core GEMMs slow down when a row length (K or N) is not a multiple of 16 bytes
+    (the GPU presets), pad such matrix products with zeros and slice the result (partitioner.passes.align: e.g. an
+    LM head over a 50,257-token vocabulary), where the cost model prices the padded product and its copies lower;
+    the plan records them (`padded_gemms`). Outputs equal the model's up to the rounding of another GEMM kernel.
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
@@ -431,6 +437,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         stages_per_device=stages_per_device, plan=plan, mincut=mincut, cost=cost, batch_dim=batch_dim,
         recompute=recompute, data_parallel=data_parallel, overlap_grad_reduce=overlap_grad_reduce,
         sequence_parallel=sequence_parallel, context_parallel=context_parallel, verbose=verbose, capture=capture,
+        pad_gemms=pad_gemms,
     )  # fmt: skip
     example_inputs = as_call(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
@@ -517,6 +524,7 @@ def _build_graph(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], progres
         annotate(gm, inputs, training=o.training)
         measured = _profile(cm.model, gm, inputs, o.training) if o.cost == "profile" else None
         costs = node_costs(gm, o.spec, training=o.training, measured=measured)
+        pads = _gemm_pads(gm, o, costs) if measured is None and o.saved_plan is None else {}
         pg = build_planning_graph(gm, costs, o.spec, training=o.training)
     # Training splits the batch: prove that samples stay independent (plan.batch) before planning a split.
     with progress.phase("batch"):
@@ -525,20 +533,37 @@ def _build_graph(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], progres
     with progress.phase("plan"):
         planned = plan_model(type(cm.model).__name__, captured, pg, flow, inputs, o)
     p = planned.plan
+    if pads:  # a saved plan keeps its own record
+        p = replace(p, padded_gemms=applicable_pads(pads, gm, plan_layout(p)))
     logger.info(
         "%s: pipeline %d x tensor %d x data %d, %d microbatches, %s; predicted step %s",
         label, p.pipeline_degree, p.tensor_degree, p.data_degree, p.microbatches, p.schedule,
         format_seconds(p.predicted["step_time"]),
     )  # fmt: skip
     with progress.phase("split"):
-        stages = apply(planned.plan, captured)  # the Plan decides what runs (partitioner.apply)
+        stages = apply(p, captured)  # the Plan decides what runs (partitioner.apply)
     times = progress.times
 
-    cm._plan, cm.captured, cm.stages, cm.compile_times = planned.plan, captured, stages, times
+    cm._plan, cm.captured, cm.stages, cm.compile_times = p, captured, stages, times
     cm.planning_graph, cm.simulation = planned.best.graph, planned.best.simulation
     cm._runner = LocalPipeline(captured, stages)
     cm._input_meta = [(n, v.dim(), v.dtype) for n, v in zip(captured.input_names, inputs)]
     cm._structure = _structure_of(cm.model)
+
+
+def _gemm_pads(gm: fx.GraphModule, o: CompileOptions, costs: dict[str, NodeCost]) -> dict[str, list[int]]:
+    """The misaligned GEMMs worth padding on the options' device (passes.align.gemm_pads); their entries of `costs`
+    become the padded prices. Empty when pad_gemms is off or the device has no alignment penalty."""
+    if not o.pad_gemms or o.spec.misaligned_gemm_efficiency >= 1.0:
+        return {}
+    pads = gemm_pads(gm, o.spec, {name: (c.forward, c.backward) for name, c in costs.items()})
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name, pad in pads.items():
+        forward, backward = pad_cost(by_name[name], (pad[0], pad[1]), o.spec)
+        backward = backward if costs[name].backward > 0 else 0.0
+        fixed = 3 * o.spec.kernel_overhead  # the pads, the product and the copy are kernels of their own
+        costs[name] = NodeCost(forward, backward, min(fixed, forward), min(fixed, backward))
+    return pads
 
 
 def _build_placement(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], reason: str) -> None:

@@ -1,6 +1,7 @@
 """apply: the one way from a Plan to the modules a run executes (shared/ARCHITECTURE.md's applier).
 
-    Plan + captured graph (+ tensor-parallel rank)  ->  rank graph (TP rewrite)  ->  stage modules (the split)
+    Plan + captured graph (+ tensor-parallel rank)  ->  rank graph (TP rewrite)  ->  padded GEMMs (passes.align)
+        ->  stage modules (the split)
         ->  recompute regions (each stage's `recompute_regions` under torch.utils.checkpoint)
 
 Every runtime runs what this builds: the local pipeline (no TP rank: the unsharded graph split by the plan) and
@@ -23,6 +24,7 @@ from typing import Any
 import torch.fx as fx
 
 from partitioner.capture import CapturedGraph
+from partitioner.passes.align import applicable_pads, pad_gemms
 from partitioner.passes.context_parallel import context_parallel_rank, stage_of_inserted_nodes
 from partitioner.passes.recompute import checkpoint_regions
 from partitioner.passes.split import StageModule, split_stages
@@ -95,12 +97,17 @@ def apply(
     cp_comm: TPComm | None = None,
 ) -> list[StageModule]:
     """The plan's stage modules for tensor-parallel rank `tp_rank` (None: the unsharded graph) and context-parallel
-    rank `cp_rank` (None: the whole sequence): `rank_graph`, the context-parallel rewrite (passes.context_parallel;
+    rank `cp_rank` (None: the whole sequence): `rank_graph`, the padding of the plan's misaligned GEMMs that rank
+    runs whole (passes.align), the context-parallel rewrite (passes.context_parallel;
     output gradients left whole: the runtime averages gradients over dp x cp), then the split by the plan's
     node -> stage map (inserted nodes go with their anchors or consumers), then each stage's recompute regions
     (`passes.recompute.checkpoint_regions`). ValueError when a stage's regions do not fit its graph."""
     gm = rank_graph(plan, captured, tp_rank=tp_rank, comm=comm, weights=weights)
     stage_of = plan.node_stage if gm is captured.graph_module else stage_of_rank_nodes(gm, plan.node_stage)
+    pads = applicable_pads(plan.padded_gemms, captured.graph_module, plan_layout(plan) if tp_rank is not None else None)
+    if pads:
+        gm = pad_gemms(gm, pads)
+        stage_of = stage_of_inserted_nodes(gm, stage_of, plan.num_stages)
     layout = context_layout(plan, captured.graph_module) if cp_rank is not None else None  # local runs: whole
     if layout is not None:
         if cp_comm is None:

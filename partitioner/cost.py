@@ -39,7 +39,15 @@ from torch.utils import _pytree as pytree
 
 from partitioner.devices import DeviceSpec
 
-__all__ = ["NodeCost", "gemm_rows", "node_costs", "stream_class", "profile_forward_times", "profile_node_times"]
+__all__ = [
+    "NodeCost",
+    "gemm_rows",
+    "node_costs",
+    "stream_class",
+    "tensor_core_dtype",
+    "profile_forward_times",
+    "profile_node_times",
+]
 
 _FREE_OPS = ("placeholder", "get_attr", "output")
 
@@ -124,11 +132,16 @@ def gemm_rows(n: fx.Node) -> tuple[int, int] | None:
     return (a[-1], out[-1]) if a is not None and out is not None else None
 
 
+def tensor_core_dtype(dtype: str) -> bool:
+    """Whether GEMMs in `dtype` (a torch dtype's name) run on tensor cores, where row alignment matters."""
+    return dtype in _TENSOR_CORE_DTYPES
+
+
 def _gemm_efficiency(n: fx.Node, spec: DeviceSpec) -> float:
     """The fraction of the achievable GEMM rate this node reaches on `spec`: below 1 for a tensor-core GEMM whose
     rows are not aligned (DeviceSpec.gemm_efficiency), else 1."""
     dtype = n.meta.get("dtype", "float32")
-    if dtype not in _TENSOR_CORE_DTYPES or spec.misaligned_gemm_efficiency >= 1.0:
+    if not tensor_core_dtype(dtype) or spec.misaligned_gemm_efficiency >= 1.0:
         return 1.0
     rows = gemm_rows(n)
     return spec.gemm_efficiency(rows, torch.empty((), dtype=getattr(torch, dtype)).element_size()) if rows else 1.0

@@ -48,6 +48,7 @@ class CompileOptions:
     context_parallel: int | None = None  # ranks splitting every sequence (plan.context); None: searched; 1: none
     verbose: bool = True  # a progress line on a terminal for compiles over 2 s (partitioner.progress)
     capture: str = "auto"  # "auto": fx, export, module-level leaves, then module placement; or "module-placement"
+    pad_gemms: bool = True  # pad tensor-core GEMMs with misaligned rows where the cost model says so (passes.align)
 
     @classmethod
     def create(
@@ -73,6 +74,7 @@ class CompileOptions:
         context_parallel: int | None = None,
         verbose: bool = True,
         capture: str = "auto",
+        pad_gemms: bool = True,
     ) -> CompileOptions:
         """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
 
@@ -156,6 +158,7 @@ class CompileOptions:
             context_parallel=context_parallel,
             verbose=bool(verbose),
             capture=capture,
+            pad_gemms=bool(pad_gemms),
         )
 
 

@@ -177,7 +177,7 @@ def test_predicted_single_gpu_steps_match_the_h200_measurements() -> None:
             model = zoo.get(name).to(torch.bfloat16)
         example = zoo.example_inputs(name, batch=row["batch"], seq=row["seq"], device="meta")
         cm = partitioner.compile(model, devices=1, example_inputs=example, device_type="h200", microbatches=1,
-                                 verbose=False)  # fmt: skip
+                                 verbose=False, pad_gemms=False)  # fmt: skip  # the measured steps ran unpadded
         ratios[name] = row["measured_step_s"] / cm.plan.predicted["step_time"]
     assert len(ratios) == 6
     assert all(0.88 <= r <= 1.12 for r in ratios.values()), ratios

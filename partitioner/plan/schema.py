@@ -93,6 +93,9 @@ class Plan:
     # `context` holds what re-derives the layout from the graph: {"balance": bool, "seq_dims": {input: dim}}
     context_degree: int = 1
     context: dict[str, Any] = field(default_factory=dict)
+    # matrix-product node -> [pad of K, pad of N]: tensor-core GEMMs whose rows the applier pads to the device's
+    # alignment and slices back (passes.align); at tensor degree > 1 only those the layout leaves whole
+    padded_gemms: dict[str, list[int]] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
     @property
@@ -154,6 +157,7 @@ class Plan:
                 "reasons",
                 "context_degree",
                 "context",
+                "padded_gemms",
             },
         )
         if unknown or missing:
@@ -174,7 +178,16 @@ class Plan:
         counts = [sum(1 for v in node_stage.values() if v == s.index) for s in stages]
         if counts != [len(s.nodes) for s in stages]:
             raise ValueError("corrupt partitioner plan: node_stage disagrees with the stages' node lists")
+        bad = sorted(n for n, pad in plan.padded_gemms.items() if n not in node_stage or not _pad_pair(pad))
+        if bad:
+            raise ValueError(
+                f"corrupt partitioner plan: padded_gemms names {bad}, not planned nodes with [pad K, pad N]"
+            )
         return plan
+
+
+def _pad_pair(pad: Any) -> bool:
+    return isinstance(pad, list) and len(pad) == 2 and all(isinstance(p, int) and p >= 0 for p in pad) and any(pad)
 
 
 def graph_fingerprint(gm: fx.GraphModule) -> str:
