@@ -41,6 +41,7 @@ from partitioner.devices import DeviceSpec
 
 __all__ = [
     "NodeCost",
+    "gemm_row_step",
     "gemm_rows",
     "node_costs",
     "stream_class",
@@ -137,14 +138,26 @@ def tensor_core_dtype(dtype: str) -> bool:
     return dtype in _TENSOR_CORE_DTYPES
 
 
+def _element_size(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def gemm_row_step(spec: DeviceSpec, dtype: str) -> int:
+    """The multiple, in elements, that a GEMM's row lengths must be for `spec`'s fast kernels in `dtype` (a torch
+    dtype's name); 1 where misaligned rows cost nothing (the CPU presets, fp32 on CUDA cores)."""
+    if spec.misaligned_gemm_efficiency >= 1.0 or not tensor_core_dtype(dtype):
+        return 1
+    return max(spec.gemm_alignment // _element_size(dtype), 1)
+
+
 def _gemm_efficiency(n: fx.Node, spec: DeviceSpec) -> float:
     """The fraction of the achievable GEMM rate this node reaches on `spec`: below 1 for a tensor-core GEMM whose
     rows are not aligned (DeviceSpec.gemm_efficiency), else 1."""
     dtype = n.meta.get("dtype", "float32")
-    if not tensor_core_dtype(dtype) or spec.misaligned_gemm_efficiency >= 1.0:
+    if gemm_row_step(spec, dtype) == 1:
         return 1.0
     rows = gemm_rows(n)
-    return spec.gemm_efficiency(rows, torch.empty((), dtype=getattr(torch, dtype)).element_size()) if rows else 1.0
+    return spec.gemm_efficiency(rows, _element_size(dtype)) if rows else 1.0
 
 
 def node_costs(

@@ -176,6 +176,9 @@ def test_a_saved_plan_keeps_its_padding_and_refuses_a_bad_record() -> None:
     model, x = _wide(509)
     cm = partitioner.compile(model, devices=1, example_inputs=x, device_type="h100", verbose=False)
     assert Plan.from_json(cm.plan.to_json()).padded_gemms == {"lm_head": [0, 3]}
+    assert "padded GEMMs (rows not a multiple of 16 bytes, zero-padded and sliced back): lm_head (N +3)" in (
+        cm.plan.summary()
+    )
     bad = cm.plan.to_json().replace('"lm_head": [\n   0,\n   3\n  ]', '"nowhere": [\n   0,\n   3\n  ]')
     assert bad != cm.plan.to_json()
     with pytest.raises(ValueError, match="padded_gemms names"):
@@ -213,3 +216,61 @@ def test_products_of_two_activations_are_never_padded() -> None:
     annotate(gm, [q, q], training=True)
     pads = gemm_pads(gm, PRESETS["h100"], {n.name: (1.0, 1.0) for n in gm.graph.nodes})
     assert pads == {"proj": [0, 3]}, pads
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_vocabulary_padded_to_aligned_shards_keeps_outputs_and_gradients(tp: int) -> None:
+    """On a device that pays for misaligned rows, a vocabulary tp does not divide is padded so that every rank's LM
+    head rows are a multiple of the alignment (Megatron's 128 x tp), not only so that tp divides it: 1,025 rows at
+    tp 4 and alignment 8 are padded by 31 to 4 x 264; the ranks still compute what the model does. A vocabulary tp
+    divides is not padded (graphs that read its size would refuse a padded one): nanoGPT's 1,028 rows at tp 2 stay
+    2 x 514 and sharded, its loss in the graph."""
+    from partitioner.plan.tensor import plan_tensor_parallel
+    from partitioner.runtime.tp_local import check_tensor_parallel
+    from tests.test_tensor_parallel import nano_graph, zoo_graph
+
+    gm, inputs = zoo_graph("gpt3-tiny", vocab_size=1025)
+    layout = plan_tensor_parallel(gm, tp, vocab_alignment=8)
+    pad = layout.param_shard["lm_head.weight"]["pad"]
+    assert pad == -1025 % (8 * tp) and (1025 + pad) // tp % 8 == 0 and layout.param_shard["wte.weight"]["pad"] == pad
+    assert plan_tensor_parallel(gm, tp).param_shard["lm_head.weight"]["pad"] == -1025 % tp  # alignment 1: tp only
+    check_tensor_parallel(gm, layout, inputs)
+    gm, inputs = nano_graph("sdpa", targets=True, vocab=1028)
+    layout = plan_tensor_parallel(gm, 2, vocab_alignment=8)
+    assert layout.param_shard["lm_head.weight"] == {"dim": 0, "parts": 1}
+    check_tensor_parallel(gm, layout, inputs, loss_fn=lambda out: out[0])
+
+
+def test_the_search_pads_a_bf16_vocabulary_to_aligned_shards_on_gpus() -> None:
+    model, x = _wide(509)
+    cm = partitioner.compile(model, devices=2, tensor_parallel=2, example_inputs=x, device_type="h100", verbose=False)
+    assert cm.tensor_parallel_plan.param_shard["lm_head.weight"]["pad"] == 3  # 512 / 2 = 32 x 8 rows
+    cpu = partitioner.compile(model, devices=2, tensor_parallel=2, example_inputs=x, device_type="cpu", verbose=False)
+    assert cpu.tensor_parallel_plan.param_shard["lm_head.weight"]["pad"] == 1  # tp only
+
+
+def test_padded_products_inside_recompute_regions_train_as_the_model() -> None:
+    """An MLP of 250 columns (misaligned) with both of its Linears padded, inside the full-recompute regions of a
+    two-stage pipeline: the pads and the padded products run inside the checkpointed regions, and training equals the
+    model's (fp32: the record is set by hand, as above)."""
+    torch.manual_seed(0)
+    model = zoo.get("gpt3-tiny", vocab_size=509, d_ff=250)
+    ref = zoo.get("gpt3-tiny", vocab_size=509, d_ff=250)
+    ref.load_state_dict(model.state_dict())
+    x, y = (torch.randint(0, 509, (4, 64)),), torch.randint(0, 509, (4, 64))
+    cm = partitioner.compile(model, devices=2, pipeline=2, microbatches=2, recompute="full", example_inputs=x,
+                             device_type="h100", verbose=False)  # fmt: skip
+    gm = cm.captured.graph_module
+    mlp = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module" and ".mlp." in n.target}
+    pads = {name: [0, 6] if m.out_features == 250 else [6, 0] for name, m in mlp.items() if isinstance(m, nn.Linear)}
+    regions = [r for s in cm.plan.stages for r in s.recompute_regions]
+    assert len(pads) == 4 and regions
+    saved = dataclasses.replace(cm.plan, padded_gemms=pads)
+    padded = partitioner.compile(model, devices=2, example_inputs=x, device_type="h100", plan=saved, verbose=False)
+    loss_fn = zoo.loss_fn("gpt3-tiny")
+    padded.step(x, y, loss_fn)
+    loss_fn(ref(*x), y).backward()
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, msg=name)

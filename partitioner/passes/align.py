@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from partitioner.cost import gemm_rows, tensor_core_dtype
+from partitioner.cost import gemm_row_step, gemm_rows
 from partitioner.devices import DeviceSpec
 from partitioner.plan.tensor_layout import REPLICATED
 
@@ -62,8 +62,8 @@ def _kind(n: fx.Node) -> str | None:
 def _row_pads(n: fx.Node, spec: DeviceSpec) -> tuple[int, int] | None:
     """(pad of K, pad of N) in elements that align this node's rows on `spec`, or None (aligned, not a tensor-core
     GEMM, no penalty on the device, or a kind the rewrite does not handle)."""
-    dtype = n.meta.get("dtype", "float32")
-    if spec.misaligned_gemm_efficiency >= 1.0 or not tensor_core_dtype(dtype) or _kind(n) is None:
+    step = gemm_row_step(spec, n.meta.get("dtype", "float32"))
+    if step == 1 or _kind(n) is None:
         return None
     rows = gemm_rows(n)
     first, second = _operands(n)
@@ -72,8 +72,6 @@ def _row_pads(n: fx.Node, spec: DeviceSpec) -> tuple[int, int] | None:
         return None
     if _kind(n) != "module" and not _from_parameter(second):
         return None  # two activations (attention's q k^T): their rows can be a sequence that a rewrite splits
-    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    step = max(spec.gemm_alignment // size, 1)
     pads = (-rows[0] % step, -rows[1] % step)
     return pads if any(pads) else None
 

@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -66,9 +67,19 @@ class TensorParallelLayouts:
         if (tp, sequence_parallel) not in self.models:
             from partitioner.plan.tensor import plan_tensor_parallel
 
-            layout = plan_tensor_parallel(self.gm, tp, strict=self.strict, sequence_parallel=sequence_parallel)
+            layout = plan_tensor_parallel(self.gm, tp, strict=self.strict, sequence_parallel=sequence_parallel,
+                                          vocab_alignment=self.vocab_alignment)  # fmt: skip
             self._priced(layout)
         return self.models[(tp, sequence_parallel)]
+
+    @cached_property
+    def vocab_alignment(self) -> int:
+        """Rows per rank a sharded vocabulary is padded to a multiple of: the device's GEMM row alignment in elements
+        where its tensor-core GEMMs pay for misaligned rows and the graph computes in such a dtype, else 1."""
+        from partitioner.cost import gemm_row_step
+
+        flops = [n for n in self.gm.graph.nodes if n.meta.get("flops", 0) > 0]
+        return gemm_row_step(self.spec, max(flops, key=lambda n: n.meta["flops"]).meta["dtype"]) if flops else 1
 
     def adopt(self, layout: Any) -> TensorParallelModel:
         """A saved plan's layout, type-checked against this graph (ValueError naming the node), never replanned."""

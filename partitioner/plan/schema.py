@@ -328,6 +328,13 @@ def _format_plan(plan: Plan) -> str:
                 lines.append(f"  {what}: {format_seconds(alt['step_time'])}{versus}, peak {format_bytes(peak)}/device")
             else:
                 lines.append(f"  {what}: {alt['note']}")
+    if plan.padded_gemms:  # passes.align: what the applier changes in the graph, and why
+        pads = ", ".join(
+            f"{name} (" + " ".join(f"{dim} +{p}" for dim, p in zip("KN", pad) if p) + ")"
+            for name, pad in sorted(plan.padded_gemms.items())
+        )
+        align = plan.device_type.get("gemm_alignment", 16)
+        lines.append(f"padded GEMMs (rows not a multiple of {align} bytes, zero-padded and sliced back): {pads}")
     lines.append("fallbacks: " + ("none" if not plan.fallbacks else ""))
     for fb in plan.fallbacks:
         lines.append(f"  {fb['what'] or '<model>'}: {fb['path']} ({fb['reason']})")

@@ -234,6 +234,7 @@ def _run(
     gather_output: bool,
     min_vocab: int,
     exclude: frozenset[str] = frozenset(),
+    vocab_alignment: int = 1,
 ) -> tuple[_State, dict[str, str]]:
     _require_annotation(gm)
     seeds, fallbacks = _initial_seeds(gm, min_vocab)
@@ -254,8 +255,8 @@ def _run(
     refused: dict[str, str] = {}  # strict: seeds tp does not divide -> the error, unless Megatron's kv rule covers it
     modules: dict[str, nn.Module] = {}  # shared by every restart's state (the graph's modules do not change)
     for _ in range(4 * len(seeds) + 8):
-        st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab, modules=modules,
-                    seed_whole=dict(seed_whole))  # fmt: skip
+        st = _State(gm, tp, set(seeds), dict(seed_parts), gather_output, vocab, vocab_alignment=vocab_alignment,
+                    modules=modules, seed_whole=dict(seed_whole))  # fmt: skip
         outcome = _propagate(st)
         if tp == 1 or (not outcome.conflicts and not outcome.parts and not outcome.whole):  # tp 1: nothing to undo
             return st, _finish(st, refused, fallbacks)
@@ -359,6 +360,7 @@ def plan_tensor_parallel(
     min_vocab: int = 1024,
     exclude: frozenset[str] | set[str] = frozenset(),
     sequence_parallel: bool = False,
+    vocab_alignment: int = 1,
 ) -> TensorParallelPlan:
     """The tensor-parallel layout plan of annotated `gm` at degree `tp` (see the module docstring).
 
@@ -372,12 +374,16 @@ def plan_tensor_parallel(
     exclude: Linear / Embedding nodes to keep replicated (their partners follow: a row-parallel Linear needs a
     sharded input). sequence_parallel: split the token-wise ops between row- and column-parallel matmuls over the
     tp ranks along the sequence (plan.tensor_sequence); the tensor-parallel decisions are the same either way.
+    vocab_alignment: a vocabulary tp does not divide is padded so that every rank's rows are a multiple of this many
+    (the device's GEMM row alignment in elements, 8 for bf16 on the GPU presets; Megatron pads to 128 x tp), not
+    only so that tp divides it: an LM head shard of misaligned rows runs ~6x slower (passes.align).
     """
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     st, fallbacks = _run(
-        gm, tp, strict=strict, gather_output=gather_output, min_vocab=min_vocab, exclude=frozenset(exclude)
-    )
+        gm, tp, strict=strict, gather_output=gather_output, min_vocab=min_vocab, exclude=frozenset(exclude),
+        vocab_alignment=vocab_alignment,
+    )  # fmt: skip
     if strict and tp > 1 and not st.rules:  # every rank would compute the whole model: refuse rather than copy it
         why = "; ".join(f"{node}: {reason}" for node, reason in list(fallbacks.items())[:3])
         raise ValueError(

@@ -165,6 +165,8 @@ class _State:
     seed_parts: dict[str, int]
     gather_output: bool
     vocab: set[int] = field(default_factory=set)  # embedding row counts: strict mode lets these fall back
+    # a padded vocabulary's rows per rank are a multiple of this (the device's GEMM row alignment, in elements)
+    vocab_alignment: int = 1
     layout: dict[fx.Node, Layout] = field(default_factory=dict)
     rules: dict[str, str] = field(default_factory=dict)
     params: dict[str, tuple[dict[str, int | None], frozenset[str]]] = field(default_factory=dict)
@@ -225,10 +227,12 @@ class _State:
             )
 
     def vocab_pad(self, node: fx.Node, size: int, parts: int, what: str) -> int:
-        """0 when tp divides `size`; the padding that makes it divide when `size` is a vocabulary (an embedding's
-        row count) in one part; else the divisibility conflict of `divides`."""
+        """0 when tp divides `size`; when it does not and `size` is a vocabulary (an embedding's row count) in one
+        part, the padding that makes it divide into rows a multiple of `vocab_alignment`; else the divisibility
+        conflict of `divides`. (A vocabulary tp divides is not padded for alignment: a padded one is refused by
+        graphs that read its size, the loss's view of the logits among them, and would then stay replicated.)"""
         if self.tp is not None and parts == 1 and size in self.vocab and size % self.tp:
-            return -size % self.tp
+            return -size % (self.tp * self.vocab_alignment)
         self.divides(node, size, parts, what)
         return 0
 
