@@ -25,6 +25,7 @@ machine at hand (`compile(..., cost="profile")`; bench reports the error).
 
 from __future__ import annotations
 
+import math
 import operator
 import statistics
 import time
@@ -41,6 +42,8 @@ from partitioner.devices import DeviceSpec
 
 __all__ = [
     "NodeCost",
+    "attention_rate",
+    "attention_shape",
     "gemm_row_step",
     "gemm_rows",
     "node_costs",
@@ -160,6 +163,72 @@ def _gemm_efficiency(n: fx.Node, spec: DeviceSpec) -> float:
     return spec.gemm_efficiency(rows, _element_size(dtype)) if rows else 1.0
 
 
+_ATTENTION = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
+# F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, ...): positions of the two read
+_MASK_ARG, _CAUSAL_ARG = 3, 5
+
+
+def attention_shape(n: fx.Node) -> tuple[int, int, bool] | None:
+    """(head dim, key length, causal) of a fused attention node (SDPA) without a mask, whose time the device's
+    measured flash rates give (attention_rate); None for any other node, or one with a mask (another kernel)."""
+    if n.op != "call_function" or n.target not in _ATTENTION:
+        return None
+
+    def arg(i: int, name: str, default: Any) -> Any:
+        return n.kwargs[name] if name in n.kwargs else n.args[i] if len(n.args) > i else default
+
+    q, k = _shape(n.args[0]), _shape(n.args[1] if len(n.args) > 1 else n.kwargs.get("key"))
+    if q is None or k is None or arg(_MASK_ARG, "attn_mask", None) is not None:
+        return None
+    return q[-1], k[-2], bool(arg(_CAUSAL_ARG, "is_causal", False))
+
+
+def attention_rate(spec: DeviceSpec, head_dim: int, length: int, causal: bool, mode: str) -> float | None:
+    """Useful FLOP/s of fused attention on `spec` ("fwd" or "fwd+bwd"), from its measured table
+    (DeviceSpec.attention_tflops): linear in log2(length) between the measured lengths and in the head dim between
+    the measured ones, held at the ends. None without a table."""
+    kind = "causal" if causal else "full"
+    dims = sorted({int(key.split()[0][1:]) for key in spec.attention_tflops if key.endswith(f"{kind} {mode}")})
+    lengths = spec.attention_lengths
+    if not dims or not lengths:
+        return None
+
+    def along_length(d: int) -> float:
+        rates = spec.attention_tflops[f"d{d} {kind} {mode}"]
+        x = min(max(math.log2(max(length, 1)), math.log2(lengths[0])), math.log2(lengths[-1]))
+        i = max(j for j in range(len(lengths)) if math.log2(lengths[j]) <= x)
+        if i == len(lengths) - 1:
+            return rates[i]
+        t = (x - math.log2(lengths[i])) / (math.log2(lengths[i + 1]) - math.log2(lengths[i]))
+        return rates[i] + t * (rates[i + 1] - rates[i])
+
+    d = min(max(head_dim, dims[0]), dims[-1])
+    lo = max(x for x in dims if x <= d)
+    hi = min(x for x in dims if x >= d)
+    rate = (
+        along_length(lo)
+        if lo == hi
+        else along_length(lo) + (d - lo) / (hi - lo) * (along_length(hi) - along_length(lo))
+    )
+    return rate * 1e12
+
+
+def _attention_times(n: fx.Node, spec: DeviceSpec) -> tuple[float, float] | None:
+    """(forward, backward) compute seconds of a fused attention node from the device's measured rates, on its useful
+    FLOPs (a causal mask skips half the scores), or None where no rate applies (then the GEMM rate prices it)."""
+    shape = attention_shape(n) if spec.attention_tflops and tensor_core_dtype(n.meta.get("dtype", "")) else None
+    if shape is None:
+        return None
+    head_dim, length, causal = shape
+    forward_rate = attention_rate(spec, head_dim, length, causal, "fwd")
+    both_rate = attention_rate(spec, head_dim, length, causal, "fwd+bwd")
+    if not forward_rate or not both_rate:
+        return None
+    useful = n.meta["flops"] * ((length + 1) / (2 * length) if causal else 1.0)  # FlopCounterMode counts all s^2
+    forward = useful / forward_rate
+    return forward, max(3.5 * useful / both_rate - forward, 0.0)
+
+
 def node_costs(
     gm: fx.GraphModule,
     spec: DeviceSpec,
@@ -183,10 +252,19 @@ def node_costs(
         m = n.meta
         gemm = _gemm_efficiency(n, spec) if m["flops"] > 0 else 1.0
         stream = stream_class(n) if spec.stream_efficiency else ""
-        fwd = _roofline(m["flops"], m["mem_bytes"], m["dtype"], spec, gemm, stream)
+        attention = _attention_times(n, spec) if m["flops"] > 0 else None
+        if attention is not None:  # measured flash rates, not the GEMM rate
+            rate = spec.bytes_per_second()
+            fwd = max(attention[0], m["mem_bytes"] / rate) + spec.kernel_overhead
+        else:
+            fwd = _roofline(m["flops"], m["mem_bytes"], m["dtype"], spec, gemm, stream)
         bwd = 0.0
         if training and m.get("requires_grad", False):
-            bwd = _roofline(m["bwd_flops"], m.get("bwd_bytes", m["mem_bytes"]), m["dtype"], spec, gemm, stream)
+            bwd_bytes = m.get("bwd_bytes", m["mem_bytes"])
+            if attention is not None:
+                bwd = max(attention[1], bwd_bytes / spec.bytes_per_second()) + spec.kernel_overhead
+            else:
+                bwd = _roofline(m["bwd_flops"], bwd_bytes, m["dtype"], spec, gemm, stream)
         if measured is not None and n.name in measured:
             value = measured[n.name]
             if isinstance(value, tuple):

@@ -4,9 +4,10 @@
   is not a multiple of 16 bytes is priced at `misaligned_gemm_efficiency` of the aligned rate, an fp32 one is not;
 - `stream_class` names norms, softmaxes and transcendental activations, which stream at their own rate;
 - the Hopper constants are what bench/results/device-rates-NVIDIA_H200-20261130-1915.json says (recomputed here);
+- fused attention is priced by the flash rates the H200 measured (interpolated), a masked one by the GEMM rate;
 - the planner's predicted single-GPU step is within 12% of each step measured on the H200 (bench/step_fidelity.py,
-  bench/results/step-fidelity-NVIDIA_H200-20261130-1921.json), median within 10%. Before the shape and op terms it
-  was 1.40-2.29x off; nothing in the model was fitted to those steps.
+  bench/results/step-fidelity-NVIDIA_H200-20261130-1921.json; 1.016-1.076 at this commit), median within 10%.
+  Before the shape and op terms it was 1.40-2.29x off; nothing in the model was fitted to those steps.
 """
 
 from __future__ import annotations
@@ -182,3 +183,49 @@ def test_predicted_single_gpu_steps_match_the_h200_measurements() -> None:
     assert len(ratios) == 6
     assert all(0.88 <= r <= 1.12 for r in ratios.values()), ratios
     assert statistics.median(abs(r - 1) for r in ratios.values()) <= 0.10, ratios
+
+
+def test_the_attention_table_is_what_the_h200_measured_and_interpolates_between_points() -> None:
+    from partitioner.cost import attention_rate
+
+    h200 = PRESETS["h200"]
+    rows = [r for r in json.loads(RATES.read_text())["rows"] if r["set"] == "attention"]
+    assert len(rows) == 48
+    for r in rows:
+        key = f"d{r['d']} {'causal' if r['causal'] else 'full'} {r['mode']}"
+        i = h200.attention_lengths.index(r["s"])
+        assert h200.attention_tflops[key][i] == pytest.approx(r["tflops"], abs=0.05)
+        assert attention_rate(h200, r["d"], r["s"], r["causal"], r["mode"]) == pytest.approx(r["tflops"] * 1e12, 1e-3)
+    # halfway in log2(s) and in the head dim: the means; held at the ends
+    mid = attention_rate(h200, 128, int(2**10.5), False, "fwd")
+    assert mid == pytest.approx((598.0 + 643.3) / 2 * 1e12, rel=1e-4)  # 1448 tokens: 2^10.5 to 4e-5
+    d96 = attention_rate(h200, 96, 2048, True, "fwd+bwd")
+    assert d96 == pytest.approx((329.5 + 436.9) / 2 * 1e12)
+    assert attention_rate(h200, 256, 10**6, False, "fwd") == pytest.approx(683.5e12)
+    assert attention_rate(PRESETS["a100"], 128, 2048, False, "fwd") is None
+
+
+class SDPA(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        causal = F.scaled_dot_product_attention(q, k, k, is_causal=True)
+        masked = F.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+        return causal + masked
+
+
+def test_flash_attention_is_priced_by_its_measured_rate_and_a_masked_one_by_the_gemm_rate() -> None:
+    from partitioner.cost import attention_shape
+
+    h200 = PRESETS["h200"]
+    gm = fx.symbolic_trace(SDPA())
+    q = torch.randn(2, 16, 2048, 128, dtype=torch.bfloat16, requires_grad=True)
+    annotate(gm, [q, q, torch.ones(2048, 2048, dtype=torch.bool)], training=True)
+    causal, masked = (n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot" in str(n.target))
+    assert attention_shape(causal) == (128, 2048, True) and attention_shape(masked) is None
+    costs = node_costs(gm, h200)
+    useful = causal.meta["flops"] * 2049 / 4096  # the scores the causal mask keeps
+    assert costs[causal.name].forward == pytest.approx(useful / 510.1e12 + h200.kernel_overhead)
+    both = costs[causal.name].forward + costs[causal.name].backward - 2 * h200.kernel_overhead
+    assert both == pytest.approx(3.5 * useful / 436.9e12)
+    assert costs[masked.name].forward == pytest.approx(
+        masked.meta["flops"] / h200.flops_per_second("bfloat16") + h200.kernel_overhead
+    )
