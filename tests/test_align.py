@@ -148,6 +148,16 @@ def test_padding_is_priced_below_the_misaligned_product() -> None:
     assert padded.plan.predicted["step_time"] < plain.plan.predicted["step_time"]
 
 
+def _trains_as(compiled: partitioner.CompiledModel, model: nn.Module, ref: nn.Module, x: tuple, y: torch.Tensor):
+    """One step of `compiled` (over `model`'s parameters) leaves the gradients one step of `ref` does."""
+    loss_fn = zoo.loss_fn("gpt3-tiny")
+    compiled.step(x, y, loss_fn)
+    loss_fn(ref(*x), y).backward()
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, msg=name)
+
+
 def test_a_pipelined_model_with_a_padded_tied_lm_head_trains_as_the_model() -> None:
     """fp32 on the CPU (the cost model pads only tensor-core dtypes): the plan's record is set by hand, and the
     pipelined model with its LM head (tied to the embedding, on the other stage) padded trains as the model does."""
@@ -164,12 +174,7 @@ def test_a_pipelined_model_with_a_padded_tied_lm_head_trains_as_the_model() -> N
     assert any(n.name == "lm_head_padded" for n in stage.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(padded(*x), ref(*x))
-    loss_fn = zoo.loss_fn("gpt3-tiny")
-    padded.step(x, y, loss_fn)
-    loss_fn(ref(*x), y).backward()
-    grads = dict(model.named_parameters())
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(grads[name].grad, p.grad, msg=name)
+    _trains_as(padded, model, ref, x, y)
 
 
 def test_a_saved_plan_keeps_its_padding_and_refuses_a_bad_record() -> None:
@@ -268,9 +273,4 @@ def test_padded_products_inside_recompute_regions_train_as_the_model() -> None:
     assert len(pads) == 4 and regions
     saved = dataclasses.replace(cm.plan, padded_gemms=pads)
     padded = partitioner.compile(model, devices=2, example_inputs=x, device_type="h100", plan=saved, verbose=False)
-    loss_fn = zoo.loss_fn("gpt3-tiny")
-    padded.step(x, y, loss_fn)
-    loss_fn(ref(*x), y).backward()
-    grads = dict(model.named_parameters())
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(grads[name].grad, p.grad, msg=name)
+    _trains_as(padded, model, ref, x, y)
