@@ -12,11 +12,12 @@ median) on the current device:
 
     gemm        torch.mm in bf16 (and fp32 with / without TF32 on a subset): the three GEMMs of every projection of
                 a transformer layer (forward x W^T, the input gradient dY W, the weight gradient dY^T x) at hidden
-                sizes 1024-12288, tensor-parallel degrees 1-8 and 1k-16k tokens; and log-uniform random shapes
+                sizes 1024-12288, tensor-parallel degrees 1-8 and 2k / 8k tokens; and log-uniform random shapes
                 (a held-out set for checking a fitted curve). FLOPs = 2 M N K.
     attention   F.scaled_dot_product_attention (flash), bf16, causal or not, head dims 64 / 128, sequence 512-16k,
-                forward and forward + backward. FLOPs = 4 b h s^2 d forward (half when causal), 2.5x that backward
-                (flash attention's five matmuls against two, with the recomputed QK^T).
+                forward and forward + backward; with a padding mask (the memory-efficient kernel) at 512 and 2k
+                tokens. FLOPs = 4 b h s^2 d forward (half when causal), 2.5x that backward (flash attention's five
+                matmuls against two, with the recomputed QK^T).
     stream      memory-bound kernels: add, gelu, layer_norm, softmax, copy at 1M-256M elements (bf16); bytes = what
                 each reads and writes once.
     launch      the fixed cost of a kernel: a one-element add timed alone (GPU time per launch in a tight loop) and
@@ -102,25 +103,33 @@ def measure_gemm(shape: dict[str, Any], dtype: str, device: torch.device, tf32: 
             "bytes": float((m * k + k * n + m * n) * a.element_size())}  # fmt: skip
 
 
-def measure_attention(b: int, h: int, s: int, d: int, causal: bool, mode: str, device: torch.device) -> dict[str, Any]:
+def measure_attention(
+    b: int, h: int, s: int, d: int, causal: bool, mode: str, device: torch.device, masked: bool = False
+) -> dict[str, Any]:
+    """SDPA at (b, h, s, d); `masked`: with a boolean padding mask (b, 1, 1, s) as BERT passes one (the last eighth
+    of every sequence masked out), which runs the memory-efficient kernel instead of flash."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=mode != "fwd") for _ in range(3))
+    mask = None
+    if masked:
+        mask = torch.ones(b, 1, 1, s, device=device, dtype=torch.bool)
+        mask[..., s - s // 8 :] = False
     if mode == "fwd":
 
         def run() -> None:
             with torch.no_grad():
-                F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     else:
         g = torch.randn(b, h, s, d, device=device, dtype=dtype)
 
         def run() -> None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
             torch.autograd.grad(out, (q, k, v), g)
 
     ms = bench_ms(run, device)
     fwd = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
     flops = fwd if mode == "fwd" else 3.5 * fwd
-    return {"set": "attention", "b": b, "heads": h, "s": s, "d": d, "causal": causal, "mode": mode,
+    return {"set": "attention", "b": b, "heads": h, "s": s, "d": d, "causal": causal, "masked": masked, "mode": mode,
             "dtype": str(dtype).removeprefix("torch."), "ms": ms, "flops": flops,
             "tflops": flops / ms / 1e9}  # fmt: skip
 
@@ -192,6 +201,9 @@ def sweep(device: torch.device, quick: bool) -> list[dict[str, Any]]:
             for causal in (True, False):
                 for mode in ("fwd", "fwd+bwd"):
                     add(measure_attention(b, heads if not quick else 2, s, d, causal, mode, device))
+            if quick or s in (512, 2048):  # a padding mask: the memory-efficient kernel (BERT's attention)
+                for mode in ("fwd", "fwd+bwd"):
+                    add(measure_attention(b, heads if not quick else 2, s, d, False, mode, device, masked=True))
     for op in ("add", "gelu", "layer_norm", "softmax", "copy"):
         for numel in (2**20, 2**23, 2**26, 2**28) if not quick else (2**16,):
             add(measure_stream(op, numel, device))
@@ -211,10 +223,11 @@ def summary(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     for (name, dtype), vals in sorted(groups.items()):
         lines.append(f"| {name} | {dtype} | {len(vals)} | {min(vals):.1f} | {statistics.median(vals):.1f} | "
                      f"{max(vals):.1f} |")  # fmt: skip
-    lines += ["", "| attention | causal | d | s | TFLOP/s |", "|---|---|---|---|---|"]
+    lines += ["", "| attention | causal | masked | d | s | TFLOP/s |", "|---|---|---|---|---|---|"]
     for r in rows:
         if r["set"] == "attention":
-            lines.append(f"| {r['mode']} | {r['causal']} | {r['d']} | {r['s']} | {r['tflops']:.1f} |")
+            lines.append(f"| {r['mode']} | {r['causal']} | {r.get('masked', False)} | {r['d']} | {r['s']} | "
+                         f"{r['tflops']:.1f} |")  # fmt: skip
     lines += ["", "| stream op | elements | GB/s |", "|---|---|---|"]
     for r in rows:
         if r["set"] == "stream":

@@ -105,8 +105,9 @@ def predicted_breakdown(cm: Any, spec: Any) -> dict[str, float]:
     return out
 
 
-def measured_breakdown(step: Callable[[], None]) -> dict[str, float]:
-    """Seconds of GPU kernel time by category over one step (torch.profiler), and the kernel count."""
+def measured_breakdown(step: Callable[[], None]) -> dict[str, Any]:
+    """Seconds of GPU kernel time by category over one step (torch.profiler), the kernel count, and the 20 kernels
+    that took the most time."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -114,7 +115,8 @@ def measured_breakdown(step: Callable[[], None]) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    out: dict[str, float] = {"kernels": 0.0}
+    out: dict[str, Any] = {"kernels": 0.0}
+    top: list[tuple[float, str, int]] = []
     for e in prof.key_averages():
         us = float(getattr(e, "self_device_time_total", 0.0) or 0.0)
         if us <= 0:
@@ -122,6 +124,11 @@ def measured_breakdown(step: Callable[[], None]) -> dict[str, float]:
         cat = kernel_category(e.key)
         out[cat] = out.get(cat, 0.0) + us * 1e-6
         out["kernels"] += e.count
+        top.append((us * 1e-6, e.key[:120], e.count))
+    # the kernels that took the most time, with their category: what a category's gap is made of
+    out["top"] = [
+        {"s": t, "kernel": k, "calls": c, "category": kernel_category(k)} for t, k, c in sorted(top, reverse=True)[:20]
+    ]
     return out
 
 

@@ -3,7 +3,7 @@
 Roofline: time = max(FLOPs / achievable FLOP/s for the node's dtype, bytes / achievable bandwidth)
 + a fixed per-kernel overhead; views and Python-level nodes (sizes, getitem on tuples) cost nothing. A tensor-core
 GEMM whose rows are not aligned to 16 bytes reaches only a fraction of the achievable FLOP/s (`gemm_rows`,
-DeviceSpec.gemm_efficiency: ~6x slower on an H200), and normalizations, softmaxes and transcendental activations
+DeviceSpec.gemm_efficiency: 3.8-6.3x slower on an H200), and normalizations, softmaxes and transcendental activations
 stream at their own measured fraction of the bandwidth (`stream_class`, DeviceSpec.stream_efficiency).
 The overhead is paid per call, whatever the batch: a node run as m microbatches pays it m times, and a rank with
 1 / k of the batch (or of the weights) pays all of it. `NodeCost` keeps it apart (`forward_fixed`) so that the
@@ -168,9 +168,9 @@ _ATTENTION = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_
 _MASK_ARG, _CAUSAL_ARG = 3, 5
 
 
-def attention_shape(n: fx.Node) -> tuple[int, int, bool] | None:
-    """(head dim, key length, causal) of a fused attention node (SDPA) without a mask, whose time the device's
-    measured flash rates give (attention_rate); None for any other node, or one with a mask (another kernel)."""
+def attention_shape(n: fx.Node) -> tuple[int, int, bool, bool] | None:
+    """(head dim, key length, causal, masked) of a fused attention node (SDPA), whose time the device's measured
+    flash rates give (attention_rate); None for any other node."""
     if n.op != "call_function" or n.target not in _ATTENTION:
         return None
 
@@ -178,9 +178,9 @@ def attention_shape(n: fx.Node) -> tuple[int, int, bool] | None:
         return n.kwargs[name] if name in n.kwargs else n.args[i] if len(n.args) > i else default
 
     q, k = _shape(n.args[0]), _shape(n.args[1] if len(n.args) > 1 else n.kwargs.get("key"))
-    if q is None or k is None or arg(_MASK_ARG, "attn_mask", None) is not None:
+    if q is None or k is None:
         return None
-    return q[-1], k[-2], bool(arg(_CAUSAL_ARG, "is_causal", False))
+    return q[-1], k[-2], bool(arg(_CAUSAL_ARG, "is_causal", False)), arg(_MASK_ARG, "attn_mask", None) is not None
 
 
 def attention_rate(spec: DeviceSpec, head_dim: int, length: int, causal: bool, mode: str) -> float | None:
@@ -215,11 +215,14 @@ def attention_rate(spec: DeviceSpec, head_dim: int, length: int, causal: bool, m
 
 def _attention_times(n: fx.Node, spec: DeviceSpec) -> tuple[float, float] | None:
     """(forward, backward) compute seconds of a fused attention node from the device's measured rates, on its useful
-    FLOPs (a causal mask skips half the scores), or None where no rate applies (then the GEMM rate prices it)."""
+    FLOPs (a causal mask skips half the scores), or None where no rate applies (then the GEMM rate prices it). An
+    explicit mask (BERT's padding mask) runs the memory-efficient kernel, whose rates were not measured: it gets the
+    unmasked rate of its shape (bert-large's attention kernels measured 235 TFLOP/s where flash at that shape runs
+    295: the estimate is ~1.25x fast, the GEMM rate it replaces ~2.9x)."""
     shape = attention_shape(n) if spec.attention_tflops and tensor_core_dtype(n.meta.get("dtype", "")) else None
     if shape is None:
         return None
-    head_dim, length, causal = shape
+    head_dim, length, causal, _masked = shape
     forward_rate = attention_rate(spec, head_dim, length, causal, "fwd")
     both_rate = attention_rate(spec, head_dim, length, causal, "fwd+bwd")
     if not forward_rate or not both_rate:

@@ -47,9 +47,12 @@ class DeviceSpec:
     # Tensor-core GEMMs run their fast kernels only when every operand's rows start on this many bytes (the reduction
     # dim K and the output's columns N are row lengths: NVIDIA's "Matrix Multiplication Background" guide asks for
     # multiples of 16 bytes; Hopper's TMA copies need 16-byte-aligned strides). Otherwise cuBLAS falls back to
-    # kernels that reach `misaligned_gemm_efficiency` of the aligned rate (1.0: no penalty, the CPU presets).
+    # kernels that reach `partly_aligned_gemm_efficiency` of the aligned rate where every row is at least 4-byte
+    # aligned (wider loads), `misaligned_gemm_efficiency` where one is only 2-byte aligned (an odd count of 16-bit
+    # elements); 1.0: no penalty (the CPU presets).
     gemm_alignment: int = 16
     misaligned_gemm_efficiency: float = 1.0
+    partly_aligned_gemm_efficiency: float = 1.0
     # Memory-bound kernels that stream below the copy rate: class ("norm", "softmax", "activation": cost.stream_class)
     # -> fraction of memory_bandwidth their kernels reach (replacing memory_efficiency for those nodes).
     stream_efficiency: dict[str, float] = field(default_factory=dict)
@@ -76,7 +79,7 @@ class DeviceSpec:
         if not self.peak_flops or min(self.peak_flops.values()) <= 0:
             raise ValueError(f"DeviceSpec {self.name!r}: peak_flops needs positive entries, got {self.peak_flops}")
         efficiencies = (self.compute_efficiency, self.memory_efficiency, self.link_efficiency,
-                        self.misaligned_gemm_efficiency)  # fmt: skip
+                        self.misaligned_gemm_efficiency, self.partly_aligned_gemm_efficiency)  # fmt: skip
         if not all(0 < e <= 1 for e in efficiencies):
             raise ValueError(f"DeviceSpec {self.name!r}: efficiencies must lie in (0, 1]")
 
@@ -88,10 +91,17 @@ class DeviceSpec:
 
     def gemm_efficiency(self, row_elements: tuple[int, ...], element_size: int) -> float:
         """The fraction of `flops_per_second` a tensor-core GEMM reaches given its operands' row lengths (K and N, in
-        elements of `element_size` bytes): 1.0 when all are multiples of `gemm_alignment` bytes, else
-        `misaligned_gemm_efficiency` (e.g. an LM head over GPT-2's 50257-token vocabulary, which Megatron pads)."""
-        aligned = all(r * element_size % self.gemm_alignment == 0 for r in row_elements)
-        return 1.0 if aligned else self.misaligned_gemm_efficiency
+        elements of `element_size` bytes): 1.0 when all are multiples of `gemm_alignment` bytes; else
+        `partly_aligned_gemm_efficiency` when all are multiples of 4 bytes (BERT's 30,522-token decoder in bf16),
+        `misaligned_gemm_efficiency` otherwise (GPT-2's 50,257-token LM head, which Megatron pads)."""
+        row_bytes = [r * element_size for r in row_elements]
+        if all(b % self.gemm_alignment == 0 for b in row_bytes):
+            return 1.0
+        return (
+            self.partly_aligned_gemm_efficiency
+            if all(b % 4 == 0 for b in row_bytes)
+            else self.misaligned_gemm_efficiency
+        )
 
     def bytes_per_second(self, stream: str = "") -> float:
         """Achievable device-memory bandwidth; of a kernel of `stream` class where stream_efficiency names it."""
@@ -136,11 +146,13 @@ def _hopper(name: str, hbm_bandwidth: float, memory_bytes: float, source: str) -
         internode_bandwidth=50 * GB,  # one 400 Gb/s NDR InfiniBand NIC per GPU
         # Measured on an H200 (bench/results/device-rates-NVIDIA_H200-20261130-1915.json, torch 2.11 / CUDA 13.0
         # cuBLAS, bf16): the median of the 261 aligned GEMMs of >= 1e11 FLOPs (a GPT layer's forward, input- and
-        # weight-gradient GEMMs at hidden 1024-12288, tp 1-8) ran at 0.69 of the dense peak (0.59-0.80); the 53
-        # random shapes of >= 5e9 FLOPs with a row length not a multiple of 16 bytes ran 5.95x slower than that
-        # (median): 0.17. The H100 shares the die, the SXM clocks and the libraries.
+        # weight-gradient GEMMs at hidden 1024-12288, tp 1-8) ran at 0.69 of the dense peak (0.59-0.80); of the random
+        # shapes of >= 5e9 FLOPs with a row length not a multiple of 16 bytes, the 40 with a row of an odd element
+        # count ran 6.3x slower than that rate + the launch (median): 0.16; the 13 with rows 4- or 8-byte aligned
+        # 3.8x: 0.27. The H100 shares the die, the SXM clocks and the libraries.
         compute_efficiency=0.69,
-        misaligned_gemm_efficiency=0.17,
+        misaligned_gemm_efficiency=0.16,
+        partly_aligned_gemm_efficiency=0.27,
         # The same file, 2^28 bf16 elements (rows of 1024), bytes read + written once over the HBM datasheet rate:
         # add 0.91, copy 0.87 (memory_efficiency 0.85 holds), gelu 0.65, softmax 0.56, layer_norm 0.37. There a
         # one-element add took 4.2 us of GPU time per kernel in a tight loop (9.1 us of host time per launch from
@@ -179,8 +191,9 @@ PRESETS: dict[str, DeviceSpec] = {
         link_latency=10e-6,
         internode_bandwidth=25 * GB,  # one 200 Gb/s HDR NIC per GPU
         # Not measured on an A100: Ampere's fast kernels need the same 16-byte rows (cp.async's 16-byte copies), and
-        # the penalty measured on the H200 is assumed for its fallback kernels.
-        misaligned_gemm_efficiency=0.17,
+        # the penalties measured on the H200 are assumed for its fallback kernels.
+        misaligned_gemm_efficiency=0.16,
+        partly_aligned_gemm_efficiency=0.27,
         source="NVIDIA A100 SXM4 80GB datasheet",
     ),
     # A small 2-core x86 server (AVX2 FMA) with processes talking over loopback gloo. The link figures

@@ -1,7 +1,7 @@
 """align: pad the rows of tensor-core GEMMs whose row lengths are not aligned, and slice the padding off the result.
 
-A bf16 / fp16 GEMM whose reduction length K or output width N is not a multiple of 16 bytes runs ~6x slower on an
-H200 than an aligned one (cost.gemm_rows, DeviceSpec.gemm_efficiency): GPT-2's 50,257-token LM head is such a GEMM.
+A bf16 / fp16 GEMM whose reduction length K or output width N is not a multiple of 16 bytes runs 3.8-6.3x slower on
+an H200 than an aligned one (cost.gemm_rows, DeviceSpec.gemm_efficiency): GPT-2's 50,257-token LM head is one.
 Megatron pads the vocabulary by hand; this pass does it for any product of an activation and a parameter (a weight
 GEMM: its rows are the parameter's, which no tensor-parallel, sequence or context rewrite of the activations changes)
 that the plan names, without touching the model: per call, the weight gets zero rows (N) or zero columns (K)
