@@ -1,7 +1,7 @@
 """apply: the one way from a Plan to the modules a run executes (shared/ARCHITECTURE.md's applier).
 
-    Plan + captured graph (+ tensor-parallel rank)  ->  rank graph (TP rewrite)  ->  padded GEMMs (passes.align)
-        ->  stage modules (the split)
+    Plan + captured graph (+ tensor-parallel rank)  ->  rank graph (TP rewrite)  ->  stage modules (the split)
+        ->  padded GEMMs (passes.align)
         ->  recompute regions (each stage's `recompute_regions` under torch.utils.checkpoint)
 
 Every runtime runs what this builds: the local pipeline (no TP rank: the unsharded graph split by the plan) and
@@ -97,17 +97,14 @@ def apply(
     cp_comm: TPComm | None = None,
 ) -> list[StageModule]:
     """The plan's stage modules for tensor-parallel rank `tp_rank` (None: the unsharded graph) and context-parallel
-    rank `cp_rank` (None: the whole sequence): `rank_graph`, the padding of the plan's misaligned GEMMs that rank
-    runs whole (passes.align), the context-parallel rewrite (passes.context_parallel;
+    rank `cp_rank` (None: the whole sequence): `rank_graph`, the context-parallel rewrite (passes.context_parallel;
     output gradients left whole: the runtime averages gradients over dp x cp), then the split by the plan's
-    node -> stage map (inserted nodes go with their anchors or consumers), then each stage's recompute regions
-    (`passes.recompute.checkpoint_regions`). ValueError when a stage's regions do not fit its graph."""
+    node -> stage map (inserted nodes go with their anchors or consumers), then the padding of the plan's
+    misaligned GEMMs in the stages that hold them (passes.align; at tp > 1 only those the layout leaves whole), then
+    each stage's recompute regions (`passes.recompute.checkpoint_regions`). ValueError when a stage's regions do not
+    fit its graph."""
     gm = rank_graph(plan, captured, tp_rank=tp_rank, comm=comm, weights=weights)
     stage_of = plan.node_stage if gm is captured.graph_module else stage_of_rank_nodes(gm, plan.node_stage)
-    pads = applicable_pads(plan.padded_gemms, captured.graph_module, plan_layout(plan) if tp_rank is not None else None)
-    if pads:
-        gm = pad_gemms(gm, pads)
-        stage_of = stage_of_inserted_nodes(gm, stage_of, plan.num_stages)
     layout = context_layout(plan, captured.graph_module) if cp_rank is not None else None  # local runs: whole
     if layout is not None:
         if cp_comm is None:
@@ -115,6 +112,11 @@ def apply(
         gm = context_parallel_rank(gm, layout, cp_rank, cp_comm, divide_output_grads=False)
         stage_of = stage_of_inserted_nodes(gm, stage_of, plan.num_stages)
     stages = split_stages(gm, stage_of, plan.num_stages)
+    pads = applicable_pads(plan.padded_gemms, captured.graph_module, plan_layout(plan) if tp_rank is not None else None)
+    for s, stage in enumerate(stages):  # each stage pads its own products: a small graph copied, not the whole
+        mine = {name: pad for name, pad in pads.items() if plan.node_stage.get(name) == s}
+        if mine:
+            stages[s] = dataclasses.replace(stage, module=pad_gemms(stage.module, mine))
     for s, stage in enumerate(stages):
         regions = plan.stages[s].recompute_regions
         if not regions:

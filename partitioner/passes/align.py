@@ -45,9 +45,12 @@ _MATMUL = {torch.matmul, torch.mm, torch.bmm, operator.matmul, _aten.mm.default,
 _ADDMM = {torch.addmm, _aten.addmm.default}
 
 
-def _kind(n: fx.Node) -> str | None:
-    if n.op == "call_module" and n.graph.owning_module is not None:
-        return "module" if type(n.graph.owning_module.get_submodule(str(n.target))) is nn.Linear else None
+def _kind(n: fx.Node, root: nn.Module | None = None) -> str | None:
+    """The product form of `n` ("module", "linear", "matmul", "addmm") or None; `root` holds its modules (default:
+    the graph's owning module)."""
+    root = root if root is not None else n.graph.owning_module
+    if n.op == "call_module" and root is not None:
+        return "module" if type(root.get_submodule(str(n.target))) is nn.Linear else None
     if n.op == "call_method" and n.target in ("matmul", "mm", "bmm"):
         return "matmul"
     if n.op != "call_function":
@@ -182,16 +185,14 @@ def pad_gemms(gm: fx.GraphModule, pads: dict[str, list[int]]) -> fx.GraphModule:
     for n in gm.graph.nodes:
         new = graph.node_copy(n, lambda x: env[x])
         env[n] = new
-    out = fx.GraphModule(gm, graph)
-    by_name = {n.name: n for n in out.graph.nodes}
+    by_name = {n.name: n for n in graph.nodes}
     for name, (pad_k, pad_n) in pads.items():
         node = by_name.get(name)
-        if node is None or _kind(node) is None:
+        if node is None or _kind(node, gm) is None:
             raise ValueError(f"plan pads GEMM node {name!r}, which is not a matrix product of this graph")
-        _rewrite(out, node, int(pad_k), int(pad_n))
-    out.graph.lint()
-    out.recompile()
-    return out
+        _rewrite(graph, gm, node, int(pad_k), int(pad_n))
+    graph.lint()
+    return fx.GraphModule(gm, graph)  # one code generation, after the rewrites
 
 
 def _pad(graph: fx.Graph, x: Any, widths: list[int]) -> Any:
@@ -202,13 +203,14 @@ def _pad(graph: fx.Graph, x: Any, widths: list[int]) -> Any:
     return graph.call_function(_aten.constant_pad_nd.default, (x, pairs, 0.0))
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, pad_k: int, pad_n: int) -> None:
-    """`node` becomes the slice of its padded product; the pads and the product are new nodes before it."""
-    graph, kind = gm.graph, _kind(node)
-    _, n_out = gemm_rows(node) or (0, 0)
+def _rewrite(graph: fx.Graph, root: nn.Module, node: fx.Node, pad_k: int, pad_n: int) -> None:
+    """`node` (of `graph`, its modules in `root`) becomes the contiguous copy of its padded product's slice; the pads,
+    the product and the slice are new nodes before it."""
+    kind = _kind(node, root)
+    n_out = int(node.meta["val"].shape[-1])
     with graph.inserting_before(node):
         if kind == "module":
-            module = gm.get_submodule(str(node.target))
+            module = root.get_submodule(str(node.target))
             x = node.args[0]
             weight = graph.get_attr(f"{node.target}.weight")
             bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
