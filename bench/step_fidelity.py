@@ -64,17 +64,14 @@ def _median_seconds(fn: Callable[[], None], steps: int) -> float:
     return statistics.median(times)
 
 
-_GEMM_OPS = ("linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "conv")
-
-
 def node_category(node: Any) -> str:
-    """ "gemm", "attention" or "other" (memory-bound: elementwise, norms, embedding, loss) for an fx node."""
-    target = str(getattr(node.target, "__name__", node.target)).lower()
-    if node.op == "call_module":
-        target = type(node.graph.owning_module.get_submodule(node.target)).__name__.lower()
-    if "scaled_dot_product" in target or "attention" in target:
+    """ "gemm", "attention" or "other" (memory-bound: elementwise, norms, embedding, loss) for an fx node, as the cost
+    model tells them apart (partitioner.cost)."""
+    from partitioner.cost import attention_shape, matmul_form
+
+    if attention_shape(node) is not None:
         return "attention"
-    return "gemm" if any(op == target or target.startswith(op + ".") for op in _GEMM_OPS) else "other"
+    return "gemm" if matmul_form(node) is not None else "other"
 
 
 def kernel_category(kernel: str) -> str:

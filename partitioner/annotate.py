@@ -58,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from partitioner.annotate_reuse import Record, record, signature
 from partitioner.meta import meta_device, storage_key, to_meta
 
-__all__ = ["AnnotationError", "annotate"]
+__all__ = ["AnnotationError", "annotate", "is_attention"]
 
 
 class AnnotationError(ValueError):
@@ -134,7 +134,7 @@ class _CostInterpreter(fx.Interpreter):
             packed = {-id(n): (n.name, profile.saved_bytes)} if profile.saved_bytes else {}
 
         outputs = _tensors(result)
-        if _is_attention(n):
+        if is_attention(n):
             packed = self._flash_saves(n, inputs, outputs)
         elif packed and outputs and _is_dropout(n, self.module):
             # The fused kernel (CUDA's native_dropout, what torch.compile emits) keeps a bool mask; the composite
@@ -337,7 +337,7 @@ _ATTENTION_FUNCTIONS = {
 }
 
 
-def _is_attention(n: fx.Node) -> bool:
+def is_attention(n: fx.Node) -> bool:
     """A fused attention call (SDPA): its saved tensors are the fused kernel's (`_flash_saves`)."""
     return n.op == "call_function" and n.target in _ATTENTION_FUNCTIONS
 

@@ -24,7 +24,7 @@ from partitioner.capture.placement import record_calls
 from partitioner.cost import NodeCost, node_costs, profile_node_times
 from partitioner.devices import DeviceSpec
 from partitioner.options import DEFAULT_SCHEDULES, CompileOptions
-from partitioner.passes.align import applicable_pads, gemm_pads, pad_cost
+from partitioner.passes.align import applicable_pads, gemm_pads, row_pads
 from partitioner.passes.split import StageModule
 from partitioner.plan.batch import BatchFlow, batch_flow
 from partitioner.plan.graph import PlanningGraph, build_planning_graph
@@ -552,18 +552,14 @@ def _build_graph(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], progres
 
 
 def _gemm_pads(gm: fx.GraphModule, o: CompileOptions, costs: dict[str, NodeCost]) -> dict[str, list[int]]:
-    """The misaligned GEMMs worth padding on the options' device (passes.align.gemm_pads); their entries of `costs`
-    become the padded prices. Empty when pad_gemms is off or the device has no alignment penalty."""
+    """The misaligned GEMMs worth padding on the options' device (passes.align.gemm_pads), node -> [K pad, N pad];
+    their entries of `costs` become the padded ones. Empty when pad_gemms is off or the device has no penalty."""
     if not o.pad_gemms or o.spec.misaligned_gemm_efficiency >= 1.0:
         return {}
-    pads = gemm_pads(gm, o.spec, {name: (c.forward, c.backward) for name, c in costs.items()})
+    padded = gemm_pads(gm, o.spec, costs, training=o.training)
+    costs.update(padded)
     by_name = {n.name: n for n in gm.graph.nodes}
-    for name, pad in pads.items():
-        forward, backward = pad_cost(by_name[name], (pad[0], pad[1]), o.spec)
-        backward = backward if costs[name].backward > 0 else 0.0
-        fixed = 3 * o.spec.kernel_overhead  # the pads, the product and the copy are kernels of their own
-        costs[name] = NodeCost(forward, backward, min(fixed, forward), min(fixed, backward))
-    return pads
+    return {name: list(row_pads(by_name[name], o.spec) or (0, 0)) for name in padded}
 
 
 def _build_placement(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], reason: str) -> None:

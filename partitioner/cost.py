@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from partitioner.annotate import is_attention
 from partitioner.devices import DeviceSpec
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "attention_shape",
     "gemm_row_step",
     "gemm_rows",
+    "matmul_form",
     "node_costs",
     "stream_class",
     "tensor_core_dtype",
@@ -69,7 +73,11 @@ def _roofline(
 ) -> float:
     if flops <= 0 and nbytes <= 0:
         return 0.0
-    compute = flops / (spec.flops_per_second(dtype) * gemm_efficiency)
+    return _kernel_time(flops / (spec.flops_per_second(dtype) * gemm_efficiency), nbytes, spec, stream)
+
+
+def _kernel_time(compute: float, nbytes: float, spec: DeviceSpec, stream: str = "") -> float:
+    """A kernel of `compute` seconds of arithmetic moving `nbytes`: whichever bound is slower, plus its launch."""
     return max(compute, nbytes / spec.bytes_per_second(stream)) + spec.kernel_overhead
 
 
@@ -91,16 +99,15 @@ def stream_class(n: fx.Node) -> str:
         return ""
     if "softmax" in name:
         return "softmax"
-    if name.endswith("norm") or name.endswith("norm2d") or name.endswith("norm1d") or "_norm" in name:
+    if re.search(r"norm([123]d)?$", name) or "_norm" in name:
         return "norm"
     base = name.removesuffix("_").removesuffix("activation")
     return "activation" if base == "elu" or base.endswith(_ACTIVATIONS) else ""
 
 
 _MATMUL_FUNCTIONS = {F.linear, torch.matmul, torch.mm, torch.bmm, operator.matmul}
-_MATMUL_WITH_BIAS_FIRST = {torch.addmm, torch.baddbmm}  # (bias, a, b)
-_MATMUL_ATEN = {"linear", "mm", "bmm", "matmul"}
-_MATMUL_ATEN_BIAS_FIRST = {"addmm", "baddbmm"}
+_MATMUL_ATEN = {"linear": "linear", "mm": "matmul", "bmm": "matmul", "matmul": "matmul", "addmm": "addmm",
+                "baddbmm": "baddbmm"}  # fmt: skip
 _MATMUL_METHODS = {"matmul", "mm", "bmm"}
 # The tensor-core dtypes whose GEMMs need aligned rows; float32 runs on CUDA cores (TF32 off, torch's default).
 _TENSOR_CORE_DTYPES = {"bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"}
@@ -111,28 +118,35 @@ def _shape(arg: Any) -> tuple[int, ...] | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) and val.dim() > 0 else None
 
 
-def gemm_rows(n: fx.Node) -> tuple[int, int] | None:
-    """(K, N) of a matrix-product node: the length of its first operand's rows (the reduction dim) and of its
-    output's rows. Every operand of the forward GEMM and of both backward GEMMs (dX = dY W, dW = dY^T X) has rows
-    of one of these two lengths, whatever the batch. None for a node that is not a matrix product (an nn.Linear
-    module, F.linear, matmul / mm / bmm / addmm / baddbmm as functions, methods or ATen ops)."""
-    first: Any = None
+def matmul_form(n: fx.Node, root: torch.nn.Module | None = None) -> str | None:
+    """How a matrix-product node reads its operands, or None for any other node: "module" (an nn.Linear, `root`
+    holding it: default the graph's owning module), "linear" (x, W (N, K), bias), "matmul" (a (.., K), b (.., K, N):
+    matmul / mm / bmm as functions, methods or ATen ops), "addmm" / "baddbmm" (bias, a, b)."""
+    root = root if root is not None else n.graph.owning_module
     if n.op == "call_module":
-        module = n.graph.owning_module.get_submodule(str(n.target)) if n.graph.owning_module is not None else None
-        if isinstance(module, torch.nn.Linear):
-            return module.in_features, module.out_features
+        return "module" if root is not None and isinstance(root.get_submodule(str(n.target)), torch.nn.Linear) else None
+    if n.op == "call_method":
+        return "matmul" if n.target in _MATMUL_METHODS else None
+    if n.op != "call_function":
         return None
-    if n.op == "call_method" and n.target in _MATMUL_METHODS:
-        first = n.args[0]
-    elif n.op == "call_function":
-        if n.target in _MATMUL_FUNCTIONS:
-            first = n.args[0]
-        elif n.target in _MATMUL_WITH_BIAS_FIRST and len(n.args) > 1:
-            first = n.args[1]
-        elif isinstance(n.target, torch._ops.OpOverload):
-            name = n.target._schema.name.removeprefix("aten::")
-            first = n.args[0] if name in _MATMUL_ATEN else n.args[1] if name in _MATMUL_ATEN_BIAS_FIRST else None
-    a, out = _shape(first), _shape(n)
+    if isinstance(n.target, torch._ops.OpOverload):
+        return _MATMUL_ATEN.get(n.target._schema.name.removeprefix("aten::"))
+    if n.target in _MATMUL_FUNCTIONS:
+        return "linear" if n.target is F.linear else "matmul"
+    return {torch.addmm: "addmm", torch.baddbmm: "baddbmm"}.get(n.target)
+
+
+def gemm_rows(n: fx.Node) -> tuple[int, int] | None:
+    """(K, N) of a matrix-product node (`matmul_form`): the length of its first operand's rows (the reduction dim)
+    and of its output's rows. Every operand of the forward GEMM and of both backward GEMMs (dX = dY W, dW = dY^T X)
+    has rows of one of these two lengths, whatever the batch. None for any other node."""
+    form = matmul_form(n)
+    if form == "module":
+        module = n.graph.owning_module.get_submodule(str(n.target))
+        return module.in_features, module.out_features
+    if form is None or (form in ("addmm", "baddbmm") and len(n.args) < 2):
+        return None
+    a, out = _shape(n.args[1] if form in ("addmm", "baddbmm") else n.args[0]), _shape(n)
     return (a[-1], out[-1]) if a is not None and out is not None else None
 
 
@@ -142,7 +156,7 @@ def tensor_core_dtype(dtype: str) -> bool:
 
 
 def _element_size(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return getattr(torch, dtype).itemsize
 
 
 def gemm_row_step(spec: DeviceSpec, dtype: str) -> int:
@@ -163,7 +177,6 @@ def _gemm_efficiency(n: fx.Node, spec: DeviceSpec) -> float:
     return spec.gemm_efficiency(rows, _element_size(dtype)) if rows else 1.0
 
 
-_ATTENTION = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 # F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, ...): positions of the two read
 _MASK_ARG, _CAUSAL_ARG = 3, 5
 
@@ -171,7 +184,7 @@ _MASK_ARG, _CAUSAL_ARG = 3, 5
 def attention_shape(n: fx.Node) -> tuple[int, int, bool, bool] | None:
     """(head dim, key length, causal, masked) of a fused attention node (SDPA), whose time the device's measured
     flash rates give (attention_rate); None for any other node."""
-    if n.op != "call_function" or n.target not in _ATTENTION:
+    if not is_attention(n):
         return None
 
     def arg(i: int, name: str, default: Any) -> Any:
@@ -188,29 +201,13 @@ def attention_rate(spec: DeviceSpec, head_dim: int, length: int, causal: bool, m
     (DeviceSpec.attention_tflops): linear in log2(length) between the measured lengths and in the head dim between
     the measured ones, held at the ends. None without a table."""
     kind = "causal" if causal else "full"
-    dims = sorted({int(key.split()[0][1:]) for key in spec.attention_tflops if key.endswith(f"{kind} {mode}")})
-    lengths = spec.attention_lengths
-    if not dims or not lengths:
+    dims = sorted(int(key.split()[0][1:]) for key in spec.attention_tflops if key.endswith(f"{kind} {mode}"))
+    if not dims or not spec.attention_lengths:
         return None
-
-    def along_length(d: int) -> float:
-        rates = spec.attention_tflops[f"d{d} {kind} {mode}"]
-        x = min(max(math.log2(max(length, 1)), math.log2(lengths[0])), math.log2(lengths[-1]))
-        i = max(j for j in range(len(lengths)) if math.log2(lengths[j]) <= x)
-        if i == len(lengths) - 1:
-            return rates[i]
-        t = (x - math.log2(lengths[i])) / (math.log2(lengths[i + 1]) - math.log2(lengths[i]))
-        return rates[i] + t * (rates[i + 1] - rates[i])
-
-    d = min(max(head_dim, dims[0]), dims[-1])
-    lo = max(x for x in dims if x <= d)
-    hi = min(x for x in dims if x >= d)
-    rate = (
-        along_length(lo)
-        if lo == hi
-        else along_length(lo) + (d - lo) / (hi - lo) * (along_length(hi) - along_length(lo))
-    )
-    return rate * 1e12
+    log_lengths = np.log2(spec.attention_lengths)
+    by_dim = [np.interp(math.log2(max(length, 1)), log_lengths, spec.attention_tflops[f"d{d} {kind} {mode}"])
+              for d in dims]  # fmt: skip
+    return float(np.interp(head_dim, dims, by_dim)) * 1e12  # np.interp holds the end values outside the points
 
 
 def _attention_times(n: fx.Node, spec: DeviceSpec) -> tuple[float, float] | None:
@@ -257,15 +254,14 @@ def node_costs(
         stream = stream_class(n) if spec.stream_efficiency else ""
         attention = _attention_times(n, spec) if m["flops"] > 0 else None
         if attention is not None:  # measured flash rates, not the GEMM rate
-            rate = spec.bytes_per_second()
-            fwd = max(attention[0], m["mem_bytes"] / rate) + spec.kernel_overhead
+            fwd = _kernel_time(attention[0], m["mem_bytes"], spec)
         else:
             fwd = _roofline(m["flops"], m["mem_bytes"], m["dtype"], spec, gemm, stream)
         bwd = 0.0
         if training and m.get("requires_grad", False):
             bwd_bytes = m.get("bwd_bytes", m["mem_bytes"])
             if attention is not None:
-                bwd = max(attention[1], bwd_bytes / spec.bytes_per_second()) + spec.kernel_overhead
+                bwd = _kernel_time(attention[1], bwd_bytes, spec)
             else:
                 bwd = _roofline(m["bwd_flops"], bwd_bytes, m["dtype"], spec, gemm, stream)
         if measured is not None and n.name in measured:

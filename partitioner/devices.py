@@ -60,8 +60,8 @@ class DeviceSpec:
     # useful work at each of `attention_lengths` (tokens per sequence), as measured: forward 4 b h s^2 d FLOPs (half
     # when causal), forward + backward 3.5x that (the backward's five products, q k^T recomputed).
     # cost.attention_rate interpolates; empty: attention is priced at the GEMM rate.
-    attention_lengths: tuple[int, ...] = ()
-    attention_tflops: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    attention_lengths: list[int] = field(default_factory=list)
+    attention_tflops: dict[str, list[float]] = field(default_factory=dict)
     memory_efficiency: float = 0.85  # fraction of peak bandwidth that streaming kernels reach
     # Fraction of a link's per-direction bandwidth that NCCL moves: nccl-tests all_reduce_perf reports a bus
     # bandwidth of about 230 GB/s on a DGX A100's NVLink (300 GB/s per direction) and about 360 GB/s on a DGX H100's
@@ -108,22 +108,13 @@ class DeviceSpec:
         return self.memory_bandwidth * self.stream_efficiency.get(stream, self.memory_efficiency)
 
     def to_dict(self) -> dict:
-        """The spec as plain JSON data (what `Plan.device_type` holds: lists, not tuples, so a plan read back from
-        JSON equals the one written); `from_dict` reads it back."""
-        data = dataclasses.asdict(self)
-        data["attention_lengths"] = list(self.attention_lengths)
-        data["attention_tflops"] = {k: list(v) for k, v in self.attention_tflops.items()}
-        return data
+        """The spec as plain JSON data (what `Plan.device_type` holds); `from_dict` reads it back."""
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> DeviceSpec:
         """The spec `to_dict` wrote (e.g. a saved plan's `device_type`; one saved before a field existed gets its
         default)."""
-        data = dict(data)
-        if "attention_lengths" in data:
-            data["attention_lengths"] = tuple(data["attention_lengths"])
-        if "attention_tflops" in data:
-            data["attention_tflops"] = {k: tuple(v) for k, v in data["attention_tflops"].items()}
         return cls(**data)
 
 
@@ -159,16 +150,16 @@ def _hopper(name: str, hbm_bandwidth: float, memory_bytes: float, source: str) -
         # Python), and the GEMM rate + kernel_overhead (5 us) fits the 480 GEMMs' times with a median error of 4.8%.
         stream_efficiency={"activation": 0.65, "softmax": 0.56, "norm": 0.37},
         # The same file: F.scaled_dot_product_attention (flash), 16 heads, 16384 / s sequences of s tokens each.
-        attention_lengths=(512, 1024, 2048, 4096, 8192, 16384),
+        attention_lengths=[512, 1024, 2048, 4096, 8192, 16384],
         attention_tflops={
-            "d64 causal fwd": (240.7, 313.9, 371.1, 408.9, 435.3, 452.1),
-            "d64 causal fwd+bwd": (172.8, 258.9, 329.5, 382.2, 417.3, 451.2),
-            "d64 full fwd": (367.9, 419.9, 457.8, 478.0, 485.9, 490.1),
-            "d64 full fwd+bwd": (295.1, 371.9, 426.5, 455.5, 459.7, 454.1),
-            "d128 causal fwd": (333.9, 430.7, 510.1, 564.4, 601.2, 620.5),
-            "d128 causal fwd+bwd": (239.6, 345.7, 436.9, 505.1, 550.4, 556.0),
-            "d128 full fwd": (519.1, 598.0, 643.3, 665.7, 674.3, 683.5),
-            "d128 full fwd+bwd": (381.3, 480.1, 543.5, 578.8, 602.6, 552.4),
+            "d64 causal fwd": [240.7, 313.9, 371.1, 408.9, 435.3, 452.1],
+            "d64 causal fwd+bwd": [172.8, 258.9, 329.5, 382.2, 417.3, 451.2],
+            "d64 full fwd": [367.9, 419.9, 457.8, 478.0, 485.9, 490.1],
+            "d64 full fwd+bwd": [295.1, 371.9, 426.5, 455.5, 459.7, 454.1],
+            "d128 causal fwd": [333.9, 430.7, 510.1, 564.4, 601.2, 620.5],
+            "d128 causal fwd+bwd": [239.6, 345.7, 436.9, 505.1, 550.4, 556.0],
+            "d128 full fwd": [519.1, 598.0, 643.3, 665.7, 674.3, 683.5],
+            "d128 full fwd+bwd": [381.3, 480.1, 543.5, 578.8, 602.6, 552.4],
         },
         source=source,
     )

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 import partitioner
 import zoo
 from partitioner.annotate import annotate
-from partitioner.devices import PRESETS
-from partitioner.passes.align import applicable_pads, gemm_pads, pad_gemms
+from partitioner.cost import NodeCost
+from partitioner.devices import PRESETS, DeviceSpec
+from partitioner.passes.align import applicable_pads, gemm_pads, pad_gemms, row_pads
 from partitioner.plan.schema import Plan
 
 
@@ -52,6 +53,13 @@ class Products(nn.Module):
             torch.mm(flat, self.c).view(x.shape[0], x.shape[1], -1),
         ]
         return torch.stack(outs).sum(0).view(-1)  # a view merging every dim: needs contiguous products
+
+
+def _pads(gm: fx.GraphModule, spec: DeviceSpec) -> dict[str, list[int]]:
+    """What gemm_pads pads when every node's unpadded cost is a second (so padding always pays), with its pads."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    chosen = gemm_pads(gm, spec, {name: NodeCost(1.0, 1.0) for name in by_name})
+    return {name: list(row_pads(by_name[name], spec)) for name in chosen}
 
 
 def _products(gm: fx.GraphModule) -> list[str]:
@@ -195,7 +203,7 @@ def test_tensor_parallel_pads_only_what_its_layout_leaves_whole() -> None:
     cm = partitioner.compile(model, devices=2, tensor_parallel=2, example_inputs=x, device_type="h100", verbose=False)
     layout = cm.tensor_parallel_plan
     gm = cm.captured.graph_module
-    pads = gemm_pads(gm, PRESETS["h100"], {n.name: (1.0, 1.0) for n in gm.graph.nodes})
+    pads = _pads(gm, PRESETS["h100"])
     assert pads == {"lm_head": [0, 3]}
     assert layout.node_layout["lm_head"] != "replicated"  # the vocabulary-parallel LM head: each rank a shard
     assert applicable_pads(pads, gm, layout) == {} == cm.plan.padded_gemms
@@ -219,7 +227,7 @@ def test_products_of_two_activations_are_never_padded() -> None:
     gm = fx.symbolic_trace(Attention().to(torch.bfloat16))
     q = torch.randn(64, 509, 64, dtype=torch.bfloat16)
     annotate(gm, [q, q], training=True)
-    pads = gemm_pads(gm, PRESETS["h100"], {n.name: (1.0, 1.0) for n in gm.graph.nodes})
+    pads = _pads(gm, PRESETS["h100"])
     assert pads == {"proj": [0, 3]}, pads
 
 

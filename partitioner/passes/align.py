@@ -22,47 +22,33 @@ contiguous copy), so a plan's node -> stage map and recompute regions still name
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from partitioner.cost import gemm_row_step, gemm_rows
+from partitioner.cost import NodeCost, _roofline, gemm_row_step, gemm_rows, matmul_form
 from partitioner.devices import DeviceSpec
 from partitioner.plan.tensor_layout import REPLICATED
 
-__all__ = ["applicable_pads", "gemm_pads", "pad_cost", "pad_gemms"]
+__all__ = ["applicable_pads", "gemm_pads", "pad_cost", "pad_gemms", "row_pads"]
 
 _aten = torch.ops.aten
-# (node kind) -> how its operands are read: "linear" (x, W (N, K), bias), "matmul" (a (.., K), b (.., K, N)),
-# "addmm" (bias, a (M, K), b (K, N)).
-_LINEAR = {F.linear, _aten.linear.default}
-_MATMUL = {torch.matmul, torch.mm, torch.bmm, operator.matmul, _aten.mm.default, _aten.bmm.default,
-           _aten.matmul.default}  # fmt: skip
-_ADDMM = {torch.addmm, _aten.addmm.default}
+_FORMS = ("module", "linear", "matmul", "addmm")  # cost.matmul_form's forms this rewrite handles (not baddbmm)
 
 
 def _kind(n: fx.Node, root: nn.Module | None = None) -> str | None:
-    """The product form of `n` ("module", "linear", "matmul", "addmm") or None; `root` holds its modules (default:
-    the graph's owning module)."""
-    root = root if root is not None else n.graph.owning_module
-    if n.op == "call_module" and root is not None:
-        return "module" if type(root.get_submodule(str(n.target))) is nn.Linear else None
-    if n.op == "call_method" and n.target in ("matmul", "mm", "bmm"):
-        return "matmul"
-    if n.op != "call_function":
-        return None
-    if n.target in _LINEAR:
-        return "linear"
-    if n.target in _MATMUL:
-        return "matmul"
-    return "addmm" if n.target in _ADDMM else None
+    """`n`'s cost.matmul_form where this pass rewrites it, else None. A Linear module only of the class itself: a
+    subclass may compute something else in its forward than F.linear of its weight and bias."""
+    form = matmul_form(n, root)
+    if form == "module":
+        module = (root if root is not None else n.graph.owning_module).get_submodule(str(n.target))
+        return form if type(module) is nn.Linear else None
+    return form if form in _FORMS else None
 
 
-def _row_pads(n: fx.Node, spec: DeviceSpec) -> tuple[int, int] | None:
+def row_pads(n: fx.Node, spec: DeviceSpec) -> tuple[int, int] | None:
     """(pad of K, pad of N) in elements that align this node's rows on `spec`, or None (aligned, not a tensor-core
     GEMM, no penalty on the device, or a kind the rewrite does not handle)."""
     step = gemm_row_step(spec, n.meta.get("dtype", "float32"))
@@ -79,27 +65,29 @@ def _row_pads(n: fx.Node, spec: DeviceSpec) -> tuple[int, int] | None:
     return pads if any(pads) else None
 
 
-def pad_cost(n: fx.Node, pads: tuple[int, int], spec: DeviceSpec) -> tuple[float, float]:
-    """(forward, backward) seconds of `n` padded by `pads`: the aligned product at its padded FLOPs, plus the copies
-    the padding makes, each a kernel (forward: the second operand, the first when K is padded, and the result's
-    contiguous copy; backward: the padded output gradient written, the operands' gradients sliced)."""
-    from partitioner.cost import _roofline
-
+def pad_cost(n: fx.Node, pads: tuple[int, int], spec: DeviceSpec, training: bool = True) -> NodeCost:
+    """The cost of `n` padded by `pads`: the aligned product at its padded FLOPs, plus the copies the padding makes,
+    each a kernel (forward: the second operand, the first when K is padded, and the result's contiguous copy;
+    backward: the padded output gradient written, the operands' gradients sliced). Its fixed part is every one of
+    those kernels' launch."""
     k, n_out = gemm_rows(n) or (1, 1)
     grow = (k + pads[0]) * (n_out + pads[1]) / (k * n_out)
     m = n.meta
     first, second = _operands(n)
     weight_bytes = _bytes(second)
     in_bytes = _bytes(first) if pads[0] else 0.0
-    copies = 2 * weight_bytes + 2 * in_bytes + 2 * m["out_bytes"]
     rate = spec.bytes_per_second()
-    fwd = _roofline(m["flops"] * grow, m["mem_bytes"] * grow, m["dtype"], spec) + copies / rate
-    fwd += (2 + bool(pads[0])) * spec.kernel_overhead
-    if not m.get("requires_grad", False):
-        return fwd, 0.0
-    bwd = _roofline(m["bwd_flops"] * grow, m.get("bwd_bytes", m["mem_bytes"]) * grow, m["dtype"], spec)
-    bwd += (2 * m["out_bytes"] * grow + 2 * weight_bytes + 2 * in_bytes) / rate + 2 * spec.kernel_overhead
-    return fwd, bwd
+    launch = spec.kernel_overhead
+    # the weight's pad, the input's (K padded), the product (its launch is in _roofline), the contiguous copy
+    forward_kernels = 3 + bool(pads[0])
+    forward = _roofline(m["flops"] * grow, m["mem_bytes"] * grow, m["dtype"], spec)
+    forward += (2 * weight_bytes + 2 * in_bytes + 2 * m["out_bytes"]) / rate + (forward_kernels - 1) * launch
+    forward_fixed = min(forward_kernels * launch, forward)
+    if not (training and m.get("requires_grad", False)):
+        return NodeCost(forward, 0.0, forward_fixed, 0.0)
+    backward = _roofline(m["bwd_flops"] * grow, m.get("bwd_bytes", m["mem_bytes"]) * grow, m["dtype"], spec)
+    backward += (2 * m["out_bytes"] * grow + 2 * weight_bytes + 2 * in_bytes) / rate + 2 * launch
+    return NodeCost(forward, backward, forward_fixed, min(3 * launch, backward))
 
 
 # Ops that hand a parameter on unchanged in its values (a transpose, a view, an expand across a batch): a product
@@ -140,18 +128,23 @@ def _bytes(x: Any) -> float:
     return float(val.numel() * val.element_size()) if val is not None else 0.0
 
 
-def gemm_pads(gm: fx.GraphModule, spec: DeviceSpec, unpadded: dict[str, tuple[float, float]]) -> dict[str, list[int]]:
-    """Node name -> [pad of K, pad of N] for every matrix product of an annotated graph whose rows are misaligned
-    on `spec` and whose padded price (`pad_cost`) is below its unpadded one (`unpadded`: node -> (forward,
-    backward) seconds, cost.node_costs)."""
-    pads: dict[str, list[int]] = {}
+def gemm_pads(
+    gm: fx.GraphModule, spec: DeviceSpec, costs: dict[str, NodeCost], training: bool = True
+) -> dict[str, NodeCost]:
+    """The matrix products of an annotated graph worth padding on `spec`: node name -> its padded cost (`pad_cost`),
+    for those whose rows are misaligned and whose padded price is below their unpadded one in `costs`
+    (cost.node_costs). The pads themselves: `row_pads`."""
+    padded: dict[str, NodeCost] = {}
     for n in gm.graph.nodes:
-        if n.name not in unpadded or "flops" not in n.meta or n.meta["flops"] <= 0:
+        if n.name not in costs or "flops" not in n.meta or n.meta["flops"] <= 0:
             continue
-        row_pads = _row_pads(n, spec)
-        if row_pads is not None and sum(pad_cost(n, row_pads, spec)) < sum(unpadded[n.name]):
-            pads[n.name] = list(row_pads)
-    return pads
+        pads = row_pads(n, spec)
+        if pads is None:
+            continue
+        cost, was = pad_cost(n, pads, spec, training), costs[n.name]
+        if cost.forward + cost.backward < was.forward + was.backward:
+            padded[n.name] = cost
+    return padded
 
 
 def applicable_pads(pads: dict[str, list[int]], gm: fx.GraphModule, layout: Any = None) -> dict[str, list[int]]:

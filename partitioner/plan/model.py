@@ -78,8 +78,7 @@ class TensorParallelLayouts:
         where its tensor-core GEMMs pay for misaligned rows and the graph computes in such a dtype, else 1."""
         from partitioner.cost import gemm_row_step
 
-        flops = [n for n in self.gm.graph.nodes if n.meta.get("flops", 0) > 0]
-        return gemm_row_step(self.spec, max(flops, key=lambda n: n.meta["flops"]).meta["dtype"]) if flops else 1
+        return gemm_row_step(self.spec, main_dtype(self.gm))
 
     def adopt(self, layout: Any) -> TensorParallelModel:
         """A saved plan's layout, type-checked against this graph (ValueError naming the node), never replanned."""
@@ -411,12 +410,17 @@ def _json_value(v: Any) -> Any:
     return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
 
 
+def main_dtype(gm: fx.GraphModule) -> str:
+    """The dtype an annotated graph computes in: that of its node with the most FLOPs ("float32" without any)."""
+    flop_nodes = [n for n in gm.graph.nodes if n.meta.get("flops", 0) > 0]
+    return max(flop_nodes, key=lambda n: n.meta["flops"]).meta["dtype"] if flop_nodes else "float32"
+
+
 def _predicted(gm: fx.GraphModule, best: Candidate, spec: DeviceSpec, devices: int) -> dict[str, float]:
     """Headline predictions. MFU = model FLOPs per step / (step time x devices x peak FLOP/s), with
     model FLOPs = forward + backward FLOPs of the annotated graph, at the peak of its main dtype."""
-    flop_nodes = [n for n in gm.graph.nodes if n.meta.get("flops", 0) > 0]
-    flops = sum(n.meta["flops"] + n.meta.get("bwd_flops", 0) for n in flop_nodes)
-    dtype = max(flop_nodes, key=lambda n: n.meta["flops"]).meta["dtype"] if flop_nodes else "float32"
+    flops = sum(n.meta["flops"] + n.meta.get("bwd_flops", 0) for n in gm.graph.nodes if n.meta.get("flops", 0) > 0)
+    dtype = main_dtype(gm)
     peak = spec.flops_per_second(dtype) / spec.compute_efficiency
     sim = best.simulation
     return {
