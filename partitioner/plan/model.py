@@ -31,7 +31,15 @@ from partitioner.plan.context_cost import context_parallel_model
 from partitioner.plan.graph import PlanningGraph, evaluate
 from partitioner.plan.recompute import module_path
 from partitioner.plan.schema import Plan, StagePlan, graph_fingerprint
-from partitioner.plan.search import Candidate, Degrees, TensorParallelModel, price_candidate, scale_graph, search
+from partitioner.plan.search import (
+    Candidate,
+    Degrees,
+    TensorParallelModel,
+    price_candidate,
+    refine_winner,
+    scale_graph,
+    search,
+)
 from partitioner.plan.sharding import DP_MODES, hsdp_shard
 from partitioner.schedules import get_schedule
 from partitioner.units import format_bytes, format_seconds
@@ -249,6 +257,7 @@ def plan_model(
             context=context_parallel_model(gm, layout) if layout is not None else None,
             incumbent=incumbent.step_time if incumbent is not None else math.inf,
             ranked_incumbent=incumbent.ranked_step if incumbent is not None else math.inf,
+            refine=False,  # the winners of the context degrees compare as ranked; the one kept is refined below
         )
 
     try:
@@ -260,6 +269,10 @@ def plan_model(
         if refusal:
             raise ValueError(f"{e}; the batch stays whole because {refusal}") from e
         raise
+    modes = (o.recompute,) if o.recompute else pg.recompute_modes()
+    best = refine_winner(best, evaluated, memory_limit=o.memory_limit, devices_per_node=o.spec.devices_per_node,
+                         recompute=modes, mincut=o.mincut)  # fmt: skip
+    evaluated.sort(key=lambda c: (not c.fits, c is not best, c.step_time, c.bound))
     tp_layout = tp_model.layouts.get((best.degrees.tp, best.sequence_parallel)) if best.degrees.tp > 1 else None
     plan = _make_plan(model_name, captured, gm, best, evaluated, fingerprint, o, tp_layout, flow, context)
     return PlannedModel(plan, best, evaluated)
