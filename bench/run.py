@@ -18,8 +18,11 @@ same devices. Figures and their formulas:
     perfect balance = the schedule replayed with every stage at total compute / stages, no
                       communication: no split of this model can beat it
     node-level bound = max(total compute / stages, the heaviest node's compute): no split's slowest
-                      stage is below it (a node is never cut); bottleneck / it says how much of the
-                      imbalance is the planner's and how much the graph's
+                      stage is below it (a node is never cut)
+    node-level optimum = the least slowest stage (compute) of any contiguous split into the stages at the
+                      positions a boundary may take, nodes whole (plan.pipeline.chain_floor, to 1e-4):
+                      bottleneck / it says how much of the imbalance is the planner's and how much the
+                      graph's (above 1 where the step, not the slowest stage, picked the split)
 Each run writes a JSON per model (git commit, options, machine, every figure; bench/compare.py diffs two) and a
 Gantt PNG of our plan's step, both named by model, devices and a UTC timestamp: into bench/results/ only with
 --save (records to commit), otherwise into ~/.cache/partitioner/bench ($XDG_CACHE_HOME), or --out DIR.
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import partitioner  # noqa: E402
 import zoo  # noqa: E402
 from bench.baselines import BASELINES, NotApplicable  # noqa: E402
+from partitioner.plan.pipeline import node_level_optimum  # noqa: E402
 from partitioner.plan.search import (  # noqa: E402
     Candidate,
     Degrees,
@@ -188,10 +192,13 @@ def _perfect_balance(pg: Any, stages: int, m: int, schedule: str, ranks: int) ->
     sim = simulate(
         [StageCost(forward=fwd, backward=bwd)] * stages, num_microbatches=m, schedule=schedule, num_ranks=ranks
     )
-    # No split beats the even share of the work, nor the heaviest node (a node is never cut in two)
+    # No split beats the even share of the work, nor the heaviest node (a node is never cut in two); no contiguous
+    # split beats the least slowest stage over all of them at node granularity
     compute = pg.compute_at(m)
     node_level = max(float(compute.sum()) / stages, float(compute.max(initial=0.0)))
-    return {"step_time": sim.step_time, "bottleneck": float(compute.sum()) / stages, "node_level": node_level}
+    node_optimum = node_level_optimum(pg, stages, microbatches=m)
+    return {"step_time": sim.step_time, "bottleneck": float(compute.sum()) / stages, "node_level": node_level,
+            "node_optimum": node_optimum}  # fmt: skip
 
 
 def _throughput(name: str, inputs: tuple, step: float) -> tuple[float, str]:
@@ -342,6 +349,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         "speedup_over_best_baseline": best_base["step_time"] / predicted["step_time"] if best_base else None,
         "bottleneck_over_perfect_balance": plan.bottleneck_time / bound["bottleneck"],
         "bottleneck_over_node_level_bound": plan.bottleneck_time / bound["node_level"],
+        "bottleneck_over_node_level_optimum": plan.bottleneck_time / bound["node_optimum"],
         "searched_layout": searched, "tools_at_devices": tools, "gantt": gantt, "execute": executed,
     }  # fmt: skip
     _print(result, plan)
@@ -405,8 +413,9 @@ def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
         verdict = "as fast as" if abs(speedup - 1) < 5e-4 else "faster than" if speedup > 1 else "slower than"
         print(
             f"\nours is {speedup:.3f}x {verdict} the best baseline ({r['best_baseline']}; its step / ours); "
-            f"bottleneck / perfect balance = {r['bottleneck_over_perfect_balance']:.3f}; bottleneck / node-level bound "
-            f"(the heaviest node or the even share, whichever is larger) = {r['bottleneck_over_node_level_bound']:.3f}"
+            f"bottleneck / perfect balance = {r['bottleneck_over_perfect_balance']:.3f}; "
+            f"bottleneck / node-level optimum (the least slowest stage of any contiguous split, nodes whole) = "
+            f"{r['bottleneck_over_node_level_optimum']:.3f}"
         )
     s = r["searched_layout"]
     if "step_time" in s:

@@ -35,6 +35,9 @@ def test_cli_runs_gpt3_tiny_end_to_end(tmp_path, capsys):
     assert result["perfect_balance"]["bottleneck"] <= result["plan"]["bottleneck"] * (1 + 1e-9)
     assert result["perfect_balance"]["node_level"] >= result["perfect_balance"]["bottleneck"]
     assert result["bottleneck_over_node_level_bound"] >= 1 - 1e-9  # a bound on every split's slowest stage
+    # The contiguous optimum at node granularity lies between that bound and our (contiguous, refined) bottleneck
+    optimum = result["perfect_balance"]["node_optimum"]
+    assert result["perfect_balance"]["node_level"] * (1 - 1e-9) <= optimum <= result["plan"]["bottleneck"] * (1 + 1e-9)
     for label, row in result["baselines"].items():
         if "step_time" in row and row["stages_used"] == result["plan"]["stages"]:
             assert result["predicted"]["step_time"] <= row["step_time"] * (1 + 1e-9), label
