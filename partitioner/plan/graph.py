@@ -124,7 +124,9 @@ class PlanningGraph:
     # placement puts tp, then dp inside a node, so a pipeline of tp x dp x pp > devices_per_node ranks crosses
     # nodes, and its slowest boundary paces every microbatch).
     p2p_internode: bool = False
-    _activations: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # mode / regions -> model
+    # mode / regions -> activation model; and what else reads compute and activations only (plan.pipeline's chain
+    # floors): plan.search.scale_replicas gives its copies at one dp, which differ in training state only, one dict
+    _activations: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # Which node keeps each saved storage per set of regions (plan.recompute.RecomputeStructure): shared by the scaled
     # copies dataclasses.replace makes (same storages, other bytes); one that changes `saves`' keys passes None.
     _recompute_structure: RecomputeStructure | None = field(default=None, repr=False, compare=False)

@@ -70,14 +70,16 @@ class TensorParallelLayouts:
     strict: bool
     layouts: dict[tuple[int, bool], Any] = field(default_factory=dict)  # -> plan.tensor.TensorParallelPlan
     models: dict[tuple[int, bool], TensorParallelModel] = field(default_factory=dict)
+    propagations: dict[int, Any] = field(default_factory=dict)  # tp -> plan.tensor.TensorParallelPropagation
 
     def __call__(self, tp: int, sequence_parallel: bool = False) -> TensorParallelModel:
         if (tp, sequence_parallel) not in self.models:
-            from partitioner.plan.tensor import plan_tensor_parallel
+            if tp not in self.propagations:  # both layouts of a degree share its sharding decisions
+                from partitioner.plan.tensor import propagate_tensor_parallel
 
-            layout = plan_tensor_parallel(self.gm, tp, strict=self.strict, sequence_parallel=sequence_parallel,
-                                          vocab_alignment=self.vocab_alignment)  # fmt: skip
-            self._priced(layout)
+                self.propagations[tp] = propagate_tensor_parallel(self.gm, tp, strict=self.strict,
+                                                                  vocab_alignment=self.vocab_alignment)  # fmt: skip
+            self._priced(self.propagations[tp].layout(sequence_parallel=sequence_parallel))
         return self.models[(tp, sequence_parallel)]
 
     @cached_property

@@ -243,9 +243,9 @@ class _Prefix:
 def cut_mask(pg: PlanningGraph, coarse: bool = False) -> np.ndarray:
     """Where a stage boundary may go (positions 0..n of the order): where in-place writes allow one (plan.ordering);
     `coarse`: of those, only where the fewest values cross (`_narrow_cuts`), if there are enough such places.
-    Cached on the graph."""
+    Cached with the graph's structure (every scaled copy shares it: scaling changes no edge)."""
     key = ("cuts", coarse)
-    if key not in pg._prefixes:
+    if key not in pg._structure:
         n = pg.n
         allowed = pg.order.allowed_cuts() if pg.order is not None else np.ones(n + 1, dtype=bool)
         if coarse:  # values crossing each cut but those read all over (3+ readers over an eighth of the graph)
@@ -259,8 +259,8 @@ def cut_mask(pg: PlanningGraph, coarse: bool = False) -> np.ndarray:
             np.add.at(short, last[local] + 1, -1)
             np.add.at(short, local + 1, 1)
             allowed = _narrow_cuts(allowed, np.cumsum(short)[: n + 1])
-        pg._prefixes[key] = allowed
-    return pg._prefixes[key]
+        pg._structure[key] = allowed
+    return pg._structure[key]
 
 
 def bottleneck_floor(pg: PlanningGraph, num_stages: int) -> float:
@@ -274,13 +274,14 @@ def bottleneck_floor(pg: PlanningGraph, num_stages: int) -> float:
 
 
 def chain_floor(pg: PlanningGraph, num_stages: int, coarse: bool) -> float:
-    """_chain_floor of `pg`'s compute at its (coarse) cut positions, cached on the graph: the search bounds a
-    candidate by it and contiguous_partition starts its bisection there."""
+    """_chain_floor of `pg`'s compute at its (coarse) cut positions, cached with the graph's activation models (what
+    copies differing only in training state share: plan.search.scale_replicas): the search bounds a candidate by it
+    and contiguous_partition starts its bisection there."""
     key = ("floor", num_stages, coarse)
-    if key not in pg._prefixes:
+    if key not in pg._activations:
         prefix = np.concatenate([[0.0], np.cumsum(pg.compute)])
-        pg._prefixes[key] = _chain_floor(prefix[_stage_starts(pg, coarse)], num_stages)
-    return pg._prefixes[key]
+        pg._activations[key] = _chain_floor(prefix[_stage_starts(pg, coarse)], num_stages)
+    return pg._activations[key]
 
 
 def node_level_optimum(pg: PlanningGraph, num_stages: int, *, microbatches: int = 1) -> float:

@@ -328,7 +328,7 @@ def scale_replicas(
     if dp == 1 and param_static is pg.param_static and pp_spans_nodes == pg.p2p_internode:
         return pg
     fwd, bwd = pg.without_fixed()  # each replica pays every call's fixed part
-    return dataclasses.replace(
+    scaled = dataclasses.replace(
         pg,
         p2p_internode=pp_spans_nodes,
         forward=fwd / dp + pg.forward_fixed,
@@ -339,6 +339,10 @@ def scale_replicas(
         saves=ScaledSaves(pg.saves, dp, pg._saved_entries) if dp > 1 else pg.saves,
         _recompute_structure=pg.recompute_structure() if len(pg.saves) == pg.n else None,
     )
+    # The activation models (plan.recompute: kept, recomputed and transient bytes per mode and regions) and the chain
+    # floors read only what dp scales, not the training state: every data-parallel mode's copy at this dp shares them
+    scaled._activations = pg._prefixes.setdefault(("replica activations", dp), {})
+    return scaled
 
 
 def _divisors(n: int) -> list[int]:
@@ -876,15 +880,18 @@ def _better(c: Candidate, best: Candidate, tie: float = 1e-3) -> bool:
 
 def price_candidate(
     c: Candidate, stage_of: list[int], in_flight: Sequence[int], devices_per_node: int,
-    recompute: Sequence[str] | None = None, *, fast: bool = False,
+    recompute: Sequence[str] | None = None, *, fast: bool = False, metrics: Sequence[StageMetrics] | None = None,
 ) -> None:  # fmt: skip
     """Fill a candidate's figures for an assignment (and each stage's recompute mode): stage metrics with the
     data-parallel collectives each microbatch exposes, the replayed schedule, its peak memory, and the step time
     (plan.price: the pipeline, each rank's data-parallel tail, tied-weight gradient sync and optimizer step).
-    `fast`: the same figures from simulate.fast_replay, without the replay's events (c.simulation stays None)."""
+    `fast`: the same figures from simulate.fast_replay, without the replay's events (c.simulation stays None).
+    `metrics`: the assignment's plan.graph.evaluate (c.graph, its microbatches, `in_flight`, `recompute`), when
+    the caller has them (a PipelinePlan's): not computed twice."""
     d, m, g = c.degrees, c.microbatches, c.graph
     num_stages = d.pp * c.stages_per_device
-    metrics = evaluate(g, stage_of, num_stages, microbatches=m, in_flight=in_flight, recompute=recompute)
+    if metrics is None:
+        metrics = evaluate(g, stage_of, num_stages, microbatches=m, in_flight=in_flight, recompute=recompute)
     priced = price_step(g, _layout(c), to_stage_costs(g, metrics, m), stage_state(g, stage_of, num_stages), fast=fast)
     metrics = [
         dataclasses.replace(
@@ -954,8 +961,9 @@ def _evaluate(
             moved = refine_plan(g, plan, microbatches=c.microbatches, in_flight=flight, memory_limit=share)
             if moved.stage_of != plan.stage_of:
                 other = dataclasses.replace(c, simulation=None)
-                price_candidate(other, moved.stage_of, flight, devices_per_node, moved.recompute)
-                price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute)
+                price_candidate(other, moved.stage_of, flight, devices_per_node, moved.recompute,
+                                metrics=moved.metrics)  # fmt: skip
+                price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute, metrics=plan.metrics)
                 if other.peak_memory <= memory_limit and other.step_time < c.step_time * (1 - 1e-9):
                     plan = moved
         else:
@@ -973,7 +981,10 @@ def _evaluate(
                     plans[key] = plan_pipeline(g, num_stages, rel_tol=1e-3, **args)
             plan = plans[key]
         # Candidates are ranked on fast replays; the one the search returns is replayed in full (search)
-        price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute, fast=not refine)
+        # The plan's stage metrics are this candidate's where they were computed at its in-flight counts (a cached
+        # plan without a memory limit may come from another schedule's)
+        metrics = plan.metrics if refine or math.isfinite(share) else None
+        price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute, fast=not refine, metrics=metrics)
     except InfeasibleMemoryError as e:
         c.note, c.out_of_memory = str(e), True
         return

@@ -99,6 +99,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,9 +135,11 @@ __all__ = [
     "REPLICATED",
     "TPCost",
     "TensorParallelPlan",
+    "TensorParallelPropagation",
     "check_tensor_parallel_plan",
     "max_tensor_parallel",
     "plan_tensor_parallel",
+    "propagate_tensor_parallel",
     "shard_slices",
     "shard_tensor",
     "tp_cost",
@@ -378,6 +381,38 @@ def plan_tensor_parallel(
     (the device's GEMM row alignment in elements, 8 for bf16 on the GPU presets; Megatron pads to 128 x tp), not
     only so that tp divides it: an LM head shard of misaligned rows runs ~6x slower (passes.align).
     """
+    propagation = propagate_tensor_parallel(gm, tp, strict=strict, gather_output=gather_output, min_vocab=min_vocab,
+                                            exclude=exclude, vocab_alignment=vocab_alignment)  # fmt: skip
+    return propagation.layout(sequence_parallel=sequence_parallel)
+
+
+@dataclass(frozen=True)
+class TensorParallelPropagation:
+    """The sharding decisions of `propagate_tensor_parallel` at one degree: what the layouts with and without
+    sequence parallelism share (sequence parallelism splits the token-wise ops between the decisions, never changes
+    them), so a search pricing both propagates once per degree."""
+
+    state: _State
+    tp: int
+    fallbacks: dict[str, str]
+
+    def layout(self, *, sequence_parallel: bool = False) -> TensorParallelPlan:
+        """The layout plan, its token-wise ops split along the sequence if `sequence_parallel`."""
+        return _to_plan(self.state, self.tp, dict(self.fallbacks), sequence_parallel)
+
+
+def propagate_tensor_parallel(
+    gm: fx.GraphModule,
+    tp: int,
+    *,
+    strict: bool = False,
+    gather_output: bool = True,
+    min_vocab: int = 1024,
+    exclude: frozenset[str] | set[str] = frozenset(),
+    vocab_alignment: int = 1,
+) -> TensorParallelPropagation:
+    """plan_tensor_parallel's sharding decisions (its arguments, but sequence parallelism), before the layout plan
+    is written: `.layout(sequence_parallel=...)` writes it. Raises what plan_tensor_parallel raises."""
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     st, fallbacks = _run(
@@ -390,7 +425,7 @@ def plan_tensor_parallel(
             f"tensor parallel tp={tp} (strict): nothing in this graph can be sharded "
             f"({why or 'it calls no nn.Linear or nn.Embedding module'})"
         )
-    return _to_plan(st, tp, fallbacks, sequence_parallel)
+    return TensorParallelPropagation(st, tp, fallbacks)
 
 
 def check_tensor_parallel_plan(gm: fx.GraphModule, plan: TensorParallelPlan) -> None:
