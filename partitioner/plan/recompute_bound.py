@@ -52,7 +52,10 @@ def forced_recompute_floor(
     entry = get_schedule(schedule)
     if not entry.single_stage or entry.split_backward or not np.isfinite(memory_limit) or not g.training:
         return 0.0
-    items = _items(g, [m for m in modes if m != "none"], cuts=2 * (stages - 1))
+    key = ("recompute items", tuple(m for m in modes if m != "none"), 2 * (stages - 1))
+    if key not in g._activations:  # what reads activations only: shared by the copies of one dp (plan.graph)
+        g._activations[key] = _items(g, list(key[1]), cuts=key[2])
+    items = g._activations[key]
     if items is None:
         return 0.0
     rates, dropped = items
