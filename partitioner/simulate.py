@@ -711,39 +711,55 @@ def fast_replay(
     plan = _compiled(schedule, len(stages), num_microbatches, ranks)
     if len(plan.rank) >= WIDE_LEVELS * (len(plan.level_starts) - 1):
         return _replay_by_levels(plan, stages, ranks, blocking_sends)
-    duration = {k: [c.duration(k) for c in stages] for k in _KINDS}
-    send = [c.send_time for c in stages]
-    n = len(plan.rank)
+    stage = np.asarray(plan.stage, dtype=np.int64)
+    durations = np.array([[c.duration(k) for c in stages] for k in _KINDS], dtype=np.float64)
+    duration = durations[plan.kind_code, stage].tolist()  # each action's, looked up once
+    send = [c.send_time for c in stages] + [0.0]  # index -1: no send (x + 0.0 is x)
+    rank, deps = plan.rank, plan.deps
+    n = len(rank)
     end = [0.0] * n
     free = [0.0] * ranks
+    holds = [send[h] if h >= 0 else 0.0 for h in plan.sends] if blocking_sends else None
     for i in range(n):
-        r = plan.rank[i]
+        r = rank[i]
         t = free[r]
-        for d, s in plan.deps[i]:
-            arrive = end[d] + (send[s] if s >= 0 else 0.0)
+        for d, s in deps[i]:
+            arrive = end[d] + send[s]
             if arrive > t:
                 t = arrive
-        end[i] = t + duration[plan.kind[i]][plan.stage[i]]
-        free[r] = end[i]
-        if blocking_sends and plan.sends[i] >= 0 and send[plan.sends[i]] > 0:
-            free[r] = end[i] + send[plan.sends[i]]
+        t += duration[i]
+        end[i] = t
+        free[r] = t + holds[i] if holds is not None and holds[i] > 0 else t
     ends = tuple(free)  # after a rank's last action, or its last blocking send
-    peaks = []
+    return StepTimes(max(ends, default=0.0), ends, _peaks(plan, stages, ranks), plan.stage_ranks)
+
+
+def _peaks(plan: _Replay, stages: Sequence[StageCost], ranks: int) -> tuple[float, ...]:
+    """Each rank's peak bytes over its actions: static, plus the activations of the microbatches in flight (added
+    by F, freed at the end of the action that frees them), plus a B / I's region transient on top before it frees.
+    A running sum per rank (np.cumsum adds in action order, as a loop would)."""
+    stage = np.asarray(plan.stage, dtype=np.int64)
     static = _static_by_rank(stages, plan.stage_ranks, ranks)
+    activation = np.array([c.activation_bytes for c in stages], dtype=np.float64)
+    transient = np.array([c.transient_bytes for c in stages], dtype=np.float64)
+    frees = np.asarray(plan.frees, dtype=bool)
+    kind = plan.kind_code
+    peaks = []
     for r, actions in enumerate(plan.per_rank):
         level = static[r]
-        peak = level
-        for i in actions:
-            st, k = plan.stage[i], plan.kind[i]
-            if k == "F":
-                level += stages[st].activation_bytes
-                peak = max(peak, level)
-            elif k in ("B", "I") and stages[st].transient_bytes > 0:
-                peak = max(peak, level + stages[st].transient_bytes)
-            if plan.frees[i]:
-                level -= stages[st].activation_bytes
+        if not actions:
+            peaks.append(level)
+            continue
+        idx = np.asarray(actions, dtype=np.int64)
+        st, k = stage[idx], kind[idx]
+        forward = k == 0
+        delta = np.where(forward, activation[st], np.where(frees[idx], -activation[st], 0.0))
+        after = np.cumsum(np.concatenate([[level], delta]))  # after[j]: the level after the rank's j-th action
+        spikes = ((k == 1) | (k == 2)) & (transient[st] > 0)  # B / I: its region's transient on top, before freeing
+        peak = max(level, float(after[1:][forward].max(initial=-np.inf)))
+        peak = max(peak, float((after[:-1][spikes] + transient[st][spikes]).max(initial=-np.inf)))
         peaks.append(peak)
-    return StepTimes(max(ends, default=0.0), ends, tuple(peaks), plan.stage_ranks)
+    return tuple(peaks)
 
 
 def _static_by_rank(stages: Sequence[StageCost], stage_ranks: Sequence[int], ranks: int) -> list[float]:
@@ -780,28 +796,8 @@ def _replay_by_levels(plan: _Replay, stages: Sequence[StageCost], ranks: int, bl
         t += duration[a:b]
         end[a:b] = t
         free[a:b] = t + hold[a:b]
-    ends, peaks = [], []
-    static = _static_by_rank(stages, plan.stage_ranks, ranks)
-    activation = np.array([c.activation_bytes for c in stages], dtype=np.float64)
-    transient = np.array([c.transient_bytes for c in stages], dtype=np.float64)
-    frees = np.asarray(plan.frees, dtype=bool)
-    kind = plan.kind_code
-    for r, actions in enumerate(plan.per_rank):
-        ends.append(float(free[actions[-1]]) if actions else 0.0)
-        level = static[r]
-        if not actions:
-            peaks.append(level)
-            continue
-        idx = np.asarray(actions, dtype=np.int64)
-        st, k = stage[idx], kind[idx]
-        forward = k == 0
-        delta = np.where(forward, activation[st], np.where(frees[idx], -activation[st], 0.0))
-        after = np.cumsum(np.concatenate([[level], delta]))  # after[j]: the level after the rank's j-th action
-        spikes = ((k == 1) | (k == 2)) & (transient[st] > 0)  # B / I: its region's transient on top, before freeing
-        peak = max(level, float(after[1:][forward].max(initial=-np.inf)))
-        peak = max(peak, float((after[:-1][spikes] + transient[st][spikes]).max(initial=-np.inf)))
-        peaks.append(peak)
-    return StepTimes(max(ends, default=0.0), tuple(ends), tuple(peaks), plan.stage_ranks)
+    ends = tuple(float(free[actions[-1]]) if actions else 0.0 for actions in plan.per_rank)
+    return StepTimes(max(ends, default=0.0), ends, _peaks(plan, stages, ranks), plan.stage_ranks)
 
 
 def step_lower_bound(schedule: str, work: float, num_ranks: int, num_microbatches: int) -> float:
