@@ -226,17 +226,27 @@ class _Prefix:
 
     def modes_of(self, cuts: Sequence[int], in_flight: np.ndarray, memory_limit: float) -> list[str]:
         """Each segment's mode: the fastest that fits `memory_limit`, the less recomputing at equal time (the last
-        mode when none fits)."""
+        mode when none fits). Every segment at once (plan.step asks this of every split it tries)."""
+        js, ends = np.asarray(cuts[:-1], dtype=np.int64), np.asarray(cuts[1:], dtype=np.int64)
+        flight = np.asarray(in_flight[: js.size], dtype=np.float64)
+        # Options in order of recompute (the partial "full:k" between "selective" and "full"): the first of the
+        # fastest fitting wins a tie, as the least recomputing
+        options: list[tuple[float, np.ndarray, str | None]] = []
+        for k, mode in enumerate(self.modes):
+            time = np.asarray(self.cost(js, ends, k), dtype=np.float64)
+            options.append((float(k), np.where(self.memory(js, ends, k, flight) <= memory_limit, time, np.inf), mode))
+        if self.layers is not None and memory_limit < np.inf:
+            layers, time = self.partial(js, ends, flight, memory_limit)
+            options.append((self.modes.index("full") - 0.5, np.where(layers > 0, time, np.inf), None))
+        options.sort(key=lambda option: option[0])
+        times = np.stack([option[1] for option in options])
+        pick = np.argmin(times, axis=0)  # the first of equal minima
         out = []
-        for s, (j, i) in enumerate(zip(cuts, cuts[1:])):
-            js, flight = np.array([j]), in_flight[s : s + 1]
-            fitting = [(float(self.cost(j, i, k)), k, self.modes[k]) for k in range(len(self.modes))
-                       if self.memory(js, i, k, flight)[0] <= memory_limit]  # fmt: skip
-            if self.layers is not None and memory_limit < np.inf:
-                layers, time = self.partial(js, i, flight, memory_limit)
-                if layers[0] > 0:
-                    fitting.append((float(time[0]), self.modes.index("full") - 0.5, partial_mode(int(layers[0]))))
-            out.append(min(fitting)[2] if fitting else self.modes[-1])
+        for s, o in enumerate(pick.tolist()):
+            if not np.isfinite(times[o, s]):
+                out.append(self.modes[-1])
+            else:
+                out.append(options[o][2] or partial_mode(int(layers[s])))
         return out
 
 
