@@ -93,16 +93,15 @@ class _Prefix:
         self.working = np.concatenate([[0], np.cumsum(compute > 0)])  # nodes with compute, prefix counts
         # Bytes crossing a cut between positions b-1 | b of the order (value produced before b,
         # consumed at or after b); the model output counts as a consumer at position n.
-        diff, count = np.zeros(n + 2), np.zeros(n + 2)
         last = pg.last_use()
         used = np.flatnonzero(last > np.arange(n))
         ends = last[used] + 1
         # The removals at a position come from earlier values than its one addition: added in that order, each
-        # position's float sum is the node-by-node loop's.
-        np.add.at(diff, ends, -pg.out_bytes[used])
-        np.add.at(diff, used + 1, pg.out_bytes[used])
-        np.add.at(count, ends, -1)
-        np.add.at(count, used + 1, 1)
+        # position's float sum is the node-by-node loop's (np.bincount sums its weights in input order; a position's
+        # removals first, then its one addition)
+        diff = np.bincount(ends, weights=-pg.out_bytes[used], minlength=n + 2)
+        diff += np.bincount(used + 1, weights=pg.out_bytes[used], minlength=n + 2)
+        count = np.bincount(used + 1, minlength=n + 2) - np.bincount(ends, minlength=n + 2)
         self.cross = np.cumsum(diff)[: n + 1]
         messages = np.cumsum(count)[: n + 1]  # values crossing each cut, one message each per microbatch
         self.messages = messages
@@ -118,8 +117,8 @@ class _Prefix:
         nodes, pids, names = pg.param_reads
         _, first = np.unique(pids, return_index=True)  # each parameter's first read (reads are in node order)
         first.sort()
-        static = np.zeros(n)
-        np.add.at(static, nodes[first], np.array([pg.param_static[names[pids[k]]] for k in first], dtype=np.float64))
+        reads = np.array([pg.param_static[names[pids[k]]] for k in first], dtype=np.float64)
+        static = np.bincount(nodes[first], weights=reads, minlength=n).astype(np.float64, copy=False)
         self.S = np.concatenate([[0.0], np.cumsum(static)])
         models = [pg.activations(mode) for mode in self.modes]
         self.R = [np.concatenate([[0.0], np.cumsum(pg.recompute_at(m, microbatches))]) for m in models]
