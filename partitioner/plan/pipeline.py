@@ -58,6 +58,7 @@ __all__ = [
 TIE_TOLERANCE = 0.01  # bottlenecks within 1% are ties, broken by transfer time (module docstring)
 COARSE_MIN_CUTS = 16  # a coarse DP (cuts where the fewest values cross) needs at least this many places to cut
 EXACT_MAX_POSITIONS = 1024  # coarse cut positions up to which contiguous_partition takes the exact min-max DP
+WINDOWS = (1.05, 1.25, 1.6)  # its first windows, x the lower bound on the bottleneck (then the first split's)
 
 
 class InfeasibleMemoryError(ValueError):
@@ -596,6 +597,17 @@ def contiguous_partition(
         raise ValueError(too_many_stages(pg, num_stages))
     flight = _in_flight_array(in_flight, num_stages, microbatches)
 
+    floor = chain_floor(pg, num_stages, coarse)  # compute alone, node granularity
+    lo = max(pre.P[-1] / num_stages, float(pg.compute.max(initial=0.0)), floor)
+    exact_path = coarse and pre.positions.size <= EXACT_MAX_POSITIONS
+    if exact_path:
+        # The exact DP over the splits whose stages all take at most a window, from just above the lower bound up:
+        # exact once the window holds the optimum, and a narrow window spans few (start, end) pairs (the optimum is
+        # most often within a few tens of percent of the bound: gpt3-175b's coarse plans at 64 H100s 1.00-1.54x)
+        for factor in WINDOWS:
+            exact = _least_bottleneck(pre, pg.num_inputs, flight, memory_limit, num_stages, lo * factor)
+            if exact is not None:
+                return exact
     g, parent = _min_stage_dp(pre, np.inf, pg.num_inputs, flight, memory_limit, num_stages)
     if not np.isfinite(g[pre.n]):
         # How many devices would do is worth its cost for a user's error, not inside a search.
@@ -615,8 +627,6 @@ def contiguous_partition(
             f"state {format_bytes(pre.S[-1])} in all, activations {format_bytes(pre.A[-1][-1])} per microbatch in "
             f"flight{_with_recompute(pre)}): {hint}; raise devices, lower the batch or raise microbatches"
         )
-    floor = chain_floor(pg, num_stages, coarse)  # compute alone, node granularity
-    lo = max(pre.P[-1] / num_stages, float(pg.compute.max(initial=0.0)), floor)
     first = _cuts_from_parents(parent, pre.n)
     hi = max(lo, float(max(pre.cost(j, i) for j, i in zip(first, first[1:]))))
     best_parent = parent
@@ -635,7 +645,7 @@ def contiguous_partition(
     # slowest stage. Otherwise (or where that finds no split with compute on every stage) galloping from the lower
     # bound (the optimum is most often within a few percent of it, and the fewest-stages split can be far slower),
     # then bisection.
-    if coarse and pre.positions.size <= EXACT_MAX_POSITIONS and hi - lo > rel_tol * max(hi, 1e-30):
+    if exact_path and hi - lo > rel_tol * max(hi, 1e-30):
         # The window: the first split's slowest stage at its fitting mode (hi prices every stage without recompute)
         window = max(hi, _bottleneck(pre, first, flight, memory_limit))
         exact = _least_bottleneck(pre, pg.num_inputs, flight, memory_limit, num_stages, window)
