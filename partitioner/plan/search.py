@@ -225,13 +225,22 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
     fwd, bwd = pg.without_fixed()  # a rank's share scales the rest; every rank pays each call's fixed part
     fixed_f, fixed_b = pg.forward_fixed.copy(), pg.backward_fixed.copy()
 
-    def add(i: int, scale: float, comm: tuple[float, float], latency: tuple[float, float]) -> None:
-        """Node i's share `scale` of its work, plus its collectives `comm`, of which `latency` is paid per call."""
-        back, lat_back = (comm[1], latency[1]) if pg.training else (0.0, 0.0)
-        fwd[i] = fwd[i] * scale + comm[0] - latency[0]
-        bwd[i] = bwd[i] * scale + back - lat_back
-        fixed_f[i] += latency[0]
-        fixed_b[i] += lat_back
+    def add(
+        scale: dict[str, float], comm: dict[str, tuple[float, float]], latency: dict[str, tuple[float, float]]
+    ) -> None:
+        """Each node's share `scale` of its work, plus its collectives `comm`, of which `latency` is paid per call
+        (by node name; a node not named: all of its work, no collectives). Elementwise, the loop's arithmetic."""
+        nonlocal fwd, bwd, fixed_f, fixed_b
+        none = (0.0, 0.0)
+        share = np.array([scale.get(name, 1.0) for name in pg.names], dtype=np.float64)
+        c = np.array([comm.get(name, none) for name in pg.names], dtype=np.float64).reshape(-1, 2)
+        lat = np.array([latency.get(name, none) for name in pg.names], dtype=np.float64).reshape(-1, 2)
+        if not pg.training:
+            c[:, 1], lat[:, 1] = 0.0, 0.0
+        fwd = fwd * share + c[:, 0] - lat[:, 0]
+        bwd = bwd * share + c[:, 1] - lat[:, 1]
+        fixed_f = fixed_f + lat[:, 0]
+        fixed_b = fixed_b + lat[:, 1]
 
     out_bytes, saved = pg.out_bytes.copy(), pg.saved_bytes.copy()
     node_saves = pg.saves
@@ -257,9 +266,8 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
         return (1.0 / tp.share(node) if node in tp.sharded_values else 1) * by_cp
 
     if tp is not None and tp.tp > 1:
+        add(tp.node_scale, tp.comm_by_node, tp.latency_by_node)
         for i, name in enumerate(pg.names):
-            none = (0.0, 0.0)
-            add(i, tp.node_scale.get(name, 1.0), tp.comm_by_node.get(name, none), tp.latency_by_node.get(name, none))
             if name in tp.sharded_values:
                 out_bytes[i] *= tp.share(name)
         for p in tp.sharded_params:
@@ -271,8 +279,8 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
         sharded = tp.sharded_values if tp is not None and tp.tp > 1 else frozenset()
         cp_comm = cp.comm_by_node(pg.spec, tp=tp_degree, sharded=sharded, training=pg.training)
         cp_latency = cp.comm_by_node(pg.spec, tp=tp_degree, sharded=sharded, training=pg.training, latency=True)
+        add(cp.node_scale, cp_comm, cp_latency)
         for i, name in enumerate(pg.names):
-            add(i, cp.node_scale.get(name, 1.0), cp_comm.get(name, (0.0, 0.0)), cp_latency.get(name, (0.0, 0.0)))
             if name in cp.split_values:
                 out_bytes[i] /= cp.cp
     if (tp is not None and tp.tp > 1) or (cp is not None and cp.cp > 1):
