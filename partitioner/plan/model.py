@@ -440,6 +440,9 @@ def _predicted(gm: fx.GraphModule, best: Candidate, spec: DeviceSpec, devices: i
     sim = best.simulation
     return {
         "step_time": best.step_time,
+        # the step it ranked at among the others (coarse stage boundaries), before its boundaries were refined: what
+        # the runners-up, priced the same way, compare with
+        "ranked_step_time": best.ranked_step if math.isfinite(best.ranked_step) else best.step_time,
         "pipeline_time": sim.step_time,
         "data_parallel_sync": best.dp_sync,
         "tied_weight_sync": best.tied_sync,
@@ -596,9 +599,16 @@ def _sequence_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
     how = "sequence parallel" if best.sequence_parallel else "no sequence parallelism"
     other = "without" if best.sequence_parallel else "with"
     if twin.fits:
-        return [f"{how}: {other} it the layout takes {format_seconds(twin.step_time)} "
-                f"({twin.step_time / best.step_time:.3f}x), peak {format_bytes(twin.peak_memory)}"]  # fmt: skip
+        return [f"{how}: {other} it the layout takes {format_seconds(twin.step_time)} as ranked "
+                f"({twin.step_time / _ranked(best):.3f}x the chosen one's), "
+                f"peak {format_bytes(twin.peak_memory)}"]  # fmt: skip
     return [f"{how}: {other} it the layout does not fit" + (f": {twin.note[:160]}" if twin.note else "")]
+
+
+def _ranked(best: Candidate) -> float:
+    """The step the chosen candidate ranked at (before its refinement): the basis every other candidate, priced on
+    coarse boundaries and never refined, is compared on."""
+    return best.ranked_step if math.isfinite(best.ranked_step) else best.step_time
 
 
 def _context_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
@@ -608,7 +618,7 @@ def _context_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
     if not others:
         return []
     other = min(others, key=lambda c: c.step_time)
-    ratio = f"{format_seconds(other.step_time)} ({other.step_time / best.step_time:.3f}x)"
+    ratio = f"{format_seconds(other.step_time)} as ranked ({other.step_time / _ranked(best):.3f}x the chosen one's)"
     recomputes = sorted(set(other.recompute or []) - {"none"})
     also = f", recomputing {'/'.join(recomputes)}" if recomputes else ""
     if best.degrees.cp > 1:

@@ -229,7 +229,7 @@ def _predicted_lines(p: dict[str, float]) -> list[str]:
             f"predicted MFU: {_percent(p['mfu'])} ({p['model_flops']:.3g} model FLOPs per step over the devices' peak)"
         )
     known = {"step_time", "pipeline_time", "data_parallel_sync", "tied_weight_sync", "optimizer_step",
-             "bubble_fraction", "peak_memory", "model_flops", "mfu"}  # fmt: skip
+             "bubble_fraction", "peak_memory", "model_flops", "mfu", "ranked_step_time"}  # fmt: skip
     out += [f"predicted {key}: {value:.6g}" for key, value in sorted(p.items()) if key not in known]
     return out
 
@@ -301,8 +301,12 @@ def _format_plan(plan: Plan) -> str:
         lines.append("why it is placed as it is:" if placed else "why it recomputes and shards as it does:")
         lines += [f"  {r}" for r in plan.reasons]
     if plan.alternatives:
-        lines.append("runners-up (why the chosen layout wins):")
-        chosen = plan.predicted.get("step_time")
+        # Runners-up are priced as the search ranked them (coarse stage boundaries); so is the chosen one here
+        chosen = plan.predicted.get("ranked_step_time", plan.predicted.get("step_time"))
+        basis = ""
+        if chosen and chosen != plan.predicted.get("step_time"):
+            basis = f"; each as ranked, on coarse stage boundaries; the chosen one ranked at {format_seconds(chosen)}"
+        lines.append(f"runners-up (why the chosen layout wins{basis}):")
         for alt in plan.alternatives:
             what = (
                 f"pp{alt['pp']} x tp{alt['tp']}{'+sp' if alt.get('sequence_parallel') else ''}"
@@ -320,11 +324,11 @@ def _format_plan(plan: Plan) -> str:
                     versus = ""
                 elif abs(ratio - 1) < 5e-4:  # a tie: the search keeps the lighter plan, or the first it priced
                     lighter = peak > plan.predicted.get("peak_memory", peak) * (1 + 1e-9)
-                    versus = " (a tie with the chosen step" + (
+                    versus = f" (a tie with the chosen {'ranked ' if basis else ''}step" + (
                         "; the chosen one holds less memory)" if lighter else ")"
                     )
                 else:
-                    versus = f" ({ratio:.3f}x the chosen step)"
+                    versus = f" ({ratio:.3f}x the chosen {'ranked ' if basis else ''}step)"
                 lines.append(f"  {what}: {format_seconds(alt['step_time'])}{versus}, peak {format_bytes(peak)}/device")
             else:
                 lines.append(f"  {what}: {alt['note']}")
