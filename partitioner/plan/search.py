@@ -73,6 +73,7 @@ __all__ = [
     "default_microbatches",
     "microbatch_counts",
     "price_candidate",
+    "refine_winner",
     "scale_graph",
     "search",
 ]
