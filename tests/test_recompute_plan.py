@@ -86,11 +86,16 @@ def test_shared_recompute_structures_give_the_walk_s_figures_to_the_bit() -> Non
     assert all(c.recompute_structure() is pg.recompute_structure() for c in copies)
     # A replica's saves are divided when read (plan.recompute.ScaledSaves), as a dict-by-dict copy would hold them
     assert list(copies[1].saves) == [{k: v / 2 for k, v in node.items()} for node in pg.saves]
+    _assert_structure_is_the_walk(pg, copies)
+
+
+def _assert_structure_is_the_walk(pg, copies, draws: int = 6) -> None:  # noqa: ANN001 - planning graphs
+    """Every copy's activation models, for every mode's regions and random subsets of them, equal the walk's."""
     rng = np.random.default_rng(0)
     subsets = [tuple(pg.regions[m]) for m in ("selective", "full")]
     for mode in ("selective", "full"):
         regions = pg.regions[mode]
-        for _ in range(6):
+        for _ in range(draws):
             k = int(rng.integers(1, len(regions) + 1))
             subsets.append(tuple(regions[j] for j in sorted(rng.choice(len(regions), size=k, replace=False))))
     for c in copies:
@@ -104,6 +109,26 @@ def test_shared_recompute_structures_give_the_walk_s_figures_to_the_bit() -> Non
             for field in ("kept", "recompute", "transient"):
                 assert np.array_equal(getattr(got, field), getattr(want, field)), (field, regions)
             assert got.regions == want.regions
+
+
+def test_recompute_structures_of_an_export_graph_give_the_walk_s_figures_to_the_bit() -> None:
+    """The same on a torch.export graph (HF Llama: storages a node saves but does not return, `node#k`; rotary
+    tables and the mask read by every layer), unscaled and as a data-parallel replica."""
+    transformers = pytest.importorskip("transformers")
+    from partitioner.capture import capture
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, use_cache=False))  # fmt: skip
+    call = {"input_ids": torch.randint(0, 128, (2, 8))}
+    cg = capture(model, (), call)
+    assert cg.method == "export"
+    annotate(cg.graph_module, cg.flatten_inputs((), call), training=True)
+    spec = get_device_spec("h100")
+    pg = build_planning_graph(cg.graph_module, node_costs(cg.graph_module, spec), spec, training=True)
+    assert pg.regions.get("full") and pg.regions.get("selective")
+    _assert_structure_is_the_walk(pg, [pg, scale_graph(pg, None, 2)])
 
 
 def test_layers_are_found_from_module_paths() -> None:

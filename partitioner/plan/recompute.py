@@ -37,6 +37,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -213,6 +214,18 @@ class ScaledSaves(Sequence[dict[str, float]]):
         return base / self.divisor
 
 
+def _first_kept(sids: np.ndarray, keepers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(storage ids, keepers) of candidate keeps in walk order -> each storage once, in the order of its first
+    candidate, with its earliest keeper: what a dict updated keep by keep (insert, or lower the keeper) holds."""
+    if sids.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    order = np.argsort(sids, kind="stable")
+    bounds = np.flatnonzero(np.diff(sids[order], prepend=-1))
+    earliest = np.minimum.reduceat(keepers[order], bounds)
+    by_first = np.argsort(order[bounds], kind="stable")  # a storage's first candidate: the first of its sorted run
+    return sids[order[bounds]][by_first], earliest[by_first]
+
+
 class _RegionLayout(NamedTuple):
     """RecomputeStructure's answer for one set of regions, in the order its walk adds the figures."""
 
@@ -274,69 +287,73 @@ class RecomputeStructure:
         return np.maximum.reduceat(np.asarray(entry_bytes, dtype=np.float64)[order], starts)
 
     def _layout(self, regions: tuple[tuple[int, int], ...]) -> _RegionLayout:
-        """Who keeps and who drops what under `regions` (cached per set of regions)."""
+        """Who keeps and who drops what under `regions` (cached per set of regions).
+
+        The walk it stands for, in its order: every node's saved entries (outside every region: the node keeps the
+        storage; in a region, one the region does not create: the region's first node keeps it, as the checkpoint
+        holds its inputs; one it creates: dropped, once per region), then every region node's inputs from outside
+        the region (the storages of each, kept by the region's first node; one no node saves is sized by that
+        input's output). A storage is kept by its earliest keeper and counted in the order the walk first keeps
+        it; both walks are a few vector operations over the entries and the (node, input, storage) reads."""
         if regions in self._cache:
             return self._cache[regions]
-        n, sid_of = self.n, self._sid
+        n = self.n
         region_of = np.full(n, -1, dtype=np.int64)
         for r, (a, b) in enumerate(regions):
             region_of[a:b] = r
-        first_keeper: dict[int, int] = {}
-
-        def keep(sid: int, i: int) -> None:
-            if sid not in first_keeper or i < first_keeper[sid]:
-                first_keeper[sid] = i
-
-        created, entry_sid, region_at = self._created_by.tolist(), self.entry_sid.tolist(), region_of.tolist()
-        bounds = np.searchsorted(self.entry_node, np.arange(n + 1)).tolist()
-        by_node = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:])]  # each node's entries
-        for i in range(n):
-            r = region_at[i]
-            for e in by_node[i]:
-                sid = entry_sid[e]
-                if r < 0:
-                    keep(sid, i)
-                    continue
-                a, b = regions[r]
-                if a <= created[sid] < b:
-                    continue  # recomputed from the region's inputs
-                keep(sid, a)  # a region input: the checkpoint holds it
-        drop_region, drop_entry = [], []
-        sized_by: dict[int, int] = {}  # a region input no node saves: sized by the first pred that outputs it
-        seen_dropped: list[set[int]] = [set() for _ in regions]
-        for i in range(n):
-            r = region_at[i]
-            if r < 0:
-                continue
-            a, b = regions[r]
-            for e in by_node[i]:
-                sid = entry_sid[e]
-                if a <= created[sid] < b and sid not in seen_dropped[r]:
-                    seen_dropped[r].add(sid)
-                    drop_region.append(r)
-                    drop_entry.append(e)
-            for p in self._preds[i]:  # inputs the region reads but no node of it saves: held by the checkpoint too
-                if not a <= p < b:
-                    for name in self._storages[p]:
-                        sid = sid_of.get(name)
-                        if sid is None:
-                            if name not in self._created_by_name:
-                                continue
-                            sid = sid_of[name] = len(sid_of)
-                        if sid >= self.saved_storages:
-                            sized_by.setdefault(sid, p)
-                        keep(sid, a)
+        starts = np.array([a for a, _ in regions] + [0], dtype=np.int64)  # index -1: outside every region
+        ends = np.array([b for _, b in regions] + [0], dtype=np.int64)
+        # Entries: kept where outside, or made outside their region; dropped where their region makes them
+        r_entry = region_of[self.entry_node]
+        created = self._created_by[self.entry_sid]
+        inside = r_entry >= 0
+        made_here = inside & (starts[r_entry] <= created) & (created < ends[r_entry])
+        keep1 = ~made_here
+        keeper1 = np.where(inside, starts[r_entry], self.entry_node)[keep1]
+        # Reads of region nodes from outside their region: each storage kept by the region's first node
+        read_node, read_pred, read_sid = self._reads
+        r_read = region_of[read_node]
+        outside = (r_read >= 0) & ~((starts[r_read] <= read_pred) & (read_pred < ends[r_read]))
+        sids = np.concatenate([self.entry_sid[keep1], read_sid[outside]])
+        keepers = np.concatenate([keeper1, starts[r_read[outside]]])
+        kept, keeper = _first_kept(sids, keepers)
+        unsaved = read_sid[outside] >= self.saved_storages  # sized by the first input that outputs it
+        input_storage, first = np.unique(read_sid[outside][unsaved], return_index=True)
+        # Dropped: the first entry of each (region, storage) the region makes, in entry order
+        drop = np.flatnonzero(made_here)
+        key = r_entry[drop] * (len(self._sid) + 1) + self.entry_sid[drop]
+        _, once = np.unique(key, return_index=True)
+        drop = drop[np.sort(once)]
         layout = _RegionLayout(
             region_of=region_of,
-            keeper=np.fromiter(first_keeper.values(), dtype=np.int64, count=len(first_keeper)),
-            kept=np.fromiter(first_keeper.keys(), dtype=np.int64, count=len(first_keeper)),
-            input_storage=np.fromiter(sized_by.keys(), dtype=np.int64, count=len(sized_by)),
-            input_node=np.fromiter(sized_by.values(), dtype=np.int64, count=len(sized_by)),
-            drop_region=np.array(drop_region, dtype=np.int64),
-            drop_entry=np.array(drop_entry, dtype=np.int64),
+            keeper=keeper,
+            kept=kept,
+            input_storage=input_storage,
+            input_node=read_pred[outside][unsaved][first],
+            drop_region=r_entry[drop],
+            drop_entry=drop,
         )
         self._cache[regions] = layout
         return layout
+
+    @cached_property
+    def _reads(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(node, input, storage id) of every storage each node's inputs live in, in node, input, storage order: the
+        walk's second part. A storage no node saves but a node creates gets an id of its own here (ids from
+        saved_storages up); one neither saved nor created (a parameter's, a model input's) is left out."""
+        nodes, preds, sids = [], [], []
+        for i in range(self.n):
+            for p in self._preds[i]:
+                for name in self._storages[p]:
+                    sid = self._sid.get(name)
+                    if sid is None:
+                        if name not in self._created_by_name:
+                            continue
+                        sid = self._sid[name] = len(self._sid)
+                    nodes.append(i)
+                    preds.append(p)
+                    sids.append(sid)
+        return tuple(np.array(v, dtype=np.int64) for v in (nodes, preds, sids))
 
     def model(
         self,
