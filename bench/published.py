@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / "published-megatron-2021.json"
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
         path.write_text(json.dumps({"date": stamp, "rows": results}, indent=1, default=str))
-        print(f"\nwrote {path.relative_to(ROOT)}")
+        shown = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path  # --out: anywhere
+        print(f"\nwrote {shown}")
     return 0
 
 

@@ -273,6 +273,17 @@ class PlanningGraph:
             )  # fmt: skip
         return self._structure["param_reads"]
 
+    def param_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The static bytes and the tensor bytes of every parameter, indexed by the ids of `param_reads` (cached: a
+        scaled copy holds its own training state)."""
+        if "param arrays" not in self._prefixes:
+            names = self.param_reads[2]
+            self._prefixes["param arrays"] = (
+                np.array([self.param_static[p] for p in names], dtype=np.float64),
+                np.array([self.param_bytes[p] for p in names], dtype=np.float64),
+            )  # fmt: skip
+        return self._prefixes["param arrays"]
+
     def stage_param_sums(self, stage_of: np.ndarray, num_stages: int) -> tuple[np.ndarray, np.ndarray]:
         """Per stage, the static bytes and the tensor bytes of the parameters its nodes read (each once per stage)."""
         nodes, pids, names = self.param_reads
@@ -280,8 +291,7 @@ class PlanningGraph:
             return np.zeros(num_stages), np.zeros(num_stages)
         held = np.unique(stage_of[nodes] * len(names) + pids)
         stage, pid = held // len(names), held % len(names)
-        static = np.array([self.param_static[p] for p in names], dtype=np.float64)
-        tensor = np.array([self.param_bytes[p] for p in names], dtype=np.float64)
+        static, tensor = self.param_arrays()
         return (
             np.bincount(stage, weights=static[pid], minlength=num_stages),
             np.bincount(stage, weights=tensor[pid], minlength=num_stages),

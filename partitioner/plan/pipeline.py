@@ -118,7 +118,7 @@ class _Prefix:
         nodes, pids, names = pg.param_reads
         _, first = np.unique(pids, return_index=True)  # each parameter's first read (reads are in node order)
         first.sort()
-        reads = np.array([pg.param_static[names[pids[k]]] for k in first], dtype=np.float64)
+        reads = pg.param_arrays()[0][pids[first]]
         static = np.bincount(nodes[first], weights=reads, minlength=n).astype(np.float64, copy=False)
         self.S = np.concatenate([[0.0], np.cumsum(static)])
         models = [pg.activations(mode) for mode in self.modes]
