@@ -124,9 +124,11 @@ class PlanningGraph:
     # placement puts tp, then dp inside a node, so a pipeline of tp x dp x pp > devices_per_node ranks crosses
     # nodes, and its slowest boundary paces every microbatch).
     p2p_internode: bool = False
-    # mode / regions -> activation model; and what else reads compute and activations only (plan.pipeline's chain
-    # floors): plan.search.scale_replicas gives its copies at one dp, which differ in training state only, one dict
-    _activations: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # What reads compute and activations only, not the training state: mode / regions -> activation model,
+    # plan.pipeline's chain floors, plan.recompute_bound's items. plan.search.scale_replicas hands one dict to all its
+    # copies at one dp (they differ in training state only; `_replica_caches` of their source holds it)
+    _activation_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _replica_caches: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # dp -> that dict
     # Which node keeps each saved storage per set of regions (plan.recompute.RecomputeStructure): shared by the scaled
     # copies dataclasses.replace makes (same storages, other bytes); one that changes `saves`' keys passes None.
     _recompute_structure: RecomputeStructure | None = field(default=None, repr=False, compare=False)
@@ -196,11 +198,11 @@ class PlanningGraph:
     def activations(self, mode: str) -> ActivationModel:
         """Kept bytes, recomputed seconds and transient bytes per node under recompute `mode` (plan.recompute; a
         "full:k" mode is per stage: `stage_activations`)."""
-        if mode not in self._activations:
+        if mode not in self._activation_cache:
             if mode not in MODES:
                 raise ValueError(f"recompute={mode!r}: choose one of {MODES}")
-            self._activations[mode] = self._model(mode, tuple(self.regions.get(mode, ())))
-        return self._activations[mode]
+            self._activation_cache[mode] = self._model(mode, tuple(self.regions.get(mode, ())))
+        return self._activation_cache[mode]
 
     def stage_regions(self, stage_of: np.ndarray, stage: int, mode: str) -> tuple[tuple[int, int], ...]:
         """The [a, b) regions stage `stage` checkpoints under `mode`: every region of the mode touching the stage
@@ -220,9 +222,9 @@ class PlanningGraph:
         if layers_recomputed(mode) is None:
             return self.activations(mode)
         regions = self.stage_regions(stage_of, stage, mode)
-        if regions not in self._activations:
-            self._activations[regions] = self._model("full", regions)
-        return self._activations[regions]
+        if regions not in self._activation_cache:
+            self._activation_cache[regions] = self._model("full", regions)
+        return self._activation_cache[regions]
 
     def recompute_structure(self) -> RecomputeStructure:
         """The structure of this graph's saved storages (made once; scaled copies made after share it)."""

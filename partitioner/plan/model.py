@@ -228,6 +228,8 @@ def plan_model(
             f"but the captured graph holds only for batches of {min_chunk} or more: use fewer microbatches"
         )
 
+    modes = (o.recompute,) if o.recompute else pg.recompute_modes()  # what stages may recompute
+
     def run(
         layout: ContextLayout | None, like: Candidate | None = None, incumbent: Candidate | None = None
     ) -> tuple[Candidate, list[Candidate]]:
@@ -252,7 +254,7 @@ def plan_model(
             stages_per_device=o.stages_per_device,
             mincut=o.mincut,
             min_chunk=min_chunk or 1,
-            recompute=(o.recompute,) if o.recompute else None,
+            recompute=modes,
             data_parallel=(o.data_parallel,) if o.data_parallel else None,
             overlap_grad_reduce=o.overlap_grad_reduce,
             sequence_parallel=sp,
@@ -271,7 +273,6 @@ def plan_model(
         if refusal:
             raise ValueError(f"{e}; the batch stays whole because {refusal}") from e
         raise
-    modes = (o.recompute,) if o.recompute else pg.recompute_modes()
     best = refine_winner(best, evaluated, memory_limit=o.memory_limit, devices_per_node=o.spec.devices_per_node,
                          recompute=modes, mincut=o.mincut)  # fmt: skip
     evaluated.sort(key=lambda c: (not c.fits, c is not best, c.step_time, c.bound))

@@ -288,10 +288,10 @@ def chain_floor(pg: PlanningGraph, num_stages: int, coarse: bool) -> float:
     copies differing only in training state share: plan.search.scale_replicas): the search bounds a candidate by it
     and contiguous_partition starts its bisection there."""
     key = ("floor", num_stages, coarse)
-    if key not in pg._activations:
+    if key not in pg._activation_cache:
         prefix = np.concatenate([[0.0], np.cumsum(pg.compute)])
-        pg._activations[key] = _chain_floor(prefix[_stage_starts(pg, coarse)], num_stages)
-    return pg._activations[key]
+        pg._activation_cache[key] = _chain_floor(prefix[_stage_starts(pg, coarse)], num_stages)
+    return pg._activation_cache[key]
 
 
 def node_level_optimum(pg: PlanningGraph, num_stages: int, *, microbatches: int = 1) -> float:

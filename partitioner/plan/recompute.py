@@ -37,7 +37,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -274,6 +273,7 @@ class RecomputeStructure:
         # The entries grouped by storage id (every id below saved_storages has one): each storage's largest entry
         order = np.argsort(self.entry_sid, kind="stable")
         self._by_storage = (order, np.flatnonzero(np.diff(self.entry_sid[order], prepend=-1)))
+        self._reads = self._input_reads()  # (after the saved ids: created-only storages get the next ones)
 
     @property
     def entries(self) -> int:
@@ -336,8 +336,7 @@ class RecomputeStructure:
         self._cache[regions] = layout
         return layout
 
-    @cached_property
-    def _reads(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _input_reads(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(node, input, storage id) of every storage each node's inputs live in, in node, input, storage order: the
         walk's second part. A storage no node saves but a node creates gets an id of its own here (ids from
         saved_storages up); one neither saved nor created (a parameter's, a model input's) is left out."""

@@ -53,9 +53,9 @@ def forced_recompute_floor(
     if not entry.single_stage or entry.split_backward or not np.isfinite(memory_limit) or not g.training:
         return 0.0
     key = ("recompute items", tuple(m for m in modes if m != "none"), 2 * (stages - 1))
-    if key not in g._activations:  # what reads activations only: shared by the copies of one dp (plan.graph)
-        g._activations[key] = _items(g, list(key[1]), cuts=key[2])
-    items = g._activations[key]
+    if key not in g._activation_cache:  # what reads activations only: shared by the copies of one dp (plan.graph)
+        g._activation_cache[key] = _items(g, list(key[1]), cuts=key[2])
+    items = g._activation_cache[key]
     if items is None:
         return 0.0
     rates, dropped = items

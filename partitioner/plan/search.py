@@ -350,7 +350,7 @@ def scale_replicas(
     )
     # The activation models (plan.recompute: kept, recomputed and transient bytes per mode and regions) and the chain
     # floors read only what dp scales, not the training state: every data-parallel mode's copy at this dp shares them
-    scaled._activations = pg._prefixes.setdefault(("replica activations", dp), {})
+    scaled._activation_cache = pg._replica_caches.setdefault(dp, {})
     return scaled
 
 
@@ -517,10 +517,9 @@ def refine_winner(
     ranked plan stays, and replaces the refined one in `candidates`. Either way the result carries its full replay."""
     if mincut:
         current().work(f"refining {best.degrees}")
-        ranked = dataclasses.replace(best)
         refined = dataclasses.replace(best)
         _evaluate(refined, memory_limit, devices_per_node, {}, refine=True, recompute=recompute)
-        if refined.fits and refined.step_time <= ranked.step_time * (1 + 1e-9):
+        if refined.fits and refined.step_time <= best.step_time * (1 + 1e-9):
             candidates[:] = [refined if c is best else c for c in candidates]
             best = refined
     if best.simulation is None:  # ranked on a fast replay: its events for the plan and Gantt
@@ -957,6 +956,7 @@ def _evaluate(
     # Schedules with the same stages, microbatches and in-flight pattern get the same pipeline plan.
     # (Without a memory limit the in-flight pattern cannot change the plan.)
     key = (id(g), num_stages, c.microbatches, tuple(flight) if math.isfinite(share) else None, share)
+    priced = False
     args = dict(microbatches=c.microbatches, in_flight=flight, memory_limit=share, mincut=False, explain=False,
                 recompute=recompute)  # fmt: skip
     try:
@@ -973,7 +973,9 @@ def _evaluate(
                 price_candidate(other, moved.stage_of, flight, devices_per_node, moved.recompute,
                                 metrics=moved.metrics)  # fmt: skip
                 price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute, metrics=plan.metrics)
-                if other.peak_memory <= memory_limit and other.step_time < c.step_time * (1 - 1e-9):
+                if not (other.peak_memory <= memory_limit and other.step_time < c.step_time * (1 - 1e-9)):
+                    priced = True  # c holds the plan's figures already
+                else:
                     plan = moved
         else:
             if key not in plans:
@@ -993,7 +995,9 @@ def _evaluate(
         # The plan's stage metrics are this candidate's where they were computed at its in-flight counts (a cached
         # plan without a memory limit may come from another schedule's)
         metrics = plan.metrics if refine or math.isfinite(share) else None
-        price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute, fast=not refine, metrics=metrics)
+        if not priced:
+            price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute, fast=not refine,
+                            metrics=metrics)  # fmt: skip
     except InfeasibleMemoryError as e:
         c.note, c.out_of_memory = str(e), True
         return
