@@ -367,17 +367,19 @@ def microbatch_counts(per_replica: int, min_chunk: int = 1) -> list[int]:
 
 def default_microbatches(batch: int | None, dp: int, pp: int, requested: int | None, min_chunk: int = 1) -> int | None:
     """Requested count, else the largest count <= 4 pp that divides the replica's batch into chunks of at least
-    `min_chunk` samples (what the captured graph holds for: an export graph may need 2). None: no such split.
+    `min_chunk` samples (what the captured graph holds for: an export graph may need 2). None: no such split (a
+    requested count too: the batch must split into dp x `requested` equal chunks, or no step could run the layout).
 
-    4 pp keeps the bubble small without microbatches so small that GEMMs lose efficiency (which
-    the roofline does not model)."""
-    if requested is not None:
-        return requested
+    4 pp is where the search starts: a small bubble at few microbatches. More are priced for memory (`_Evaluator.run`)
+    and for speed (`_finer_microbatches`), fewer for the winner (`_around_the_winner`)."""
     if batch is None:
-        return 4 * pp
+        return requested if requested is not None else 4 * pp
     if batch % dp:
         return None
-    return max((m for m in microbatch_counts(batch // dp, min_chunk) if m <= 4 * pp), default=None)
+    counts = microbatch_counts(batch // dp, min_chunk)
+    if requested is not None:
+        return requested if requested in counts else None
+    return max((m for m in counts if m <= 4 * pp), default=None)
 
 
 def search(
@@ -464,6 +466,7 @@ def search(
     # Modes in DP_MODES order shard more and communicate more: once one fits with nothing recomputed at its
     # default microbatch count, the later modes of that layout cannot be faster, and are not priced.
     settled: set[tuple[Degrees, str, bool]] = set()
+    bounded: set[int] = set()  # ids of the candidates skipped on their lower bound alone
     rank = {mode: k for k, mode in enumerate(("",) + DP_MODES)}
     progress.work(f"layouts searched{at}", total=len(candidates))
     for c in sorted(candidates, key=lambda c: (bool(c.note), c.bound, c.degrees, c.schedule, rank[c.data_parallel])):
@@ -472,6 +475,7 @@ def search(
             continue
         if c.bound >= min(best.step_time if best is not None else math.inf, incumbent):
             c.note, c.skipped = f"skipped: its lower bound {c.bound:.4g} s is above the best step time", True
+            bounded.add(id(c))
             continue
         if (c.degrees, c.schedule, c.sequence_parallel) in settled:
             c.note, c.skipped = "skipped: a less sharded data-parallel mode fits with nothing recomputed", True
@@ -488,6 +492,7 @@ def search(
         raise NoBetterLayout(f"no layout's lower bound is below the incumbent step of {incumbent:.4g} s")
     if best is not None:
         best = _price_at_the_twins_count(ev, candidates, best)
+        best = _finer_microbatches(ev, candidates, best, bounded, incumbent)
         best = _around_the_winner(ev, candidates, best)
         best.ranked_step = best.step_time
         if best.step_time >= ranked_incumbent:
@@ -558,17 +563,49 @@ def _price_at_the_twins_count(ev: _Evaluator, candidates: list[Candidate], best:
     return best
 
 
+def _finer_microbatches(
+    ev: _Evaluator, candidates: list[Candidate], best: Candidate, bounded: set[int], incumbent: float = math.inf
+) -> Candidate:
+    """Price the layouts again at more microbatches while that makes them faster; the best of all after.
+
+    The search prices a layout at its default count (4 pp, the fewest that keep the bubble small) and more only where
+    memory needs them; more shrink the fill-and-drain bubble but pay each kernel's launch and each send's latency once
+    more per microbatch, which the cost model prices (on an H200 the GEMM rate + launch fits GEMMs of 2,048 and 8,192
+    rows alike: devices.py). Each layout that fits, or was skipped on its lower bound alone (`bounded`: ids), moves to
+    the next count (`_Evaluator.finer`) while its lower bound there is under the best step and the step improves by
+    more than the search's tie; a candidate's entry is replaced by its best count. The fastest layouts go first, so the
+    best step falls early and bounds the rest."""
+    order = sorted((k for k, c in enumerate(candidates) if c.fits or id(c) in bounded),
+                   key=lambda k: candidates[k].step_time)  # fmt: skip
+    for k in order:
+        current = candidates[k]
+        while (more := ev.finer(current)) is not None:
+            trial = dataclasses.replace(current, microbatches=more, simulation=None, note="", skipped=False,
+                                        out_of_memory=False)  # fmt: skip
+            trial.bound = ev.bound(trial, [more])
+            if trial.bound >= min(best.step_time, incumbent):
+                break
+            ev.run(trial)  # a layout skipped on its bound may not fit at this count either: more, as the search would
+            if not trial.fits or (current.fits and not _better(trial, current)):
+                break
+            candidates[k] = current = trial
+            if _better(trial, best):
+                best.simulation, best = None, trial
+            elif trial is not best:
+                trial.simulation = None
+    return best
+
+
 def _around_the_winner(ev: _Evaluator, candidates: list[Candidate], best: Candidate) -> Candidate:
     """The winner at fewer microbatches and, where its schedule runs several stages per rank, at other counts of
-    stages per rank: the two dimensions the search otherwise fixes (4 pp microbatches, or fewer where the batch holds
-    fewer, more only where memory needs them; a schedule's default stages per rank). Fewer microbatches grow the
-    fill-and-drain bubble but pay each send's latency and each kernel's launch fewer times; more stages per rank
-    shrink the bubble but add hops. From the winner, each moves one step at a time (the next count dividing the
-    batch; one stage per rank more or fewer, two at least: one is another schedule) while the step improves by more
-    than the search's tie.
-    Microbatches do not go above the default here: GEMMs lose efficiency on fewer rows, which the cost model does not
-    price (each kernel's launch per microbatch it does), so a finer split would look faster than it is. Counts
-    the user fixed (`microbatches`, `stages_per_device`) stay. Every candidate priced here joins `candidates`."""
+    stages per rank: the two dimensions the search otherwise moves up only (4 pp microbatches or fewer where the
+    batch holds fewer, more where memory needs them or they are faster; a schedule's default stages per rank). Fewer
+    microbatches grow the fill-and-drain bubble but pay each send's latency and each kernel's launch fewer times;
+    more stages per rank shrink the bubble but add hops. From the winner, each moves one step at a time (the next
+    count dividing the batch; one stage per rank more or fewer, two at least: one is another schedule) while the
+    step improves by more than the search's tie. More microbatches were priced before (`_finer_microbatches`).
+    Counts the user fixed (`microbatches`, `stages_per_device`) stay. Every candidate priced here joins
+    `candidates`."""
 
     def improves(**change: int) -> bool:
         """Price the winner with `change`; adopt it if it fits and is better."""
@@ -709,28 +746,15 @@ class _Evaluator:
             c = Candidate(d, m or 0, schedule, k, data_parallel=mode, data_parallel_shard=shard,
                           overlap_grad_reduce=self.overlap_grad_reduce, sequence_parallel=sp,
                           graph=g if g is not None else self.pg)  # fmt: skip
-            # Whatever the split, some rank runs its stage for the whole batch: with more stages than blocks the
-            # heaviest block between two coarse cuts (plan.pipeline.bottleneck_floor), not the balanced share, bounds
-            # the step, and ranks such layouts after shallower ones.
-            # The work: the graph's compute, and the recompute memory forces on the stages (one per rank).
-            counts = self.microbatch_ladder(d, m) if m is not None else [1]
-            work = float(c.graph.compute.sum())
-            if g is not None and m is not None and k == 1:
-                work += forced_recompute_floor(g, stages=d.pp, schedule=schedule, microbatch_counts=counts,
-                                               memory_limit=self.memory_limit, modes=self.recompute)  # fmt: skip
-            c.bound = step_lower_bound(schedule, work, d.pp, counts[-1])
-            if g is not None and d.pp * k <= max_stages(g):
-                c.bound = max(c.bound, bottleneck_floor(g, d.pp * k))
-            if g is not None and g.training:  # the rank holding the most weights: its collectives and optimizer
-                c.bound = max(c.bound, data_parallel_floor(
-                    mode, g.spec, tp=d.tp, dp=d.grad_group, weight_bytes=g.trainable_bytes / d.pp, microbatches=m or 1,
-                    element_size=g.param_element_size, shard=shard,
-                    split_backward=get_schedule(schedule).split_backward, overlap_grad_reduce=self.overlap_grad_reduce,
-                ))  # fmt: skip
+            c.bound = self.bound(
+                c, self.microbatch_ladder(d, m) if m is not None else [1], planned=g is not None and m is not None
+            )
             if g is None:
                 c.note = self.tp_failed[(d.tp, sp)]
             elif m is None:
                 c.note = f"batch {self.batch} does not split over {d.dp} data-parallel replicas"
+                if self.microbatches is not None:
+                    c.note += f" x {self.microbatches} microbatches"
                 if self.min_chunk > 1:
                     c.note += f" of at least {self.min_chunk} samples (the captured graph's smallest batch)"
             elif d.pp * k > max_stages(g):
@@ -744,6 +768,40 @@ class _Evaluator:
                 c.out_of_memory = True
             out.append(c)
         return out
+
+    def bound(self, c: Candidate, counts: Sequence[int], *, planned: bool = True) -> float:
+        """A lower bound on c's step at any of the microbatch counts `counts` (ascending; its split into stages and
+        recompute modes free). `planned=False`: c's layout could not be built (its graph is the unsharded one), and
+        only the work bound holds.
+
+        Whatever the split, some rank runs its stage for the whole batch: with more stages than blocks the heaviest
+        block between two coarse cuts (plan.pipeline.bottleneck_floor), not the balanced share, bounds the step, and
+        ranks such layouts after shallower ones. The work: the graph's compute, and the recompute memory forces on the
+        stages (one per rank), at the least over the counts; the fill and drain at the most of them."""
+        d, g, k = c.degrees, c.graph, c.stages_per_device
+        work = float(g.compute.sum())
+        if planned and k == 1:
+            work += forced_recompute_floor(g, stages=d.pp, schedule=c.schedule, microbatch_counts=counts,
+                                           memory_limit=self.memory_limit, modes=self.recompute)  # fmt: skip
+        bound = step_lower_bound(c.schedule, work, d.pp, counts[-1])
+        if planned and d.pp * k <= max_stages(g):
+            bound = max(bound, bottleneck_floor(g, d.pp * k))
+        if planned and g.training:  # the rank holding the most weights: its collectives and optimizer
+            bound = max(bound, data_parallel_floor(
+                c.data_parallel, g.spec, tp=d.tp, dp=d.grad_group, weight_bytes=g.trainable_bytes / d.pp,
+                microbatches=counts[0], element_size=g.param_element_size, shard=c.data_parallel_shard,
+                split_backward=get_schedule(c.schedule).split_backward, overlap_grad_reduce=self.overlap_grad_reduce,
+            ))  # fmt: skip
+        return bound
+
+    def finer(self, c: Candidate) -> int | None:
+        """The next microbatch count above c's the search may try for speed (not memory): twice as many where they
+        divide the replica's batch (chunks of at least min_chunk samples), else the most it divides into; None when
+        the count is fixed (requested, or no batch) or c's is already the most."""
+        if self.microbatches is not None or self.batch is None or self.batch % c.degrees.dp:
+            return None
+        above = [k for k in microbatch_counts(self.batch // c.degrees.dp, self.min_chunk) if k > c.microbatches]
+        return min((k for k in above if k >= 2 * c.microbatches), default=max(above, default=None))
 
     def doubled(self, d: Degrees, m: int) -> int | None:
         """The microbatch count `run` retries after `m` on memory (twice as many, while they divide the replica's
