@@ -10,8 +10,9 @@ devices as data parallelism (DDP), and data parallelism alone; then the planner'
 pipeline (pp = devices): compile time by phase, the plan table, the predicted step time, throughput, model
 FLOP utilization, bubble, peak memory per device against the limit, fallbacks; then every baseline
 split (bench/baselines.py) priced by the same cost model and replayed by the same schedule simulator,
-as predicted step time and its ratio to ours; then the layout the pp x tp x dp search picks for the
-same devices. Figures and their formulas:
+as predicted step time and its ratio to ours, each tool at its best microbatch count (every count that splits the
+batch evenly, as its user would tune gradient accumulation; also in the headline); then the layout the pp x tp x
+dp search picks for the same devices. Figures and their formulas:
     throughput      = batch x sequence tokens (or batch samples) / predicted step time
     MFU             = model FLOPs per step / (step time x devices x peak FLOP/s of the dtype),
                       model FLOPs = forward + backward FLOPs counted on the annotated graph
@@ -31,6 +32,8 @@ Gantt PNG of our plan's step, both named by model, devices and a UTC timestamp: 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import platform
@@ -38,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,7 +57,7 @@ from partitioner.plan.pipeline import node_level_optimum  # noqa: E402
 from partitioner.plan.search import (  # noqa: E402
     Candidate,
     Degrees,
-    default_microbatches,
+    microbatch_counts,
     price_candidate,
     scale_graph,
 )
@@ -132,6 +136,41 @@ def _default_seq(name: str) -> int | None:
     return None
 
 
+def _counts(batch: int, dp: int, requested: int | None) -> list[int]:
+    """The microbatch counts a baseline is priced at: the requested one, else every count splitting a replica's
+    batch into equal chunks (a user of the tool tunes its gradient accumulation; it gets its best)."""
+    if requested is not None:
+        return [requested]
+    return microbatch_counts(batch // dp) if batch % dp == 0 else []
+
+
+def _at_best_count(price: Callable[[int], dict[str, Any]], counts: list[int]) -> dict[str, Any]:
+    """The fastest of price(m) over the counts (its row, with "microbatches"); the last error if none prices."""
+    best, error = None, ValueError("no microbatch count divides the batch")
+    for m in counts:
+        try:
+            row = {**price(m), "microbatches": m}
+        except ValueError as e:  # a schedule refusing the count (1F1B: fewer microbatches than stages)
+            error = e
+            continue
+        if best is None or row["step_time"] < best["step_time"]:
+            best = row
+    if best is None:
+        raise error
+    return best
+
+
+def _price_split(layout: Candidate, stage_of: list[int], limit: float, m: int) -> dict[str, Any]:
+    """A tool's split in `layout` (degrees, schedule, data-parallel mode) at m microbatches, fast-replayed as our
+    search ranks candidates; ValueError where it does not fit `limit` bytes per device."""
+    c = dataclasses.replace(layout, microbatches=m)
+    flight = get_schedule(c.schedule).in_flight(c.degrees.pp, m)
+    price_candidate(c, stage_of, flight, c.graph.spec.devices_per_node, fast=True)
+    if c.peak_memory > limit:  # a count that does not fit is no option
+        raise ValueError(f"pp{c.degrees.pp} x dp{c.degrees.dp} peaks at {format_bytes(c.peak_memory)}")
+    return {"step_time": c.step_time}
+
+
 def _simulate(pg: Any, stage_of: list[int], stages: int, m: int, schedule: str, ranks: int) -> dict[str, float]:
     # Priced as the plan's own step is (plan.search.price_candidate): the replayed pipeline, then each rank's
     # tied-weight gradient sync and optimizer step (pp only, no dp).
@@ -150,7 +189,8 @@ def _tools_at(pg: Any, gm: Any, model: Any, devices: int, batch: int, schedule: 
               microbatches: int | None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Each tool as a user would run it on `devices` devices: its own pipeline split at every pipeline degree pp
     dividing the devices, the remaining devices as data parallelism (DDP, the default of each tool's docs), priced
-    like our plans; its fastest layout that fits. "data parallel only" is pp 1 (the same for every tool)."""
+    like our plans at its best microbatch count; its fastest layout that fits. "data parallel only" is pp 1 (the
+    same for every tool)."""
     out: dict[str, dict[str, Any]] = {}
     tools: dict[str, Any] = {"data parallel only": None, **BASELINES}
     for label, fn in tools.items():
@@ -160,8 +200,8 @@ def _tools_at(pg: Any, gm: Any, model: Any, devices: int, batch: int, schedule: 
             if (fn is None) != (pp == 1):
                 continue  # pp 1 is the data-parallel row; a tool's own rows split into pipelines
             dp = devices // pp
-            m = default_microbatches(batch, dp, pp, microbatches)
-            if m is None:
+            counts = _counts(batch, dp, microbatches)
+            if not counts:
                 continue
             try:
                 stage_of = [0] * pg.n if fn is None else fn(pg, gm, model, pp)
@@ -170,19 +210,16 @@ def _tools_at(pg: Any, gm: Any, model: Any, devices: int, batch: int, schedule: 
                 continue
             used = max(stage_of) + 1  # a tool may leave stages empty: its ranks then idle
             g = scale_graph(pg, None, dp, "ddp" if dp > 1 else "", pp=used)
-            c = Candidate(Degrees(pp=used, tp=1, dp=dp), m, schedule if used == pp else "1f1b", 1,
+            c = Candidate(Degrees(pp=used, tp=1, dp=dp), 0, schedule if used == pp else "1f1b", 1,
                           data_parallel="ddp" if dp > 1 else "", graph=g)  # fmt: skip
             try:
-                price_candidate(c, stage_of, get_schedule(c.schedule).in_flight(used, m), pg.spec.devices_per_node,
-                                fast=True)  # fmt: skip
+                row = _at_best_count(functools.partial(_price_split, c, stage_of, limit), counts)
             except ValueError as e:
                 notes.append(str(e).splitlines()[0])
                 continue
-            if c.peak_memory > limit:
-                notes.append(f"pp{pp} x dp{dp} peaks at {format_bytes(c.peak_memory)}")
-                continue
-            if best is None or c.step_time < best["step_time"]:
-                best = {"pp": pp, "dp": dp, "microbatches": m, "stages_used": used, "step_time": c.step_time}
+            if best is None or row["step_time"] < best["step_time"]:
+                best = {"pp": pp, "dp": dp, "microbatches": row["microbatches"], "stages_used": used,
+                        "step_time": row["step_time"]}  # fmt: skip
         out[label] = best if best is not None else {"note": "; ".join(notes[:2]) or "no layout fits"}
     return out
 
@@ -284,18 +321,24 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
     throughput, unit = _throughput(name, inputs, predicted["step_time"])
 
     baselines: dict[str, dict[str, Any]] = {}
+    # Counts the fixed pipeline runs (torch's 1F1B takes no fewer microbatches than stages): a split leaving stages
+    # empty would otherwise be compared as a shorter pipeline at fewer microbatches
+    counts = [k for k in _counts(args.batch, 1, args.microbatches) if k >= stages or args.microbatches]
     for label, fn in BASELINES.items():
         try:
             stage_of = fn(pg, gm, model, stages)
             used = max(stage_of) + 1
             ranks = args.devices if used == stages else used
-            row = _simulate(pg, stage_of, used, m, sched if used == stages else "1f1b", ranks)
+            schedule_used = sched if used == stages else "1f1b"
+            price = functools.partial(_simulate, pg, stage_of, used, schedule=schedule_used, ranks=ranks)
+            row = _at_best_count(price, counts)
             row["ratio"] = row["step_time"] / predicted["step_time"]
             row["fits"] = row["peak_memory"] <= plan.memory_limit
         except (NotApplicable, ValueError) as e:
             row = {"note": str(e).splitlines()[0]}
         baselines[label] = row
-    single = _simulate(pg, [0] * pg.n, 1, m, "1f1b", 1)
+    # One device at the plan's own count: the reference the pipeline's speedup is read against, not a tool's split
+    single = {**_simulate(pg, [0] * pg.n, 1, m, "1f1b", 1), "microbatches": m}
     single["ratio"], single["fits"] = (
         single["step_time"] / predicted["step_time"],
         single["peak_memory"] <= plan.memory_limit,
@@ -376,7 +419,10 @@ def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
     p = r["predicted"]
     print(f"\n=== {r['model']} ({r['params'] / 1e6:.1f}M parameters, {r['dtype']}, seq {r['seq']}) ===")
     _print_headline(r)
-    print("\n--- planner quality: every split on the same fixed pipeline (pp = devices, no data parallelism) ---")
+    print(
+        "\n--- planner quality: every split on the same fixed pipeline (pp = devices, no data parallelism; "
+        "each split at its best microbatch count) ---"
+    )
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in r["compile_phases"].items())
     print(f"compile: {r['compile_time']:.2f} s ({phases})")
     print(plan.summary())
@@ -389,9 +435,9 @@ def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
         + ", ".join(format_bytes(x) for x in r["plan"]["peak_memory_per_stage"])
         + f" (limit {format_bytes(r['plan']['memory_limit'])})"
     )
-    print("\nsplit                    predicted step   ratio to ours   bottleneck      fits memory")
+    print("\nsplit                    predicted step   ratio to ours   microbatches   bottleneck      fits memory")
     print(
-        f"{'ours':24s} {format_seconds(p['step_time']):>14s}   {1.0:>13.3f}   "
+        f"{'ours':24s} {format_seconds(p['step_time']):>14s}   {1.0:>13.3f}   {r['plan']['microbatches']:>12d}   "
         f"{format_seconds(r['plan']['bottleneck']):>10s}      yes"
     )
     for label, row in r["baselines"].items():
@@ -399,14 +445,16 @@ def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
             used = "" if row["stages_used"] == r["plan"]["stages"] else f" ({row['stages_used']} stages used)"
             print(
                 f"{label:24s} {format_seconds(row['step_time']):>14s}   {row['ratio']:>13.3f}   "
-                f"{format_seconds(row['bottleneck']):>10s}      {'yes' if row['fits'] else 'no'}{used}"
+                f"{row['microbatches']:>12d}   {format_seconds(row['bottleneck']):>10s}      "
+                f"{'yes' if row['fits'] else 'no'}{used}"
             )
         else:
             print(f"{label:24s} {'n/a':>14s}   ({row['note']})")
     b = r["perfect_balance"]
     print(
         f"{'perfect balance (bound)':24s} {format_seconds(b['step_time']):>14s}   "
-        f"{b['step_time'] / p['step_time']:>13.3f}   {format_seconds(b['bottleneck']):>10s}"
+        f"{b['step_time'] / p['step_time']:>13.3f}   {r['plan']['microbatches']:>12d}   "
+        f"{format_seconds(b['bottleneck']):>10s}"
     )
     if r["speedup_over_best_baseline"]:
         speedup = r["speedup_over_best_baseline"]
