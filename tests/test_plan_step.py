@@ -223,3 +223,23 @@ def test_a_memory_limit_the_plan_fits_does_not_change_a_sharded_plan() -> None:
     limited = partitioner.compile(model, memory_limit=free.predicted["peak_memory"], **kw).plan
     assert limited.predicted["step_time"] == pytest.approx(free.predicted["step_time"], rel=1e-9)
     assert [s.nodes for s in limited.stages] == [s.nodes for s in free.stages]
+
+
+def test_the_objective_replays_a_split_once_and_keeps_a_bound_only_for_what_it_still_cannot_beat() -> None:
+    """StepObjective remembers what each split came to: the same cuts again are not replayed (the local searches from
+    several starts meet on the same splits), with the same value. A value cut short by `beat` (a lower bound) answers
+    a later call only where it still cannot beat that call's `beat`; otherwise the split is replayed exactly."""
+    pg = _chain([0.0] + [1.0] * 8)
+    objective = _objective(pg, 2, 4)
+    best, lopsided = [0, 5, pg.n], [0, 8, pg.n]
+    exact = objective(best)
+    replays = objective.evaluations
+    assert objective(best) == exact and objective(best, beat=(0, 0.0)) == exact and objective.evaluations == replays
+
+    truth = _objective(pg, 2, 4)(lopsided)
+    short = objective(lopsided, beat=exact)  # cannot beat the best split: its bound comes back, not replayed
+    assert objective.skipped == 1 and objective.evaluations == replays and exact <= short
+    assert short[1] <= truth[1] * (1 + 1e-12)  # a bound (to rounding)
+    assert objective(lopsided, beat=exact) == short and objective.evaluations == replays  # remembered
+    assert objective(lopsided) == truth and objective.evaluations == replays + 1  # no beat: replayed, exact
+    assert objective(lopsided, beat=exact) == truth and objective.evaluations == replays + 1

@@ -77,16 +77,29 @@ class StepObjective:
         self.state = ContiguousState(pg)
         self.evaluations = 0  # replays
         self.skipped = 0  # splits whose lower bound could not beat the best: no replay
+        # cuts -> (value, exact): what each split came to, shared by the local searches from every start (they often
+        # meet on the same splits); a bound is kept with exact=False, and serves only a `beat` it still cannot beat
+        self._memo: dict[tuple[int, ...], tuple[tuple[int, float], bool]] = {}
 
     def __call__(self, cuts: Sequence[int], beat: tuple[int, float] | None = None) -> tuple[int, float]:
         """The objective of `cuts`; with `beat`, a value that cannot beat it may come back as a lower bound >= `beat`
         instead (simulate.replay_lower_bound: the replay skipped), so only a value below `beat` is sure to be exact."""
+        key = tuple(int(c) for c in cuts)
+        known = self._memo.get(key)
+        if known is not None and (known[1] or (beat is not None and known[0] >= beat)):
+            return known[0]
+        value, exact = self._value(cuts, beat)
+        self._memo[key] = (value, exact)
+        return value
+
+    def _value(self, cuts: Sequence[int], beat: tuple[int, float] | None) -> tuple[tuple[int, float], bool]:
+        """`__call__`'s value, and whether it is exact (not a bound standing in for it)."""
         pre = self.pre
         if any(pre.limit[j] < i for j, i in zip(cuts, cuts[1:])):
-            return (0, math.inf)
+            return (0, math.inf), True
         empty = sum(1 for j, i in zip(cuts, cuts[1:]) if pre.working[i] == pre.working[j])
         if beat is not None and empty > beat[0]:
-            return (empty, math.inf)
+            return (empty, math.inf), False
         modes = pre.modes_of(cuts, self.in_flight, self.stage_memory)
         costs = pre.stage_costs(cuts, modes)
         if beat is not None and empty == beat[0]:
@@ -94,19 +107,19 @@ class StepObjective:
                                        num_ranks=self.layout.pp)  # fmt: skip
             if bound >= beat[1]:
                 self.skipped += 1
-                return (empty, bound)
+                return (empty, bound), False
         self.evaluations += 1
         costs = [dataclasses.replace(cost, static_bytes=static)
                  for cost, static in zip(costs, self.state.static_bytes(cuts))]  # fmt: skip
         priced = price_step(self.pg, self.layout, costs, self.state(cuts), fast=True)
         if priced.peak_memory > self.rank_memory * (1 + 1e-9):
-            return (0, math.inf)
+            return (0, math.inf), True
         tied, ranks = 0.0, ()
         if self.pg.tied and self.pg.training:
             stage_of = np.repeat(np.arange(len(cuts) - 1), np.diff(cuts))
             tied = tied_sync_time(self.pg, stage_of, priced.simulation.stage_to_rank, internode=self.internode)
             ranks = sorted({priced.simulation.stage_to_rank[s] for s in self.state.tied_stages(cuts)})
-        return (empty, step_end(priced, tied, ranks))
+        return (empty, step_end(priced, tied, ranks)), True
 
 
 def step_improver(
@@ -225,15 +238,9 @@ def _local_search(
     objective: StepObjective, cuts: list[int], inner: np.ndarray, budget: int
 ) -> tuple[list[int], tuple[int, float]]:
     """First improvement: the moves of the current cuts are tried in order, and the first that improves becomes the
-    current cuts; stops when none does or the budget is spent."""
-    seen: dict[tuple[int, ...], tuple[int, float]] = {}
-
-    def value(c: list[int], beat: tuple[int, float] | None = None) -> tuple[int, float]:
-        """Exact when below `beat`; otherwise possibly a bound (StepObjective), still not below any later best."""
-        key = tuple(c)
-        if key not in seen:
-            seen[key] = objective(c, beat)
-        return seen[key]
+    current cuts; stops when none does or the budget is spent. A split priced before (from this start or another) is
+    not replayed again (StepObjective keeps what each came to)."""
+    value = objective
 
     best, best_value = cuts, value(cuts)
     improved = True
