@@ -243,3 +243,69 @@ def test_the_objective_replays_a_split_once_and_keeps_a_bound_only_for_what_it_s
     assert objective(lopsided, beat=exact) == short and objective.evaluations == replays  # remembered
     assert objective(lopsided) == truth and objective.evaluations == replays + 1  # no beat: replayed, exact
     assert objective(lopsided, beat=exact) == truth and objective.evaluations == replays + 1
+
+
+def _reference_balanced_cuts(pre, num_stages, bottleneck, in_flight, memory_limit, num_inputs, score="squares"):
+    """balanced_cuts as a loop over each layer's ends (its form until session 38): what the vector form must equal."""
+    from partitioner.plan.step import _backtrack
+
+    n, pos = pre.n, pre.positions
+    ends = pos[pos >= max(num_inputs, 1)]
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    parents, limit = [], bottleneck * (1 + 1e-6)
+    for s in range(num_stages):
+        nxt, parent = np.full(n + 1, np.inf), np.full(n + 1, -1, dtype=np.int64)
+        starts = np.flatnonzero(np.isfinite(best))
+        if starts.size == 0:
+            return None
+        reach = (pre.P[ends] >= pre.P[starts[0]]) & (pre.P[ends] <= pre.P[starts[-1]] + limit)
+        reach &= pre.P[n] - pre.P[ends] <= (num_stages - 1 - s) * limit
+        for i in ends[reach] if s < num_stages - 1 else np.array([n]):
+            i = int(i)
+            j_lo = np.searchsorted(pre.P, pre.P[i] - bottleneck * (1 + 1e-9), side="left")
+            js = starts[(starts >= j_lo) & (starts < i) & (pre.limit[starts] >= i)]
+            js = js[pre.working[js] < pre.working[i]]
+            if js.size == 0:
+                continue
+            time = pre.fitting_time(js, i, float(in_flight[s]), memory_limit)
+            cost = time * time if score == "squares" else np.full(js.size, pre.hop[i] if i < n else 0.0)
+            total = best[js] + np.where(time <= bottleneck * (1 + 1e-9), cost, np.inf)
+            k = int(np.argmin(total))
+            if np.isfinite(total[k]):
+                nxt[i], parent[i] = total[k], js[k]
+        best = nxt
+        parents.append(parent)
+    return _backtrack(parents, n) if np.isfinite(best[n]) else None
+
+
+@pytest.mark.parametrize("name", ["gpt3-tiny", "bert-tiny", "dmagaze-tiny"])
+def test_balanced_cuts_equal_a_loop_over_each_layers_ends(name: str) -> None:
+    """The vector DP against the loop it replaced, on real graphs with recompute modes: the same cuts for both scores,
+    at bottlenecks from the DP's own to well above it, with and without a memory limit that forces recompute, and
+    in chunks of a few pairs (step._PAIRS) as well as all at once."""
+    import partitioner.plan.step as step
+
+    cm = partitioner.compile(zoo.get(name), devices=4, example_inputs=zoo.example_inputs(name, batch=8), pipeline=4,
+                             device_type="h100")  # fmt: skip
+    pg, m = cm.planning_graph, 8
+    checked = 0
+    for stages in (2, 4, 6):
+        layout = Layout(pp=stages, tp=1, dp=1, microbatches=m, schedule="1f1b")
+        objective = StepObjective(pg, layout, stages, recompute=pg.recompute_modes())
+        pre = objective.pre
+        start = contiguous_partition(pg, stages, microbatches=m)
+        bottleneck = max(float(pre.cost(j, i)) for j, i in zip(start, start[1:]))
+        peak = max(float(pre.memory(np.array([j]), i, 0, float(f))[0])
+                   for (j, i), f in zip(zip(start, start[1:]), objective.in_flight))  # fmt: skip
+        for slack, memory, score in itertools.product((1.0, 1.1, 1.5), (np.inf, 0.8 * peak), ("squares", "hops")):
+            args = (pre, stages, bottleneck * slack, objective.in_flight, memory, pg.num_inputs)
+            expected = _reference_balanced_cuts(*args, score=score)
+            assert step.balanced_cuts(*args, score=score) == expected
+            saved, step._PAIRS = step._PAIRS, 3
+            try:
+                assert step.balanced_cuts(*args, score=score) == expected
+            finally:
+                step._PAIRS = saved
+            checked += expected is not None
+    assert checked >= 12  # most of the cases have a split

@@ -175,7 +175,11 @@ def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: n
     `score`: "squares", the sum of squared stage times (every stage as even as the slowest allows, not just the
     slowest as fast as it can be: the DP leaves the others anywhere under it); "hops", the sum of one microbatch's
     sends across the cuts (what the first microbatch's forward and the last one's backward wait for on their way
-    through the pipeline). An exact DP over (stage, prefix); None when no such split exists."""
+    through the pipeline). An exact DP over (stage, prefix); None when no such split exists.
+
+    Each stage's layer is one vector pass over every (start, end) pair within the bottleneck (a stage spans about
+    n / stages positions, so a layer holds about n^2 / stages pairs), in chunks of at most _PAIRS; of equal totals
+    the earliest start wins, as a loop over the ends taking np.argmin would choose."""
     n, pos = pre.n, pre.positions
     lo_valid = max(num_inputs, 1)
     ends = pos[pos >= lo_valid]
@@ -183,6 +187,7 @@ def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: n
     best[0] = 0.0
     parents = []
     limit = bottleneck * (1 + 1e-6)  # a little over the DP's own tolerance: pruning less never changes the result
+    within = bottleneck * (1 + 1e-9)
     for s in range(num_stages):
         nxt, parent = np.full(n + 1, np.inf), np.full(n + 1, -1, dtype=np.int64)
         starts = np.flatnonzero(np.isfinite(best))
@@ -190,24 +195,60 @@ def balanced_cuts(pre: _Prefix, num_stages: int, bottleneck: float, in_flight: n
             return None
         # Only ends a stage from some start can reach with compute <= bottleneck, and from which the stages left can
         # still cover the rest at <= bottleneck each: every other end gets no finite score or none that completes.
-        reach = (pre.P[ends] >= pre.P[starts[0]]) & (pre.P[ends] <= pre.P[starts[-1]] + limit)
-        reach &= pre.P[n] - pre.P[ends] <= (num_stages - 1 - s) * limit
-        for i in ends[reach] if s < num_stages - 1 else np.array([n]):
-            i = int(i)
-            j_lo = np.searchsorted(pre.P, pre.P[i] - bottleneck * (1 + 1e-9), side="left")  # a stage's compute <= T
-            js = starts[(starts >= j_lo) & (starts < i) & (pre.limit[starts] >= i)]
-            js = js[pre.working[js] < pre.working[i]]  # a stage holds compute
+        if s < num_stages - 1:
+            reach = (pre.P[ends] >= pre.P[starts[0]]) & (pre.P[ends] <= pre.P[starts[-1]] + limit)
+            reach &= pre.P[n] - pre.P[ends] <= (num_stages - 1 - s) * limit
+            layer_ends = ends[reach]
+        else:
+            layer_ends = np.array([n], dtype=np.int64)
+        # the starts of each end: from the first whose stage compute stays <= bottleneck, up to the end itself
+        first = np.searchsorted(starts, np.searchsorted(pre.P, pre.P[layer_ends] - within, side="left"), side="left")
+        counts = np.maximum(np.searchsorted(starts, layer_ends, side="left") - first, 0)
+        for lo, hi in _chunks(counts, _PAIRS):
+            c = counts[lo:hi]
+            group = np.repeat(np.arange(lo, hi), c)
+            offset = np.arange(group.size) - np.repeat(np.cumsum(c) - c, c)
+            js = starts[np.repeat(first[lo:hi], c) + offset]
+            ie = layer_ends[group]
+            keep = (pre.limit[js] >= ie) & (pre.working[js] < pre.working[ie])  # one stage may hold it; it computes
+            js, ie, group = js[keep], ie[keep], group[keep]
             if js.size == 0:
                 continue
-            time = pre.fitting_time(js, i, float(in_flight[s]), memory_limit)
-            cost = time * time if score == "squares" else np.full(js.size, pre.hop[i] if i < n else 0.0)
-            total = best[js] + np.where(time <= bottleneck * (1 + 1e-9), cost, np.inf)
-            k = int(np.argmin(total))
-            if np.isfinite(total[k]):
-                nxt[i], parent[i] = total[k], js[k]
+            time = pre.fitting_time(js, ie, float(in_flight[s]), memory_limit)
+            if score == "squares":
+                cost = time * time
+            else:
+                cost = np.zeros(js.size)
+                inner = ie < n
+                cost[inner] = pre.hop[ie[inner]]
+            total = best[js] + np.where(time <= within, cost, np.inf)
+            # per end (groups are contiguous, starts ascending in each): the least total, the earliest start of it
+            heads = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+            least = np.minimum.reduceat(total, heads)
+            at = np.flatnonzero(total == np.repeat(least, np.diff(np.r_[heads, total.size])))
+            ends_of, pick = np.unique(group[at], return_index=True)
+            pick = at[pick]
+            found = np.isfinite(total[pick])
+            nxt[layer_ends[ends_of[found]]] = total[pick[found]]
+            parent[layer_ends[ends_of[found]]] = js[pick[found]]
         best = nxt
         parents.append(parent)
     return _backtrack(parents, n) if np.isfinite(best[n]) else None
+
+
+_PAIRS = 1 << 20  # (start, end) pairs balanced_cuts prices at once: bounds its memory (a few arrays of this size)
+
+
+def _chunks(counts: np.ndarray, most: int) -> list[tuple[int, int]]:
+    """Consecutive ranges [lo, hi) of `counts` whose sums stay within `most` (a single count above it alone)."""
+    cum = np.cumsum(counts)
+    out, lo = [], 0
+    while lo < counts.size:
+        base = cum[lo - 1] if lo else 0
+        hi = max(int(np.searchsorted(cum, base + most, side="right")), lo + 1)
+        out.append((lo, hi))
+        lo = hi
+    return out
 
 
 HOP_SLACK = (1.0, 1.02, 1.05, 1.1, 1.15, 1.2, 1.3)  # bottlenecks the fewest-hops start may trade for shorter sends
