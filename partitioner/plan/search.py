@@ -591,8 +591,8 @@ def _finer_microbatches(
             candidates[k] = current = trial
             if _better(trial, best):
                 best.simulation, best = None, trial
-            elif trial is not best:
-                trial.simulation = None
+            else:
+                trial.simulation = None  # only the winner's replay is read
     return best
 
 
@@ -847,7 +847,7 @@ def _no_layout_error(
 ) -> ValueError:
     """Why no candidate of `search` fits: a non-memory reason, or the memory error with a device-count hint."""
     pg, devices_per_node, batch = ev.pg, ev.devices_per_node, ev.batch
-    reasons = "; ".join(f"{c.degrees} {c.schedule}: {c.note}" for c in evaluated[:keep])
+    reasons = "; ".join(list(dict.fromkeys(f"{c.degrees} {c.schedule}: {c.note}" for c in evaluated))[:keep])
     if not all(c.out_of_memory for c in evaluated if c.note and not c.skipped):
         most = max_stages(pg)
         if pipeline is not None and pipeline > most:
