@@ -156,7 +156,7 @@ def test_example_plans_a_long_context_with_context_parallelism() -> None:
 def test_example_plan_gpt3_175b_as_published() -> None:
     result = _python("examples/plan_gpt3_175b.py")
     assert result.returncode == 0, result.stderr
-    start = "Plan for GPT on 64 x h100 (pipeline 8 x tensor 2 sequence parallel x context 4 x data 1;"  # README
+    start = "Plan for GPT on 64 x h100 (pipeline 8 x tensor 4 sequence parallel x data 2;"  # README
     assert result.stdout.startswith(start), result.stdout[:200]
 
 
