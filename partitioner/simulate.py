@@ -323,10 +323,7 @@ def _torch_orders(
         stand_ins = [_StandInStage(-1, num_stages, num_ranks, 0) for _ in range(per_rank)]
         sched = cls(stand_ins, num_microbatches)  # type: ignore[arg-type]
         compute = sched.pipeline_order_with_comms
-        orders_t = tuple(
-            tuple(_from_torch(a) for a in compute[rank] if a is not None and a.is_compute_op)
-            for rank in range(num_ranks)
-        )
+        orders_t = tuple(_from_torch_order(compute[rank]) for rank in range(num_ranks))
         return orders_t, tuple(sched.stage_index_to_group_rank[s] for s in range(num_stages))
     except (ValueError, AssertionError) as e:
         raise ValueError(f"torch refuses {where}: {e}") from e
@@ -352,6 +349,28 @@ def _order_only(cls: type) -> type:
 
         overrides["_prepare_schedule_with_comms"] = _prepare_schedule_with_comms
     return type(cls.__name__, (cls,), overrides)
+
+
+def _from_torch_order(actions: Sequence[Any]) -> tuple[Action, ...]:
+    """A rank's torch ``_Action`` list -> its compute actions as ours (`_from_torch` each), skipping idle slots
+    (None) and communication. Each action's kind is looked up by the identity of its enum member: a deep pipeline's
+    orders hold hundreds of thousands of actions, and the enum's ``.value`` and the NamedTuple constructor were half
+    the time of building them."""
+    kinds: dict[int, str | None] = {}
+    new, out = tuple.__new__, []
+    for a in actions:
+        if a is None:
+            continue
+        kind_type = a.computation_type
+        kind = kinds.get(id(kind_type), "")
+        if kind == "":
+            kind = kinds[id(kind_type)] = kind_type.value if a.is_compute_op else None
+        if kind is None:
+            continue
+        if kind not in _KINDS or a.microbatch_index is None:
+            out.append(_from_torch(a))  # raises, naming the action
+        out.append(new(Action, (a.stage_index, kind, a.microbatch_index)))
+    return tuple(out)
 
 
 def _from_torch(action: Any) -> Action:

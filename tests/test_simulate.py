@@ -610,3 +610,18 @@ def test_replay_by_levels_is_the_loop_to_the_bit(case, ranks, extra, blocking, d
     finally:
         simulate_module.WIDE_LEVELS = default
     assert runs[0] == runs[1]
+
+
+def test_torch_orders_keep_compute_actions_and_name_one_the_simulator_cannot_replay() -> None:
+    """A rank's torch action list -> our actions: idle slots and communication dropped, F / B / I / W kept in order,
+    and a compute action outside them (torch's overlapped forward-backward) refused by name, never skipped."""
+    from torch.distributed.pipelining.schedules import _Action, _ComputationType
+
+    from partitioner.simulate import _from_torch_order
+
+    send = _Action(0, _ComputationType.SEND_F, 0)
+    fwd, bwd = _Action(0, _ComputationType.FORWARD, 1), _Action(0, _ComputationType.FULL_BACKWARD, 1)
+    assert _from_torch_order([None, fwd, send, None, bwd]) == (Action(0, "F", 1), Action(0, "B", 1))
+    overlapped = _Action(0, _ComputationType.OVERLAP_F_B, None, (fwd, bwd))
+    with pytest.raises(ValueError, match="unsupported torch action"):
+        _from_torch_order([fwd, overlapped])
