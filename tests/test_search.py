@@ -319,3 +319,17 @@ def test_a_requested_microbatch_count_leaves_out_the_data_degrees_whose_replicas
     assert priced and priced <= {1, 2}
     refused = [c for c in evaluated if c.degrees.dp in (4, 8)]
     assert refused and all(not c.fits and "x 8 microbatches" in c.note for c in refused)
+
+
+def test_the_summary_says_why_this_many_microbatches() -> None:
+    """plan.reasons compares the chosen microbatch count with the same layout at the nearest counts the search priced
+    (the winner's move to fewer, the first count found no faster above), in the ranked figures those were priced at."""
+    cm = partitioner.compile(zoo.get("gpt3-tiny"), devices=4, example_inputs=zoo.example_inputs("gpt3-tiny", batch=64),
+                             pipeline=4, device_type="h100", verbose=False)  # fmt: skip
+    plan = cm.plan
+    (line,) = [r for r in plan.reasons if r.startswith(f"{plan.microbatches} microbatches: ")]
+    counts = [int(k) for k in re.findall(r"(\d+) take ", line)]
+    assert counts and plan.microbatches not in counts and all(64 % k == 0 for k in counts)
+    ratios = [float(x) for x in re.findall(r"\(([0-9.]+)x the chosen", line)]
+    assert len(ratios) == len(counts) and all(r >= 1.0 - 1e-3 for r in ratios)  # none priced faster than the choice
+    assert line in plan.summary()

@@ -571,6 +571,7 @@ def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions) -> 
                 )
         if len(out) > 4:
             out = out[:2] + [f"... {len(out) - 3} more stages alike ..."] + out[-1:]
+    out += _microbatch_reason(best, evaluated)
     if best.degrees.tp > 1:
         out += _sequence_reason(best, evaluated)
     out += _context_reason(best, evaluated)
@@ -588,6 +589,20 @@ def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions) -> 
                 why = "does not fit" + (f": {c.note[:160]}" if c.note else "")
             out.append(f"data parallel {best.data_parallel}, not {c.data_parallel}: {c.data_parallel} {why}")
     return out
+
+
+def _microbatch_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
+    """Why the plan runs as many microbatches as it does: the same layout at the nearest counts below and above that
+    the search priced (fewer: a larger bubble; more: each kernel's launch and each send's latency paid more often)."""
+    same = [c for c in evaluated if c.fits and c is not best and c.degrees == best.degrees
+            and c.schedule == best.schedule and c.data_parallel == best.data_parallel
+            and c.sequence_parallel == best.sequence_parallel and c.stages_per_device == best.stages_per_device
+            and c.microbatches != best.microbatches]  # fmt: skip
+    below = max((c for c in same if c.microbatches < best.microbatches), key=lambda c: c.microbatches, default=None)
+    above = min((c for c in same if c.microbatches > best.microbatches), key=lambda c: c.microbatches, default=None)
+    priced = [f"{c.microbatches} take {format_seconds(c.step_time)} as ranked ({c.step_time / _ranked(best):.3f}x the "
+              f"chosen one's)" for c in (below, above) if c is not None]  # fmt: skip
+    return [f"{best.microbatches} microbatches: " + "; ".join(priced)] if priced else []
 
 
 def _sequence_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:

@@ -88,7 +88,7 @@ class Plan:
     data_parallel_shard: int = 0
     # False: the gradients are all-reduced after the last backward, not during it (ddp / zero1; plan.sharding)
     overlap_grad_reduce: bool = True
-    reasons: list[str] = field(default_factory=list)  # why the plan recomputes and shards as it does (plan.model)
+    reasons: list[str] = field(default_factory=list)  # why: recompute, microbatches, sp, cp, dp mode (plan.model)
     # context parallelism (plan.context): the sequence of every activation split over context_degree ranks;
     # `context` holds what re-derives the layout from the graph: {"balance": bool, "seq_dims": {input: dim}}
     context_degree: int = 1
@@ -298,7 +298,7 @@ def _format_plan(plan: Plan) -> str:
         lines.append(f"{_shared_names(names)} held by stages {list(stages)}")
     if plan.reasons:
         placed = plan.capture == "module-placement"  # (capture.placement.METHOD; schema imports no capture code)
-        lines.append("why it is placed as it is:" if placed else "why it recomputes and shards as it does:")
+        lines.append("why it is placed as it is:" if placed else "why it is laid out as it is:")
         lines += [f"  {r}" for r in plan.reasons]
     if plan.alternatives:
         # Runners-up are priced as the search ranked them (coarse stage boundaries); so is the chosen one here

@@ -571,10 +571,11 @@ def _finer_microbatches(
     The search prices a layout at its default count (4 pp, the fewest that keep the bubble small) and more only where
     memory needs them; more shrink the fill-and-drain bubble but pay each kernel's launch and each send's latency once
     more per microbatch, which the cost model prices (on an H200 the GEMM rate + launch fits GEMMs of 2,048 and 8,192
-    rows alike: devices.py). Each layout that fits, or was skipped on its lower bound alone (`bounded`: ids), moves to
-    the next count (`_Evaluator.finer`) while its lower bound there is under the best step and the step improves by
-    more than the search's tie; a candidate's entry is replaced by its best count. The fastest layouts go first, so the
-    best step falls early and bounds the rest."""
+    rows alike: docs/design.md, "The pp x tp x dp search"). Each layout that fits, or was skipped on its lower bound
+    alone (`bounded`: ids), moves to the next count (`_Evaluator.finer`) while its lower bound there is under the best
+    step and the step improves by more than the search's tie; a candidate's entry is replaced by its best count, and
+    the first count found no faster joins `candidates` (what the summary compares the chosen count with). The fastest
+    layouts go first, so the best step falls early and bounds the rest."""
     order = sorted((k for k, c in enumerate(candidates) if c.fits or id(c) in bounded),
                    key=lambda k: candidates[k].step_time)  # fmt: skip
     for k in order:
@@ -587,6 +588,9 @@ def _finer_microbatches(
                 break
             ev.run(trial)  # a layout skipped on its bound may not fit at this count either: more, as the search would
             if not trial.fits or (current.fits and not _better(trial, current)):
+                if trial.fits:
+                    trial.simulation = None
+                    candidates.append(trial)  # priced: what the summary's runners-up and reasons may show
                 break
             candidates[k] = current = trial
             if _better(trial, best):
