@@ -775,8 +775,8 @@ class _Evaluator:
 
     def bound(self, c: Candidate, counts: Sequence[int], *, planned: bool = True) -> float:
         """A lower bound on c's step at any of the microbatch counts `counts` (ascending; its split into stages and
-        recompute modes free). `planned=False`: c's layout could not be built (its graph is the unsharded one), and
-        only the work bound holds.
+        recompute modes free). `planned=False`: c's layout could not be built (its graph is the unsharded one) or its
+        batch does not split, and only the work bound holds (such a candidate is never priced).
 
         Whatever the split, some rank runs its stage for the whole batch: with more stages than blocks the heaviest
         block between two coarse cuts (plan.pipeline.bottleneck_floor), not the balanced share, bounds the step, and
