@@ -144,16 +144,23 @@ def _counts(batch: int, dp: int, requested: int | None) -> list[int]:
     return microbatch_counts(batch // dp) if batch % dp == 0 else []
 
 
-def _at_best_count(price: Callable[[int], dict[str, Any]], counts: list[int]) -> dict[str, Any]:
-    """The fastest of price(m) over the counts (its row, with "microbatches"); the last error if none prices."""
+def _at_best_count(
+    price: Callable[[int], dict[str, Any]], counts: list[int], limit: float = float("inf")
+) -> dict[str, Any]:
+    """The fastest of price(m) over the counts (its row, with "microbatches"), counts whose row peaks above `limit`
+    (its "peak_memory") only where none fits; the last error if none prices."""
     best, error = None, ValueError("no microbatch count divides the batch")
+
+    def rank(row: dict[str, Any]) -> tuple[bool, float]:
+        return row.get("peak_memory", 0.0) > limit, row["step_time"]
+
     for m in counts:
         try:
             row = {**price(m), "microbatches": m}
         except ValueError as e:  # a schedule refusing the count (1F1B: fewer microbatches than stages)
             error = e
             continue
-        if best is None or row["step_time"] < best["step_time"]:
+        if best is None or rank(row) < rank(best):
             best = row
     if best is None:
         raise error
@@ -331,7 +338,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
             ranks = args.devices if used == stages else used
             schedule_used = sched if used == stages else "1f1b"
             price = functools.partial(_simulate, pg, stage_of, used, schedule=schedule_used, ranks=ranks)
-            row = _at_best_count(price, counts)
+            row = _at_best_count(price, counts, plan.memory_limit)
             row["ratio"] = row["step_time"] / predicted["step_time"]
             row["fits"] = row["peak_memory"] <= plan.memory_limit
         except (NotApplicable, ValueError) as e:

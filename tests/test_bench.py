@@ -232,3 +232,20 @@ def test_ours_never_loses_to_a_tools_split_on_a_branching_model(tmp_path, name):
     ours = result["predicted"]["step_time"]
     tools = {k: v["step_time"] for k, v in result["baselines"].items() if v.get("step_time") and k != "single device"}
     assert tools and all(ours <= step for step in tools.values()), (ours, tools)
+
+
+def test_a_tool_is_priced_at_its_fastest_microbatch_count_that_fits() -> None:
+    """bench.run._at_best_count: the fastest count whose row fits the limit, a faster one that does not fit only when
+    none does, counts the schedule refuses skipped, and the last refusal raised when every count is refused."""
+    rows = {1: (9.0, 10.0), 2: (7.0, 30.0), 4: (8.0, 20.0)}  # count -> (step, peak)
+
+    def price(m: int) -> dict:
+        if m == 8:
+            raise ValueError("1F1B takes no fewer microbatches than stages")
+        return {"step_time": rows[m][0], "peak_memory": rows[m][1]}
+
+    assert run._at_best_count(price, [1, 2, 4, 8])["microbatches"] == 2
+    assert run._at_best_count(price, [1, 2, 4, 8], limit=25.0)["microbatches"] == 4
+    assert run._at_best_count(price, [1, 2, 4], limit=5.0)["microbatches"] == 2  # none fits: the fastest
+    with pytest.raises(ValueError, match="no fewer microbatches"):
+        run._at_best_count(price, [8])
