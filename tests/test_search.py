@@ -333,3 +333,9 @@ def test_the_summary_says_why_this_many_microbatches() -> None:
     ratios = [float(x) for x in re.findall(r"\(([0-9.]+)x the chosen", line)]
     assert len(ratios) == len(counts) and all(r >= 1.0 - 1e-3 for r in ratios)  # none priced faster than the choice
     assert line in plan.summary()
+
+
+def test_a_microbatch_count_that_does_not_divide_the_batch_is_refused_with_the_counts_that_do() -> None:
+    model, inputs = zoo.get("gpt3-tiny"), zoo.example_inputs("gpt3-tiny", batch=10)
+    with pytest.raises(ValueError, match=r"microbatches=4 does not divide the batch of 10 rows.*\[1, 2, 5, 10\]"):
+        partitioner.compile(model, devices=2, example_inputs=inputs, microbatches=4, verbose=False)

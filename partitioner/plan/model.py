@@ -222,6 +222,12 @@ def plan_model(
     batch = _batch_size(inputs, captured.input_names, dims)
     if refusal and (o.microbatches or 1) > 1:
         raise ValueError(f"microbatches={o.microbatches} asks for a split, but {refusal}")
+    if o.microbatches and batch and batch % o.microbatches:
+        fits = [k for k in range(1, batch + 1) if batch % k == 0]
+        raise ValueError(
+            f"microbatches={o.microbatches} does not divide the batch of {batch} rows into equal microbatches "
+            f"(with data parallelism, dp x microbatches must divide it): use one of {fits}"
+        )
     if o.microbatches and batch and min_chunk and batch // o.microbatches < min_chunk:
         raise ValueError(
             f"microbatches={o.microbatches} cuts the batch of {batch} into chunks of {batch // o.microbatches}, "
