@@ -356,19 +356,18 @@ def _from_torch_order(actions: Sequence[Any]) -> tuple[Action, ...]:
     (None) and communication. Each action's kind is looked up by the identity of its enum member: a deep pipeline's
     orders hold hundreds of thousands of actions, and the enum's ``.value`` and the NamedTuple constructor were half
     the time of building them."""
-    kinds: dict[int, str | None] = {}
+    kinds: dict[int, str] = {}  # id of a computation type -> its kind, "" for communication
     new, out = tuple.__new__, []
     for a in actions:
         if a is None:
             continue
-        kind_type = a.computation_type
-        kind = kinds.get(id(kind_type), "")
-        if kind == "":
-            kind = kinds[id(kind_type)] = kind_type.value if a.is_compute_op else None
+        kind = kinds.get(id(a.computation_type))
         if kind is None:
+            kind = kinds[id(a.computation_type)] = a.computation_type.value if a.is_compute_op else ""
+        if not kind:
             continue
         if kind not in _KINDS or a.microbatch_index is None:
-            out.append(_from_torch(a))  # raises, naming the action
+            _from_torch(a)  # raises, naming the action
         out.append(new(Action, (a.stage_index, kind, a.microbatch_index)))
     return tuple(out)
 

@@ -35,6 +35,7 @@ from partitioner.plan.search import (
     Candidate,
     Degrees,
     TensorParallelModel,
+    microbatch_counts,
     price_candidate,
     refine_winner,
     scale_graph,
@@ -223,7 +224,7 @@ def plan_model(
     if refusal and (o.microbatches or 1) > 1:
         raise ValueError(f"microbatches={o.microbatches} asks for a split, but {refusal}")
     if o.microbatches and batch and batch % o.microbatches:
-        fits = [k for k in range(1, batch + 1) if batch % k == 0]
+        fits = microbatch_counts(batch, min_chunk or 1)
         raise ValueError(
             f"microbatches={o.microbatches} does not divide the batch of {batch} rows into equal microbatches "
             f"(with data parallelism, dp x microbatches must divide it): use one of {fits}"

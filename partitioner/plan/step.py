@@ -281,9 +281,7 @@ def _local_search(
     """First improvement: the moves of the current cuts are tried in order, and the first that improves becomes the
     current cuts; stops when none does or the budget is spent. A split priced before (from this start or another) is
     not replayed again (StepObjective keeps what each came to)."""
-    value = objective
-
-    best, best_value = cuts, value(cuts)
+    best, best_value = cuts, objective(cuts)
     improved = True
     while improved and objective.evaluations < budget:
         improved = False
@@ -291,7 +289,7 @@ def _local_search(
             for candidate in moves(objective.pre, best, inner):
                 if objective.evaluations >= budget:
                     break
-                v = value(candidate, best_value)
+                v = objective(candidate, best_value)
                 if v < best_value:
                     best, best_value, improved = candidate, v, True
                     break
