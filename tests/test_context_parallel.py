@@ -16,6 +16,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.nn.attention.bias import CausalBias, CausalVariant
+from torch.overrides import TorchFunctionMode
 
 import zoo
 from partitioner.comm import all_gather_time
@@ -77,6 +79,41 @@ def test_balanced_order_gives_every_rank_the_same_causal_work() -> None:
             assert sorted(torch.cat(held).tolist()) == list(range(T))
             work = [int((p + 1).sum()) for p in held]  # keys each rank's queries attend to, causal
             assert (len(set(work)) == 1) == balance, (degree, balance, work)
+
+
+class _RecordAttention(TorchFunctionMode):
+    """Records (query length, key length, attn_mask) of each scaled_dot_product_attention call made under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int, Any]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls.append((args[0].shape[-2], args[1].shape[-2], kwargs.get("attn_mask")))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("degree, balance", [(2, True), (4, True), (4, False), (8, True)])
+def test_a_rank_attends_with_one_lower_right_causal_call_per_run_of_positions(degree: int, balance: bool) -> None:
+    """CPAttention runs the useful causal work only: per run of consecutive positions [a, b), its queries over keys
+    [0, b) under a lower-right causal bias (flash / memory-efficient kernels skip the masked blocks), never a boolean
+    mask over every key. The pairs those calls attend are exactly the rank's causal pairs."""
+    T, heads, dim = 64, 2, 4
+    q, k, v = (torch.randn(1, heads, T, dim) for _ in range(3))
+    for rank in range(degree):
+        positions = rank_positions(T, degree, rank, balance)
+        attention = cp_pass.CPAttention(positions)
+        with _RecordAttention() as record:
+            out = attention(q[..., positions, :], k, v, is_causal=True)
+        calls = record.calls
+        assert all(isinstance(b, CausalBias) and b.variant == CausalVariant.LOWER_RIGHT for *_, b in calls)
+        attended = sum(n * kv - n * (n - 1) // 2 for n, kv, _ in calls)  # lower-right: query i sees kv - n + i + 1
+        assert attended == int((positions + 1).sum())
+        assert len(calls) == len(cp_pass.causal_runs(positions)) <= 2
+        whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[..., positions, :]
+        torch.testing.assert_close(out, whole)
 
 
 @pytest.mark.timeout(120)
@@ -167,8 +204,10 @@ def test_predicted_activation_memory_follows_what_a_rank_saves(attention: str, d
         return lambda: _saved_activation_bytes(lambda: ranks[r](local), params)
 
     measured = _run_threads([rank_run(r) for r in range(degree)], group)
-    assert len(set(measured)) == 1  # every rank holds the same
-    assert abs(predicted / measured[0] - 1) <= base_error + 0.02, (predicted, measured[0], base_error)
+    # every rank holds about the same; on CPU a lower-right causal run saves its materialized mask, a run that starts
+    # at position 0 (or a rank whose two chunks meet) runs one mask-free call
+    assert max(measured) <= min(measured) * 1.06, measured
+    assert abs(predicted / max(measured) - 1) <= base_error + 0.02, (predicted, measured, base_error)
     assert predicted < pg.saved_bytes.sum() * (1 / degree + 0.25)  # k / v whole: the only activations not divided
 
 

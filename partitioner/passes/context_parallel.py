@@ -20,13 +20,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from partitioner.passes.tensor_parallel import TPComm, _GatherFromSequence, global_shape
 from partitioner.plan.context import ContextLayout, Split, rank_positions
 from partitioner.plan.tensor_ops import _CROSS_ENTROPY, _SDPA, cross_entropy_call, key_in, op_key
 
-__all__ = ["CPCollective", "context_parallel_rank", "scatter_input", "stage_of_inserted_nodes"]
+__all__ = [
+    "CPAttention", "CPCollective", "causal_runs", "context_parallel_rank", "scatter_input", "stage_of_inserted_nodes",
+]  # fmt: skip
 
 
 def _positions_split(x: torch.Tensor, s: Split, positions: torch.Tensor) -> torch.Tensor:
@@ -109,11 +112,17 @@ class CPCollective(nn.Module):
 
 
 class CPAttention(nn.Module):
-    """scaled_dot_product_attention of the rank's queries over every key, causal by the queries' global positions."""
+    """scaled_dot_product_attention of the rank's queries over every key, causal by the queries' global positions.
+
+    The rank's positions are runs of consecutive tokens (one, or two with the balanced order). Run [a, b) attends to
+    keys [0, b) under a lower-right causal bias (query a + i sees keys <= a + i): one SDPA call per run, so that a
+    GPU runs flash (or memory-efficient) attention with its causal block skipping, the useful 1 / cp of the causal
+    work that plan.context_cost prices; a boolean mask over every key would run the masked kernel on all of them
+    (twice the work, at a lower rate)."""
 
     def __init__(self, positions: torch.Tensor):
         super().__init__()
-        self._positions = {"cpu": positions}  # not a buffer (see CPCollective)
+        self.runs = causal_runs(positions)
 
     def forward(
         self,
@@ -126,17 +135,35 @@ class CPAttention(nn.Module):
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
-        if is_causal:
-            if attn_mask is not None:
-                raise ValueError("scaled_dot_product_attention with both attn_mask and is_causal")
-            keys = torch.arange(key.shape[-2], device=query.device)
-            where = str(query.device)
-            if where not in self._positions:
-                self._positions[where] = self._positions["cpu"].to(query.device)
-            attn_mask = self._positions[where][:, None] >= keys[None, :]
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
-        )
+        kwargs = {"dropout_p": dropout_p, "scale": scale, "enable_gqa": enable_gqa}
+        if not is_causal:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
+        if attn_mask is not None:
+            raise ValueError("scaled_dot_product_attention with both attn_mask and is_causal")
+        outs = []
+        for row, start, end in self.runs:
+            n = end - start
+            bias = causal_lower_right(n, end)
+            q, k, v = query.narrow(-2, row, n), key.narrow(-2, 0, end), value.narrow(-2, 0, end)
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, **kwargs))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+    def extra_repr(self) -> str:
+        return "runs=" + ", ".join(f"[{a}, {b})" for _, a, b in self.runs)
+
+
+def causal_runs(positions: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first row, first position, end position) of each maximal run of consecutive global positions, in row order:
+    rows row .. row + end - start - 1 hold positions start .. end - 1."""
+    values = positions.tolist()
+    runs: list[tuple[int, int, int]] = []
+    for row, p in enumerate(values):
+        if runs and runs[-1][2] == p:
+            first, start, _ = runs[-1]
+            runs[-1] = (first, start, p + 1)
+        else:
+            runs.append((row, p, p + 1))
+    return runs
 
 
 class CPCrossEntropy(nn.Module):

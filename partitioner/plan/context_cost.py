@@ -4,7 +4,9 @@ From a ContextLayout (plan.context) and the annotated graph, per node:
 
     compute     split nodes (their output, a reduction or a cross entropy over the rank's tokens): / cp;
                 causal attention: the busiest rank's share of the causal work, 1 / cp with the balanced order,
-                (2 cp - 1) / cp^2 with contiguous chunks (the last rank's queries see every key);
+                (2 cp - 1) / cp^2 with contiguous chunks (the last rank's queries see every key), at the whole
+                sequence's causal rate; the runtime runs exactly that work (passes.context_parallel.CPAttention: one
+                lower-right causal call per run of the rank's positions over its key prefix);
                 nodes on replicated values (positions, masks, fallbacks that read a value whole): whole
     collectives each gathered value: an all-gather of its whole bytes forward and a reduce-scatter of its gradient
                 backward ((cp - 1) / cp x bytes / bw each, comm.all_gather_time); each all-reduced reduction: a ring
