@@ -34,6 +34,9 @@ Normal form of the result (what every later pass may assume):
 - export graphs read symbolic dims with `aten.sym_size.int` nodes and compute on them with `operator` nodes
   (Python ints, which may cross stage boundaries like any value); `node.meta["val"]` holds export's symbolic
   example values until annotation replaces them;
+- on the export path, attentions whose mask is computed from sizes alone and is causal (or all-true) at the example's
+  sizes run with `is_causal=True` (or no mask), a `partitioner::check_attention_mask` node guarding other shapes
+  (capture.attention_masks);
 - a leaf node (method "module-level") carries `node.meta["capture_leaf"]` (the reason) and, when the
   model could run, `node.meta["leaf_profile"]` (partitioner.leaves.LeafProfile).
 Example: `forward(self, x, mask=None, scale=2.0)` called as `m(x)` captures to placeholders `[x]`,
@@ -58,6 +61,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from partitioner.capture.attention_masks import use_causal_attention
 from partitioner.capture.export import _trace_export_dynamic
 from partitioner.capture.fx import _make_mutations_explicit, _trace_fx, _trace_with_leaves
 from partitioner.capture.normal_form import (
@@ -161,6 +165,7 @@ def _capture(model: nn.Module, flat: dict[str, Any], tensor_names: list[str], co
                 exported, gave_up = _trace_export_dynamic(model, signature, flat, tensor_names, rebuild)
             gm, input_shapes, guards = exported.graph_module, exported.shapes, exported.guards
             method = "export"
+            use_causal_attention(gm, {name: flat[name] for name in tensor_names})
             fallbacks.extend(gave_up)
         except Exception as e_export:
             export_reason = f"torch.export failed: {_export_failure(e_export, flat)}"

@@ -53,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from partitioner.annotate_reuse import Outputs, outputs_of, signature
+from partitioner.checks import CHECK_ATTENTION_MASK
 from partitioner.meta import meta_device, storage_key, to_meta
 
 __all__ = ["REDUCED", "UNKNOWN", "BatchFlow", "Rows", "batch_flow"]
@@ -572,6 +573,7 @@ _register(_rule_loss, "nll_loss_forward", "nll_loss2d_forward", "mse_loss", "l1_
           "huber_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits", "soft_margin_loss")  # fmt: skip
 _register(_rule_item, "_local_scalar_dense", "item")
 _register(_rule_no_output, "_assert_tensor_metadata")
+_RULES[CHECK_ATTENTION_MASK.overloadpacket] = _rule_no_output
 
 
 # ----------------------------------------------------------------------------------------------------------------

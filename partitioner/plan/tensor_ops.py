@@ -22,6 +22,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from partitioner.checks import CHECK_ATTENTION_MASK
+
 __all__ = ["CrossEntropy", "WeightOp", "cross_entropy_call", "op_key", "op_name", "weight_op"]
 
 _UNARY_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.Mish, nn.LeakyReLU,
@@ -97,7 +99,9 @@ def _aten_keys() -> dict[Any, Any]:
         "zeros_like": torch.zeros_like, "ones_like": torch.ones_like, "full_like": torch.full_like,
         "empty_like": torch.empty_like,
     }  # fmt: skip
-    return {getattr(a, name): key for name, key in table.items() if hasattr(a, name)}
+    keys = {getattr(a, name): key for name, key in table.items() if hasattr(a, name)}
+    keys[CHECK_ATTENTION_MASK.overloadpacket] = "assert_metadata"  # a check without output, like export's asserts
+    return keys
 
 
 _ATEN = _aten_keys()

@@ -1,0 +1,130 @@
+"""Attention masks computed from sizes alone run as SDPA's causal flag or as no mask (capture.attention_masks).
+
+HF models build their causal mask inside forward; captured by torch.export, every attention reads it as an explicit
+mask (the memory-efficient kernel over all T^2 pairs on a GPU). Where the mask depends on sizes alone and equals the
+causal triangle (or lets everything through) at the example's sizes, attention runs with is_causal=True (or no
+mask) and a check op guards every other shape. The rewritten graph equals the model at the example's shape and at
+others; a mask that depends on an input (padding) or a parameter (T5's bias) stays; a shape where the mask differs
+raises instead of computing something else.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from partitioner.capture import capture
+from partitioner.checks import CHECK_ATTENTION_MASK, mask_kind
+from partitioner.cost import attention_shape
+from partitioner.plan.tensor_ops import _SDPA, key_in
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+T = transformers
+VOCAB = 96
+
+
+def _decoder(kind: str, **extra: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, use_cache=False)
+    if kind == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common, **extra))
+    if kind == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(intermediate_size=128, num_key_value_heads=2, **common, **extra))
+    if kind == "gpt2":
+        config = T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        return T.GPT2LMHeadModel(config)
+    if kind == "roberta":
+        return T.RobertaModel(T.RobertaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))  # fmt: skip
+    raise ValueError(kind)
+
+
+def _ids(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _attentions(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and key_in(n, _SDPA)]
+
+
+def _first(out: object) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind, expected", [("llama", "causal"), ("gpt2", "causal"), ("roberta", "none")])
+def test_a_mask_from_sizes_alone_becomes_the_causal_flag_and_the_graph_equals_the_model(kind: str, expected: str):
+    model = _decoder(kind).eval()
+    captured = capture(model, (_ids(2, 8),))
+    gm = captured.graph_module
+    attentions = _attentions(gm)
+    assert attentions and all(len(a.args) == 3 and "attn_mask" not in a.kwargs for a in attentions)
+    assert all(a.kwargs["is_causal"] == (expected == "causal") for a in attentions)
+    assert [n.args[1] for n in gm.graph.nodes if n.target is CHECK_ATTENTION_MASK] == [expected]
+    if expected == "causal":  # priced as causal flash attention, unmasked
+        assert all(attention_shape(a)[2:] == (True, False) for a in attentions)
+    with torch.no_grad():
+        for batch, seq in ((2, 8), (3, 13), (1, 1)):
+            ids = _ids(batch, seq, seed=seq)
+            torch.testing.assert_close(gm(ids)[0], _first(model(ids)))
+
+
+@pytest.mark.timeout(120)
+def test_masks_that_read_an_input_stay_masks() -> None:
+    """A padding mask (from the attention_mask input) is data: the attentions keep their explicit mask."""
+    model = _decoder("llama").eval()
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    gm = capture(model, (), {"input_ids": _ids(2, 8), "attention_mask": mask}).graph_module
+    assert all(a.args[3] is not None for a in _attentions(gm))
+    assert not any(n.target is CHECK_ATTENTION_MASK for n in gm.graph.nodes)
+
+
+@pytest.mark.timeout(120)
+def test_a_sliding_window_the_example_fits_in_is_checked_at_other_lengths() -> None:
+    """Mistral's window of 8: causal at 8 tokens (rewritten), not at 12, where the check raises; a capture at 12
+    tokens keeps the mask and equals the model."""
+    model = _decoder("mistral", sliding_window=8).eval()
+    gm = capture(model, (_ids(2, 8),)).graph_module
+    assert all(a.kwargs.get("is_causal") for a in _attentions(gm))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(_ids(2, 6))[0], model(_ids(2, 6)).logits)
+        with pytest.raises(ValueError, match=r"mask shape \(2, 1, 12, 12\).*compile the model with an example"):
+            gm(_ids(2, 12))
+        long = capture(model, (_ids(2, 12),)).graph_module
+        assert all(a.args[3] is not None for a in _attentions(long))
+        torch.testing.assert_close(long(_ids(2, 12))[0], model(_ids(2, 12)).logits)
+
+
+def test_mask_kinds() -> None:
+    lower = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert mask_kind(lower) == "causal"
+    assert mask_kind(lower.expand(3, 2, 5, 5)) == "causal"
+    assert mask_kind(torch.ones(4, 6, dtype=torch.bool).tril()) == "causal"  # upper-left, as SDPA's is_causal
+    assert mask_kind(torch.ones(2, 1, 5, 5, dtype=torch.bool)) == "none"
+    assert mask_kind(lower & torch.ones(5, 5, dtype=torch.bool).triu(-2)) is None  # a sliding window of 3
+    assert mask_kind(~lower) is None
+    for dtype in (torch.float32, torch.bfloat16):
+        blocked = torch.full((5, 5), float("-inf"), dtype=dtype)
+        assert mask_kind(blocked.triu(1)) == "causal"
+        assert mask_kind(torch.full((5, 5), torch.finfo(dtype).min, dtype=dtype).triu(1)) == "causal"
+        assert mask_kind(torch.zeros(5, 5, dtype=dtype)) == "none"
+        assert mask_kind(blocked.triu(1) + torch.arange(5, dtype=dtype)) is None  # a bias (ALiBi): not a mask
+    assert mask_kind(torch.ones(5, 5, dtype=torch.long)) is None
+
+
+def test_the_check_raises_on_a_mask_it_was_not_promised() -> None:
+    """Each rewrite (its id) looks once per mask shape: the mask is computed from sizes alone."""
+    lower = torch.ones(6, 6, dtype=torch.bool).tril()
+    CHECK_ATTENTION_MASK(lower, "causal", "t1:attn")
+    CHECK_ATTENTION_MASK(torch.ones(6, 6, dtype=torch.bool), "none", "t2:attn")
+    CHECK_ATTENTION_MASK(torch.ones(3, 1, dtype=torch.bool), "causal", "t3:attn")  # one key: all-true is causal
+    with pytest.raises(ValueError, match="attention mask of attn was 'causal'"):
+        CHECK_ATTENTION_MASK(lower.triu(-1), "causal", "t4:attn")
+    with pytest.raises(ValueError, match="it is causal"):
+        CHECK_ATTENTION_MASK(lower, "none", "t5:attn")
+    with pytest.raises(ValueError, match="it is none"):
+        CHECK_ATTENTION_MASK(torch.ones(6, 6, dtype=torch.bool), "causal", "t6:attn")
