@@ -13,10 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from partitioner.annotate import annotate
 from partitioner.capture import capture
 from partitioner.checks import CHECK_ATTENTION_MASK, mask_kind
 from partitioner.cost import attention_shape
+from partitioner.plan.context import plan_context_parallel
+from partitioner.plan.tensor import plan_tensor_parallel
 from partitioner.plan.tensor_ops import _SDPA, key_in
+from partitioner.runtime.cp_local import check_context_parallel
+from partitioner.runtime.tp_local import check_tensor_parallel
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -128,3 +133,20 @@ def test_the_check_raises_on_a_mask_it_was_not_promised() -> None:
         CHECK_ATTENTION_MASK(lower, "none", "t5:attn")
     with pytest.raises(ValueError, match="it is none"):
         CHECK_ATTENTION_MASK(torch.ones(6, 6, dtype=torch.bool), "causal", "t6:attn")
+
+
+@pytest.mark.timeout(300)
+def test_tensor_sequence_and_context_parallel_ranks_run_the_rewritten_graph() -> None:
+    """HF Llama without a padding mask: tp2 with sequence parallelism and cp2 (causal attention in the balanced
+    order, lower-right per run) equal the model; the check reads the whole mask on every rank."""
+
+    model = _decoder("llama").eval()
+    call = {"input_ids": _ids(2, 16)}
+    captured = capture(model, (), call)
+    gm, inputs = captured.graph_module, captured.flatten_inputs((), call)
+    annotate(gm, inputs, training=True)
+    assert any(n.target is CHECK_ATTENTION_MASK for n in gm.graph.nodes)
+    check_tensor_parallel(gm, plan_tensor_parallel(gm, 2, sequence_parallel=True), inputs)
+    layout = plan_context_parallel(gm, 2)
+    assert set(layout.attention.values()) == {"causal"} and layout.balance and not layout.fallbacks
+    check_context_parallel(gm, layout, inputs)
