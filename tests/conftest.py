@@ -25,11 +25,17 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
-    """`gpu` tests need CUDA: skipped, with the reason, on machines without it (CI's)."""
-    if torch.cuda.is_available():
-        return
+    """`distributed` tests share one pytest-xdist group: under `-n 2 --dist loadgroup` (the README's command) they
+    run one after another on one worker, so a test's 2-4 gloo ranks compete for the cores with at most one
+    single-process test of the other worker, never with another test's ranks. `gpu` tests need CUDA: skipped, with
+    the reason, on machines without it (CI's)."""
     import pytest
 
+    for item in items:
+        if "distributed" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("distributed"))
+    if torch.cuda.is_available():
+        return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
         if "gpu" in item.keywords:
