@@ -341,10 +341,18 @@ def test_one_row_batches_are_taken_where_the_graph_is_shown_to_hold_for_them() -
     with pytest.raises(ValueError, match=r"breaks? the condition x.size\(\)\[0\] != 1"):
         c.flatten_inputs((x[:1],), {})
 
-    with torch.device("meta"):  # no weights to check the graph with: one row stays refused
+
+def test_on_meta_one_row_stays_refused_without_a_second_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No weights to check an export that assumes one row computes like two: that export is not traced at all (it
+    was half of a large HF model's capture time)."""
+    exports = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(k) or real(*a, **k))
+    with torch.device("meta"):
         on_meta = OneRowAlike()
     c = capture(on_meta, (torch.empty(8, 4, device="meta"),))
-    assert "the model is on meta" in c.fallbacks[-1].reason
+    assert "the model is on meta" in c.fallbacks[-1].reason and c.fallbacks[-1].path == "batch > 1"
+    assert len(exports) == 1
 
 
 def test_a_view_given_as_example_is_captured_as_a_plain_tensor() -> None:

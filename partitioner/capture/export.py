@@ -55,20 +55,25 @@ def _trace_export_dynamic(
     refusal = _one_row_refusal(exported, flat, tensor_names)
     if refusal is None:
         return exported, []
-    try:
-        assumed: _Exported | None = _trace_export(
-            model, signature, flat, tensor_names, rebuild, dynamic=True, oblivious=False
-        )
-    except Exception:
-        assumed = None
-    why = ""
-    if assumed is not None and _one_row_refusal(assumed, flat, tensor_names, allow=True) is None:
-        different = _same_on_first_row(model, assumed.graph_module, flat, tensor_names, rebuild)
-        if different is None:
-            return assumed, []
-        why = f" ({different})"
+    why = f" ({_UNCHECKED_ON_META})"
+    if not _on_meta(model, flat):  # on meta no run on one row could check the assumed export: not worth tracing it
+        why = ""
+        try:
+            assumed: _Exported | None = _trace_export(
+                model, signature, flat, tensor_names, rebuild, dynamic=True, oblivious=False
+            )
+        except Exception:
+            assumed = None
+        if assumed is not None and _one_row_refusal(assumed, flat, tensor_names, allow=True) is None:
+            different = _same_on_first_row(model, assumed.graph_module, flat, tensor_names, rebuild)
+            if different is None:
+                return assumed, []
+            why = f" ({different})"
     reason = f"the graph does not take batches of one row{why}: {refusal}; calls and microbatches need more rows"
     return exported, [Fallback("", "batch > 1", reason)]
+
+
+_UNCHECKED_ON_META = "it may: the model is on meta, so it was not checked"
 
 
 def _one_row_refusal(
@@ -102,9 +107,7 @@ def _same_on_first_row(
 ) -> str | None:
     """None when `gm` (export's flat outputs) gives what the model gives on the first row of the example (dim 0
     of every tensor input cut to 1), under the same RNG seed; else why not. The model's buffers, Python
-    attributes and the RNG states are put back."""
-    if _on_meta(model, flat):
-        return "it may: the model is on meta, so it was not checked"
+    attributes and the RNG states are put back. Needs real weights (the caller does not ask for a model on meta)."""
     from partitioner.leaves import _State
 
     one = {**flat, **{n: flat[n][:1] if flat[n].dim() else flat[n] for n in tensor_names}}
