@@ -607,9 +607,20 @@ def _microbatch_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]
             and c.microbatches != best.microbatches]  # fmt: skip
     below = max((c for c in same if c.microbatches < best.microbatches), key=lambda c: c.microbatches, default=None)
     above = min((c for c in same if c.microbatches > best.microbatches), key=lambda c: c.microbatches, default=None)
-    priced = [f"{c.microbatches} take {format_seconds(c.step_time)} as ranked ({c.step_time / _ranked(best):.3f}x the "
-              f"chosen one's)" for c in (below, above) if c is not None]  # fmt: skip
-    return [f"{best.microbatches} microbatches: " + "; ".join(priced)] if priced else []
+    priced = [_count_priced(c, best) for c in (below, above) if c is not None]
+    chosen = f"{best.microbatches} microbatch{'es' if best.microbatches != 1 else ''}"
+    return [f"{chosen}: " + "; ".join(priced)] if priced else []
+
+
+def _count_priced(c: Candidate, best: Candidate) -> str:
+    """How the same layout at another count compares: refined, where it was refined as the chosen one was (the
+    rival count of plan.search.refine_winner), else as ranked."""
+    if math.isfinite(c.refined_step):
+        ratio = c.refined_step / best.step_time
+        return (f"{c.microbatches} take {format_seconds(c.refined_step)} refined ({ratio:.3f}x the chosen one's; "
+                f"{format_seconds(c.step_time)} as ranked)")  # fmt: skip
+    ratio = c.step_time / _ranked(best)
+    return f"{c.microbatches} take {format_seconds(c.step_time)} as ranked ({ratio:.3f}x the chosen one's)"
 
 
 def _sequence_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
