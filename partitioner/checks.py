@@ -19,9 +19,9 @@ _CHECKED: set[tuple[Any, ...]] = set()  # (rewrite id, kind, shape, device, dtyp
 
 
 def mask_kind(mask: torch.Tensor) -> str | None:
-    """ "none" when every entry of an attention mask lets attention through, "causal" when exactly the lower triangle
-    of its last two dims does (key j <= query i: SDPA's is_causal), else None. Boolean masks let True through;
-    additive float masks let 0 through and block -inf or the dtype's minimum (any other value: None)."""
+    """What an attention mask lets through: "none" when every entry does, "causal" when exactly the lower triangle of
+    its last two dims does (key j <= query i: SDPA's is_causal), else None. Boolean masks let True through; additive
+    float masks let 0 through and block -inf or the dtype's minimum (any other value: None)."""
     if mask.dtype == torch.bool:
         allowed = mask
     elif mask.is_floating_point():

@@ -14,7 +14,7 @@ a causal kernel's work at a lower rate, and the mask crosses every pipeline stag
 the attentions reading it run with `is_causal=True` (or without a mask), and one `partitioner::check_attention_mask`
 node after the mask keeps that exact at every other size: at the first call of each mask shape (and device) it looks
 at the mask the graph still computes, and raises, naming the attention and the shape, if it is not what the rewrite
-assumed (a sliding window longer than the example's sequence, say). Boolean masks and additive float masks (0, and
+assumed (a sliding window the example's sequence fits in, say). Boolean masks and additive float masks (0, and
 -inf or the dtype's minimum) are recognized.
 
 Invariant: the rewritten graph computes what the captured one does at every shape it runs, or raises.
@@ -108,7 +108,7 @@ def _from_sizes_alone(mask: fx.Node) -> bool:
         if n in seen:
             continue
         seen.add(n)
-        if n.op in ("placeholder", "get_attr") or n.op != "call_function":
+        if n.op != "call_function":  # a placeholder's or an attribute's values
             return False
         target = n.target
         if target is torch.ops.aten.sym_size.int:
