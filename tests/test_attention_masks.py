@@ -10,6 +10,8 @@ raises instead of computing something else.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -61,9 +63,13 @@ def _first(out: object) -> torch.Tensor:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind, expected", [("llama", "causal"), ("gpt2", "causal"), ("roberta", "none")])
-def test_a_mask_from_sizes_alone_becomes_the_causal_flag_and_the_graph_equals_the_model(kind: str, expected: str):
+def test_a_mask_from_sizes_alone_becomes_the_causal_flag_and_the_graph_equals_the_model(
+    kind: str, expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
     model = _decoder(kind).eval()
-    captured = capture(model, (_ids(2, 8),))
+    with caplog.at_level(logging.INFO, logger="partitioner"):
+        captured = capture(model, (_ids(2, 8),))
+    assert f"were {expected} at the example's sizes" in caplog.text
     gm = captured.graph_module
     attentions = _attentions(gm)
     assert attentions and all(len(a.args) == 3 and "attn_mask" not in a.kwargs for a in attentions)

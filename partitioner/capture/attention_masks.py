@@ -32,6 +32,7 @@ import torch.fx as fx
 
 from partitioner.checks import CHECK_ATTENTION_MASK, mask_kind
 from partitioner.plan.tensor_ops import _SDPA, key_in
+from partitioner.progress import logger
 
 __all__ = ["use_causal_attention"]
 
@@ -72,6 +73,12 @@ def use_causal_attention(gm: fx.GraphModule, example: dict[str, torch.Tensor]) -
     if done:
         gm.graph.lint()
         gm.recompile()
+        kinds = sorted(set(done.values()))
+        logger.info(
+            "%d attention call(s) run %s: their masks are computed from sizes alone and were %s at the example's "
+            "sizes (checked again at each new mask shape)", len(done), " / ".join(
+                "is_causal=True" if k == "causal" else "unmasked" for k in kinds), " / ".join(kinds),
+        )  # fmt: skip
     return done
 
 
