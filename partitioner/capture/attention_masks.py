@@ -36,7 +36,7 @@ from partitioner.progress import logger
 
 __all__ = ["use_causal_attention"]
 
-_LIMIT = 1 << 27  # elements of a mask evaluated at plan time (batch 1): 128 Mi, a 11,585-token square
+_LIMIT = 1 << 28  # elements of a mask evaluated at plan time (batch 1): 256 Mi, a 16,384-token square
 
 
 def use_causal_attention(gm: fx.GraphModule, example: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -164,11 +164,11 @@ def _evaluated_kind(gm: fx.GraphModule, mask: fx.Node, sizes: dict[sympy.Symbol,
             needed.add(n)
             if n.target is not torch.ops.aten.sym_size.int:
                 stack.extend(n.all_input_nodes)
+    order = [n for n in gm.graph.nodes if n in needed]
+    last_use = {a: i for i, n in enumerate(order) for a in n.all_input_nodes}
     env: dict[fx.Node, Any] = {}
     try:
-        for n in gm.graph.nodes:
-            if n not in needed:
-                continue
+        for i, n in enumerate(order):
             if n.target is torch.ops.aten.sym_size.int:
                 env[n] = _concrete(n.meta.get("val"), sizes)
                 if env[n] is None:
@@ -179,6 +179,9 @@ def _evaluated_kind(gm: fx.GraphModule, mask: fx.Node, sizes: dict[sympy.Symbol,
             if "device" in kwargs:
                 kwargs = {**kwargs, "device": torch.device("cpu")}
             env[n] = n.target(*args, **kwargs)
+            for a in n.all_input_nodes:  # a (T, T) intermediate is held only until its last reader
+                if last_use[a] == i and a is not mask:
+                    del env[a]
         value = env[mask]
     except Exception:  # an op that does not run on the CPU at these sizes: leave the mask as it is
         return None
