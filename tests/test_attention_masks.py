@@ -156,3 +156,53 @@ def test_tensor_sequence_and_context_parallel_ranks_run_the_rewritten_graph() ->
     layout = plan_context_parallel(gm, 2)
     assert set(layout.attention.values()) == {"causal"} and layout.balance and not layout.fallbacks
     check_context_parallel(gm, layout, inputs)
+
+
+class _SizedMaskAttention(torch.nn.Module):
+    """Self-attention under a mask built from the sequence length alone, by `rule`; the size branch keeps torch.fx
+    from tracing it (capture takes the export path, where masks are rewritten)."""
+
+    def __init__(self, rule: str, window: int = 3):
+        super().__init__()
+        self.rule, self.window = rule, window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        if t > 4096:  # a branch on a size: fx refuses it, export guards on it
+            raise ValueError("too long")
+        i = torch.arange(t, device=x.device)
+        lower = i[:, None] >= i[None, :]
+        mask = {
+            "causal": lower,
+            "window": lower & (i[:, None] - i[None, :] < self.window),
+            "full": torch.ones(t, t, dtype=torch.bool, device=x.device),
+            "upper": i[:, None] <= i[None, :],
+            "additive": torch.zeros(t, t, device=x.device).masked_fill(~lower, float("-inf")),
+        }[self.rule]
+        q = x.view(b, t, 2, d // 2).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, q * 0.5, q + 1.0, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, t, d)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("rule", ["causal", "window", "full", "upper", "additive"])
+def test_every_length_gives_the_models_output_or_a_clear_error(rule: str) -> None:
+    """The invariant: captured at one length, the graph computes what the model does at every length, or raises
+    naming the mask shape; it raises only where the mask is not what the rewrite assumed."""
+    model = _SizedMaskAttention(rule)
+    expected_kind = {"causal": "causal", "additive": "causal", "full": "none", "window": "causal", "upper": None}
+    for example_len in (3, 6):  # the window of 3: causal at 3 tokens, not at 6
+        captured = capture(model, (torch.randn(2, example_len, 8),))
+        assert captured.method == "export"
+        gm = captured.graph_module
+        checks = [n.args[1] for n in gm.graph.nodes if n.target is CHECK_ATTENTION_MASK]
+        kind = expected_kind[rule] if not (rule == "window" and example_len > 3) else None
+        assert checks == ([kind] if kind else [])
+        for t in range(1, 10):
+            x = torch.randn(2, t, 8, generator=torch.Generator().manual_seed(t))
+            mask_differs = kind == "causal" and rule == "window" and t > 3
+            if mask_differs:
+                with pytest.raises(ValueError, match="compile the model with an example of this shape"):
+                    gm(x)
+            else:
+                torch.testing.assert_close(gm(x)[0], model(x))
