@@ -1,21 +1,23 @@
 """checks: ops a rewritten graph runs to keep a rewrite exact at shapes it was not planned at.
 
 `partitioner::check_attention_mask` (capture.attention_masks): an attention mask computed from sizes alone, found
-causal (or all-true) at the example's sizes, so its attentions run as is_causal=True (or unmasked); at the first call
-of each mask shape it raises if the mask is not what the rewrite assumed. A torch custom op, so that FakeTensor
-annotation, export graphs and every rule table see one opaque op without output; fx keeps it (a side effect).
+causal (or all-true) at the example's sizes, so its attentions run as is_causal=True (or unmasked) and the graph no
+longer computes it; at the first call with each distinct sizes the check recomputes the mask from them on the CPU
+and raises if it is not what the rewrite assumed. A torch custom op, so that FakeTensor annotation, export graphs and
+every rule table see one opaque op without output; fx keeps it (a side effect).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-__all__ = ["CHECK_ATTENTION_MASK", "check_attention_mask", "mask_kind"]
+__all__ = ["CHECK_ATTENTION_MASK", "check_attention_mask", "mask_kind", "register_mask"]
 
-_CHECKED: set[tuple[Any, ...]] = set()  # (rewrite id, kind, shape, device, dtype) found as the rewrite assumed
+_CHECKED: set[tuple[Any, ...]] = set()  # (rewrite id, kind, sizes) found as the rewrite assumed
 
 
 def mask_kind(mask: torch.Tensor) -> str | None:
@@ -40,17 +42,33 @@ def mask_kind(mask: torch.Tensor) -> str | None:
     return "causal" if torch.equal(allowed, lower.expand_as(allowed)) else None
 
 
+_MASKS: dict[str, Callable[..., torch.Tensor]] = {}  # rewrite id -> the mask as a function of the graph's sizes
+
+
+def register_mask(where: str, mask_of_sizes: Callable[..., torch.Tensor]) -> None:
+    """Record how rewrite `where` computes its mask from sizes (capture.attention_masks), for its check."""
+    _MASKS[where] = mask_of_sizes
+
+
 @torch.library.custom_op("partitioner::check_attention_mask", mutates_args=())
-def check_attention_mask(mask: torch.Tensor, kind: str, where: str) -> None:
-    """Raise unless `mask` is `kind` (mask_kind), once per mask shape, device and dtype per rewrite `where`
-    ("<id>:<attention names>"): the mask is computed from sizes alone, so one look per shape covers every call."""
-    key = (where, kind, tuple(mask.shape), str(mask.device), mask.dtype)
-    if key in _CHECKED or mask.device.type == "meta":
+def check_attention_mask(like: torch.Tensor, sizes: list[int], kind: str, where: str) -> None:
+    """Raise unless the mask rewrite `where` ("<id>:<attention names>") replaced is `kind` (mask_kind) at these sizes:
+    the mask is recomputed on the CPU from the sizes it is a function of (register_mask), once per distinct sizes, so
+    the graph itself no longer computes it. `like`: a tensor of the run (an attention's query), so that a run on meta
+    tensors (annotation) dispatches to no check at all."""
+    key = (where, kind, tuple(sizes))
+    if key in _CHECKED or like.device.type == "meta":
         return
+    names = where.split(":", 1)[1]
+    if where not in _MASKS:
+        raise RuntimeError(
+            f"the attention mask check of {names} runs in a process that did not capture the model (its mask function "
+            f"is recorded at capture): compile the model in this process"
+        )
+    mask = _MASKS[where](*sizes)
     found = mask_kind(mask)
     single_key = mask.dim() >= 2 and mask.shape[-1] == 1  # one key: the causal triangle lets everything through
     if found != kind and not (kind == "causal" and found == "none" and single_key):
-        names = where.split(":", 1)[1]
         raise ValueError(
             f"the attention mask of {names} was {kind!r} at the sizes the model was captured with, so the captured "
             f"graph runs that attention as {'is_causal=True' if kind == 'causal' else 'unmasked'}; at mask shape "
@@ -61,7 +79,7 @@ def check_attention_mask(mask: torch.Tensor, kind: str, where: str) -> None:
 
 
 @check_attention_mask.register_fake
-def _check_attention_mask_fake(mask: torch.Tensor, kind: str, where: str) -> None:
+def _check_attention_mask_fake(like: torch.Tensor, sizes: list[int], kind: str, where: str) -> None:
     return None
 
 

@@ -11,13 +11,14 @@ raises instead of computing something else.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from partitioner.annotate import annotate
 from partitioner.capture import capture
-from partitioner.checks import CHECK_ATTENTION_MASK, mask_kind
+from partitioner.checks import CHECK_ATTENTION_MASK, mask_kind, register_mask
 from partitioner.cost import attention_shape
 from partitioner.plan.context import plan_context_parallel
 from partitioner.plan.tensor import plan_tensor_parallel
@@ -74,7 +75,7 @@ def test_a_mask_from_sizes_alone_becomes_the_causal_flag_and_the_graph_equals_th
     attentions = _attentions(gm)
     assert attentions and all(len(a.args) == 3 and "attn_mask" not in a.kwargs for a in attentions)
     assert all(a.kwargs["is_causal"] == (expected == "causal") for a in attentions)
-    assert [n.args[1] for n in gm.graph.nodes if n.target is CHECK_ATTENTION_MASK] == [expected]
+    assert [n.args[2] for n in gm.graph.nodes if n.target is CHECK_ATTENTION_MASK] == [expected]
     if expected == "causal":  # priced as causal flash attention, unmasked
         assert all(attention_shape(a)[2:] == (True, False) for a in attentions)
     with torch.no_grad():
@@ -127,18 +128,37 @@ def test_mask_kinds() -> None:
     assert mask_kind(torch.ones(5, 5, dtype=torch.long)) is None
 
 
-def test_the_check_raises_on_a_mask_it_was_not_promised() -> None:
-    """Each rewrite (its id) looks once per mask shape: the mask is computed from sizes alone."""
-    lower = torch.ones(6, 6, dtype=torch.bool).tril()
-    CHECK_ATTENTION_MASK(lower, "causal", "t1:attn")
-    CHECK_ATTENTION_MASK(torch.ones(6, 6, dtype=torch.bool), "none", "t2:attn")
-    CHECK_ATTENTION_MASK(torch.ones(3, 1, dtype=torch.bool), "causal", "t3:attn")  # one key: all-true is causal
-    with pytest.raises(ValueError, match="attention mask of attn was 'causal'"):
-        CHECK_ATTENTION_MASK(lower.triu(-1), "causal", "t4:attn")
-    with pytest.raises(ValueError, match="it is causal"):
-        CHECK_ATTENTION_MASK(lower, "none", "t5:attn")
+_LIKE = torch.zeros(1)  # the check's tensor of the run: on the CPU, so it checks
+
+
+def test_the_check_recomputes_the_mask_from_the_sizes_and_raises_where_it_differs() -> None:
+    """Each rewrite (its id) recomputes its mask once per distinct sizes, from the function capture recorded."""
+
+    def window(width: int) -> Callable[[int], torch.Tensor]:
+        return lambda t: torch.ones(t, t, dtype=torch.bool).tril() & torch.ones(t, t, dtype=torch.bool).triu(1 - width)
+
+    register_mask("t1:attn", window(4))
+    CHECK_ATTENTION_MASK(_LIKE, [4], "causal", "t1:attn")
+    CHECK_ATTENTION_MASK(_LIKE, [1], "causal", "t1:attn")  # one key: all-true is causal
+    with pytest.raises(ValueError, match=r"attention mask of attn was 'causal'.*mask shape \(6, 6\)"):
+        CHECK_ATTENTION_MASK(_LIKE, [6], "causal", "t1:attn")
+    register_mask("t2:attn", lambda t: torch.ones(t, t, dtype=torch.bool))
+    CHECK_ATTENTION_MASK(_LIKE, [5], "none", "t2:attn")
     with pytest.raises(ValueError, match="it is none"):
-        CHECK_ATTENTION_MASK(torch.ones(6, 6, dtype=torch.bool), "causal", "t6:attn")
+        CHECK_ATTENTION_MASK(_LIKE, [5], "causal", "t2:attn")
+    with pytest.raises(RuntimeError, match="compile the model in this process"):
+        CHECK_ATTENTION_MASK(_LIKE, [5], "causal", "t3:attn")
+
+
+def test_the_rewritten_graph_no_longer_computes_the_mask() -> None:
+    """The mask's (b, 1, T, T) ops leave the graph: only its size reads stay, for the check."""
+    model = _decoder("llama").eval()
+    gm = capture(model, (_ids(2, 8),)).graph_module
+    (check,) = [n for n in gm.graph.nodes if n.target is CHECK_ATTENTION_MASK]
+    assert all(n.target is torch.ops.aten.sym_size.int for n in check.args[1])
+    square = [n for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 4
+              and n.meta["val"].shape[-1] == n.meta["val"].shape[-2] and n.meta["val"].dtype == torch.bool]  # fmt: skip
+    assert not square
 
 
 @pytest.mark.timeout(300)
@@ -195,7 +215,7 @@ def test_every_length_gives_the_models_output_or_a_clear_error(rule: str) -> Non
         captured = capture(model, (torch.randn(2, example_len, 8),))
         assert captured.method == "export"
         gm = captured.graph_module
-        checks = [n.args[1] for n in gm.graph.nodes if n.target is CHECK_ATTENTION_MASK]
+        checks = [n.args[2] for n in gm.graph.nodes if n.target is CHECK_ATTENTION_MASK]
         kind = expected_kind[rule] if not (rule == "window" and example_len > 3) else None
         assert checks == ([kind] if kind else [])
         for t in range(1, 10):

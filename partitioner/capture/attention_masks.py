@@ -11,11 +11,12 @@ a causal kernel's work at a lower rate, and the mask crosses every pipeline stag
 - and, evaluated at the example's sizes (batch 1), lets through exactly the lower triangle (key j <= query i) or
   everything,
 
-the attentions reading it run with `is_causal=True` (or without a mask), and one `partitioner::check_attention_mask`
-node after the mask keeps that exact at every other size: at the first call of each mask shape (and device) it looks
-at the mask the graph still computes, and raises, naming the attention and the shape, if it is not what the rewrite
-assumed (a sliding window the example's sequence fits in, say). Boolean masks and additive float masks (0, and
--inf or the dtype's minimum) are recognized.
+the attentions reading it run with `is_causal=True` (or without a mask), the mask's computation leaves the graph,
+and one `partitioner::check_attention_mask` node keeps that exact at every other size: it holds the sizes the mask
+was computed from, and at the first call with each distinct sizes it recomputes the mask from them on the CPU (the
+function capture recorded, partitioner.checks.register_mask) and raises, naming the attention and the shape, if it is
+not what the rewrite assumed (a sliding window the example's sequence fits in, say). Boolean masks and additive
+float masks (0, and -inf or the dtype's minimum) are recognized.
 
 Invariant: the rewritten graph computes what the captured one does at every shape it runs, or raises.
 """
@@ -30,7 +31,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from partitioner.checks import CHECK_ATTENTION_MASK, mask_kind
+from partitioner.checks import CHECK_ATTENTION_MASK, mask_kind, register_mask
 from partitioner.plan.tensor_ops import _SDPA, key_in
 from partitioner.progress import logger
 
@@ -55,12 +56,14 @@ def use_causal_attention(gm: fx.GraphModule, example: dict[str, torch.Tensor]) -
     for mask, attentions in by_mask.items():
         if not _from_sizes_alone(mask):
             continue
-        kind = _evaluated_kind(gm, mask, sizes)
+        mask_of_sizes, size_nodes = _mask_of_sizes(mask)
+        kind = _evaluated_kind(mask_of_sizes, size_nodes, mask, sizes)
         if kind is None:
             continue
         where = f"{uuid.uuid4().hex}:{', '.join(a.name for a in attentions)}"
-        with gm.graph.inserting_after(mask):
-            check = gm.graph.call_function(CHECK_ATTENTION_MASK, (mask, kind, where))
+        register_mask(where, mask_of_sizes)
+        with gm.graph.inserting_before(attentions[0]):
+            check = gm.graph.call_function(CHECK_ATTENTION_MASK, (attentions[0].args[0], list(size_nodes), kind, where))
         check.meta["val"] = None
         for a in attentions:
             q, k, v = a.args[0], _arg(a, 1, "key"), _arg(a, 2, "value")
@@ -70,6 +73,7 @@ def use_causal_attention(gm: fx.GraphModule, example: dict[str, torch.Tensor]) -
                     kwargs[name] = value
             a.args, a.kwargs = (q, k, v), kwargs
             done[a.name] = kind
+        _erase_unread(gm, _ancestors(mask))
     if done:
         gm.graph.lint()
         gm.recompile()
@@ -150,12 +154,8 @@ def _concrete(value: Any, sizes: dict[sympy.Symbol, int]) -> Any:
     return value
 
 
-def _evaluated_kind(gm: fx.GraphModule, mask: fx.Node, sizes: dict[sympy.Symbol, int]) -> str | None:
-    """mask_kind of `mask` computed on the CPU at the example's sizes (batch 1); None where it cannot be (a symbol
-    without an example size, a mask above _LIMIT elements, an op that fails there)."""
-    shape = [_concrete(s, sizes) for s in _shape(mask) or ()]
-    if any(s is None for s in shape) or math.prod(shape) > _LIMIT:
-        return None
+def _ancestors(mask: fx.Node) -> list[fx.Node]:
+    """`mask` and the nodes it is computed from, up to the size reads (`sym_size`, included), in graph order."""
     needed: set[fx.Node] = set()
     stack = [mask]
     while stack:
@@ -164,25 +164,48 @@ def _evaluated_kind(gm: fx.GraphModule, mask: fx.Node, sizes: dict[sympy.Symbol,
             needed.add(n)
             if n.target is not torch.ops.aten.sym_size.int:
                 stack.extend(n.all_input_nodes)
-    order = [n for n in gm.graph.nodes if n in needed]
-    last_use = {a: i for i, n in enumerate(order) for a in n.all_input_nodes}
-    env: dict[fx.Node, Any] = {}
+    return [n for n in mask.graph.nodes if n in needed]
+
+
+def _mask_of_sizes(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """The mask as a function of the sizes it reads: a GraphModule whose inputs are the values of the returned size
+    nodes (in graph order) and whose ops run on the CPU."""
+    graph, env, size_nodes = fx.Graph(), {}, []
+    for n in _ancestors(mask):
+        if n.target is torch.ops.aten.sym_size.int:
+            env[n] = graph.placeholder(f"size_{len(size_nodes)}")
+            size_nodes.append(n)
+            continue
+        new = graph.node_copy(n, env.__getitem__)
+        if "device" in new.kwargs:
+            new.kwargs = {**new.kwargs, "device": torch.device("cpu")}
+        env[n] = new
+    graph.output(env[mask])
+    return fx.GraphModule(torch.nn.Module(), graph, "MaskOfSizes"), size_nodes
+
+
+def _erase_unread(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the nodes (graph order) no node reads any more, last first, with export's dtype asserts on them: a
+    rewritten mask's computation."""
+    for n in reversed(nodes):
+        for user in list(n.users):
+            if user.target is torch.ops.aten._assert_tensor_metadata.default:
+                gm.graph.erase_node(user)
+        if not n.users and not n.is_impure():
+            gm.graph.erase_node(n)
+
+
+def _evaluated_kind(
+    mask_of_sizes: fx.GraphModule, size_nodes: list[fx.Node], mask: fx.Node, sizes: dict[sympy.Symbol, int]
+) -> str | None:
+    """mask_kind of the mask computed on the CPU at the example's sizes (batch 1); None where it cannot be (a symbol
+    without an example size, a mask above _LIMIT elements, an op that fails there)."""
+    shape = [_concrete(s, sizes) for s in _shape(mask) or ()]
+    values = [_concrete(n.meta.get("val"), sizes) for n in size_nodes]
+    if any(s is None for s in shape + values) or math.prod(shape) > _LIMIT:
+        return None
     try:
-        for i, n in enumerate(order):
-            if n.target is torch.ops.aten.sym_size.int:
-                env[n] = _concrete(n.meta.get("val"), sizes)
-                if env[n] is None:
-                    return None
-                continue
-            args = fx.map_arg(n.args, env.__getitem__)
-            kwargs = fx.map_arg(n.kwargs, env.__getitem__)
-            if "device" in kwargs:
-                kwargs = {**kwargs, "device": torch.device("cpu")}
-            env[n] = n.target(*args, **kwargs)
-            for a in n.all_input_nodes:  # a (T, T) intermediate is held only until its last reader
-                if last_use[a] == i and a is not mask:
-                    del env[a]
-        value = env[mask]
+        value = mask_of_sizes(*values)  # fx's code drops each intermediate after its last reader
     except Exception:  # an op that does not run on the CPU at these sizes: leave the mask as it is
         return None
     return mask_kind(value) if isinstance(value, torch.Tensor) else None
