@@ -33,6 +33,7 @@ import torch.fx as fx
 
 from partitioner.checks import CHECK_ATTENTION_MASK, mask_kind, register_mask
 from partitioner.plan.tensor_ops import _SDPA, key_in
+from partitioner.plan.tensor_ops import node_arg as _arg
 from partitioner.progress import logger
 
 __all__ = ["use_causal_attention"]
@@ -54,9 +55,10 @@ def use_causal_attention(gm: fx.GraphModule, example: dict[str, torch.Tensor]) -
             by_mask.setdefault(mask, []).append(n)
     done: dict[str, str] = {}
     for mask, attentions in by_mask.items():
-        if not _from_sizes_alone(mask):
+        computed = _ancestors(mask)
+        if not _from_sizes_alone(computed):
             continue
-        mask_of_sizes, size_nodes = _mask_of_sizes(mask)
+        mask_of_sizes, size_nodes = _mask_of_sizes(computed)
         kind = _evaluated_kind(mask_of_sizes, size_nodes, mask, sizes)
         if kind is None:
             continue
@@ -73,7 +75,7 @@ def use_causal_attention(gm: fx.GraphModule, example: dict[str, torch.Tensor]) -
                     kwargs[name] = value
             a.args, a.kwargs = (q, k, v), kwargs
             done[a.name] = kind
-        _erase_unread(gm, _ancestors(mask))
+        _erase_unread(gm, computed)
     if done:
         gm.graph.lint()
         gm.recompile()
@@ -84,10 +86,6 @@ def use_causal_attention(gm: fx.GraphModule, example: dict[str, torch.Tensor]) -
                 "is_causal=True" if k == "causal" else "unmasked" for k in kinds), " / ".join(kinds),
         )  # fmt: skip
     return done
-
-
-def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    return n.kwargs[name] if name in n.kwargs else n.args[i] if len(n.args) > i else default
 
 
 def _shape(n: Any) -> tuple | None:
@@ -110,23 +108,14 @@ def _lengths_match(attention: fx.Node, mask: fx.Node) -> bool:
     return _same_size(m[-2], q[-2]) and _same_size(m[-1], k[-2])
 
 
-def _from_sizes_alone(mask: fx.Node) -> bool:
-    """Whether `mask` is computed from sizes and constants alone: no placeholder's values, no get_attr, no random op."""
-    seen: set[fx.Node] = set()
-    stack = [mask]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op != "call_function":  # a placeholder's or an attribute's values
+def _from_sizes_alone(computed: list[fx.Node]) -> bool:
+    """Whether a mask's computation (`_ancestors`) reads sizes and constants alone: no placeholder's values, no
+    attribute (parameter, buffer), no random op."""
+    for n in computed:
+        if n.op != "call_function":
             return False
-        target = n.target
-        if target is torch.ops.aten.sym_size.int:
-            continue  # a size: the tensor it reads does not matter
-        if isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
+        if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags:
             return False
-        stack.extend(n.all_input_nodes)
     return True
 
 
@@ -155,7 +144,8 @@ def _concrete(value: Any, sizes: dict[sympy.Symbol, int]) -> Any:
 
 
 def _ancestors(mask: fx.Node) -> list[fx.Node]:
-    """`mask` and the nodes it is computed from, up to the size reads (`sym_size`, included), in graph order."""
+    """`mask` and the nodes it is computed from, up to the size reads (`sym_size`, included; the tensors they read
+    are not), in graph order: the mask last."""
     needed: set[fx.Node] = set()
     stack = [mask]
     while stack:
@@ -167,11 +157,11 @@ def _ancestors(mask: fx.Node) -> list[fx.Node]:
     return [n for n in mask.graph.nodes if n in needed]
 
 
-def _mask_of_sizes(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
-    """The mask as a function of the sizes it reads: a GraphModule whose inputs are the values of the returned size
-    nodes (in graph order) and whose ops run on the CPU."""
+def _mask_of_sizes(computed: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """A mask (the last of its computation, `_ancestors`) as a function of the sizes it reads: a GraphModule whose
+    inputs are the values of the returned size nodes (in graph order) and whose ops run on the CPU."""
     graph, env, size_nodes = fx.Graph(), {}, []
-    for n in _ancestors(mask):
+    for n in computed:
         if n.target is torch.ops.aten.sym_size.int:
             env[n] = graph.placeholder(f"size_{len(size_nodes)}")
             size_nodes.append(n)
@@ -180,7 +170,7 @@ def _mask_of_sizes(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]]:
         if "device" in new.kwargs:
             new.kwargs = {**new.kwargs, "device": torch.device("cpu")}
         env[n] = new
-    graph.output(env[mask])
+    graph.output(env[computed[-1]])
     return fx.GraphModule(torch.nn.Module(), graph, "MaskOfSizes"), size_nodes
 
 

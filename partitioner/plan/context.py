@@ -73,6 +73,7 @@ from partitioner.plan.tensor_ops import (
     op_name,
     weight_op,
 )
+from partitioner.plan.tensor_ops import node_arg as _arg
 
 __all__ = ["ContextLayout", "Split", "infer_sequence_dims", "plan_context_parallel", "rank_positions"]
 
@@ -156,10 +157,6 @@ def _is_tensor(n: Any) -> bool:
 
 def _shape(n: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in _val(n).shape)
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def _norm(d: int, ndim: int) -> int:

@@ -36,6 +36,7 @@ from partitioner.plan.search import (
     Degrees,
     TensorParallelModel,
     microbatch_counts,
+    other_counts,
     price_candidate,
     refine_winner,
     scale_graph,
@@ -601,10 +602,7 @@ def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions) -> 
 def _microbatch_reason(best: Candidate, evaluated: list[Candidate]) -> list[str]:
     """Why the plan runs as many microbatches as it does: the same layout at the nearest counts below and above that
     the search priced (fewer: a larger bubble; more: each kernel's launch and each send's latency paid more often)."""
-    same = [c for c in evaluated if c.fits and c is not best and c.degrees == best.degrees
-            and c.schedule == best.schedule and c.data_parallel == best.data_parallel
-            and c.sequence_parallel == best.sequence_parallel and c.stages_per_device == best.stages_per_device
-            and c.microbatches != best.microbatches]  # fmt: skip
+    same = other_counts(best, evaluated)
     below = max((c for c in same if c.microbatches < best.microbatches), key=lambda c: c.microbatches, default=None)
     above = min((c for c in same if c.microbatches > best.microbatches), key=lambda c: c.microbatches, default=None)
     priced = [_count_priced(c, best) for c in (below, above) if c is not None]

@@ -72,6 +72,7 @@ __all__ = [
     "TensorParallelModel",
     "default_microbatches",
     "microbatch_counts",
+    "other_counts",
     "price_candidate",
     "refine_winner",
     "scale_graph",
@@ -548,17 +549,21 @@ def refine_winner(
 RIVAL_MARGIN = 0.05  # a count ranked this close to the winner's is refined too (refine_winner)
 
 
-def _count_rival(best: Candidate, candidates: Sequence[Candidate]) -> Candidate | None:
-    """The fastest fitting candidate of the winner's layout (degrees, schedule, stages per rank, data-parallel mode,
-    sequence parallelism) at another microbatch count, ranked within RIVAL_MARGIN of it; None if there is none."""
-    same = [
+def other_counts(best: Candidate, candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The fitting candidates of `best`'s layout (degrees, schedule, stages per rank, data-parallel mode, sequence
+    parallelism) at other microbatch counts."""
+    return [
         c for c in candidates
-        if c is not best and c.fits and c.microbatches != best.microbatches and c.degrees == best.degrees
+        if c.fits and c.microbatches != best.microbatches and c.degrees == best.degrees
         and c.schedule == best.schedule and c.stages_per_device == best.stages_per_device
         and c.data_parallel == best.data_parallel and c.sequence_parallel == best.sequence_parallel
-        and c.step_time <= best.step_time * (1 + RIVAL_MARGIN)
     ]  # fmt: skip
-    return min(same, key=lambda c: c.step_time, default=None)
+
+
+def _count_rival(best: Candidate, candidates: Sequence[Candidate]) -> Candidate | None:
+    """The fastest of `other_counts` ranked within RIVAL_MARGIN of the winner; None if there is none."""
+    close = [c for c in other_counts(best, candidates) if c.step_time <= best.step_time * (1 + RIVAL_MARGIN)]
+    return min(close, key=lambda c: c.step_time, default=None)
 
 
 def _refined(c: Candidate, memory_limit: float, devices_per_node: int, recompute: Sequence[str]) -> Candidate:

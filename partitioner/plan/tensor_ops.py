@@ -24,7 +24,7 @@ from torch import nn
 
 from partitioner.checks import CHECK_ATTENTION_MASK
 
-__all__ = ["CrossEntropy", "WeightOp", "cross_entropy_call", "op_key", "op_name", "weight_op"]
+__all__ = ["CrossEntropy", "WeightOp", "cross_entropy_call", "node_arg", "op_key", "op_name", "weight_op"]
 
 _UNARY_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.Mish, nn.LeakyReLU,
                   nn.ELU, nn.Softplus)  # fmt: skip
@@ -120,6 +120,11 @@ def op_name(node: fx.Node) -> str:
     """The key's name: "view" for `x.view`, `torch.reshape` -> "reshape", `aten.view.default` -> "view"."""
     key = op_key(node)
     return key if isinstance(key, str) else str(getattr(key, "__name__", key))
+
+
+def node_arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """A call's argument by position `i` or keyword `name` (fx keeps each where the call passed it), else `default`."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def key_in(node: fx.Node, keys: set) -> bool:

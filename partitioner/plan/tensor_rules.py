@@ -56,6 +56,7 @@ from partitioner.plan.tensor_ops import (
     op_name,
     weight_op,
 )
+from partitioner.plan.tensor_ops import node_arg as _arg
 
 
 # ----------------------------------------------------------------------------------------------- layouts
@@ -144,12 +145,6 @@ def _shape(n: fx.Node) -> tuple[int, ...]:
     if not isinstance(v, torch.Tensor):
         raise _Conflict(f"{n.name} has no tensor metadata")
     return tuple(v.shape)
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
 
 
 def _norm_dim(d: int, ndim: int) -> int:
