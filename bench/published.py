@@ -1,7 +1,15 @@
 """Our predictions against published, measured training runs: the calibration check of the cost model.
 
-    python bench/published.py                       # every row of ../shared/calibration/*.csv
+    python bench/published.py                       # every row of bench/calibration/ and ../shared/calibration/
+    python bench/published.py --table korthikanti_2022_table5
     python bench/published.py --rows "GPT 1.7B" --search
+
+Tables (one CSV each; a row's columns as ../shared/calibration/megatron_2021_table1.csv's):
+- megatron_2021_table1 (../shared/calibration): Narayanan et al. 2021, Table 1: ten GPTs, 1.7B on 32 A100s to 1T on
+  3,072, full recompute, achieved TFLOP/s per GPU.
+- korthikanti_2022_table5 (bench/calibration): Korthikanti et al. 2022, Tables 3 and 5: GPTs of 22B on 8 A100s to 1T
+  on 512, each measured twice, with full recompute and with sequence parallelism + selective recompute (the
+  paper's "present work"), as seconds per iteration (column `step_seconds`).
 
 For each row: the GPT is built on the meta device as its paper ran it (layers, hidden, heads, FFN width, vocabulary,
 sequence; fp16 weights; attention written out with the s x s probabilities materialized and dropout 0.1, as
@@ -11,7 +19,8 @@ run's software did), and priced on the row's device. Printed: predicted and publ
 ratio, whether the memory model fits the layout in the device's memory, and (--search) the layout the free search
 picks for the same devices and batch, with its predicted step.
 
-Published step time: the paper's FLOPs per iteration over the achieved FLOP/s of all GPUs,
+Published step time: a row's `step_seconds` where the paper gives seconds per iteration; else the paper's FLOPs per
+iteration over the achieved FLOP/s of all GPUs,
     time = 96 B s l h^2 (1 + s / 6h + V / 16 l h) / (N x achieved TFLOP/s per GPU)
 (Narayanan et al. 2021, eq. 3, which counts the recomputed forward too). Nothing here is fitted to these rows:
 the device presets and the cost model are what every other compile uses.
@@ -32,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import statistics
 import sys
 import time
@@ -48,7 +58,8 @@ from partitioner.units import format_bytes, format_seconds  # noqa: E402
 from zoo.gpt3 import GPT, GPTConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION = ROOT.parent / "shared" / "calibration"
+CALIBRATION = ROOT.parent / "shared" / "calibration"  # the team's tables (not in a bare clone)
+OURS = ROOT / "bench" / "calibration"  # tables transcribed here, each row citing its source
 RESULTS = ROOT / "bench" / "results"
 DEVICES = {"A100": "a100", "H100": "h100", "H200": "h200"}
 NARAYANAN_2021 = "arxiv.org/abs/2104.04473"
@@ -56,7 +67,7 @@ NARAYANAN_2021 = "arxiv.org/abs/2104.04473"
 
 @dataclass(frozen=True)
 class Row:
-    """One published run (a CSV row of shared/calibration)."""
+    """One published run (a CSV row of a calibration table)."""
 
     model: str
     system: str
@@ -77,9 +88,11 @@ class Row:
     recompute: str
     overlap_grad_reduce: bool = True
     sequence_parallel: bool = False
+    step_seconds: float | None = None  # the paper's measured seconds per iteration, where it gives them
+    table: str = ""  # the CSV's stem
 
     @classmethod
-    def parse(cls, r: dict[str, str]) -> Row:
+    def parse(cls, r: dict[str, str], table: str = "") -> Row:
         recompute = r["act_recompute"].split()[0].lower() if r.get("act_recompute") else "none"
         if r.get("overlap_grad_reduce"):
             overlap = r["overlap_grad_reduce"].strip().lower() in ("true", "yes", "1")
@@ -90,8 +103,10 @@ class Row:
             micro_batch=int(r["mbs"]), seq=int(r["seq_len"]), tp=int(r["tp"]), pp=int(r["pp"]),
             vp=int(r["vp"] or 1), dp=int(r["dp"]), layers=int(r["layers"]), hidden=int(r["hidden"]),
             heads=int(r["heads"]), ffn=int(r["ffn_hidden"]), vocab=int(r["vocab"]),
-            tflops_per_gpu=float(r["model_tflops_per_gpu"]), recompute=recompute, overlap_grad_reduce=overlap,
+            tflops_per_gpu=float(r.get("model_tflops_per_gpu") or "nan"), recompute=recompute,
+            overlap_grad_reduce=overlap,
             sequence_parallel=(r.get("sequence_parallel") or "").strip().lower() in ("true", "yes", "1"),
+            step_seconds=float(r["step_seconds"]) if r.get("step_seconds") else None, table=table,
         )  # fmt: skip
 
     @property
@@ -106,7 +121,12 @@ class Row:
         return self.global_batch // (self.dp * self.micro_batch)
 
     def published_step(self) -> float:
-        """Seconds per step from the paper's FLOP count (eq. 3) and its achieved TFLOP/s per GPU."""
+        """Seconds per step: the paper's measured seconds per iteration where the row has them, else from
+        Narayanan et al.'s FLOP count (eq. 3) and the row's achieved TFLOP/s per GPU."""
+        if self.step_seconds is not None:
+            return self.step_seconds
+        if self.tflops_per_gpu != self.tflops_per_gpu:  # NaN: neither column
+            raise ValueError(f"{self.model}: the row has neither step_seconds nor model_tflops_per_gpu")
         B, s, L, h, V = self.global_batch, self.seq, self.layers, self.hidden, self.vocab
         flops = 96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
         return flops / (self.gpus * self.tflops_per_gpu * 1e12)
@@ -120,10 +140,12 @@ def overlaps_grad_reduce(source: str, *, pp: int) -> bool:
 
 
 def load_rows(pattern: str = "*.csv") -> list[Row]:
+    """Every row of the calibration tables matching `pattern`: ours (bench/calibration), then the team's."""
     rows = []
-    for path in sorted(CALIBRATION.glob(pattern)):
-        with path.open() as f:
-            rows += [Row.parse(r) for r in csv.DictReader(f)]
+    for folder in (OURS, CALIBRATION):
+        for path in sorted(folder.glob(pattern)):
+            with path.open() as f:
+                rows += [Row.parse(r, table=path.stem) for r in csv.DictReader(f)]
     return rows
 
 
@@ -138,8 +160,10 @@ def build(row: Row) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
 def check(row: Row, *, search: bool) -> dict:
     """Compile `row` with its published layout (and, with `search`, freely); the figures as a dict."""
     model, inputs = build(row)
-    out: dict = {"model": row.model, "gpus": row.gpus, "layout": f"pp{row.pp} x tp{row.tp} x dp{row.dp}",
-                 "vp": row.vp, "microbatches": row.microbatches, "published_s": row.published_step()}  # fmt: skip
+    tp = f"tp{row.tp}" + ("+sp" if row.sequence_parallel else "")
+    out: dict = {"table": row.table, "model": row.model, "gpus": row.gpus, "layout": f"pp{row.pp} x {tp} x dp{row.dp}",
+                 "vp": row.vp, "recompute": row.recompute, "microbatches": row.microbatches,
+                 "published_s": row.published_step()}  # fmt: skip
     t0 = time.perf_counter()
     try:
         cm = partitioner.compile(
@@ -176,7 +200,8 @@ def check(row: Row, *, search: bool) -> dict:
 
 
 def _table(results: list[dict], search: bool) -> str:
-    head = f"{'model':<12} {'GPUs':>5} {'layout':<20} {'published':>10} {'predicted':>10} {'ratio':>6} {'fits':>5}"
+    head = (f"{'model':<16} {'GPUs':>5} {'layout':<22} {'recompute':<9} {'published':>10} {'predicted':>10} "
+            f"{'ratio':>6} {'fits':>5}")  # fmt: skip
     if search:
         head += f"  {'search picks':<22} {'its step':>9} {'vs published layout':>20} {'search took':>12}"
     lines = [head, "-" * len(head)]
@@ -185,7 +210,7 @@ def _table(results: list[dict], search: bool) -> str:
         ratio = f"{pred / r['published_s']:.2f}" if pred else "-"
         layout = r["layout"] + (f" v{r['vp']}" if r["vp"] > 1 else "")
         line = (
-            f"{r['model']:<12} {r['gpus']:>5} {layout:<20} {format_seconds(r['published_s']):>10} "
+            f"{r['model']:<16} {r['gpus']:>5} {layout:<22} {r['recompute']:<9} {format_seconds(r['published_s']):>10} "
             f"{format_seconds(pred) if pred else '-':>10} {ratio:>6} {'yes' if r['fits'] else 'NO':>5}"
         )
         if search:
@@ -194,23 +219,34 @@ def _table(results: list[dict], search: bool) -> str:
             took = format_seconds(r["search_compile_s"]) if "search_compile_s" in r else "-"
             line += f"  {r.get('search_layout') or '-':<22} {format_seconds(s) if s else '-':>9} {vs:>20} {took:>12}"
         lines.append(line)
-    errors = [abs(r["predicted_s"] / r["published_s"] - 1) for r in results if r.get("predicted_s")]
-    if errors:
-        lines.append(
-            f"|predicted / published - 1|: median {statistics.median(errors):.1%}, worst {max(errors):.1%}; "
-            f"{sum(r['fits'] for r in results)} of {len(results)} layouts fit the memory model"
-        )
+    tables = list(dict.fromkeys(r["table"] for r in results))
+    for table in [*tables, None] if len(tables) > 1 else tables:
+        mine = [r for r in results if table is None or r["table"] == table]
+        errors = [abs(r["predicted_s"] / r["published_s"] - 1) for r in mine if r.get("predicted_s")]
+        if errors:
+            lines.append(
+                f"{table or 'all tables'}: |predicted / published - 1| median {statistics.median(errors):.1%}, "
+                f"worst {max(errors):.1%}; {sum(r['fits'] for r in mine)} of {len(mine)} layouts fit the memory model"
+            )
     return "\n".join(lines)
+
+
+def record_name(table: str) -> str:
+    """The JSON record of a table's rows in bench/results: megatron_2021_table1 -> published-megatron-2021.json."""
+    return "published-" + re.sub(r"_table\d+$", "", table).replace("_", "-") + ".json"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", help="comma-separated model names to check (default: every row)")
+    ap.add_argument("--table", help="check one table's rows (a CSV's stem, e.g. korthikanti_2022_table5)")
     ap.add_argument("--search", action="store_true", help="also run the free search on each row's GPUs and batch")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON record (default bench/results)")
     ap.add_argument("--no-save", action="store_true", help="print only; write no JSON")
     args = ap.parse_args(argv)
-    rows = load_rows()
+    rows = load_rows(f"{args.table}.csv" if args.table else "*.csv")
+    if not rows:
+        ap.error(f"no calibration table {args.table!r}; tables: {sorted({r.table for r in load_rows()})}")
     if args.rows:
         wanted = {w.strip() for w in args.rows.split(",")}
         rows = [r for r in rows if r.model in wanted]
@@ -228,11 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(results, args.search))
     if not args.no_save:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / "published-megatron-2021.json"
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        path.write_text(json.dumps({"date": stamp, "rows": results}, indent=1, default=str))
-        shown = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path  # --out: anywhere
-        print(f"\nwrote {shown}")
+        print()
+        for table in dict.fromkeys(r["table"] for r in results):
+            path = args.out / record_name(table)
+            mine = [r for r in results if r["table"] == table]
+            path.write_text(json.dumps({"date": stamp, "table": table, "rows": mine}, indent=1, default=str))
+            shown = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path  # --out: any
+            print(f"wrote {shown}")
     return 0
 
 
