@@ -12,10 +12,10 @@ import torch
 import torch.utils._pytree as pytree
 
 import zoo
-from zoo import bert, gpt3, ncf
+from zoo import bert, gpt3, llama, ncf
 
-TINY = ["gpt3-tiny", "bert-tiny", "roberta-tiny", "ncf-tiny"]
-MINE = zoo.names("gpt3") + zoo.names("bert") + zoo.names("roberta") + zoo.names("ncf")
+TINY = ["gpt3-tiny", "bert-tiny", "roberta-tiny", "ncf-tiny", "llama-tiny"]
+MINE = zoo.names("gpt3") + zoo.names("bert") + zoo.names("roberta") + zoo.names("ncf") + zoo.names("llama")
 
 
 def gpt3_closed_form(L: int, d: int, V: int = 50257, ctx: int = 2048) -> int:
@@ -58,6 +58,22 @@ COUNTS: dict[str, tuple[int, float, float, str]] = {
     ),
 }
 # The encoder + pooler parts equal the published HF counts exactly.
+
+
+def llama_closed_form(L: int, d: int, f: int, kv: int, V: int, hd: int = 128) -> int:
+    # per block q, o d² each; k, v d·kv·hd each; gate, up, down d·f each; two RMSNorms d; embedding + head 2Vd; norm d
+    return L * (2 * d * d + 2 * d * kv * hd + 3 * d * f + 2 * d) + 2 * V * d + d
+
+
+# Llama: the HF model cards' parameter counts (released checkpoints, rounded as the cards print them).
+COUNTS.update({
+    "llama2-7b": (llama_closed_form(32, 4096, 11008, 32, 32000), 6.74e9, 0.001, "Llama-2-7b-hf: 6.74B"),
+    "llama2-13b": (llama_closed_form(40, 5120, 13824, 40, 32000), 13.0e9, 0.002, "Llama-2-13b-hf: 13B"),
+    "llama2-70b": (llama_closed_form(80, 8192, 28672, 8, 32000), 69.0e9, 0.001, "Llama-2-70b-hf: 69B"),
+    "llama3-8b": (llama_closed_form(32, 4096, 14336, 8, 128256), 8.03e9, 0.001, "Meta-Llama-3-8B: 8.03B"),
+    "llama3-70b": (llama_closed_form(80, 8192, 28672, 8, 128256), 70.6e9, 0.001, "Meta-Llama-3-70B: 70.6B"),
+    "llama3-405b": (llama_closed_form(126, 16384, 53248, 8, 128256), 406e9, 0.001, "Llama-3.1-405B: 406B"),
+})  # fmt: skip
 ENCODER_COUNTS = {"bert-base": 109_482_240, "bert-large": 335_141_888, "roberta-base": 124_645_632,
                   "roberta-large": 355_359_744}  # fmt: skip
 
@@ -95,12 +111,15 @@ def test_exact_published_totals() -> None:
     assert COUNTS["gpt3-175b"][0] == 174_604_259_328
     assert COUNTS["ncf"][0] == 31_832_577
     assert COUNTS["bert-base"][0] == 109_482_240 + 768 * 768 + 3 * 768 + 30522
+    assert COUNTS["llama2-7b"][0] == 6_738_415_616
+    assert COUNTS["llama3-8b"][0] == 8_030_261_248
+    assert COUNTS["llama3-405b"][0] == 405_853_388_800
 
 
 @pytest.mark.parametrize("name", MINE)
 def test_module_param_count_matches_model(name: str) -> None:
     model = meta_build(name)
-    module = {"gpt3": gpt3, "bert": bert, "roberta": bert, "ncf": ncf}[zoo.entry(name).family]
+    module = {"gpt3": gpt3, "bert": bert, "roberta": bert, "ncf": ncf, "llama": llama}[zoo.entry(name).family]
     assert n_params(model) == module.param_count(model.cfg)
     assert f"{n_params(model):,}" in zoo.entry(name).description
 
@@ -120,7 +139,8 @@ def test_overrides_change_the_count() -> None:
 def test_registered_names() -> None:
     expected = ["gpt3-125m", "gpt3-350m", "gpt3-760m", "gpt3-1.3b", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b",
                 "gpt3-175b", "gpt3-tiny", "bert-base", "bert-large", "bert-tiny", "roberta-base", "roberta-large",
-                "roberta-tiny", "ncf", "ncf-tiny"]  # fmt: skip
+                "roberta-tiny", "ncf", "ncf-tiny", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "llama3-70b",
+                "llama3-405b", "llama-tiny"]  # fmt: skip
     assert MINE == expected
     assert set(expected) <= set(zoo.names())
 
@@ -165,7 +185,7 @@ def test_meta_forward_and_loss(name: str) -> None:
     if family == "ncf":
         assert out.shape == (2,)
     else:
-        seq = min(128, model.cfg.n_ctx if family == "gpt3" else model.cfg.max_seq)
+        seq = min(128, model.cfg.n_ctx if family in ("gpt3", "llama") else model.cfg.max_seq)
         assert out.shape == (2, seq, model.cfg.vocab_size)
     loss = zoo.loss_fn(name)(out, zoo.example_targets(name, batch=2, device="meta"))
     assert loss.device.type == "meta" and loss.shape == ()
@@ -250,7 +270,7 @@ def test_tiny_trace_and_export_match_eager(name: str) -> None:
     torch.testing.assert_close(ep.module()(*inputs), expected)
     # per-layer module names survive tracing: blocks live in an nn.ModuleList
     layer0 = {"gpt3-tiny": "h.0.attn.q_proj", "bert-tiny": "layers.0.attn.q_proj", "roberta-tiny": "layers.0.mlp.fc",
-              "ncf-tiny": "mlp.0"}[name]  # fmt: skip
+              "ncf-tiny": "mlp.0", "llama-tiny": "layers.0.self_attn.k_proj"}[name]  # fmt: skip
     assert layer0 in dict(gm.named_modules())
     # no in-place ops on activations in the traced graph
     targets = [str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]

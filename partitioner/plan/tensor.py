@@ -339,7 +339,7 @@ def _sliced_sources(st: _State) -> set[str]:
                 if linear:
                     found.add(n.name)
                 continue
-            if n.op != "call_function" or _key_in(n, stop):
+            if n.op not in ("call_function", "call_method") or _key_in(n, stop):  # fx: x.view(...) is a method
                 continue
             for x in n.all_input_nodes:
                 if x not in seen:
