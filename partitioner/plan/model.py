@@ -550,7 +550,7 @@ def _make_plan(
         or (get_schedule(best.schedule).data_parallel_mode() if d.grad_group > 1 else ""),
         data_parallel_shard=hsdp_shard(d.tp, d.dp, o.spec.devices_per_node) if best.data_parallel == "hsdp" else 0,
         overlap_grad_reduce=best.overlap_grad_reduce,
-        reasons=_reasons(best, evaluated, o),
+        reasons=_reasons(best, evaluated, o, [st.recompute for st in stages]),
         context_degree=d.cp,
         context=(
             {"balance": context.balance, "seq_dims": {k: s.dim for k, s in context.inputs.items()}}
@@ -560,17 +560,19 @@ def _make_plan(
     )
 
 
-def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions) -> list[str]:
+def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions, planned: list[str]) -> list[str]:
     """Why the plan recomputes where it does and holds its training state as it does, in the search's own figures:
-    the peak each recomputing stage would reach without recompute, and how the layout fares under less sharding."""
+    the peak each recomputing stage would reach without recompute, and how the layout fares under less sharding.
+    `planned`: each stage's mode as the plan records it ("none" where the search's mode has no region there, e.g.
+    selective on a stage without an attention core: a tie the search may break either way)."""
     out = []
     modes = best.recompute or []
-    if best.metrics and any(m != "none" for m in modes):
+    if best.metrics and any(m != "none" for m in planned):
         flight = get_schedule(best.schedule).in_flight(len(modes), best.microbatches)
         args = (best.graph, best.stage_of, len(modes))
         plain = evaluate(*args, microbatches=best.microbatches, in_flight=flight)
         chosen = evaluate(*args, microbatches=best.microbatches, in_flight=flight, recompute=modes)
-        for s, (mode, met) in enumerate(zip(modes, best.metrics)):
+        for s, (mode, met) in enumerate(zip(planned, best.metrics)):
             if mode != "none":  # best.metrics also hold what data parallelism adds (plan.search.price_candidate)
                 out.append(
                     f"stage {s} recomputes ({mode}): keeping every activation it would peak at about "
