@@ -56,6 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import partitioner  # noqa: E402
 from partitioner.units import format_bytes, format_seconds  # noqa: E402
 from zoo.gpt3 import GPT, GPTConfig  # noqa: E402
+from zoo.gpt3 import param_count as gpt_param_count  # noqa: E402
+from zoo.llama import Llama, LlamaConfig  # noqa: E402
+from zoo.llama import param_count as llama_param_count  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT.parent / "shared" / "calibration"  # the team's tables (not in a bare clone)
@@ -63,6 +66,7 @@ OURS = ROOT / "bench" / "calibration"  # tables transcribed here, each row citin
 RESULTS = ROOT / "bench" / "results"
 DEVICES = {"A100": "a100", "H100": "h100", "H200": "h200"}
 NARAYANAN_2021 = "arxiv.org/abs/2104.04473"
+SEARCHED = "searched"  # a choice the paper does not publish: compile searches it at the row's published degrees
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,15 @@ class Row:
     tflops_per_gpu: float
     recompute: str
     overlap_grad_reduce: bool = True
-    sequence_parallel: bool = False
+    sequence_parallel: bool | None = False  # None: not published, the search decides
     step_seconds: float | None = None  # the paper's measured seconds per iteration, where it gives them
     table: str = ""  # the CSV's stem
+    arch: str = "gpt"  # "gpt": zoo.gpt3's GPT written as Megatron-LM 2021; "llama": zoo.llama (GQA, SwiGLU, RMSNorm)
+    kv_heads: int | None = None  # grouped-query attention's kv heads (llama); None: one per head
+    bf16: bool = False  # the precision column says BF16 (else fp16)
+    data_parallel: str = "ddp"  # how the run's replicas held their state (ddp / zero1 / zero2 / fsdp)
+    schedule: str | None = None  # the pipeline schedule; None: interleaved where vp > 1, else 1f1b
+    flops: str = "narayanan2021"  # how the paper counted FLOPs: "narayanan2021" (its eq. 3) or "palm" (below)
 
     @classmethod
     def parse(cls, r: dict[str, str], table: str = "") -> Row:
@@ -105,8 +115,11 @@ class Row:
             heads=int(r["heads"]), ffn=int(r["ffn_hidden"]), vocab=int(r["vocab"]),
             tflops_per_gpu=float(r.get("model_tflops_per_gpu") or "nan"), recompute=recompute,
             overlap_grad_reduce=overlap,
-            sequence_parallel=(r.get("sequence_parallel") or "").strip().lower() in ("true", "yes", "1"),
+            sequence_parallel=_flag(r.get("sequence_parallel")),
             step_seconds=float(r["step_seconds"]) if r.get("step_seconds") else None, table=table,
+            arch=r.get("arch") or "gpt", kv_heads=int(r["kv_heads"]) if r.get("kv_heads") else None,
+            bf16="BF16" in r.get("precision", "").upper(), data_parallel=r.get("data_parallel") or "ddp",
+            schedule=r.get("schedule") or None, flops=r.get("flops") or "narayanan2021",
         )  # fmt: skip
 
     @property
@@ -121,15 +134,42 @@ class Row:
         return self.global_batch // (self.dp * self.micro_batch)
 
     def published_step(self) -> float:
-        """Seconds per step: the paper's measured seconds per iteration where the row has them, else from
-        Narayanan et al.'s FLOP count (eq. 3) and the row's achieved TFLOP/s per GPU."""
+        """Seconds per step: the paper's measured seconds per iteration where the row has them, else the paper's
+        FLOPs per iteration over the row's achieved TFLOP/s per GPU x GPUs. FLOPs: Narayanan et al.'s eq. 3
+        (`flops` "narayanan2021", which counts the recomputed forward), or PaLM's model FLOPs (Chowdhery et al.
+        2022, appendix B: 6 N + 12 L h s per token, N every parameter, attention counted whole; "palm")."""
         if self.step_seconds is not None:
             return self.step_seconds
         if self.tflops_per_gpu != self.tflops_per_gpu:  # NaN: neither column
             raise ValueError(f"{self.model}: the row has neither step_seconds nor model_tflops_per_gpu")
         B, s, L, h, V = self.global_batch, self.seq, self.layers, self.hidden, self.vocab
-        flops = 96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
+        if self.flops == "palm":
+            flops = B * s * (6 * self.parameters() + 12 * L * h * s)
+        elif self.flops == "narayanan2021":
+            flops = 96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
+        else:
+            raise ValueError(f"{self.model}: flops={self.flops!r}: 'narayanan2021' or 'palm'")
         return flops / (self.gpus * self.tflops_per_gpu * 1e12)
+
+    def parameters(self) -> int:
+        """The built model's parameter count (closed form)."""
+        if self.arch == "llama":
+            return llama_param_count(self.llama_config())
+        return gpt_param_count(self.gpt_config())
+
+    def gpt_config(self) -> GPTConfig:
+        return GPTConfig(n_layer=self.layers, d_model=self.hidden, n_head=self.heads, d_ff=self.ffn,
+                         vocab_size=self.vocab, n_ctx=self.seq, dropout=0.1, attention="math")  # fmt: skip
+
+    def llama_config(self) -> LlamaConfig:
+        return LlamaConfig(n_layer=self.layers, d_model=self.hidden, n_head=self.heads, n_kv_head=self.kv_heads,
+                           d_ff=self.ffn, vocab_size=self.vocab, n_ctx=self.seq, rope_theta=500000.0)  # fmt: skip
+
+
+def _flag(value: str | None) -> bool | None:
+    """A true / false column; "searched" (not published: the search decides) is None, empty is false."""
+    value = (value or "").strip().lower()
+    return None if value == SEARCHED else value in ("true", "yes", "1")
 
 
 def overlaps_grad_reduce(source: str, *, pp: int) -> bool:
@@ -150,32 +190,39 @@ def load_rows(pattern: str = "*.csv") -> list[Row]:
 
 
 def build(row: Row) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
-    cfg = GPTConfig(n_layer=row.layers, d_model=row.hidden, n_head=row.heads, d_ff=row.ffn, vocab_size=row.vocab,
-                    n_ctx=row.seq, dropout=0.1, attention="math")  # fmt: skip
+    """The row's model on meta in its precision, and its batch of token ids."""
     with torch.device("meta"):
-        model = GPT(cfg).to(torch.float16)
+        model = Llama(row.llama_config()) if row.arch == "llama" else GPT(row.gpt_config())
+    model = model.to(torch.bfloat16 if row.bf16 else torch.float16)
     return model, (torch.empty(row.global_batch, row.seq, dtype=torch.long, device="meta"),)
 
 
 def check(row: Row, *, search: bool) -> dict:
     """Compile `row` with its published layout (and, with `search`, freely); the figures as a dict."""
     model, inputs = build(row)
-    tp = f"tp{row.tp}" + ("+sp" if row.sequence_parallel else "")
+    tp = f"tp{row.tp}" + {True: "+sp", False: "", None: "(+sp?)"}[row.sequence_parallel]
+    searched = row.schedule == "auto" or row.sequence_parallel is None or row.recompute == SEARCHED
     out: dict = {"table": row.table, "model": row.model, "gpus": row.gpus, "layout": f"pp{row.pp} x {tp} x dp{row.dp}",
+                 "searched_choices": searched,
                  "vp": row.vp, "recompute": row.recompute, "microbatches": row.microbatches,
                  "published_s": row.published_step()}  # fmt: skip
     t0 = time.perf_counter()
     try:
         cm = partitioner.compile(
             model, row.gpus, inputs, device_type=row.device, pipeline=row.pp, tensor_parallel=row.tp,
-            microbatches=row.microbatches, schedule="interleaved" if row.vp > 1 else "1f1b",
-            stages_per_device=row.vp if row.vp > 1 else None, recompute=row.recompute, data_parallel="ddp",
+            microbatches=row.microbatches, schedule=row.schedule or ("interleaved" if row.vp > 1 else "1f1b"),
+            stages_per_device=row.vp if row.vp > 1 else None,
+            recompute=None if row.recompute == SEARCHED else row.recompute,
+            data_parallel=row.data_parallel,
             overlap_grad_reduce=row.overlap_grad_reduce, sequence_parallel=row.sequence_parallel,
             context_parallel=1,  # the published runs split no sequence
         )  # fmt: skip
-        p = cm.plan.predicted
+        plan = cm.plan
+        p = plan.predicted
+        modes = "/".join(dict.fromkeys(s.recompute for s in plan.stages))
+        sp = " +sp" if plan.tensor.get("sequence_parallel") else ""
         out.update(predicted_s=p["step_time"], fits=True, peak=p["peak_memory"], bubble=p["bubble_fraction"],
-                   dp_sync=p["data_parallel_sync"])  # fmt: skip
+                   dp_sync=p["data_parallel_sync"], ran=f"{plan.schedule}{sp}, recompute {modes}")  # fmt: skip
     except partitioner.InfeasibleMemoryError as e:
         out.update(predicted_s=None, fits=False, why=str(e)[:300])
     out["compile_s"] = time.perf_counter() - t0
@@ -200,7 +247,7 @@ def check(row: Row, *, search: bool) -> dict:
 
 
 def _table(results: list[dict], search: bool) -> str:
-    head = (f"{'model':<16} {'GPUs':>5} {'layout':<22} {'recompute':<9} {'published':>10} {'predicted':>10} "
+    head = (f"{'model':<20} {'GPUs':>5} {'layout':<26} {'recompute':<9} {'published':>10} {'predicted':>10} "
             f"{'ratio':>6} {'fits':>5}")  # fmt: skip
     if search:
         head += f"  {'search picks':<22} {'its step':>9} {'vs published layout':>20} {'search took':>12}"
@@ -210,7 +257,7 @@ def _table(results: list[dict], search: bool) -> str:
         ratio = f"{pred / r['published_s']:.2f}" if pred else "-"
         layout = r["layout"] + (f" v{r['vp']}" if r["vp"] > 1 else "")
         line = (
-            f"{r['model']:<16} {r['gpus']:>5} {layout:<22} {r['recompute']:<9} {format_seconds(r['published_s']):>10} "
+            f"{r['model']:<20} {r['gpus']:>5} {layout:<26} {r['recompute']:<9} {format_seconds(r['published_s']):>10} "
             f"{format_seconds(pred) if pred else '-':>10} {ratio:>6} {'yes' if r['fits'] else 'NO':>5}"
         )
         if search:
@@ -219,6 +266,8 @@ def _table(results: list[dict], search: bool) -> str:
             took = format_seconds(r["search_compile_s"]) if "search_compile_s" in r else "-"
             line += f"  {r.get('search_layout') or '-':<22} {format_seconds(s) if s else '-':>9} {vs:>20} {took:>12}"
         lines.append(line)
+        if r.get("ran") and r.get("searched_choices"):
+            lines.append(f"{'':<20} {'':>5} priced as: {r['ran']}")
     tables = list(dict.fromkeys(r["table"] for r in results))
     for table in [*tables, None] if len(tables) > 1 else tables:
         mine = [r for r in results if table is None or r["table"] == table]

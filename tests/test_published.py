@@ -7,8 +7,9 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
-from bench.published import CALIBRATION, OURS, Row, check, load_rows, record_name
+from bench.published import CALIBRATION, OURS, Row, build, check, load_rows, record_name
 
 shared = pytest.mark.skipif(not CALIBRATION.exists(), reason="../shared/calibration is not in this checkout")
 
@@ -90,3 +91,20 @@ def test_megatron_2021_rows_reduce_gradients_as_the_authors_scripts_did_unless_a
     piped = next(r for r in raw if int(r["pp"]) > 1)
     assert Row.parse({**piped, "overlap_grad_reduce": "true"}).overlap_grad_reduce is True
     assert Row.parse({**piped, "source_url": "https://example.org/another-run"}).overlap_grad_reduce is True
+
+
+def test_llama3_rows_count_palm_s_model_flops_and_build_the_published_405b() -> None:
+    rows = [r for r in load_rows() if r.table == "llama3_2024_table4"]
+    assert [r.gpus for r in rows] == [8192, 16384]
+    for r in rows:
+        assert r.tp * r.pp * r.dp == r.gpus and r.arch == "llama" and r.bf16
+    # 2,048 sequences of 8,192 tokens x (6 N + 12 L h s) per token over 8,192 GPUs x 430 TFLOP/s (by hand: N is
+    # Llama 3 405B's 405,853,388,800 parameters)
+    tokens = 2048 * 8192
+    per_token = 6 * 405_853_388_800 + 12 * 126 * 16384 * 8192
+    assert rows[0].published_step() == pytest.approx(tokens * per_token / (8192 * 430e12), rel=1e-9)
+    assert rows[0].published_step() == pytest.approx(12.5645, abs=1e-4)
+    model, (ids,) = build(rows[0])
+    assert sum(p.numel() for p in model.parameters()) == 405_853_388_800
+    assert next(model.parameters()).dtype == torch.bfloat16 and ids.shape == (2048, 8192)
+    assert rows[0].microbatches == 32 and rows[1].microbatches == 16
