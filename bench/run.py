@@ -363,7 +363,8 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
             schedule=args.schedule if args.schedule == "auto" else schedule,
             **kw,
         ).plan
-        searched = {"pp": found.pipeline_degree, "tp": found.tensor_degree, "dp": found.data_degree,
+        searched = {"pp": found.pipeline_degree, "tp": found.tensor_degree, "cp": found.context_degree,
+                    "dp": found.data_degree, "data_parallel": found.data_parallel,
                     "microbatches": found.microbatches, "schedule": found.schedule, "compile_time":
                     time.perf_counter() - t1, **found.predicted}  # fmt: skip
     except ValueError as e:
@@ -475,7 +476,9 @@ def _print(r: dict[str, Any], plan: partitioner.Plan) -> None:
     s = r["searched_layout"]
     if "step_time" in s:
         print(
-            f"searched layout for {r['plan']['devices']} devices: pp{s['pp']} x tp{s['tp']} x dp{s['dp']}, "
+            f"searched layout for {r['plan']['devices']} devices: pp{s['pp']} x tp{s['tp']}"
+            + (f" x cp{s['cp']}" if s.get("cp", 1) > 1 else "")
+            + f" x dp{s['dp']}{' ' + s['data_parallel'] if s.get('data_parallel') else ''}, "
             f"{s['microbatches']} microbatches, {s['schedule']}: {format_seconds(s['step_time'])} per step "
             f"({s['step_time'] / p['step_time']:.3f}x the pipeline-only plan), compiled in {s['compile_time']:.2f} s"
         )
