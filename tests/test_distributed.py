@@ -233,6 +233,7 @@ def _assert_tp_run_matches(got: dict, losses: list[float], state: dict) -> None:
         pytest.param("bert-tiny", 3, marks=pytest.mark.slow),
         pytest.param("gpt3-tiny", 20, marks=pytest.mark.slow),
         pytest.param("bert-tiny", 20, marks=pytest.mark.slow),
+        pytest.param("llama-tiny", 3, marks=pytest.mark.slow),  # grouped-query: 2 kv heads, one per tp rank
     ],
 )
 def test_pipeline_of_tensor_parallel_stages_matches_single_process(model: str, steps: int, tmp_path: Path) -> None:
@@ -246,7 +247,9 @@ def test_pipeline_of_tensor_parallel_stages_matches_single_process(model: str, s
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("model", ["gpt3-tiny", pytest.param("bert-tiny", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "model", ["gpt3-tiny", *(pytest.param(m, marks=pytest.mark.slow) for m in ("bert-tiny", "llama-tiny"))]
+)
 def test_pipeline_of_sequence_parallel_stages_matches_single_process(model: str, tmp_path: Path) -> None:
     """pp=2 x tp=2 with sequence parallelism: the stages reduce-scatter and all-gather along the sequence, and the
     layer norms' gradients (each rank saw its own tokens) are summed over tp; training equals one process."""
