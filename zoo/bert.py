@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.common import init_transformer_weights
+from zoo.common import init_transformer_weights, preset_config
 from zoo.registry import ModelEntry, register
 
 __all__ = ["BertConfig", "Bert", "PRESETS", "param_count", "mlm_loss", "example_inputs", "example_targets"]
@@ -231,11 +231,7 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _config(name: str, overrides: dict[str, Any]) -> BertConfig:
-    valid = [f.name for f in dataclasses.fields(BertConfig)]
-    bad = sorted(set(overrides) - set(valid))
-    if bad:
-        raise ValueError(f"unknown config field(s) {bad} for {name!r}; valid fields: {', '.join(valid)}")
-    return BertConfig(**{**PRESETS[name], **overrides})
+    return preset_config(BertConfig, PRESETS, name, overrides)
 
 
 def _mlm_batch(cfg: BertConfig, batch: int, device: torch.device, seq: int | None) -> tuple[torch.Tensor, ...]:

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.msglam import msglam_attention
+from zoo.common import preset_config
 from zoo.registry import ModelEntry, register
 
 __all__ = [
@@ -569,11 +570,7 @@ def example_targets(
 
 
 def _config(name: str, overrides: dict[str, Any]) -> DMAGazeConfig:
-    valid = [f.name for f in dataclasses.fields(DMAGazeConfig)]
-    bad = sorted(set(overrides) - set(valid))
-    if bad:
-        raise ValueError(f"unknown config field(s) {bad} for {name!r}; valid fields: {', '.join(valid)}")
-    return DMAGazeConfig(**{**PRESETS[name], **overrides})
+    return preset_config(DMAGazeConfig, PRESETS, name, overrides)
 
 
 def _register(name: str) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.common import init_transformer_weights
+from zoo.common import causal_lm_tokens, init_transformer_weights, preset_config
 from zoo.gpt3 import lm_loss
 from zoo.registry import ModelEntry, register
 
@@ -199,22 +199,11 @@ class Llama(nn.Module):
 
 
 def _config(name: str, overrides: dict[str, Any]) -> LlamaConfig:
-    valid = [f.name for f in dataclasses.fields(LlamaConfig)]
-    bad = sorted(set(overrides) - set(valid))
-    if bad:
-        raise ValueError(f"unknown config field(s) {bad} for {name!r}; valid fields: {', '.join(valid)}")
-    return LlamaConfig(**{**PRESETS[name], **overrides})
+    return preset_config(LlamaConfig, PRESETS, name, overrides)
 
 
 def _tokens(cfg: LlamaConfig, batch: int, device: torch.device, seq: int | None) -> torch.Tensor:
-    """Deterministic (batch, seq + 1) token ids; inputs are [:, :-1], next-token targets [:, 1:]."""
-    seq = min(cfg.n_ctx, 128) if seq is None else seq
-    if not 1 <= seq <= cfg.n_ctx:
-        raise ValueError(f"seq={seq} must be in [1, n_ctx={cfg.n_ctx}]")
-    if device.type == "meta":
-        return torch.empty(batch, seq + 1, dtype=torch.long, device=device)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    return torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g, device="cpu").to(device)
+    return causal_lm_tokens(cfg.vocab_size, cfg.n_ctx, batch, device, seq)
 
 
 def example_inputs(cfg: LlamaConfig, batch: int, device: torch.device, seq: int | None = None) -> tuple[torch.Tensor]:

@@ -83,6 +83,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from kernels.slot_attention import slot_attention
 from kernels.vq import vq_lookup
+from zoo.common import preset_config
 from zoo.registry import ModelEntry, register
 from zoo.vit import ViTEncoder, vit_param_count
 
@@ -506,11 +507,7 @@ def reconstruction_loss(output: MetaSlotOutput, targets: torch.Tensor | None = N
 
 
 def _config(name: str, overrides: dict[str, Any]) -> MetaSlotConfig:
-    valid = [f.name for f in dataclasses.fields(MetaSlotConfig)]
-    bad = sorted(set(overrides) - set(valid))
-    if bad:
-        raise ValueError(f"unknown config field(s) {bad} for {name!r}; valid fields: {', '.join(valid)}")
-    return MetaSlotConfig(**{**PRESETS[name], **overrides})
+    return preset_config(MetaSlotConfig, PRESETS, name, overrides)
 
 
 def build(name: str, **overrides: Any) -> MetaSlot:

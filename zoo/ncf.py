@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.common import preset_config
 from zoo.registry import ModelEntry, register
 
 __all__ = ["NCFConfig", "NeuMF", "PRESETS", "param_count", "bce_loss", "example_inputs", "example_targets"]
@@ -104,11 +105,7 @@ def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _config(name: str, overrides: dict[str, Any]) -> NCFConfig:
-    valid = [f.name for f in dataclasses.fields(NCFConfig)]
-    bad = sorted(set(overrides) - set(valid))
-    if bad:
-        raise ValueError(f"unknown config field(s) {bad} for {name!r}; valid fields: {', '.join(valid)}")
-    return NCFConfig(**{**PRESETS[name], **overrides})
+    return preset_config(NCFConfig, PRESETS, name, overrides)
 
 
 def _batch(cfg: NCFConfig, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
