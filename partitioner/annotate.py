@@ -12,7 +12,10 @@ Writes into `node.meta` (consumers check `"flops" in node.meta` rather than re-d
                  node creates and saves but does not return is named `node#k`) -> bytes, the ones an earlier node
                  saved too included: what activation recomputation (plan.recompute) needs to know which storages a
                  checkpointed region can drop. Fused kernels save what they save on a GPU, not what the meta
-                 path's decomposition would: SDPA its inputs, output and softmax statistics, dropout a bool mask
+                 path's decomposition would: SDPA its inputs, output and softmax statistics, dropout a bool mask,
+                 RMSNorm (nn.RMSNorm, F.rms_norm: torch's `_fused_rms_norm`, a CUDA kernel since torch 2.8) its
+                 input and one fp32 rstd per row (the meta and CPU paths decompose it and save fp32 copies: 4x a
+                 bf16 input). Hand-written norms (HF's LlamaRMSNorm) run as the ops they are, on a GPU too
 - "params"       qualified names of the parameters and buffers the node reads
 - "dtype"        the floating dtype the node computes in (for the FLOP rate)
 - "is_tensor"    whether the output holds any tensor
@@ -46,6 +49,7 @@ twice its forward's.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -140,6 +144,8 @@ class _CostInterpreter(fx.Interpreter):
             # The fused kernel (CUDA's native_dropout, what torch.compile emits) keeps a bool mask; the composite
             # meta path keeps one of the input's dtype.
             packed = {-id(n): (f"{n.name}#mask", outputs[0].numel())}
+        elif packed and outputs and (norm_dims := _rms_norm_dims(n, self.module, args, kwargs)):
+            packed = self._fused_rms_norm_saves(n, inputs[0], norm_dims)
         packed = self._name_internals(n, packed, outputs)
         saves, saved = self._saves(packed)
         params = self._params_read(n, inputs)
@@ -234,6 +240,16 @@ class _CostInterpreter(fx.Interpreter):
         lse = out.numel() // out.shape[-1] * 4  # (..., heads, queries) in fp32
         packed[storage_key(out)] = (self._storage_name(out, n), _nbytes(out) + lse)
         return packed
+
+    def _fused_rms_norm_saves(self, n: fx.Node, x: torch.Tensor, norm_dims: int) -> dict:
+        """What `_fused_rms_norm`'s backward reads (`_fused_rms_norm_backward(grad, input, shape, rstd, weight)`):
+        the input, and rstd, one value per normalized row in the input's opmath type (fp32 for half types)."""
+        rows = x.numel() // max(1, math.prod(x.shape[x.dim() - norm_dims :]))
+        rstd_size = 8 if x.dtype == torch.float64 else 4
+        return {
+            storage_key(x): (self._storage_name(x, n), x.untyped_storage().nbytes()),
+            -id(n): (f"{n.name}#rstd", rows * rstd_size),
+        }
 
     def _module_state(self, n: fx.Node) -> list[torch.Tensor]:
         """The parameters and buffers a call_module node reads besides its arguments (meta while annotating)."""
@@ -353,6 +369,25 @@ def _is_dropout(n: fx.Node, root: torch.nn.Module) -> bool:
     if n.op == "call_module":
         return isinstance(root.get_submodule(n.target), torch.nn.modules.dropout._DropoutNd)
     return n.op == "call_function" and n.target in _DROPOUT_FUNCTIONS
+
+
+_RMS_NORM_FUNCTIONS = {
+    torch.nn.functional.rms_norm,
+    torch.rms_norm,
+    torch.ops.aten.rms_norm.default,
+    torch.ops.aten._fused_rms_norm.default,
+}
+
+
+def _rms_norm_dims(n: fx.Node, root: torch.nn.Module, args: tuple, kwargs: dict) -> int:
+    """How many trailing dims an RMSNorm node normalizes (nn.RMSNorm, F.rms_norm or ATen's), 0 for other nodes."""
+    if n.op == "call_module":
+        mod = root.get_submodule(n.target)
+        return len(mod.normalized_shape) if isinstance(mod, torch.nn.RMSNorm) else 0
+    if n.op != "call_function" or n.target not in _RMS_NORM_FUNCTIONS:
+        return 0
+    shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+    return len(shape) if isinstance(shape, (list, tuple)) else 1
 
 
 def _is_embedding(n: fx.Node, root: torch.nn.Module) -> bool:

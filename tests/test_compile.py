@@ -403,6 +403,35 @@ def test_backward_bytes_are_the_output_gradient_what_was_saved_and_the_input_gra
     assert costs["softmax"].backward == pytest.approx(1.5 * costs["softmax"].forward)
 
 
+class _Norms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(16)
+        self.fc = nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.ones(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(self.norm(x))  # (2, 3, 16): rows of 16
+        return torch.nn.functional.rms_norm(y.view(2, 3, 4, 4), (4, 4), self.w).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_saves_what_torchs_fused_kernel_saves(dtype: torch.dtype) -> None:
+    """nn.RMSNorm and F.rms_norm save their input and one fp32 rstd per normalized row, as torch's _fused_rms_norm
+    does on a GPU (its backward reads input and rstd), not the fp32 copies the meta path's decomposition keeps (the
+    bf16 case: 4.5x the input before)."""
+    model = _Norms().to(dtype).train()
+    x = torch.randn(2, 3, 16, dtype=dtype)
+    cap = capture(model, (x,))
+    annotate(cap.graph_module, [x])
+    nodes = {n.name: n for n in cap.graph_module.graph.nodes}
+    size = dtype.itemsize
+    norm = nodes["norm"].meta["saves"]
+    assert sorted(norm.values()) == sorted([2 * 3 * 16 * size, 2 * 3 * 4]), norm  # the input; 6 rows of fp32 rstd
+    fn = next(n for n in nodes.values() if n.op == "call_function" and n.target is torch.nn.functional.rms_norm)
+    assert sorted(fn.meta["saves"].values()) == sorted([2 * 3 * 16 * size, 2 * 3 * 4]), fn.meta["saves"]
+
+
 def test_summary_groups_a_module_reused_by_several_stages() -> None:
     """A block applied at both ends of the model: its parameters are held by the first and the last stage, said in
     one line naming the block (not a line per parameter)."""
