@@ -246,6 +246,16 @@ def test_pipeline_of_tensor_parallel_stages_matches_single_process(model: str, s
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_grouped_query_kv_heads_shared_by_tensor_parallel_ranks_train_as_in_one_process(tmp_path: Path) -> None:
+    """llama-tiny at tp 4: 4 query heads over 2 kv heads (SDPA's enable_gqa), so two ranks read each kv head from
+    the replicated k / v (repeated, then sliced; the gradient gathered back and summed over the copies)."""
+    got = _run_pp_tp(tmp_path, 4, timeout=280, model="llama-tiny", pp=1, tp=4)
+    _assert_tp_run_matches(got, *reference("llama-tiny", microbatches=MICRO, batch=BATCH, steps=3, lr=LR, seed=SEED))
+
+
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "model", ["gpt3-tiny", *(pytest.param(m, marks=pytest.mark.slow) for m in ("bert-tiny", "llama-tiny"))]

@@ -51,6 +51,8 @@ def test_config_errors_name_the_sizes() -> None:
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_shards_every_projection_and_equals_the_model(tp: int) -> None:
+    """4 query heads over 2 kv heads (SDPA's enable_gqa): at tp 2 each rank holds one kv head; at tp 4 two ranks share
+    each kv head, read from the replicated k / v (repeated, then sliced)."""
     model, x = _tiny()
     cm = partitioner.compile(model, tp, x, tensor_parallel=tp, pipeline=1)
     report = cm.verify_tensor_parallel(*x)  # forward and gradients against the unsharded model (raises if not)
@@ -85,3 +87,14 @@ def test_the_summary_gives_reasons_only_for_stages_the_plan_recomputes() -> None
             stage, mode = int(reason.split()[1]), reason.split("(")[1].split(")")[0]
             assert modes[stage] == mode, (reason, modes)
     assert modes != ["none"] * 4 or not any(" recomputes (" in r for r in plan.reasons)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_multi_query_attention_by_enable_gqa_reads_its_one_kv_head_on_every_rank(tp: int) -> None:
+    torch.manual_seed(0)
+    model = zoo.get("llama-tiny", n_kv_head=1)
+    x = zoo.example_inputs("llama-tiny", batch=4, seq=16)
+    cm = partitioner.compile(model, tp, x, tensor_parallel=tp, pipeline=1)
+    report = cm.verify_tensor_parallel(*x)
+    assert "layers.0.self_attn.q_proj.weight" in report.sharded_params
+    assert "layers.0.self_attn.k_proj.weight" not in report.sharded_params

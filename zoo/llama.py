@@ -16,8 +16,10 @@ Invariants:
 - Traceable by `torch.fx.symbolic_trace` and `torch.export.export`: no control flow on tensor values, no in-place
   ops on activations, no data-dependent shapes. Rotary angles are computed from `arange(T)` in float32 in the
   forward (as HF's `position_ids` path), so they stay exact whatever dtype the model is cast to.
-- Grouped-query attention repeats each k / v head for its query heads by expand + reshape (HF's `repeat_kv`),
-  which tensor parallelism shards by kv head where tp divides `n_kv_head`.
+- Grouped-query attention is SDPA's `enable_gqa` (kv head j serves query heads j r .. j r + r - 1, r = n_head /
+  n_kv_head), as flash attention runs it: k and v are never copied to every query head (HF's eager `repeat_kv`
+  gives the same values). Tensor parallelism shards the kv heads where tp divides `n_kv_head`; above it each rank
+  reads the kv head its query heads share (plan.tensor_rules).
 - Module names: `embed_tokens`, `layers.{i}.{input_layernorm, self_attn.{q_proj, k_proj, v_proj, o_proj},
   post_attention_layernorm, mlp.{gate_proj, up_proj, down_proj}}`, `norm`, `lm_head`.
 """
@@ -137,16 +139,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         half = self.head_dim // 2
         q, k = _rotate(q, cos, sin, half), _rotate(k, cos, sin, half)
-        k, v = self._repeat_kv(k, B, T), self._repeat_kv(v, B, T)  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
-
-    def _repeat_kv(self, t: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """(B, nkv, T, hd) -> (B, nh, T, hd), kv head j serving query heads j·r .. j·r + r - 1."""
-        r = self.n_head // self.n_kv_head
-        if r == 1:
-            return t
-        return t[:, :, None].expand(B, self.n_kv_head, r, T, self.head_dim).reshape(B, self.n_head, T, self.head_dim)
 
 
 class MLP(nn.Module):

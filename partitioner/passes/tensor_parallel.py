@@ -711,6 +711,11 @@ def tensor_parallel_rank(
                 node = graph.create_node("call_function", torch.flatten, (node, c["dim"], c["dim"] + 1), {},
                                          name=f"tp_unblocks_{n.name}_{c['dim']}")  # fmt: skip
                 node.meta["tp_anchor"] = n.name
+            elif c["kind"] == "scatter" and c.get("repeat", 1) > 1:  # kv heads several ranks share (GQA)
+                repeated = graph.create_node("call_function", torch.repeat_interleave, (env[n], c["repeat"]),
+                                             {"dim": c["dim"]}, name=f"tp_repeat_{n.name}_{c['dim']}")  # fmt: skip
+                repeated.meta["tp_anchor"] = n.name
+                node = collective("scatter", n, repeated, c["dim"], suffix=f"_{c['dim']}")
             elif c["kind"] == "scatter":
                 node = collective("scatter", n, env[n], c["dim"], suffix=f"_{c['dim']}")
             elif c["grad"] == "reduce_scatter":

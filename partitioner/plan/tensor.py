@@ -604,15 +604,19 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
                 collectives.append(
                     dict(kind="all_reduce", phase="backward", after=n.name, op="sum", users=users, bytes=_nbytes(n))
                 )
-        sliced_dims = [(d, parts, users) for (d, parts), users in st.slices.get(n.name, {}).items()]
-        for d, parts, users in sliced_dims + [(d, 1, users) for d, users in sl.scatter.get(n.name, [])]:
-            # a replicated operand of sharded or split values: each rank reads its slice (of each of `parts` blocks)
+        sliced_dims = [(d, parts, repeat, users) for (d, parts, repeat), users in st.slices.get(n.name, {}).items()]
+        for d, parts, repeat, users in sliced_dims + [(d, 1, 1, users) for d, users in sl.scatter.get(n.name, [])]:
+            # a replicated operand of sharded or split values: each rank reads its slice (of each of `parts` blocks;
+            # of the value repeated `repeat` times along d: grouped-query kv heads shared by several ranks)
             scatter = dict(kind="scatter", phase="forward", after=n.name, dim=d, users=users, bytes=0)
             if parts > 1:
                 scatter["parts"] = parts
+            if repeat > 1:
+                scatter["repeat"] = repeat
             collectives.append(scatter)
             if needs_grad:
-                collectives.append(dict(kind="all_gather", phase="backward", after=n.name, dim=d, bytes=_nbytes(n)))
+                collectives.append(dict(kind="all_gather", phase="backward", after=n.name, dim=d,
+                                        bytes=_nbytes(n) * repeat))  # fmt: skip
         # Parameters of split ops saw 1/tp of the tokens: their gradients are summed once per step, after the backward
         # (as Megatron-LM all-reduces its layer norms' gradients), not per microbatch in the graph.
         if n.name in sl.param_grads:

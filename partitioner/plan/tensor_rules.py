@@ -176,7 +176,9 @@ class _State:
     param_users: dict[str, set[str]] = field(default_factory=dict)  # parameter -> the nodes that shard it
     row_bias: dict[str, str] = field(default_factory=dict)  # row-parallel WeightOp -> its bias get_attr node
     # replicated value -> (dim, parts) -> the nodes reading each rank's slice of it
-    slices: dict[str, dict[tuple[int, int], list[str]]] = field(default_factory=dict)
+    # value -> (dim, parts, repeat) -> readers of each rank's slice (repeat > 1: of the value repeated that many times
+    # along dim, each slice a whole kv head several ranks share: grouped-query attention with fewer kv heads than tp)
+    slices: dict[str, dict[tuple[int, int, int], list[str]]] = field(default_factory=dict)
     # module path -> module, filled on first use (get_submodule walks the path each time: half of a 1T GPT's search
     # went there); one dict may serve every propagation over the same graph
     modules: dict[str, nn.Module] = field(default_factory=dict)
@@ -189,10 +191,11 @@ class _State:
             found = self.modules[name] = self.gm.get_submodule(name)
         return found
 
-    def slice(self, value: fx.Node, dim: int, reader: fx.Node, parts: int = 1) -> None:
-        """`reader` reads its rank's 1/tp slice of replicated `value` along `dim` (of each of `parts` blocks)."""
-        self.divides(reader, _shape(value)[dim], parts, f"{value.name} dim {dim}")
-        self.slices.setdefault(value.name, {}).setdefault((dim, parts), []).append(reader.name)
+    def slice(self, value: fx.Node, dim: int, reader: fx.Node, parts: int = 1, repeat: int = 1) -> None:
+        """`reader` reads its rank's 1/tp slice of replicated `value` along `dim` (of each of `parts` blocks; with
+        `repeat`, of `value` with each index along dim repeated that many times, as repeat_interleave)."""
+        self.divides(reader, _shape(value)[dim] * repeat, parts, f"{value.name} dim {dim}")
+        self.slices.setdefault(value.name, {}).setdefault((dim, parts, repeat), []).append(reader.name)
 
     def claim(self, node: fx.Node, name: str, spec: dict[str, int | None], origins: frozenset[str]) -> None:
         """Record parameter `name`'s shard as `node` needs it; one parameter read by several nodes (tied, or a
@@ -822,6 +825,7 @@ def _rule_sdpa(st: _State, node: fx.Node) -> Layout:
     q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     if all(st.eff(x) is None for x in node.all_input_nodes):
         return None
+    gqa = bool(_arg(node, 7, "enable_gqa") or False)  # k / v hold heads / r kv heads, each read by r query heads
     nd = len(_shape(q))
     head = nd - 3
     lq = st.eff(q)
@@ -839,17 +843,29 @@ def _rule_sdpa(st: _State, node: fx.Node) -> Layout:
         d = head - (nd - len(shape))
         if isinstance(lay, _Shard) and lay.dim == d and lay.parts == 1:
             origins |= lay.origins
-        elif lay is None and (d < 0 or shape[d] == 1):  # broadcast over the heads
+        elif lay is None and (d < 0 or shape[d] == 1):  # broadcast over the heads (one kv head: every q head's)
             continue
         elif lay is None and shape[d] == heads:
-            slices.append((t, d))
+            slices.append((t, d, 1))
+        elif lay is None and gqa and what != "mask" and heads % shape[d] == 0:
+            # grouped-query kv heads: rank j's q heads [j g, (j + 1) g), g = heads / tp, read kv heads j g / r on
+            # (r = heads / kv): a whole chunk of kv / tp heads where tp divides kv, else the one kv head its q heads
+            # share (g divides r), which tp / kv ranks read alike: kv repeated tp / kv times, then sliced
+            kv, r = shape[d], heads // shape[d]
+            if kv % st.tp == 0:
+                slices.append((t, d, 1))
+            elif st.tp % kv == 0 and heads % st.tp == 0 and r % (heads // st.tp) == 0:
+                slices.append((t, d, st.tp // kv))
+            else:
+                raise _Conflict(f"attention {what} has {kv} kv heads for {heads} query heads: tp={st.tp} splits "
+                                f"neither the kv heads nor each kv head's query heads evenly")  # fmt: skip
         elif lay is None:
             raise _Conflict(f"attention {what} {list(shape)} has {shape[d]} heads, q has {heads}")
         else:  # q's heads are right: undo what made this operand wrong
             reason = f"attention {what} is {_layout_str(lay)}, not sharded on the head dim {d}"
             raise _Conflict(reason, blame=_origins(lay))
-    for t, d in slices:
-        st.slice(t, d, node)
+    for t, d, repeat in slices:
+        st.slice(t, d, node, repeat=repeat)
     return _Shard(head, 1, frozenset(origins))
 
 
