@@ -241,12 +241,13 @@ def plan_model(
     def run(
         layout: ContextLayout | None, like: Candidate | None = None, incumbent: Candidate | None = None
     ) -> tuple[Candidate, list[Candidate]]:
-        """The search at context layout `layout`; `like`: a plan found without it, whose schedule (and sequence
-        parallelism, where it used tp) the search keeps, to price only what context parallelism changes;
-        `incumbent`: the best plan so far, which it must beat (search's incumbent and ranked_incumbent)."""
+        """The search at context layout `layout`; `like`: a plan found without it, whose sequence parallelism (where
+        it used tp) the search keeps; `incumbent`: the best plan so far, which it must beat (search's incumbent and
+        ranked_incumbent). Every schedule is searched again: context parallelism takes devices from data
+        parallelism, so each replica runs more microbatches, and which schedule is fastest can change (Llama 3 405B
+        on 16,384 H100s: zbv without it, 1f1b at cp 4 and 8)."""
         schedules, sp = o.schedules, o.sequence_parallel
         if like is not None:
-            schedules = (like.schedule,)
             sp = like.sequence_parallel if like.degrees.tp > 1 and sp is None else sp
         return search(
             pg,
@@ -310,8 +311,8 @@ def _search_context(
     falls while the activations' recompute and the attention's share shrink, then rises as the gathers grow
     (gpt3-13b at 64K tokens on 64 H100s: 6.667, 6.191, 5.862, 7.713 s at cp 1, 2, 4, 8); but a degree that frees a
     pipeline stage can win after one that did not (one 2048-token sequence of a 4-layer GPT on 4 H100s: 985, 988,
-    884 us at cp 1, 2, 4: cp2 still runs two stages with one microbatch). They keep the schedule (and sequence
-    parallelism) the search chose without it: cp changes what a device holds, not what the schedule does."""
+    884 us at cp 1, 2, 4: cp2 still runs two stages with one microbatch). They keep the sequence parallelism the
+    search chose without it and search every schedule again (cp leaves each replica more microbatches)."""
     best: Candidate | None = None
     evaluated: list[Candidate] = []
     error: ValueError | None = None
