@@ -10,6 +10,9 @@ Tables (one CSV each; a row's columns as ../shared/calibration/megatron_2021_tab
 - korthikanti_2022_table5 (bench/calibration): Korthikanti et al. 2022, Tables 3 and 5: GPTs of 22B on 8 A100s to 1T
   on 512, each measured twice, with full recompute and with sequence parallelism + selective recompute (the
   paper's "present work"), as seconds per iteration (column `step_seconds`).
+- llama3_2024_table4 (bench/calibration): the Llama 3 paper, Table 4: Llama 3 405B (zoo.llama, bf16) on 8,192 and
+  16,384 H100s at its published degrees and microbatches, its schedule, recompute and sequence parallelism "searched"
+  (not published), TFLOP/s counted as PaLM's model FLOPs (column `flops`).
 
 For each row: the GPT is built on the meta device as its paper ran it (layers, hidden, heads, FFN width, vocabulary,
 sequence; fp16 weights; attention written out with the s x s probabilities materialized and dropout 0.1, as
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import statistics
 import sys
@@ -140,7 +144,7 @@ class Row:
         2022, appendix B: 6 N + 12 L h s per token, N every parameter, attention counted whole; "palm")."""
         if self.step_seconds is not None:
             return self.step_seconds
-        if self.tflops_per_gpu != self.tflops_per_gpu:  # NaN: neither column
+        if math.isnan(self.tflops_per_gpu):  # neither column
             raise ValueError(f"{self.model}: the row has neither step_seconds nor model_tflops_per_gpu")
         B, s, L, h, V = self.global_batch, self.seq, self.layers, self.hidden, self.vocab
         if self.flops == "palm":
@@ -162,6 +166,7 @@ class Row:
                          vocab_size=self.vocab, n_ctx=self.seq, dropout=0.1, attention="math")  # fmt: skip
 
     def llama_config(self) -> LlamaConfig:
+        # Llama 3's rotary base; the base changes no shape and no cost
         return LlamaConfig(n_layer=self.layers, d_model=self.hidden, n_head=self.heads, n_kv_head=self.kv_heads,
                            d_ff=self.ffn, vocab_size=self.vocab, n_ctx=self.seq, rope_theta=500000.0)  # fmt: skip
 

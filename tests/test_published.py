@@ -19,12 +19,17 @@ def _korthikanti() -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_our_tables_load_with_consistent_layouts_each_row_citing_its_source() -> None:
-    rows = [r for r in load_rows() if r.table == "korthikanti_2022_table5"]
-    assert len(rows) == 8
+def _assert_layouts_consistent(rows: list[Row]) -> None:
     for r in rows:
         assert r.tp * r.pp * r.dp == r.gpus, r.model
         assert r.global_batch % (r.dp * r.micro_batch) == 0, r.model
+
+
+def test_our_tables_load_with_consistent_layouts_each_row_citing_its_source() -> None:
+    rows = [r for r in load_rows() if r.table == "korthikanti_2022_table5"]
+    assert len(rows) == 8
+    _assert_layouts_consistent(rows)
+    for r in rows:
         assert r.layers % (r.pp * r.vp) == 0 or r.vp == 1, r.model
         assert r.published_step() == r.step_seconds, r.model
     assert all("arxiv.org/abs/2205.05198" in raw["source_url"] for raw in _korthikanti())
@@ -61,9 +66,8 @@ def test_the_smallest_korthikanti_layouts_fit_and_are_predicted_within_10_percen
 def test_rows_load_with_consistent_layouts() -> None:
     rows = [r for r in load_rows() if r.table == "megatron_2021_table1"]
     assert len(rows) == 10
+    _assert_layouts_consistent(rows)
     for r in rows:
-        assert r.tp * r.pp * r.dp == r.gpus, r.model
-        assert r.global_batch % (r.dp * r.micro_batch) == 0, r.model
         assert r.recompute in ("none", "selective", "full"), r.model
 
 
@@ -96,8 +100,8 @@ def test_megatron_2021_rows_reduce_gradients_as_the_authors_scripts_did_unless_a
 def test_llama3_rows_count_palm_s_model_flops_and_build_the_published_405b() -> None:
     rows = [r for r in load_rows() if r.table == "llama3_2024_table4"]
     assert [r.gpus for r in rows] == [8192, 16384]
-    for r in rows:
-        assert r.tp * r.pp * r.dp == r.gpus and r.arch == "llama" and r.bf16
+    _assert_layouts_consistent(rows)
+    assert all(r.arch == "llama" and r.bf16 for r in rows)
     # 2,048 sequences of 8,192 tokens x (6 N + 12 L h s) per token over 8,192 GPUs x 430 TFLOP/s (by hand: N is
     # Llama 3 405B's 405,853,388,800 parameters)
     tokens = 2048 * 8192

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["causal_lm_tokens", "init_transformer_weights", "preset_config"]
+__all__ = ["causal_lm_inputs", "causal_lm_targets", "causal_lm_tokens", "init_transformer_weights", "preset_config"]
 
 C = TypeVar("C")
 
@@ -48,3 +48,14 @@ def init_transformer_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def causal_lm_inputs(cfg: Any, batch: int, device: torch.device, seq: int | None = None) -> tuple[torch.Tensor]:
+    """(idx,) with idx (batch, seq) long for a causal LM config with `vocab_size` and `n_ctx` (gpt3, llama); seq
+    defaults to min(n_ctx, 128)."""
+    return (causal_lm_tokens(cfg.vocab_size, cfg.n_ctx, batch, device, seq)[:, :-1].contiguous(),)
+
+
+def causal_lm_targets(cfg: Any, batch: int, device: torch.device, seq: int | None = None) -> torch.Tensor:
+    """Next-token targets (batch, seq) long matching `causal_lm_inputs` with the same arguments."""
+    return causal_lm_tokens(cfg.vocab_size, cfg.n_ctx, batch, device, seq)[:, 1:].contiguous()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.common import causal_lm_tokens, init_transformer_weights, preset_config
+from zoo.common import causal_lm_inputs, causal_lm_targets, init_transformer_weights, preset_config
 from zoo.gpt3 import lm_loss
 from zoo.registry import ModelEntry, register
 
@@ -196,18 +196,9 @@ def _config(name: str, overrides: dict[str, Any]) -> LlamaConfig:
     return preset_config(LlamaConfig, PRESETS, name, overrides)
 
 
-def _tokens(cfg: LlamaConfig, batch: int, device: torch.device, seq: int | None) -> torch.Tensor:
-    return causal_lm_tokens(cfg.vocab_size, cfg.n_ctx, batch, device, seq)
-
-
-def example_inputs(cfg: LlamaConfig, batch: int, device: torch.device, seq: int | None = None) -> tuple[torch.Tensor]:
-    """(idx,) with idx (batch, seq) long; seq defaults to min(n_ctx, 128) (64 for llama-tiny)."""
-    return (_tokens(cfg, batch, device, seq)[:, :-1].contiguous(),)
-
-
-def example_targets(cfg: LlamaConfig, batch: int, device: torch.device, seq: int | None = None) -> torch.Tensor:
-    """Next-token targets (batch, seq) long matching `example_inputs` with the same arguments."""
-    return _tokens(cfg, batch, device, seq)[:, 1:].contiguous()
+# The token batches of every causal LM in the zoo (zoo.common): seq defaults to min(n_ctx, 128).
+example_inputs = causal_lm_inputs
+example_targets = causal_lm_targets
 
 
 def _register(name: str) -> None:

@@ -175,9 +175,8 @@ class _State:
     requirements: list[dict[str, Any]] = field(default_factory=list)
     param_users: dict[str, set[str]] = field(default_factory=dict)  # parameter -> the nodes that shard it
     row_bias: dict[str, str] = field(default_factory=dict)  # row-parallel WeightOp -> its bias get_attr node
-    # replicated value -> (dim, parts) -> the nodes reading each rank's slice of it
-    # value -> (dim, parts, repeat) -> readers of each rank's slice (repeat > 1: of the value repeated that many times
-    # along dim, each slice a whole kv head several ranks share: grouped-query attention with fewer kv heads than tp)
+    # replicated value -> (dim, parts, repeat) -> readers of each rank's slice (repeat > 1: of the value repeated that
+    # many times along dim, each slice a whole kv head several ranks share: grouped-query attention, kv heads < tp)
     slices: dict[str, dict[tuple[int, int, int], list[str]]] = field(default_factory=dict)
     # module path -> module, filled on first use (get_submodule walks the path each time: half of a 1T GPT's search
     # went there); one dict may serve every propagation over the same graph
@@ -848,13 +847,14 @@ def _rule_sdpa(st: _State, node: fx.Node) -> Layout:
         elif lay is None and shape[d] == heads:
             slices.append((t, d, 1))
         elif lay is None and gqa and what != "mask" and heads % shape[d] == 0:
-            # grouped-query kv heads: rank j's q heads [j g, (j + 1) g), g = heads / tp, read kv heads j g / r on
-            # (r = heads / kv): a whole chunk of kv / tp heads where tp divides kv, else the one kv head its q heads
-            # share (g divides r), which tp / kv ranks read alike: kv repeated tp / kv times, then sliced
-            kv, r = shape[d], heads // shape[d]
+            # grouped-query kv heads: rank j's q heads [j g, (j + 1) g), g = heads / tp (q is sharded, so tp divides
+            # heads), read kv heads from j g / r on (r = heads / kv): a whole chunk of kv / tp heads where tp divides
+            # kv, else (kv divides tp, so g divides r) the one kv head tp / kv ranks share: kv repeated tp / kv
+            # times, then sliced
+            kv = shape[d]
             if kv % st.tp == 0:
                 slices.append((t, d, 1))
-            elif st.tp % kv == 0 and heads % st.tp == 0 and r % (heads // st.tp) == 0:
+            elif st.tp % kv == 0:
                 slices.append((t, d, st.tp // kv))
             else:
                 raise _Conflict(f"attention {what} has {kv} kv heads for {heads} query heads: tp={st.tp} splits "
