@@ -15,7 +15,11 @@ Writes into `node.meta` (consumers check `"flops" in node.meta` rather than re-d
                  path's decomposition would: SDPA its inputs, output and softmax statistics, dropout a bool mask,
                  RMSNorm (nn.RMSNorm, F.rms_norm: torch's `_fused_rms_norm`, a CUDA kernel since torch 2.8) its
                  input and one fp32 rstd per row (the meta and CPU paths decompose it and save fp32 copies: 4x a
-                 bf16 input). Hand-written norms (HF's LlamaRMSNorm) run as the ops they are, on a GPU too
+                 bf16 input). Hand-written norms (HF's LlamaRMSNorm) run as the ops they are, on a GPU too. A gated
+                 activation `act(gate) * up` (SwiGLU, GeGLU) saves gate and up but not act(gate): the runtime runs it
+                 as partitioner.gated's fused op (passes.fuse_gated), whose backward computes the activation again
+                 (its read and write added to the product's "bwd_bytes"); the product's meta names the activation
+                 ("gated_activation")
 - "params"       qualified names of the parameters and buffers the node reads
 - "dtype"        the floating dtype the node computes in (for the FLOP rate)
 - "is_tensor"    whether the output holds any tensor
@@ -60,6 +64,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from partitioner.annotate_reuse import Record, record, signature
+from partitioner.gated import gated_pair
 from partitioner.meta import meta_device, storage_key, to_meta
 
 __all__ = ["AnnotationError", "annotate", "is_attention"]
@@ -114,8 +119,11 @@ class _CostInterpreter(fx.Interpreter):
         inputs = _tensors((args, kwargs))
         watched = inputs + self._module_state(n)
         key = None
+        fused = self._fused_gate(n)  # an activation's output a fused gated activation does not save
         if self.records is not None and "capture_leaf" not in n.meta:
             key = signature(n, self.module, args, kwargs, self.param_storages.keys())
+            if key is not None and fused is not None:  # a plain product's record would save the activation
+                key = (key, "gated")
             if key is not None and key in self.records:
                 return self._from_record(n, self.records[key], inputs, watched)
         versions = [t._version for t in watched]
@@ -146,6 +154,8 @@ class _CostInterpreter(fx.Interpreter):
             packed = {-id(n): (f"{n.name}#mask", outputs[0].numel())}
         elif packed and outputs and (norm_dims := _rms_norm_dims(n, self.module, args, kwargs)):
             packed = self._fused_rms_norm_saves(n, inputs[0], norm_dims)
+        if fused is not None:
+            packed.pop(storage_key(fused), None)
         packed = self._name_internals(n, packed, outputs)
         saves, saved = self._saves(packed)
         params = self._params_read(n, inputs)
@@ -159,6 +169,8 @@ class _CostInterpreter(fx.Interpreter):
         n.meta["bwd_bytes"] = (
             self._bwd_bytes(n, inputs, outputs, sum(saves.values()), flops) if self.training and not aliases else 0
         )
+        if fused is not None and n.meta["bwd_bytes"]:  # the backward computes the activation again: reads, writes
+            n.meta["bwd_bytes"] += 2 * _nbytes(fused)
         n.meta["params"] = params
         n.meta["is_tensor"] = bool(outputs)
         n.meta["requires_grad"] = any(t.requires_grad for t in outputs)
@@ -174,6 +186,22 @@ class _CostInterpreter(fx.Interpreter):
             if made is not None:
                 self.records[key] = made
         return result
+
+    def _fused_gate(self, n: fx.Node) -> torch.Tensor | None:
+        """The activation's output of a gated activation n that runs fused (partitioner.gated: the runtime's
+        passes.fuse_gated rewrites the same matches; the call's own checks), or None."""
+        if n.op not in ("call_function", "call_method") or not self.training:
+            return None
+        pair = gated_pair(n, self.module)
+        if pair is None:
+            return None
+        s, up = self.env.get(pair.activation), self.env.get(pair.up)
+        if not (isinstance(s, torch.Tensor) and isinstance(up, torch.Tensor)):
+            return None
+        if s.shape != up.shape or s.dtype != up.dtype or not (s.requires_grad or up.requires_grad):
+            return None
+        n.meta["gated_activation"] = pair.activation.name
+        return s
 
     def _from_record(self, n: fx.Node, rec: Record, inputs: list[torch.Tensor], watched: list[torch.Tensor]) -> Any:
         """Annotate n from the record of an earlier call it repeats: its outputs made from the recipes, every storage

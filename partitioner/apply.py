@@ -3,6 +3,7 @@
     Plan + captured graph (+ tensor-parallel rank)  ->  rank graph (TP rewrite)  ->  stage modules (the split)
         ->  padded GEMMs (passes.align)
         ->  recompute regions (each stage's `recompute_regions` under torch.utils.checkpoint)
+        ->  gated activations saving only their inputs (passes.fuse_gated)
 
 Every runtime runs what this builds: the local pipeline (no TP rank: the unsharded graph split by the plan) and
 the distributed pipeline (this rank's TP graph, split); the in-process TP check (runtime.tp_local) runs each TP
@@ -26,6 +27,7 @@ import torch.fx as fx
 from partitioner.capture import CapturedGraph
 from partitioner.passes.align import applicable_pads, pad_gemms
 from partitioner.passes.context_parallel import context_parallel_rank, stage_of_inserted_nodes
+from partitioner.passes.fuse_gated import fuse_gated_activations
 from partitioner.passes.recompute import checkpoint_regions
 from partitioner.passes.split import StageModule, split_stages
 from partitioner.passes.tensor_parallel import TPComm, stage_of_rank_nodes, tensor_parallel_rank
@@ -101,8 +103,9 @@ def apply(
     output gradients left whole: the runtime averages gradients over dp x cp), then the split by the plan's
     node -> stage map (inserted nodes go with their anchors or consumers), then the padding of the plan's
     misaligned GEMMs in the stages that hold them (passes.align; at tp > 1 only those the layout leaves whole), then
-    each stage's recompute regions (`passes.recompute.checkpoint_regions`). ValueError when a stage's regions do not
-    fit its graph."""
+    each stage's recompute regions (`passes.recompute.checkpoint_regions`), then the gated activations that save only
+    their inputs (`passes.fuse_gated`, as annotate priced them). ValueError when a stage's regions do not fit its
+    graph."""
     gm = rank_graph(plan, captured, tp_rank=tp_rank, comm=comm, weights=weights)
     stage_of = plan.node_stage if gm is captured.graph_module else stage_of_rank_nodes(gm, plan.node_stage)
     layout = context_layout(plan, captured.graph_module) if cp_rank is not None else None  # local runs: whole
@@ -125,4 +128,4 @@ def apply(
             stages[s] = dataclasses.replace(stage, module=checkpoint_regions(stage.module, regions))
         except ValueError as e:
             raise ValueError(f"plan stage {s} ({plan.stages[s].recompute} recompute): {e}") from None
-    return stages
+    return [dataclasses.replace(stage, module=fuse_gated_activations(stage.module)) for stage in stages]

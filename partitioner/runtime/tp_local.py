@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from partitioner.passes.fuse_gated import fuse_gated_activations
 from partitioner.passes.recompute import checkpoint_regions
 from partitioner.passes.tensor_parallel import own_chunk, tensor_parallel_rank
 from partitioner.plan.tensor_layout import TensorParallelPlan, unshard_tensor
@@ -131,11 +132,16 @@ def run_tensor_parallel_local(
 
     With backward=True each rank computes `loss_fn(outputs)` (default `_default_loss`) and runs backward; the
     gradients are on the rank modules' parameters (which are private copies: `gm` is left untouched). Each rank
-    graph runs `recompute_regions` under torch.utils.checkpoint (`passes.recompute.checkpoint_regions`).
+    graph runs `recompute_regions` under torch.utils.checkpoint (`passes.recompute.checkpoint_regions`) and its gated
+    activations as apply.py runs them (`passes.fuse_gated`).
     """
     group = ThreadGroup(plan.tp)
     ranks = [
-        checkpoint_regions(tensor_parallel_rank(gm, plan, r, group.comm(r), share_replicated=False), recompute_regions)
+        fuse_gated_activations(
+            checkpoint_regions(
+                tensor_parallel_rank(gm, plan, r, group.comm(r), share_replicated=False), recompute_regions
+            )
+        )
         for r in range(plan.tp)
     ]
     loss_fn = loss_fn or _default_loss
