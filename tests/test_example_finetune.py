@@ -100,6 +100,7 @@ def test_finetune_example_runs_in_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 24 s of CI's 15 minutes; the one-process run and HF Llama's torchrun tests stay in CI
 @pytest.mark.timeout(200)
 def test_finetune_example_runs_under_torchrun_on_4_processes(tmp_path: Path) -> None:
     """pipeline 2 x tensor 2: each of the 4 processes trains a stage's shard; rank 0 merges the checkpoint."""

@@ -110,6 +110,7 @@ def test_nanogpt_loss_in_graph_vocab_parallel_cross_entropy(tp: int) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 8 processes on 2 cores, 20 s: tp 2 and 4 run in CI
 @pytest.mark.timeout(180)
 def test_gpt3_tiny_tp8() -> None:
     """8 processes on 2 cores (about 16 s): every GPT-3 tiny matrix sharded 8 ways (8 heads)."""

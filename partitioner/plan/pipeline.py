@@ -623,7 +623,7 @@ def contiguous_partition(
                 "flight as there are stages): add tensor parallelism, or use smaller microbatches"
             )
         raise InfeasibleMemoryError(
-            f"no split into {num_stages} stages fits {format_bytes(memory_limit)} per device (weights and training "
+            f"no split into {num_stages} stages fits {format_bytes(memory_limit)} per stage (weights and training "
             f"state {format_bytes(pre.S[-1])} in all, activations {format_bytes(pre.A[-1][-1])} per microbatch in "
             f"flight{_with_recompute(pre)}): {hint}; raise devices, lower the batch or raise microbatches"
         )

@@ -1102,6 +1102,11 @@ def _evaluate(
                             metrics=metrics)  # fmt: skip
     except InfeasibleMemoryError as e:
         c.note, c.out_of_memory = str(e), True
+        if c.stages_per_device > 1:  # the limit the split was held to is a share of the device's
+            c.note += (
+                f" (each of a device's {c.stages_per_device} interleaved stages gets an equal share, "
+                f"{format_bytes(share)}, of its {format_bytes(memory_limit)})"
+            )
         return
     except ValueError as e:  # a schedule refusing this microbatch count, too few nodes, ...
         c.note, c.out_of_memory = str(e).splitlines()[0][:200], False
