@@ -202,6 +202,12 @@ def build(row: Row) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
     return model, (torch.empty(row.global_batch, row.seq, dtype=torch.long, device="meta"),)
 
 
+def _virtual(plan: partitioner.Plan) -> str:
+    """ " v8" for a plan running 8 stages per pipeline rank, "" for one."""
+    per_rank = plan.num_stages // plan.pipeline_degree
+    return f" v{per_rank}" if per_rank > 1 else ""
+
+
 def check(row: Row, *, search: bool) -> dict:
     """Compile `row` with its published layout (and, with `search`, freely); the figures as a dict."""
     model, inputs = build(row)
@@ -225,9 +231,9 @@ def check(row: Row, *, search: bool) -> dict:
         plan = cm.plan
         p = plan.predicted
         modes = "/".join(dict.fromkeys(s.recompute for s in plan.stages))
-        sp = " +sp" if plan.tensor.get("sequence_parallel") else ""
+        ran = plan.schedule + _virtual(plan) + (" +sp" if plan.tensor.get("sequence_parallel") else "")
         out.update(predicted_s=p["step_time"], fits=True, peak=p["peak_memory"], bubble=p["bubble_fraction"],
-                   dp_sync=p["data_parallel_sync"], ran=f"{plan.schedule}{sp}, recompute {modes}")  # fmt: skip
+                   dp_sync=p["data_parallel_sync"], ran=f"{ran}, recompute {modes}")  # fmt: skip
     except partitioner.InfeasibleMemoryError as e:
         out.update(predicted_s=None, fits=False, why=str(e)[:300])
     out["compile_s"] = time.perf_counter() - t0
