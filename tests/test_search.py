@@ -361,3 +361,26 @@ def test_the_same_layout_at_a_close_microbatch_count_is_refined_too():
     assert free.microbatches == 4 and free.ranked_step > free.step_time
     (eight,) = [c for c in other_counts(free, evaluated) if c.microbatches == 8]  # the ranked winner, now the loser
     assert free.step_time < eight.refined_step < eight.step_time  # its entry as ranked, its refined step recorded
+
+
+@pytest.mark.parametrize("schedule, per_device", [("interleaved", 2), ("interleaved", 4), ("zbv", 2)])
+def test_a_device_s_stages_share_its_memory_as_the_rank_needs_not_equally(schedule: str, per_device: int) -> None:
+    """Several stages per device: the winner's refinement may give a stage more than an equal share of the device
+    where the rank's stages together (the replayed peak) still fit. Never worse than equal shares, never over the
+    device; and at some limit the equal shares refuse (or recompute) a layout whose ranks fit."""
+    from partitioner.plan.search import Candidate, _data_parallel_transient, _evaluate, _evaluate_within
+
+    pg = _chain(n=33, static=20, saved_bytes=6.0)
+    gained = 0
+    for limit in range(160, 1400, 40):
+        c = Candidate(Degrees(pp=2, tp=1, dp=1), 8, schedule, per_device, graph=pg)
+        equal = dataclasses.replace(c)
+        _evaluate(c, float(limit), 8, {}, refine=True, recompute=("none", "full"))
+        share = (limit - _data_parallel_transient(equal)) / per_device
+        _evaluate_within(equal, float(limit), share, 8, {}, True, ("none", "full"))
+        if equal.fits:
+            assert c.fits and c.step_time <= equal.step_time * (1 + 1e-9), limit
+        if c.fits:
+            assert c.peak_memory <= limit
+            gained += not equal.fits or c.step_time < equal.step_time * (1 - 1e-6)
+    assert gained
