@@ -3,7 +3,8 @@
 #   BUDGET=560 bash bench/gpu_check.sh        # results under /tmp/res, packed into $OUT/res.tgz when $OUT is set
 # A: compile the Triton kernels (and torch.compile's references) for the benchmark shapes, four processes at once
 #    (the compiles are CPU work; Triton's and Inductor's caches keep them for the timed runs);
-# B: the `gpu` tests; C: bench/kernels.py (bf16); D: bench/device_rates.py; E: bench/step_fidelity.py --breakdown.
+# B: the `gpu` tests; C: bench/kernels.py (bf16); D: bench/device_rates.py; E: bench/step_fidelity.py --breakdown;
+# F: bench/activation_memory.py (what the runtime keeps for backward against what the plan prices).
 # Each phase runs under its own cap, cut to what is left of BUDGET seconds, so a slow phase cannot starve the others.
 # Copy the written .md / .json into bench/results/ with the machine's name and date (the files carry both).
 export PYTHONPATH=$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
@@ -41,5 +42,8 @@ echo "rc=$?" && tail -n 12 $R/rates.log
 echo "== E: step fidelity $(date +%T)"
 timeout $(cap 150) $PY bench/step_fidelity.py --steps 6 --breakdown --out $R >$R/step.log 2>&1
 echo "rc=$?" && tail -n 10 $R/step.log
+echo "== F: activation memory $(date +%T)"
+timeout $(cap 60) $PY bench/activation_memory.py --out $R >$R/actmem.log 2>&1
+echo "rc=$?" && tail -n 6 $R/actmem.log
 echo "== done $(date +%T)"
 [ -n "$OUT" ] && tar czf $OUT/res.tgz -C /tmp res

@@ -249,3 +249,20 @@ def test_a_tool_is_priced_at_its_fastest_microbatch_count_that_fits() -> None:
     assert run._at_best_count(price, [1, 2, 4], limit=5.0)["microbatches"] == 2  # none fits: the fastest
     with pytest.raises(ValueError, match="no fewer microbatches"):
         run._at_best_count(price, [8])
+
+
+def test_activation_memory_reports_what_the_runtime_keeps_against_the_plan(tmp_path: Path) -> None:
+    """bench/activation_memory.py on the CPU: a Llama's fused SwiGLU keeps less than the eager model, by one MLP width
+    per token and layer; a GPT (GELU: nothing fused) keeps what the eager model keeps."""
+    from bench import activation_memory
+
+    assert activation_memory.main(["--runs", "llama-tiny:2:32", "gpt3-tiny:2:32", "--device", "cpu",
+                                   "--out", str(tmp_path)]) == 0  # fmt: skip
+    (record,) = tmp_path.glob("activation-memory-cpu-*.json")
+    llama, gpt = json.loads(record.read_text())["rows"]
+    cfg = zoo.get("llama-tiny")
+    width = 2 * 32 * cfg.layers[0].mlp.up_proj.out_features * 4  # batch x seq x d_ff x fp32, one per layer
+    assert llama["gated_activations"] == len(cfg.layers)
+    assert llama["eager_bytes"] - llama["runtime_bytes"] == width * len(cfg.layers)
+    assert gpt["gated_activations"] == 0 and gpt["runtime_bytes"] == gpt["eager_bytes"]
+    assert (tmp_path / record.name.replace(".json", ".md")).read_text().count("|") > 10
