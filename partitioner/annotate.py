@@ -64,7 +64,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from partitioner.annotate_reuse import Record, record, signature
-from partitioner.gated import gated_pair
+from partitioner.gated import gated_pair, runs_fused
 from partitioner.meta import meta_device, storage_key, to_meta
 
 __all__ = ["AnnotationError", "annotate", "is_attention"]
@@ -198,7 +198,7 @@ class _CostInterpreter(fx.Interpreter):
         s, up = self.env.get(pair.activation), self.env.get(pair.up)
         if not (isinstance(s, torch.Tensor) and isinstance(up, torch.Tensor)):
             return None
-        if s.shape != up.shape or s.dtype != up.dtype or not (s.requires_grad or up.requires_grad):
+        if not runs_fused(s, up):
             return None
         n.meta["gated_activation"] = pair.activation.name
         return s

@@ -32,27 +32,38 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ACTIVATIONS", "GatedPair", "gated_activation", "gated_pair"]
+__all__ = ["ACTIVATIONS", "GatedPair", "gated_activation", "gated_pair", "runs_fused"]
 
 _aten = torch.ops.aten
 
-# activation name -> (forward, backward from (grad of the activation's output, its input, its output))
+# activation name -> (forward from (input, gelu's approximation), backward from (grad of the activation's output, its
+# input, its output, gelu's approximation)): the ATen backward kernels autograd calls for each
 ACTIVATIONS: dict[str, Any] = {
-    "silu": (F.silu, lambda g, x, y, approximate: _aten.silu_backward(g, x)),
+    "silu": (lambda x, approximate: F.silu(x), lambda g, x, y, approximate: _aten.silu_backward(g, x)),
     "gelu": (
-        lambda x, approximate="none": F.gelu(x, approximate=approximate),
+        lambda x, approximate: F.gelu(x, approximate=approximate),
         lambda g, x, y, approximate: _aten.gelu_backward(g, x, approximate=approximate),
     ),
-    "relu": (torch.relu, lambda g, x, y, approximate: _aten.threshold_backward(g, y, 0)),
-    "sigmoid": (torch.sigmoid, lambda g, x, y, approximate: _aten.sigmoid_backward(g, y)),
-    "tanh": (torch.tanh, lambda g, x, y, approximate: _aten.tanh_backward(g, y)),
+    "relu": (lambda x, approximate: torch.relu(x), lambda g, x, y, approximate: _aten.threshold_backward(g, y, 0)),
+    "sigmoid": (lambda x, approximate: torch.sigmoid(x), lambda g, x, y, approximate: _aten.sigmoid_backward(g, y)),
+    "tanh": (lambda x, approximate: torch.tanh(x), lambda g, x, y, approximate: _aten.tanh_backward(g, y)),
 }
-_OUTPUT_BACKWARD = {"relu", "sigmoid", "tanh"}  # backward formulas that read the activation's output, not its input
 
 
 def _activate(x: torch.Tensor, act: str, approximate: str) -> torch.Tensor:
-    forward = ACTIVATIONS[act][0]
-    return forward(x, approximate=approximate) if act == "gelu" else forward(x)
+    return ACTIVATIONS[act][0](x, approximate)
+
+
+def runs_fused(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether `gated_activation` runs the fused op for operands like these (gate, or the activation's output, which
+    has its shape and dtype) when gradients are on: something needs a gradient and the product is elementwise, with
+    no broadcast or type promotion. annotate prices by the same test."""
+    return (
+        (gate.requires_grad or up.requires_grad)
+        and gate.shape == up.shape
+        and gate.dtype == up.dtype
+        and gate.device == up.device
+    )
 
 
 class _GatedActivation(torch.autograd.Function):
@@ -84,14 +95,7 @@ def gated_activation(
     docstring). `act`: a key of ACTIVATIONS; `approximate`: gelu's ("none" or "tanh")."""
     if act not in ACTIVATIONS:
         raise ValueError(f"gated_activation: unknown activation {act!r}; known: {sorted(ACTIVATIONS)}")
-    fused = (
-        torch.is_grad_enabled()
-        and (gate.requires_grad or up.requires_grad)
-        and gate.shape == up.shape
-        and gate.dtype == up.dtype
-        and gate.device == up.device
-    )
-    if not fused:
+    if not (torch.is_grad_enabled() and runs_fused(gate, up)):
         s = _activate(gate, act, approximate)
         return s * up if gate_first else up * s
     return _GatedActivation.apply(gate, up, act, approximate, gate_first)

@@ -14,6 +14,7 @@ from torch import nn
 
 import partitioner
 import zoo
+from bench.activation_memory import kept_bytes
 from partitioner.annotate import annotate
 from partitioner.capture import capture
 from partitioner.gated import ACTIVATIONS, _activate, gated_activation, gated_pair
@@ -134,17 +135,7 @@ def test_the_matcher_takes_gated_products_only_and_the_pass_keeps_the_graph_exac
 
 def _saved_bytes(gm: nn.Module, *inputs: torch.Tensor) -> int:
     """Bytes of the activation storages autograd keeps (each storage once, the parameters left out)."""
-    state = {t.untyped_storage().data_ptr() for t in gm.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in state:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        gm(*inputs)
-    return sum(kept.values())
+    return kept_bytes(gm, inputs, list(gm.parameters()))
 
 
 def _check_graph(gm: fx.GraphModule, inputs: list[torch.Tensor], layers: int) -> None:

@@ -24,17 +24,15 @@ def fuse_gated_activations(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule (same parameters, same node names but the fused activations') with every gated activation
     of `gm`'s graph (`gated.gated_pair`) run as `gated_activation`; `gm` itself when it has none. `gm` is left as
     it was."""
-    if not any(gated_pair(n, gm) for n in gm.graph.nodes):
+    pairs = [(n, pair) for n in gm.graph.nodes if (pair := gated_pair(n, gm)) is not None]
+    if not pairs:
         return gm
     graph = fx.Graph()
     graph._codegen = gm.graph._codegen  # an export graph's pytree calling convention, kept
     env: dict[fx.Node, fx.Node] = {}
     for n in gm.graph.nodes:
         env[n] = graph.node_copy(n, lambda x: env[x])
-    for n in list(gm.graph.nodes):
-        pair = gated_pair(n, gm)
-        if pair is None:
-            continue
+    for n, pair in pairs:
         mul, activation = env[n], env[pair.activation]
         up = env[pair.up] if isinstance(pair.up, fx.Node) else pair.up
         mul.target, mul.op = gated_activation, "call_function"

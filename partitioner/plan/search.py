@@ -1065,19 +1065,18 @@ def _evaluate(
     # What FSDP / ZeRO-2 hold besides the stage's state (a layer's gathered weights and gradients) is known before the
     # split: the DP plans within what is left (plan.sharding.data_parallel_cost prices it after).
     room = memory_limit - _data_parallel_transient(c)
-    fresh = dataclasses.replace(c)
-    _evaluate_within(c, memory_limit, room / c.stages_per_device, devices_per_node, plans, refine, recompute)
-    if not refine or c.stages_per_device == 1 or not math.isfinite(room):
+    v = c.stages_per_device
+    looser = [2**k for k in range(1, v.bit_length()) if 2**k < v] + [v] if refine and math.isfinite(room) else []
+    fresh = dataclasses.replace(c) if v > 1 and looser else None
+    _evaluate_within(c, memory_limit, room / v, devices_per_node, plans, refine, recompute)
+    if fresh is None:
         return
-    factor = 2
-    while factor <= c.stages_per_device:
+    for factor in looser:  # 2x, 4x, ... the equal share, up to the whole room per stage
         trial = dataclasses.replace(fresh)
-        _evaluate_within(trial, memory_limit, room * factor / c.stages_per_device, devices_per_node, plans, refine,
-                         recompute)  # fmt: skip
+        _evaluate_within(trial, memory_limit, room * factor / v, devices_per_node, plans, refine, recompute)
         if trial.fits and (not c.fits or trial.step_time < c.step_time * (1 - 1e-9)):
             for f in dataclasses.fields(c):
                 setattr(c, f.name, getattr(trial, f.name))
-        factor = c.stages_per_device if factor < c.stages_per_device < 2 * factor else 2 * factor
 
 
 def _evaluate_within(
