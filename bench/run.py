@@ -61,8 +61,7 @@ from partitioner.plan.search import (  # noqa: E402
     price_candidate,
     scale_graph,
 )
-from partitioner.schedules import get_schedule  # noqa: E402
-from partitioner.simulate import StageCost, simulate  # noqa: E402
+from partitioner.simulate import StageCost, in_flight_peaks, simulate  # noqa: E402
 from partitioner.units import format_bytes, format_seconds  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"  # records kept in the repository (--save)
@@ -171,7 +170,7 @@ def _price_split(layout: Candidate, stage_of: list[int], limit: float, m: int) -
     """A tool's split in `layout` (degrees, schedule, data-parallel mode) at m microbatches, fast-replayed as our
     search ranks candidates; ValueError where it does not fit `limit` bytes per device."""
     c = dataclasses.replace(layout, microbatches=m)
-    flight = get_schedule(c.schedule).in_flight(c.degrees.pp, m)
+    flight = in_flight_peaks(c.schedule, c.degrees.pp, m, c.degrees.pp)
     price_candidate(c, stage_of, flight, c.graph.spec.devices_per_node, fast=True)
     if c.peak_memory > limit:  # a count that does not fit is no option
         raise ValueError(f"pp{c.degrees.pp} x dp{c.degrees.dp} peaks at {format_bytes(c.peak_memory)}")
@@ -182,7 +181,7 @@ def _simulate(pg: Any, stage_of: list[int], stages: int, m: int, schedule: str, 
     # Priced as the plan's own step is (plan.search.price_candidate): the replayed pipeline, then each rank's
     # tied-weight gradient sync and optimizer step (pp only, no dp).
     c = Candidate(Degrees(pp=ranks, tp=1, dp=1), m, schedule, stages // ranks, graph=pg)
-    price_candidate(c, stage_of, get_schedule(schedule).in_flight(stages, m), pg.spec.devices_per_node)
+    price_candidate(c, stage_of, in_flight_peaks(schedule, stages, m, ranks), pg.spec.devices_per_node)
     return {
         "step_time": c.step_time,
         "bubble_fraction": c.simulation.bubble_fraction,

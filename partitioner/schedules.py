@@ -6,12 +6,14 @@ Read by the simulator (which torch class replays), the search (stages per device
     name          torch class                     stages per rank   split backward   in flight at stage s (peak)
     gpipe         ScheduleGPipe                   1                 no               m
     1f1b          Schedule1F1B                    1                 no               min(p - s, m)
-    interleaved   ScheduleInterleaved1F1B         >= 2 (default 2)  no               min(p - s, m)
+    interleaved   ScheduleInterleaved1F1B         >= 2 (default 2)  no               counted *
     looped-bfs    ScheduleLoopedBFS               >= 2 (default 2)  no               m
-    zero-bubble   ScheduleInterleavedZeroBubble   >= 2 (default 2)  yes              min(p - s, m)
-    zbv           ScheduleZBVZeroBubble           exactly 2         yes              min(p - s, m)
+    zero-bubble   ScheduleInterleavedZeroBubble   >= 2 (default 2)  yes              counted *
+    zbv           ScheduleZBVZeroBubble           exactly 2         yes              counted * (= min(p - s, m))
 
-(p stages, m microbatches.) Stage s runs on rank s % ranks, except zbv's V: rank r holds stages r and 2R - 1 - r.
+(p stages, m microbatches; * over the schedule's own action order, simulate.in_flight_peaks: `Schedule.in_flight`'s
+min(p - s, m) is an estimate there.) Stage s runs on rank s % ranks, except zbv's V: rank r holds stages r and
+2R - 1 - r.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ class Schedule:
 
         GPipe-like schedules run all forwards first (m in flight everywhere); 1F1B and the interleaved /
         zero-bubble schedules start backwards after about p - s warm-up forwards, so stage s holds min(p - s, m).
-        For the multi-stage schedules this is an estimate; the simulator's replay gives the exact per-device peak.
+        Exact for single-stage schedules; for the multi-stage ones an estimate (interleaved 1F1B holds fewer, the
+        interleaved zero-bubble schedules more on their last stages): the planner uses simulate.in_flight_peaks,
+        counted over the schedule's own action order.
         """
         if self.all_forwards_first:
             return [microbatches] * num_stages

@@ -384,3 +384,19 @@ def test_a_device_s_stages_share_its_memory_as_the_rank_needs_not_equally(schedu
             assert c.peak_memory <= limit
             gained += not equal.fits or c.step_time < equal.step_time * (1 - 1e-6)
     assert gained
+
+
+def test_a_schedule_that_fixes_its_stages_per_rank_is_searched_at_that_count_only() -> None:
+    """zbv runs exactly 2 stages per rank: the winner's move to other counts of stages per rank (which interleaved
+    takes) leaves it at 2, and a candidate asked at another count is refused in its note, not by aborting the search
+    (session 44: 3 stages per rank raised out of the search, which then lost every layout at that context degree)."""
+    from partitioner.plan.search import Candidate, _evaluate
+
+    best, evaluated = _search(_chain(24), 4, schedules=("zbv",), pipeline=4)
+    assert best.schedule == "zbv" and best.stages_per_device == 2
+    assert {c.stages_per_device for c in evaluated} == {2}
+    c = Candidate(Degrees(pp=4, tp=1, dp=1), 16, "zbv", 3, graph=_chain(24))
+    _evaluate(c, float("inf"), 8, {})
+    assert not c.fits and "exactly 2 stages per rank" in c.note
+    free, _ = _search(_chain(24), 4, schedules=("interleaved", "zbv"))
+    assert free.step_time > 0 and (free.schedule != "zbv" or free.stages_per_device == 2)

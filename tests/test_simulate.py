@@ -24,6 +24,7 @@ from partitioner.simulate import (
     _torch_orders,
     check_events,
     fast_replay,
+    in_flight_peaks,
     replay,
     replay_lower_bound,
     schedule_actions,
@@ -269,6 +270,44 @@ def test_memory_sums_the_stages_of_a_rank() -> None:
     r = sim("looped-bfs", stages, 3, 2)  # BFS runs every forward before any backward
     assert r.peak_inflight == (6, 6)
     assert r.peak_memory == pytest.approx([100 + 300 + 3 * (1 + 3), 200 + 400 + 3 * (2 + 4)])
+
+
+def counted_peaks(schedule: str, num_stages: int, m: int, ranks: int) -> list[int]:
+    """Each stage's most microbatches in flight, counted action by action over its rank's order: F adds one, the
+    action that ends its backward (B; W where the backward is split) frees one."""
+    split = {a.kind for acts in schedule_actions(schedule, num_stages, m, ranks).values() for a in acts} >= {"W"}
+    held, peak = [0] * num_stages, [0] * num_stages
+    for actions in schedule_actions(schedule, num_stages, m, ranks).values():
+        for a in actions:
+            held[a.stage] += 1 if a.kind == "F" else -1 if a.kind == ("W" if split else "B") else 0
+            peak[a.stage] = max(peak[a.stage], held[a.stage])
+    assert held == [0] * num_stages
+    return peak
+
+
+@pytest.mark.parametrize(
+    "schedule,num_stages,ranks,m",
+    [("interleaved", 8, 2, 8), ("interleaved", 12, 4, 8), ("interleaved", 9, 3, 12), ("looped-bfs", 8, 4, 4),
+     ("zero-bubble", 8, 4, 8), ("zero-bubble", 12, 4, 12), ("zbv", 8, 4, 8), ("zbv", 6, 3, 9), ("1f1b", 5, 5, 7),
+     ("gpipe", 4, 4, 6)],
+)  # fmt: skip
+def test_in_flight_peaks_count_the_schedule_s_own_order(schedule: str, num_stages: int, ranks: int, m: int) -> None:
+    peaks = in_flight_peaks(schedule, num_stages, m, ranks)
+    assert list(peaks) == counted_peaks(schedule, num_stages, m, ranks)
+    stages = equal_stages(num_stages, num_stages // ranks, activation_bytes=1.0)
+    rank_of = get_schedule(schedule).stage_ranks(num_stages, ranks)
+    for rank, held in enumerate(sim(schedule, stages, m, ranks).peak_inflight):  # at once, on the whole rank
+        own = [peaks[s] for s in range(num_stages) if rank_of[s] == rank]
+        assert max(own) <= held <= sum(own)
+
+
+def test_multi_stage_peaks_differ_from_the_closed_form() -> None:
+    # torch's Interleaved1F1B warms up one round of microbatches per local stage: at 4 ranks x 3 stages the first
+    # stage holds 8, not min(stages - s, m) = 12; the interleaved zero-bubble schedule keeps its last stage's
+    # microbatches until their weight gradients run, more than the form's 1
+    closed = get_schedule("interleaved").in_flight(12, 12)
+    assert in_flight_peaks("interleaved", 12, 12, 4)[0] < closed[0]
+    assert in_flight_peaks("zero-bubble", 12, 12, 4)[-1] > closed[-1]
 
 
 # --- Unequal stages, communication ----------------------------------------------------------------------------

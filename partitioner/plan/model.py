@@ -44,6 +44,7 @@ from partitioner.plan.search import (
 )
 from partitioner.plan.sharding import DP_MODES, hsdp_shard
 from partitioner.schedules import get_schedule
+from partitioner.simulate import in_flight_peaks
 from partitioner.units import format_bytes, format_seconds
 
 DP_ORDER = ("",) + DP_MODES  # least sharded first
@@ -211,7 +212,7 @@ def plan_model(
             overlap_grad_reduce=saved.overlap_grad_reduce, graph=scaled,
             sequence_parallel=saved_layout is not None and saved_layout.sequence_parallel,
         )  # fmt: skip
-        flight = get_schedule(saved.schedule).in_flight(saved.num_stages, saved.microbatches)
+        flight = in_flight_peaks(saved.schedule, saved.num_stages, saved.microbatches, saved.pipeline_degree)
         price_candidate(best, [saved.node_stage[name] for name in pg.names], flight, o.spec.devices_per_node,
                         [st.recompute for st in saved.stages])  # fmt: skip
         return PlannedModel(_repriced(saved, best, gm, o), best, [best])
@@ -569,7 +570,7 @@ def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions, pla
     out = []
     modes = best.recompute or []
     if best.metrics and any(m != "none" for m in planned):
-        flight = get_schedule(best.schedule).in_flight(len(modes), best.microbatches)
+        flight = in_flight_peaks(best.schedule, len(modes), best.microbatches, best.degrees.pp)
         args = (best.graph, best.stage_of, len(modes))
         plain = evaluate(*args, microbatches=best.microbatches, in_flight=flight)
         chosen = evaluate(*args, microbatches=best.microbatches, in_flight=flight, recompute=modes)

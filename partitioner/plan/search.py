@@ -62,7 +62,7 @@ from partitioner.plan.sharding import (
 from partitioner.plan.step import step_improver
 from partitioner.progress import current, logger
 from partitioner.schedules import get_schedule
-from partitioner.simulate import SimResult, step_lower_bound
+from partitioner.simulate import SimResult, in_flight_peaks, step_lower_bound
 from partitioner.units import format_bytes
 
 __all__ = [
@@ -541,7 +541,7 @@ def refine_winner(
         candidates[:] = [winner if c is entry else c for c in candidates]
     if winner.simulation is None:  # ranked on a fast replay: its events for the plan and Gantt
         num_stages = winner.degrees.pp * winner.stages_per_device
-        flight = get_schedule(winner.schedule).in_flight(num_stages, winner.microbatches)
+        flight = in_flight_peaks(winner.schedule, num_stages, winner.microbatches, winner.degrees.pp)
         price_candidate(winner, winner.stage_of, flight, devices_per_node, winner.recompute)
     return winner
 
@@ -648,8 +648,8 @@ def _around_the_winner(ev: _Evaluator, candidates: list[Candidate], best: Candid
     more stages per rank shrink the bubble but add hops. From the winner, each moves one step at a time (the next
     count dividing the batch; one stage per rank more or fewer, two at least: one is another schedule) while the
     step improves by more than the search's tie. More microbatches were priced before (`_finer_microbatches`).
-    Counts the user fixed (`microbatches`, `stages_per_device`) stay. Every candidate priced here joins
-    `candidates`."""
+    Counts the user fixed (`microbatches`, `stages_per_device`) stay, and those a schedule fixes (zbv: 2). Every
+    candidate priced here joins `candidates`."""
 
     def improves(**change: int) -> bool:
         """Price the winner with `change`; adopt it if it fits and is better."""
@@ -670,7 +670,7 @@ def _around_the_winner(ev: _Evaluator, candidates: list[Candidate], best: Candid
         while best.microbatches in counts and (k := counts.index(best.microbatches)) > 0:
             if not improves(microbatches=counts[k - 1]):
                 break
-    if ev.stages_per_device is None and not get_schedule(best.schedule).single_stage:
+    if ev.stages_per_device is None and get_schedule(best.schedule).stages_per_rank is None:  # zbv: 2 always
         for step in (1, -1):
             while (k := best.stages_per_device + step) >= 2 and best.degrees.pp * k <= max_stages(best.graph):
                 if not improves(stages_per_device=k):
@@ -1086,14 +1086,15 @@ def _evaluate_within(
     """_evaluate with each stage's split held to `share` bytes (the rank's check against `memory_limit` after)."""
     g = c.graph
     num_stages = c.degrees.pp * c.stages_per_device
-    flight = get_schedule(c.schedule).in_flight(num_stages, c.microbatches)
-    # Schedules with the same stages, microbatches and in-flight pattern get the same pipeline plan.
-    # (Without a memory limit the in-flight pattern cannot change the plan.)
-    key = (id(g), num_stages, c.microbatches, tuple(flight) if math.isfinite(share) else None, share)
     priced = False
-    args = dict(microbatches=c.microbatches, in_flight=flight, memory_limit=share, mincut=False, explain=False,
-                recompute=recompute)  # fmt: skip
     try:
+        # A schedule refusing this layout (zbv at other than 2 stages per rank, too few microbatches) raises here.
+        flight = in_flight_peaks(c.schedule, num_stages, c.microbatches, c.degrees.pp)
+        # Schedules with the same stages, microbatches and in-flight pattern get the same pipeline plan.
+        # (Without a memory limit the in-flight pattern cannot change the plan.)
+        key = (id(g), num_stages, c.microbatches, tuple(flight) if math.isfinite(share) else None, share)
+        args = dict(microbatches=c.microbatches, in_flight=flight, memory_limit=share, mincut=False, explain=False,
+                    recompute=recompute)  # fmt: skip
         if refine:
             # The winner: planned in full (every cut position), its boundaries moved by the step (plan.step), then
             # by min-cut (plan.mincut: same bottleneck or within its tie, fewer bytes sent); the faster of the two.

@@ -46,8 +46,7 @@ import numpy as np
 from partitioner.plan.graph import PlanningGraph, tied_sync_time
 from partitioner.plan.pipeline import _backtrack, _in_flight_array, _Prefix, _prefix
 from partitioner.plan.price import ContiguousState, Layout, price_step, step_end
-from partitioner.schedules import get_schedule
-from partitioner.simulate import replay_lower_bound
+from partitioner.simulate import in_flight_peaks, replay_lower_bound
 
 __all__ = ["StepObjective", "balanced_cuts", "best_cuts_by_step", "step_improver"]
 
@@ -70,7 +69,7 @@ class StepObjective:
     ) -> None:  # fmt: skip
         self.pg, self.layout, self.internode = pg, layout, internode
         self.pre = _prefix(pg, layout.microbatches, recompute, coarse)
-        self.in_flight = _in_flight_array(get_schedule(layout.schedule).in_flight(num_stages, layout.microbatches),
+        self.in_flight = _in_flight_array(in_flight_peaks(layout.schedule, num_stages, layout.microbatches, layout.pp),
                                           num_stages, layout.microbatches)  # fmt: skip
         self.stage_memory = stage_memory
         self.rank_memory = rank_memory if rank_memory is not None else stage_memory * (num_stages // layout.pp)
