@@ -13,6 +13,10 @@ Tables (one CSV each; a row's columns as ../shared/calibration/megatron_2021_tab
 - llama3_2024_table4 (bench/calibration): the Llama 3 paper, Table 4: Llama 3 405B (zoo.llama, bf16) on 8,192 and
   16,384 H100s at its published degrees and microbatches, its schedule, recompute and sequence parallelism "searched"
   (not published), TFLOP/s counted as PaLM's model FLOPs (column `flops`).
+- torchtitan_2024_fsdp (bench/calibration): torchtitan's docs/performance.md (2024): Llama 2 13B and 70B and Llama 3
+  70B trained with FSDP2 alone (ZeRO-3) on 64 A100s, a rank's tokens per second turned into seconds per step. Only
+  the rows whose recompute is one of ours (none, full); its "selective op" and "selective layer" checkpointing are
+  other policies than Korthikanti et al.'s attention-core recompute.
 
 For each row: the GPT is built on the meta device as its paper ran it (layers, hidden, heads, FFN width, vocabulary,
 sequence; fp16 weights; attention written out with the s x s probabilities materialized and dropout 0.1, as

@@ -112,3 +112,26 @@ def test_llama3_rows_count_palm_s_model_flops_and_build_the_published_405b() -> 
     assert sum(p.numel() for p in model.parameters()) == 405_853_388_800
     assert next(model.parameters()).dtype == torch.bfloat16 and ids.shape == (2048, 8192)
     assert rows[0].microbatches == 32 and rows[1].microbatches == 16
+
+
+def test_torchtitan_rows_reproduce_their_mfu_from_their_tokens_per_second() -> None:
+    # The rows hold seconds per step derived from torchtitan's tokens per second per GPU (a rank's local batch over
+    # the step); their MFU column, transcribed apart, must follow from those tokens per second and the built model:
+    # tokens/s x (6 N + 12 L h s) / 312 TFLOP/s (A100 bf16), N every parameter.
+    rows = [r for r in load_rows() if r.table == "torchtitan_2024_fsdp"]
+    assert len(rows) == 3
+    _assert_layouts_consistent(rows)
+    with (OURS / "torchtitan_2024_fsdp.csv").open() as f:
+        mfu = {raw["model"]: float(raw["mfu_pct"]) for raw in csv.DictReader(f)}
+    for r in rows:
+        assert r.data_parallel == "fsdp" and r.arch == "llama" and r.bf16 and r.microbatches == 1, r.model
+        tokens_per_s = r.micro_batch * r.seq / r.published_step()
+        per_token = 6 * r.parameters() + 12 * r.layers * r.hidden * r.seq
+        assert 100 * tokens_per_s * per_token / 312e12 == pytest.approx(mfu[r.model], abs=0.06), r.model
+
+
+def test_the_smallest_torchtitan_fsdp_row_fits_and_is_predicted_within_10_percent() -> None:
+    row = next(r for r in load_rows() if r.model == "Llama 2 13B FSDP")
+    result = check(row, search=False)
+    assert result["fits"] and result["ran"].startswith("1f1b"), result
+    assert result["predicted_s"] / result["published_s"] == pytest.approx(1.0, abs=0.1)
