@@ -779,7 +779,13 @@ class _Evaluator:
         """One candidate per schedule and data-parallel mode at degrees d; a note says why one cannot run."""
         m = default_microbatches(self.batch, d.dp, d.pp, self.microbatches, self.min_chunk)
         out = []
-        combos = [(s, mode, sp) for sp in self.sp_options(d.tp) for s in self.schedules for mode in self.modes(d, s)]
+        # On one pipeline rank every schedule runs the microbatches one after another on one device, and 1F1B holds
+        # one microbatch's activations at a time, the fewest: GPipe holds them all, the others add hops between a
+        # device's own stages. Where 1F1B is searched, the others are left out there (`schedule="auto"` labelled
+        # pp1 layouts "interleaved" that 1F1B runs as fast).
+        alone = d.pp == 1 and "1f1b" in self.schedules and self.stages_per_device is None
+        schedules = ("1f1b",) if alone else self.schedules
+        combos = [(s, mode, sp) for sp in self.sp_options(d.tp) for s in schedules for mode in self.modes(d, s)]
         for schedule, mode, sp in combos:
             split = get_schedule(schedule).split_backward and mode in ("zero2", "fsdp", "hsdp")
             g = self.graph(d.tp, d.dp, mode + (":split" if split else ""), d.pp, sp)
