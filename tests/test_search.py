@@ -400,3 +400,30 @@ def test_a_schedule_that_fixes_its_stages_per_rank_is_searched_at_that_count_onl
     assert not c.fits and "exactly 2 stages per rank" in c.note
     free, _ = _search(_chain(24), 4, schedules=("interleaved", "zbv"))
     assert free.step_time > 0 and (free.schedule != "zbv" or free.stages_per_device == 2)
+
+
+@pytest.mark.parametrize("schedule, per_device", [("interleaved", 2), ("interleaved", 3), ("zero-bubble", 2)])
+def test_several_stages_per_rank_are_planned_at_both_in_flight_counts_and_keep_the_faster(
+    schedule: str, per_device: int
+) -> None:
+    """With several stages per rank the split is planned at the schedule's own in-flight counts and at min(p - s, m)
+    where they differ (search._in_flight_models): the ranked candidate is never slower than either alone, never over
+    the device, and the two differ for these schedules."""
+    from partitioner.plan.search import Candidate, _evaluate, _evaluate_within, _in_flight_models
+
+    pg = _chain(n=33, static=20, saved_bytes=6.0)
+    for limit in range(160, 1400, 60):
+        c = Candidate(Degrees(pp=4, tp=1, dp=1), 8, schedule, per_device, graph=pg)
+        models = _in_flight_models(c)
+        assert len(models) == 2 and models[0] is None
+        alone = []
+        for flight in models:
+            one = dataclasses.replace(c)
+            _evaluate_within(one, float(limit), limit / per_device, 8, {}, False, ("none", "full"), flight)
+            alone.append(one)
+        _evaluate(c, float(limit), 8, {}, recompute=("none", "full"))
+        for one in alone:
+            if one.fits:
+                assert c.fits and c.step_time <= one.step_time * (1 + 1e-9), (limit, one.step_time, c.step_time)
+        if c.fits:
+            assert c.peak_memory <= limit
