@@ -49,9 +49,10 @@ class Schedule:
 
         GPipe-like schedules run all forwards first (m in flight everywhere); 1F1B and the interleaved /
         zero-bubble schedules start backwards after about p - s warm-up forwards, so stage s holds min(p - s, m).
-        Exact for single-stage schedules; for the multi-stage ones an estimate (interleaved 1F1B holds fewer, the
-        interleaved zero-bubble schedules more on their last stages): the planner uses simulate.in_flight_peaks,
-        counted over the schedule's own action order.
+        Exact for single-stage schedules; for the multi-stage ones an estimate, off both ways (interleaved 1F1B holds
+        fewer on a deep pipeline's first stages and more on some middle ones, the interleaved zero-bubble schedule
+        more on its last stages): the planner uses simulate.in_flight_peaks, counted over the schedule's own action
+        order, and plans with this form too where it differs (plan.search._in_flight_models).
         """
         if self.all_forwards_first:
             return [microbatches] * num_stages

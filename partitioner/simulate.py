@@ -764,7 +764,7 @@ def in_flight_peaks(
     stages per rank: the replay's order (`_compiled`, shared with the step's replay), where the closed form
     min(stages - s, m) is far off: torch's Interleaved1F1B warms up a round of microbatches per local stage, so at
     35 ranks x 3 stages and 280 microbatches rank 0's stages peak at 70 / 69 / 35 where the form says 105 / 70 / 35,
-    and the interleaved zero-bubble schedule keeps 35 on its last stages, where the form says 1 to 3.
+    and the interleaved zero-bubble schedule keeps 35 on its last stages, where the form says 1 to 35.
     tests/test_simulate.py checks the counts against `replay`'s events.
 
     >>> in_flight_peaks("1f1b", 4, 8), in_flight_peaks("interleaved", 8, 8, num_ranks=2)
