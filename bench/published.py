@@ -41,6 +41,16 @@ other sources are taken to overlap it, as DDP does.
 
 Sequence parallelism: a row's optional `sequence_parallel` column (true / false); without it, off (Megatron-LM's
 --sequence-parallel came with Korthikanti et al. 2022, after the 2021 runs).
+
+Context parallelism: a row's optional `cp` column (the degree; empty or absent: 1, as none of the runs above split a
+sequence). The data degree `dp` may be left empty: it is then the GPUs over tp x pp x cp. A degree or batch that
+does not add up (tp x pp x cp x dp other than the GPUs, a global batch the replicas' micro batches do not divide)
+is refused naming the row. Empty, "n/a" or "-" in `vp` is one stage per rank.
+
+Precision: BF16 or FP16 (the `precision` column). A row trained in FP8 (Transformer Engine, NeMo's H100 tables) is
+refused with a note, not priced as 16-bit: the cost model has no FP8 GEMMs.
+
+Other tables: `--csv PATH` checks any CSV of these columns (repeatable), its record named after the file's stem.
 """
 
 from __future__ import annotations
@@ -108,6 +118,8 @@ class Row:
     data_parallel: str = "ddp"  # how the run's replicas held their state (ddp / zero1 / zero2 / fsdp)
     schedule: str | None = None  # the pipeline schedule; None: interleaved where vp > 1, else 1f1b
     flops: str = "narayanan2021"  # how the paper counted FLOPs: "narayanan2021" (its eq. 3) or "palm" (below)
+    cp: int = 1  # context parallelism: each sequence split over cp ranks
+    fp8: bool = False  # the precision column says FP8: refused (module docstring)
 
     @classmethod
     def parse(cls, r: dict[str, str], table: str = "") -> Row:
@@ -116,17 +128,26 @@ class Row:
             overlap = r["overlap_grad_reduce"].strip().lower() in ("true", "yes", "1")
         else:
             overlap = overlaps_grad_reduce(r.get("source_url", ""), pp=int(r["pp"]))
+        model, gpus, tp, pp, cp = r["model"], int(r["num_gpus"]), int(r["tp"]), int(r["pp"]), _degree(r.get("cp"))
+        dp = _degree(r.get("dp"), gpus // (tp * pp * cp) if gpus % (tp * pp * cp) == 0 else 0)
+        if tp * pp * cp * dp != gpus:
+            raise ValueError(f"{model}: tp {tp} x pp {pp} x cp {cp} x dp {dp or '?'} is not its {gpus} GPUs")
+        gbs, mbs = int(r["gbs"]), int(r["mbs"])
+        if gbs % (dp * mbs):
+            raise ValueError(f"{model}: a global batch of {gbs} does not split into micro batches of {mbs} on {dp} "
+                             "replicas")  # fmt: skip
         return cls(
-            model=r["model"], system=r["system"], gpus=int(r["num_gpus"]), global_batch=int(r["gbs"]),
-            micro_batch=int(r["mbs"]), seq=int(r["seq_len"]), tp=int(r["tp"]), pp=int(r["pp"]),
-            vp=int(r["vp"] or 1), dp=int(r["dp"]), layers=int(r["layers"]), hidden=int(r["hidden"]),
+            model=model, system=r["system"], gpus=gpus, global_batch=gbs,
+            micro_batch=mbs, seq=int(r["seq_len"]), tp=tp, pp=pp, cp=cp,
+            vp=_degree(r.get("vp")), dp=dp, layers=int(r["layers"]), hidden=int(r["hidden"]),
             heads=int(r["heads"]), ffn=int(r["ffn_hidden"]), vocab=int(r["vocab"]),
             tflops_per_gpu=float(r.get("model_tflops_per_gpu") or "nan"), recompute=recompute,
             overlap_grad_reduce=overlap,
             sequence_parallel=_flag(r.get("sequence_parallel")),
             step_seconds=float(r["step_seconds"]) if r.get("step_seconds") else None, table=table,
             arch=r.get("arch") or "gpt", kv_heads=int(r["kv_heads"]) if r.get("kv_heads") else None,
-            bf16="BF16" in r.get("precision", "").upper(), data_parallel=r.get("data_parallel") or "ddp",
+            bf16="BF16" in (r.get("precision") or "").upper(), fp8="FP8" in (r.get("precision") or "").upper(),
+            data_parallel=r.get("data_parallel") or "ddp",
             schedule=r.get("schedule") or None, flops=r.get("flops") or "narayanan2021",
         )  # fmt: skip
 
@@ -175,6 +196,12 @@ class Row:
                            d_ff=self.ffn, vocab_size=self.vocab, n_ctx=self.seq, rope_theta=500000.0)  # fmt: skip
 
 
+def _degree(value: str | None, default: int = 1) -> int:
+    """A parallel degree's column: a positive integer; empty, absent, "n/a" or "-" is `default`."""
+    value = (value or "").strip().lower()
+    return default if value in ("", "n/a", "na", "-", "none") else int(value)
+
+
 def _flag(value: str | None) -> bool | None:
     """A true / false column; "searched" (not published: the search decides) is None, empty is false."""
     value = (value or "").strip().lower()
@@ -190,12 +217,13 @@ def overlaps_grad_reduce(source: str, *, pp: int) -> bool:
 
 def load_rows(pattern: str = "*.csv") -> list[Row]:
     """Every row of the calibration tables matching `pattern`: ours (bench/calibration), then the team's."""
-    rows = []
-    for folder in (OURS, CALIBRATION):
-        for path in sorted(folder.glob(pattern)):
-            with path.open() as f:
-                rows += [Row.parse(r, table=path.stem) for r in csv.DictReader(f)]
-    return rows
+    return [row for folder in (OURS, CALIBRATION) for path in sorted(folder.glob(pattern)) for row in read_table(path)]
+
+
+def read_table(path: Path) -> list[Row]:
+    """The rows of one calibration CSV (columns as the module docstring says), its stem their table."""
+    with path.open() as f:
+        return [Row.parse(r, table=path.stem) for r in csv.DictReader(f)]
 
 
 def build(row: Row) -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
@@ -216,11 +244,18 @@ def check(row: Row, *, search: bool) -> dict:
     """Compile `row` with its published layout (and, with `search`, freely); the figures as a dict."""
     model, inputs = build(row)
     tp = f"tp{row.tp}" + {True: "+sp", False: "", None: "(+sp?)"}[row.sequence_parallel]
+    cp = f" x cp{row.cp}" if row.cp > 1 else ""
     searched = row.schedule == "auto" or row.sequence_parallel is None or row.recompute == SEARCHED
-    out: dict = {"table": row.table, "model": row.model, "gpus": row.gpus, "layout": f"pp{row.pp} x {tp} x dp{row.dp}",
+    out: dict = {"table": row.table, "model": row.model, "gpus": row.gpus,
+                 "layout": f"pp{row.pp} x {tp}{cp} x dp{row.dp}",
                  "searched_choices": searched,
                  "vp": row.vp, "recompute": row.recompute, "microbatches": row.microbatches,
                  "published_s": row.published_step()}  # fmt: skip
+    if row.fp8:
+        # Pricing FP8 GEMMs as 16-bit ones would be off by up to 2x: refused, not guessed.
+        out.update(predicted_s=None, fits=None, compile_s=0.0,
+                   why="not checked: trained in FP8, and the cost model prices 16-bit GEMMs only")  # fmt: skip
+        return out
     t0 = time.perf_counter()
     try:
         cm = partitioner.compile(
@@ -230,7 +265,7 @@ def check(row: Row, *, search: bool) -> dict:
             recompute=None if row.recompute == SEARCHED else row.recompute,
             data_parallel=row.data_parallel,
             overlap_grad_reduce=row.overlap_grad_reduce, sequence_parallel=row.sequence_parallel,
-            context_parallel=1,  # the published runs split no sequence
+            context_parallel=row.cp,
         )  # fmt: skip
         plan = cm.plan
         p = plan.predicted
@@ -273,7 +308,7 @@ def _table(results: list[dict], search: bool) -> str:
         layout = r["layout"] + (f" v{r['vp']}" if r["vp"] > 1 else "")
         line = (
             f"{r['model']:<20} {r['gpus']:>5} {layout:<26} {r['recompute']:<9} {format_seconds(r['published_s']):>10} "
-            f"{format_seconds(pred) if pred else '-':>10} {ratio:>6} {'yes' if r['fits'] else 'NO':>5}"
+            f"{format_seconds(pred) if pred else '-':>10} {ratio:>6} {_fits(r['fits']):>5}"
         )
         if search:
             s = r.get("search_s")
@@ -281,6 +316,8 @@ def _table(results: list[dict], search: bool) -> str:
             took = format_seconds(r["search_compile_s"]) if "search_compile_s" in r else "-"
             line += f"  {r.get('search_layout') or '-':<22} {format_seconds(s) if s else '-':>9} {vs:>20} {took:>12}"
         lines.append(line)
+        if r["fits"] is None:
+            lines.append(f"{'':<20} {'':>5} {r['why']}")
         if r.get("ran") and r.get("searched_choices"):
             lines.append(f"{'':<20} {'':>5} priced as: {r['ran']}")
     tables = list(dict.fromkeys(r["table"] for r in results))
@@ -290,9 +327,14 @@ def _table(results: list[dict], search: bool) -> str:
         if errors:
             lines.append(
                 f"{table or 'all tables'}: |predicted / published - 1| median {statistics.median(errors):.1%}, "
-                f"worst {max(errors):.1%}; {sum(r['fits'] for r in mine)} of {len(mine)} layouts fit the memory model"
+                f"worst {max(errors):.1%}; {sum(r['fits'] is True for r in mine)} of "
+                f"{sum(r['fits'] is not None for r in mine)} layouts fit the memory model"
             )
     return "\n".join(lines)
+
+
+def _fits(fits: bool | None) -> str:
+    return "-" if fits is None else "yes" if fits else "NO"
 
 
 def record_name(table: str) -> str:
@@ -304,11 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", help="comma-separated model names to check (default: every row)")
     ap.add_argument("--table", help="check one table's rows (a CSV's stem, e.g. korthikanti_2022_table5)")
+    ap.add_argument("--csv", type=Path, action="append", default=[],
+                    help="check the rows of this CSV (any path; columns as the tables'; repeatable)")  # fmt: skip
     ap.add_argument("--search", action="store_true", help="also run the free search on each row's GPUs and batch")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON record (default bench/results)")
     ap.add_argument("--no-save", action="store_true", help="print only; write no JSON")
     args = ap.parse_args(argv)
-    rows = load_rows(f"{args.table}.csv" if args.table else "*.csv")
+    if args.csv:
+        rows = [row for path in args.csv for row in read_table(path)]
+    else:
+        rows = load_rows(f"{args.table}.csv" if args.table else "*.csv")
     if not rows:
         ap.error(f"no calibration table {args.table!r}; tables: {sorted({r.table for r in load_rows()})}")
     if args.rows:
@@ -321,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         r = check(row, search=args.search)
         results.append(r)
         pred = r.get("predicted_s")
-        print(f"{row.model}: predicted {format_seconds(pred) if pred else 'does not fit'}, published "
+        verdict = format_seconds(pred) if pred else "not checked" if r["fits"] is None else "does not fit"
+        print(f"{row.model}: predicted {verdict}, published "
               f"{format_seconds(r['published_s'])}, peak {format_bytes(r['peak']) if pred else '-'}, "
               f"compiled in {r['compile_s']:.1f} s", flush=True)  # fmt: skip
     print()

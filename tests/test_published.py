@@ -135,3 +135,50 @@ def test_the_smallest_torchtitan_fsdp_row_fits_and_is_predicted_within_10_percen
     result = check(row, search=False)
     assert result["fits"] and result["ran"].startswith("1f1b"), result
     assert result["predicted_s"] / result["published_s"] == pytest.approx(1.0, abs=0.1)
+
+
+def _write_table(path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+_TINY_LLAMA = {
+    "model": "tiny llama", "system": "DGX-H100", "precision": "BF16", "num_gpus": "16", "gbs": "32", "mbs": "1",
+    "seq_len": "1024", "tp": "1", "pp": "2", "cp": "2", "vp": "n/a", "dp": "", "layers": "4", "hidden": "512",
+    "heads": "8", "kv_heads": "2", "ffn_hidden": "1536", "vocab": "1024", "model_tflops_per_gpu": "100",
+    "act_recompute": "none", "arch": "llama", "flops": "palm", "source_url": "https://example.org/a-run",
+}  # fmt: skip
+
+
+def test_a_table_of_other_columns_is_read_from_any_path_with_context_parallelism_and_derived_data_degree(
+    tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    """--csv reads any table; a `cp` column is forced as the context degree, an empty `dp` is the GPUs over
+    tp x pp x cp, "n/a" in `vp` is one stage per rank; an FP8 row is refused with a note, not priced as 16-bit."""
+    from bench.published import main, read_table
+
+    path = tmp_path / "other_runs.csv"
+    _write_table(path, [_TINY_LLAMA, {**_TINY_LLAMA, "model": "tiny fp8", "precision": "FP8-CS"}])
+    row, fp8 = read_table(path)
+    assert (row.cp, row.dp, row.vp, row.microbatches, row.table) == (2, 4, 1, 8, "other_runs")
+    result = check(row, search=False)
+    assert result["fits"] and result["layout"] == "pp2 x tp1 x cp2 x dp4"
+    assert result["predicted_s"] > 0
+    skipped = check(fp8, search=False)
+    assert skipped["fits"] is None and skipped["predicted_s"] is None and "FP8" in skipped["why"]
+    assert main(["--csv", str(path), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny fp8: predicted not checked" in out and "1 of 1 layouts fit" in out
+    assert (tmp_path / "published-other-runs.json").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dp": "3"}, "tp 1 x pp 2 x cp 2 x dp 3 is not its 16 GPUs"),
+    ({"cp": "3"}, "tp 1 x pp 2 x cp 3 x dp ? is not its 16 GPUs"),
+    ({"gbs": "30"}, "a global batch of 30 does not split into micro batches of 1 on 4 replicas"),
+])  # fmt: skip
+def test_a_row_whose_degrees_or_batch_do_not_add_up_is_refused_naming_it(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match="tiny llama: " + message.replace("?", r"\?")):
+        Row.parse({**_TINY_LLAMA, **change})

@@ -427,3 +427,29 @@ def test_several_stages_per_rank_are_planned_at_both_in_flight_counts_and_keep_t
                 assert c.fits and c.step_time <= one.step_time * (1 + 1e-9), (limit, one.step_time, c.step_time)
         if c.fits:
             assert c.peak_memory <= limit
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_a_split_planned_at_the_form_counts_is_priced_at_the_schedule_s_own(refine: bool) -> None:
+    """Whichever in-flight counts the split was planned at, each stage's recorded memory is its peak at the counts
+    its schedule really keeps (simulate.in_flight_peaks), as a saved plan repriced counts it: the form's lower counts
+    on some stages never show as a lower peak (session 45; the summary had shown the form's)."""
+    from partitioner.plan.graph import evaluate
+    from partitioner.plan.search import Candidate, _evaluate_within, _in_flight_models
+    from partitioner.simulate import in_flight_peaks
+
+    pg = _chain(n=33, static=20, saved_bytes=6.0)
+    checked = 0
+    for limit in range(300, 1400, 100):
+        c = Candidate(Degrees(pp=4, tp=1, dp=1), 8, "interleaved", 2, graph=pg)
+        form = _in_flight_models(c)[1]
+        _evaluate_within(c, float(limit), limit / 2, 8, {}, refine, ("none", "full"), form)
+        if not c.metrics:
+            continue
+        own = in_flight_peaks("interleaved", 8, 8, 4)
+        assert own != form
+        truth = evaluate(pg, c.stage_of, 8, microbatches=8, in_flight=own, recompute=c.recompute)
+        planned = evaluate(pg, c.stage_of, 8, microbatches=8, in_flight=form, recompute=c.recompute)
+        assert [m.peak_memory for m in c.metrics] == pytest.approx([m.peak_memory for m in truth])
+        checked += any(t.peak_memory != p.peak_memory for t, p in zip(truth, planned))
+    assert checked

@@ -1124,6 +1124,10 @@ def _evaluate_within(
         # A schedule refusing this layout (zbv at other than 2 stages per rank, too few microbatches) raises here.
         own = in_flight_peaks(c.schedule, num_stages, c.microbatches, c.degrees.pp)
         flight = own if flight is None else tuple(flight)
+        # The split may be planned at other counts than the schedule's own (_in_flight_models), but the figures it
+        # is priced and recorded with are the own counts': each stage's memory is its real peak, as a saved plan
+        # repriced (plan.model) and the summary's reasons (plan.model._reasons) count it.
+        at_own = flight == own
         # Schedules with the same stages, microbatches and in-flight pattern get the same pipeline plan.
         # (Without a memory limit the in-flight pattern cannot change the plan.)
         key = (id(g), num_stages, c.microbatches, tuple(flight) if math.isfinite(share) else None, share)
@@ -1139,9 +1143,10 @@ def _evaluate_within(
             moved = refine_plan(g, plan, microbatches=c.microbatches, in_flight=flight, memory_limit=share)
             if moved.stage_of != plan.stage_of:
                 other = dataclasses.replace(c, simulation=None)
-                price_candidate(other, moved.stage_of, flight, devices_per_node, moved.recompute,
-                                metrics=moved.metrics)  # fmt: skip
-                price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute, metrics=plan.metrics)
+                price_candidate(other, moved.stage_of, own, devices_per_node, moved.recompute,
+                                metrics=moved.metrics if at_own else None)  # fmt: skip
+                price_candidate(c, plan.stage_of, own, devices_per_node, plan.recompute,
+                                metrics=plan.metrics if at_own else None)  # fmt: skip
                 if not (other.peak_memory <= memory_limit and other.step_time < c.step_time * (1 - 1e-9)):
                     priced = True  # c holds the plan's figures already
                 else:
@@ -1163,9 +1168,9 @@ def _evaluate_within(
         # Candidates are ranked on fast replays; the one the search returns is replayed in full (search)
         # The plan's stage metrics are this candidate's where they were computed at its in-flight counts (a cached
         # plan without a memory limit may come from another schedule's)
-        metrics = plan.metrics if refine or math.isfinite(share) else None
+        metrics = plan.metrics if (refine or math.isfinite(share)) and at_own else None
         if not priced:
-            price_candidate(c, plan.stage_of, flight, devices_per_node, plan.recompute, fast=not refine,
+            price_candidate(c, plan.stage_of, own, devices_per_node, plan.recompute, fast=not refine,
                             metrics=metrics)  # fmt: skip
     except InfeasibleMemoryError as e:
         c.note, c.out_of_memory = str(e), True
