@@ -342,17 +342,49 @@ def test_one_row_batches_are_taken_where_the_graph_is_shown_to_hold_for_them() -
         c.flatten_inputs((x[:1],), {})
 
 
-def test_on_meta_one_row_stays_refused_without_a_second_export(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No weights to check an export that assumes one row computes like two: that export is not traced at all (it
-    was half of a large HF model's capture time)."""
+class SizeBranchAlike(nn.Module):
+    """OneRowAlike without torch.cond (its branch on the batch size alone defeats fx): nothing data-dependent, so it
+    runs on meta tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("pos", torch.arange(4.0)[None])  # (1, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos.expand(x.shape[0], -1) if x.shape[0] != self.pos.shape[0] else self.pos
+        return torch.relu(self.lin(x) + pos)
+
+
+class SizeBranchApart(SizeBranchAlike):
+    """The same calls at one row and at more, with another constant at one row: a different computation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * (3.0 if x.shape[0] == 1 else 2.0)
+
+
+def test_on_meta_one_row_is_taken_where_the_graph_makes_the_calls_of_the_model_s_own_one_row_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No weights on meta to run the export that assumes one row computes like two: its ATen calls at one row are
+    compared with those of the model exported at one row (capture.one_row), an expand to the size it has being no
+    call. Alike: taken (the graph the real weights' run check takes, code for code); apart: refused, naming why."""
     exports = []
     real = torch.export.export
     monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(k) or real(*a, **k))
-    with torch.device("meta"):
-        on_meta = OneRowAlike()
-    c = capture(on_meta, (torch.empty(8, 4, device="meta"),))
-    assert "the model is on meta" in c.fallbacks[-1].reason and c.fallbacks[-1].path == "batch > 1"
-    assert len(exports) == 1
+    x = torch.randn(8, 4)
+    for cls in (SizeBranchAlike, SizeBranchApart):
+        with torch.device("meta"):
+            on_meta = cls()
+        c = capture(on_meta, (torch.empty(8, 4, device="meta"),))
+        checked = capture(cls(), (x,))  # real weights: the run on one row decides
+        if cls is SizeBranchAlike:
+            assert [f.path for f in c.fallbacks] == [f.path for f in checked.fallbacks] == ["torch.export"]
+            assert c.input_shapes["x"][0].min == 1 and c.graph_module.code == checked.graph_module.code
+        else:
+            assert [f.path for f in c.fallbacks] == [f.path for f in checked.fallbacks] == ["torch.export", "batch > 1"]
+            assert "call 1 differs at one row" in c.fallbacks[-1].reason and "3.0" in c.fallbacks[-1].reason
+    assert len(exports) == 2 * (3 + 2)  # per model: size-oblivious, assumed, one row (meta) / checked by a run
 
 
 def test_a_view_given_as_example_is_captured_as_a_plain_tensor() -> None:
@@ -739,3 +771,36 @@ def test_constants_export_lifts_and_non_persistent_buffers_are_not_model_state()
     lifted = {str(n.target) for n in cg.graph_module.graph.nodes if n.op == "get_attr"} - set(model.state_dict())
     assert lifted and cg.transient == lifted
     assert "scale" in cg.transient and not cg.transient & set(model.state_dict())
+
+
+def test_one_row_call_lists_drop_views_that_return_their_input_and_catch_every_other_difference() -> None:
+    """capture.one_row on graphs made by make_fx: an expand to the shape a tensor has is no call; another constant,
+    another op or another output is a difference, named."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from partitioner.capture.one_row import graphs_differ_at_one_row
+
+    x = torch.empty(1, 4, device="meta")
+
+    def trace(fn):
+        gm = make_fx(fn)(x)
+        (ph,) = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        ph.target = "x"
+        return gm
+
+    base = trace(lambda t: torch.relu(t + 1))
+    same = trace(lambda t: torch.relu(t.expand(1, 4) + 1))
+    assert len(same.graph.nodes) > len(base.graph.nodes)  # the expand is in its graph
+    assert graphs_differ_at_one_row(same, base, {"x": x}, ["x"]) is None
+    other = graphs_differ_at_one_row(trace(lambda t: torch.relu(t + 2)), base, {"x": x}, ["x"])
+    assert other is not None and "call 0 differs" in other and "2" in other
+    assert "call 1 differs" in graphs_differ_at_one_row(trace(lambda t: torch.sigmoid(t + 1)), base, {"x": x}, ["x"])
+    assert "calls against" in graphs_differ_at_one_row(trace(lambda t: torch.relu(t + 1) * 1), base, {"x": x}, ["x"])
+
+    def relu_of_the_sum_returned_is_the_sum(t: torch.Tensor) -> torch.Tensor:
+        a = t + 1
+        torch.relu(a)  # the same two calls, the other value returned
+        return a
+
+    returned = graphs_differ_at_one_row(trace(relu_of_the_sum_returned_is_the_sum), base, {"x": x}, ["x"])
+    assert returned == "the outputs differ at one row"

@@ -231,6 +231,28 @@ def test_input_ids_alone_take_one_row_microbatches() -> None:
     check_step(cm, reference, {"input_ids": ids, "use_cache": False}, ids, _lm_loss)
 
 
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_on_meta_input_ids_alone_take_one_row_microbatches_as_with_weights(build: Callable[[], nn.Module]) -> None:
+    """The same models on meta, where no run can check one row: the export assuming 2+ rows hold for 1 makes the ATen
+    calls of the model's own one-row export (capture.one_row), so it is taken there too, as with weights (where a
+    run on one row checks it), and a step may cut one-row microbatches."""
+    from partitioner.capture import capture
+
+    torch.manual_seed(0)
+    model = build()
+    with torch.device("meta"):
+        on_meta = build()
+    ids = _ids(8, 8, seed=0)
+    kwargs = {"use_cache": False}
+    checked = capture(model, (ids,), kwargs)
+    planned = capture(on_meta, (ids.to("meta"),), kwargs)
+    assert [f.path for f in planned.fallbacks] == [f.path for f in checked.fallbacks] == ["torch.export"]
+    assert planned.input_shapes["input_ids"][0].min == 1
+    cm = partitioner.compile(on_meta, devices=2, pipeline=2, microbatches=8, example_inputs=(ids.to("meta"),),
+                             example_kwargs=kwargs, device_type="cpu")  # fmt: skip
+    assert cm.plan.microbatches * cm.plan.data_degree == 8  # one row each
+
+
 # ---------------------------------------------------------------------------------------------------
 # a batch dim export cannot make dynamic
 

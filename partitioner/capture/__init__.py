@@ -12,7 +12,8 @@ forced it, and carried into `Plan.fallbacks`:
    microbatches: when it stays fixed (or only the static export works), `Fallback(path="static shapes")` says
    why and calls with another batch size get an error saying what to do; when the code tells a one-row batch
    apart, torch's default export (2+ rows assumed to hold for 1) is taken if its graph matches the model on a
-   row of the example, else `Fallback(path="batch > 1")` (see `_trace_export_dynamic`).
+   row of the example (on meta, where nothing runs: if it makes the ATen calls of the model's own export at one
+   row, capture.one_row), else `Fallback(path="batch > 1")` (see `_trace_export_dynamic`).
 3. "module-level": fx tracing with a tracer that keeps every submodule fx cannot trace as one opaque
    `call_module` leaf, found top-down: trace, find the innermost module the failure happened in, make it
    a leaf, trace again (a leaf whose output then breaks its parent makes the parent the leaf). A leaf

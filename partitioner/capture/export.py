@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.capture.fx import _NoTraceTimeMutation
 from partitioner.capture.normal_form import CaptureError, DynamicDim, Fallback, _ExportGuards, _first_line
+from partitioner.capture.one_row import graphs_differ_at_one_row
 
 
 @dataclass
@@ -36,8 +37,9 @@ def _trace_export_dynamic(
     One-row batches: with size-oblivious symbols, code such as HF's `if batch_size != position_ids.shape[0]:
     expand(...)` becomes a guard `batch != 1`, refusing the one-row microbatches a step may cut. torch's default
     export assumes instead that what it traced for 2+ rows holds for 1 (right for such an expand, wrong for a
-    branch that computes something else at 1). That export is taken only where it is checked: its graph must
-    give what the model gives on the example's first row (so this needs real weights).
+    branch that computes something else at 1). That export is taken only where it is checked: with real weights its
+    graph must give what the model gives on the example's first row; on meta (nothing runs) it must make the ATen
+    calls the model's own export at one row makes (capture.one_row), which costs two more exports.
     """
     try:
         exported = _trace_export(model, signature, flat, tensor_names, rebuild, dynamic=True)
@@ -55,25 +57,23 @@ def _trace_export_dynamic(
     refusal = _one_row_refusal(exported, flat, tensor_names)
     if refusal is None:
         return exported, []
-    why = f" ({_UNCHECKED_ON_META})"
-    if not _on_meta(model, flat):  # on meta no run on one row could check the assumed export: not worth tracing it
-        why = ""
-        try:
-            assumed: _Exported | None = _trace_export(
-                model, signature, flat, tensor_names, rebuild, dynamic=True, oblivious=False
-            )
-        except Exception:
-            assumed = None
-        if assumed is not None and _one_row_refusal(assumed, flat, tensor_names, allow=True) is None:
+    why = ""
+    try:
+        assumed: _Exported | None = _trace_export(
+            model, signature, flat, tensor_names, rebuild, dynamic=True, oblivious=False
+        )
+    except Exception:
+        assumed = None
+    if assumed is not None and _one_row_refusal(assumed, flat, tensor_names, allow=True) is None:
+        if _on_meta(model, flat):  # nothing runs on meta: the two graphs' calls at one row are compared instead
+            different = _same_calls_on_one_row(model, signature, assumed, flat, tensor_names, rebuild)
+        else:
             different = _same_on_first_row(model, assumed.graph_module, flat, tensor_names, rebuild)
-            if different is None:
-                return assumed, []
-            why = f" ({different})"
+        if different is None:
+            return assumed, []
+        why = f" ({different})"
     reason = f"the graph does not take batches of one row{why}: {refusal}; calls and microbatches need more rows"
     return exported, [Fallback("", "batch > 1", reason)]
-
-
-_UNCHECKED_ON_META = "it may: the model is on meta, so it was not checked"
 
 
 def _one_row_refusal(
@@ -130,6 +130,29 @@ def _same_on_first_row(
     except AssertionError:
         return "it computes something else for one row"
     return None
+
+
+def _same_calls_on_one_row(
+    model: nn.Module, signature: inspect.Signature, assumed: _Exported, flat: dict[str, Any], tensor_names: list[str],
+    rebuild: Callable,
+) -> str | None:  # fmt: skip
+    """None when `assumed` makes, on one row, the ATen calls the model's own export at one row makes
+    (capture.one_row: for models on meta, where nothing can be run); else why not."""
+    batch = {d[0].symbol for d in assumed.shapes.values() if d and isinstance(d[0], DynamicDim)}
+    one = dict(flat)
+    for n in tensor_names:
+        dims, t = assumed.shapes[n], flat[n]
+        if dims and isinstance(dims[0], DynamicDim) and dims[0].symbol in batch:
+            one[n] = torch.empty((1, *t.shape[1:]), dtype=t.dtype, device="meta")
+        else:
+            one[n] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    try:
+        at_one_row = _trace_export(model, signature, one, tensor_names, rebuild, dynamic=False)
+        return graphs_differ_at_one_row(
+            assumed.graph_module, at_one_row.graph_module, {n: one[n] for n in tensor_names}, tensor_names
+        )
+    except Exception as e:
+        return f"the one-row graphs could not be compared: {_first_line(e)}"
 
 
 def _on_meta(model: nn.Module, flat: dict[str, Any]) -> bool:
