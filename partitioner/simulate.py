@@ -59,9 +59,10 @@ bubble 3/11, rank r holds at most 4-r microbatches' activations; ``simulate`` re
 
 from __future__ import annotations
 
+import functools
 import math
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property, lru_cache
 from itertools import pairwise
@@ -306,7 +307,46 @@ def _single_stage_orders(schedule: str, num_stages: int, num_microbatches: int) 
     return tuple(orders)
 
 
-@lru_cache(maxsize=256)  # the planner's search asks for the same few orders many times; results are immutable
+def _bounded_cache(budget: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An LRU cache of a schedule function of (schedule, num_stages, num_microbatches, num_ranks) that keeps at most
+    `budget` stage-microbatches (stages x microbatches summed over its entries, about the actions they hold), the
+    newest entry always.
+
+    The search asks for the same orders many times (a candidate's in-flight counts, its replay, its refinement's
+    replays), so many small schedules are worth keeping; a deep interleaved pipeline's hold millions of actions
+    (hundreds of MB each), so few of those are. A count bound cannot do both: 256 entries took the 1T GPT's
+    `schedule="auto"` search at 3,072 GPUs past 24 GB (killed for memory; session 45), 8 cost the default
+    schedules' compile of the same model 30% (more rebuilt orders)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        held = [0]
+
+        @functools.wraps(fn)
+        def cached(*args: Any) -> Any:
+            if args in entries:
+                entries.move_to_end(args)
+                return entries[args][0]
+            value = fn(*args)
+            weight = int(args[1]) * int(args[2])
+            entries[args] = (value, weight)
+            held[0] += weight
+            while held[0] > budget and len(entries) > 1:
+                _, (_, dropped) = entries.popitem(last=False)
+                held[0] -= dropped
+            return value
+
+        def cache_clear() -> None:
+            entries.clear()
+            held[0] = 0
+
+        cached.cache_clear = cache_clear  # type: ignore[attr-defined]
+        return cached
+
+    return wrap
+
+
+@_bounded_cache(budget=2_000_000)
 def _torch_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
@@ -616,7 +656,7 @@ class _Replay:
         )
 
 
-@lru_cache(maxsize=64)
+@_bounded_cache(budget=2_000_000)  # as _torch_orders
 def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: int) -> _Replay:
     """The replay structure of a schedule: every action's data dependencies and its rank predecessor as edges, put
     in a topological order by Kahn's algorithm a level at a time (each wave of actions whose inputs are all placed is

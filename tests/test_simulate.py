@@ -664,3 +664,31 @@ def test_torch_orders_keep_compute_actions_and_name_one_the_simulator_cannot_rep
     overlapped = _Action(0, _ComputationType.OVERLAP_F_B, None, (fwd, bwd))
     with pytest.raises(ValueError, match="unsupported torch action"):
         _from_torch_order([fwd, overlapped])
+
+
+def test_schedule_caches_keep_a_budget_of_stage_microbatches_least_recent_out_first() -> None:
+    """simulate._bounded_cache: entries weigh stages x microbatches; past the budget the least recently used go, the
+    newest always stays (a deep schedule alone over the budget is still reused by the calls that follow it)."""
+    from partitioner.simulate import _bounded_cache
+
+    built = []
+
+    @_bounded_cache(budget=100)
+    def order(schedule: str, stages: int, microbatches: int, ranks: int) -> int:
+        built.append((stages, microbatches))
+        return stages * microbatches
+
+    assert order("1f1b", 2, 10, 2) == order("1f1b", 2, 10, 2) == 20 and built == [(2, 10)]
+    order("1f1b", 5, 10, 5)  # 70 held
+    order("1f1b", 2, 10, 2)  # used again: (5, 10) is now the least recent
+    order("1f1b", 4, 10, 4)  # 110 > 100: (5, 10) goes
+    order("1f1b", 2, 10, 2)
+    order("1f1b", 5, 10, 5)
+    assert built == [(2, 10), (5, 10), (4, 10), (5, 10)]
+    order("1f1b", 20, 10, 20)  # 200 alone: every other entry goes, it stays
+    order("1f1b", 20, 10, 20)
+    order("1f1b", 2, 10, 2)
+    assert built[-2:] == [(20, 10), (2, 10)]
+    order.cache_clear()
+    order("1f1b", 2, 10, 2)
+    assert built[-1] == (2, 10) and len(built) == 7
