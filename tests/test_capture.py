@@ -320,9 +320,11 @@ class OneRowAlike(nn.Module):
         self.lin = nn.Linear(4, 4)
         self.register_buffer("pos", torch.arange(4.0)[None])  # (1, 4)
 
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos.expand(x.shape[0], -1) if x.shape[0] != self.pos.shape[0] else self.pos
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = self.pos.expand(x.shape[0], -1) if x.shape[0] != self.pos.shape[0] else self.pos
-        return torch.cond(x.sum() > 0, lambda t: t * 2.0, lambda t: t - 1.0, (self.lin(x) + pos,))
+        return torch.cond(x.sum() > 0, lambda t: t * 2.0, lambda t: t - 1.0, (self.lin(x) + self.positions(x),))
 
 
 def test_one_row_batches_are_taken_where_the_graph_is_shown_to_hold_for_them() -> None:
@@ -342,18 +344,12 @@ def test_one_row_batches_are_taken_where_the_graph_is_shown_to_hold_for_them() -
         c.flatten_inputs((x[:1],), {})
 
 
-class SizeBranchAlike(nn.Module):
+class SizeBranchAlike(OneRowAlike):
     """OneRowAlike without torch.cond (its branch on the batch size alone defeats fx): nothing data-dependent, so it
     runs on meta tensors."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.register_buffer("pos", torch.arange(4.0)[None])  # (1, 4)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = self.pos.expand(x.shape[0], -1) if x.shape[0] != self.pos.shape[0] else self.pos
-        return torch.relu(self.lin(x) + pos)
+        return torch.relu(self.lin(x) + self.positions(x))
 
 
 class SizeBranchApart(SizeBranchAlike):
@@ -804,3 +800,11 @@ def test_one_row_call_lists_drop_views_that_return_their_input_and_catch_every_o
 
     returned = graphs_differ_at_one_row(trace(relu_of_the_sum_returned_is_the_sum), base, {"x": x}, ["x"])
     assert returned == "the outputs differ at one row"
+
+    def sum_doubled_in_place(t: torch.Tensor) -> torch.Tensor:
+        a = t + 1
+        a.mul_(2.0)  # returns `a` itself: a write, listed although its result is named already
+        return torch.relu(a)
+
+    written = graphs_differ_at_one_row(trace(sum_doubled_in_place), base, {"x": x}, ["x"])
+    assert written is not None and "call 1 differs" in written and "mul_" in written

@@ -17,6 +17,7 @@ never explained away: a false "different" costs one-row microbatches, a false "s
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,13 +79,21 @@ class _Recorder(fx.Interpreter):
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = super().call_function(target, args, kwargs)
-        tensors_out = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not tensors_out:  # sizes, int arithmetic, asserts: their values enter the calls that read them
+        if target is operator.getitem:  # an element of a call's tuple or list: named by that call already
             return out
-        if all(id(t) in self.origin for t in tensors_out):  # operator.getitem of a call's tuple: named already
+        tensors_out = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        # A call that writes its arguments is listed whatever it returns (an in-place op returns its input, named
+        # already): dropping it would hide a write one graph makes and the other does not.
+        mutates = bool(getattr(getattr(target, "_schema", None), "is_mutable", False))
+        if not tensors_out and not mutates:  # sizes, int arithmetic, asserts: their values enter the calls reading them
             return out
         first = next((a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)), None)
-        if first is not None and len(tensors_out) == 1 and _returns_input_unchanged(target, first, tensors_out[0]):
+        if (
+            not mutates
+            and first is not None
+            and len(tensors_out) == 1
+            and _returns_input_unchanged(target, first, tensors_out[0])
+        ):
             self._name(tensors_out[0], self.origin.get(id(first), ("unknown",)))
             return out
         index = len(self.events)
