@@ -70,6 +70,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from partitioner.schedule_rules import COUNTED_SCHEDULES, FORM_EXACT, interleaved_in_flight, interleaved_orders
 from partitioner.schedules import get_schedule
 
 __all__ = [
@@ -351,9 +352,18 @@ def _torch_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
     """(compute actions per rank, rank per stage) of torch's schedule for these numbers: single-stage schedules
-    written out (`_single_stage_orders`), multi-stage ones from torch's own constructor."""
+    written out (`_single_stage_orders`), the interleaved ones from the rule torch builds them by
+    (schedule_rules.interleaved_orders: torch's constructor runs Python per action of every rank, seconds for the
+    deep pipelines a search at thousands of devices prices), the others from torch's own constructor.
+    tests/test_simulate.py checks every one against the unmodified torch classes."""
     if get_schedule(schedule).single_stage:
         return _single_stage_orders(schedule, num_stages, num_microbatches), tuple(range(num_stages))
+    if schedule in COUNTED_SCHEDULES:  # torch's interleaved rule, written out (schedule_rules)
+        new = tuple.__new__
+        orders = _rule_orders(schedule, num_stages, num_microbatches, num_ranks)
+        return tuple(
+            tuple(new(Action, (s, _KINDS[k], i)) for s, k, i in zip(*(a.tolist() for a in order))) for order in orders
+        ), tuple(s % num_ranks for s in range(num_stages))
     from torch.distributed.pipelining import schedules as torch_schedules  # about a second to import: on first use
 
     cls = _order_only(torch_schedules.get_schedule_class(get_schedule(schedule).torch_class))
@@ -370,6 +380,18 @@ def _torch_orders(
         raise ValueError(f"torch refuses {where}: {e}") from e
     except (AttributeError, TypeError) as e:
         raise RuntimeError(f"{where} could not be built on stand-in stages (torch internals changed?): {e}") from e
+
+
+def _rule_orders(
+    schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """schedule_rules.interleaved_orders, its refusal worded as torch's constructor's would be."""
+    try:
+        return interleaved_orders(schedule, num_stages, num_microbatches, num_ranks)
+    except ValueError as e:
+        name = "Schedule" + get_schedule(schedule).torch_class
+        where = f"{name}(num_stages={num_stages}, num_ranks={num_ranks}, n_microbatches={num_microbatches})"
+        raise ValueError(f"torch refuses {where}: {e}") from e
 
 
 @cache
@@ -665,14 +687,20 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
     and its inputs' arrivals. Dependencies: F(s, i) on F(s - 1, i); B or I(s, i) on F(s, i) and on the gradient of
     stage s + 1 (its B, else its I); W(s, i) on I(s, i); each waiting for the sender's send when they sit on
     different ranks."""
-    orders, stage_ranks = _torch_orders(schedule, num_stages, num_microbatches, num_ranks)
-    code = {k: c for c, k in enumerate(_KINDS)}
     F, B, I, W = range(4)  # noqa: E741 (the action kinds, in _KINDS order)
-    stage = np.array([a.stage for o in orders for a in o], dtype=np.int64)  # rank-major, each rank in its order
-    kind = np.array([code[a.kind] for o in orders for a in o], dtype=np.int64)
-    mb = np.array([a.microbatch for o in orders for a in o], dtype=np.int64)
-    counts = np.array([len(o) for o in orders], dtype=np.int64)
-    rank = np.repeat(np.arange(len(orders)), counts)
+    if schedule in COUNTED_SCHEDULES:  # the rule's arrays as they are: no Action per action
+        arrays = _rule_orders(schedule, num_stages, num_microbatches, num_ranks)
+        stage, kind, mb = (np.concatenate(column) for column in zip(*arrays))  # rank-major, each rank in its order
+        counts = np.array([len(a[0]) for a in arrays], dtype=np.int64)
+        stage_ranks = tuple(s % num_ranks for s in range(num_stages))
+    else:
+        orders, stage_ranks = _torch_orders(schedule, num_stages, num_microbatches, num_ranks)
+        code = {k: c for c, k in enumerate(_KINDS)}
+        stage = np.array([a.stage for o in orders for a in o], dtype=np.int64)  # rank-major, each rank in its order
+        kind = np.array([code[a.kind] for o in orders for a in o], dtype=np.int64)
+        mb = np.array([a.microbatch for o in orders for a in o], dtype=np.int64)
+        counts = np.array([len(o) for o in orders], dtype=np.int64)
+    rank = np.repeat(np.arange(num_ranks), counts)
     n, last = len(stage), num_stages - 1
     ranks_of = np.asarray(stage_ranks, dtype=np.int64)
     table = np.full((4, num_stages, max(num_microbatches, 1)), -1, dtype=np.int64)  # (kind, stage, mb) -> action
@@ -793,7 +821,7 @@ def fast_replay(
     return StepTimes(max(ends, default=0.0), ends, _peaks(plan, stages, ranks), plan.stage_ranks)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=4096)  # a tuple per stage: small
 def in_flight_peaks(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int | None = None
 ) -> tuple[int, ...]:
@@ -801,10 +829,13 @@ def in_flight_peaks(
     freeing backward not yet run), counted over its rank's action order: what the planner holds a stage's memory to.
 
     Single-stage schedules: `Schedule.in_flight`'s closed form, which is exact there (no schedule is built). Several
-    stages per rank: the replay's order (`_compiled`, shared with the step's replay), where the closed form
-    min(stages - s, m) is far off: torch's Interleaved1F1B warms up a round of microbatches per local stage, so at
-    35 ranks x 3 stages and 280 microbatches rank 0's stages peak at 70 / 69 / 35 where the form says 105 / 70 / 35,
-    and the interleaved zero-bubble schedule keeps 35 on its last stages, where the form says 1 to 35.
+    stages per rank: torch's interleaved and interleaved zero-bubble orders counted from the rule they follow
+    (partitioner.schedule_rules: no schedule built, so the search can ask for thousands of deep pipelines); the
+    form again for looped-bfs and zbv, where it is exact (ibid.); a schedule of neither kind over the replay's order
+    (`_compiled`). The form min(stages - s, m) is far
+    off there: torch's Interleaved1F1B warms up a round of microbatches per local stage, so at 35 ranks x 3 stages
+    and 280 microbatches rank 0's stages peak at 70 / 69 / 35 where the form says 105 / 70 / 35, and the interleaved
+    zero-bubble schedule keeps 35 on its last stages, where the form says 1 to 35.
     tests/test_simulate.py checks the counts against `replay`'s events.
 
     >>> in_flight_peaks("1f1b", 4, 8), in_flight_peaks("interleaved", 8, 8, num_ranks=2)
@@ -814,6 +845,10 @@ def in_flight_peaks(
     if entry.single_stage:
         return tuple(entry.in_flight(num_stages, num_microbatches))
     ranks = _check_counts(schedule, num_stages, num_microbatches, num_ranks)
+    if schedule in COUNTED_SCHEDULES:  # torch's interleaved orders follow a rule: counted without building them
+        return interleaved_in_flight(schedule, num_stages, num_microbatches, ranks)
+    if schedule in FORM_EXACT:  # torch refuses none of their microbatch counts
+        return tuple(entry.in_flight(num_stages, num_microbatches))
     plan = _compiled(schedule, num_stages, num_microbatches, ranks)
     order = np.concatenate([np.asarray(a, dtype=np.int64) for a in plan.per_rank if a])  # each rank in its order
     stage = np.asarray(plan.stage, dtype=np.int64)[order]

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch.distributed.pipelining import schedules as torch_schedules
 
 import partitioner.simulate as simulate_module
+from partitioner.schedule_rules import COUNTED_SCHEDULES, FORM_EXACT, interleaved_in_flight
 from partitioner.schedules import SCHEDULES, get_schedule
 from partitioner.simulate import (
     Action,
@@ -179,7 +180,7 @@ def _without_group_rank(init):
     return stand_in_without
 
 
-@pytest.mark.parametrize("schedule,num_stages,ranks", [("interleaved", 8, 4), ("zero-bubble", 8, 4)])
+@pytest.mark.parametrize("schedule,num_stages,ranks", [("looped-bfs", 8, 4), ("zbv", 8, 4)])
 def test_stand_in_breakage_is_reported(monkeypatch, schedule: str, num_stages: int, ranks: int | None) -> None:
     # if torch starts reading an attribute the stand-in lacks, the failure names the class, not a wrong order
     monkeypatch.setattr(_StandInStage, "__init__", _without_group_rank(_StandInStage.__init__))
@@ -273,11 +274,13 @@ def test_memory_sums_the_stages_of_a_rank() -> None:
 
 
 def counted_peaks(schedule: str, num_stages: int, m: int, ranks: int) -> list[int]:
-    """Each stage's most microbatches in flight, counted action by action over its rank's order: F adds one, the
-    action that ends its backward (B; W where the backward is split) frees one."""
-    split = {a.kind for acts in schedule_actions(schedule, num_stages, m, ranks).values() for a in acts} >= {"W"}
+    """Each stage's most microbatches in flight, counted action by action over its rank's order as the unmodified
+    torch class builds it: F adds one, the action that ends its backward (B; W where the backward is split) frees
+    one."""
+    orders = unmodified_torch_orders(schedule, num_stages, m, ranks)
+    split = {a.kind for acts in orders.values() for a in acts} >= {"W"}
     held, peak = [0] * num_stages, [0] * num_stages
-    for actions in schedule_actions(schedule, num_stages, m, ranks).values():
+    for actions in orders.values():
         for a in actions:
             held[a.stage] += 1 if a.kind == "F" else -1 if a.kind == ("W" if split else "B") else 0
             peak[a.stage] = max(peak[a.stage], held[a.stage])
@@ -299,6 +302,35 @@ def test_in_flight_peaks_count_the_schedule_s_own_order(schedule: str, num_stage
     for rank, held in enumerate(sim(schedule, stages, m, ranks).peak_inflight):  # at once, on the whole rank
         own = [peaks[s] for s in range(num_stages) if rank_of[s] == rank]
         assert max(own) <= held <= sum(own)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    schedule=st.sampled_from(sorted(s.name for s in SCHEDULES.values() if not s.single_stage)),
+    ranks=st.integers(1, 6),
+    per_rank=st.integers(2, 4),
+    m=st.integers(1, 30),
+)
+def test_multi_stage_counts_from_the_rule_equal_torch_s_built_order(
+    schedule: str, ranks: int, per_rank: int, m: int
+) -> None:
+    # the simulator writes torch's interleaved orders out from the rule they follow (schedule_rules) and
+    # in_flight_peaks counts them from it, or takes the form for zbv / looped-bfs, building no schedule; against the
+    # orders the unmodified torch classes build, the orders are equal, the counts too, and both refuse the same counts
+    assert schedule in COUNTED_SCHEDULES or schedule in FORM_EXACT  # a new schedule: count it, or check its form
+    num_stages = ranks * (2 if schedule == "zbv" else per_rank)
+    try:
+        built = counted_peaks(schedule, num_stages, m, ranks)
+    except (ValueError, AssertionError):
+        with pytest.raises(ValueError, match="torch refuses .*multiple of the number of rounds"):
+            schedule_actions(schedule, num_stages, m, ranks)
+        with pytest.raises(ValueError, match="multiple of the number of rounds"):
+            in_flight_peaks(schedule, num_stages, m, ranks)
+        return
+    assert schedule_actions(schedule, num_stages, m, ranks) == unmodified_torch_orders(schedule, num_stages, m, ranks)
+    assert list(in_flight_peaks(schedule, num_stages, m, ranks)) == built
+    if schedule in COUNTED_SCHEDULES:
+        assert list(interleaved_in_flight(schedule, num_stages, m, ranks)) == built
 
 
 def test_multi_stage_peaks_differ_from_the_closed_form() -> None:
