@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["COUNTED_SCHEDULES", "FORM_EXACT", "interleaved_in_flight", "interleaved_orders"]
+__all__ = [
+    "COUNTED_SCHEDULES", "FORM_EXACT", "WRITTEN_OUT", "interleaved_in_flight", "interleaved_orders",
+    "looped_bfs_orders", "rule_orders", "zbv_orders",
+]  # fmt: skip
 
 # Schedules whose peaks `Schedule.in_flight`'s form gives exactly: the single-stage ones, and the multi-stage ones
 # above. A schedule in neither set is counted over its built order (simulate.in_flight_peaks).
@@ -44,6 +47,9 @@ FORM_EXACT = frozenset({"gpipe", "1f1b", "looped-bfs", "zbv"})
 # The registry's schedules (partitioner.schedules) whose order this module follows: name -> (warm-up factor f,
 # whether the backward is split and its weight gradients lag by the rank's index).
 COUNTED_SCHEDULES: dict[str, tuple[int, bool]] = {"interleaved": (2, False), "zero-bubble": (1, True)}
+
+# The multi-stage schedules whose orders `rule_orders` writes out.
+WRITTEN_OUT = frozenset({*COUNTED_SCHEDULES, "zbv", "looped-bfs"})
 
 
 def interleaved_in_flight(schedule: str, num_stages: int, num_microbatches: int, num_ranks: int) -> tuple[int, ...]:
@@ -101,6 +107,85 @@ def interleaved_orders(
         stage = np.concatenate(local)[order] * rule.p + rank
         orders.append((stage, np.concatenate(kinds)[order], nth[order] - 1))
     return orders
+
+
+def zbv_orders(num_stages: int, num_microbatches: int, num_ranks: int) -> list[tuple[np.ndarray, ...]]:
+    """Each rank's compute actions in torch's ScheduleZBVZeroBubble (two stages per rank: r and 2p - 1 - r), as
+    `interleaved_orders` gives them. Rank r, with n = max(2p - 1, m): 2p - 2r - 1 forwards of its first stage (chunk
+    0); r times F1, F0; p - r times F1, I1, W1; then n - p steady steps F0 (while fewer than n have run), I0, W0, F1,
+    I1, W1; then r times I0, I1; p - r times I0, W0; the W1 left, the W0 left. Each (chunk, kind) runs its
+    microbatches in order; those numbered m or more are dropped (torch's n pads the steady phase).
+
+    >>> stage, kind, mb = zbv_orders(4, 2, 2)[1]  # rank 1 of 2: stages 1 and 2
+    >>> " ".join(f"{s}{'FBIW'[k]}{i}" for s, k, i in zip(stage, kind, mb))
+    '1F0 2F0 1F1 2F1 2I0 2W0 1I0 1W0 2I1 2W1 1I1 1W1'
+    """
+    p, m = num_ranks, num_microbatches
+    if p < 1 or m < 1 or num_stages != 2 * p:
+        raise ValueError(f"zbv runs two stages on each of its ranks: {num_stages} stages, {p} ranks, {m} microbatches")
+    n = max(2 * p - 1, m)
+    f0, i0, w0, f1, i1, w1 = range(6)  # stream = 3 chunk + (F, I, W)
+    orders = []
+    for r in range(p):
+        steady = np.tile([f0, i0, w0, f1, i1, w1], n - 2 * p + r + 1)
+        streams = np.concatenate([
+            np.full(2 * p - 2 * r - 1, f0), np.tile([f1, f0], r), np.tile([f1, i1, w1], p - r),
+            steady, np.tile([i0, w0, f1, i1, w1], p - r - 1),
+            np.tile([i0, i1], r), np.tile([i0, w0], p - r), np.full(r, w1), np.full(r, w0),
+        ]).astype(np.int64)  # fmt: skip
+        mb = np.zeros(streams.size, dtype=np.int64)
+        for stream in range(6):
+            at = streams == stream
+            mb[at] = np.arange(int(at.sum()))
+        keep = mb < m
+        streams, mb = streams[keep], mb[keep]
+        stage = np.where(streams < 3, r, 2 * p - 1 - r)
+        kind = np.array([0, 2, 3])[streams % 3]  # F, I, W in ("F", "B", "I", "W")
+        orders.append((stage, kind, mb))
+    return orders
+
+
+def looped_bfs_orders(num_stages: int, num_microbatches: int, num_ranks: int) -> list[tuple[np.ndarray, ...]]:
+    """Each rank's compute actions in torch's ScheduleLoopedBFS, as `interleaved_orders` gives them: every forward
+    of its stages r, r + p, ... (stage by stage, microbatches in order), then every backward, the stages and the
+    microbatches reversed.
+
+    >>> [(s.tolist(), k.tolist(), i.tolist()) for s, k, i in looped_bfs_orders(4, 2, 2)][0]
+    ([0, 0, 2, 2, 2, 2, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 0, 1, 1, 0, 1, 0])
+    """
+    p, m = num_ranks, num_microbatches
+    if p < 1 or m < 1 or num_stages % p:
+        raise ValueError(f"need stages divisible by ranks >= 1 and microbatches >= 1: {num_stages}, {p}, {m}")
+    v = num_stages // p
+    local = np.repeat(np.arange(v), m)
+    forward_mb = np.tile(np.arange(m), v)
+    orders = []
+    for r in range(p):
+        stage = local * p + r
+        orders.append((
+            np.concatenate([stage, stage[::-1]]),
+            np.repeat(np.array([0, 1], dtype=np.int64), v * m),
+            np.concatenate([forward_mb, forward_mb[::-1]]),
+        ))  # fmt: skip
+    return orders
+
+
+def rule_orders(
+    schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each rank's compute actions in torch's multi-stage `schedule` (WRITTEN_OUT), in its execution order, as
+    arrays (stage, kind, microbatch); kind indexes ("F", "B", "I", "W"). ValueError where torch refuses the counts,
+    or for a schedule not written out here."""
+    if schedule in COUNTED_SCHEDULES:
+        return interleaved_orders(schedule, num_stages, num_microbatches, num_ranks)
+    if schedule == "zbv":
+        return zbv_orders(num_stages, num_microbatches, num_ranks)
+    if schedule == "looped-bfs":
+        return looped_bfs_orders(num_stages, num_microbatches, num_ranks)
+    raise ValueError(
+        f"schedule {schedule!r} has no order written out in partitioner.schedule_rules: write its rule there, "
+        "checked against torch's class in tests/test_simulate.py"
+    )
 
 
 class _Rule:

@@ -1,38 +1,37 @@
 """Discrete-event replay of a torch.distributed.pipelining schedule with cost-model times.
 
-The simulator does not re-derive GPipe / 1F1B / interleaved formulas. It asks torch for the per-rank
-action lists of the schedule class the distributed runtime would run (``schedule_actions``) and replays
-them (``simulate``): every rank executes its list strictly in order, and an action starts when its rank is
-free and its inputs have arrived. Per-stage times come from the cost model as ``StageCost``.
+The simulator does not model a schedule by a formula: it replays the per-rank action lists of the schedule class
+the distributed runtime would run (``schedule_actions``): every rank executes its list strictly in order, and an
+action starts when its rank is free and its inputs have arrived. Per-stage times come from the cost model as
+``StageCost``.
 
-Where the action lists come from (torch 2.13; classes looked up with
-``torch.distributed.pipelining.schedules.get_schedule_class``):
+The action lists are torch's (2.13; classes looked up with ``torch.distributed.pipelining.schedules
+.get_schedule_class``), written out from the rule each class builds them by, not obtained by constructing it:
 
-============  =============================  =================================================
-name          torch class                    list used
-============  =============================  =================================================
-gpipe         ScheduleGPipe                  recorded from ``_step_microbatches`` (see below)
-1f1b          Schedule1F1B                   recorded from ``_step_microbatches`` (see below)
-interleaved   ScheduleInterleaved1F1B        compute actions of ``pipeline_order_with_comms``
-looped-bfs    ScheduleLoopedBFS              compute actions of ``pipeline_order_with_comms``
-zero-bubble   ScheduleInterleavedZeroBubble  compute actions of ``pipeline_order_with_comms``
-zbv           ScheduleZBVZeroBubble          compute actions of ``pipeline_order_with_comms``
-============  =============================  =================================================
+============  =============================  ===================================================================
+name          torch class                    written out by
+============  =============================  ===================================================================
+gpipe         ScheduleGPipe                  ``_single_stage_orders`` (the loop of ``_step_microbatches``)
+1f1b          Schedule1F1B                   ``_single_stage_orders`` (the loop of ``_step_microbatches``)
+interleaved   ScheduleInterleaved1F1B        ``schedule_rules.interleaved_orders`` (``_get_1f1b_rank_ops``)
+looped-bfs    ScheduleLoopedBFS              ``schedule_rules.looped_bfs_orders``
+zero-bubble   ScheduleInterleavedZeroBubble  ``schedule_rules.interleaved_orders`` (``_get_1f1b_rank_ops``)
+zbv           ScheduleZBVZeroBubble          ``schedule_rules.zbv_orders``
+============  =============================  ===================================================================
 
 ScheduleDualPipeV is not offered: its OVERLAP_F_B actions run a forward and a backward concurrently, which
 this one-action-at-a-time replay does not model.
 
-* Multi-stage classes (``_PipelineScheduleRuntime`` subclasses) build the order of *every* rank in their
-  constructor and lower it to ``pipeline_order_with_comms``, which their runtime executes action by action.
-  We construct them with ``_StandInStage`` objects (one per local stage) and keep the compute actions
-  (F, B, I, W) of that lowered list, in order; the stage -> rank map is the schedule's own
-  ``stage_index_to_group_rank`` (``s % ranks`` for the looped ones, V-shaped for zbv).
-* Single-stage classes (``ScheduleGPipe``, ``Schedule1F1B``) run hand-written loops in ``_step_microbatches``.
-  Their ``_get_pipeline_order()`` IR is only documentation, and in torch 2.13 ``Schedule1F1B``'s IR is wrong for
-  the last rank (it starts at F1 and lists F{m}, never F0). The loops' orders are simple, so
-  ``_single_stage_orders`` writes them out; ``tests/test_simulate.py`` runs the real ``_step_microbatches`` once per
-  rank on a ``_StandInStage`` that records ``forward_one_chunk`` / ``backward_one_chunk`` calls (and returns no p2p
-  ops) and checks the written orders against those recordings over a grid of counts.
+Why written out: the multi-stage classes build the order of *every* rank in their constructor, in Python per
+action, and the planner prices thousands of deep pipelines (a 1T GPT's search at 3,072 GPUs built schedules of
+hundreds of thousands of actions for most of its time); the single-stage classes run hand-written loops whose
+``_get_pipeline_order()`` IR is only documentation (in torch 2.13 ``Schedule1F1B``'s IR is wrong for the last rank:
+it starts at F1 and lists F{m}, never F0). ``tests/test_simulate.py`` checks every written order against the
+unmodified classes over grids of counts: the multi-stage ones against the compute actions of the
+``pipeline_order_with_comms`` their runtime executes, the single-stage ones against the real ``_step_microbatches``
+run once per rank on a stand-in stage that records its ``forward_one_chunk`` / ``backward_one_chunk`` calls; and
+the counts torch refuses are refused alike. The stage -> rank map is the schedule's (``s % ranks``; V-shaped for
+zbv).
 
 Replay rules (checked independently by ``check_events``), for stage ``s``, microbatch ``i``, ``S`` stages:
 
@@ -64,13 +63,13 @@ import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property, lru_cache
+from functools import cached_property, lru_cache
 from itertools import pairwise
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from partitioner.schedule_rules import COUNTED_SCHEDULES, FORM_EXACT, interleaved_in_flight, interleaved_orders
+from partitioner.schedule_rules import COUNTED_SCHEDULES, FORM_EXACT, interleaved_in_flight, rule_orders
 from partitioner.schedules import get_schedule
 
 __all__ = [
@@ -222,50 +221,6 @@ class SimResult:
         return "\n".join(lines)
 
 
-class _StandInStage:
-    """Just enough of ``torch.distributed.pipelining.PipelineStage`` for a schedule to compute its order.
-
-    Attributes read by the torch 2.13 constructors: ``num_stages`` (all), ``group_size`` / ``group_rank``
-    (``PipelineScheduleMulti``: pipeline width and this rank), ``submod`` (the zero-bubble torch.compile check;
-    ``None`` is skipped); the constructor writes ``stage_index_to_group_rank``. Read by the single-stage
-    ``_step_microbatches`` loops, which the tests record to check ``_single_stage_orders``: ``stage_index``,
-    ``is_first``, ``is_last`` and the methods below, where the
-    p2p-op getters return no ops (so nothing is sent) and the compute methods only record the call; the
-    schedule's ``_initialize_stage`` (shape inference and p2p warm-up) is replaced by a no-op on that instance.
-    If torch starts reading anything else, construction fails with AttributeError, which
-    ``schedule_actions`` reports (and the tests catch).
-    """
-
-    submod = None
-
-    def __init__(self, stage_index: int, num_stages: int, num_ranks: int, rank: int) -> None:
-        self.stage_index = stage_index
-        self.num_stages = num_stages
-        self.group_size = num_ranks
-        self.group_rank = rank
-        self.is_first = stage_index == 0
-        self.is_last = stage_index == num_stages - 1
-        self.output_chunks: list[Any] = []
-        self.calls: list[Action] = []
-
-    def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> None:
-        self.calls.append(Action(self.stage_index, "F", fwd_chunk_id))
-
-    def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> None:
-        self.calls.append(Action(self.stage_index, "B", bwd_chunk_id))
-
-    def _no_ops(self, *args: Any, **kwargs: Any) -> list[Any]:
-        return []
-
-    get_fwd_recv_ops = get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = _no_ops
-
-    def clear_runtime_states(self) -> None:
-        pass
-
-    def perform_reduce_grad(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def _check_counts(schedule: str, num_stages: int, num_microbatches: int, num_ranks: int | None) -> int:
     """Validate the names and numbers we can judge without torch; return the number of ranks."""
     entry = get_schedule(schedule)
@@ -317,7 +272,8 @@ def _bounded_cache(budget: int) -> Callable[[Callable[..., Any]], Callable[..., 
     replays), so many small schedules are worth keeping; a deep interleaved pipeline's hold millions of actions
     (hundreds of MB each), so few of those are. A count bound cannot do both: 256 entries took the 1T GPT's
     `schedule="auto"` search at 3,072 GPUs past 24 GB (killed for memory; session 45), 8 cost the default
-    schedules' compile of the same model 30% (more rebuilt orders)."""
+    schedules' compile of the same model 30% (more rebuilt orders). Each cache sets its budget by what an entry
+    weighs (`_torch_orders`: Python objects per action; `_compiled`: arrays)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
@@ -347,100 +303,35 @@ def _bounded_cache(budget: int) -> Callable[[Callable[..., Any]], Callable[..., 
     return wrap
 
 
-@_bounded_cache(budget=2_000_000)
+@_bounded_cache(budget=2_000_000)  # Action objects, ~100 bytes each: read by `simulate` (a winner's full replay)
 def _torch_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
-    """(compute actions per rank, rank per stage) of torch's schedule for these numbers: single-stage schedules
-    written out (`_single_stage_orders`), the interleaved ones from the rule torch builds them by
-    (schedule_rules.interleaved_orders: torch's constructor runs Python per action of every rank, seconds for the
-    deep pipelines a search at thousands of devices prices), the others from torch's own constructor.
-    tests/test_simulate.py checks every one against the unmodified torch classes."""
+    """(compute actions per rank, rank per stage) of torch's schedule for these numbers, written out from the rule
+    torch builds it by: single-stage schedules by `_single_stage_orders`, multi-stage ones by
+    schedule_rules.rule_orders (torch's constructors run Python per action of every rank: seconds for the deep
+    pipelines a search at thousands of devices prices). tests/test_simulate.py checks every one against the
+    unmodified torch classes."""
     if get_schedule(schedule).single_stage:
         return _single_stage_orders(schedule, num_stages, num_microbatches), tuple(range(num_stages))
-    if schedule in COUNTED_SCHEDULES:  # torch's interleaved rule, written out (schedule_rules)
-        new = tuple.__new__
-        orders = _rule_orders(schedule, num_stages, num_microbatches, num_ranks)
-        return tuple(
-            tuple(new(Action, (s, _KINDS[k], i)) for s, k, i in zip(*(a.tolist() for a in order))) for order in orders
-        ), tuple(s % num_ranks for s in range(num_stages))
-    from torch.distributed.pipelining import schedules as torch_schedules  # about a second to import: on first use
-
-    cls = _order_only(torch_schedules.get_schedule_class(get_schedule(schedule).torch_class))
-    where = f"{cls.__name__}(num_stages={num_stages}, num_ranks={num_ranks}, n_microbatches={num_microbatches})"
-    try:
-        # Multi-stage classes: the constructor computes every rank's compute order (the IR torch then lowers).
-        per_rank = num_stages // num_ranks
-        stand_ins = [_StandInStage(-1, num_stages, num_ranks, 0) for _ in range(per_rank)]
-        sched = cls(stand_ins, num_microbatches)  # type: ignore[arg-type]
-        compute = sched.pipeline_order_with_comms
-        orders_t = tuple(_from_torch_order(compute[rank]) for rank in range(num_ranks))
-        return orders_t, tuple(sched.stage_index_to_group_rank[s] for s in range(num_stages))
-    except (ValueError, AssertionError) as e:
-        raise ValueError(f"torch refuses {where}: {e}") from e
-    except (AttributeError, TypeError) as e:
-        raise RuntimeError(f"{where} could not be built on stand-in stages (torch internals changed?): {e}") from e
+    new = tuple.__new__
+    orders = _rule_orders(schedule, num_stages, num_microbatches, num_ranks)
+    actions = tuple(
+        tuple(new(Action, (s, _KINDS[k], i)) for s, k, i in zip(*(a.tolist() for a in order))) for order in orders
+    )
+    return actions, tuple(get_schedule(schedule).stage_ranks(num_stages, num_ranks))
 
 
 def _rule_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """schedule_rules.interleaved_orders, its refusal worded as torch's constructor's would be."""
+    """schedule_rules.rule_orders, a refusal worded as torch's constructor's would be."""
     try:
-        return interleaved_orders(schedule, num_stages, num_microbatches, num_ranks)
+        return rule_orders(schedule, num_stages, num_microbatches, num_ranks)
     except ValueError as e:
         name = "Schedule" + get_schedule(schedule).torch_class
         where = f"{name}(num_stages={num_stages}, num_ranks={num_ranks}, n_microbatches={num_microbatches})"
         raise ValueError(f"torch refuses {where}: {e}") from e
-
-
-@cache
-def _order_only(cls: type) -> type:
-    """`cls` without the work torch does for running a schedule that the simulator does not need.
-
-    Multi-stage classes lower their compute IR with unshard / reshard, reduce-grad and send / recv actions
-    (``_prepare_schedule_with_comms``), which insert communication around the compute actions and never reorder
-    them: here the compute IR is kept as it is, after torch's own check of its stage placement.
-    tests/test_simulate.py checks that every order equals the one the unmodified class runs.
-    """
-    overrides: dict[str, Any] = {}
-    if hasattr(cls, "_prepare_schedule_with_comms"):
-
-        def _prepare_schedule_with_comms(self: Any, actions: dict, format: str = "compute_only") -> None:
-            self._validate_and_set_stage_mapping(actions)
-            self.pipeline_order_with_comms = {r: [a for a in acts if a is not None] for r, acts in actions.items()}
-
-        overrides["_prepare_schedule_with_comms"] = _prepare_schedule_with_comms
-    return type(cls.__name__, (cls,), overrides)
-
-
-def _from_torch_order(actions: Sequence[Any]) -> tuple[Action, ...]:
-    """A rank's torch ``_Action`` list -> its compute actions as ours (`_from_torch` each), skipping idle slots
-    (None) and communication. Each action's kind is looked up by the identity of its enum member: a deep pipeline's
-    orders hold hundreds of thousands of actions, and the enum's ``.value`` and the NamedTuple constructor were half
-    the time of building them."""
-    kinds: dict[int, str] = {}  # id of a computation type -> its kind, "" for communication
-    new, out = tuple.__new__, []
-    for a in actions:
-        if a is None:
-            continue
-        kind = kinds.get(id(a.computation_type))
-        if kind is None:
-            kind = kinds[id(a.computation_type)] = a.computation_type.value if a.is_compute_op else ""
-        if not kind:
-            continue
-        if kind not in _KINDS or a.microbatch_index is None:
-            _from_torch(a)  # raises, naming the action
-        out.append(new(Action, (a.stage_index, kind, a.microbatch_index)))
-    return tuple(out)
-
-
-def _from_torch(action: Any) -> Action:
-    """torch ``_Action`` (compute op) -> our ``Action``; overlapped F+B pairs are not supported."""
-    kind = action.computation_type.value
-    if kind not in _KINDS or action.microbatch_index is None:
-        raise ValueError(f"unsupported torch action {action} (only F, B, I, W are replayed)")
-    return Action(action.stage_index, kind, action.microbatch_index)
 
 
 def schedule_actions(
@@ -656,18 +547,29 @@ class _Replay:
     predecessor's): the actions of level k lie in level_starts[k]:level_starts[k + 1] and depend only on earlier
     levels, which `_replay_by_levels` times a level at a time."""
 
-    rank: tuple[int, ...]
-    stage: tuple[int, ...]
-    kind: tuple[str, ...]
-    sends: tuple[int, ...]
-    frees: tuple[int, ...]  # 1: the action frees its microbatch's activations at its end (B, or W when split)
-    per_rank: tuple[tuple[int, ...], ...]  # each rank's actions in its execution order
+    rank: np.ndarray
+    stage: np.ndarray
+    sends: np.ndarray
+    frees: np.ndarray  # True: the action frees its microbatch's activations at its end (B, or W when split)
+    per_rank: tuple[np.ndarray, ...]  # each rank's actions in its execution order
     stage_ranks: tuple[int, ...]
     level_starts: np.ndarray
     kind_code: np.ndarray  # index into _KINDS
     previous: np.ndarray  # the rank's previous action, or -1
     dep_index: np.ndarray  # (n, 2): dependencies, -1 where fewer
     dep_send: np.ndarray  # (n, 2): the stage whose send a dependency waits for, -1 for none
+
+    # Arrays, read as they are by the vector replay and the memory sums; fast_replay's per-action loop reads the
+    # Python lists below, made once on first use (a deep pipeline's tuple of 500k ints took ~25 ms to turn back into
+    # an array on every replay when the structure held tuples).
+
+    @cached_property
+    def rank_list(self) -> list[int]:
+        return self.rank.tolist()
+
+    @cached_property
+    def sends_list(self) -> list[int]:
+        return self.sends.tolist()
 
     @cached_property
     def deps(self) -> tuple[tuple[tuple[int, int], ...], ...]:
@@ -678,7 +580,10 @@ class _Replay:
         )
 
 
-@_bounded_cache(budget=2_000_000)  # as _torch_orders
+# About 120 bytes a stage-microbatch (2-3 actions of int32 / int8 arrays): 8M is about 1 GB at most. The 1T GPT's
+# schedule="auto" search at 3,072 GPUs builds 88 distinct structures of 20M stage-microbatches in all; at a budget of
+# 2M it built 195 (52M), the deep ones evicted between the candidates that share them.
+@_bounded_cache(budget=8_000_000)
 def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: int) -> _Replay:
     """The replay structure of a schedule: every action's data dependencies and its rank predecessor as edges, put
     in a topological order by Kahn's algorithm a level at a time (each wave of actions whose inputs are all placed is
@@ -688,11 +593,11 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
     stage s + 1 (its B, else its I); W(s, i) on I(s, i); each waiting for the sender's send when they sit on
     different ranks."""
     F, B, I, W = range(4)  # noqa: E741 (the action kinds, in _KINDS order)
-    if schedule in COUNTED_SCHEDULES:  # the rule's arrays as they are: no Action per action
+    if not get_schedule(schedule).single_stage:  # the rule's arrays as they are: no Action per action
         arrays = _rule_orders(schedule, num_stages, num_microbatches, num_ranks)
         stage, kind, mb = (np.concatenate(column) for column in zip(*arrays))  # rank-major, each rank in its order
         counts = np.array([len(a[0]) for a in arrays], dtype=np.int64)
-        stage_ranks = tuple(s % num_ranks for s in range(num_stages))
+        stage_ranks = tuple(get_schedule(schedule).stage_ranks(num_stages, num_ranks))
     else:
         orders, stage_ranks = _torch_orders(schedule, num_stages, num_microbatches, num_ranks)
         code = {k: c for c, k in enumerate(_KINDS)}
@@ -741,6 +646,7 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
     offsets = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=n))])
     level = np.full(n, -1, dtype=np.int64)
     wave, depth = np.flatnonzero(waiting == 0), 0
+    slot = np.zeros(n, dtype=np.int64)  # scratch: where in `ready` an action was last written
     while wave.size:
         level[wave] = depth
         lengths = offsets[wave + 1] - offsets[wave]
@@ -749,7 +655,9 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
         firsts = np.repeat(offsets[wave] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
         reached = succ[firsts]
         np.subtract.at(waiting, reached, 1)
-        wave = np.unique(reached[waiting[reached] == 0])
+        ready = reached[waiting[reached] == 0]  # an action reached by two edges of this wave is listed twice
+        slot[ready] = np.arange(ready.size)  # the last write of each wins: keep that one occurrence (no sort)
+        wave = ready[slot[ready] == np.arange(ready.size)]
         depth += 1
     if np.any(level < 0):
         raise deadlock
@@ -770,19 +678,19 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
     frees = is_w | ((kind == B) & (table[W, stage, mb] < 0))
     levels = level[order]
     bounds = np.cumsum(counts)
+    i32 = np.int32  # indices and stages fit 32 bits; half the bytes of a cached structure (`_compiled`'s budget)
     return _Replay(
-        rank=tuple(rank[order].tolist()),
-        stage=tuple(stage[order].tolist()),
-        kind=tuple(_KINDS[c] for c in kind[order].tolist()),
-        sends=tuple(sends[order].tolist()),
-        frees=tuple(frees[order].astype(np.int64).tolist()),
-        per_rank=tuple(tuple(p) for p in np.split(position, bounds[:-1]) for p in [p.tolist()]),
+        rank=rank[order].astype(i32),
+        stage=stage[order].astype(i32),
+        sends=sends[order].astype(i32),
+        frees=frees[order],
+        per_rank=tuple(np.split(position.astype(i32), bounds[:-1])),
         stage_ranks=tuple(stage_ranks),
         level_starts=np.searchsorted(levels, np.arange(levels[-1] + 2 if n else 1)),
-        kind_code=kind[order],
-        previous=moved(previous[order]),
-        dep_index=moved(dep_index[order]),
-        dep_send=dep_send[order],
+        kind_code=kind[order].astype(np.int8),
+        previous=moved(previous[order]).astype(i32),
+        dep_index=moved(dep_index[order]).astype(i32),
+        dep_send=dep_send[order].astype(i32),
     )
 
 
@@ -798,15 +706,14 @@ def fast_replay(
     plan = _compiled(schedule, len(stages), num_microbatches, ranks)
     if len(plan.rank) >= WIDE_LEVELS * (len(plan.level_starts) - 1):
         return _replay_by_levels(plan, stages, ranks, blocking_sends)
-    stage = np.asarray(plan.stage, dtype=np.int64)
     durations = np.array([[c.duration(k) for c in stages] for k in _KINDS], dtype=np.float64)
-    duration = durations[plan.kind_code, stage].tolist()  # each action's, looked up once
+    duration = durations[plan.kind_code, plan.stage].tolist()  # each action's, looked up once
     send = [c.send_time for c in stages] + [0.0]  # index -1: no send (x + 0.0 is x)
-    rank, deps = plan.rank, plan.deps
+    rank, deps = plan.rank_list, plan.deps
     n = len(rank)
     end = [0.0] * n
     free = [0.0] * ranks
-    holds = [send[h] if h >= 0 else 0.0 for h in plan.sends] if blocking_sends else None
+    holds = [send[h] if h >= 0 else 0.0 for h in plan.sends_list] if blocking_sends else None
     for i in range(n):
         r = rank[i]
         t = free[r]
@@ -849,10 +756,12 @@ def in_flight_peaks(
         return interleaved_in_flight(schedule, num_stages, num_microbatches, ranks)
     if schedule in FORM_EXACT:  # torch refuses none of their microbatch counts
         return tuple(entry.in_flight(num_stages, num_microbatches))
-    plan = _compiled(schedule, num_stages, num_microbatches, ranks)
-    order = np.concatenate([np.asarray(a, dtype=np.int64) for a in plan.per_rank if a])  # each rank in its order
-    stage = np.asarray(plan.stage, dtype=np.int64)[order]
-    delta = np.where(plan.kind_code[order] == 0, 1, -np.asarray(plan.frees, dtype=np.int64)[order])
+    # Any other written-out schedule: counted over its order, F adding one, the action ending a backward freeing one.
+    stage, kind, mb = (np.concatenate(c) for c in zip(*_rule_orders(schedule, num_stages, num_microbatches, ranks)))
+    split = np.zeros((num_stages, num_microbatches), dtype=bool)
+    split[stage[kind == 3], mb[kind == 3]] = True  # (stage, microbatch) whose backward is split: W frees
+    frees = (kind == 3) | ((kind == 1) & ~split[stage, mb])
+    delta = np.where(kind == 0, 1, -frees.astype(np.int64))
     by_stage = np.argsort(stage, kind="stable")  # a stage's actions keep its rank's order
     stage, held = stage[by_stage], np.cumsum(delta[by_stage])
     starts = np.searchsorted(stage, np.arange(num_stages))
@@ -864,19 +773,16 @@ def _peaks(plan: _Replay, stages: Sequence[StageCost], ranks: int) -> tuple[floa
     """Each rank's peak bytes over its actions: static, plus the activations of the microbatches in flight (added
     by F, freed at the end of the action that frees them), plus a B / I's region transient on top before it frees.
     A running sum per rank (np.cumsum adds in action order, as a loop would)."""
-    stage = np.asarray(plan.stage, dtype=np.int64)
+    stage, frees, kind = plan.stage, plan.frees, plan.kind_code
     static = _static_by_rank(stages, plan.stage_ranks, ranks)
     activation = np.array([c.activation_bytes for c in stages], dtype=np.float64)
     transient = np.array([c.transient_bytes for c in stages], dtype=np.float64)
-    frees = np.asarray(plan.frees, dtype=bool)
-    kind = plan.kind_code
     peaks = []
-    for r, actions in enumerate(plan.per_rank):
+    for r, idx in enumerate(plan.per_rank):
         level = static[r]
-        if not actions:
+        if not idx.size:
             peaks.append(level)
             continue
-        idx = np.asarray(actions, dtype=np.int64)
         st, k = stage[idx], kind[idx]
         forward = k == 0
         delta = np.where(forward, activation[st], np.where(frees[idx], -activation[st], 0.0))
@@ -905,11 +811,9 @@ def _replay_by_levels(plan: _Replay, stages: Sequence[StageCost], ranks: int, bl
     figure is computed by the same additions and maxima, in the same order per value, as fast_replay's loop, so the
     two agree to the last bit (tests/test_simulate.py)."""
     n = len(plan.rank)
-    stage = np.asarray(plan.stage, dtype=np.int64)
-    duration = np.array([[c.duration(k) for c in stages] for k in _KINDS], dtype=np.float64)[plan.kind_code, stage]
+    duration = np.array([[c.duration(k) for c in stages] for k in _KINDS], dtype=np.float64)[plan.kind_code, plan.stage]
     send = np.array([c.send_time for c in stages] + [0.0])  # index -1: no send
-    sends = np.asarray(plan.sends, dtype=np.int64)
-    hold = send[sends] if blocking_sends else np.zeros(n)  # a blocking send holds its rank after the action
+    hold = send[plan.sends] if blocking_sends else np.zeros(n)  # a blocking send holds its rank after the action
     # Index -1 (no previous action, no dependency) reads the zero at the end of `end` / `free` and of `send`: a time
     # of 0, never later than any start, so no case needs a branch (x + 0.0 and max(x, 0.0) are x for x >= 0).
     end, free = np.zeros(n + 1), np.zeros(n + 1)  # free[i]: when action i's rank is free again
@@ -922,7 +826,7 @@ def _replay_by_levels(plan: _Replay, stages: Sequence[StageCost], ranks: int, bl
         t += duration[a:b]
         end[a:b] = t
         free[a:b] = t + hold[a:b]
-    ends = tuple(float(free[actions[-1]]) if actions else 0.0 for actions in plan.per_rank)
+    ends = tuple(float(free[actions[-1]]) if actions.size else 0.0 for actions in plan.per_rank)
     return StepTimes(max(ends, default=0.0), ends, _peaks(plan, stages, ranks), plan.stage_ranks)
 
 
