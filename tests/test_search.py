@@ -386,6 +386,31 @@ def test_a_device_s_stages_share_its_memory_as_the_rank_needs_not_equally(schedu
     assert gained
 
 
+@pytest.mark.parametrize("schedule, per_device, plans", [("1f1b", 1, 1), ("interleaved", 2, 4), ("interleaved", 4, 6)])
+def test_the_winner_s_refinement_plans_each_share_and_in_flight_model_once(
+    schedule: str, per_device: int, plans: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refinement plans the split at each share of the device (equal, then 2x, 4x, ... the whole room per stage,
+    with several stages per rank) and each in-flight model (search._in_flight_models): one plan with one stage per
+    rank. Sessions 44-45 refined every single-stage winner twice at the same share (gpt3-175b on 64 H100s: 2.4 s of
+    its ~8 s compile spent again)."""
+    from partitioner.plan import search as search_module
+    from partitioner.plan.search import Candidate, _evaluate, _in_flight_models
+
+    calls = []
+    real = search_module._evaluate_within
+
+    def counted(c, memory_limit, share, *args):  # type: ignore[no-untyped-def]
+        calls.append(share)
+        return real(c, memory_limit, share, *args)
+
+    monkeypatch.setattr(search_module, "_evaluate_within", counted)
+    c = Candidate(Degrees(pp=4, tp=1, dp=1), 8, schedule, per_device, graph=_chain(n=33, static=20, saved_bytes=6.0))
+    assert len(_in_flight_models(c)) == (1 if per_device == 1 else 2)
+    _evaluate(c, 10_000.0, 8, {}, refine=True, recompute=("none", "full"))
+    assert len(calls) == plans and len(calls) == len({*calls}) * len(_in_flight_models(c))
+
+
 def test_a_schedule_that_fixes_its_stages_per_rank_is_searched_at_that_count_only() -> None:
     """zbv runs exactly 2 stages per rank: the winner's move to other counts of stages per rank (which interleaved
     takes) leaves it at 2, and a candidate asked at another count is refused in its note, not by aborting the search

@@ -1072,7 +1072,9 @@ def _evaluate(
     # split: the DP plans within what is left (plan.sharding.data_parallel_cost prices it after).
     room = memory_limit - _data_parallel_transient(c)
     v = c.stages_per_device
-    looser = [2**k for k in range(1, v.bit_length()) if 2**k < v] + [v] if refine and math.isfinite(room) else []
+    # 2x, 4x, ... the equal share, up to the whole room per stage (one stage per rank: its share is the whole room)
+    looser = [2**k for k in range(1, v.bit_length()) if 2**k < v] + [v] if v > 1 else []
+    looser = looser if refine and math.isfinite(room) else []
     models = _in_flight_models(c) if math.isfinite(room) else [None]
     fresh = dataclasses.replace(c) if len(models) > 1 or looser else None
     first = True
