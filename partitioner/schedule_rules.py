@@ -37,7 +37,7 @@ import numpy as np
 
 __all__ = [
     "COUNTED_SCHEDULES", "FORM_EXACT", "WRITTEN_OUT", "interleaved_in_flight", "interleaved_orders",
-    "looped_bfs_orders", "rule_orders", "zbv_orders",
+    "looped_bfs_orders", "rule_orders", "single_stage_orders", "zbv_orders",
 ]  # fmt: skip
 
 # Schedules whose peaks `Schedule.in_flight`'s form gives exactly: the single-stage ones, and the multi-stage ones
@@ -170,12 +170,44 @@ def looped_bfs_orders(num_stages: int, num_microbatches: int, num_ranks: int) ->
     return orders
 
 
+def single_stage_orders(schedule: str, num_stages: int, num_microbatches: int) -> list[tuple[np.ndarray, ...]]:
+    """Each rank's compute actions in torch's single-stage `schedule` ("gpipe" or "1f1b"), as `interleaved_orders`
+    gives them, as their loops run it (``ScheduleGPipe`` / ``Schedule1F1B._step_microbatches``): gpipe, every forward,
+    then every backward, in microbatch order; 1f1b, rank r runs min(m, p - r) forwards, then one backward and one
+    forward in turn, then the backwards left. torch refuses 1F1B with fewer microbatches than stages.
+
+    >>> stage, kind, mb = single_stage_orders("1f1b", 2, 3)[0]
+    >>> " ".join(f"{s}{'FBIW'[k]}{i}" for s, k, i in zip(stage, kind, mb))
+    '0F0 0F1 0B0 0F2 0B1 0B2'
+    """
+    p, m = num_stages, num_microbatches
+    if p < 1 or m < 1:
+        raise ValueError(f"need stages >= 1 and microbatches >= 1: {p}, {m}")
+    if schedule == "1f1b" and m < p:
+        raise ValueError(f"Number of microbatches ({m}) must be greater than or equal to the number of stages ({p}).")
+    orders = []
+    for r in range(p):
+        warm = m if schedule == "gpipe" else min(m, p - r)
+        steady = m - warm  # backward i, then forward warm + i
+        kind = np.concatenate([np.zeros(warm), np.tile([1, 0], steady), np.ones(warm)]).astype(np.int64)
+        mb = np.concatenate([
+            np.arange(warm), np.stack([np.arange(steady), warm + np.arange(steady)], axis=1).ravel(),
+            np.arange(steady, m),
+        ]).astype(np.int64)  # fmt: skip
+        orders.append((np.full(kind.size, r, dtype=np.int64), kind, mb))
+    return orders
+
+
 def rule_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Each rank's compute actions in torch's multi-stage `schedule` (WRITTEN_OUT), in its execution order, as
+    """Each rank's compute actions in torch's `schedule` (gpipe, 1f1b and WRITTEN_OUT), in its execution order, as
     arrays (stage, kind, microbatch); kind indexes ("F", "B", "I", "W"). ValueError where torch refuses the counts,
     or for a schedule not written out here."""
+    if schedule in ("gpipe", "1f1b"):
+        if num_ranks != num_stages:
+            raise ValueError(f"{schedule} runs one stage per rank: {num_stages} stages, {num_ranks} ranks")
+        return single_stage_orders(schedule, num_stages, num_microbatches)
     if schedule in COUNTED_SCHEDULES:
         return interleaved_orders(schedule, num_stages, num_microbatches, num_ranks)
     if schedule == "zbv":

@@ -11,8 +11,8 @@ The action lists are torch's (2.13; classes looked up with ``torch.distributed.p
 ============  =============================  ===================================================================
 name          torch class                    written out by
 ============  =============================  ===================================================================
-gpipe         ScheduleGPipe                  ``_single_stage_orders`` (the loop of ``_step_microbatches``)
-1f1b          Schedule1F1B                   ``_single_stage_orders`` (the loop of ``_step_microbatches``)
+gpipe         ScheduleGPipe                  ``schedule_rules.single_stage_orders`` (``_step_microbatches``)
+1f1b          Schedule1F1B                   ``schedule_rules.single_stage_orders`` (``_step_microbatches``)
 interleaved   ScheduleInterleaved1F1B        ``schedule_rules.interleaved_orders`` (``_get_1f1b_rank_ops``)
 looped-bfs    ScheduleLoopedBFS              ``schedule_rules.looped_bfs_orders``
 zero-bubble   ScheduleInterleavedZeroBubble  ``schedule_rules.interleaved_orders`` (``_get_1f1b_rank_ops``)
@@ -236,33 +236,6 @@ def _check_counts(schedule: str, num_stages: int, num_microbatches: int, num_ran
     return num_ranks
 
 
-def _single_stage_orders(schedule: str, num_stages: int, num_microbatches: int) -> tuple[tuple[Action, ...], ...]:
-    """The compute order of each rank of torch's single-stage schedules, as their loops run it
-    (``ScheduleGPipe`` / ``Schedule1F1B._step_microbatches`` in torch 2.13), written out rather than recorded: running
-    the loop once per rank costs O(ranks x microbatches) Python calls into torch, seconds for the deep pipelines a
-    search at thousands of devices prices. gpipe: every forward, then every backward, in microbatch order. 1f1b: rank
-    r runs min(m, p - r) forwards, then one backward and one forward in turn, then the backwards left; torch refuses
-    fewer microbatches than stages. tests/test_simulate.py checks both against what torch's own loops run."""
-    p, m = num_stages, num_microbatches
-    if schedule == "gpipe":
-        return tuple(tuple(Action(r, kind, i) for kind in "FB" for i in range(m)) for r in range(p))
-    if m < p:
-        raise ValueError(
-            f"torch refuses Schedule1F1B(num_stages={p}, num_ranks={p}, n_microbatches={m}): Number of microbatches "
-            f"({m}) must be greater than or equal to the number of stages ({p})."
-        )
-    orders = []
-    for r in range(p):
-        warm = min(m, p - r)
-        order = [Action(r, "F", i) for i in range(warm)]
-        for i in range(m):
-            order.append(Action(r, "B", i))
-            if warm + i < m:
-                order.append(Action(r, "F", warm + i))
-        orders.append(tuple(order))
-    return tuple(orders)
-
-
 def _bounded_cache(budget: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """An LRU cache of a schedule function of (schedule, num_stages, num_microbatches, num_ranks) that keeps at most
     `budget` stage-microbatches (stages x microbatches summed over its entries, about the actions they hold), the
@@ -308,12 +281,10 @@ def _torch_orders(
     schedule: str, num_stages: int, num_microbatches: int, num_ranks: int
 ) -> tuple[tuple[tuple[Action, ...], ...], tuple[int, ...]]:
     """(compute actions per rank, rank per stage) of torch's schedule for these numbers, written out from the rule
-    torch builds it by: single-stage schedules by `_single_stage_orders`, multi-stage ones by
-    schedule_rules.rule_orders (torch's constructors run Python per action of every rank: seconds for the deep
-    pipelines a search at thousands of devices prices). tests/test_simulate.py checks every one against the
-    unmodified torch classes."""
-    if get_schedule(schedule).single_stage:
-        return _single_stage_orders(schedule, num_stages, num_microbatches), tuple(range(num_stages))
+    torch builds it by (schedule_rules.rule_orders; torch's multi-stage constructors run Python per action of every
+    rank, seconds for the deep pipelines a search at thousands of devices prices), as Action objects: what
+    `simulate` replays and `schedule_actions` returns (the planner's replays read `_compiled`'s arrays).
+    tests/test_simulate.py checks every one against the unmodified torch classes."""
     new = tuple.__new__
     orders = _rule_orders(schedule, num_stages, num_microbatches, num_ranks)
     actions = tuple(
@@ -593,18 +564,10 @@ def _compiled(schedule: str, num_stages: int, num_microbatches: int, num_ranks: 
     stage s + 1 (its B, else its I); W(s, i) on I(s, i); each waiting for the sender's send when they sit on
     different ranks."""
     F, B, I, W = range(4)  # noqa: E741 (the action kinds, in _KINDS order)
-    if not get_schedule(schedule).single_stage:  # the rule's arrays as they are: no Action per action
-        arrays = _rule_orders(schedule, num_stages, num_microbatches, num_ranks)
-        stage, kind, mb = (np.concatenate(column) for column in zip(*arrays))  # rank-major, each rank in its order
-        counts = np.array([len(a[0]) for a in arrays], dtype=np.int64)
-        stage_ranks = tuple(get_schedule(schedule).stage_ranks(num_stages, num_ranks))
-    else:
-        orders, stage_ranks = _torch_orders(schedule, num_stages, num_microbatches, num_ranks)
-        code = {k: c for c, k in enumerate(_KINDS)}
-        stage = np.array([a.stage for o in orders for a in o], dtype=np.int64)  # rank-major, each rank in its order
-        kind = np.array([code[a.kind] for o in orders for a in o], dtype=np.int64)
-        mb = np.array([a.microbatch for o in orders for a in o], dtype=np.int64)
-        counts = np.array([len(o) for o in orders], dtype=np.int64)
+    arrays = _rule_orders(schedule, num_stages, num_microbatches, num_ranks)  # no Action object per action
+    stage, kind, mb = (np.concatenate(column) for column in zip(*arrays))  # rank-major, each rank in its order
+    counts = np.array([len(a[0]) for a in arrays], dtype=np.int64)
+    stage_ranks = tuple(get_schedule(schedule).stage_ranks(num_stages, num_ranks))
     rank = np.repeat(np.arange(num_ranks), counts)
     n, last = len(stage), num_stages - 1
     ranks_of = np.asarray(stage_ranks, dtype=np.int64)

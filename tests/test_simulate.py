@@ -57,12 +57,12 @@ class StandInStage:
     Attributes read by the torch 2.13 constructors: ``num_stages`` (all), ``group_size`` / ``group_rank``
     (``PipelineScheduleMulti``: pipeline width and this rank), ``submod`` (the zero-bubble torch.compile check;
     ``None`` is skipped); the constructor writes ``stage_index_to_group_rank``. Read by the single-stage
-    ``_step_microbatches`` loops, which the tests record to check ``_single_stage_orders``: ``stage_index``,
-    ``is_first``, ``is_last`` and the methods below, where the
+    ``_step_microbatches`` loops, which the tests record to check ``schedule_rules.single_stage_orders``:
+    ``stage_index``, ``is_first``, ``is_last`` and the methods below, where the
     p2p-op getters return no ops (so nothing is sent) and the compute methods only record the call; the
     schedule's ``_initialize_stage`` (shape inference and p2p warm-up) is replaced by a no-op on that instance.
     If torch starts reading anything else, construction fails with AttributeError here: the simulator never builds
-    torch's classes (it writes their orders out: simulate._single_stage_orders, partitioner.schedule_rules), these
+    torch's classes (it writes their orders out: partitioner.schedule_rules), these
     tests do, to check what it writes.
     """
 
@@ -201,7 +201,7 @@ def test_orders_equal_what_the_unmodified_torch_classes_run(schedule: str, num_s
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_single_stage_orders_are_what_torch_s_loops_run(schedule: str) -> None:
-    """GPipe and 1F1B are written out (simulate._single_stage_orders), not recorded: every rank's order over a grid
+    """GPipe and 1F1B are written out (schedule_rules.single_stage_orders), not recorded: every rank's order over a grid
     of stage and microbatch counts equals what torch's unmodified loop runs, and where torch refuses the counts
     (1F1B with fewer microbatches than stages) so do we."""
     for p in (1, 2, 3, 5, 8):
