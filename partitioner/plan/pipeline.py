@@ -57,6 +57,7 @@ __all__ = [
 
 TIE_TOLERANCE = 0.01  # bottlenecks within 1% are ties, broken by transfer time (module docstring)
 COARSE_MIN_CUTS = 16  # a coarse DP (cuts where the fewest values cross) needs at least this many places to cut
+COARSE_CUTS_PER_STAGE = 2  # ... and at least this many per stage (more stages than that: the next-narrowest cuts)
 EXACT_MAX_POSITIONS = 1024  # coarse cut positions up to which contiguous_partition takes the exact min-max DP
 WINDOWS = (1.05, 1.25, 1.6)  # its first windows, x the lower bound on the bottleneck (then the first split's)
 
@@ -83,7 +84,10 @@ class _Prefix:
     R[k] the recomputed forward seconds, A[k] the kept activation bytes per microbatch, T_table[k] a range-max table
     of each node's transient bytes per microbatch (its region's, held during its backward)."""
 
-    def __init__(self, pg: PlanningGraph, microbatches: int, modes: Sequence[str] = ("none",), coarse: bool = False):
+    def __init__(
+        self, pg: PlanningGraph, microbatches: int, modes: Sequence[str] = ("none",), coarse: bool = False,
+        stages: int = 1,
+    ) -> None:  # fmt: skip
         n = pg.n
         self.n = n
         self.modes = tuple(modes)
@@ -139,7 +143,7 @@ class _Prefix:
             self.none = self.modes.index("none")
         # In-place writes (plan.ordering): boundaries that may not exist, and how far a stage may reach.
         order = pg.order
-        self.allowed = cut_mask(pg, coarse)
+        self.allowed = cut_mask(pg, coarse, stages)
         self.limit = order.segment_limits(last) if order is not None else np.full(n + 1, n, dtype=np.int64)
         self.positions = np.flatnonzero(self.allowed)
 
@@ -250,26 +254,67 @@ class _Prefix:
         return out
 
 
-def cut_mask(pg: PlanningGraph, coarse: bool = False) -> np.ndarray:
+def cut_mask(pg: PlanningGraph, coarse: bool = False, stages: int = 1) -> np.ndarray:
     """Where a stage boundary may go (positions 0..n of the order): where in-place writes allow one (plan.ordering);
-    `coarse`: of those, only where the fewest values cross (`_narrow_cuts`), if there are enough such places.
+    `coarse`: of those, only where the fewest values cross (`_coarse_level`), as many as a split into `stages` needs.
     Cached with the graph's structure (every scaled copy shares it: scaling changes no edge)."""
-    key = ("cuts", coarse)
+    level = _coarse_level(pg, coarse, stages)
+    key = ("cuts", level)
+    if key not in pg._structure:
+        allowed = _allowed_cuts(pg)
+        if level is not None:
+            allowed = allowed & (_crossing_values(pg) <= level)
+            allowed[0] = allowed[pg.n] = True
+        pg._structure[key] = allowed
+    return pg._structure[key]
+
+
+def _allowed_cuts(pg: PlanningGraph) -> np.ndarray:
+    return pg.order.allowed_cuts() if pg.order is not None else np.ones(pg.n + 1, dtype=bool)
+
+
+def _crossing_values(pg: PlanningGraph) -> np.ndarray:
+    """The values crossing each cut (positions 0..n), leaving out those read all over the graph (3+ readers spread
+    over more than an eighth of it): a torch.export transformer carries its rotary tables and mask from the start
+    through every block, crossing every cut alike; without them the residual stream alone crosses a block boundary."""
+    key = "crossing values"
     if key not in pg._structure:
         n = pg.n
-        allowed = pg.order.allowed_cuts() if pg.order is not None else np.ones(n + 1, dtype=bool)
-        if coarse:  # values crossing each cut but those read all over (3+ readers over an eighth of the graph)
-            last = pg.last_use()
-            src, _, returned = pg.edges
-            readers = np.bincount(src, minlength=n)
-            readers[returned] += 1
-            used = np.flatnonzero(last > np.arange(n))
-            local = used[(readers[used] < 3) | (last[used] - used <= n // 8)]
-            short = np.zeros(n + 2)
-            np.add.at(short, last[local] + 1, -1)
-            np.add.at(short, local + 1, 1)
-            allowed = _narrow_cuts(allowed, np.cumsum(short)[: n + 1])
-        pg._structure[key] = allowed
+        last = pg.last_use()
+        src, _, returned = pg.edges
+        readers = np.bincount(src, minlength=n)
+        readers[returned] += 1
+        used = np.flatnonzero(last > np.arange(n))
+        local = used[(readers[used] < 3) | (last[used] - used <= n // 8)]
+        short = np.zeros(n + 2)
+        np.add.at(short, last[local] + 1, -1)
+        np.add.at(short, local + 1, 1)
+        pg._structure[key] = np.cumsum(short)[: n + 1]
+    return pg._structure[key]
+
+
+def _coarse_level(pg: PlanningGraph, coarse: bool, stages: int) -> int | None:
+    """The cut set a `coarse` split into `stages` stages takes: m, the allowed cuts where at most m values cross
+    (_crossing_values), m the fewest (1 or more) that leaves COARSE_MIN_CUTS places and COARSE_CUTS_PER_STAGE per
+    stage; None: every allowed place (not coarse, or no m leaves that many).
+
+    A transformer's narrowest cuts are its residual stream, about 2 per layer; more stages than half of those (128
+    stages of a 48-layer GPT) take the next-narrowest, about 11 per layer, not all ~40: a coarse plan with a cut or two
+    per stage ranks the layout on a forced split, one at every place is the cost of a full plan."""
+    if not coarse:
+        return None
+    key = ("coarse level", stages)
+    if key not in pg._structure:
+        allowed, messages = _allowed_cuts(pg), _crossing_values(pg)
+        need = max(COARSE_MIN_CUTS, COARSE_CUTS_PER_STAGE * stages)
+        level = None
+        for m in np.unique(messages[allowed]):
+            narrow = allowed & (messages <= max(m, 1))
+            narrow[0] = narrow[pg.n] = True
+            if narrow.sum() >= need:
+                level = max(int(m), 1)
+                break
+        pg._structure[key] = level
     return pg._structure[key]
 
 
@@ -279,7 +324,7 @@ def bottleneck_floor(pg: PlanningGraph, num_stages: int) -> float:
     any split at the coarse cuts (_chain_floor), or at every position where those cuts are too few for the stages
     (the plan is then made at every position, as also where in-place writes pin nodes together: the coarse plan may
     then fail with cuts to spare). Any rank runs its stage's work in a step, so it bounds the step too."""
-    coarse = len(_stage_starts(pg, True)) - 1 >= num_stages and pg.order is None
+    coarse = len(_stage_starts(pg, True, num_stages)) - 1 >= num_stages and pg.order is None
     return chain_floor(pg, num_stages, coarse)
 
 
@@ -290,7 +335,7 @@ def chain_floor(pg: PlanningGraph, num_stages: int, coarse: bool) -> float:
     key = ("floor", num_stages, coarse)
     if key not in pg._activation_cache:
         prefix = np.concatenate([[0.0], np.cumsum(pg.compute)])
-        pg._activation_cache[key] = _chain_floor(prefix[_stage_starts(pg, coarse)], num_stages)
+        pg._activation_cache[key] = _chain_floor(prefix[_stage_starts(pg, coarse, num_stages)], num_stages)
     return pg._activation_cache[key]
 
 
@@ -303,17 +348,20 @@ def node_level_optimum(pg: PlanningGraph, num_stages: int, *, microbatches: int 
     return _chain_floor(prefix[_stage_starts(pg, False)], num_stages)
 
 
-def _stage_starts(pg: PlanningGraph, coarse: bool) -> np.ndarray:
+def _stage_starts(pg: PlanningGraph, coarse: bool, stages: int = 1) -> np.ndarray:
     """The positions a stage boundary may take (cut_mask): 0, n, and the allowed ones after the inputs."""
-    cuts = np.flatnonzero(cut_mask(pg, coarse))
+    cuts = np.flatnonzero(cut_mask(pg, coarse, stages))
     return np.unique(np.concatenate([[0], cuts[cuts >= max(pg.num_inputs, 1)], [pg.n]]))
 
 
-def _prefix(pg: PlanningGraph, microbatches: int, modes: Sequence[str], coarse: bool = False) -> _Prefix:
-    """The graph's _Prefix for these arguments, built once (cached on the graph: it never changes)."""
-    key = (microbatches, tuple(modes), coarse)
+def _prefix(
+    pg: PlanningGraph, microbatches: int, modes: Sequence[str], coarse: bool = False, stages: int = 1
+) -> _Prefix:
+    """The graph's _Prefix for these arguments, built once (cached on the graph: it never changes); one per cut set
+    (a coarse one for few stages, another for many: _coarse_level)."""
+    key = (microbatches, tuple(modes), _coarse_level(pg, coarse, stages))
     if key not in pg._prefixes:
-        pg._prefixes[key] = _Prefix(pg, microbatches, modes, coarse)
+        pg._prefixes[key] = _Prefix(pg, microbatches, modes, coarse, stages)
     return pg._prefixes[key]
 
 
@@ -335,20 +383,6 @@ def _range_max(table: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nd
     """max(values[a:b]) for each (a, b) of starts, ends (b > a), from _range_max_table."""
     level = np.floor(np.log2(np.maximum(ends - starts, 1))).astype(np.int64)
     return np.maximum(table[level, starts], table[level, ends - (1 << level)])
-
-
-def _narrow_cuts(allowed: np.ndarray, messages: np.ndarray) -> np.ndarray:
-    """The allowed cuts where at most m values cross, m the fewest (1 or more) that leaves COARSE_MIN_CUTS of them
-    (`allowed` if none does). `messages` leaves out the values read all over the graph (3+ readers spread over
-    more than an eighth of it): a torch.export transformer carries its rotary tables and mask from the start
-    through every block, crossing every cut alike; without them m is 1 there too (the residual stream)."""
-    n = len(allowed) - 1
-    for m in np.unique(messages[allowed]):
-        narrow = allowed & (messages <= max(m, 1))
-        narrow[0] = narrow[n] = True
-        if narrow.sum() >= COARSE_MIN_CUTS:
-            return narrow
-    return allowed
 
 
 def _min_stage_dp(
@@ -585,14 +619,15 @@ def contiguous_partition(
 ) -> list[int]:
     """Optimal contiguous cuts [0, b1, ..., n] of the topological order, each stage free to use any of the
     `recompute` modes (see module docstring; `stage_modes` says which each cut's stages use). `coarse`: cut only
-    where the fewest values cross (`_narrow_cuts`: the residual stream of a transformer, about 2 places per layer
-    instead of ~30, or ~7 instead of ~70 in an ATen graph), when there are COARSE_MIN_CUTS such places; the search
-    ranks its candidates so, and plans the winner in full."""
+    where the fewest values cross (`_coarse_level`: the residual stream of a transformer, about 2 places per layer
+    instead of ~30, or ~7 instead of ~70 in an ATen graph), as long as there are COARSE_MIN_CUTS such places and two
+    per stage (the next-narrowest cuts for more stages); the search ranks its candidates so, and plans the winner in
+    full."""
     if num_stages < 1:
         raise ValueError(f"need at least 1 stage, got {num_stages}")
     # Cut points are 0 and every position after the inputs (where in-place writes allow one); each stage needs
     # one node of its own.
-    pre = _prefix(pg, microbatches, recompute, coarse)
+    pre = _prefix(pg, microbatches, recompute, coarse, num_stages)
     if num_stages > max_stages(pg):
         raise ValueError(too_many_stages(pg, num_stages))
     flight = _in_flight_array(in_flight, num_stages, microbatches)

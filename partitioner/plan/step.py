@@ -68,7 +68,7 @@ class StepObjective:
         coarse: bool = False, stage_memory: float = math.inf, rank_memory: float | None = None, internode: bool = False,
     ) -> None:  # fmt: skip
         self.pg, self.layout, self.internode = pg, layout, internode
-        self.pre = _prefix(pg, layout.microbatches, recompute, coarse)
+        self.pre = _prefix(pg, layout.microbatches, recompute, coarse, num_stages)
         self.in_flight = _in_flight_array(in_flight_peaks(layout.schedule, num_stages, layout.microbatches, layout.pp),
                                           num_stages, layout.microbatches)  # fmt: skip
         self.stage_memory = stage_memory
