@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from partitioner.plan.graph import PlanningGraph, StageMetrics, evaluate
-from partitioner.plan.recompute import layers_recomputed, partial_mode
+from partitioner.plan.recompute import ActivationModel, layers_recomputed, partial_mode
 from partitioner.simulate import StageCost
 from partitioner.units import format_bytes
 
@@ -57,7 +57,6 @@ __all__ = [
 
 TIE_TOLERANCE = 0.01  # bottlenecks within 1% are ties, broken by transfer time (module docstring)
 COARSE_MIN_CUTS = 16  # a coarse DP (cuts where the fewest values cross) needs at least this many places to cut
-COARSE_CUTS_PER_STAGE = 2  # ... and at least this many per stage (more stages than that: the next-narrowest cuts)
 EXACT_MAX_POSITIONS = 1024  # coarse cut positions up to which contiguous_partition takes the exact min-max DP
 WINDOWS = (1.05, 1.25, 1.6)  # its first windows, x the lower bound on the bottleneck (then the first split's)
 
@@ -82,7 +81,8 @@ class PipelinePlan:
 class _Prefix:
     """Prefix sums over the topological order for O(1) contiguous-segment costs, per recompute mode `modes[k]`:
     R[k] the recomputed forward seconds, A[k] the kept activation bytes per microbatch, T_table[k] a range-max table
-    of each node's transient bytes per microbatch (its region's, held during its backward)."""
+    of each node's transient bytes per step (its region's, held during its backward; a microbatch's is that over
+    `microbatches`)."""
 
     def __init__(
         self, pg: PlanningGraph, microbatches: int, modes: Sequence[str] = ("none",), coarse: bool = False,
@@ -128,8 +128,7 @@ class _Prefix:
         models = [pg.activations(mode) for mode in self.modes]
         self.R = [np.concatenate([[0.0], np.cumsum(pg.recompute_at(m, microbatches))]) for m in models]
         self.A = [np.concatenate([[0.0], np.cumsum(m.kept)]) / microbatches for m in models]
-        transient = [m.transient / microbatches if m.transient.any() else None for m in models]
-        self.T_table = [_range_max_table(t) if t is not None else None for t in transient]
+        self.T_table = [_transient_table(pg, mode, model) for mode, model in zip(self.modes, models)]
         self.layers = None  # "full:k": per whole layer (plan.recompute's "full" regions), prefix sums
         if "none" in self.modes and "full" in self.modes and pg.regions.get("full"):
             none, full = models[self.modes.index("none")], models[self.modes.index("full")]
@@ -175,7 +174,7 @@ class _Prefix:
         each: static, kept activations, and the largest region's transient during its backward (a range max)."""
         mem = self.S[i] - self.S[js] + (self.A[k][i] - self.A[k][js]) * in_flight
         if self.T_table[k] is not None:
-            mem = mem + _range_max(self.T_table[k], js, np.broadcast_to(i, np.shape(js)))
+            mem = mem + _range_max(self.T_table[k], js, np.broadcast_to(i, np.shape(js))) / self.microbatches
         return mem
 
     def stage_costs(self, cuts: Sequence[int], modes: Sequence[str]) -> list[StageCost]:
@@ -195,7 +194,7 @@ class _Prefix:
                 backward += self.R[k][i] - self.R[k][j]
                 kept = self.A[k][i] - self.A[k][j]
                 table = self.T_table[k]
-                transient = float(_range_max(table, np.array([j]), np.array([i]))[0]) if table is not None else 0.0
+                transient = float(_range_max(table, np.array([j]), np.array([i]))[0]) / m if table is not None else 0.0
             else:  # "full:k": the segment's first k whole layers (plan.recompute.partial_mode)
                 lo = int(np.searchsorted(self.layers[:, 0], j, side="left"))
                 backward += self.Q[lo + layers] - self.Q[lo]
@@ -295,18 +294,20 @@ def _crossing_values(pg: PlanningGraph) -> np.ndarray:
 
 def _coarse_level(pg: PlanningGraph, coarse: bool, stages: int) -> int | None:
     """The cut set a `coarse` split into `stages` stages takes: m, the allowed cuts where at most m values cross
-    (_crossing_values), m the fewest (1 or more) that leaves COARSE_MIN_CUTS places and COARSE_CUTS_PER_STAGE per
-    stage; None: every allowed place (not coarse, or no m leaves that many).
+    (_crossing_values), m the fewest (1 or more) that leaves COARSE_MIN_CUTS places and one per stage boundary; None:
+    every allowed place (not coarse, or no m leaves that many).
 
-    A transformer's narrowest cuts are its residual stream, about 2 per layer; more stages than half of those (128
-    stages of a 48-layer GPT) take the next-narrowest, about 11 per layer, not all ~40: a coarse plan with a cut or two
-    per stage ranks the layout on a forced split, one at every place is the cost of a full plan."""
+    A transformer's narrowest cuts are its residual stream, about 2 per layer; more stages than those (128 stages of a
+    48-layer GPT) take the next-narrowest, about 11 per layer, not all ~40, which cost what a full plan costs (the
+    bisection of breadth-first DPs: GPT 39.1B's 128-stage candidates were half its search). Two places per stage
+    would rank deep layouts on better splits, but the next-narrowest set of a 128-layer GPT is past the exact DP's
+    size (EXACT_MAX_POSITIONS): the 1T GPT's schedule='auto' search took 1.25x as long for the same plan."""
     if not coarse:
         return None
     key = ("coarse level", stages)
     if key not in pg._structure:
         allowed, messages = _allowed_cuts(pg), _crossing_values(pg)
-        need = max(COARSE_MIN_CUTS, COARSE_CUTS_PER_STAGE * stages)
+        need = max(COARSE_MIN_CUTS, stages + 1)
         level = None
         for m in np.unique(messages[allowed]):
             narrow = allowed & (messages <= max(m, 1))
@@ -363,6 +364,16 @@ def _prefix(
     if key not in pg._prefixes:
         pg._prefixes[key] = _Prefix(pg, microbatches, modes, coarse, stages)
     return pg._prefixes[key]
+
+
+def _transient_table(pg: PlanningGraph, mode: str, model: ActivationModel) -> np.ndarray | None:
+    """_range_max_table of `model`'s transient bytes per node (whole batch; None where there are none), cached with the
+    graph's activation models: every microbatch count's prefix reads it, a range's max divided by the count (the same
+    floats as a table of the divided bytes: correctly rounded division is monotone)."""
+    key = ("transient table", mode)
+    if key not in pg._activation_cache:
+        pg._activation_cache[key] = _range_max_table(model.transient) if model.transient.any() else None
+    return pg._activation_cache[key]
 
 
 def _range_max_table(values: np.ndarray) -> np.ndarray:
@@ -620,9 +631,9 @@ def contiguous_partition(
     """Optimal contiguous cuts [0, b1, ..., n] of the topological order, each stage free to use any of the
     `recompute` modes (see module docstring; `stage_modes` says which each cut's stages use). `coarse`: cut only
     where the fewest values cross (`_coarse_level`: the residual stream of a transformer, about 2 places per layer
-    instead of ~30, or ~7 instead of ~70 in an ATen graph), as long as there are COARSE_MIN_CUTS such places and two
-    per stage (the next-narrowest cuts for more stages); the search ranks its candidates so, and plans the winner in
-    full."""
+    instead of ~30, or ~7 instead of ~70 in an ATen graph), as long as there are COARSE_MIN_CUTS such places and one
+    per stage boundary (the next-narrowest cuts for more stages); the search ranks its candidates so, and plans the
+    winner in full."""
     if num_stages < 1:
         raise ValueError(f"need at least 1 stage, got {num_stages}")
     # Cut points are 0 and every position after the inputs (where in-place writes allow one); each stage needs
