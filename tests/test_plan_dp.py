@@ -74,16 +74,21 @@ def test_the_dp_stops_at_the_stage_count_that_reaches_the_end() -> None:
     _same(pre, 1.0, pg.num_inputs, flight, np.inf, 2)
 
 
-@pytest.fixture(scope="module")
-def transformer():
-    """A 4-layer GPT with its recompute regions (selective and full, so "full:k" too)."""
-    cfg = GPTConfig(n_layer=4, d_model=64, n_head=4, vocab_size=256, n_ctx=32, attention="math", dropout=0.1)
+def _gpt_planning_graph(layers: int, dropout: float = 0.0):
+    """The training planning graph of a small fx GPT (d 64, 4 heads, 32 tokens) on meta, priced for an A100."""
+    cfg = GPTConfig(n_layer=layers, d_model=64, n_head=4, vocab_size=256, n_ctx=32, attention="math", dropout=dropout)
     with torch.device("meta"):
         model = GPT(cfg)
     gm = fx.symbolic_trace(model)
     annotate(gm, [torch.zeros(8, 32, dtype=torch.long, device="meta")])
     spec = get_device_spec("a100")
     return build_planning_graph(gm, node_costs(gm, spec), spec, training=True)
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    """A 4-layer GPT with its recompute regions (selective and full, so "full:k" too)."""
+    return _gpt_planning_graph(4, dropout=0.1)
 
 
 @pytest.mark.parametrize("coarse", [False, True])
@@ -130,13 +135,7 @@ def test_coarse_cuts_of_an_export_transformer_are_its_block_boundaries() -> None
 @pytest.fixture
 def deep_transformer():
     """An 8-layer GPT: its narrowest cuts (the residual stream) are 22 places, too few for 22+ stages."""
-    cfg = GPTConfig(n_layer=8, d_model=64, n_head=4, vocab_size=256, n_ctx=32, attention="math")
-    with torch.device("meta"):
-        model = GPT(cfg)
-    gm = fx.symbolic_trace(model)
-    annotate(gm, [torch.zeros(8, 32, dtype=torch.long, device="meta")])
-    spec = get_device_spec("a100")
-    return build_planning_graph(gm, node_costs(gm, spec), spec, training=True)
+    return _gpt_planning_graph(8)
 
 
 def test_coarse_cuts_for_more_stages_than_the_narrowest_hold_are_the_next_narrowest(deep_transformer) -> None:

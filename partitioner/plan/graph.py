@@ -132,7 +132,7 @@ class PlanningGraph:
     # Which node keeps each saved storage per set of regions (plan.recompute.RecomputeStructure): shared by the scaled
     # copies dataclasses.replace makes (same storages, other bytes); one that changes `saves`' keys passes None.
     _recompute_structure: RecomputeStructure | None = field(default=None, repr=False, compare=False)
-    # plan.pipeline's segment prefix sums, by (microbatches, recompute modes, coarse): every plan of a search over one
+    # plan.pipeline's segment prefix sums, by (microbatches, recompute modes, cut set): every plan of a search over one
     # scaled graph shares them
     _prefixes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # What is derived from the structure alone (edges, parameter reads): one dict, which dataclasses.replace hands on

@@ -269,6 +269,7 @@ def cut_mask(pg: PlanningGraph, coarse: bool = False, stages: int = 1) -> np.nda
 
 
 def _allowed_cuts(pg: PlanningGraph) -> np.ndarray:
+    """Where in-place writes allow a boundary (plan.ordering; everywhere without them), positions 0..n."""
     return pg.order.allowed_cuts() if pg.order is not None else np.ones(pg.n + 1, dtype=bool)
 
 
@@ -322,9 +323,10 @@ def _coarse_level(pg: PlanningGraph, coarse: bool, stages: int) -> int | None:
 def bottleneck_floor(pg: PlanningGraph, num_stages: int) -> float:
     """A lower bound on the compute (whole batch) of the slowest stage of a coarse contiguous split into
     `num_stages` (what plan.search ranks its candidates on: plan_pipeline(coarse=True)): the least largest compute of
-    any split at the coarse cuts (_chain_floor), or at every position where those cuts are too few for the stages
-    (the plan is then made at every position, as also where in-place writes pin nodes together: the coarse plan may
-    then fail with cuts to spare). Any rank runs its stage's work in a step, so it bounds the step too."""
+    any split at the coarse cuts for that many stages (_chain_floor, _coarse_level), or at every position where even
+    the widest coarse cuts are too few for them or in-place writes pin nodes together (the coarse plan may then fail
+    with cuts to spare, and the plan is made at every position). Any rank runs its stage's work in a step, so it
+    bounds the step too."""
     coarse = len(_stage_starts(pg, True, num_stages)) - 1 >= num_stages and pg.order is None
     return chain_floor(pg, num_stages, coarse)
 
@@ -567,9 +569,7 @@ def _in_flight_array(in_flight: Sequence[int] | None, num_stages: int, microbatc
 def max_stages(pg: PlanningGraph) -> int:
     """The most non-empty pipeline stages `pg` can be split into (boundaries after the inputs, where in-place
     writes allow one: plan.ordering)."""
-    n = pg.n
-    allowed = pg.order.allowed_cuts() if pg.order is not None else np.ones(n + 1, dtype=bool)
-    return 1 + int(allowed[max(pg.num_inputs, 1) : n].sum())
+    return 1 + int(_allowed_cuts(pg)[max(pg.num_inputs, 1) : pg.n].sum())
 
 
 def too_many_stages(pg: PlanningGraph, num_stages: int) -> str:

@@ -1156,7 +1156,7 @@ def _evaluate_within(
         else:
             if key not in plans:
                 # Candidates are ranked on coarse plans (cuts where the fewest values cross: plan.pipeline) to 0.1%
-                # of the bottleneck: ample to rank layouts. Where the coarse cuts are too few for the stages, in full;
+                # of the bottleneck: ample to rank layouts. Where the coarse cuts cannot make the stages, in full;
                 # where they do not fit in memory, the candidate does not (the microbatch retry may still make it
                 # fit). Planning such candidates in full took gpt3-175b at 64 devices from 15 s to 22 s and Llama-70B
                 # from 72 s to 96 s, for the same plans.
@@ -1164,7 +1164,7 @@ def _evaluate_within(
                     plans[key] = plan_pipeline(g, num_stages, rel_tol=1e-3, coarse=True, **args)
                 except InfeasibleMemoryError:
                     raise
-                except ValueError:  # too few coarse cuts for the stages
+                except ValueError:  # too few coarse cuts with compute between them (or in-place writes)
                     plans[key] = plan_pipeline(g, num_stages, rel_tol=1e-3, **args)
             plan = plans[key]
         # Candidates are ranked on fast replays; the one the search returns is replayed in full (search)
