@@ -7,7 +7,9 @@ runtime holds, and the search and compile choosing it. The gloo runs are in test
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -136,6 +138,74 @@ def test_the_column_parallel_matmuls_save_the_shard_not_the_gathered_input() -> 
     assert whole not in split and (whole[0], whole[1] // 2, whole[2]) in split
 
 
+class _RecordingComm:
+    """A one-rank TPComm (every collective the identity) that logs when each collective starts and is waited for."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, log: list[str]):
+        self.log = log
+
+    def all_reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        self.log.append("all_reduce")
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        self.log.append("all_gather")
+        return x
+
+    def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        self.log.append("reduce_scatter")
+        return x
+
+    def _start(self, kind: str, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        self.log.append(f"start {kind}")
+
+        def wait() -> torch.Tensor:
+            self.log.append(f"wait {kind}")
+            return x
+
+        return wait
+
+    def start_all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
+        return self._start("all_gather", x)
+
+    def start_reduce_scatter(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
+        return self._start("reduce_scatter", x)
+
+
+def test_the_column_parallel_backward_overlaps_its_collectives_with_the_matmuls() -> None:
+    """Megatron-LM's order, which plan.tensor_cost prices as overlapped: the shard's gather is in flight while the
+    input gradients are computed, the input gradient's reduce-scatter while the weight gradients are; the
+    gradients are those of the plain linears."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    log: list[str] = []
+
+    class Matmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func.overloadpacket.__name__ in ("mm", "bmm", "addmm"):
+                log.append("matmul")
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    w0, b0, w1 = (torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True),
+                  torch.randn(5, 8, requires_grad=True))  # fmt: skip
+    y0, y1 = SequenceParallelColumns(_RecordingComm(log), dim=1, count=2)(x, w0, b0, w1, None)
+    log.clear()
+    with Matmuls():
+        (y0.sum() + (y1 * y1).sum()).backward()
+    assert log == ["start all_gather", "matmul", "matmul", "wait all_gather", "start reduce_scatter", "matmul",
+                   "matmul", "wait reduce_scatter"]  # fmt: skip
+    got = [t.grad for t in (x, w0, b0, w1)]
+    for t in (x, w0, b0, w1):
+        t.grad = None
+    (torch.nn.functional.linear(x, w0, b0).sum() + (torch.nn.functional.linear(x, w1) ** 2).sum()).backward()
+    for g, t in zip(got, (x, w0, b0, w1)):
+        torch.testing.assert_close(g, t.grad)
+
+
 def test_without_summing_the_norm_gradients_the_check_fails() -> None:
     """The sum of the layer norms' gradients over the ranks is what makes them right: a plan without it is wrong."""
     gm, inputs = zoo_graph("gpt3-tiny")
@@ -259,6 +329,41 @@ def test_gradient_sums_of_the_step_are_priced_once_per_step() -> None:
         costs = [StageCost(forward=g.forward_at(m).sum() / m, backward=g.backward_at(m).sum() / m)]
         priced = price_step(g, Layout(1, 2, 1, m, "gpipe"), costs, state)
         assert priced.tails == [pytest.approx(g.step_sync)]
+
+
+def test_the_column_groups_backward_collectives_hide_behind_their_matmuls() -> None:
+    """Where a device's collectives run beside compute, each column group's backward gather overlaps its readers'
+    input-gradient matmuls and its reduce-scatter their weight-gradient ones (half the readers' backward each): the
+    planning graph's backward at that value is shorter by the device's overlap efficiency times the ideal saving
+    (each collective up to its matmuls' time), and nothing else moves. On a device whose collectives stop compute
+    (the CPU preset) nothing hides."""
+    import dataclasses
+
+    from partitioner.plan.search import scale_ranks
+    from partitioner.plan.tensor_cost import tp_cost
+
+    gm, _ = zoo_graph("gpt3-tiny")
+    spec = get_device_spec("h100")
+    plan = plan_tensor_parallel(gm, 2, sequence_parallel=True)
+    cost = tp_cost(plan, gm, spec)
+    groups = {c["after"]: c["users"] for c in plan.collectives if c.get("columns")}
+    assert groups and set(cost.overlapped) == set(groups)
+    assert not tp_cost(plan, gm, get_device_spec("cpu")).overlapped
+    assert not tp_cost(plan, gm, spec, training=False).overlapped
+    pg = build_planning_graph(gm, node_costs(gm, spec), spec, training=True)
+    tp = TensorParallelLayouts(gm, spec, True, strict=False)(2, True)
+    hidden, exposed = scale_ranks(pg, tp, None), scale_ranks(pg, dataclasses.replace(tp, overlapped={}), None)
+    index = {name: i for i, name in enumerate(pg.names)}
+    _, backward = pg.without_fixed()
+    shorter = exposed.backward - hidden.backward
+    for value, (readers, gather, scatter) in cost.overlapped.items():
+        matmuls = sum(backward[index[r]] * tp.node_scale[r] for r in readers)
+        assert 0 < gather < cost.comm_by_node[value][1]  # the latency stays exposed
+        ideal = min(gather, matmuls / 2) + min(scatter, matmuls / 2)
+        assert shorter[index[value]] == pytest.approx(spec.overlap_efficiency * ideal)
+    others = [i for name, i in index.items() if name not in cost.overlapped]
+    assert np.all(shorter[others] == 0) and np.all(hidden.forward == exposed.forward)
+    assert 0 < spec.overlap_efficiency < 1
 
 
 # ----------------------------------------------------------------------------------------------- search, compile

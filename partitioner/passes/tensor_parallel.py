@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -92,6 +92,21 @@ class TPComm(Protocol):
         ...
 
 
+Pending = Callable[[], torch.Tensor]  # a started collective: calling it waits for it and returns its result
+
+
+def start(comm: TPComm, kind: str, x: torch.Tensor, dim: int) -> Pending:
+    """Start comm's `kind` ("all_gather" or "reduce_scatter") of `x` along `dim`; the returned callable waits.
+
+    A comm with `start_<kind>` (GroupComm) runs the collective while the caller computes until it waits (what
+    Megatron-LM's async tensor-parallel backward does); any other comm runs it now (the in-process ThreadComm)."""
+    begin = getattr(comm, f"start_{kind}", None)
+    if begin is not None:
+        return begin(x, dim)
+    result = getattr(comm, kind)(x, dim)
+    return lambda: result
+
+
 class GroupComm:
     """TPComm over a torch.distributed process group, with torch's functional collectives."""
 
@@ -120,6 +135,23 @@ class GroupComm:
 
         scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
         return _wait(scatter(x.contiguous(), "sum", dim, self.group))
+
+    def start_all_gather(self, x: torch.Tensor, dim: int) -> Pending:
+        """all_gather, waited for only when the result is asked for. Gathered along dim 0 (the moved `dim`):
+        torch's functional all-gather along another dim waits at once to reorder its chunks."""
+        import torch.distributed._functional_collectives as funcol
+
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        gathered = gather(x.movedim(dim, 0).contiguous(), 0, self.group)
+        return lambda: _wait(gathered).movedim(0, dim).contiguous()
+
+    def start_reduce_scatter(self, x: torch.Tensor, dim: int) -> Pending:
+        """reduce_scatter, waited for only when the result is asked for."""
+        import torch.distributed._functional_collectives as funcol
+
+        scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+        pending = scatter(x.contiguous(), "sum", dim, self.group)
+        return lambda: _wait(pending)
 
 
 def _check_splits(x: torch.Tensor, dim: int, ranks: int) -> None:
@@ -234,7 +266,11 @@ _KINDS = {
 
 class _ColumnsFromSequence(torch.autograd.Function):
     """Column-parallel matmuls of a split value, Megatron-LM's way: all-gather the shard, y_k = x W_k^T + b_k; save
-    only the shard, gather it again in the backward for the weight gradients, reduce-scatter the input gradient."""
+    only the shard, gather it again in the backward for the weight gradients, reduce-scatter the input gradient.
+
+    The backward overlaps both collectives with compute as Megatron-LM's LinearWithGradAccumulationAndAsync-
+    Communication does: the shard's gather runs while the input gradients (g_k W_k) are computed, the input
+    gradient's reduce-scatter while the weight gradients (g_k^T x) are (`start`; plan.tensor_cost prices it so)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, comm: TPComm, dim: int, *weights: torch.Tensor | None) -> tuple:
@@ -247,19 +283,22 @@ class _ColumnsFromSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple:
         x, *ws = ctx.saved_tensors
-        full = ctx.comm.all_gather(x, ctx.dim)
-        rows = full.reshape(-1, full.shape[-1])
-        grad_full, out = None, []
-        for g, w, has_bias in zip(grads, ws, ctx.has_bias):
+        gather = start(ctx.comm, "all_gather", x, ctx.dim)  # in flight during the input gradients
+        grad_full = None
+        for g, w in zip(grads, ws):
+            if g is not None:
+                grad_in = g @ w
+                grad_full = grad_in if grad_full is None else grad_full + grad_in
+        full = gather()
+        scatter = start(ctx.comm, "reduce_scatter", grad_full, ctx.dim) if grad_full is not None else None
+        rows, out = full.reshape(-1, full.shape[-1]), []  # the weight gradients, while the reduce-scatter runs
+        for g, has_bias in zip(grads, ctx.has_bias):
             if g is None:
                 out += [None, None]
                 continue
-            grad_in = g @ w
-            grad_full = grad_in if grad_full is None else grad_full + grad_in
             g_rows = g.reshape(-1, g.shape[-1])
             out += [g_rows.t() @ rows, g_rows.sum(0) if has_bias else None]
-        grad_x = ctx.comm.reduce_scatter(grad_full, ctx.dim) if grad_full is not None else None
-        return (grad_x, None, None, *out)
+        return (scatter() if scatter is not None else None, None, None, *out)
 
 
 class SequenceParallelColumns(nn.Module):

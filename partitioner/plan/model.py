@@ -112,6 +112,7 @@ class TensorParallelLayouts:
             comm_by_node=cost.comm_by_node,
             latency_by_node=cost.latency_by_node,
             step_sync=cost.step_sync,
+            overlapped=cost.overlapped,
             sharded_params={p for p, sh in layout.param_shard.items() if sh.get("dim") is not None},
             sharded_values={n for n, lay in layout.node_layout.items() if lay.startswith(("shard", "seq"))},
             fallbacks=list(layout.fallbacks),

@@ -119,6 +119,8 @@ class TensorParallelModel:
     step_sync: float = 0.0  # seconds every rank spends once per step after its backward (TPCost.step_sync)
     # parameter or node -> the fraction a rank holds where it is not 1/tp (a tail kept whole: multi-query q | k | v)
     shares: dict[str, float] = field(default_factory=dict)
+    # split value -> (column-parallel readers, gather s, reduce-scatter s) overlapping their matmuls (TPCost.overlapped)
+    overlapped: dict[str, tuple[tuple[str, ...], float, float]] = field(default_factory=dict)
 
     def share(self, name: str) -> float:
         """The fraction of a sharded parameter or value one rank holds."""
@@ -269,7 +271,8 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
         return (1.0 / tp.share(node) if node in tp.sharded_values else 1) * by_cp
 
     if tp is not None and tp.tp > 1:
-        add(tp.node_scale, tp.comm_by_node, tp.latency_by_node)
+        comm = _hide_column_backward(pg, tp, bwd) if tp.overlapped and pg.training else tp.comm_by_node
+        add(tp.node_scale, comm, tp.latency_by_node)
         for i, name in enumerate(pg.names):
             if name in tp.sharded_values:
                 out_bytes[i] *= tp.share(name)
@@ -310,6 +313,24 @@ def scale_ranks(pg: PlanningGraph, tp: TensorParallelModel | None, cp: ContextPa
         saves=saves,
         _recompute_structure=structure,
     )
+
+
+def _hide_column_backward(
+    pg: PlanningGraph, tp: TensorParallelModel, backward: np.ndarray
+) -> dict[str, tuple[float, float]]:
+    """tp.comm_by_node less what the column groups' backward collectives hide behind their readers' matmuls
+    (TPCost.overlapped): a rank's share of the readers' backward (`backward`: without the fixed parts) is half input
+    gradients, which the gather runs beside, and half weight gradients, which the reduce-scatter runs beside; of the
+    ideal saving, min(collective, matmuls) each, the device realizes DeviceSpec.overlap_efficiency (the kernels
+    share the SMs). Computed at the graph's batch: both sides shrink with a microbatch."""
+    index = {name: i for i, name in enumerate(pg.names)}
+    realized = pg.spec.overlap_efficiency
+    comm = dict(tp.comm_by_node)
+    for value, (readers, gather, scatter) in tp.overlapped.items():
+        half = sum(backward[index[r]] * tp.node_scale.get(r, 1.0) for r in readers if r in index) / 2
+        forward, back = comm.get(value, (0.0, 0.0))
+        comm[value] = (forward, back - realized * (min(gather, half) + min(scatter, half)))
+    return comm
 
 
 def scale_replicas(
