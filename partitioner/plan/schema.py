@@ -329,6 +329,10 @@ def _format_plan(plan: Plan) -> str:
                     )
                 else:
                     versus = f" ({ratio:.3f}x the chosen {'ranked ' if basis else ''}step)"
+                if "refined_step_time" in alt:  # refined as the chosen one was: the comparison that decided
+                    refined = alt["refined_step_time"]
+                    versus += (f"; refined {format_seconds(refined)} "
+                               f"({refined / plan.predicted['step_time']:.3f}x the chosen step)")  # fmt: skip
                 lines.append(f"  {what}: {format_seconds(alt['step_time'])}{versus}, peak {format_bytes(peak)}/device")
             else:
                 lines.append(f"  {what}: {alt['note']}")
