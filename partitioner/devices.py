@@ -74,7 +74,7 @@ class DeviceSpec:
     # Concurrent Computation and Communication with GPU DMA Engines", arXiv 2412.14335) measured GEMMs beside
     # collectives on MI300X reaching 21% of the ideal speedup on average (42% with stream priorities and a CU split).
     # Korthikanti et al.'s Megatron-LM runs, which overlap sequence parallelism's backward gathers so, agree: priced
-    # as fully hidden their steps come out 3-10% faster than measured (docs/design.md, "Sequence parallelism").
+    # as fully hidden their SP steps come out 3-11% faster than measured (docs/design.md, "Sequence parallelism").
     # Used for tensor parallelism's overlapped backward collectives (plan.search.scale_ranks), which move NVLink's
     # bandwidth through many SMs and HBM. The data-parallel collectives (mostly InfiniBand, a ninth of that rate) are
     # still priced fully hidden where compute covers them (plan.sharding): not re-examined against this figure.

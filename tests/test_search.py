@@ -373,8 +373,8 @@ def test_the_closest_other_schedule_ranked_within_the_margin_is_refined_too(monk
         return S.Candidate(Degrees(pp=pp, tp=1, dp=1), 4, schedule, 1, step_time=ranked, stage_of=[0], peak_memory=1.0)
 
     winner, close, same_schedule = cand("zero-bubble", 1.0), cand("zbv", 1.002), cand("zero-bubble", 1.001, pp=4)
-    closer_far = cand("interleaved", 1.0 + 2 * S.SCHEDULE_MARGIN)
-    refined_to = {id(winner): 0.99, id(close): 0.97, id(same_schedule): 0.5, id(closer_far): 0.5}
+    far = cand("interleaved", 1.0 + 2 * S.SCHEDULE_MARGIN)
+    refined_to = {id(winner): 0.99, id(close): 0.97, id(same_schedule): 0.5, id(far): 0.5}
     refined: list[str] = []
 
     def stub(c: S.Candidate, *args: object) -> S.Candidate:
@@ -382,13 +382,12 @@ def test_the_closest_other_schedule_ranked_within_the_margin_is_refined_too(monk
         return dataclasses.replace(c, step_time=refined_to[id(c)], simulation=object())  # replayed in full
 
     monkeypatch.setattr(S, "_refined", stub)
-    candidates = [winner, close, same_schedule, closer_far]
+    candidates = [winner, close, same_schedule, far]
     got = S.refine_winner(winner, candidates, memory_limit=1.0, devices_per_node=8, recompute=["none"])
     assert refined == ["zero-bubble", "zbv"]
     assert got.schedule == "zbv" and got.step_time == 0.97 and got in candidates and close not in candidates
     assert winner.refined_step == 0.99 and close.ranked_step == 1.002
     # the other way round: the rival refines slower, the winner stays and the rival records its refined step
-    refined_to[id(close)] = 0.995
     winner2, close2 = cand("zero-bubble", 1.0), cand("zbv", 1.002)
     refined_to |= {id(winner2): 0.99, id(close2): 0.995}
     got = S.refine_winner(winner2, [winner2, close2], memory_limit=1.0, devices_per_node=8, recompute=["none"])

@@ -124,23 +124,17 @@ class GroupComm:
         return _wait(funcol.all_reduce(x.contiguous(), op, self.group))
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        import torch.distributed._functional_collectives as funcol
-
-        # all_gather_single where torch has it (the *_tensor names warn that they are deprecated from 2.13)
-        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-        return _wait(gather(x.contiguous(), dim, self.group))
+        return self.start_all_gather(x, dim)()
 
     def reduce_scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        import torch.distributed._functional_collectives as funcol
-
-        scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
-        return _wait(scatter(x.contiguous(), "sum", dim, self.group))
+        return self.start_reduce_scatter(x, dim)()
 
     def start_all_gather(self, x: torch.Tensor, dim: int) -> Pending:
         """all_gather, waited for only when the result is asked for. Gathered along dim 0 (the moved `dim`):
         torch's functional all-gather along another dim waits at once to reorder its chunks."""
         import torch.distributed._functional_collectives as funcol
 
+        # all_gather_single where torch has it (the *_tensor names warn that they are deprecated from 2.13)
         gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
         gathered = gather(x.movedim(dim, 0).contiguous(), 0, self.group)
         return lambda: _wait(gathered).movedim(0, dim).contiguous()

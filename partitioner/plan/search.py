@@ -119,8 +119,9 @@ class TensorParallelModel:
     step_sync: float = 0.0  # seconds every rank spends once per step after its backward (TPCost.step_sync)
     # parameter or node -> the fraction a rank holds where it is not 1/tp (a tail kept whole: multi-query q | k | v)
     shares: dict[str, float] = field(default_factory=dict)
-    # split value -> (column-parallel readers, gather s, reduce-scatter s) overlapping their matmuls (TPCost.overlapped)
-    overlapped: dict[str, tuple[tuple[str, ...], float, float]] = field(default_factory=dict)
+    # split value -> (column-parallel readers, s of its gather and of its reduce-scatter) beside their matmuls
+    # (TPCost.overlapped)
+    overlapped: dict[str, tuple[tuple[str, ...], float]] = field(default_factory=dict)
 
     def share(self, name: str) -> float:
         """The fraction of a sharded parameter or value one rank holds."""
@@ -328,10 +329,10 @@ def _hide_column_backward(
     index = {name: i for i, name in enumerate(pg.names)}
     realized = pg.spec.overlap_efficiency
     comm = dict(tp.comm_by_node)
-    for value, (readers, gather, scatter) in tp.overlapped.items():
+    for value, (readers, each) in tp.overlapped.items():
         half = sum(backward[index[r]] * tp.node_scale.get(r, 1.0) for r in readers if r in index) / 2
         forward, back = comm.get(value, (0.0, 0.0))
-        comm[value] = (forward, back - realized * (min(gather, half) + min(scatter, half)))
+        comm[value] = (forward, back - realized * 2 * min(each, half))
     return comm
 
 

@@ -28,8 +28,9 @@ class TPCost:
     collective's latency: paid once per call, per microbatch).
     step_sync: seconds of the step-phase all-reduce (sequence parallelism's parameter gradients, all of them in one
     call once per step, after the backward; not in comm_forward / comm_backward).
-    overlapped: split value -> (its column-parallel readers, gather seconds, reduce-scatter seconds): the backward
-    collectives of a sequence-parallel column group, without their latencies, which the runtime runs beside the
+    overlapped: split value -> (its column-parallel readers, seconds of each): the backward gather and
+    reduce-scatter of a sequence-parallel column group (both move the value's bytes), without their latencies, which
+    the runtime runs beside the
     readers' input- and weight-gradient matmuls (passes.tensor_parallel._ColumnsFromSequence); in comm_by_node in
     full, the search hides them behind those matmuls (plan.search.scale_ranks). Empty where the device's
     collectives do not run beside compute (DeviceSpec.overlaps_comm) or nothing is trained.
@@ -44,7 +45,7 @@ class TPCost:
     param_bytes_per_rank: float
     latency_by_node: dict[str, tuple[float, float]] = field(default_factory=dict)
     step_sync: float = 0.0
-    overlapped: dict[str, tuple[tuple[str, ...], float, float]] = field(default_factory=dict)
+    overlapped: dict[str, tuple[tuple[str, ...], float]] = field(default_factory=dict)
 
     @property
     def comm(self) -> float:
@@ -100,14 +101,14 @@ def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, t
     )
 
 
-def _overlapped_backward(plan: TensorParallelPlan, spec: DeviceSpec) -> dict[str, tuple[tuple[str, ...], float, float]]:
-    """TPCost.overlapped: each column group's backward gather and reduce-scatter (both of the split value's bytes),
-    bandwidth terms only (a collective's latency is not hidden)."""
+def _overlapped_backward(plan: TensorParallelPlan, spec: DeviceSpec) -> dict[str, tuple[tuple[str, ...], float]]:
+    """TPCost.overlapped: each column group's backward gather and reduce-scatter (both of the split value's bytes,
+    so one time for each), bandwidth terms only (a collective's latency is not hidden)."""
     backward = {(c["after"], c["kind"]) for c in plan.collectives if c["phase"] == "backward"}
     out = {}
     for c in plan.collectives:
         value = c["after"]
         if c.get("columns") and {(value, "all_gather"), (value, "reduce_scatter")} <= backward:
             moving = _collective_time(c, plan.tp, spec) - _collective_time(c, plan.tp, spec, 0.0)
-            out[value] = (tuple(c["users"]), moving, moving)
+            out[value] = (tuple(c["users"]), moving)
     return out
