@@ -20,7 +20,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from partitioner.passes.tensor_parallel import TPComm, _GatherFromSequence, global_shape
@@ -140,6 +139,9 @@ class CPAttention(nn.Module):
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kwargs)
         if attn_mask is not None:
             raise ValueError("scaled_dot_product_attention with both attn_mask and is_causal")
+        # imported here: torch.nn.attention.bias imports torch._dynamo (1.3 s), which planning never needs
+        from torch.nn.attention.bias import causal_lower_right
+
         outs = []
         for row, start, end in self.runs:
             n = end - start
