@@ -66,10 +66,11 @@ def train_rank(
     cm = _compile(meta, pp, dp, schedule, micro)
     assert (cm.plan.pipeline_degree, cm.plan.data_degree) == (pp, dp), cm.plan.summary()
     if override:
-        if not overlap:  # the plan says: reduce after the backward; the override asks for another mode
+        if not overlap:  # the plan says: reduce after the backward (ddp); the override asks for another mode
+            after = dataclasses.replace(cm.plan, data_parallel="ddp", data_parallel_shard=0, overlap_grad_reduce=False)
             cm = partitioner.compile(
                 meta, devices=pp * dp, example_inputs=zoo.example_inputs(MODEL, batch=BATCH * dp, device="meta"),
-                device_type=_spec(dp), plan=dataclasses.replace(cm.plan, overlap_grad_reduce=False),
+                device_type=_spec(dp), plan=after,
             )  # fmt: skip
         pipe = cm.distributed(weights=init, data_parallel=mode, data_parallel_shard=shard)
     else:  # what the planner records: the runtime must run it

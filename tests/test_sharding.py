@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import partitioner
 import zoo
 from partitioner.devices import PRESETS
-from partitioner.plan.price import Layout, StageState, price_step, step_end
+from partitioner.plan.price import Layout, StageState, price_step, step_end, step_floor
 from partitioner.plan.search import scale_graph, search
 from partitioner.plan.sharding import (
     DP_MODES,
@@ -228,3 +228,35 @@ def test_the_data_parallel_floor_never_exceeds_a_priced_step(mode, schedule, pp,
                                 element_size=pg.param_element_size, shard=shard, split_backward=split,
                                 overlap_grad_reduce=overlap)  # fmt: skip
     assert floor <= step_end(priced) * (1 + 1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(["ddp", "zero1", "zero2", "fsdp"]),
+    st.sampled_from(["1f1b", "gpipe", "interleaved", "zero-bubble", "zbv"]),
+    st.integers(1, 4),  # pp
+    st.sampled_from([1, 2, 16]),  # dp
+    st.lists(st.floats(0.0, 1e-2), min_size=8, max_size=8),  # per-stage compute
+    st.lists(st.floats(0.0, 4e9), min_size=8, max_size=8),  # per-stage trainable bytes
+    st.lists(st.floats(0.0, 1e-3), min_size=8, max_size=8),  # per-stage sends
+    st.sampled_from(["h100", "cpu"]),  # sends beside compute, or holding their rank
+)
+def test_the_step_floor_never_exceeds_the_priced_step(mode, schedule, pp, dp, compute, held, sends, device):
+    """plan.price.step_floor (what the search skips a candidate's replay by) is a lower bound on the step price_step
+    and step_end give the same stages, tied-weight sync or not, for every schedule and data-parallel mode; and close
+    to it where the replay is simple (one stage, no sends)."""
+    spec = PRESETS[device]
+    k = 2 if schedule in ("interleaved", "zbv") else 1
+    if k > 1 and pp == 1:
+        return
+    stages, m = pp * k, 2 * pp * k
+    layout = Layout(pp, 1, dp, m, schedule, mode if dp > 1 else "")
+    costs = [StageCost(forward=c / 3, backward=2 * c / 3, send_time=t) for c, t in zip(compute, sends)][:stages]
+    state = [StageState(trainable=w, layers=2, largest=w / 2) for w in held[:stages]]
+    pg = dataclasses.replace(synthetic_graph([0.0, 1.0], [(0, 1)], [0.0, 0.0]), spec=spec)
+    priced = price_step(pg, layout, costs, state, fast=True)
+    floor = step_floor(pg, layout, costs, state)
+    assert floor <= step_end(priced) * (1 + 1e-9) + 1e-15
+    assert floor <= step_end(priced, tied_sync=1e-3, tied_ranks=[0]) * (1 + 1e-9) + 1e-15
+    if stages == 1:
+        assert floor == pytest.approx(step_end(priced), rel=1e-9, abs=1e-15)

@@ -26,9 +26,11 @@ import numpy as np
 from partitioner.plan.graph import PlanningGraph
 from partitioner.plan.sharding import DataParallelCost, data_parallel_cost, optimizer_step_time, state_divisors
 from partitioner.schedules import get_schedule
-from partitioner.simulate import SimResult, StageCost, StepTimes, fast_replay, simulate
+from partitioner.simulate import SimResult, StageCost, StepTimes, fast_replay, replay_lower_bound, simulate
 
-__all__ = ["ContiguousState", "Layout", "PricedStep", "StageState", "price_step", "stage_state", "step_end"]
+__all__ = [
+    "ContiguousState", "Layout", "PricedStep", "StageState", "price_step", "stage_state", "step_end", "step_floor",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,29 @@ def price_step(
     """Replay `layout`'s schedule over `costs` (per microbatch, one per stage) with the data-parallel collectives
     added, and each rank's tail and optimizer step (module docstring). `fast`: replayed by simulate.fast_replay
     (the same figures, no events)."""
+    costs, dp_costs, tails, optimizer = _around_the_replay(pg, layout, costs, state)
+    replay = fast_replay if fast else simulate
+    sim = replay(costs, num_microbatches=layout.microbatches, schedule=layout.schedule, num_ranks=layout.pp,
+                 blocking_sends=not pg.spec.overlaps_comm)  # fmt: skip
+    return PricedStep(list(costs), dp_costs, sim, tails, optimizer)
+
+
+def step_floor(pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], state: Sequence[StageState]) -> float:
+    """A lower bound on price_step's step (step_end, whatever the tied-weight sync), in O(stages), without the
+    replay: simulate.replay_lower_bound over the costs with the data-parallel collectives added, plus the least any
+    rank spends after its last action (its tail and optimizer step). The step is the latest rank's end; the rank that
+    ends the replay ends it no earlier than the replay's bound and still runs its own tail and optimizer step after."""
+    costs, _, tails, optimizer = _around_the_replay(pg, layout, costs, state)
+    bound = replay_lower_bound(costs, num_microbatches=layout.microbatches, schedule=layout.schedule,
+                               num_ranks=layout.pp)  # fmt: skip
+    return bound + min(t + o for t, o in zip(tails, optimizer))
+
+
+def _around_the_replay(
+    pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], state: Sequence[StageState]
+) -> tuple[list[StageCost], list[DataParallelCost], list[float], list[float]]:
+    """What price_step replays and adds after: (the stage costs with the data-parallel collectives each microbatch
+    exposes, those collectives per stage, each rank's tail, each rank's optimizer step)."""
     num_stages = len(costs)
     entry = get_schedule(layout.schedule)
     rank_of = entry.stage_ranks(num_stages, layout.pp)
@@ -117,10 +142,7 @@ def price_step(
     # call, latency-bound: a rank's share moves fewer bytes for the same latencies)
     if pg.training and pg.step_sync > 0:
         tails = [t + pg.step_sync for t in tails]
-    replay = fast_replay if fast else simulate
-    sim = replay(costs, num_microbatches=layout.microbatches, schedule=layout.schedule, num_ranks=layout.pp,
-                 blocking_sends=not pg.spec.overlaps_comm)  # fmt: skip
-    return PricedStep(list(costs), dp_costs, sim, tails, optimizer)
+    return list(costs), dp_costs, tails, optimizer
 
 
 def step_end(priced: PricedStep, tied_sync: float = 0.0, tied_ranks: Sequence[int] = ()) -> float:

@@ -49,7 +49,7 @@ from partitioner.plan.pipeline import (
     refine_plan,
     too_many_stages,
 )
-from partitioner.plan.price import Layout, price_step, stage_state, step_end
+from partitioner.plan.price import Layout, price_step, stage_state, step_end, step_floor
 from partitioner.plan.recompute import ScaledSaves
 from partitioner.plan.recompute_bound import forced_recompute_floor
 from partitioner.plan.sharding import (
@@ -489,9 +489,10 @@ def search(
         progress.advance()
 
     best: Candidate | None = None
-    # Modes in DP_MODES order shard more and communicate more: once one fits with nothing recomputed at its
-    # default microbatch count, the later modes of that layout cannot be faster, and are not priced.
-    settled: set[tuple[Degrees, str, bool]] = set()
+    # Every data-parallel mode of a layout is priced, the more sharded ones too where a less sharded one fits with
+    # nothing recomputed: they can be faster (each rank steps the optimizer over its shard alone; FSDP / ZeRO-2 hide
+    # their collectives behind every microbatch, DDP only behind the last one's backward). gpt3-1.3b on 8 H100s,
+    # batch 32: dp8 with FSDP, 0.1359 s, where the search stopped at DDP's 0.1482 s.
     bounded: set[int] = set()  # ids of the candidates skipped on their lower bound alone
     rank = {mode: k for k, mode in enumerate(("",) + DP_MODES)}
     progress.work(f"layouts searched{at}", total=len(candidates))
@@ -500,16 +501,15 @@ def search(
         if c.note:
             continue
         if c.bound >= min(best.step_time if best is not None else math.inf, incumbent):
-            c.note, c.skipped = f"skipped: its lower bound {c.bound:.4g} s is above the best step time", True
+            c.note, c.skipped = _skip_note(c.bound), True
             bounded.add(id(c))
             continue
-        if (c.degrees, c.schedule, c.sequence_parallel) in settled:
-            c.note, c.skipped = "skipped: a less sharded data-parallel mode fits with nothing recomputed", True
-            continue
-        default_m = c.microbatches
-        ev.run(c)
-        if c.fits and c.microbatches == default_m and set(c.recompute or ["none"]) == {"none"}:
-            settled.add((c.degrees, c.schedule, c.sequence_parallel))
+        # Replayed only where its coarse split could come within the margins of the best that refine_winner refines
+        # rivals in. Not against the incumbent alone: a layout slower than it here may beat it at more microbatches
+        # (_finer_microbatches, which starts from this search's best).
+        ev.run(c, beat=(1 + _MARGIN) * best.step_time if best is not None else math.inf)
+        if c.skipped:
+            bounded.add(id(c))  # as one skipped before its split: _finer_microbatches may try it at more
         if c.fits and (best is None or _better(c, best)):
             best, c = c, best  # from here on c is the one that lost (if any)
         if c is not None:
@@ -520,6 +520,7 @@ def search(
         best = _price_at_the_twins_count(ev, candidates, best)
         best = _finer_microbatches(ev, candidates, best, bounded, incumbent)
         best = _around_the_winner(ev, candidates, best)
+        _price_the_twins(ev, candidates, best)
         best.ranked_step = best.step_time
         if best.step_time >= ranked_incumbent:
             raise NoBetterLayout(
@@ -548,11 +549,12 @@ def refine_winner(
     ranked plan stays. The same layout at another microbatch count ranked within RIVAL_MARGIN of the winner is
     refined too, and wins if its refined step is better: moving boundaries gains more where the bubble is larger, at
     fewer microbatches, so coarse ranking can put the wrong count first (a random chain: 8 ranked 3.7% ahead of 4,
-    which refined to 3.852 s against 3.977 s). So is the best-ranked candidate of another schedule ranked within
-    SCHEDULE_MARGIN: coarse cuts fit each schedule's stages differently (several stages per rank get fewer cut
-    places each), so refinement gains more for some (Llama 2 13B on 64 A100s: zbv ranked 0.2% behind zero-bubble
-    and refined 2.1% ahead of it, 3.563 against 3.639 s). The result replaces its entry in `candidates` (other
-    entries stay as ranked; a refined loser records its refined step) and carries its full replay."""
+    which refined to 3.852 s against 3.977 s). So is the best-ranked candidate of each other schedule ranked within
+    its margin (schedule_margin): coarse cuts fit each schedule's stages differently (several stages per rank get
+    fewer cut places each), so refinement gains more for some (Llama 2 13B on 64 A100s: zbv ranked 0.2% behind
+    zero-bubble and refined 2.1% ahead of it, 3.563 against 3.639 s). The result replaces its entry in
+    `candidates` (other entries stay as ranked; a refined loser records its refined step) and carries its full
+    replay."""
     winner = best
     if mincut:
         entry, winner = best, _refined(best, memory_limit, devices_per_node, recompute)
@@ -574,6 +576,18 @@ def refine_winner(
 
 RIVAL_MARGIN = 0.05  # a count ranked this close to the winner's is refined too (refine_winner)
 SCHEDULE_MARGIN = 0.02  # another schedule's best ranked this close to the winner's is refined too (refine_winner)
+# ... or this close, for a schedule whose coarse ranking is further off its refined step (several stages per rank, or
+# a split backward): Llama 2 13B on 64 A100s ranked zbv 2.4% behind pp1 HSDP, refined it 0.7% ahead
+COARSE_SCHEDULE_MARGIN = 0.05
+
+
+_MARGIN = max(RIVAL_MARGIN, SCHEDULE_MARGIN, COARSE_SCHEDULE_MARGIN)  # the widest of refine_winner's margins
+
+
+def schedule_margin(schedule: str) -> float:
+    """How close to the winner's ranked step another schedule's best must rank to be refined too (refine_winner)."""
+    entry = get_schedule(schedule)
+    return SCHEDULE_MARGIN if entry.single_stage and not entry.split_backward else COARSE_SCHEDULE_MARGIN
 
 
 def other_counts(best: Candidate, candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -595,12 +609,17 @@ def _count_rival(best: Candidate, candidates: Sequence[Candidate]) -> Candidate 
 
 def _rivals(best: Candidate, candidates: Sequence[Candidate]) -> list[Candidate]:
     """What refine_winner refines besides `best`: its count rival (_count_rival), then the best-ranked fitting
-    candidate of another schedule, the closest ranked within SCHEDULE_MARGIN of it (one: each refinement replays the
-    full plan, seconds at thousands of microbatches x stages)."""
-    others = [c for c in candidates if c.fits and c.schedule != best.schedule
-              and c.step_time <= best.step_time * (1 + SCHEDULE_MARGIN)]  # fmt: skip
-    closest = min(others, key=lambda c: c.step_time, default=None)
-    return [c for c in (_count_rival(best, candidates), closest) if c is not None]
+    candidate of each other schedule ranked within its margin of it (schedule_margin), closest first. Each
+    schedule's, not only the closest one's: refinement gains unevenly by schedule, so the second closest can overtake
+    both (Llama 2 13B on 64 A100s: pp1 HSDP ranked 3.587 s, zero-bubble 2.1% and zbv 2.4% behind it; zero-bubble
+    refined to 3.639 s, zbv to 3.563 s). The default schedules (1F1B, GPipe) give one rival at most."""
+    closest: dict[str, Candidate] = {}
+    for c in candidates:
+        if c.fits and c.schedule != best.schedule and c.step_time <= best.step_time * (1 + schedule_margin(c.schedule)):
+            if c.schedule not in closest or c.step_time < closest[c.schedule].step_time:
+                closest[c.schedule] = c
+    count = _count_rival(best, candidates)
+    return ([count] if count is not None else []) + sorted(closest.values(), key=lambda c: c.step_time)
 
 
 def _refined(c: Candidate, memory_limit: float, devices_per_node: int, recompute: Sequence[str]) -> Candidate:
@@ -609,6 +628,21 @@ def _refined(c: Candidate, memory_limit: float, devices_per_node: int, recompute
     refined = dataclasses.replace(c)
     _evaluate(refined, memory_limit, devices_per_node, {}, refine=True, recompute=recompute)
     return refined if refined.fits and refined.step_time <= c.step_time * (1 + 1e-9) else c
+
+
+def _price_the_twins(ev: _Evaluator, candidates: list[Candidate], best: Candidate) -> None:
+    """Price the winner's twins (its degrees and schedule: other data-parallel modes, with or without sequence
+    parallelism) skipped on a bound that the final best step does not exceed: the summary says why the plan holds its
+    state and splits its token-wise ops as it does by them (plan.model._reasons). A twin's lower bound below the best
+    step means that the search ran its split and skipped only its replay (`ev.run`'s `beat`, within a margin of the
+    best), or its bound was compared with an incumbent; it cannot win either way."""
+    for c in candidates:
+        if c.skipped and c is not best and c.degrees == best.degrees and c.schedule == best.schedule:
+            c.bound = ev.bound(c, [c.microbatches])
+            if c.bound < best.step_time:
+                c.note, c.skipped = "", False
+                ev.run(c)
+                c.simulation = None
 
 
 def _price_at_the_twins_count(ev: _Evaluator, candidates: list[Candidate], best: Candidate) -> Candidate:
@@ -905,13 +939,14 @@ class _Evaluator:
             counts.append(more)
         return counts
 
-    def run(self, c: Candidate) -> None:
+    def run(self, c: Candidate, beat: float = math.inf) -> None:
         """Price c; out of memory, retry with twice as many microbatches while they divide the batch: smaller
-        microbatches hold fewer activations in flight (1F1B holds about pp of them on the first stage)."""
-        _evaluate(c, self.memory_limit, self.devices_per_node, self.plans, recompute=self.recompute)
+        microbatches hold fewer activations in flight (1F1B holds about pp of them on the first stage). `beat`:
+        `_evaluate`'s (c is skipped where its split's step cannot go below it)."""
+        _evaluate(c, self.memory_limit, self.devices_per_node, self.plans, recompute=self.recompute, beat=beat)
         while not c.fits and c.out_of_memory and (more := self.doubled(c.degrees, c.microbatches)) is not None:
             c.microbatches = more
-            _evaluate(c, self.memory_limit, self.devices_per_node, self.plans, recompute=self.recompute)
+            _evaluate(c, self.memory_limit, self.devices_per_node, self.plans, recompute=self.recompute, beat=beat)
 
     def fits(self, d: Degrees) -> bool:
         """Whether the search at pp x tp x dp devices would find a layout at degrees d."""
@@ -1034,18 +1069,24 @@ def _better(c: Candidate, best: Candidate, tie: float = 1e-3) -> bool:
 def price_candidate(
     c: Candidate, stage_of: list[int], in_flight: Sequence[int], devices_per_node: int,
     recompute: Sequence[str] | None = None, *, fast: bool = False, metrics: Sequence[StageMetrics] | None = None,
-) -> None:  # fmt: skip
+    beat: float = math.inf,
+) -> float | None:  # fmt: skip
     """Fill a candidate's figures for an assignment (and each stage's recompute mode): stage metrics with the
     data-parallel collectives each microbatch exposes, the replayed schedule, its peak memory, and the step time
     (plan.price: the pipeline, each rank's data-parallel tail, tied-weight gradient sync and optimizer step).
     `fast`: the same figures from simulate.fast_replay, without the replay's events (c.simulation stays None).
     `metrics`: the assignment's plan.graph.evaluate (c.graph, its microbatches, `in_flight`, `recompute`), when
-    the caller has them (a PipelinePlan's): not computed twice."""
+    the caller has them (a PipelinePlan's): not computed twice. `beat`: a step the candidate matters only below;
+    where plan.price.step_floor shows it cannot go below, nothing is replayed or filled in and that floor comes back
+    (None: priced)."""
     d, m, g = c.degrees, c.microbatches, c.graph
     num_stages = d.pp * c.stages_per_device
     if metrics is None:
         metrics = evaluate(g, stage_of, num_stages, microbatches=m, in_flight=in_flight, recompute=recompute)
-    priced = price_step(g, _layout(c), to_stage_costs(g, metrics, m), stage_state(g, stage_of, num_stages), fast=fast)
+    costs, state = to_stage_costs(g, metrics, m), stage_state(g, stage_of, num_stages)
+    if math.isfinite(beat) and (floor := step_floor(g, _layout(c), costs, state)) >= beat:
+        return floor
+    priced = price_step(g, _layout(c), costs, state, fast=fast)
     metrics = [
         dataclasses.replace(
             met,
@@ -1069,6 +1110,7 @@ def price_candidate(
     tied = set(g.tied)
     holders = sorted({sim.stage_to_rank[stage_of[i]] for i, ps in enumerate(g.params) if tied.intersection(ps)})
     c.step_time = step_end(priced, c.tied_sync, holders)
+    return None
 
 
 def _layout(c: Candidate) -> Layout:
@@ -1090,7 +1132,7 @@ def _data_parallel_transient(c: Candidate) -> float:
 
 def _evaluate(
     c: Candidate, memory_limit: float, devices_per_node: int, plans: dict, refine: bool = False,
-    recompute: Sequence[str] = ("none",),
+    recompute: Sequence[str] = ("none",), beat: float = math.inf,
 ) -> None:  # fmt: skip
     """Plan and price candidate `c` (its figures, or its note where it does not fit), within `memory_limit` per device.
 
@@ -1104,7 +1146,11 @@ def _evaluate(
     equal share. Ranking stays at equal shares: a looser share flatters the coarse plans candidates are ranked on
     more than it improves their refined ones (Korthikanti et al.'s 175B on 64 A100s ranked pp8 x tp8 first and
     refined it to 12.185 s, where the equal shares pick pp8 x tp4 x cp2 at 12.016 s). gpt3-175b pp8 x tp4 interleaved
-    at 4 stages per rank on 64 H100s: 17.203 s with a first stage recomputing, 15.589 s with nothing recomputed."""
+    at 4 stages per rank on 64 H100s: 17.203 s with a first stage recomputing, 15.589 s with nothing recomputed.
+
+    `beat` (ranking only): a split whose step cannot go below it (plan.price.step_floor) is not replayed; where no
+    split of c's in-flight models was priced fitting and some were skipped so, c is noted as skipped, its bound the
+    least of their floors."""
     # What FSDP / ZeRO-2 hold besides the stage's state (a layer's gathered weights and gradients) is known before the
     # split: the DP plans within what is left (plan.sharding.data_parallel_cost prices it after).
     room = memory_limit - _data_parallel_transient(c)
@@ -1114,16 +1160,27 @@ def _evaluate(
     looser = looser if refine and math.isfinite(room) else []
     models = _in_flight_models(c) if math.isfinite(room) else [None]
     fresh = dataclasses.replace(c) if len(models) > 1 or looser else None
-    first = True
+    first, bound, floors = True, c.bound, []
     for flight in models:
         for factor in [1, *looser]:  # the equal share, then 2x, 4x, ... up to the whole room per stage
             trial = c if first else dataclasses.replace(fresh)
             _evaluate_within(trial, memory_limit, room * factor / v, devices_per_node, plans, refine, recompute,
-                             flight)  # fmt: skip
+                             flight, beat)  # fmt: skip
+            if trial.skipped:
+                floors.append(trial.bound)
             if not first and trial.fits and (not c.fits or trial.step_time < c.step_time * (1 - 1e-9)):
                 for f in dataclasses.fields(c):
                     setattr(c, f.name, getattr(trial, f.name))
             first = False
+    if floors and not c.fits:  # no split fits as priced, and one that was not priced may: c cannot beat `beat`
+        c.bound = max(bound, min(floors))
+        c.note, c.out_of_memory, c.skipped = _skip_note(c.bound), False, True
+        c.step_time = c.peak_memory = math.inf
+
+
+def _skip_note(bound: float) -> str:
+    """The note of a candidate skipped on its lower bound."""
+    return f"skipped: its lower bound {bound:.4g} s is above the best step time"
 
 
 def _in_flight_models(c: Candidate) -> list[tuple[int, ...] | None]:
@@ -1152,7 +1209,7 @@ def _in_flight_models(c: Candidate) -> list[tuple[int, ...] | None]:
 
 def _evaluate_within(
     c: Candidate, memory_limit: float, share: float, devices_per_node: int, plans: dict, refine: bool,
-    recompute: Sequence[str], flight: Sequence[int] | None = None,
+    recompute: Sequence[str], flight: Sequence[int] | None = None, beat: float = math.inf,
 ) -> None:  # fmt: skip
     """_evaluate with each stage's split held to `share` bytes (the rank's check against `memory_limit` after), at
     `flight` microbatches in flight per stage (None: the schedule's own, simulate.in_flight_peaks)."""
@@ -1209,8 +1266,13 @@ def _evaluate_within(
         # plan without a memory limit may come from another schedule's)
         metrics = plan.metrics if (refine or math.isfinite(share)) and at_own else None
         if not priced:
-            price_candidate(c, plan.stage_of, own, devices_per_node, plan.recompute, fast=not refine,
-                            metrics=metrics)  # fmt: skip
+            floor = price_candidate(c, plan.stage_of, own, devices_per_node, plan.recompute, fast=not refine,
+                                    metrics=metrics, beat=beat)  # fmt: skip
+            if floor is not None:  # it cannot beat `beat`: not replayed
+                c.bound = max(c.bound, floor)
+                c.note, c.out_of_memory, c.skipped = _skip_note(c.bound), False, True
+                c.step_time = c.peak_memory = math.inf
+                return
     except InfeasibleMemoryError as e:
         c.note, c.out_of_memory = str(e), True
         if c.stages_per_device > 1:  # the limit the split was held to is a share of the device's
