@@ -239,6 +239,9 @@ def test_compile_search_on_gpt3_1_3b_prefers_data_parallelism_when_it_fits():
     dp8 = {a["data_parallel"] for a in plan.alternatives if "step_time" in a and (a["pp"], a["tp"]) == (1, 1)}
     assert {"ddp", "zero1", "zero2"} <= dp8 | {plan.data_parallel}
     assert plan.data_parallel != "ddp"
+    # ... and the summary says so, with the count DDP was priced at where it is not the plan's
+    (ddp,) = [line for line in plan.summary().splitlines() if f"data parallel {plan.data_parallel}, not ddp" in line]
+    assert "fits but takes" in ddp and ("microbatches" in ddp) == (plan.microbatches != 4)
 
 
 def test_forced_tensor_parallel_plan_records_layout_and_verifies():

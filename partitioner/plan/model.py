@@ -595,7 +595,8 @@ def _reasons(best: Candidate, evaluated: list[Candidate], o: CompileOptions, pla
             if DP_ORDER.index(c.data_parallel) >= DP_ORDER.index(best.data_parallel):
                 continue
             if c.fits:
-                why = f"fits but takes {format_seconds(c.step_time)} ({c.step_time / best.step_time:.3f}x)"
+                at = f" at {c.microbatches} microbatches" if c.microbatches != best.microbatches else ""
+                why = f"fits but takes {format_seconds(c.step_time)}{at} ({c.step_time / best.step_time:.3f}x)"
             elif c.skipped:
                 continue
             else:
