@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import partitioner
 import zoo
 from partitioner.devices import PRESETS
-from partitioner.plan.price import Layout, StageState, price_step, step_end, step_floor
+from partitioner.plan.price import Layout, StageState, price_step, step_end, step_floor, step_parts
 from partitioner.plan.search import scale_graph, search
 from partitioner.plan.sharding import (
     DP_MODES,
@@ -255,7 +255,7 @@ def test_the_step_floor_never_exceeds_the_priced_step(mode, schedule, pp, dp, co
     state = [StageState(trainable=w, layers=2, largest=w / 2) for w in held[:stages]]
     pg = dataclasses.replace(synthetic_graph([0.0, 1.0], [(0, 1)], [0.0, 0.0]), spec=spec)
     priced = price_step(pg, layout, costs, state, fast=True)
-    floor = step_floor(pg, layout, costs, state)
+    floor = step_floor(step_parts(pg, layout, costs, state), layout)
     assert floor <= step_end(priced) * (1 + 1e-9) + 1e-15
     assert floor <= step_end(priced, tied_sync=1e-3, tied_ranks=[0]) * (1 + 1e-9) + 1e-15
     if stages == 1:

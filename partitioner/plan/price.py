@@ -29,7 +29,8 @@ from partitioner.schedules import get_schedule
 from partitioner.simulate import SimResult, StageCost, StepTimes, fast_replay, replay_lower_bound, simulate
 
 __all__ = [
-    "ContiguousState", "Layout", "PricedStep", "StageState", "price_step", "stage_state", "step_end", "step_floor",
+    "ContiguousState", "Layout", "PricedStep", "StageState", "StepParts", "price_step", "stage_state", "step_end",
+    "step_floor", "step_parts",
 ]  # fmt: skip
 
 
@@ -67,35 +68,44 @@ class PricedStep:
         return max(self.simulation.peak_memory)
 
 
+@dataclass(frozen=True)
+class StepParts:
+    """What price_step replays and adds after it (step_parts)."""
+
+    costs: list[StageCost]  # the stage costs with the data-parallel collectives each microbatch exposes
+    data_parallel: list[DataParallelCost]  # those collectives per stage
+    tails: list[float]  # per rank: the data-parallel work after its last backward
+    optimizer: list[float]  # per rank: its optimizer step
+
+
 def price_step(
-    pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], state: Sequence[StageState], *, fast: bool = False
-) -> PricedStep:
+    pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], state: Sequence[StageState], *, fast: bool = False,
+    parts: StepParts | None = None,
+) -> PricedStep:  # fmt: skip
     """Replay `layout`'s schedule over `costs` (per microbatch, one per stage) with the data-parallel collectives
     added, and each rank's tail and optimizer step (module docstring). `fast`: replayed by simulate.fast_replay
-    (the same figures, no events)."""
-    costs, dp_costs, tails, optimizer = _around_the_replay(pg, layout, costs, state)
+    (the same figures, no events). `parts`: step_parts of the same arguments, when the caller has them."""
+    parts = parts if parts is not None else step_parts(pg, layout, costs, state)
     replay = fast_replay if fast else simulate
-    sim = replay(costs, num_microbatches=layout.microbatches, schedule=layout.schedule, num_ranks=layout.pp,
+    sim = replay(parts.costs, num_microbatches=layout.microbatches, schedule=layout.schedule, num_ranks=layout.pp,
                  blocking_sends=not pg.spec.overlaps_comm)  # fmt: skip
-    return PricedStep(list(costs), dp_costs, sim, tails, optimizer)
+    return PricedStep(list(parts.costs), parts.data_parallel, sim, parts.tails, parts.optimizer)
 
 
-def step_floor(pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], state: Sequence[StageState]) -> float:
-    """A lower bound on price_step's step (step_end, whatever the tied-weight sync), in O(stages), without the
-    replay: simulate.replay_lower_bound over the costs with the data-parallel collectives added, plus the least any
-    rank spends after its last action (its tail and optimizer step). The step is the latest rank's end; the rank that
-    ends the replay ends it no earlier than the replay's bound and still runs its own tail and optimizer step after."""
-    costs, _, tails, optimizer = _around_the_replay(pg, layout, costs, state)
-    bound = replay_lower_bound(costs, num_microbatches=layout.microbatches, schedule=layout.schedule,
+def step_floor(parts: StepParts, layout: Layout) -> float:
+    """A lower bound on price_step's step (step_end, whatever the tied-weight sync) from its `parts`, in O(stages),
+    without the replay: simulate.replay_lower_bound over the costs with the data-parallel collectives added, plus the
+    least any rank spends after its last action (its tail and optimizer step). The step is the latest rank's end; the
+    rank that ends the replay ends it no earlier than the replay's bound and still runs its own tail and optimizer
+    step after."""
+    bound = replay_lower_bound(parts.costs, num_microbatches=layout.microbatches, schedule=layout.schedule,
                                num_ranks=layout.pp)  # fmt: skip
-    return bound + min(t + o for t, o in zip(tails, optimizer))
+    return bound + min(t + o for t, o in zip(parts.tails, parts.optimizer))
 
 
-def _around_the_replay(
-    pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], state: Sequence[StageState]
-) -> tuple[list[StageCost], list[DataParallelCost], list[float], list[float]]:
-    """What price_step replays and adds after: (the stage costs with the data-parallel collectives each microbatch
-    exposes, those collectives per stage, each rank's tail, each rank's optimizer step)."""
+def step_parts(pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], state: Sequence[StageState]) -> StepParts:
+    """What price_step replays and adds after it (StepParts): the data-parallel collectives of every stage
+    (plan.sharding), each rank's tail and its optimizer step."""
     num_stages = len(costs)
     entry = get_schedule(layout.schedule)
     rank_of = entry.stage_ranks(num_stages, layout.pp)
@@ -142,7 +152,7 @@ def _around_the_replay(
     # call, latency-bound: a rank's share moves fewer bytes for the same latencies)
     if pg.training and pg.step_sync > 0:
         tails = [t + pg.step_sync for t in tails]
-    return list(costs), dp_costs, tails, optimizer
+    return StepParts(list(costs), dp_costs, tails, optimizer)
 
 
 def step_end(priced: PricedStep, tied_sync: float = 0.0, tied_ranks: Sequence[int] = ()) -> float:

@@ -49,7 +49,7 @@ from partitioner.plan.pipeline import (
     refine_plan,
     too_many_stages,
 )
-from partitioner.plan.price import Layout, price_step, stage_state, step_end, step_floor
+from partitioner.plan.price import Layout, price_step, stage_state, step_end, step_floor, step_parts
 from partitioner.plan.recompute import ScaledSaves
 from partitioner.plan.recompute_bound import forced_recompute_floor
 from partitioner.plan.sharding import (
@@ -638,8 +638,7 @@ def _price_the_twins(ev: _Evaluator, candidates: list[Candidate], best: Candidat
     best), or its bound was compared with an incumbent; it cannot win either way."""
     for c in candidates:
         if c.skipped and c is not best and c.degrees == best.degrees and c.schedule == best.schedule:
-            c.bound = ev.bound(c, [c.microbatches])
-            if c.bound < best.step_time:
+            if ev.bound(c, [c.microbatches]) < best.step_time:
                 c.note, c.skipped = "", False
                 ev.run(c)
                 c.simulation = None
@@ -1083,10 +1082,11 @@ def price_candidate(
     num_stages = d.pp * c.stages_per_device
     if metrics is None:
         metrics = evaluate(g, stage_of, num_stages, microbatches=m, in_flight=in_flight, recompute=recompute)
-    costs, state = to_stage_costs(g, metrics, m), stage_state(g, stage_of, num_stages)
-    if math.isfinite(beat) and (floor := step_floor(g, _layout(c), costs, state)) >= beat:
+    layout, costs, state = _layout(c), to_stage_costs(g, metrics, m), stage_state(g, stage_of, num_stages)
+    parts = step_parts(g, layout, costs, state)
+    if math.isfinite(beat) and (floor := step_floor(parts, layout)) >= beat:
         return floor
-    priced = price_step(g, _layout(c), costs, state, fast=fast)
+    priced = price_step(g, layout, costs, state, fast=fast, parts=parts)
     metrics = [
         dataclasses.replace(
             met,
