@@ -668,7 +668,7 @@ def fast_replay(
     ranks = _check_counts(schedule, len(stages), num_microbatches, num_ranks)
     plan = _compiled(schedule, len(stages), num_microbatches, ranks)
     if len(plan.rank) >= WIDE_LEVELS * (len(plan.level_starts) - 1):
-        return _replay_by_levels(plan, stages, ranks, blocking_sends)
+        return _replay_by_levels(plan, stages, ranks, blocking_sends, schedule, num_microbatches)
     durations = np.array([[c.duration(k) for c in stages] for k in _KINDS], dtype=np.float64)
     duration = durations[plan.kind_code, plan.stage].tolist()  # each action's, looked up once
     send = [c.send_time for c in stages] + [0.0]  # index -1: no send (x + 0.0 is x)
@@ -688,7 +688,8 @@ def fast_replay(
         end[i] = t
         free[r] = t + holds[i] if holds is not None and holds[i] > 0 else t
     ends = tuple(free)  # after a rank's last action, or its last blocking send
-    return StepTimes(max(ends, default=0.0), ends, _peaks(plan, stages, ranks), plan.stage_ranks)
+    peaks = _peaks(plan, stages, ranks, schedule, num_microbatches)
+    return StepTimes(max(ends, default=0.0), ends, peaks, plan.stage_ranks)
 
 
 @lru_cache(maxsize=4096)  # a tuple per stage: small
@@ -732,10 +733,23 @@ def in_flight_peaks(
     return tuple(int(x) for x in np.maximum.reduceat(held, starts))
 
 
-def _peaks(plan: _Replay, stages: Sequence[StageCost], ranks: int) -> tuple[float, ...]:
+def _peaks(
+    plan: _Replay, stages: Sequence[StageCost], ranks: int, schedule: str, num_microbatches: int
+) -> tuple[float, ...]:
     """Each rank's peak bytes over its actions: static, plus the activations of the microbatches in flight (added
     by F, freed at the end of the action that frees them), plus a B / I's region transient on top before it frees.
-    A running sum per rank (np.cumsum adds in action order, as a loop would)."""
+    A running sum per rank (np.cumsum adds in action order, as a loop would).
+
+    One stage per rank with a whole backward (1F1B, GPipe): a rank's first backward follows its in-flight peak of
+    forwards with nothing freed, so its peak is static + in-flight peak x activations + transient, in closed form
+    (equal to the running sum's to rounding; the step search prices thousands of splits so)."""
+    entry = get_schedule(schedule)
+    if entry.single_stage and not entry.split_backward:
+        flights = in_flight_peaks(schedule, len(stages), num_microbatches, ranks)
+        return tuple(
+            c.static_bytes + f * c.activation_bytes + (max(c.transient_bytes, 0.0) if f else 0.0)
+            for c, f in zip(stages, flights)
+        )
     stage, frees, kind = plan.stage, plan.frees, plan.kind_code
     static = _static_by_rank(stages, plan.stage_ranks, ranks)
     activation = np.array([c.activation_bytes for c in stages], dtype=np.float64)
@@ -768,7 +782,9 @@ def _static_by_rank(stages: Sequence[StageCost], stage_ranks: Sequence[int], ran
 WIDE_LEVELS = 24  # actions per level from which `_replay_by_levels` beats one Python step per action
 
 
-def _replay_by_levels(plan: _Replay, stages: Sequence[StageCost], ranks: int, blocking_sends: bool) -> StepTimes:
+def _replay_by_levels(
+    plan: _Replay, stages: Sequence[StageCost], ranks: int, blocking_sends: bool, schedule: str, num_microbatches: int
+) -> StepTimes:
     """fast_replay with each level's actions (independent of one another) timed in a few vector operations, and each
     rank's memory as a running sum: a deep pipeline's hundreds of thousands of actions in thousands of levels. Every
     figure is computed by the same additions and maxima, in the same order per value, as fast_replay's loop, so the
@@ -790,7 +806,8 @@ def _replay_by_levels(plan: _Replay, stages: Sequence[StageCost], ranks: int, bl
         end[a:b] = t
         free[a:b] = t + hold[a:b]
     ends = tuple(float(free[actions[-1]]) if actions.size else 0.0 for actions in plan.per_rank)
-    return StepTimes(max(ends, default=0.0), ends, _peaks(plan, stages, ranks), plan.stage_ranks)
+    peaks = _peaks(plan, stages, ranks, schedule, num_microbatches)
+    return StepTimes(max(ends, default=0.0), ends, peaks, plan.stage_ranks)
 
 
 def step_lower_bound(schedule: str, work: float, num_ranks: int, num_microbatches: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -304,6 +305,50 @@ def test_the_exact_min_max_dp_is_the_best_split_with_compute_on_every_stage(
              for s, (j, i) in enumerate(zip(found, found[1:]))]  # fmt: skip
     assert max(times) == pytest.approx(best, rel=1e-12, abs=1e-12)
     assert all(pre.working[i] > pre.working[j] for j, i in zip(found, found[1:]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=4, max_size=30),
+    st.lists(st.floats(0.0, 100.0, allow_nan=False), min_size=31, max_size=31),
+    st.integers(2, 4),
+    st.sampled_from([1, 4]),
+    st.floats(0.2, 1.5),
+    st.booleans(),
+)
+def test_the_full_dp_s_exact_pass_and_its_bisection_find_the_same_bottleneck(
+    compute, saved, stages, m, tightness, overlaps
+) -> None:
+    """contiguous_partition (every cut position) bisects until its bracket is EXACT_BRACKET wide, then runs the exact
+    min-max DP once: with that pass refused (no pairs allowed), it bisects to rel_tol as before. Both bottlenecks
+    agree to rel_tol, under memory limits from below to above the unlimited plan's peak, where the bisection's stages
+    all hold compute (the exact pass gives the best split that does, as the coarse plans' does, and a stage without
+    compute may be faster); neither split overflows the limit."""
+    n = len(compute) + 1
+    pg = _chain_with_memory([0.0] + compute, saved[:n], overlaps)
+    if stages > n - 1:
+        return
+    pre = _prefix(pg, m, ("none",))
+    flight = [min(stages - s, m) for s in range(stages)]
+    limit = tightness * float(pre.A[0][-1]) * stages / 2 + 1.0
+    kw = dict(microbatches=m, in_flight=flight, memory_limit=limit)
+
+    def metrics(cuts: list[int]) -> list:
+        return evaluate(pg, cuts_to_stages(cuts), stages, microbatches=m, in_flight=flight)
+
+    try:
+        exact = contiguous_partition(pg, stages, **kw)
+    except InfeasibleMemoryError:
+        with mock.patch("partitioner.plan.pipeline._PAIRS", 0), pytest.raises(InfeasibleMemoryError):
+            contiguous_partition(pg, stages, **kw)
+        return
+    with mock.patch("partitioner.plan.pipeline._PAIRS", 0):
+        bisected = contiguous_partition(pg, stages, **kw)
+    ours, theirs = metrics(exact), metrics(bisected)
+    assert max(x.peak_memory for x in ours) <= limit * (1 + 1e-9)
+    assert max(x.time for x in theirs) <= max(x.time for x in ours) * (1 + 1e-5) + 1e-12
+    if all(x.compute > 0 for x in theirs):
+        assert max(x.time for x in ours) <= max(x.time for x in theirs) * (1 + 1e-5) + 1e-12
 
 
 def _chain_with_memory(compute: list[float], saved: list[float], overlaps: bool):

@@ -275,6 +275,18 @@ class PlanningGraph:
             )  # fmt: skip
         return self._structure["param_reads"]
 
+    @property
+    def tied_reads(self) -> dict[str, np.ndarray]:
+        """The nodes reading each tied tensor (its canonical name in `tied`; none for one no node reads)."""
+        if "tied reads" not in self._structure:
+            nodes, pids, names = self.param_reads
+            index = {name: k for k, name in enumerate(names)}
+            self._structure["tied reads"] = {
+                canonical: nodes[pids == index[canonical]] if canonical in index else nodes[:0]
+                for canonical in self.tied
+            }  # fmt: skip
+        return self._structure["tied reads"]
+
     def param_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """The static bytes and the tensor bytes of every parameter, indexed by the ids of `param_reads` (cached: a
         scaled copy holds its own training state)."""
@@ -591,13 +603,10 @@ def tied_sync_time(
     """
     if not pg.training or not pg.tied:
         return 0.0
-    nodes, pids, names = pg.param_reads
-    rank = np.asarray(stage_to_rank)[np.asarray(stage_of)[nodes]]  # the rank of every parameter read
-    index = {name: k for k, name in enumerate(names)}
+    rank_of = np.asarray(stage_to_rank)[np.asarray(stage_of)]  # every node's rank
     total = 0.0
-    for canonical in pg.tied:
-        k = index.get(canonical)
-        holders = len(np.unique(rank[pids == k])) if k is not None else 0
+    for canonical, readers in pg.tied_reads.items():
+        holders = len(np.unique(rank_of[readers]))
         total += all_reduce_time(pg.spec, pg.param_bytes[canonical], holders, internode=internode)
     return total
 

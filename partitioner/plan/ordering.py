@@ -168,7 +168,7 @@ def mutation_order(planned: Sequence[fx.Node]) -> MutationOrder:
         return f"the output of {storage!r}" if storage in node_names else f"{storage!r}"
 
     shared: list[SharedStorage] = []
-    for storage in sorted(written, key=lambda s: accesses[s][0]):
+    for storage in sorted(written, key=lambda s: (accesses[s][0], s)):  # by name on ties: the same reasons every run
         what = label(storage)
         writers = [i for i in accesses[storage] if storage in planned[i].meta.get("writes", ())]
         writes = set(writers)

@@ -58,7 +58,13 @@ __all__ = [
 TIE_TOLERANCE = 0.01  # bottlenecks within 1% are ties, broken by transfer time (module docstring)
 COARSE_MIN_CUTS = 16  # a coarse DP (cuts where the fewest values cross) needs at least this many places to cut
 EXACT_MAX_POSITIONS = 1024  # coarse cut positions up to which contiguous_partition takes the exact min-max DP
-WINDOWS = (1.05, 1.25, 1.6)  # its first windows, x the lower bound on the bottleneck (then the first split's)
+# Its first windows, x the lower bound on the bottleneck (then the first split's). One wide window: a window that
+# holds no split costs about as much as one that does, and the optimum of a deep pipeline lies 1.0-1.9x over the
+# bound (memory forces recompute, sends add to stages); the windows 1.05, 1.25, 1.6 failed 802 times for the 324
+# splits they found on the 1T GPT at 3,072 A100s (7.2 s), 1.5 alone 137 times (4.7 s), the same plans.
+WINDOWS = (1.5,)
+EXACT_BRACKET = 0.05  # the full DP bisects until its bracket is this narrow (relative), then runs the exact DP once
+_PAIRS = 1 << 22  # the most (start, end) pairs that exact pass may build for one stage (a few arrays of this size)
 
 
 class InfeasibleMemoryError(ValueError):
@@ -450,12 +456,13 @@ def _min_stage_dp(
 
 def _stage_pairs(
     pre: _Prefix, ends_all: np.ndarray, sources: np.ndarray, first: np.ndarray, top: np.ndarray, T: float,
-    memory_limit: float,
+    memory_limit: float, most: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Every (start, end) pair one stage may span, as two arrays: for each start j of `sources`, the ends of
     `ends_all` from index first[j] up to position top[j] (its in-place-write limit, or less) whose compute alone is
     within T and static bytes alone within memory (both only grow with the end; generous by a hair: the callers'
-    exact tests follow). Every pair of one stage count at once, in a few vector operations."""
+    exact tests follow). Every pair of one stage count at once, in a few vector operations; none (two empty arrays)
+    where they would be more than `most`."""
     last = np.searchsorted(ends_all, top, side="right")
     if np.isfinite(T):
         within = np.searchsorted(pre.P, pre.P[sources] + T * (1 + 1e-9), side="right") - 1
@@ -464,13 +471,16 @@ def _stage_pairs(
         within = np.searchsorted(pre.S, pre.S[sources] + memory_limit * (1 + 1e-9), side="right") - 1
         last = np.minimum(last, np.searchsorted(ends_all, within, side="right"))
     counts = np.maximum(last - first, 0)
+    if most is not None and counts.sum() > most:
+        return sources[:0], ends_all[:0]
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     return np.repeat(sources, counts), ends_all[np.repeat(first, counts) + offsets]
 
 
 def _least_bottleneck(
-    pre: _Prefix, num_inputs: int, in_flight: np.ndarray, memory_limit: float, num_stages: int, hi: float
-) -> list[int] | None:
+    pre: _Prefix, num_inputs: int, in_flight: np.ndarray, memory_limit: float, num_stages: int, hi: float,
+    most_pairs: int | None = None,
+) -> list[int] | None:  # fmt: skip
     """The contiguous cuts into exactly `num_stages` stages, each holding compute, with the least bottleneck (stage s
     at its fastest recompute mode that fits `in_flight[s]` microbatches in memory), among the splits whose stages all
     take at most `hi`; of equal bottlenecks, the one whose every prefix's last stage starts earliest. None when there
@@ -479,7 +489,8 @@ def _least_bottleneck(
     A min-max DP over (stages, prefix): best[i] after s stages = min over j of max(best[j] after s - 1, time(j, i)),
     every (j, i) pair of one stage count in a few vector operations. Exact, where the bisection on the bottleneck
     stops within its tolerance; a pair's compute alone bounds its time, so `hi` keeps the pairs to those a stage of at
-    most `hi` can span (within one pass of the bisection's cost where the cut positions are few)."""
+    most `hi` can span (within one pass of the bisection's cost where the cut positions are few). `most_pairs`: None
+    too where one stage count would span more pairs than that."""
     n, pos = pre.n, pre.positions
     ends_all = pos[pos >= max(num_inputs, 1)]
     if ends_all.size < num_stages or ends_all[-1] != n or not pre.allowed[0]:
@@ -497,7 +508,7 @@ def _least_bottleneck(
         first = np.searchsorted(ends_all, sources, side="right")
         if left == 0:
             first = np.maximum(first, ends_all.size - 1)  # the last stage ends at n
-        js, ends = _stage_pairs(pre, ends_all, sources, first, top, hi, memory_limit)
+        js, ends = _stage_pairs(pre, ends_all, sources, first, top, hi, memory_limit, most_pairs)
         if js.size == 0:
             return None
         keep = (pre.working[js] < pre.working[ends]) & (pre.P[n] - pre.P[ends] <= left * limit)
@@ -702,7 +713,18 @@ def contiguous_partition(
         if feasible(lo * (1 + step)):
             break
         lo, step = lo * (1 + step), 2 * step
+    exact_tried = False
     while hi - lo > rel_tol * max(hi, 1e-30):
+        if not exact_tried and hi - lo <= EXACT_BRACKET * hi:
+            # The bracket holds the optimum within a few percent: the exact DP over the splits whose stages all take at
+            # most `hi` spans few (start, end) pairs, where bisecting on to rel_tol takes a dozen passes more
+            # (gpt3-175b's winner at 64 H100s, 2,605 cut positions: one pass of 1 ms against 12 of 25 ms). None
+            # where no split with compute on every stage is that fast, or its pairs would be too many: bisected on,
+            # and the split filled up to the stages (_split_to).
+            exact_tried = True
+            exact = _least_bottleneck(pre, pg.num_inputs, flight, memory_limit, num_stages, hi, most_pairs=_PAIRS)
+            if exact is not None:
+                return exact
         mid = (lo + hi) / 2
         if not feasible(mid):
             lo = mid

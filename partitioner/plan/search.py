@@ -685,7 +685,10 @@ def _finer_microbatches(
     alone (`bounded`: ids), moves to the next count (`_Evaluator.finer`) while its lower bound there is under the best
     step and the step improves by more than the search's tie; a candidate's entry is replaced by its best count, and
     the first count found no faster joins `candidates` (what the summary compares the chosen count with). The fastest
-    layouts go first, so the best step falls early and bounds the rest."""
+    layouts go first, so the best step falls early and bounds the rest. As in the search, a count whose split cannot
+    come within the widest refinement margin of the best (plan.price.step_floor) is not replayed unless it could still
+    beat the layout's own coarser count; a layout not priced fitting at its coarser count goes on to the next then
+    (the 1T GPT at 3,072 A100s: 499 -> 436 replays, the same plan)."""
     order = sorted((k for k, c in enumerate(candidates) if c.fits or id(c) in bounded),
                    key=lambda k: candidates[k].step_time)  # fmt: skip
     for k in order:
@@ -696,7 +699,15 @@ def _finer_microbatches(
             trial.bound = ev.bound(trial, [more])
             if trial.bound >= min(best.step_time, incumbent):
                 break
-            ev.run(trial)  # a layout skipped on its bound may not fit at this count either: more, as the search would
+            # Replayed only where it could come within the margins of the best (as the search's own candidates) or
+            # beat its own coarser count: a split that can do neither would end the loop here anyway. The winner's
+            # layout is always priced: the summary compares its count with this one.
+            beat = math.inf if current is best else (1 + _MARGIN) * best.step_time
+            ev.run(trial, beat=max(beat, current.step_time) if current.fits else beat)
+            if trial.skipped and not current.fits:
+                current = trial  # not near the best at this count either; fewer bubbles at the next may bring it there
+                continue
+            # a layout skipped on its bound may not fit at this count either: more, as the search would
             if not trial.fits or (current.fits and not _better(trial, current)):
                 if trial.fits:
                     trial.simulation = None
