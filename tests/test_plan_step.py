@@ -309,3 +309,32 @@ def test_balanced_cuts_equal_a_loop_over_each_layers_ends(name: str) -> None:
                 step._PAIRS = saved
             checked += expected is not None
     assert checked >= 12  # most of the cases have a split
+
+
+def test_a_search_from_the_same_start_under_the_same_objective_runs_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """step_improver(searched=...) keeps what each search came to by objective and start (plan.search refines a
+    multi-stage winner from the splits of two in-flight models, often the same): the same start comes back without a
+    search, equal to a fresh search's result; another start or another objective is searched."""
+    import partitioner.plan.step as step
+
+    compute = [0.0] + [float(1 + (k * 7) % 5) for k in range(60)]
+    pg = _chain(compute, [float(b) for b in np.linspace(1e2, 5e3, len(compute))])
+    stages, m = 4, 8
+    layout = Layout(stages, 1, 1, m, "1f1b")
+    start = contiguous_partition(pg, stages, microbatches=m)
+    other = [0, *[b + 1 for b in start[1:-1]], start[-1]]
+    fresh = step_improver(pg, layout, stages)(list(start))
+
+    runs: list[list[int]] = []
+    real = step.best_cuts_by_step
+    monkeypatch.setattr(
+        step, "best_cuts_by_step", lambda o, cuts, *a, **k: runs.append(list(cuts)) or real(o, cuts, *a, **k)
+    )
+    searched: dict = {}
+    improve = step_improver(pg, layout, stages, searched=searched)
+    assert improve(list(start)) == fresh
+    assert step_improver(pg, layout, stages, searched=searched)(list(start)) == fresh  # another improver, one cache
+    assert runs == [list(start)]
+    improve(other)
+    step_improver(pg, layout, stages, stage_memory=1e30, searched=searched)(list(start))  # another objective
+    assert runs == [list(start), other, list(start)]

@@ -1172,11 +1172,12 @@ def _evaluate(
     models = _in_flight_models(c) if math.isfinite(room) else [None]
     fresh = dataclasses.replace(c) if len(models) > 1 or looser else None
     first, bound, floors = True, c.bound, []
+    searched: dict = {}  # the step searches from each model's split: one per objective and start (plan.step)
     for flight in models:
         for factor in [1, *looser]:  # the equal share, then 2x, 4x, ... up to the whole room per stage
             trial = c if first else dataclasses.replace(fresh)
             _evaluate_within(trial, memory_limit, room * factor / v, devices_per_node, plans, refine, recompute,
-                             flight, beat)  # fmt: skip
+                             flight, beat, searched)  # fmt: skip
             if trial.skipped:
                 floors.append(trial.bound)
             if not first and trial.fits and (not c.fits or trial.step_time < c.step_time * (1 - 1e-9)):
@@ -1221,9 +1222,11 @@ def _in_flight_models(c: Candidate) -> list[tuple[int, ...] | None]:
 def _evaluate_within(
     c: Candidate, memory_limit: float, share: float, devices_per_node: int, plans: dict, refine: bool,
     recompute: Sequence[str], flight: Sequence[int] | None = None, beat: float = math.inf,
+    searched: dict | None = None,
 ) -> None:  # fmt: skip
     """_evaluate with each stage's split held to `share` bytes (the rank's check against `memory_limit` after), at
-    `flight` microbatches in flight per stage (None: the schedule's own, simulate.in_flight_peaks)."""
+    `flight` microbatches in flight per stage (None: the schedule's own, simulate.in_flight_peaks). `searched`: what
+    the refinement's step searches came to, by objective and start (plan.step.step_improver)."""
     g = c.graph
     num_stages = c.degrees.pp * c.stages_per_device
     priced = False
@@ -1245,7 +1248,7 @@ def _evaluate_within(
             # by min-cut (plan.mincut: same bottleneck or within its tie, fewer bytes sent); the faster of the two.
             internode = c.degrees.pp * c.degrees.tp * c.degrees.cp * c.degrees.dp > devices_per_node
             improve = step_improver(g, _layout(c), num_stages, recompute=recompute, stage_memory=share,
-                                    rank_memory=memory_limit, internode=internode)  # fmt: skip
+                                    rank_memory=memory_limit, internode=internode, searched=searched)  # fmt: skip
             plan = plan_pipeline(g, num_stages, rel_tol=1e-5, improve=improve, **args)
             moved = refine_plan(g, plan, microbatches=c.microbatches, in_flight=flight, memory_limit=share)
             if moved.stage_of != plan.stage_of:

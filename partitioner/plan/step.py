@@ -124,16 +124,33 @@ class StepObjective:
 def step_improver(
     pg: PlanningGraph, layout: Layout, num_stages: int, *, recompute: Sequence[str] = ("none",), coarse: bool = False,
     stage_memory: float = math.inf, rank_memory: float | None = None, internode: bool = False,
-    budget: int | None = None,
+    budget: int | None = None, searched: dict | None = None,
 ) -> Callable[[list[int]], list[int]]:  # fmt: skip
     """What plan.pipeline.plan_pipeline(improve=...) takes: contiguous cuts -> the cuts minimizing the step of
     `layout` (StepObjective's arguments). `budget`: replays (default BUDGET, fewer where each replays more than
-    ACTION_BUDGET / BUDGET actions)."""
-    objective = StepObjective(pg, layout, num_stages, recompute=recompute, coarse=coarse, stage_memory=stage_memory,
-                              rank_memory=rank_memory, internode=internode)  # fmt: skip
+    ACTION_BUDGET / BUDGET actions). `searched`: what each search came to, by its objective's arguments and its
+    start, kept by the caller: a search from the same cuts under the same objective is not run again (plan.search
+    refines a multi-stage winner from the DP splits of two in-flight models, which are often the same cuts:
+    gpt3-175b's zero-bubble and interleaved rivals at 64 H100s ran each such search twice, about 7 s each)."""
     if budget is None:
         budget = max(min(BUDGET, ACTION_BUDGET // (2 * num_stages * layout.microbatches)), 1)
-    return lambda cuts: best_cuts_by_step(objective, cuts, pg.num_inputs, budget=budget)
+
+    def search(cuts: list[int]) -> list[int]:
+        objective = StepObjective(pg, layout, num_stages, recompute=recompute, coarse=coarse,
+                                  stage_memory=stage_memory, rank_memory=rank_memory, internode=internode)  # fmt: skip
+        return best_cuts_by_step(objective, cuts, pg.num_inputs, budget=budget)
+
+    if searched is None:
+        return search
+    key = (id(pg), layout, num_stages, tuple(recompute), coarse, stage_memory, rank_memory, internode, budget)
+
+    def improve(cuts: list[int]) -> list[int]:
+        start = (key, tuple(int(c) for c in cuts))
+        if start not in searched:
+            searched[start] = (search(cuts), pg)  # pg kept alive with it: its id stays its own while `searched` lives
+        return list(searched[start][0])
+
+    return improve
 
 
 def best_cuts_by_step(
