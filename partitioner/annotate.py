@@ -130,7 +130,7 @@ class _CostInterpreter(fx.Interpreter):
         try:
             with FlopCounterMode(display=False) as counter, saved_tensors_hooks(pack, lambda t: t):
                 result = getattr(self, n.op)(n.target, args, kwargs)
-            flops = int(counter.get_total_flops())
+            flops = int(counter.get_total_flops()) or _grouped_mm_flops(n, args)
         except Exception as e:
             if "capture_leaf" not in n.meta:
                 where = f" (module {n.target!r})" if n.op == "call_module" else ""
@@ -360,6 +360,22 @@ class _CostInterpreter(fx.Interpreter):
 
 
 # The figures of node.meta that depend on the call alone (annotate_reuse.Record.meta)
+_GROUPED_MM = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")  # (rows, k) x (groups, k, n) by offsets
+
+
+def _grouped_mm_flops(n: fx.Node, args: tuple) -> int:
+    """FLOPs of a grouped matrix product (a mixture of experts' tokens times their experts' weights), which
+    FlopCounterMode does not count: each row one k x n product with its group's weight (every row is in some group
+    where the offsets cover them all, as the sorted expert ids' do)."""
+    schema = getattr(n.target, "_schema", None)
+    if schema is None or schema.name not in _GROUPED_MM or len(args) < 2:
+        return 0
+    a, w = args[0], args[1]
+    if not (isinstance(a, torch.Tensor) and isinstance(w, torch.Tensor) and a.dim() == 2 and w.dim() == 3):
+        return 0
+    return 2 * a.shape[0] * a.shape[1] * w.shape[2]
+
+
 _CALL_FIGURES = ("flops", "bwd_flops", "out_bytes", "mem_bytes", "bwd_bytes", "is_tensor", "requires_grad", "dtype")
 
 _MATMUL_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Bilinear)

@@ -226,7 +226,37 @@ def test_huggingface_models_are_proven_splittable(name: str) -> None:
 
 # -- soundness over random programs ------------------------------------------------------------------------------------
 
+
+def _sort_dispatch(h: torch.Tensor, lin: nn.Linear, undo: str) -> torch.Tensor:
+    """A mixture of experts' dispatch in small: each token's rows sorted by an expert id it picks, a row-wise step by
+    its own expert (a row of a weight table), then undone (`undo`): gathered back by the sort's inverse, added back at
+    its indices, or (mixing, each caught) kept in the sort's order, inverted by a wrong inverse (a flipped or a zeroed
+    arange), regrouped in pairs."""
+    b, t, d = h.shape
+    flat = h.reshape(b * t, d)
+    keys = (flat[:, 0] > 0).long()
+    sorted_keys, order = keys.sort()
+    rows = torch.tanh(lin(flat[order])) * lin.weight[sorted_keys]  # each row with its own key's weight row
+    if undo == "added back":
+        return torch.zeros_like(flat).index_add(0, order, rows).reshape(b, t, d)
+    if undo == "kept":
+        return rows.reshape(b, t, d)
+    inverse = torch.empty_like(order)
+    iota = torch.arange(order.shape[0])
+    if undo == "zeroed iota":
+        iota.zero_()  # written in place: no longer an arange
+    inverse[order] = iota.flip(0) if undo == "wrong inverse" else iota
+    if undo == "pairs":
+        rows = rows.reshape(-1, 2 * d).flip(-1).reshape(-1, d)
+    return rows[inverse].reshape(b, t, d)
+
+
+SORT_PIECES = {
+    f"sort {undo}": undo for undo in ("undone", "added back", "kept", "wrong inverse", "zeroed iota", "pairs")
+}
+
 PIECES: dict[str, Callable[[torch.Tensor, nn.Linear], torch.Tensor]] = {
+    **{name: (lambda h, lin, undo=undo: _sort_dispatch(h, lin, undo)) for name, undo in SORT_PIECES.items()},
     "linear": lambda h, lin: lin(h),
     "tanh": lambda h, lin: torch.tanh(h),
     "softmax-last": lambda h, lin: h.softmax(-1),
@@ -279,6 +309,46 @@ def test_splittable_verdicts_are_sound(pieces: list[str]) -> None:
     torch.testing.assert_close(halves, whole)
 
 
+@pytest.mark.parametrize("name", sorted(SORT_PIECES))
+def test_a_sort_over_the_batch_is_followed_when_undone(name: str) -> None:
+    """Mixture-of-experts dispatch (plan.batch.SortOf): rows sorted over the batch, stepped row-wise, then gathered
+    back by the sort's inverse or added back at its indices are proven splittable, with no note, and the halves of a
+    batch equal the whole; kept in the sort's order, inverted by anything but an arange written at the sort's
+    indices, or regrouped, they are mixing, named at the node."""
+    torch.manual_seed(0)
+    model = Program([name])
+    x = torch.randn(4, 4, 4)
+    flow = _flow(model, x)
+    if SORT_PIECES[name] in ("undone", "added back"):
+        assert flow.splittable and not flow.notes, (flow.mixing, flow.notes)
+        assert flow.outputs == [Rows(0)]
+        with torch.no_grad():
+            torch.testing.assert_close(torch.cat([model(x[:2]), model(x[2:])]), model(x))
+    else:
+        assert not flow.splittable
+        assert "sort" in flow.mixing[0][1], flow.mixing
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_huggingface_mixtures_of_experts_are_proven_splittable(family: str) -> None:
+    """HF's experts (transformers 5: tokens sorted by expert, grouped_mm over the sorted keys' offsets, an inverse
+    permutation back) are followed through: splittable, outputs in the batch's order."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    common = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  use_cache=False)  # fmt: skip
+    model = {
+        "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **common, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)),
+        "qwen2_moe": lambda: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **common, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            num_experts=4, num_experts_per_tok=2)),
+    }[family]()  # fmt: skip
+    flow = _flow(model, torch.randint(0, 100, (4, 8)), dims={"input_ids": 0})
+    assert flow.splittable, flow.mixing
+    assert all(isinstance(s, Rows) and (s.dim, s.key) == (0, None) for s in flow.outputs if s is not None)
+
+
 def _both_flows(model: nn.Module, *args: torch.Tensor) -> tuple:
     cap = capture(model, args, {})
     inputs = cap.flatten_inputs(args, {})
@@ -312,3 +382,22 @@ def test_followed_once_calls_in_models(model: str) -> None:
     full, reused = _both_flows(net, *args)
     assert (reused.mixing, reused.notes, reused.outputs) == (full.mixing, full.notes, full.outputs)
     assert full.notes or full.mixing or model == "gpt3-tiny"
+
+
+def test_a_mixture_of_experts_grouped_products_count_their_flops() -> None:
+    """FlopCounterMode counts no grouped matrix product (transformers' grouped_mm_fallback): annotate prices each as
+    rows x k x n multiply-adds, twice that backward, so the planner sees the experts' compute."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, use_cache=False)  # fmt: skip
+    ids = torch.randint(0, 100, (4, 8))
+    cap = capture(transformers.MixtralForCausalLM(config), (), {"input_ids": ids})
+    annotate(cap.graph_module, cap.flatten_inputs((), {"input_ids": ids}), training=True)
+    grouped = [n for n in cap.graph_module.graph.nodes if "grouped_mm" in str(n.target)]
+    assert len(grouped) == 2  # the experts' up and down products
+    rows = 4 * 8 * 2  # tokens x experts per token
+    expected = [2 * rows * 64 * 256, 2 * rows * 128 * 64]
+    assert [n.meta["flops"] for n in grouped] == expected
+    assert [n.meta["bwd_flops"] for n in grouped] == [2 * f for f in expected]

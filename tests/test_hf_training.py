@@ -108,6 +108,15 @@ def _falcon() -> nn.Module:
     return _hf("FalconForCausalLM")(config)
 
 
+def _mixtral() -> nn.Module:
+    """A mixture of experts (transformers 5: tokens sorted by expert, grouped matrix products, the sort undone)."""
+    config = _hf("MixtralConfig")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return _hf("MixtralForCausalLM")(config)
+
+
 def _causal(batch: int, seq: int) -> tuple[dict[str, Any], torch.Tensor]:
     call = {**_text(batch, seq, seed=batch + seq), "use_cache": False}
     return call, _ids(batch, seq, seed=1)
@@ -193,6 +202,19 @@ def test_step_equals_single_process_training(case: Case, pipeline: int) -> None:
     assert not [f for f in cm.plan.fallbacks if f["path"] in ("static shapes", "batch > 1")]
     assert cm.plan.microbatches * cm.plan.data_degree == chunks
     check_step(cm, reference, kwargs, targets, case.loss)
+
+
+def test_a_mixture_of_experts_trains_with_microbatches_and_data_parallelism() -> None:
+    """Mixtral's expert dispatch sorts the tokens of the whole batch by expert (plan.batch follows the sort and its
+    inverse): split into 2 replicas x 2 microbatches over 2 stages, a step equals single-process training."""
+    torch.manual_seed(0)
+    model = _mixtral()
+    reference = copy.deepcopy(model)
+    kwargs, targets = _causal(8, 8)
+    cm = partitioner.compile(model, devices=4, pipeline=2, microbatches=2, example_kwargs=kwargs, device_type="cpu")
+    assert (cm.plan.data_degree, cm.plan.microbatches, cm.plan.num_stages) == (2, 2, 2)
+    assert not [f for f in cm.plan.fallbacks if f["path"].startswith("batch")], cm.plan.fallbacks
+    check_step(cm, reference, kwargs, targets, _lm_loss)
 
 
 def test_steps_take_other_batch_sizes_and_sequence_lengths() -> None:

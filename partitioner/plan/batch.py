@@ -10,7 +10,11 @@ graphs are read by one table.
 The state of a tensor is `None` (independent of the batch: weights, constants), `Rows(dim, outer)` (dim `dim`
 is `outer` x batch x inner: sample i owns the slices with batch index i; outer is 1 unless a reshape merged the
 batch behind another dim, as (seq, batch, d) -> (seq * batch, d) does), `UNKNOWN` (depends on the batch in a
-way no rule follows) or `REDUCED` (a reduction over the batch: every sample contributes, e.g. a mean). Per op:
+way no rule follows) or `REDUCED` (a reduction over the batch: every sample contributes, e.g. a mean). A sort over
+the batch's rows (mixture-of-experts dispatch) is followed too (`SortOf`, `Rows.key`): rows gathered in its order,
+row-wise ops and grouped matrix products by its sorted keys' group offsets keep each row its sample's, and gathering
+them back by its inverse (or adding them back at its indices) returns the batch's order. Anything else done with
+them is mixing, never UNKNOWN: rows in a data-dependent order reaching an op no rule follows, or the output. Per op:
 
     op family                         batch dim                   result
     pointwise (Tag.pointwise)         aligned under broadcasting  the aligned dim; two different dims: mixing
@@ -40,6 +44,7 @@ gpt3-175b's flow 1.0 s -> 0.2 s), the same verdicts as following every call (tes
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,11 +71,33 @@ class Rows(NamedTuple):
 
     `positions`: the values are the batch positions themselves (an arange over the batch, as HF's mask functions
     build to index the batch with): fine as an index of the batch dim, a finding when used as values.
+    `key`: the rows are in the order of the sort `key` over the batch (`SortOf`), not the batch's: each row still
+    belongs to one sample, but which one depends on the values (a mixture of experts groups tokens by expert).
     """
 
     dim: int
     outer: int = 1
     positions: bool = False
+    key: int | None = None
+
+
+class SortOf(NamedTuple):
+    """A value derived from a sort over the rows of a batched 1-D tensor (`key` names the sort): what MoE dispatch
+    sorts tokens by expert with, then undoes. `role`:
+
+    - "index": positions into a batched dim with `inner` rows per sample, in the sort's order (its indices, or those
+      floor-divided to coarser rows: token k of top-k slot j); `whole` while they are the sort's own indices, a
+      permutation of every position;
+    - "keys": the sorted values where they are indices of another op (expert ids: topk's, so >= 0), "values" where
+      not; "counts": a histogram of keys from 0; "offsets": its cumulative sum (group boundaries);
+    - "inverse": each row's position in the sort's order, for a batched dim with `inner` rows per sample (an arange
+      written at the sort's indices).
+    """
+
+    key: int
+    role: str
+    inner: int = 1
+    whole: bool = False
 
 
 class _Marker:
@@ -228,6 +255,11 @@ def _rule_view(func, args, kwargs, out, state):
     x, s = args[0], state(args[0])
     if not isinstance(s, Rows):
         return s
+    if s.key is not None:  # rows in a sort's order: the dims up to theirs must stay as they are
+        o = _tensors(out)[0]
+        if o.dim() > s.dim and tuple(o.shape[: s.dim + 1]) == tuple(x.shape[: s.dim + 1]):
+            return s
+        raise _Mixing("reshapes rows held in the order of a sort over the batch (it regroups samples' rows)")
     before = math.prod(x.shape[: s.dim]) * s.outer
     acc = 1
     for k, size in enumerate(_tensors(out)[0].shape):
@@ -460,6 +492,8 @@ def _rule_index(func, args, kwargs, out, state):
     s = state(x)
     used = [k for k, i in enumerate(indices) if i is not None]
     index_states = [state(i) for i in indices if i is not None]
+    if _sorted(s) or any(_sorted(st) for st in index_states) or any(_sorted(state(t)) for t in _tensors(args[2:])):
+        return _index_sorted(func, args, kwargs, out, state)
     if func.overloadpacket in (aten.index_put, aten.index_put_):
         if isinstance(s, Rows) and s.dim in used:
             return UNKNOWN
@@ -514,6 +548,138 @@ def _rule_no_output(func, args, kwargs, out, state):
     return None
 
 
+class _PerOutput(tuple):
+    """A rule's states for an op with several tensor outputs, one per output in order."""
+
+
+def _sorted(s: State) -> bool:
+    """Whether a state comes from a sort over the batch's rows (SortOf) or holds rows in its order."""
+    return isinstance(s, SortOf) or (isinstance(s, Rows) and s.key is not None)
+
+
+def _rule_sort(func, args, kwargs, out, state):
+    """sort / argsort. Along a batched 1-D tensor whose batch is outermost (a mixture of experts' expert id per token
+    and slot): a permutation of the rows, followed (SortOf: its sorted keys and its indices); along the batch
+    otherwise, mixing; along another dim, the input's rows."""
+    x, s = args[0], state(args[0])
+    if not isinstance(s, Rows) or s.dim != _norm(_arg(func, args, kwargs, "dim", -1), x.dim()):
+        return s
+    if x.dim() == 1 and s.outer == 1 and not s.positions and s.key is None:
+        key = state.new_key()
+        index = SortOf(key, "index", x.shape[0] // state.batch, whole=True)
+        # sorted indices of another op (expert ids: topk's) are keys >= 0, what a histogram from 0 groups them by
+        keys = SortOf(key, "keys" if state.is_index(x) else "values")
+        return index if func.overloadpacket is aten.argsort else _PerOutput((keys, index))
+    raise _Mixing("takes a sort along the batch dim")
+
+
+def _rule_floor_divide(func, args, kwargs, out, state):
+    """A sort's indices // k (k dividing its rows per sample): positions of the coarser rows each came from (token k
+    of its top-k slot), every one still its sample's; otherwise pointwise."""
+    s = state(args[0])
+    if isinstance(s, SortOf):
+        k = args[1]
+        if s.role == "index" and isinstance(k, int) and k > 0 and s.inner % k == 0 and state(k) is None:
+            return s._replace(inner=s.inner // k, whole=False)
+        raise _Mixing("divides a sort's indices by what does not split its rows per sample")
+    if isinstance(state(args[1]), SortOf):
+        raise _Mixing("divides by a sort's indices")
+    return _rule_pointwise(func, args, kwargs, out, state)
+
+
+def _index_sorted(func, args, kwargs, out, state):
+    """aten.index / index_put with a sort over the batch involved (rule_index hands them over). Gathering a batched
+    dim (batch outermost, `inner` rows per sample) by the sort's indices: its rows in the sort's order (Rows.key);
+    gathering a tensor that depends on no sample by the sorted keys: a row per sorted position, in that order;
+    writing an arange at the sort's own indices: its inverse; gathering rows in the sort's order by that inverse:
+    the batch's order again. Anything else with them is mixing."""
+    x, indices = args[0], list(args[1])
+    s = state(x)
+    if [k for k, i in enumerate(indices) if i is not None] != [0] or indices[0].dim() != 1:
+        raise _Mixing("indexes with a sort over the batch other than along one dim")
+    i, n = state(indices[0]), indices[0].numel()
+    if func.overloadpacket in (aten.index_put, aten.index_put_):
+        values = args[2]
+        accumulate = _arg(func, args, kwargs, "accumulate", False)
+        if (
+            isinstance(i, SortOf) and i.role == "index" and i.whole and not accumulate and s is None and x.dim() == 1
+            and state(values) is None and state.is_iota(values) and values.numel() == x.shape[0] == n
+        ):  # fmt: skip
+            return SortOf(i.key, "inverse", i.inner)
+        raise _Mixing("writes at positions a sort over the batch decides, other than its inverse")
+    if isinstance(i, SortOf) and i.role == "index":
+        if isinstance(s, Rows) and (s.dim, s.outer, s.positions, s.key) == (0, 1, False, None):
+            if x.shape[0] == state.batch * i.inner:
+                return Rows(0, key=i.key)
+    elif isinstance(i, SortOf) and i.role in ("keys", "values") and s is None:
+        return Rows(0, key=i.key)
+    elif isinstance(i, SortOf) and i.role == "inverse" and isinstance(s, Rows) and s.key == i.key and s.dim == 0:
+        if x.shape[0] == n == state.batch * i.inner:
+            return Rows(0)
+    raise _Mixing("gathers by a sort over the batch other than its rows in its order and back")
+
+
+def _rule_index_add(func, args, kwargs, out, state):
+    """index_add(x, 0, a sort's indices, rows in its order): each row added back to the row it came from (torchtitan's
+    and HF 4's mixture-of-experts combine); without a sort involved, not followed."""
+    x, dim, index, source = args[:4]
+    s, i, v = state(x), state(index), state(source)
+    if not (_sorted(s) or _sorted(i) or _sorted(v)):
+        return UNKNOWN
+    if (
+        isinstance(i, SortOf) and i.role == "index" and _norm(dim, x.dim()) == 0 and s in (None, Rows(0))
+        and isinstance(v, Rows) and v.key == i.key and v.dim == 0 and x.shape[0] == state.batch * i.inner
+    ):  # fmt: skip
+        return Rows(0)
+    raise _Mixing("adds rows at positions a sort over the batch decides, other than back where they came from")
+
+
+def _rule_histc(func, args, kwargs, out, state):
+    """A histogram from 0 (an explicit range) of a sort's keys (indices, so >= 0): its group sizes, each key's rows
+    one segment of the sorted order, keys past the range after them all; of anything else batched, not followed."""
+    s = state(args[0])
+    if isinstance(s, SortOf):
+        lo, hi = _arg(func, args, kwargs, "min", 0), _arg(func, args, kwargs, "max", 0)
+        if s.role == "keys" and lo == 0 and hi > lo:
+            return s._replace(role="counts")
+        raise _Mixing("counts a sort's values other than index keys over a range from 0")
+    return UNKNOWN
+
+
+def _rule_cumulative(func, args, kwargs, out, state):
+    """cumsum & co.: of a sort's group sizes (1-D), its group offsets; along the batch, mixing."""
+    s = state(args[0])
+    if isinstance(s, SortOf):
+        if s.role == "counts" and args[0].dim() == 1 and func.overloadpacket is aten.cumsum:
+            return s._replace(role="offsets")
+        raise _Mixing("accumulates a sort's values other than its group sizes")
+    return _rule_along("a cumulative op")(func, args, kwargs, out, state)
+
+
+def _rule_grouped_mm(func, args, kwargs, out, state):
+    """A grouped matrix product (transformers' grouped_mm_fallback, aten._grouped_mm): rows [offs[g-1], offs[g]) times
+    weight g. Row-wise for rows in a sort's order grouped by the offsets of its own sorted keys (each row meets its own
+    key's weight); any other offsets over batched rows decide by position which weight a row meets."""
+    a, w = args[0], args[1]
+    offs, bias = _arg(func, args, kwargs, "offs"), _arg(func, args, kwargs, "bias")
+    sa, so = state(a), state(offs)
+    if (
+        state(w) is None and state(bias) is None and isinstance(sa, Rows) and sa.key is not None and sa.dim == 0
+        and isinstance(so, SortOf) and so.role == "offsets" and so.key == sa.key
+    ):  # fmt: skip
+        return sa
+    raise _Mixing("multiplies groups of rows whose boundaries depend on the batch")
+
+
+_SORT_AWARE = {aten.sort, aten.argsort, aten.floor_divide, aten.index, aten.index_put, aten.index_put_, aten.histc,
+               aten.cumsum, aten.to, aten._to_copy, aten.clone, aten.detach, aten.alias, aten.contiguous,
+               aten.lift_fresh_copy, aten._assert_tensor_metadata, aten.empty_like}  # fmt: skip
+_SORT_AWARE |= {getattr(aten, n) for n in ("index_add", "index_add_") if hasattr(aten, n)}
+# Ops outside aten, by schema name (their packets exist only once their library is loaded)
+_RULES_BY_NAME: dict[str, Callable] = {"transformers::grouped_mm_fallback": _rule_grouped_mm,
+                                       "aten::_grouped_mm": _rule_grouped_mm}  # fmt: skip
+
+
 _RULES: dict[Any, Callable] = {}
 
 
@@ -544,11 +710,16 @@ _register(_rule_reduce, "sum", "mean", "amax", "amin", "max", "min", "argmax", "
           "nanmean")  # fmt: skip
 for _what, _names in (
     ("a softmax", ("_softmax", "_safe_softmax", "softmax", "_log_softmax", "log_softmax")),
-    ("a cumulative op", ("cumsum", "cumprod", "cummax", "cummin", "logcumsumexp")),
-    ("a sort", ("sort", "topk", "kthvalue", "argsort")),
+    ("a cumulative op", ("cumprod", "cummax", "cummin", "logcumsumexp")),
+    ("a sort", ("topk", "kthvalue")),
     ("a flip or roll", ("flip", "roll")),
 ):
     _register(_rule_along(_what), *_names)
+_register(_rule_sort, "sort", "argsort")
+_register(_rule_cumulative, "cumsum")
+_register(_rule_floor_divide, "floor_divide")
+_register(_rule_index_add, "index_add", "index_add_")
+_register(_rule_histc, "histc")
 _register(_rule_mm, "mm", "addmm", "bmm", "baddbmm")
 _register(_rule_conv, "convolution")
 for _k in (1, 2, 3):
@@ -585,9 +756,22 @@ class _StateOf:
 
     def __init__(self, states: WeakTensorKeyDictionary, batch: int):
         self.states, self.batch = states, batch
+        self.iotas = WeakTensorKeyDictionary()  # aranges from 0 by 1 (an inverse permutation is written with one)
+        self.indices = WeakTensorKeyDictionary()  # indices an op returned (topk's, argmax's...) and views of them
+        self._keys = itertools.count()
 
     def __call__(self, t: Any) -> State:
         return self.states.get(t) if isinstance(t, torch.Tensor) else None
+
+    def is_iota(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t in self.iotas
+
+    def is_index(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t in self.indices
+
+    def new_key(self) -> int:
+        """A name for a new sort over the batch (SortOf.key)."""
+        return next(self._keys)
 
 
 class _Tracker(TorchDispatchMode):
@@ -604,6 +788,7 @@ class _Tracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self._mark(func, args, out)
         before = [self.state(t) for t in _tensors((args, kwargs))]
         if func.overloadpacket is aten.arange and out.dim() == 1 and out.numel() == self.state.batch > 1:
             # 0, 1, ..., B-1: batch positions (the batch size is drawn distinct from every other dim, see batch_flow)
@@ -622,11 +807,21 @@ class _Tracker(TorchDispatchMode):
             return out
         if all(s is None for s in before):
             return out  # nothing batched in: nothing batched out (an in-place op keeps its tensor's state)
-        rule = _RULES.get(func.overloadpacket)
+        rule = _RULES.get(func.overloadpacket) or _RULES_BY_NAME.get(func._schema.name)
         if rule is None and torch.Tag.pointwise in func.tags:
             rule = _rule_pointwise
         op = f"aten.{func.overloadpacket.__name__}"
-        if rule is None:
+        # What a sort over the batch makes is followed only by the rules that know it, and rows in its order never
+        # become UNKNOWN (which splitting tolerates): a step no rule follows with them is mixing
+        sort_made = any(isinstance(b, SortOf) for b in before)
+        keyed = any(isinstance(b, Rows) and b.key is not None for b in before)
+        if sort_made and func.overloadpacket not in _SORT_AWARE and rule is not _rule_grouped_mm:
+            self.mixing.append((self.node, f"uses a sort over the batch in a way no rule follows ({op})"))
+            result = UNKNOWN
+        elif rule is None and keyed:
+            self.mixing.append((self.node, f"takes rows held in the order of a sort over the batch ({op})"))
+            result = UNKNOWN
+        elif rule is None:
             self.notes.append((self.node, f"has no batch rule for {op}: samples assumed independent"))
             result = UNKNOWN
         else:
@@ -639,14 +834,43 @@ class _Tracker(TorchDispatchMode):
                 self.notes.append((self.node, str(e)))
                 result = e.state
             else:
-                if result is UNKNOWN and UNKNOWN not in before:
+                if result is UNKNOWN and keyed:
+                    self.mixing.append((self.node, f"loses track of rows held in the order of a sort ({op})"))
+                elif result is UNKNOWN and UNKNOWN not in before:
                     self.notes.append((self.node, f"{op} moves the batch where no rule follows it"))
-        for t in _tensors(out):
-            if result is None:
+        outs = _tensors(out)
+        for t, state in zip(outs, result if isinstance(result, _PerOutput) else [result] * len(outs)):
+            if state is None:
                 self.states.pop(t, None)
             else:
-                self.states[t] = result
+                self.states[t] = state
         return out
+
+    def _mark(self, func: Any, args: tuple, out: Any) -> None:
+        """Keep `state.iotas` and `state.indices` true: aranges from 0 by 1; the indices topk, sort, max & co. return,
+        and views and integer copies of them. A tensor written in place is neither any more."""
+        for a, arg in zip(func._schema.arguments, args):
+            if a.alias_info is not None and a.alias_info.is_write and isinstance(arg, torch.Tensor):
+                self.state.iotas.pop(arg, None)
+                self.state.indices.pop(arg, None)
+        packet = func.overloadpacket
+        if packet is aten.arange and out.dim() == 1 and _arg(func, args, {}, "step", 1) == 1:
+            if len(args) == 1 or _arg(func, args, {}, "start", 0) == 0:
+                self.state.iotas[out] = True
+        elif packet in _INDEX_PAIRS and isinstance(out, tuple) and len(out) == 2:
+            self.state.indices[out[1]] = True
+        elif packet in _INDEX_OPS:
+            self.state.indices[out] = True
+        elif packet in _INDEX_VIEWS and args and self.state.is_index(args[0]) and isinstance(out, torch.Tensor):
+            if not out.is_floating_point() and not out.is_complex():
+                self.state.indices[out] = True
+
+
+_INDEX_PAIRS = {aten.topk, aten.sort, aten.max, aten.min, aten.kthvalue, aten.mode, aten.cummax, aten.cummin}
+_INDEX_OPS = {aten.argmax, aten.argmin, aten.argsort}
+_INDEX_VIEWS = {aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.clone, aten._to_copy, aten.to,
+                aten.detach, aten.alias, aten.contiguous, aten.squeeze, aten.unsqueeze, aten.permute, aten.transpose,
+                aten.t, aten.expand, aten.select, aten.slice}  # fmt: skip
 
 
 class _Interpreter(fx.Interpreter):
@@ -673,6 +897,9 @@ class _Interpreter(fx.Interpreter):
         key = signature(n, self.module, args, kwargs, set()) if self.reuse else None
         if key is not None:
             key = (key, tuple(self.tracker.state(t) for t in inputs))
+            if any(_sorted(st) for st in key[1]):
+                key = None  # a sort's states name it: a later layer's sort is another one, followed afresh
+        if key is not None:
             if key in self.records:
                 return self._remember(self._replay(n, inputs, *self.records[key]))
         versions = [t._version for t in inputs]
@@ -681,8 +908,12 @@ class _Interpreter(fx.Interpreter):
             result = super().run_node(n)
         if key is not None and all(t._version == v for t, v in zip(inputs, versions)):  # no in-place write
             made = outputs_of(inputs, result, lambda storage: storage not in self.known)
-            if made is not None:
-                states = tuple(self.tracker.state(t) for t in _tensors(result))
+            states = tuple(self.tracker.state(t) for t in _tensors(result))
+            # a replay is not dispatched: what a sort made, an arange (an inverse's iota) and an op's indices (the
+            # keys a sort may sort) are not recorded
+            state = self.tracker.state
+            marked = any(state.is_iota(t) or state.is_index(t) for t in _tensors(result))
+            if made is not None and not marked and not any(_sorted(st) for st in states):
                 found = (
                     tuple(m for _, m in self.tracker.mixing[mixing:]),
                     tuple(m for _, m in self.tracker.notes[notes:]),
@@ -766,6 +997,9 @@ def batch_flow(
                     raise
     flow.mixing, flow.notes = tracker.mixing, tracker.notes
     flow.outputs = [tracker.state(t) for t in pytree.tree_leaves(out)]
+    for i, s in enumerate(flow.outputs):
+        if _sorted(s):
+            flow.mixing.append((f"output {i}", "holds rows in the order of a sort over the batch, not the batch's"))
     for i, s in enumerate(flow.outputs):
         if s is REDUCED:
             flow.notes.append((
