@@ -241,6 +241,8 @@ def _sort_dispatch(h: torch.Tensor, lin: nn.Linear, undo: str) -> torch.Tensor:
         return torch.zeros_like(flat).index_add(0, order, rows).reshape(b, t, d)
     if undo == "kept":
         return rows.reshape(b, t, d)
+    if undo == "argsorted twice":  # the input gathered by argsort(order), the sort's inverse, then by it again
+        rows = torch.tanh(lin(flat[order.argsort()]))
     inverse = torch.empty_like(order)
     iota = torch.arange(order.shape[0])
     if undo == "zeroed iota":
@@ -252,7 +254,8 @@ def _sort_dispatch(h: torch.Tensor, lin: nn.Linear, undo: str) -> torch.Tensor:
 
 
 SORT_PIECES = {
-    f"sort {undo}": undo for undo in ("undone", "added back", "kept", "wrong inverse", "zeroed iota", "pairs")
+    f"sort {undo}": undo
+    for undo in ("undone", "added back", "kept", "wrong inverse", "zeroed iota", "pairs", "argsorted twice")
 }
 
 PIECES: dict[str, Callable[[torch.Tensor, nn.Linear], torch.Tensor]] = {

@@ -562,6 +562,8 @@ def _rule_sort(func, args, kwargs, out, state):
     and slot): a permutation of the rows, followed (SortOf: its sorted keys and its indices); along the batch
     otherwise, mixing; along another dim, the input's rows."""
     x, s = args[0], state(args[0])
+    if isinstance(s, SortOf):  # argsort of a sort's indices is its inverse, but not one this proof follows
+        raise _Mixing("sorts what a sort over the batch made")
     if not isinstance(s, Rows) or s.dim != _norm(_arg(func, args, kwargs, "dim", -1), x.dim()):
         return s
     if x.dim() == 1 and s.outer == 1 and not s.positions and s.key is None:
