@@ -265,28 +265,42 @@ def test_each_microbatch_pays_every_kernel_launch() -> None:
     assert sum(s.backward for s in four) - sum(s.backward for s in one) == pytest.approx(3 * kernels_bwd * 1e-3)
 
 
+def _memory_chains(most: int):
+    """Hypothesis arguments (compute, saved, stages, microbatches, tightness, overlaps) for _memory_chain: chains of
+    up to `most` nodes after the input, memory limits from below to above the unlimited plan's peak."""
+    return given(
+        st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=3, max_size=most),
+        st.lists(st.floats(0.0, 100.0, allow_nan=False), min_size=most + 1, max_size=most + 1),
+        st.integers(2, 4),
+        st.sampled_from([1, 4]),
+        st.floats(0.2, 1.5),
+        st.booleans(),
+    )
+
+
+def _memory_chain(compute, saved, stages, m, tightness, overlaps):
+    """(graph, prefix sums, memory limit) of a drawn chain, or None where it has too few nodes for the stages."""
+    n = len(compute) + 1
+    pg = _chain_with_memory([0.0] + compute, saved[:n], overlaps)
+    if stages > n - 1:
+        return None
+    pre = _prefix(pg, m, ("none",))
+    return pg, pre, tightness * float(pre.A[0][-1]) * stages / 2 + 1.0
+
+
 @settings(max_examples=60, deadline=None)
-@given(
-    st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=3, max_size=9),
-    st.lists(st.floats(0.0, 100.0, allow_nan=False), min_size=10, max_size=10),
-    st.integers(2, 4),
-    st.sampled_from([1, 4]),
-    st.floats(0.2, 1.5),
-    st.booleans(),
-)
+@_memory_chains(9)
 def test_the_exact_min_max_dp_is_the_best_split_with_compute_on_every_stage(
     compute, saved, stages, m, tightness, overlaps
 ) -> None:
     """plan.pipeline._least_bottleneck (how contiguous_partition ends for coarse plans) against every
     contiguous split whose stages all hold compute: the least bottleneck, each stage at its fastest recompute mode
     that fits its 1F1B in-flight microbatches, at memory limits from below to above the unlimited plan's peak."""
-    n = len(compute) + 1
-    pg = _chain_with_memory([0.0] + compute, saved[:n], overlaps)
-    if stages > n - 1:
+    if (case := _memory_chain(compute, saved, stages, m, tightness, overlaps)) is None:
         return
-    pre = _prefix(pg, m, ("none",))
+    pg, pre, limit = case
+    n = pg.n
     flight = _in_flight_array([min(stages - s, m) for s in range(stages)], stages, m)
-    limit = tightness * float(pre.A[0][-1]) * stages / 2 + 1.0
     best = None
     for middle in itertools.combinations(range(1, n), stages - 1):
         cuts = [0, *middle, n]
@@ -308,14 +322,7 @@ def test_the_exact_min_max_dp_is_the_best_split_with_compute_on_every_stage(
 
 
 @settings(max_examples=80, deadline=None)
-@given(
-    st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=4, max_size=30),
-    st.lists(st.floats(0.0, 100.0, allow_nan=False), min_size=31, max_size=31),
-    st.integers(2, 4),
-    st.sampled_from([1, 4]),
-    st.floats(0.2, 1.5),
-    st.booleans(),
-)
+@_memory_chains(30)
 def test_the_full_dp_s_exact_pass_and_its_bisection_find_the_same_bottleneck(
     compute, saved, stages, m, tightness, overlaps
 ) -> None:
@@ -324,13 +331,10 @@ def test_the_full_dp_s_exact_pass_and_its_bisection_find_the_same_bottleneck(
     agree to rel_tol, under memory limits from below to above the unlimited plan's peak, where the bisection's stages
     all hold compute (the exact pass gives the best split that does, as the coarse plans' does, and a stage without
     compute may be faster); neither split overflows the limit."""
-    n = len(compute) + 1
-    pg = _chain_with_memory([0.0] + compute, saved[:n], overlaps)
-    if stages > n - 1:
+    if (case := _memory_chain(compute, saved, stages, m, tightness, overlaps)) is None:
         return
-    pre = _prefix(pg, m, ("none",))
+    pg, _, limit = case
     flight = [min(stages - s, m) for s in range(stages)]
-    limit = tightness * float(pre.A[0][-1]) * stages / 2 + 1.0
     kw = dict(microbatches=m, in_flight=flight, memory_limit=limit)
 
     def metrics(cuts: list[int]) -> list:

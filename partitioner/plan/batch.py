@@ -790,7 +790,7 @@ class _Tracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self._mark(func, args, out)
+        self._mark(func, args, kwargs, out)
         before = [self.state(t) for t in _tensors((args, kwargs))]
         if func.overloadpacket is aten.arange and out.dim() == 1 and out.numel() == self.state.batch > 1:
             # 0, 1, ..., B-1: batch positions (the batch size is drawn distinct from every other dim, see batch_flow)
@@ -848,7 +848,7 @@ class _Tracker(TorchDispatchMode):
                 self.states[t] = state
         return out
 
-    def _mark(self, func: Any, args: tuple, out: Any) -> None:
+    def _mark(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """Keep `state.iotas` and `state.indices` true: aranges from 0 by 1; the indices topk, sort, max & co. return,
         and views and integer copies of them. A tensor written in place is neither any more."""
         for a, arg in zip(func._schema.arguments, args):
@@ -856,8 +856,8 @@ class _Tracker(TorchDispatchMode):
                 self.state.iotas.pop(arg, None)
                 self.state.indices.pop(arg, None)
         packet = func.overloadpacket
-        if packet is aten.arange and out.dim() == 1 and _arg(func, args, {}, "step", 1) == 1:
-            if len(args) == 1 or _arg(func, args, {}, "start", 0) == 0:
+        if packet is aten.arange and out.dim() == 1 and _arg(func, args, kwargs, "step", 1) == 1:
+            if _arg(func, args, kwargs, "start", 0) == 0:
                 self.state.iotas[out] = True
         elif packet in _INDEX_PAIRS and isinstance(out, tuple) and len(out) == 2:
             self.state.indices[out[1]] = True

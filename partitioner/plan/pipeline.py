@@ -61,7 +61,7 @@ EXACT_MAX_POSITIONS = 1024  # coarse cut positions up to which contiguous_partit
 # Its first windows, x the lower bound on the bottleneck (then the first split's). One wide window: a window that
 # holds no split costs about as much as one that does, and the optimum of a deep pipeline lies 1.0-1.9x over the
 # bound (memory forces recompute, sends add to stages); the windows 1.05, 1.25, 1.6 failed 802 times for the 324
-# splits they found on the 1T GPT at 3,072 A100s (7.2 s), 1.5 alone 137 times (4.7 s), the same plans.
+# splits they found on the 1T GPT at 3,072 A100s (7.2 s), 1.5 alone about 135 times (4.7 s), the same plans.
 WINDOWS = (1.5,)
 EXACT_BRACKET = 0.05  # the full DP bisects until its bracket is this narrow (relative), then runs the exact DP once
 _PAIRS = 1 << 22  # the most (start, end) pairs that exact pass may build for one stage (a few arrays of this size)
