@@ -1,4 +1,5 @@
-"""GPU benchmarks of the fused kernels in `kernels/` against eager PyTorch and torch.compile of the reference.
+"""GPU benchmarks of the fused kernels (`partitioner/kernels/`) against eager PyTorch and torch.compile of the
+reference.
 
 Usage (CUDA device)::
 
@@ -68,8 +69,7 @@ if TYPE_CHECKING:
 __all__ = ["CASES", "Case", "Target", "check", "evaluate_targets", "main", "measure", "target_device", "write_results"]
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ is sys.path[0] and this file would shadow the `kernels` package: use the repo root.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+# Run as a script, bench/ is sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
@@ -190,12 +190,12 @@ def _slot_case(b: int, s: int, n: int, d: int, dv: int) -> Case:
         return {"q": q, "k": k, "v": v, "slot_mask": mask}
 
     def call(x: Inputs, backend: str) -> tuple[torch.Tensor, ...]:
-        from kernels.slot_attention import slot_attention
+        from partitioner.kernels.slot_attention import slot_attention
 
         return (slot_attention(x["q"], x["k"], x["v"], x["slot_mask"], backend=backend)[0],)
 
     def reference(x: Inputs) -> tuple[torch.Tensor, ...]:
-        from kernels.slot_attention import slot_attention_reference
+        from partitioner.kernels.slot_attention import slot_attention_reference
 
         return (slot_attention_reference(x["q"], x["k"], x["v"], x["slot_mask"])[0],)
 
@@ -240,13 +240,13 @@ def _vq_case(m: int, k: int, d: int, straight_through: bool) -> Case:
         return {"z": z, "codebook": codebook}
 
     def call(x: Inputs, backend: str) -> tuple[torch.Tensor, ...]:
-        from kernels.vq import vq_lookup
+        from partitioner.kernels.vq import vq_lookup
 
         _, quant, dist = vq_lookup(x["z"], x["codebook"], straight_through=straight_through, backend=backend)
         return quant, dist
 
     def reference(x: Inputs) -> tuple[torch.Tensor, ...]:
-        from kernels.vq import vq_lookup_reference
+        from partitioner.kernels.vq import vq_lookup_reference
 
         _, quant, dist = vq_lookup_reference(x["z"], x["codebook"], straight_through=straight_through)
         return quant, dist
@@ -305,12 +305,12 @@ def _msglam_case(b: int, c: int, h: int, w: int, reduction: int = 16, k: int = 7
     args = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "log_sigma", "ca_w1", "ca_w2", "sa_w")
 
     def call(x: Inputs, backend: str) -> tuple[torch.Tensor, ...]:
-        from kernels.msglam import msglam_attention
+        from partitioner.kernels.msglam import msglam_attention
 
         return tuple(msglam_attention(*(x[a] for a in args), backend=backend))
 
     def reference(x: Inputs) -> tuple[torch.Tensor, ...]:
-        from kernels.msglam import msglam_attention_reference
+        from partitioner.kernels.msglam import msglam_attention_reference
 
         return tuple(msglam_attention_reference(*(x[a] for a in args)))
 

@@ -77,8 +77,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ is sys.path[0] and bench/kernels.py would shadow the `kernels` package: use the repo root.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+# Run as a script, bench/ is sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -105,13 +104,13 @@ H100_SMS = 132  # H100 SXM5 / H200
 # Autotuned kernel -> (module, global the launcher calls it through); in the order they are compiled, quickest
 # first (a compile takes ~1 s for slot attention, ~3 s for vq_fwd, 10-20 s for MS-GLAM, minutes for VQ's backward).
 KERNELS: dict[str, tuple[str, str]] = {
-    "slot_attention_fwd": ("kernels.slot_attention", "_slot_attention_fwd_kernel"),
-    "slot_attention_bwd": ("kernels.slot_attention", "_slot_attention_bwd_kernel"),
-    "vq_fwd": ("kernels.vq", "_vq_fwd_kernel"),
-    "msglam_fwd": ("kernels.msglam", "_msglam_fwd_kernel"),
-    "msglam_bwd": ("kernels.msglam", "_msglam_bwd_kernel"),
-    "vq_st_bwd_dz": ("kernels.vq", "_vq_st_bwd_dz_kernel"),
-    "vq_st_bwd_dc": ("kernels.vq", "_vq_st_bwd_dc_kernel"),
+    "slot_attention_fwd": ("partitioner.kernels.slot_attention", "_slot_attention_fwd_kernel"),
+    "slot_attention_bwd": ("partitioner.kernels.slot_attention", "_slot_attention_bwd_kernel"),
+    "vq_fwd": ("partitioner.kernels.vq", "_vq_fwd_kernel"),
+    "msglam_fwd": ("partitioner.kernels.msglam", "_msglam_fwd_kernel"),
+    "msglam_bwd": ("partitioner.kernels.msglam", "_msglam_bwd_kernel"),
+    "vq_st_bwd_dz": ("partitioner.kernels.vq", "_vq_st_bwd_dz_kernel"),
+    "vq_st_bwd_dc": ("partitioner.kernels.vq", "_vq_st_bwd_dc_kernel"),
 }
 # Input dtypes; "fp32-tf32" is fp32 with torch.backends.cuda.matmul.allow_tf32 = True, which slot attention and VQ
 # follow (their launchers pass DOT_PRECISION="tf32" then, "ieee" by default); MS-GLAM always passes "ieee".
@@ -168,14 +167,14 @@ class _Ctx:
 
 
 def _drive_slot(x: dict[str, Any]) -> None:
-    sa = importlib.import_module("kernels.slot_attention")
+    sa = importlib.import_module("partitioner.kernels.slot_attention")
     q, k, v, mask = x["q"], x["k"], x["v"], x["slot_mask"]
     updates, den, _ = sa._slot_attention_fwd(q, k, v, mask, 1e-5, False)
     sa._slot_attention_bwd(q, k, v, mask, den, updates, torch.empty_like(updates), None)
 
 
 def _drive_vq(x: dict[str, Any], straight_through: bool = False) -> None:
-    vq = importlib.import_module("kernels.vq")
+    vq = importlib.import_module("partitioner.kernels.vq")
     z2, codebook = x["z"].reshape(-1, x["z"].shape[-1]), x["codebook"]
     _, row_max, row_sum = vq._vq_fwd(z2, codebook, False, 1.0, 0, stats=straight_through)
     if straight_through:
@@ -185,7 +184,7 @@ def _drive_vq(x: dict[str, Any], straight_through: bool = False) -> None:
 
 
 def _drive_msglam(x: dict[str, Any]) -> None:
-    ms = importlib.import_module("kernels.msglam")
+    ms = importlib.import_module("partitioner.kernels.msglam")
     names = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "log_sigma", "ca_w1", "ca_w2", "sa_w")
     ctx = _Ctx()
     nl_out, cbam_out = ms._MSGLAMAttention.forward(ctx, *(x[n] for n in names))
@@ -211,7 +210,7 @@ def _record(dtype_name: str) -> list[tuple[str, str, tuple, dict]]:
         stack.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", tf32)
         for label, (module, name) in KERNELS.items():
             stack.enter_context(mock.patch.object(importlib.import_module(module), name, _Recorder(label, sink)))
-        sa = importlib.import_module("kernels.slot_attention")
+        sa = importlib.import_module("partitioner.kernels.slot_attention")
         splits = sa._splits  # the token split a CUDA device gets, with an H100's SM count
         stack.enter_context(mock.patch.object(sa, "_sm_count", lambda device: H100_SMS))
         stack.enter_context(mock.patch.object(sa, "_splits", lambda b, n, device: splits(b, n, torch.device("cuda"))))

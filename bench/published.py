@@ -69,7 +69,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, bench/ is sys.path[0], where bench/kernels.py would shadow any top-level `kernels` (Hugging
+# Face's, which transformers imports): import from the repo root (run from a checkout without installing).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import partitioner  # noqa: E402
 from partitioner.units import format_bytes, format_seconds  # noqa: E402
@@ -78,7 +83,6 @@ from zoo.gpt3 import param_count as gpt_param_count  # noqa: E402
 from zoo.llama import Llama, LlamaConfig  # noqa: E402
 from zoo.llama import param_count as llama_param_count  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT.parent / "shared" / "calibration"  # the team's tables (not in a bare clone)
 OURS = ROOT / "bench" / "calibration"  # tables transcribed here, each row citing its source
 RESULTS = ROOT / "bench" / "results"

@@ -7,7 +7,7 @@ What is public is listed once, in `MODULES` below, from what the code and the do
 `partitioner` package's `__all__` (what README.md and docs/usage.md use), the modules behind it that users touch
 by name (the Plan's schema, the device presets, the torchrun runtime and its deferred initialization, the Gantt
 chart, the command line's entry point), the types that `CompiledModel`'s members return (`TensorParallelPlan`,
-`TPCheckReport`, `CPCheckReport` and its `ContextLayout`, `SimResult`), `kernels.__all__` and `zoo.__all__`.
+`TPCheckReport`, `CPCheckReport` and its `ContextLayout`, `SimResult`), `partitioner.kernels.__all__` and `zoo.__all__`.
 An object re-exported by several of those modules is documented at its first listing and linked from the others.
 
 Signatures come from `inspect.signature`, with each annotation as written in the source (read back from the
@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the packages are
     sys.path.insert(0, str(ROOT))
 OUTPUT = ROOT / "docs" / "api.md"
 COMMAND = "python docs/gen_api.py"
-PACKAGES = ("partitioner", "kernels", "zoo")  # where "defined in" links point, and whose base classes' members count
+PACKAGES = ("partitioner", "zoo")  # where "defined in" links point, and whose base classes' members count
 WIDTH = 100  # a signature longer than this is written one parameter per line
 
 
@@ -76,7 +76,7 @@ MODULES: tuple[ModuleSpec, ...] = (
     ModuleSpec("partitioner.simulate", ("SimResult",), "`CompiledModel.simulation`'s type."),
     ModuleSpec("partitioner.gantt", None, "The pipeline Gantt chart (`partitioner plan --gantt`)."),
     ModuleSpec("partitioner.cli", ("main",), "The `partitioner` command (`python -m partitioner`)."),
-    ModuleSpec("kernels", None, "Triton kernels with plain-PyTorch references."),
+    ModuleSpec("partitioner.kernels", None, "Triton kernels with plain-PyTorch references."),
     ModuleSpec("zoo", None, "The model zoo: presets, example inputs, targets and losses."),
 )
 

@@ -7,13 +7,13 @@
 The first two take about 8 s and 20 s on 2 CPU cores (the interpreter is slow; keep sizes small there).
 
 The model is a tiny object-centric autoencoder: a CNN turns an image into tokens, Slot Attention (Locatello et
-al. 2020) groups them into a few slots, calling `kernels.slot_attention` at every iteration, and the last
+al. 2020) groups them into a few slots, calling `partitioner.kernels.slot_attention` at every iteration, and the last
 iteration's attention, used as per-slot masks, paints each slot's colour back into the image.
 
 `slot_attention(..., backend="auto")` runs Triton where it can (CUDA tensors, or CPU tensors when TRITON_INTERPRET=1
-was set before `kernels` was imported) and the plain-PyTorch reference otherwise, silently; `backend="triton"`
-raises instead, naming the reason. This script uses that to say which path ran. On a CPU without the interpreter
-both runs of step 1 are the reference, so their differences are 0 by construction.
+was set before `partitioner.kernels` was imported) and the plain-PyTorch reference otherwise, silently;
+`backend="triton"` raises instead, naming the reason. This script uses that to say which path ran. On a CPU without
+the interpreter both runs of step 1 are the reference, so their differences are 0 by construction.
 
 `partitioner.compile` captures each call as one graph node that dispatches when it runs (every `kernels` function
 is an fx leaf, however it is imported): the compiled model runs the same kernel. Step 3 checks it is a node.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import partitioner
-from kernels import slot_attention
+from partitioner.kernels import slot_attention
 
 # (tolerance, floor) per dtype: a tensor passes within tolerance x its scale, the scale being its largest reference
 # magnitude but at least floor x the largest gradient. The floor is there because some gradients are 0 in exact

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # Triton reads this when a kernel is decorated (at import), so it must be set before any test imports
-# `kernels`: without CUDA (CI) the kernels run in Triton's interpreter; with a GPU they are compiled for it, so the
-# `gpu` tests exercise the real kernels and the autotuner's compile-based pruning.
+# `partitioner.kernels`: without CUDA (CI) the kernels run in Triton's interpreter; with a GPU they are compiled for
+# it, so the `gpu` tests exercise the real kernels and the autotuner's compile-based pruning.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

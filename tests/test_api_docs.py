@@ -10,8 +10,8 @@ from types import ModuleType
 
 import pytest
 
-import kernels
 import partitioner
+from partitioner import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 API_MD = ROOT / "docs" / "api.md"

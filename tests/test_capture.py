@@ -665,8 +665,8 @@ def test_huggingface_model_output_on_export_and_module_level(path: str) -> None:
 def test_kernel_calls_are_graph_nodes_however_they_are_imported() -> None:
     """Every `kernels` function is an fx leaf (kernels._dispatch.fx_leaf): a model that neither wraps it with
     torch.fx.wrap nor imports it by name is captured by fx with the call as one node, and runs equal."""
-    import kernels
-    from kernels import slot_attention
+    from partitioner import kernels
+    from partitioner.kernels import slot_attention
 
     class Slots(nn.Module):
         def __init__(self) -> None:

@@ -88,8 +88,8 @@ def test_autotuning_compiles_the_kept_configs_and_counts_their_spills(monkeypatc
     those ptxas spills registers in are dropped. VQ with the straight-through backward at D=128 (the register models
     were measured at D=256): every autotuned kernel it launches counts its kept configs' spills, and its result
     stays the reference's."""
-    import kernels
-    import kernels._triton_common as common
+    import partitioner.kernels._triton_common as common
+    from partitioner import kernels
 
     seen: list[list[int]] = []
     original = common.fewest_spills

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels._dispatch import tl, triton
-from kernels.msglam import (
+from partitioner.kernels._dispatch import tl, triton
+from partitioner.kernels.msglam import (
     _dot_terms,
     cbam_reference,
     msglam_attention,
@@ -137,7 +137,7 @@ def test_autotune_pruning() -> None:
     that compile for sm_90 without spills (bench/kernels_sm90.py checks them); never to nothing."""
     from triton import Config
 
-    from kernels.msglam import _prune, _prune_bwd
+    from partitioner.kernels.msglam import _prune, _prune_bwd
 
     configs = [
         Config({"BLOCK_K": k, "BLOCK_CV": c}, num_warps=w) for k in (16, 32, 64) for c in (32, 64, 128) for w in (4, 8)
@@ -166,7 +166,7 @@ def test_both_token_contraction_paths(dtype: torch.dtype, monkeypatch: pytest.Mo
     """P @ v, P^T g, dS k, dS^T q contract over tokens in one dot (16-bit on a GPU) or 16 tokens at a time through
     the per-program scratch (fp32): each dtype is run down the path it does not take by default, at 7x7 (64 tokens:
     four chunks) with two non-local programs per sample."""
-    import kernels.msglam as km
+    import partitioner.kernels.msglam as km
 
     forced = (lambda dt, n: n) if dtype == torch.float32 else (lambda dt, n: min(16, n))
     monkeypatch.setattr(km, "_block_t", forced)
@@ -288,7 +288,7 @@ _COMPILE_SM90 = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import kernels.msglam as km
+    import partitioner.kernels.msglam as km
 
     # DMAGaze's widest stage (C = 256, 7x7 tokens) and the largest tiles the launcher allows (C 512, 128 tokens);
     # bf16 inputs (tokens contracted at once) and fp32 (16 at a time through the scratch)

@@ -1,7 +1,7 @@
 """Index width of the Triton kernels (issue #21 item 4): no address wraps at shapes past 2^31 elements.
 
-How: the real launchers (kernels/vq.py, kernels/slot_attention.py) run on meta tensors, i.e. shapes and strides
-with no memory, whose largest element offset lies between 2^31 and 2^32 (past 2^31 elements, or a stride whose
+How: the real launchers (partitioner/kernels/vq.py, slot_attention.py) run on meta tensors, i.e. shapes and
+strides with no memory, whose largest element offset lies between 2^31 and 2^32 (past 2^31 elements, or a stride whose
 product with an index passes 2^31). Each launch they make is run by Triton's interpreter, which does integer
 arithmetic in the kernel's own types (int32 wraps there as it does on the GPU), but only for the extreme programs
 of its grid (first and last along each axis, where the offsets are largest), on tensors that have a made-up
@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels._dispatch import INTERPRET, tl, triton
+from partitioner.kernels._dispatch import INTERPRET, tl, triton
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU Triton needs TRITON_INTERPRET=1 (tests/conftest.py)")
 
@@ -228,7 +228,7 @@ def test_harness_catches_a_planted_int32_wrap(wide: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# kernels/vq.py
+# partitioner/kernels/vq.py
 # ----------------------------------------------------------------------------------------------------------
 
 _VQ_KERNELS = {"_vq_fwd_kernel", "_vq_st_bwd_dz_kernel", "_vq_st_bwd_dc_kernel"}
@@ -236,7 +236,7 @@ _VQ_KERNELS = {"_vq_fwd_kernel", "_vq_st_bwd_dz_kernel", "_vq_st_bwd_dc_kernel"}
 
 def _vq_forward_backward(z2: torch.Tensor, codebook: torch.Tensor, dq: torch.Tensor) -> None:
     """The launches of a sampling straight-through vq_lookup, forward and backward (as bench/kernels_sm90.py)."""
-    import kernels.vq as vq
+    import partitioner.kernels.vq as vq
 
     _, row_max, row_sum = vq._vq_fwd(z2, codebook, True, 0.5, 12345, stats=True)
     ctx = _Ctx()
@@ -268,7 +268,7 @@ def test_vq_offsets_do_not_wrap(
     c_strides: tuple[int, int] | None,
     run: set[str],
 ) -> None:
-    import kernels.vq as vq
+    import partitioner.kernels.vq as vq
 
     z2 = _meta((rows, dim), z_strides, torch.bfloat16)
     codebook = _meta((codes, dim), c_strides, torch.bfloat16)
@@ -282,14 +282,14 @@ def test_vq_offsets_do_not_wrap(
 
 def test_vq_gumbel_table_offsets_do_not_wrap(monkeypatch: pytest.MonkeyPatch) -> None:
     """The noise table the tests hand to the reference: (M, K) with M * K past 2^31."""
-    import kernels.vq as vq
+    import partitioner.kernels.vq as vq
 
     with _virtual_launches(monkeypatch, vq, {"_gumbel_table_kernel"}, set()):
         vq.gumbel_noise_like_kernel(2**20 + 1, 2**11 + 3, 7, device="meta")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# kernels/slot_attention.py
+# partitioner/kernels/slot_attention.py
 # ----------------------------------------------------------------------------------------------------------
 
 _SA_KERNELS = {"_slot_attention_fwd_kernel", "_slot_attention_bwd_kernel"}
@@ -305,7 +305,7 @@ def test_slot_attention_offsets_do_not_wrap(monkeypatch: pytest.MonkeyPatch, lay
     the first token offset that needs int64 (WIDE_TOKENS). The others: small tensors whose stride along that axis
     times the axis' largest index passes 2^31 (a strided view), for every caller's tensor with such an axis (q, k,
     v, slot_mask, the updates and their gradients)."""
-    sa = importlib.import_module("kernels.slot_attention")  # the package exports the function under this name
+    sa = importlib.import_module("partitioner.kernels.slot_attention")  # the package exports a function so named
 
     dt = torch.bfloat16
     if layout == "batch-size":

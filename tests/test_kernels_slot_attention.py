@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels._dispatch import INTERPRET, use_triton
-from kernels.slot_attention import slot_attention, slot_attention_reference
+from partitioner.kernels._dispatch import INTERPRET, use_triton
+from partitioner.kernels.slot_attention import slot_attention, slot_attention_reference
 
 torch.fx.wrap("slot_attention")  # traced as a leaf, as the MetaSlot model does
 
@@ -113,7 +113,7 @@ def test_metaslot_shape_and_noncontiguous() -> None:
 def test_backward_feature_chunks(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], chunk: int) -> None:
     """The backward writes dk and dv BLOCK_C = min(chunk, BLOCK_D, BLOCK_DV) features at a time: several chunks,
     a chunk cut by D or Dv and chunks wholly past it, for q / k (wide-d) and v (wide-dv), masked, with attn."""
-    sa = importlib.import_module("kernels.slot_attention")  # the package exports the function under this name
+    sa = importlib.import_module("partitioner.kernels.slot_attention")  # the package exports a function so named
 
     monkeypatch.setattr(sa, "_DK_CHUNK", chunk)
     q, k, v, mask = _inputs(shape, torch.float32, True, seed=3)
@@ -237,7 +237,7 @@ def test_row_without_active_slot_is_rejected() -> None:
 def test_autotune_pruning_keeps_a_fitting_subset(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU autotune space (only used on CUDA) pruned for MetaSlot sizes: non-empty, within the split, and by
     the limits the sm_90 compiles showed (tests/test_kernels_slot_attention_limits.py checks the models)."""
-    sa = importlib.import_module("kernels.slot_attention")  # the package exports the function under this name
+    sa = importlib.import_module("partitioner.kernels.slot_attention")  # the package exports a function so named
 
     monkeypatch.setattr(sa, "INTERPRET", False)
     configs = sa._configs()
@@ -265,7 +265,7 @@ def test_autotune_pruning_keeps_a_fitting_subset(monkeypatch: pytest.MonkeyPatch
 
 
 # ----------------------------------------------------------------------------------------------------------
-# kernels/_dispatch.py rules (shared with the other kernels)
+# partitioner/kernels/_dispatch.py rules (shared with the other kernels)
 # ----------------------------------------------------------------------------------------------------------
 
 

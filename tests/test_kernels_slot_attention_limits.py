@@ -42,7 +42,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _model(row: dict[str, Any], constexprs: dict[str, Any]) -> tuple[int, float, float]:
     """(smem bound in bytes, register words, budget) of the row's config by the pruning's models."""
-    sa = importlib.import_module("kernels.slot_attention")  # the package exports the function under this name
+    sa = importlib.import_module("partitioner.kernels.slot_attention")  # the package exports a function so named
     bwd = row["kernel"] == "slot_attention_bwd"
     block_n, warps, stages = _parse(row["config"])
     bs, bd, bdv = constexprs["BLOCK_S"], constexprs["BLOCK_D"], constexprs["BLOCK_DV"]
@@ -80,7 +80,7 @@ def test_pruning_models_bound_the_sm90_compiles(result: dict[str, Any]) -> None:
 
 def test_forward_config_of_the_sm90_smoke_test_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     """tests/test_kernels_sm90.py compiles the forward's "BLOCK_N=16 w4 s1" for bf16 and fp32 and expects it kept."""
-    sa = importlib.import_module("kernels.slot_attention")  # the package exports the function under this name
+    sa = importlib.import_module("partitioner.kernels.slot_attention")  # the package exports a function so named
 
     monkeypatch.setattr(sa, "INTERPRET", False)
     meta = dict(BLOCK_S=16, BLOCK_D=256, BLOCK_DV=256, DOT_PRECISION="ieee")

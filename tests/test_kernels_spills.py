@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kernels._triton_common import fewest_spills
+from partitioner.kernels._triton_common import fewest_spills
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_every_autotuned_kernel_compiled_for_a_gpu_prunes_by_its_compile() -> No
     harness reads)."""
     code = (
         "import importlib\n"
-        "m, s, v = (importlib.import_module(f'kernels.{n}') for n in ('msglam', 'slot_attention', 'vq'))\n"
+        "m, s, v = (importlib.import_module(f'partitioner.kernels.{n}') for n in ('msglam', 'slot_attention', 'vq'))\n"
         "ks = [m._msglam_fwd_kernel, m._msglam_bwd_kernel, s._slot_attention_fwd_kernel, s._slot_attention_bwd_kernel,"
         " v._vq_fwd_kernel, v._vq_st_bwd_dz_kernel, v._vq_st_bwd_dc_kernel]\n"
         "assert all(hasattr(k.early_config_prune, 'inner') for k in ks), ks\n"

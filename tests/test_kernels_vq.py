@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels._dispatch import INTERPRET
-from kernels.vq import _seed, gumbel_noise_like_kernel, vq_lookup, vq_lookup_reference
+from partitioner.kernels._dispatch import INTERPRET
+from partitioner.kernels.vq import _seed, gumbel_noise_like_kernel, vq_lookup, vq_lookup_reference
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU Triton needs TRITON_INTERPRET=1 (tests/conftest.py)")
 
@@ -117,7 +117,7 @@ def test_sample_matches_reference_with_the_kernels_noise(straight_through: bool)
 def test_straight_through_feature_chunks_match_reference(monkeypatch: pytest.MonkeyPatch, sample: bool) -> None:
     """The fp32 FMA path of the straight-through kernels (score dots summed over feature chunks, BLOCK_DC <
     BLOCK_D; on a GPU for fp32 without TF32) forced here: D = 40 in 64-wide rows, chunks of 16 with a ragged last."""
-    import kernels.vq as vq
+    import partitioner.kernels.vq as vq
 
     monkeypatch.setattr(vq, "_feature_chunk", lambda dtype, block_d: 16)
     z, codebook = _inputs((3, 11, 40), 37, torch.float32)
@@ -139,7 +139,7 @@ def test_straight_through_two_byte_operands_within_their_rounding(dtype: torch.d
     factor is off by at most the unit roundoff u (2^-8 bf16, 2^-11 fp16) of its size, so a sum is off by at most
     u * (the sum of its terms' absolute values); the bound takes 2u (for the fp32 scores' ~1e-5 relative error in
     p and the fp32 sums), plus u of the result for its rounding to the output dtype."""
-    import kernels.vq as vq
+    import partitioner.kernels.vq as vq
 
     u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     gen = torch.Generator().manual_seed(1)
@@ -263,7 +263,7 @@ def test_bad_tau_raises() -> None:
 
 def test_autotune_pruning_keeps_a_fitting_subset(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU autotune spaces (only used on CUDA) pruned for MetaSlot sizes: non-empty and within the problem."""
-    import kernels.vq as vq
+    import partitioner.kernels.vq as vq
 
     monkeypatch.setattr(vq, "INTERPRET", False)
     spaces = [(vq._fwd_configs(), vq._prune_fwd, "BLOCK_K"), (vq._bwd_configs("BLOCK_K"), vq._prune_dz, "BLOCK_K")]
@@ -344,7 +344,7 @@ def test_sample_passes_chi_square_against_softmax(backend: str) -> None:
 
 def _tuning_keys(monkeypatch: pytest.MonkeyPatch, m: int, k: int, dtype: torch.dtype, tf32: bool = False) -> list:
     """The autotune keys (as triton's Autotuner.run builds them) of the three VQ kernels for a launch at (m, k)."""
-    import kernels.vq as vq
+    import partitioner.kernels.vq as vq
 
     keys = []
 
@@ -382,7 +382,7 @@ def _tuning_keys(monkeypatch: pytest.MonkeyPatch, m: int, k: int, dtype: torch.d
 
 def test_autotune_key_buckets_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch sizes within one power of two, or past 2^15 rows, share a tuning; K, dtype and TF32 do not."""
-    import kernels.vq as vq
+    import partitioner.kernels.vq as vq
 
     for name in ("_vq_fwd_kernel", "_vq_st_bwd_dz_kernel", "_vq_st_bwd_dc_kernel"):
         assert "M" not in getattr(vq, name).keys and "M_BUCKET" in getattr(vq, name).keys
@@ -396,7 +396,7 @@ def test_autotune_key_buckets_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_autotune_pruning_depends_on_rows_only_through_the_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tuned config is reused for every M of its bucket, so the configs pruning keeps must be the same there."""
-    import kernels.vq as vq
+    import partitioner.kernels.vq as vq
 
     monkeypatch.setattr(vq, "INTERPRET", False)
     configs = vq._fwd_configs()

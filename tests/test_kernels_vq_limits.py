@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-import kernels.vq as vq
+import partitioner.kernels.vq as vq
 
 triton = pytest.importorskip("triton")
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import zoo.dmagaze as dmagaze  # importing registers the presets
-from kernels.msglam import msglam_attention
+from partitioner.kernels.msglam import msglam_attention
 from zoo.registry import entry, example_inputs, example_targets, get, loss_fn, names
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ Choices, and where we follow or leave the authors' code (github.com/Sajelhhh/DMA
   tensor created lazily in forward is a defect (not a learned mask, not in the state dict at init); not copied.
 - Non-local attention: softmax over the logits -||q - k||^2 / 2 sigma^2 (the code softmaxes exp of that, which is
   nearly uniform) and a proper (B, N, C) -> (B, C, H, W) transpose (the code uses .view); sigma = exp(log_sigma),
-  init 1 as in the code. See kernels/msglam.py.
+  init 1 as in the code. See partitioner/kernels/msglam.py.
 - CBAM: channel gate then spatial gate in sequence on the stage input (the CBAM paper and the code); the CBAM and
   non-local outputs are computed in parallel from the same input and concatenated (code and paper).
 - Gaze MLPs: Linear(192, 32), ReLU, Linear(32, 1). The code has no nonlinearity between the two Linears (a
@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.msglam import msglam_attention
+from partitioner.kernels.msglam import msglam_attention
 from zoo.common import preset_config
 from zoo.registry import ModelEntry, register
 

@@ -81,8 +81,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
-from kernels.slot_attention import slot_attention
-from kernels.vq import vq_lookup
+from partitioner.kernels.slot_attention import slot_attention
+from partitioner.kernels.vq import vq_lookup
 from zoo.common import preset_config
 from zoo.registry import ModelEntry, register
 from zoo.vit import ViTEncoder, vit_param_count

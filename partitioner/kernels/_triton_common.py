@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kernels._dispatch import INTERPRET, tl, triton
+from partitioner.kernels._dispatch import INTERPRET, tl, triton
 
 __all__ = ["_mm", "fewest_spills", "prune_spills"]
 

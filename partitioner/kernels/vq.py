@@ -63,8 +63,8 @@ from collections.abc import Callable
 
 import torch
 
-from kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
-from kernels._triton_common import _mm, prune_spills
+from partitioner.kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
+from partitioner.kernels._triton_common import _mm, prune_spills
 
 __all__ = ["gumbel_noise_like_kernel", "vq_lookup", "vq_lookup_reference"]
 
@@ -910,7 +910,7 @@ def vq_lookup(
             (including the Gumbel noise when sampling): quantized behaves as (onehot - p.detach() + p) @ codebook
             in backward, so gradient reaches codebook rows through p and z through the distances. Off by
             default, because MetaSlot does not use it (below).
-        backend: "auto" | "triton" | "reference", see ``kernels/_dispatch.py``.
+        backend: "auto" | "triton" | "reference", see ``partitioner/kernels/_dispatch.py``.
 
     Returns:
         ``(indices, quantized, distances)``: indices (...) int64; quantized (..., D) = codebook[indices] in the

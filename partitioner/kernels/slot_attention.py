@@ -46,8 +46,8 @@ import functools
 
 import torch
 
-from kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
-from kernels._triton_common import _mm, prune_spills
+from partitioner.kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
+from partitioner.kernels._triton_common import _mm, prune_spills
 
 __all__ = ["slot_attention", "slot_attention_reference"]
 
@@ -622,7 +622,7 @@ def slot_attention(
             the mask is a CPU tensor (free); on CUDA it is not checked (it would synchronise).
         eps: added to each slot's token sum before renormalising (MetaSlot / Slot Attention use 1e-5 / 1e-8).
         return_attn: also return the attention.
-        backend: "auto" | "triton" | "reference", see ``kernels/_dispatch.py``.
+        backend: "auto" | "triton" | "reference", see ``partitioner/kernels/_dispatch.py``.
 
     Returns:
         ``(updates, attn)``: updates (B, S, Dv) = renorm @ v in v's dtype; attn is None unless

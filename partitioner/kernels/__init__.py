@@ -6,9 +6,9 @@ FlopCounterMode, or without triton); `backend="reference"|"triton"` forces a pat
 function's docstring for shapes, gradients and limits.
 """
 
-from kernels.msglam import msglam_attention, msglam_attention_reference
-from kernels.slot_attention import slot_attention, slot_attention_reference
-from kernels.vq import vq_lookup, vq_lookup_reference
+from partitioner.kernels.msglam import msglam_attention, msglam_attention_reference
+from partitioner.kernels.slot_attention import slot_attention, slot_attention_reference
+from partitioner.kernels.vq import vq_lookup, vq_lookup_reference
 
 __all__ = [
     "msglam_attention",

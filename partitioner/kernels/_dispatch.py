@@ -1,4 +1,4 @@
-"""Triton or reference: the one rule every kernel in `kernels/` uses to pick its implementation.
+"""Triton or reference: the one rule every kernel in `partitioner/kernels/` uses to pick its implementation.
 
 Every public kernel function takes ``backend: Literal["auto", "triton", "reference"] = "auto"`` and asks
 ``use_triton(*tensors, backend=backend)``:
@@ -8,20 +8,20 @@ Every public kernel function takes ``backend: Literal["auto", "triton", "referen
   (see :func:`triton_unsupported_reason`).
 - ``"auto"``: Triton when it can run, else the reference. Triton can run when all of:
 
-  1. ``triton`` imports (it is Linux-only in pyproject; ``import kernels`` works without it);
+  1. ``triton`` imports (it is Linux-only in pyproject; ``import partitioner.kernels`` works without it);
   2. every tensor is a plain dense tensor: not a subclass (FakeTensor, DTensor, ...), not a functorch
      wrapper (vmap / grad), not sparse;
   3. no dispatch mode is active (FlopCounterMode, FakeTensorMode, ...: a Triton launch is invisible to
      them, so the reference runs and they see its ops) and we are not inside ``torch.compile`` tracing;
   4. either all tensors are on one CUDA device, or all are CPU tensors and ``TRITON_INTERPRET=1`` was set
-     when ``kernels`` was imported (Triton picks interpreter or compiler when a kernel is decorated, at
+     when ``partitioner.kernels`` was imported (Triton picks interpreter or compiler when a kernel is decorated, at
      import; tests/conftest.py sets it first). Meta tensors and other devices therefore get the reference.
 
 Every public kernel is an fx leaf (:func:`fx_leaf`): torch.fx records each call as one ``call_function`` node,
-whatever the caller's import style (``from kernels import f`` or ``kernels.f(...)``) and with no ``torch.fx.wrap``
-in the caller's module, so a traced model keeps the fused kernel. ``"auto"`` then keeps such graphs runnable
-anywhere: the partitioner's meta-tensor FlopCounterMode pass runs the reference (rules 3 and 4), whose ops it counts.
-(torch.export traces into the function instead: on its fake tensors it records the reference's ops.)
+whatever the caller's import style (``from partitioner.kernels import f`` or ``kernels.f(...)``) and with no
+``torch.fx.wrap`` in the caller's module, so a traced model keeps the fused kernel. ``"auto"`` then keeps such graphs
+runnable anywhere: the partitioner's meta-tensor FlopCounterMode pass runs the reference (rules 3 and 4), whose ops it
+counts. (torch.export traces into the function instead: on its fake tensors it records the reference's ops.)
 Kernel-specific limits (dtype, head dimension) are the kernel's own business: it passes them to
 :func:`use_triton` as ``extra_reason`` so that ``"auto"`` falls back and ``"triton"`` raises with the reason.
 """
@@ -138,7 +138,7 @@ def triton_unsupported_reason(*tensors: torch.Tensor | None) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        return None if INTERPRET else "CPU tensors need TRITON_INTERPRET=1 set before `kernels` is imported"
+        return None if INTERPRET else "CPU tensors need TRITON_INTERPRET=1 set before `partitioner.kernels` is imported"
     return f"device type {device.type!r} is not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
 
 

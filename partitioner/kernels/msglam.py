@@ -69,8 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
-from kernels._triton_common import prune_spills
+from partitioner.kernels._dispatch import INTERPRET, Backend, fx_leaf, tl, triton, use_triton
+from partitioner.kernels._triton_common import prune_spills
 
 __all__ = ["msglam_attention", "msglam_attention_reference", "nonlocal_attention_reference", "cbam_reference"]
 
