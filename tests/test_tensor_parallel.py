@@ -452,28 +452,36 @@ def test_shard_math_roundtrip_with_a_tail_kept_whole(tp: int, head: int, whole: 
 class MultiQueryAttention(nn.Module):
     """One fused q | k | v Linear holding `n_head` q heads and one k and one v head (PaLM / Falcon-7B style),
     cut by fx getitem slices: q = qkv[:, :, :-2], k = qkv[:, :, -2:-1], v = qkv[:, :, -1:] of its (B, T, nh + 2, hd)
-    view; k and v broadcast over the q heads."""
+    view, or (`split=True`, Falcon from transformers 5.25) by `qkv.split([nh, 1, 1], dim=2)`; k and v broadcast over
+    the q heads."""
 
-    def __init__(self, d: int, n_head: int):
+    def __init__(self, d: int, n_head: int, split: bool = False):
         super().__init__()
-        self.n_head, self.hd = n_head, d // n_head
+        self.n_head, self.hd, self.split = n_head, d // n_head, split
         self.qkv = nn.Linear(d, d + 2 * self.hd)
         self.out = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2, self.hd)
-        q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, :-2], qkv[:, :, -2:-1], qkv[:, :, -1:]))
+        if self.split:
+            pieces = qkv.split([self.n_head, 1, 1], dim=2)
+        else:
+            pieces = (qkv[:, :, :-2], qkv[:, :, -2:-1], qkv[:, :, -1:])
+        q, k, v = (t.transpose(1, 2) for t in pieces)
         y = F.scaled_dot_product_attention(q, k.expand(-1, self.n_head, -1, -1), v.expand(-1, self.n_head, -1, -1))
         return x + self.out(y.transpose(1, 2).reshape(B, T, C))
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["slices", "split"])
 @pytest.mark.parametrize("tp", [2, 4])
-def test_multi_query_fused_linear_keeps_k_and_v_whole_in_an_fx_graph(tp: int) -> None:
+def test_multi_query_fused_linear_keeps_k_and_v_whole_in_an_fx_graph(tp: int, split: bool) -> None:
     """The fx twin of the HF multi-query tests (test_tp_hf.py): an nn.Linear seed re-seeded with its k and v rows kept
-    whole, the view's size made local as (6 - 2) / tp + 2, the getitem slices' negative bounds left as they are."""
+    whole, the view's size made local as (6 - 2) / tp + 2, the getitem slices' negative bounds left as they are, the
+    split's sizes [4, 1, 1] made [4 / tp, 1, 1] (at tp 4 the view's 6 heads do not divide: the split after it says
+    where the tail kept whole starts)."""
     torch.manual_seed(0)
-    model = nn.Sequential(MultiQueryAttention(32, 4), MultiQueryAttention(32, 4))
+    model = nn.Sequential(MultiQueryAttention(32, 4, split), MultiQueryAttention(32, 4, split))
     gm, inputs = prepare(model, (torch.randn(2, 5, 32),))
     plan = plan_tensor_parallel(gm, tp)
     assert plan.param_shard["0.qkv.weight"] == plan.param_shard["0.qkv.bias"] == {"dim": 0, "parts": 1, "whole": 16}

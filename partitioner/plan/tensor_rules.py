@@ -575,8 +575,9 @@ def _cut(st: _State, node: fx.Node, lay: _Shard, size: int, lo: int, hi: int, pa
 def _tail_cut_by_readers(st: _State, node: fx.Node, k: int, size: int) -> int:
     """How many trailing elements of dim k (of `size`) the readers of `node` keep apart as a tail: some reader takes the
     head [0:size - t] as a slice and the others read inside the last t (slices, selects and constant indices, by
-    negative positions), Falcon's `qkv[..., :-2, :]`, `qkv[..., [-2], :]`, `qkv[..., [-1], :]`; 0 otherwise (a packed
-    q | k | v read by positions 0, 1, 2 is cut into blocks instead)."""
+    negative positions), Falcon's `qkv[..., :-2, :]`, `qkv[..., [-2], :]`, `qkv[..., [-1], :]`, or a split into unequal
+    pieces cuts it after the first (Falcon's `qkv.split([nh, 1, 1], dim=-2)` in transformers >= 5.25); 0 otherwise (a
+    packed q | k | v read by positions 0, 1, 2, or split into equal pieces, is cut into blocks instead)."""
     heads, tails = set(), [0]
     nd = len(_shape(node))
     for u in node.users:
@@ -592,6 +593,13 @@ def _tail_cut_by_readers(st: _State, node: fx.Node, k: int, size: int) -> int:
                 indices = list(_arg(u, 1, "indices") or [])
                 idx = indices[k] if len(indices) > k else None
                 piece = _constant_ints(st, idx) if isinstance(idx, fx.Node) else None
+            elif name == "split" and _norm_dim(_arg(u, 2, "dim", 0), nd) == k:
+                sizes = [tuple(v.shape)[k] for v in _val(u)]
+                if len(set(sizes)) == 1:  # equal pieces: blocks (q | k | v), not a head and a tail
+                    continue
+                heads.add(size - sizes[0])  # _split_head_from_tail's cut: the first piece, then the rest whole
+                tails.append(size - sizes[0])
+                continue
             else:
                 continue
             if isinstance(piece, slice) and piece.step in (None, 1):
