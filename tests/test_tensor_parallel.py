@@ -966,3 +966,83 @@ def test_projections_written_as_matmuls_are_column_then_row_parallel(capture_wit
     assert shards == {"win": 0, "wout": 0}, plan.param_shard  # w_in by its output rows, w_out by its input rows
     assert sorted(plan.module_rules.values()) == ["column", "row"]
     check_tensor_parallel(gm, plan, inputs)
+
+
+class HeadsNormedAttention(nn.Module):
+    """Attention whose q and k are RMS-normalized over all heads before the split into heads (OLMo 2's qk-norm),
+    written out as mean (or sum) of squares; `reduce` picks the statistic, `norm_reads` > 1 reads q's norm weight
+    from a second node too."""
+
+    def __init__(self, d: int, n_head: int, reduce: str = "mean", norm_reads: int = 1):
+        super().__init__()
+        self.n_head, self.hd, self.reduce, self.norm_reads = n_head, d // n_head, reduce, norm_reads
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.q_norm, self.k_norm = nn.Parameter(torch.rand(d) + 0.5), nn.Parameter(torch.rand(d) + 0.5)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        sq = x.pow(2)
+        stat = sq.mean(-1, keepdim=True) if self.reduce == "mean" else sq.sum(-1, keepdim=True) / x.shape[-1]
+        return w * (x * torch.rsqrt(stat + 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k = self._norm(self.q(x), self.q_norm), self._norm(self.k(x), self.k_norm)
+        if self.norm_reads > 1:
+            q = q + self.q_norm.sum() * 0  # a second reader of the whole weight
+        q, k, v = (t.view(B, T, self.n_head, self.hd).transpose(1, 2) for t in (q, k, self.v(x)))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_norm_over_all_heads_is_distributed_over_the_ranks(tp: int, reduce: str) -> None:
+    """q and k RMS-normalized over all heads: each rank reduces its heads' squares, a partial all-reduced (a mean's
+    sum divided by tp), and holds its slice of the norm's weight; the ranks equal the model (forward and gradients,
+    the norm weights' included), with and without sequence parallelism, and the merged shards are the weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(HeadsNormedAttention(32, 4, reduce), HeadsNormedAttention(32, 4, reduce))
+    gm, inputs = prepare(model, (torch.randn(2, 4, 32),))
+    plan = plan_tensor_parallel(gm, tp)
+    assert not plan.fallbacks, plan.fallbacks
+    for layer in ("0", "1"):
+        assert plan.param_shard[f"{layer}.q_norm"] == plan.param_shard[f"{layer}.k_norm"] == {"dim": 0, "parts": 1}
+        assert plan.param_shard[f"{layer}.q.weight"] == {"dim": 0, "parts": 1}
+    assert sorted(plan.module_rules.values()).count(f"reduce_{reduce}") == 4
+    check_tensor_parallel_plan(gm, plan)
+    report = check_tensor_parallel(gm, plan, inputs)
+    assert {"0.q_norm", "1.k_norm"} <= set(report.sharded_params)
+    check_tensor_parallel(gm, plan_tensor_parallel(gm, tp, sequence_parallel=True), inputs)
+    full = dict(gm.named_parameters())
+    merged = merge_shards(plan, [{k: shard_of(plan, k, v, r) for k, v in full.items()} for r in range(tp)])
+    assert all(torch.equal(merged[k], v) for k, v in full.items())
+    # per layer: the attention's forward all-reduce and one per normalized projection (its statistic: B x T values)
+    counts = count_collectives(tensor_parallel_rank(gm, plan, 0, ThreadGroup(tp).comm(0)))
+    assert counts["all_reduce_forward"] == 2 * (1 + 2)
+
+
+def test_a_norm_weight_read_elsewhere_too_is_not_sharded() -> None:
+    """A norm weight with a second reader (of the whole weight) stays replicated: the projection it scales falls back,
+    named (and with it the attention, which needs q, k and v sharded alike), and the ranks still equal the model. A
+    max over the sharded dim is no partial sum either."""
+    torch.manual_seed(0)
+    gm, inputs = prepare(HeadsNormedAttention(32, 4, norm_reads=2), (torch.randn(2, 4, 32),))
+    plan = plan_tensor_parallel(gm, 2)
+    assert plan.param_shard["q_norm"]["dim"] is None and plan.param_shard["q.weight"]["dim"] is None
+    assert any("q_norm" in f["reason"] for f in plan.fallbacks), plan.fallbacks
+    assert plan.param_shard["out.weight"]["dim"] is None
+    check_tensor_parallel(gm, plan, inputs)
+
+    class MaxOverFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proj = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return self.proj(h / h.amax(-1, keepdim=True))
+
+    gm, inputs = prepare(MaxOverFeatures(), (torch.randn(2, 3, 16),))
+    plan = plan_tensor_parallel(gm, 2)
+    assert plan.param_shard["fc.weight"]["dim"] is None
+    assert any("amax over the sharded dim" in f["reason"] for f in plan.fallbacks), plan.fallbacks

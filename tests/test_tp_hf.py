@@ -90,6 +90,10 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n, num_attention_heads=4, num_kv_heads=2,
         new_decoder_architecture=True, multi_query=False, bias=False, alibi=False, hidden_dropout=0.0,
         attention_dropout=0.0, **NO_CACHE)), _text()),
+    # OLMo 2: RMSNorm of q and k over all heads (its qk-norm): distributed over the ranks' heads
+    "olmo2": lambda n: (T.Olmo2ForCausalLM(T.Olmo2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=0, eos_token_id=0, **NO_CACHE)), _text()),
     "vit": lambda n: (T.ViTModel(T.ViTConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4, image_size=32,
         patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),

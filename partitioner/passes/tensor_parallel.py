@@ -58,6 +58,7 @@ from torch import nn
 
 from partitioner.plan.tensor_layout import TensorParallelPlan, shard_slices, shard_tensor, unshard_tensor
 from partitioner.plan.tensor_ops import cross_entropy_call, op_name, weight_op
+from partitioner.plan.tensor_rules import PARTIAL_REDUCTIONS
 
 __all__ = [
     "GroupComm",
@@ -251,6 +252,8 @@ class _ScatterToSequence(torch.autograd.Function):
 _KINDS = {
     "copy": lambda x, comm, dim: _CopyToTP.apply(x, comm),
     "reduce": lambda x, comm, dim: _ReduceFromTP.apply(x, comm, "sum"),
+    # the mean of the ranks' means of equally many elements (a mean over the sharded dim); gloo has no "avg"
+    "reduce_mean": lambda x, comm, dim: _ReduceFromTP.apply(x, comm, "sum") / comm.world_size,
     "gather": _GatherFromTP.apply,
     "reduce_scatter": _ReduceScatterToSequence.apply,
     "gather_sequence": _GatherFromSequence.apply,
@@ -559,7 +562,9 @@ def tensor_parallel_rank(
     global_sizes = set(plan.global_sizes)
 
     def collective(kind: str, after: fx.Node, x: fx.Node, dim: int = -1, suffix: str = "") -> fx.Node:
-        what = {"copy": "all_reduce", "reduce": "all_reduce", "gather": "all_gather"}.get(kind, kind)
+        what = {"copy": "all_reduce", "reduce": "all_reduce", "reduce_mean": "all_reduce", "gather": "all_gather"}.get(
+            kind, kind
+        )
         target = f"tp_{what}_{after.name}{suffix}"
         root[target] = TPCollective(kind, comm, dim)
         node = graph.create_node("call_module", target, (x,), {}, name=target)
@@ -700,6 +705,8 @@ def tensor_parallel_rank(
                         "call_function", operator.add, (env[n], bias), {}, name=f"tp_bias_{n.name}"
                     )
                     env[n].meta["tp_anchor"] = n.name
+        elif rule in PARTIAL_REDUCTIONS.values():  # a mean / sum over the sharded dim: each rank's part, then g
+            env[n] = collective("reduce_mean" if rule == PARTIAL_REDUCTIONS["mean"] else "reduce", n, new)
         elif rule in ("row", "vocab_embedding") and n.op == "call_function":  # a functional / ATen weight op
             op = weight_op(gm, n)
             kind = "reduce_scatter" if n.name in reduce_scatters else "reduce"
@@ -928,7 +935,8 @@ def count_collectives(rank_gm: fx.GraphModule) -> dict[str, int]:
             continue
         mod = rank_gm.get_submodule(str(n.target))
         if isinstance(mod, TPCollective):
-            key = {"copy": "all_reduce_backward", "reduce": "all_reduce_forward", "gather": "all_gather_forward"}
+            key = {"copy": "all_reduce_backward", "reduce": "all_reduce_forward", "reduce_mean": "all_reduce_forward",
+                   "gather": "all_gather_forward"}  # fmt: skip
             what = key.get(mod.kind, mod.kind)  # sequence parallelism's kinds under their own names
             counts[what] = counts.get(what, 0) + 1
         elif isinstance(mod, VocabParallelCrossEntropy):

@@ -31,7 +31,8 @@ class TensorParallelPlan:
         added at the end of `dim` so that tp divides a vocabulary (padded size = size + pad), or "whole": the last
         rows of `dim` every rank holds whole (a fused q | k | v whose k and v heads tp does not split; local size =
         (size - whole) / tp + whole); tied names both.
-    module_rules: node name -> "column" | "row" | "vocab_embedding" | "vocab_cross_entropy".
+    module_rules: node name -> "column" | "row" | "vocab_embedding" | "vocab_cross_entropy" | "reduce_mean" |
+        "reduce_sum" (a mean / sum over the sharded dim: each rank's part, all-reduced; a mean's divided by tp).
     arg_rewrites: node name -> argument paths (["args", i] or ["args", i, j] or ["kwargs", k(, j)]) whose value
         (a global size: int, or an int node) becomes value // tp.
     whole_rewrites: node name -> [{"path": argument path, "whole": w}]: a size or index along a dim whose last

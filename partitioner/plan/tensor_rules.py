@@ -292,9 +292,37 @@ def _broadcast(st: _State, node: fx.Node, inputs: list[fx.Node]) -> Layout:
         if st.eff(x) is None:
             shape = _shape(x)
             d_in = shard.dim - (out_nd - len(shape))
-            if d_in >= 0 and shape[d_in] != 1:
+            if d_in >= 0 and shape[d_in] != 1 and not _shard_own_parameter(st, node, x, d_in, shard):
                 raise _Conflict(f"replicated operand {x.name} {list(shape)} spans the sharded dim {shard.dim}")
     return shard
+
+
+def _shard_own_parameter(st: _State, node: fx.Node, x: fx.Node, d: int, shard: _Shard) -> bool:
+    """Shard parameter `x` along its dim `d` as `shard` is, when `node` is the only reader of it: a norm's weight
+    scaling a sharded projection elementwise (OLMo's qk-norm over all heads: `q_norm.weight * rms_normed(q)`), which
+    each rank then holds its slice of, as Megatron shards it. Only a parameter read once by one get_attr (another
+    reader would get the shard too), never across a dim partly kept whole or padded."""
+    if x.op != "get_attr" or shard.whole or shard.pad or len(x.users) != 1:
+        return False
+    target = str(x.target)
+    if not isinstance(_get_param(st.gm, target), nn.Parameter):
+        return False
+    if sum(1 for n in st.gm.graph.nodes if n.op == "get_attr" and str(n.target) == target) != 1:
+        return False
+    param = _get_param(st.gm, target)
+    if sum(1 for _, p in st.gm.named_parameters(remove_duplicate=False) if p is param) != 1:  # tied elsewhere
+        return False
+    st.divides(node, _shape(x)[d], shard.parts, f"{target} dim {d}")
+    st.claim(node, target, _spec(d, shard.parts, 0), shard.origins)
+    return True
+
+
+def _get_param(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    try:
+        return getattr(gm.get_submodule(owner) if owner else gm, name)
+    except AttributeError:
+        return None
 
 
 def _rule_call_module(st: _State, node: fx.Node) -> Layout:
@@ -1149,9 +1177,26 @@ def _rule_reduce(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
         raise _Conflict(f"{op_name(node)} over all dims of a sharded tensor")
     dims = {_norm_dim(d, nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
     if lay.dim in dims:
-        raise _Conflict(f"{op_name(node)} over the sharded dim")
+        return _reduce_over_shard(st, node, lay)
     keep = _arg(node, 2, "keepdim", False)
     return _Shard(lay.dim - (0 if keep else sum(1 for d in dims if d < lay.dim)), lay.parts, lay.origins)
+
+
+# module rule of a mean / sum over the sharded dim -> the collective its partial result gets (plan.tensor, the rewrite)
+PARTIAL_REDUCTIONS = {"mean": "reduce_mean", "sum": "reduce_sum"}
+
+
+def _reduce_over_shard(st: _State, node: fx.Node, lay: _Shard) -> Layout:
+    """mean / sum over the sharded dim (an RMSNorm written out over a column-parallel projection, OLMo's qk-norm): each
+    rank reduces its own elements, a partial value all-reduced right after (g; a mean's sum divided by tp, every rank
+    holding as many elements). Not amax / amin: a max's gradient reaches one rank's element, not every rank's."""
+    rule = PARTIAL_REDUCTIONS.get(op_name(node))
+    if rule is None:
+        raise _Conflict(f"{op_name(node)} over the sharded dim")
+    if lay.whole:
+        raise _Conflict(f"{op_name(node)} over a sharded dim partly kept whole on every rank")
+    st.rules[node.name] = rule
+    return _Partial(lay.origins)
 
 
 @_on_shard

@@ -169,7 +169,10 @@ def sequence_parallel_layout(st: _State) -> SequenceLayout:
         lay = st.layout.get(n)
         v = _tensor(n)
         if isinstance(lay, _Partial):
-            if v is not None and v.dim() >= 3 and v.shape[v.dim() - 2] % tp == 0:
+            # a row-parallel or vocab-parallel sum over the features: its tokens can be split; a reduction's (a norm's
+            # statistics over sharded features) is read whole by the sharded features: all-reduced
+            summed = st.rules.get(n.name) in ("row", "vocab_embedding")
+            if summed and v is not None and v.dim() >= 3 and v.shape[v.dim() - 2] % tp == 0:
                 seq[n] = v.dim() - 2
                 out.reduce_scatter.add(n.name)
             continue
