@@ -1046,3 +1046,25 @@ def test_a_norm_weight_read_elsewhere_too_is_not_sharded() -> None:
     plan = plan_tensor_parallel(gm, 2)
     assert plan.param_shard["fc.weight"]["dim"] is None
     assert any("amax over the sharded dim" in f["reason"] for f in plan.fallbacks), plan.fallbacks
+
+
+def test_a_forced_degree_leaves_a_single_output_gate_replicated() -> None:
+    """A gate with one output (Qwen2-MoE's shared_expert_gate, Linear(h, 1)) is no head or hidden size: a forced tp
+    (strict) keeps it replicated, named, and shards the MLP it gates, rather than refusing the degree."""
+
+    class GatedMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proj, self.gate = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 1, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.sigmoid(self.gate(x)) * self.proj(F.gelu(self.fc(x)))
+
+    torch.manual_seed(0)
+    gm, inputs = prepare(GatedMLP(), (torch.randn(2, 3, 16),))
+    for tp in (2, 4):
+        plan = plan_tensor_parallel(gm, tp, strict=True)
+        assert plan.module_rules["fc"] == "column" and plan.module_rules["proj"] == "row"
+        assert [f["node"] for f in plan.fallbacks] == ["gate"]
+        assert f"out_features=1 is fewer than tp={tp}" in plan.fallbacks[0]["reason"]
+        check_tensor_parallel(gm, plan, inputs)

@@ -1008,6 +1008,9 @@ def _linear(
     if node.name not in st.seeds:
         return None
     # colwise: W[out/tp, :] -> (…, out/tp)
+    if st.tp and w[out_dim] < st.tp:  # a gate's single output (Qwen2-MoE's shared_expert_gate): no degree splits it,
+        # so even a forced one (strict) leaves it replicated rather than refusing: it is no head or hidden size
+        raise _Conflict(f"out_features={w[out_dim]} is fewer than tp={st.tp}: nothing to split")
     parts = st.seed_parts.get(node.name, 1)
     whole = st.seed_whole_rows(node, w[out_dim])
     pad = st.vocab_pad(node, w[out_dim], parts, "out_features") if not whole else 0
