@@ -66,6 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from partitioner.annotate_reuse import Record, record, signature
 from partitioner.gated import gated_pair, runs_fused
 from partitioner.meta import meta_device, storage_key, to_meta
+from partitioner.plan.tensor_ops import GROUPED_MM
 
 __all__ = ["AnnotationError", "annotate", "is_attention"]
 
@@ -360,7 +361,6 @@ class _CostInterpreter(fx.Interpreter):
 
 
 # The figures of node.meta that depend on the call alone (annotate_reuse.Record.meta)
-_GROUPED_MM = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")  # (rows, k) x (groups, k, n) by offsets
 
 
 def _grouped_mm_flops(n: fx.Node, args: tuple) -> int:
@@ -368,7 +368,7 @@ def _grouped_mm_flops(n: fx.Node, args: tuple) -> int:
     FlopCounterMode does not count: each row one k x n product with its group's weight (every row is in some group
     where the offsets cover them all, as the sorted expert ids' do)."""
     schema = getattr(n.target, "_schema", None)
-    if schema is None or schema.name not in _GROUPED_MM or len(args) < 2:
+    if schema is None or schema.name not in GROUPED_MM or len(args) < 2:
         return 0
     a, w = args[0], args[1]
     if not (isinstance(a, torch.Tensor) and isinstance(w, torch.Tensor) and a.dim() == 2 and w.dim() == 3):

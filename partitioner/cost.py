@@ -42,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.annotate import is_attention
 from partitioner.devices import DeviceSpec
+from partitioner.plan.tensor_ops import GROUPED_MM
 
 __all__ = [
     "NodeCost",
@@ -121,7 +122,8 @@ def _shape(arg: Any) -> tuple[int, ...] | None:
 def matmul_form(n: fx.Node, root: torch.nn.Module | None = None) -> str | None:
     """How a matrix-product node reads its operands, or None for any other node: "module" (an nn.Linear, `root`
     holding it: default the graph's owning module), "linear" (x, W (N, K), bias), "matmul" (a (.., K), b (.., K, N):
-    matmul / mm / bmm as functions, methods or ATen ops), "addmm" / "baddbmm" (bias, a, b)."""
+    matmul / mm / bmm as functions, methods or ATen ops), "addmm" / "baddbmm" (bias, a, b), "grouped" (a (rows, K),
+    b (groups, K, N): a mixture of experts' grouped product, tensor_ops.GROUPED_MM)."""
     root = root if root is not None else n.graph.owning_module
     if n.op == "call_module":
         return "module" if root is not None and isinstance(root.get_submodule(str(n.target)), torch.nn.Linear) else None
@@ -130,6 +132,8 @@ def matmul_form(n: fx.Node, root: torch.nn.Module | None = None) -> str | None:
     if n.op != "call_function":
         return None
     if isinstance(n.target, torch._ops.OpOverload):
+        if n.target._schema.name in GROUPED_MM:
+            return "grouped"
         return _MATMUL_ATEN.get(n.target._schema.name.removeprefix("aten::"))
     if n.target in _MATMUL_FUNCTIONS:
         return "linear" if n.target is F.linear else "matmul"

@@ -217,6 +217,22 @@ def test_a_mixture_of_experts_trains_with_microbatches_and_data_parallelism() ->
     check_step(cm, reference, kwargs, targets, _lm_loss)
 
 
+def test_a_mixture_of_experts_trains_with_its_experts_tensor_parallel() -> None:
+    """Mixtral at pp2 x tp2 with 2 microbatches: each expert's gate | up columns and down rows split over the tp ranks
+    (the grouped products' partial sums all-reduced), the routers replicated; a step equals single-process training."""
+    torch.manual_seed(0)
+    model = _mixtral()
+    reference = copy.deepcopy(model)
+    kwargs, targets = _causal(8, 8)
+    cm = partitioner.compile(model, devices=4, pipeline=2, tensor_parallel=2, microbatches=2, example_kwargs=kwargs,
+                             device_type="cpu")  # fmt: skip
+    assert (cm.plan.num_stages, cm.plan.microbatches) == (2, 2)
+    layout = cm.tensor_parallel_plan
+    assert layout.param_shard["model.layers.1.mlp.experts.gate_up_proj"] == {"dim": 1, "parts": 2}
+    assert layout.param_shard["model.layers.1.mlp.experts.down_proj"] == {"dim": 2, "parts": 1}
+    check_step(cm, reference, kwargs, targets, _lm_loss)
+
+
 def test_steps_take_other_batch_sizes_and_sequence_lengths() -> None:
     torch.manual_seed(0)
     model = _gpt2()

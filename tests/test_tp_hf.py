@@ -22,6 +22,7 @@ from torch import nn
 import partitioner
 from partitioner.annotate import annotate
 from partitioner.capture import capture
+from partitioner.cost import gemm_rows, matmul_form
 from partitioner.passes.tensor_parallel import count_collectives, merge_shards, shard_of, tensor_parallel_rank
 from partitioner.plan.tensor import check_tensor_parallel_plan, plan_tensor_parallel
 from partitioner.plan.tensor_layout import TensorParallelPlan
@@ -100,6 +101,17 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
         {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}),
 }  # fmt: skip
 
+# Mixtures of experts (transformers 5: experts as 3-D parameters, grouped products over the tokens sorted by expert)
+MOE_FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
+    "mixtral": lambda n: (T.MixtralForCausalLM(T.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **NO_CACHE)), _text()),
+    "qwen2_moe": lambda n: (T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=n, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, **NO_CACHE)), _text()),
+}  # fmt: skip
+
 
 def hf_graph(family: str, layers: int = 1, labels: bool = False) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     """The annotated export graph of a small seeded HF model and its inputs: a copy of each test's own (export takes
@@ -111,7 +123,7 @@ def hf_graph(family: str, layers: int = 1, labels: bool = False) -> tuple[fx.Gra
 @functools.cache
 def _hf_graph(family: str, layers: int, labels: bool, vocab: int) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     torch.manual_seed(0)
-    model, call = FAMILIES[family](layers)
+    model, call = {**FAMILIES, **MOE_FAMILIES}[family](layers)
     if labels:  # the loss inside the graph: HF shifts the labels and calls cross_entropy
         call = {**call, "labels": call["input_ids"]}
     model.eval()
@@ -383,3 +395,39 @@ def test_a_saved_layout_that_keeps_another_tail_whole_is_refused() -> None:
     edited.param_shard[name] = {"dim": 0, "parts": 1, "whole": 16}
     with pytest.raises(ValueError, match=r"view dim 2's 6 - 1 kept whole=5 is not divisible by tp=2"):
         check_tensor_parallel_plan(gm, edited)
+
+
+def _expert_widths(gm: fx.GraphModule) -> set[int]:
+    return {p.shape[2] for k, p in gm.named_parameters() if k.endswith("experts.down_proj")}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_experts_are_sharded_like_a_megatron_mlp(family: str) -> None:
+    """Expert tensor parallelism: each expert's fused gate | up matrix column-parallel (its two blocks cut alike, as
+    `chunk(2)` reads them), its down matrix row-parallel, the grouped product's partial sum all-reduced right after;
+    the routers (softmax over the experts) and Qwen2-MoE's single-output shared-expert gate stay replicated.
+    The ranks equal the model, forward and gradients, with and without sequence parallelism, at tp 2 and 4 (forced)."""
+    gm, inputs = hf_graph(family)
+    for tp in (2, 4):
+        plan = plan_tensor_parallel(gm, tp, strict=True)
+        experts = {k: v for k, v in plan.param_shard.items() if ".experts." in k}
+        assert experts and all(
+            v == ({"dim": 1, "parts": 2} if k.endswith("gate_up_proj") else {"dim": 2, "parts": 1})
+            for k, v in experts.items()
+        ), experts
+        grouped = [n for n in gm.graph.nodes if weight_op(gm, n) is not None and weight_op(gm, n).kind == "grouped"]
+        assert {plan.module_rules[n.name] for n in grouped} == {"column", "row"}
+        # priced as GEMMs of their own rows (alignment): (K, N) = (hidden, 2 x expert width), (expert width, hidden)
+        widths = {(gemm_rows(n), matmul_form(n)) for n in grouped}
+        assert {w for w, form in widths if form == "grouped"} == {(64, 2 * n) for n in _expert_widths(gm)} | {
+            (n, 64) for n in _expert_widths(gm)
+        }
+        replicated = {k for k in linear_weights(gm) if plan.param_shard[k]["dim"] is None}
+        kept = ("mlp.gate.weight", "shared_expert_gate.weight") + (("k_proj.weight", "v_proj.weight") if tp > 2 else ())
+        assert all(k.endswith(kept) for k in replicated), replicated  # 2 kv heads: whole above tp 2 (Megatron)
+        check_tensor_parallel(gm, plan, inputs)
+    check_tensor_parallel(gm, plan_tensor_parallel(gm, 2, sequence_parallel=True), inputs)
+    full = dict(gm.named_parameters())
+    merged = merge_shards(plan, [{k: shard_of(plan, k, v, r) for k, v in full.items()} for r in range(4)])
+    assert all(torch.equal(merged[k], v) for k, v in full.items())

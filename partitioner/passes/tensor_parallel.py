@@ -662,6 +662,8 @@ def tensor_parallel_rank(
             )
             logits, labels = (lookup(v) if isinstance(v, fx.Node) else v for v in (call.logits, call.target))
             new = graph.create_node("call_module", target, (logits, labels), {}, name=n.name)
+        elif rule == "row" and (op := weight_op(gm, n)) is not None and op.kind == "grouped":
+            new = graph.create_node("call_function", n.target, args, kwargs, name=n.name)  # on the rank's experts' rows
         elif rule in ("row", "vocab_embedding") and n.op == "call_function":
             new = graph.create_node("call_function", *_weight_op_call(gm, n, rule, lookup, env, rank, tp), name=n.name)
         elif rule == "column" and (whole := _kept_whole_rows(gm, plan, n)):

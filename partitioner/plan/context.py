@@ -316,7 +316,7 @@ class _Propagation:
         if not _is_tensor(n) and not isinstance(_val(n), (tuple, list)):
             raise _Fallback(f"{op_name(n)} of a split value returns a Python value")
         wop = weight_op(self.gm, n)
-        if wop is not None:
+        if wop is not None and wop.kind != "grouped":  # a grouped product reads rows sorted by expert, not tokens
             return self.weight(n, wop)
         if key_in(n, _SDPA):
             return self.attention(n)

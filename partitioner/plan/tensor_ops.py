@@ -24,7 +24,17 @@ from torch import nn
 
 from partitioner.checks import CHECK_ATTENTION_MASK
 
-__all__ = ["CrossEntropy", "WeightOp", "cross_entropy_call", "node_arg", "op_key", "op_name", "weight_op"]
+__all__ = [
+    "GROUPED_MM",
+    "CrossEntropy",
+    "WeightOp",
+    "cross_entropy_call",
+    "is_grouped_mm",
+    "node_arg",
+    "op_key",
+    "op_name",
+    "weight_op",
+]
 
 _UNARY_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.Mish, nn.LeakyReLU,
                   nn.ELU, nn.Softplus)  # fmt: skip
@@ -139,8 +149,11 @@ class WeightOp:
     """A linear-like or embedding call whose weight is a parameter read by get_attr (an fx `F.linear(x, self.w)`,
     an ATen `linear` / `addmm` / `mm` / `embedding`).
 
-    kind: "linear" (y = x W^T + b, W (out, in)), "addmm" (y = b + x W, W (in, out): HF's Conv1D; "mm" without b)
-    or "embedding". out_dim / in_dim: W's output and input dims (embedding: rows are the vocabulary, in_dim 0).
+    kind: "linear" (y = x W^T + b, W (out, in)), "addmm" (y = b + x W, W (in, out): HF's Conv1D; "mm" without b),
+    "grouped" (a mixture of experts' grouped product: rows of x (rows, in) grouped by offsets, each group times its
+    expert's (in, out) matrix of a 3-D W, (experts, out, in) read through a transpose of its last two dims as HF's
+    experts are, or (experts, in, out)) or "embedding". out_dim / in_dim: W's output and input dims (embedding: rows
+    are the vocabulary, in_dim 0).
     """
 
     kind: str
@@ -188,8 +201,36 @@ def _param_node(gm: fx.GraphModule, x: Any, ndim: int) -> bool:
     return p.dim() == ndim and p.is_floating_point()
 
 
+# grouped matrix products: (rows, k) x (groups, k, n) by group offsets (annotate prices them; FlopCounterMode does not)
+GROUPED_MM = ("transformers::grouped_mm_fallback", "aten::_grouped_mm")
+
+
+def is_grouped_mm(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and schema.name in GROUPED_MM
+
+
+def _grouped_weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightOp | None:
+    """A grouped product of rows and a 3-D parameter: (experts, out, in) through a transpose of its last two dims, or
+    (experts, in, out) read directly; offsets (or none) as the third argument."""
+    if len(node.args) < 2 or not isinstance(node.args[0], fx.Node):
+        return None
+    w = node.args[1]
+    source = None
+    if isinstance(w, fx.Node) and w.op == "call_function" and op_name(w) == "transpose" and len(w.args) == 3:
+        if {w.args[1], w.args[2]} in ({-2, -1}, {1, 2}, {1, -1}, {-2, 2}):
+            source = w.args[0]
+    if source is not None and _param_node(gm, source, 3):
+        return WeightOp("grouped", node.args[0], source, None, 1, 2, via=w)
+    if _param_node(gm, w, 3):
+        return WeightOp("grouped", node.args[0], w, None, 2, 1)
+    return None
+
+
 def weight_op(gm: fx.GraphModule, node: fx.Node) -> WeightOp | None:
     """The WeightOp of `node`, or None when it is none (another op, or a weight that is not a parameter)."""
+    if node.op == "call_function" and is_grouped_mm(node):
+        return _grouped_weight_op(gm, node)
     if node.op != "call_function" or not key_in(node, _WEIGHT_OPS):
         return None
     key, aten = op_key(node), isinstance(node.target, torch._ops.OpOverload)

@@ -51,6 +51,7 @@ from partitioner.plan.tensor_ops import (
     _WEIGHT_OPS,
     WeightOp,
     cross_entropy_call,
+    is_grouped_mm,
     key_in,
     op_key,
     op_name,
@@ -965,6 +966,9 @@ def _rule_weight_op(st: _State, node: fx.Node) -> Layout:
         st.claim(node, op.param, _spec(0, 1, pad), frozenset([node.name]))
         return _Partial(frozenset([node.name]))
 
+    if op.kind == "grouped" and lay is None and st.tp:  # experts' columns: never padded nor partly kept whole
+        st.divides(node, w[op.out_dim], st.seed_parts.get(node.name, 1), "expert out_features")
+
     def record(name: str, spec: dict[str, int | None], origins: frozenset[str]) -> None:
         st.claim(node, name, spec, origins)
         if name == op.param:
@@ -1269,6 +1273,8 @@ def _rule(st: _State, node: fx.Node) -> Layout:
         return None
     if _is_value(node) and not key_in(node, _SIZE_RULES):
         return _rule_value(st, node)
+    if is_grouped_mm(node):  # an OpOverload of no fx key: a mixture of experts' grouped product
+        return _padded(st, node, _rule_weight_op)
     key = op_key(node)
     for keys, rule in _FUNCTION_RULES:
         try:
