@@ -552,15 +552,17 @@ def test_huggingface_llama_trains_with_context_parallelism_as_in_one_process(
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "case, steps",
-    [("llama", 5)] + [pytest.param(c, 2, marks=pytest.mark.slow) for c in ("gpt2", "t5", "bert", "falcon")],
+    [("llama", 5), ("mixtral", 2)]
+    + [pytest.param(c, 2, marks=pytest.mark.slow) for c in ("gpt2", "t5", "bert", "falcon")],
 )
 def test_huggingface_models_train_pp2_x_tp2_under_torchrun_as_in_one_process(
     case: str, steps: int, tmp_path: Path
 ) -> None:
     """Issue #16: an export-captured HF model at pipeline 2 x tensor 2 (4 gloo ranks, each running its stage's tp
     shard: aten.linear / addmm / embedding sharded, Llama's single kv head replicated and sliced per rank, Falcon's
-    multi-query q | k | v fused in one weight with its k and v rows kept whole on every rank) trains like the unsharded
-    model in one process, and the merged checkpoint loads into the original HF class."""
+    multi-query q | k | v fused in one weight with its k and v rows kept whole on every rank, Mixtral's experts split as
+    Megatron MLPs) trains like the unsharded model in one process, and the merged checkpoint loads into the original HF
+    class."""
     pytest.importorskip("transformers")
     from tests._dist_worker import train_hf_with_compiled_step
     from tests.test_hf_training import CASES, MORE_CASES

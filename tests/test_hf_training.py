@@ -138,7 +138,8 @@ CASES = [
     Case("bert", _bert, _encoder, _hidden_loss),
     Case("t5", _t5, _seq2seq, _lm_loss),
 ]
-MORE_CASES = [Case("falcon", _falcon, _causal, _lm_loss)]  # trained by the distributed tests only
+# trained by the distributed tests only
+MORE_CASES = [Case("falcon", _falcon, _causal, _lm_loss), Case("mixtral", _mixtral, _causal, _lm_loss)]
 
 
 def reference_step(
