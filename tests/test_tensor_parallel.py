@@ -1068,3 +1068,38 @@ def test_a_forced_degree_leaves_a_single_output_gate_replicated() -> None:
         assert [f["node"] for f in plan.fallbacks] == ["gate"]
         assert f"out_features=1 is fewer than tp={tp}" in plan.fallbacks[0]["reason"]
         check_tensor_parallel(gm, plan, inputs)
+
+
+class ParallelBlock(nn.Module):
+    """Two MLPs reading x in parallel, their outputs summed, scaled by a replicated gate that needs a gradient and
+    viewed before the residual (Falcon's and GPT-J's parallel attention and MLP, a mixture of experts' weighting)."""
+
+    def __init__(self, d: int, bias: bool):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d)
+        self.proj1, self.proj2 = nn.Linear(2 * d, d, bias=bias), nn.Linear(2 * d, d, bias=bias)
+        self.gate = nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj1(F.gelu(self.fc1(x))) + self.proj2(F.gelu(self.fc2(x)))
+        y = (y * torch.sigmoid(self.gate(x))).reshape(-1, x.shape[-1])
+        return x + y.view(x.shape)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_partial_sums_are_all_reduced_once_where_their_linear_readers_end(tp: int, bias: bool) -> None:
+    """Row-parallel outputs without a bias, summed, scaled and viewed, stay partial sums: one all-reduce per block,
+    after the last op linear in them (before the residual add), not one per projection; the gate's gradient, partial
+    on each rank, is all-reduced (f). With biases (added once, after an all-reduce) each projection is reduced alone.
+    The ranks equal the model, forward and gradients, with and without sequence parallelism."""
+    torch.manual_seed(0)
+    gm, inputs = prepare(nn.Sequential(ParallelBlock(16, bias), ParallelBlock(16, bias)), (torch.randn(2, 4, 16),))
+    plan = plan_tensor_parallel(gm, tp)
+    assert {plan.module_rules[f"_{b}_proj{i}"] for b in (0, 1) for i in (1, 2)} == {"row"}
+    forward = [c for c in plan.collectives if c["kind"] == "all_reduce" and c["phase"] == "forward"]
+    assert len(forward) == (4 if bias else 2), forward
+    check_tensor_parallel(gm, plan, inputs)
+    check_tensor_parallel(gm, plan_tensor_parallel(gm, tp, sequence_parallel=True), inputs)
+    counts = count_collectives(tensor_parallel_rank(gm, plan, 0, ThreadGroup(tp).comm(0)))
+    assert counts["all_reduce_forward"] == len(forward)

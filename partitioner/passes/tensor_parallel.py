@@ -557,6 +557,10 @@ def tensor_parallel_rank(
     reduce_scatters = {c["after"]: c["dim"] for c in plan.collectives if c["kind"] == "reduce_scatter"
                        and c["phase"] == "forward"}  # fmt: skip
     param_grads = {c["after"]: c["params"] for c in plan.collectives if "params" in c}
+    # partial values all-reduced forward (g) after the node: row-parallel outputs and lookups, or the end of a chain of
+    # ops linear in a partial value (those before it are not in here); not the vocab-parallel loss's own reductions
+    reduced = {c["after"] for c in plan.collectives if c["kind"] == "all_reduce" and c["phase"] == "forward"
+               and "users" not in c and plan.module_rules.get(c["after"]) != "vocab_cross_entropy"}  # fmt: skip
     # summed once per step by the runtime (TensorParallelPlan.step_summed_params), not per call in the graph
     summed_per_step = {c["after"] for c in plan.collectives if "params" in c and c["phase"] == "step"}
     global_sizes = set(plan.global_sizes)
@@ -694,7 +698,7 @@ def tensor_parallel_rank(
             if rule in ("row", "vocab_embedding"):
                 if n.name in reduce_scatters:
                     env[n] = collective("reduce_scatter", n, new, reduce_scatters[n.name])
-                else:
+                elif n.name in reduced:  # else its reader keeps it partial: reduced where that chain ends
                     env[n] = collective("reduce", n, new)
                 if rule == "row" and mod.bias is not None:
                     bias_target = f"{n.target}.bias"
@@ -711,14 +715,18 @@ def tensor_parallel_rank(
             env[n] = collective("reduce_mean" if rule == PARTIAL_REDUCTIONS["mean"] else "reduce", n, new)
         elif rule in ("row", "vocab_embedding") and n.op == "call_function":  # a functional / ATen weight op
             op = weight_op(gm, n)
-            kind = "reduce_scatter" if n.name in reduce_scatters else "reduce"
-            env[n] = collective(kind, n, new, reduce_scatters.get(n.name, -1))
+            if n.name in reduce_scatters:
+                env[n] = collective("reduce_scatter", n, new, reduce_scatters[n.name])
+            elif n.name in reduced:
+                env[n] = collective("reduce", n, new)
             if op is not None and op.bias is not None:
                 target = str(op.bias.target)
                 bias = summed_param(target, root[target], n) if n.name in param_grads else env[op.bias]
                 add = torch.ops.aten.add.Tensor if isinstance(n.target, torch._ops.OpOverload) else operator.add
                 env[n] = graph.create_node("call_function", add, (env[n], bias), {}, name=f"tp_bias_{n.name}")
                 env[n].meta["tp_anchor"] = n.name
+        elif rule is None and n.name in reduced:  # the end of a chain of ops linear in a partial value
+            env[n] = collective("reduce", n, new)
         elif n.name in param_grads and n.op == "call_module" and new.op == "call_function" and not share_replicated:
             for p, w in gm.get_submodule(str(n.target)).named_parameters():  # private copies (the in-process check)
                 root[f"{n.target}.{p}"] = copy.deepcopy(w, params.memo)

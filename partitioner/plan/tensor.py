@@ -45,7 +45,12 @@ way, is a conflict like any other.
 
 A replicated value that needs a gradient and feeds rank-dependent nodes gets Megatron's `f` (identity
 forward, all-reduce backward) in front of those consumers only; a partial value gets `g` (all-reduce forward,
-identity backward) right away. Per transformer layer that is the optimum: 2 all-reduces forward, 2 backward.
+identity backward) right away. Per transformer layer that is the optimum: 2 all-reduces forward, 2 backward. One
+exception moves a `g` later: a row-parallel output without a bias read only by an op linear in it (a sum with another
+partial value, a scaling by a replicated one, a view, a gather, a sum over a dim) stays partial through that op, and
+the all-reduce goes where such ops end (`tensor_rules._partial_through`): Falcon's parallel attention and MLP, summed
+before the residual, take one all-reduce forward instead of two; a mixture of experts' outputs are weighted,
+permuted back and summed over the top k before it, k times fewer bytes.
 
 Anything a rule cannot take (a LayerNorm over the sharded dim, a residual add with a full-width replicated
 operand, a size that tp does not divide, an unknown op) is a conflict: the seeds whose shards reached it go
@@ -569,7 +574,8 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
             d = sl.seq[n.name]
             collectives.append(dict(kind="reduce_scatter", phase="forward", after=n.name, dim=d, bytes=_nbytes(n)))
             collectives.append(dict(kind="all_gather", phase="backward", after=n.name, dim=d, bytes=_nbytes(n)))
-        elif isinstance(lay, _Partial):  # g: a partial sum becomes replicated right after its producer
+        elif isinstance(lay, _Partial) and n.name not in st.partial_taken:  # g: a partial sum becomes replicated
+            # right after its producer, or where the chain of ops linear in it ends (tensor_rules._partial_through)
             collectives.append(dict(kind="all_reduce", phase="forward", after=n.name, op="sum", bytes=_nbytes(n)))
         if n.name in sl.seq:  # a split value read whole: gathered in front of those readers
             d = sl.seq[n.name]
@@ -594,7 +600,7 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
                 collectives.append(dict(kind="all_gather", phase="forward", after=n.name, dim=d, users=users,
                                         grad="slice", bytes=_nbytes(n)))  # fmt: skip
         # f: a replicated value needing a grad feeds rank-dependent nodes -> all-reduce its grad
-        elif st.eff(n) is None and needs_grad and n.name not in no_f:
+        elif st.eff(n) is None and needs_grad and n.name not in no_f and n.name not in st.partial_taken:
             sliced = {u for readers in st.slices.get(n.name, {}).values() for u in readers}
             users = [u.name for u in n.users if u.op != "output" and st.row_bias.get(u.name) != n.name
                      and u.name not in sliced and (

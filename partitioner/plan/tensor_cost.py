@@ -83,7 +83,9 @@ def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, t
             latency_by_node[c["after"]] = (lf, lb + fixed)
     scale, per_rank, total = {}, 0.0, 0.0
     for n in gm.graph.nodes:
-        sharded = plan.node_layout.get(n.name, REPLICATED) != REPLICATED
+        layout = plan.node_layout.get(n.name, REPLICATED)
+        # a partial value made by ops linear in one (no module rule) is whole-sized on every rank: full compute
+        sharded = layout != REPLICATED and not (layout == "partial" and n.name not in plan.module_rules)
         s = plan.local_shares.get(n.name, 1.0 / plan.tp) if sharded else 1.0
         scale[n.name] = s
         flops = n.meta.get("flops", 0) + (n.meta.get("bwd_flops", 0) if training else 0)

@@ -182,6 +182,9 @@ class _State:
     # module path -> module, filled on first use (get_submodule walks the path each time: half of a 1T GPT's search
     # went there); one dict may serve every propagation over the same graph
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    # partial values whose one reader keeps them partial (a sum of row-parallel outputs, their views, scalings): the
+    # all-reduce moves to the end of the chain (_partial_through)
+    partial_taken: set[str] = field(default_factory=set)
 
     def module(self, target: Any) -> nn.Module:
         """The submodule a call_module node calls."""
@@ -1273,6 +1276,9 @@ def _rule(st: _State, node: fx.Node) -> Layout:
         return None
     if _is_value(node) and not key_in(node, _SIZE_RULES):
         return _rule_value(st, node)
+    taken = _partial_through(st, node)
+    if taken is not None:
+        return taken
     if is_grouped_mm(node):  # an OpOverload of no fx key: a mixture of experts' grouped product
         return _padded(st, node, _rule_weight_op)
     key = op_key(node)
@@ -1283,6 +1289,67 @@ def _rule(st: _State, node: fx.Node) -> Layout:
         except TypeError:  # unhashable target
             break
     return _default(st, node)
+
+
+# ops linear in their first argument, the others replicated (indices, sizes, dtypes): a partial first argument stays
+# partial. Not dropout (each summand's mask must be the same), nor anything that adds a constant.
+_PARTIAL_UNARY = {
+    "view", "reshape", "flatten", "unflatten", "transpose", "permute", "t", "contiguous", "clone", "to", "squeeze",
+    "unsqueeze", "neg", "sum", "mean", "index", "select", "slice", "expand", operator.getitem, operator.neg,
+    torch.reshape, torch.flatten, torch.unflatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+    torch.neg, torch.sum, torch.mean, torch.select,
+}  # fmt: skip
+_PARTIAL_SUM = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub"}  # every operand partial
+_PARTIAL_SCALE = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"}  # one partial, the other not
+
+
+def _partial_through(st: _State, node: fx.Node) -> _Partial | None:
+    """A partial value read only by an op linear in it stays partial: its all-reduce moves past the op (Falcon's and
+    GPT-J's attention and MLP outputs summed before one all-reduce instead of two; a mixture of experts' outputs
+    weighted, permuted back and summed over the top k before it, k times fewer bytes). The chain starts at a
+    row-parallel output without a bias (a bias is added after the all-reduce, once) and ends at a reader that is not
+    linear in it, where the all-reduce goes (`partial_taken` lists the values it went past). Else None: the ordinary
+    rules then see the partial value all-reduced right after its producer (`_State.eff`)."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    partials = [x for x in node.all_input_nodes if isinstance(st.layout.get(x), _Partial)]
+    if not partials or not all(len(x.users) == 1 and _starts_or_continues_chain(st, x) for x in partials):
+        return None
+    others = [x for x in node.all_input_nodes if x not in partials]
+    if any(st.layout.get(x) is not None for x in others):  # a sharded or size-of operand: the usual rules
+        return None
+    try:
+        key = op_key(node)
+        unary, summed, scaled = key in _PARTIAL_UNARY, key in _PARTIAL_SUM, key in _PARTIAL_SCALE
+    except TypeError:
+        return None
+    if unary:
+        ok = node.args and node.args[0] is partials[0] and len(partials) == 1
+    elif summed:
+        operands = [_arg(node, 0, "input"), _arg(node, 1, "other")]
+        ok = all(isinstance(a, fx.Node) and a in partials for a in operands) and len(partials) == 2
+    elif scaled:
+        ok = len(partials) == 1 and (len(node.args) > 0 and node.args[0] is partials[0] or key in (operator.mul,
+             torch.mul, "mul")) and node.kwargs.get("rounding_mode") is None  # fmt: skip
+    else:
+        return None
+    if not ok or not isinstance(_val(node), torch.Tensor) or not _val(node).is_floating_point():
+        return None
+    st.partial_taken.update(x.name for x in partials)
+    return _Partial(frozenset().union(*(st.layout[x].origins for x in partials)))
+
+
+def _starts_or_continues_chain(st: _State, x: fx.Node) -> bool:
+    """A partial value a chain may start at (a row-parallel output without a bias: the bias goes after the all-reduce)
+    or continue from (a value a chain made)."""
+    rule = st.rules.get(x.name)
+    if rule is None:  # made partial by a chain (every other partial value has a rule: row, vocab, reduce_*)
+        return True
+    if rule != "row" or x.name in st.row_bias:
+        return False
+    if x.op == "call_module":
+        return getattr(st.module(x.target), "bias", None) is None
+    return True
 
 
 def _padded(st: _State, node: fx.Node, rule: Callable[[_State, fx.Node], Layout]) -> Layout:

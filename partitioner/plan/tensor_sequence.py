@@ -171,7 +171,7 @@ def sequence_parallel_layout(st: _State) -> SequenceLayout:
         if isinstance(lay, _Partial):
             # a row-parallel or vocab-parallel sum over the features: its tokens can be split; a reduction's (a norm's
             # statistics over sharded features) is read whole by the sharded features: all-reduced
-            summed = st.rules.get(n.name) in ("row", "vocab_embedding")
+            summed = st.rules.get(n.name) in ("row", "vocab_embedding") and n.name not in st.partial_taken
             if summed and v is not None and v.dim() >= 3 and v.shape[v.dim() - 2] % tp == 0:
                 seq[n] = v.dim() - 2
                 out.reduce_scatter.add(n.name)
