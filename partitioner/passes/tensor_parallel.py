@@ -609,7 +609,41 @@ def tensor_parallel_rank(
             return attr
         return collective("copy", anchor, attr, suffix=f"_{target.rsplit('.', 1)[-1]}_sum")
 
+    def build_feed(n: fx.Node, c: dict[str, Any]) -> None:
+        """The collective `c` in front of its consumers, made where the first of them is: after every in-place write
+        to `n` before it (DeepSeek's key, `new_empty` then `copy_` into its slices, read as each rank's heads), which a
+        copy made right after `n` would miss."""
+        if c["kind"] == "all_reduce":  # f
+            node = collective("copy", n, env[n], suffix="_grad")
+        elif c["kind"] == "scatter" and c.get("parts", 1) > 1:  # each rank's slice of every block of the dim
+            blocks = graph.create_node("call_function", torch.unflatten, (env[n], c["dim"], (c["parts"], -1)),
+                                       {}, name=f"tp_blocks_{n.name}_{c['dim']}")  # fmt: skip
+            blocks.meta["tp_anchor"] = n.name
+            node = collective("scatter", n, blocks, c["dim"] + 1, suffix=f"_{c['dim']}")
+            node = graph.create_node("call_function", torch.flatten, (node, c["dim"], c["dim"] + 1), {},
+                                     name=f"tp_unblocks_{n.name}_{c['dim']}")  # fmt: skip
+            node.meta["tp_anchor"] = n.name
+        elif c["kind"] == "scatter" and c.get("repeat", 1) > 1:  # kv heads several ranks share (GQA)
+            repeated = graph.create_node("call_function", torch.repeat_interleave, (env[n], c["repeat"]),
+                                         {"dim": c["dim"]}, name=f"tp_repeat_{n.name}_{c['dim']}")  # fmt: skip
+            repeated.meta["tp_anchor"] = n.name
+            node = collective("scatter", n, repeated, c["dim"], suffix=f"_{c['dim']}")
+        elif c["kind"] == "scatter":
+            node = collective("scatter", n, env[n], c["dim"], suffix=f"_{c['dim']}")
+        elif c["grad"] == "reduce_scatter":
+            node = collective("gather_sequence", n, env[n], c["dim"], suffix="_for_sharded")
+        else:
+            node = collective("gather", n, env[n], c["dim"], suffix="_for_replicated")
+        node.meta["tp_feeds"] = True
+        feeds.setdefault(n, []).append((node, set(c["users"])))
+
+    # value -> the collectives of the plan in front of its consumers, not made yet (build_feed: at the first of them)
+    pending: dict[fx.Node, list[dict[str, Any]]] = {}
     for n in gm.graph.nodes:
+        for x in n.all_input_nodes:  # the collectives in front of this consumer, made here (build_feed)
+            for c in [c for c in pending.get(x, ()) if n.name in c["users"]]:
+                pending[x].remove(c)
+                build_feed(x, c)
 
         def lookup(x: fx.Node, user: fx.Node = n) -> fx.Node:
             for node, users in feeds.get(x, ()):
@@ -751,29 +785,7 @@ def tensor_parallel_rank(
                 group = column_group(n, c)
                 columns.update({u: (group, k) for k, u in enumerate(c["users"])})
                 continue
-            if c["kind"] == "all_reduce":  # f
-                node = collective("copy", n, env[n], suffix="_grad")
-            elif c["kind"] == "scatter" and c.get("parts", 1) > 1:  # each rank's slice of every block of the dim
-                blocks = graph.create_node("call_function", torch.unflatten, (env[n], c["dim"], (c["parts"], -1)),
-                                           {}, name=f"tp_blocks_{n.name}_{c['dim']}")  # fmt: skip
-                blocks.meta["tp_anchor"] = n.name
-                node = collective("scatter", n, blocks, c["dim"] + 1, suffix=f"_{c['dim']}")
-                node = graph.create_node("call_function", torch.flatten, (node, c["dim"], c["dim"] + 1), {},
-                                         name=f"tp_unblocks_{n.name}_{c['dim']}")  # fmt: skip
-                node.meta["tp_anchor"] = n.name
-            elif c["kind"] == "scatter" and c.get("repeat", 1) > 1:  # kv heads several ranks share (GQA)
-                repeated = graph.create_node("call_function", torch.repeat_interleave, (env[n], c["repeat"]),
-                                             {"dim": c["dim"]}, name=f"tp_repeat_{n.name}_{c['dim']}")  # fmt: skip
-                repeated.meta["tp_anchor"] = n.name
-                node = collective("scatter", n, repeated, c["dim"], suffix=f"_{c['dim']}")
-            elif c["kind"] == "scatter":
-                node = collective("scatter", n, env[n], c["dim"], suffix=f"_{c['dim']}")
-            elif c["grad"] == "reduce_scatter":
-                node = collective("gather_sequence", n, env[n], c["dim"], suffix="_for_sharded")
-            else:
-                node = collective("gather", n, env[n], c["dim"], suffix="_for_replicated")
-            node.meta["tp_feeds"] = True
-            feeds.setdefault(n, []).append((node, set(c["users"])))
+            pending.setdefault(n, []).append(c)
 
     names = {m.name for m in graph.nodes}
     lost = [n.name for n in gm.graph.nodes if n.op != "output" and n.name not in names]

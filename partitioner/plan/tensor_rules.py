@@ -1004,6 +1004,11 @@ def _linear(
     if isinstance(lay, _Shard):  # rowwise: (…, in/tp) @ W[:, in/tp]^T -> partial (…, out)
         if lay.dim != len(_shape(x)) - 1:
             raise _Conflict(f"{what} input is sharded on dim {lay.dim}, not on its in_features")
+        if _normalized_across_ranks(st, x):
+            raise _Conflict(
+                f"{what} reads a value normalized over the sharded dim: a norm between two projections (a low-rank "
+                f"latent, DeepSeek's MLA) costs an all-reduce on each side; the first projection stays whole"
+            )
         st.divides(node, w[in_dim], lay.parts, "in_features")
         st.rules[node.name] = "row"
         record(weight, {"dim": in_dim, "parts": lay.parts}, lay.origins)
@@ -1190,6 +1195,40 @@ def _rule_reduce(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
         return _reduce_over_shard(st, node, lay)
     keep = _arg(node, 2, "keepdim", False)
     return _Shard(lay.dim - (0 if keep else sum(1 for d in dims if d < lay.dim)), lay.parts, lay.origins)
+
+
+_ELEMENTWISE = _UNARY_FUNCTIONS | _UNARY_METHODS | _BINARY_FUNCTIONS | _BINARY_METHODS | _FIRST_ARG_METHODS
+_LAYOUT_ONLY = _ELEMENTWISE | _RESHAPE | _TRANSPOSE | _UNSQUEEZE | _SQUEEZE
+
+
+def _normalized_across_ranks(st: _State, x: fx.Node, depth: int = 12) -> bool:
+    """Whether sharded `x` is, through elementwise ops and views only, scaled by a statistic reduced over the ranks (a
+    norm over the sharded dim, `_reduce_over_shard`): walking back along the sharded operands, a replicated operand
+    that a few elementwise ops make from a reduce_mean / reduce_sum node. Attention and projections end the walk:
+    OLMo's qk-norm, whose normalized q is split into heads and attended, never reaches a row-parallel projection so."""
+    frontier, seen = [x], set()
+    while frontier and depth > 0:
+        depth -= 1
+        nxt = []
+        for n in frontier:
+            if n in seen or n.op not in ("call_function", "call_method") or not key_in(n, _LAYOUT_ONLY):
+                continue
+            seen.add(n)
+            for a in n.all_input_nodes:
+                if isinstance(st.eff(a), _Shard):
+                    nxt.append(a)
+                elif st.layout.get(a) is None and _made_from_reduction(st, a, 4):
+                    return True
+        frontier = nxt
+    return False
+
+
+def _made_from_reduction(st: _State, n: fx.Node, depth: int) -> bool:
+    if st.rules.get(n.name) in PARTIAL_REDUCTIONS.values():
+        return True
+    if depth == 0 or n.op not in ("call_function", "call_method") or not key_in(n, _ELEMENTWISE):
+        return False
+    return any(_made_from_reduction(st, a, depth - 1) for a in n.all_input_nodes)
 
 
 # module rule of a mean / sum over the sharded dim -> the collective its partial result gets (plan.tensor, the rewrite)
