@@ -1103,3 +1103,25 @@ def test_partial_sums_are_all_reduced_once_where_their_linear_readers_end(tp: in
     check_tensor_parallel(gm, plan_tensor_parallel(gm, tp, sequence_parallel=True), inputs)
     counts = count_collectives(tensor_parallel_rank(gm, plan, 0, ThreadGroup(tp).comm(0)))
     assert counts["all_reduce_forward"] == len(forward)
+
+
+def test_products_of_partial_sums_are_all_reduced_first() -> None:
+    """A partial sum squared, or times another partial sum, is no linear op of it: each is all-reduced before the
+    product (the ranks equal the model)."""
+
+    class Products(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.ModuleList(nn.Linear(8, 16) for _ in range(3))
+            self.proj = nn.ModuleList(nn.Linear(16, 8, bias=False) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b, c = (proj(F.gelu(fc(x))) for fc, proj in zip(self.fc, self.proj, strict=True))
+            return x + a * a + b * c
+
+    torch.manual_seed(0)
+    gm, inputs = prepare(Products(), (torch.randn(2, 3, 8),))
+    plan = plan_tensor_parallel(gm, 2)
+    forward = {c["after"] for c in plan.collectives if c["kind"] == "all_reduce" and c["phase"] == "forward"}
+    assert {plan.module_rules[n] for n in forward} == {"row"} and len(forward) == 3, forward
+    check_tensor_parallel(gm, plan, inputs)

@@ -1367,9 +1367,12 @@ def _partial_through(st: _State, node: fx.Node) -> _Partial | None:
     elif summed:
         operands = [_arg(node, 0, "input"), _arg(node, 1, "other")]
         ok = all(isinstance(a, fx.Node) and a in partials for a in operands) and len(partials) == 2
-    elif scaled:
-        ok = len(partials) == 1 and (len(node.args) > 0 and node.args[0] is partials[0] or key in (operator.mul,
-             torch.mul, "mul")) and node.kwargs.get("rounding_mode") is None  # fmt: skip
+    elif scaled:  # x * y or y * x, x / y: the partial x once (x * x is no scaling), y replicated or a number
+        operands = [_arg(node, 0, "input"), _arg(node, 1, "other")]
+        first = operands[0] is partials[0]
+        once = sum(a is partials[0] for a in operands) == 1
+        ok = len(partials) == 1 and once and (first or key in (operator.mul, torch.mul, "mul"))
+        ok = ok and node.kwargs.get("rounding_mode") is None
     else:
         return None
     if not ok or not isinstance(_val(node), torch.Tensor) or not _val(node).is_floating_point():
