@@ -543,6 +543,23 @@ def _local_shares(st: _State, tp: int) -> dict[str, float]:
     return out
 
 
+def _read_whole_too(gm: fx.GraphModule, sl: SequenceLayout) -> set[str]:
+    """The parameters of sequence-split ops (`sl.param_grads`) that an op on all the tokens reads too (a norm module
+    called on the replicated input first and on split tokens later): their gradient is not one per-token share to sum
+    once per step, so each split call's share is summed over the ranks where it is made (phase "backward")."""
+    if not sl.param_grads:
+        return set()
+    split = set(sl.param_grads)
+    readers: dict[str, set[str]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            readers.setdefault(str(n.target), set()).add(n.name)
+        elif n.op == "get_attr":
+            readers.setdefault(str(n.target), set()).update(u.name for u in n.users)
+    names = {p for ps in sl.param_grads.values() for p in ps}
+    return {p for p in names if (readers.get(p, set()) | readers.get(p.rpartition(".")[0], set())) - split}
+
+
 def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: bool = False) -> TensorParallelPlan:
     gm = st.gm
     sl = sequence_parallel_layout(st) if sequence_parallel and tp > 1 else SequenceLayout()
@@ -566,6 +583,7 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
     no_f |= {op.via.name for n in gm.graph.nodes if (op := weight_op(gm, n)) is not None and op.via is not None
              and op.param in sharded}  # fmt: skip
     collectives: list[dict[str, Any]] = []
+    mixed = _read_whole_too(gm, sl)
     for n in gm.graph.nodes:
         lay = st.layout.get(n)
         v = _val(n)
@@ -627,7 +645,9 @@ def _to_plan(st: _State, tp: int, fallbacks: dict[str, str], sequence_parallel: 
         # (as Megatron-LM all-reduces its layer norms' gradients), not per microbatch in the graph.
         if n.name in sl.param_grads:
             names = sl.param_grads[n.name]
-            collectives.append(dict(kind="all_reduce", phase="step", after=n.name, op="sum", params=names,
+            # read whole by another op too: this call's share summed in the graph (the other's is whole already)
+            phase = "backward" if any(p in mixed for p in names) else "step"
+            collectives.append(dict(kind="all_reduce", phase=phase, after=n.name, op="sum", params=names,
                                     bytes=sum(param_bytes[p] for p in names)))  # fmt: skip
         if st.rules.get(n.name) == "vocab_cross_entropy":
             rows = _val(n.args[0]).shape[0] * 4

@@ -66,7 +66,8 @@ def tp_cost(plan: TensorParallelPlan, gm: fx.GraphModule, spec: DeviceSpec, *, t
     comm_by_node: dict[str, tuple[float, float]] = {}
     latency_by_node: dict[str, tuple[float, float]] = {}
     fwd = bwd = 0.0
-    step_bytes = sum(c["bytes"] for c in plan.collectives if c["phase"] == "step") if training else 0.0
+    step_params = {id(p): p for p in map(gm.get_parameter, plan.step_summed_params())} if training else {}
+    step_bytes = sum(p.numel() * p.element_size() for p in step_params.values())  # a shared parameter once
     for c in plan.collectives:
         if c["phase"] == "step":
             continue

@@ -91,8 +91,11 @@ class TensorParallelPlan:
 
     def step_summed_params(self) -> list[str]:
         """The parameters whose gradients are summed over the tp ranks once per step, after the backward (sequence
-        parallelism's norms and row-parallel biases: each rank's copy saw only its tokens)."""
-        return [p for c in self.collectives if c["phase"] == "step" for p in c.get("params", ())]
+        parallelism's norms and row-parallel biases: each rank's copy saw only its tokens), each once: a parameter
+        several nodes read (ALBERT's one layer called for every layer) is in several collectives' lists, and summing
+        its gradient twice over the ranks would make it tp times too large."""
+        names = (p for c in self.collectives if c["phase"] == "step" for p in c.get("params", ()))
+        return list(dict.fromkeys(names))
 
     def summary(self) -> str:
         """A short table: counts per layout, collectives per kind/phase, fallbacks with reasons."""
