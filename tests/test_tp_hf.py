@@ -91,6 +91,14 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n, num_attention_heads=4, num_kv_heads=2,
         new_decoder_architecture=True, multi_query=False, bias=False, alibi=False, hidden_dropout=0.0,
         attention_dropout=0.0, **NO_CACHE)), _text()),
+    # interleaved rotary embeddings (`rotate_every_two`: stack((-x2, x1), -1) on the head dim); parallel attention
+    # and MLP, GPT-J's with biases, Cohere's without (their partial sums then all-reduced once)
+    "gptj": lambda n: (T.GPTJForCausalLM(T.GPTJConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=n, n_head=4, rotary_dim=8, n_positions=32, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, **NO_CACHE)), _text()),
+    "cohere": lambda n: (T.CohereForCausalLM(T.CohereConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, **NO_CACHE)), _text()),
     # OLMo 2: RMSNorm of q and k over all heads (its qk-norm): distributed over the ranks' heads
     "olmo2": lambda n: (T.Olmo2ForCausalLM(T.Olmo2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4,

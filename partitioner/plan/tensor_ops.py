@@ -67,6 +67,7 @@ _SELECT = {"select", torch.select}
 _INDEX = {"index"}  # ATen's index.Tensor(x, [None, ..., idx, ...]): advanced indexing
 _EXPAND = {"expand"}
 _CAT = {torch.cat, torch.concat, "cat"}
+_STACK = {torch.stack, "stack"}
 _REDUCE = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
 _NORM_FUNCTIONS = {F.layer_norm, F.rms_norm}
 _NEW_TENSOR = {"new_ones", "new_zeros", "new_full", "new_empty", "new_tensor"}  # shape from arguments, not input
@@ -89,7 +90,7 @@ def _aten_keys() -> dict[Any, Any]:
         "sym_size": "size", "sym_numel": "numel",
         "unsqueeze": "unsqueeze", "squeeze": "squeeze", "slice": "slice", "select": "select", "expand": "expand",
         "broadcast_to": "expand",
-        "cat": "cat", "mean": "mean", "sum": "sum", "amax": "amax", "amin": "amin",
+        "cat": "cat", "stack": "stack", "mean": "mean", "sum": "sum", "amax": "amax", "amin": "amin",
         "layer_norm": F.layer_norm, "rms_norm": F.rms_norm,
         "cross_entropy_loss": "cross_entropy_loss", "to": "to", "type_as": "type_as",
         "_assert_tensor_metadata": "assert_metadata",

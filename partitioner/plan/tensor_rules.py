@@ -42,6 +42,7 @@ from partitioner.plan.tensor_ops import (
     _SOFTMAX,
     _SPLIT,
     _SQUEEZE,
+    _STACK,
     _TRANSPOSE,
     _UNARY_FUNCTIONS,
     _UNARY_METHODS,
@@ -1183,6 +1184,26 @@ def _rule_cat(st: _State, node: fx.Node) -> Layout:
     return _Shard(first.dim, first.parts, frozenset().union(*(lay.origins for lay in lays)))
 
 
+def _rule_stack(st: _State, node: fx.Node) -> Layout:
+    """stack of tensors sharded alike (interleaved rotary embeddings, GPT-J's and GLM's `rotate_every_two`:
+    `stack((-x2, x1), dim=-1)` on the head dim while the heads are sharded): the shard moves one dim right when the
+    new dim comes before it."""
+    tensors = _arg(node, 0, "tensors")
+    inputs = [t for t in tensors if isinstance(t, fx.Node)] if isinstance(tensors, (list, tuple)) else []
+    lays = [st.eff(t) for t in inputs]
+    if all(lay is None for lay in lays):
+        return _default(st, node)
+    first = next(lay for lay in lays if lay is not None)
+    if (
+        len(inputs) != len(tensors)
+        or not isinstance(first, _Shard)
+        or any(not isinstance(lay, _Shard) or (lay.dim, lay.parts) != (first.dim, first.parts) for lay in lays)
+    ):
+        raise _Conflict("stack of tensors not all sharded on the same dim")
+    dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(node)))
+    return _Shard(first.dim + (dim <= first.dim), first.parts, frozenset().union(*(lay.origins for lay in lays)))
+
+
 @_on_shard
 def _rule_reduce(st: _State, node: fx.Node, x: fx.Node, lay: _Shard) -> Layout:
     """mean / sum / amax / amin over dims other than the sharded one."""
@@ -1291,6 +1312,7 @@ _FUNCTION_RULES: list[tuple[set, Callable[[_State, fx.Node], Layout]]] = [
     (_INDEX, _rule_index),
     (_EXPAND, _rule_expand),
     (_CAT, _rule_cat),
+    (_STACK, _rule_stack),
     (_REDUCE, _rule_reduce),
     (_NORM_FUNCTIONS, _rule_norm_function),
     (_NEW_TENSOR, _rule_new_tensor),
@@ -1336,7 +1358,7 @@ _PARTIAL_UNARY = {
     "view", "reshape", "flatten", "unflatten", "transpose", "permute", "t", "contiguous", "clone", "to", "squeeze",
     "unsqueeze", "neg", "sum", "mean", "index", "select", "slice", "expand", operator.getitem, operator.neg,
     torch.reshape, torch.flatten, torch.unflatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-    torch.neg, torch.sum, torch.mean, torch.select,
+    torch.neg, torch.sum, torch.mean, torch.select, torch.clone,
 }  # fmt: skip
 _PARTIAL_SUM = {operator.add, operator.sub, torch.add, torch.sub, "add", "sub"}  # every operand partial
 _PARTIAL_SCALE = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"}  # one partial, the other not
