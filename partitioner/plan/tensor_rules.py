@@ -788,9 +788,10 @@ def _is_value(node: fx.Node) -> bool:
 
 
 def _rule_elementwise(st: _State, node: fx.Node) -> Layout:
-    if key_in(node, _FIRST_ARG_METHODS):
+    if key_in(node, _FIRST_ARG_METHODS):  # the other tensors give only a dtype / device (`x.type_as(y)`), the same
+        # on every rank however they are sharded (Gemma 3's qk-norm casts back by type_as(normed, sharded q))
         for x in node.all_input_nodes[1:]:
-            if st.eff(x) is not None and x is not node.args[0]:
+            if st.eff(x) is not None and x is not node.args[0] and not isinstance(_val(x), torch.Tensor):
                 raise _Conflict("sharded dtype/device argument")
         return st.eff(node.args[0])
     return _broadcast(st, node, _tensor_inputs(node))
