@@ -99,6 +99,9 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, dict[str, Any]]]] = {
     "cohere": lambda n: (T.CohereForCausalLM(T.CohereConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, **NO_CACHE)), _text()),
+    # MPT: an ALiBi bias per head, computed from constants for the input's length, read as each rank's heads
+    "mpt": lambda n: (T.MptForCausalLM(T.MptConfig(
+        vocab_size=VOCAB, d_model=64, n_layers=n, n_heads=4, max_seq_len=32, **NO_CACHE)), _text()),
     # Gemma 3: per-head qk-norm cast back with `type_as` on the sharded q (a dtype argument, the same on every rank)
     "gemma3": lambda n: (T.Gemma3ForCausalLM(T.Gemma3TextConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n, num_attention_heads=4,

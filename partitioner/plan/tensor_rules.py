@@ -297,9 +297,31 @@ def _broadcast(st: _State, node: fx.Node, inputs: list[fx.Node]) -> Layout:
         if st.eff(x) is None:
             shape = _shape(x)
             d_in = shard.dim - (out_nd - len(shape))
-            if d_in >= 0 and shape[d_in] != 1 and not _shard_own_parameter(st, node, x, d_in, shard):
-                raise _Conflict(f"replicated operand {x.name} {list(shape)} spans the sharded dim {shard.dim}")
+            if d_in < 0 or shape[d_in] == 1 or _shard_own_parameter(st, node, x, d_in, shard):
+                continue
+            if _constant_table(x) and not shard.whole and not shard.pad:  # MPT's ALiBi bias per head: each rank
+                st.slice(x, d_in, node, shard.parts)  # reads the rows of its heads (no gradient to gather back)
+                continue
+            raise _Conflict(f"replicated operand {x.name} {list(shape)} spans the sharded dim {shard.dim}")
     return shard
+
+
+def _constant_table(x: fx.Node, limit: int = 256) -> bool:
+    """Whether `x` is a table the model computes from its buffers and constants alone, sizes aside (no input's values,
+    no gradient: an ALiBi bias per head, built for the input's length), found by walking back at most `limit` tensor
+    nodes; an activation is not one."""
+    if x.meta.get("requires_grad", True):
+        return False
+    frontier, seen = [x], {x}
+    while frontier:
+        n = frontier.pop()
+        if n.op == "placeholder" or len(seen) > limit:
+            return False
+        for a in n.all_input_nodes:
+            if a not in seen and isinstance(_val(a), torch.Tensor):  # a size read off an input is no input value
+                seen.add(a)
+                frontier.append(a)
+    return True
 
 
 def _shard_own_parameter(st: _State, node: fx.Node, x: fx.Node, d: int, shard: _Shard) -> bool:
