@@ -332,24 +332,17 @@ def _shard_own_parameter(st: _State, node: fx.Node, x: fx.Node, d: int, shard: _
     if x.op != "get_attr" or shard.whole or shard.pad or len(x.users) != 1:
         return False
     target = str(x.target)
-    if not isinstance(_get_param(st.gm, target), nn.Parameter):
+    try:
+        param = st.gm.get_parameter(target)
+    except AttributeError:  # a buffer or constant
         return False
     if sum(1 for n in st.gm.graph.nodes if n.op == "get_attr" and str(n.target) == target) != 1:
         return False
-    param = _get_param(st.gm, target)
     if sum(1 for _, p in st.gm.named_parameters(remove_duplicate=False) if p is param) != 1:  # tied elsewhere
         return False
     st.divides(node, _shape(x)[d], shard.parts, f"{target} dim {d}")
     st.claim(node, target, _spec(d, shard.parts, 0), shard.origins)
     return True
-
-
-def _get_param(gm: fx.GraphModule, target: str) -> Any:
-    owner, _, name = target.rpartition(".")
-    try:
-        return getattr(gm.get_submodule(owner) if owner else gm, name)
-    except AttributeError:
-        return None
 
 
 def _rule_call_module(st: _State, node: fx.Node) -> Layout:
@@ -1190,41 +1183,44 @@ def _get(node: fx.Node, path: list[Any]) -> Any:
     return value
 
 
-def _rule_cat(st: _State, node: fx.Node) -> Layout:
-    """cat of tensors sharded alike on a dim other than the cat dim."""
+def _sharded_alike(st: _State, node: fx.Node, what: str) -> tuple[_Shard | None, bool]:
+    """The shard of a cat's / stack's tensors, all sharded on the same dim (origins joined), or None when none is
+    sharded; and whether every entry of the list is a node. A mix is the conflict `what` names."""
     tensors = _arg(node, 0, "tensors")
     inputs = [t for t in tensors if isinstance(t, fx.Node)] if isinstance(tensors, (list, tuple)) else []
     lays = [st.eff(t) for t in inputs]
     if all(lay is None for lay in lays):
-        return _default(st, node)
+        return None, len(inputs) == len(tensors or ())
     first = next(lay for lay in lays if lay is not None)
     if not isinstance(first, _Shard) or any(
         not isinstance(lay, _Shard) or (lay.dim, lay.parts) != (first.dim, first.parts) for lay in lays
     ):
-        raise _Conflict("cat of tensors not all sharded on the same dim")
-    if _norm_dim(_arg(node, 1, "dim", 0), len(_shape(node))) == first.dim:
+        raise _Conflict(f"{what} of tensors not all sharded on the same dim")
+    origins = frozenset().union(*(lay.origins for lay in lays))
+    return _Shard(first.dim, first.parts, origins), len(inputs) == len(tensors)
+
+
+def _rule_cat(st: _State, node: fx.Node) -> Layout:
+    """cat of tensors sharded alike on a dim other than the cat dim."""
+    shard, _ = _sharded_alike(st, node, "cat")
+    if shard is None:
+        return _default(st, node)
+    if _norm_dim(_arg(node, 1, "dim", 0), len(_shape(node))) == shard.dim:
         raise _Conflict("cat along the sharded dim")
-    return _Shard(first.dim, first.parts, frozenset().union(*(lay.origins for lay in lays)))
+    return shard
 
 
 def _rule_stack(st: _State, node: fx.Node) -> Layout:
     """stack of tensors sharded alike (interleaved rotary embeddings, GPT-J's and GLM's `rotate_every_two`:
     `stack((-x2, x1), dim=-1)` on the head dim while the heads are sharded): the shard moves one dim right when the
     new dim comes before it."""
-    tensors = _arg(node, 0, "tensors")
-    inputs = [t for t in tensors if isinstance(t, fx.Node)] if isinstance(tensors, (list, tuple)) else []
-    lays = [st.eff(t) for t in inputs]
-    if all(lay is None for lay in lays):
+    shard, all_nodes = _sharded_alike(st, node, "stack")
+    if shard is None:
         return _default(st, node)
-    first = next(lay for lay in lays if lay is not None)
-    if (
-        len(inputs) != len(tensors)
-        or not isinstance(first, _Shard)
-        or any(not isinstance(lay, _Shard) or (lay.dim, lay.parts) != (first.dim, first.parts) for lay in lays)
-    ):
+    if not all_nodes:
         raise _Conflict("stack of tensors not all sharded on the same dim")
     dim = _norm_dim(_arg(node, 1, "dim", 0), len(_shape(node)))
-    return _Shard(first.dim + (dim <= first.dim), first.parts, frozenset().union(*(lay.origins for lay in lays)))
+    return _Shard(shard.dim + (dim <= shard.dim), shard.parts, shard.origins)
 
 
 @_on_shard
