@@ -120,7 +120,6 @@ def test_stage_adapter_carries_ints_as_shapes() -> None:
 # runs every model x schedule, 8 stages included (pass-through stages of the 2-layer models).
 CI_CONFIGS = [
     ("gpt3-tiny", 2, 2, "1f1b"),
-    ("bert-tiny", 2, 2, "gpipe"),
     ("gpt3-tiny", 4, 4, "1f1b"),
     ("bert-tiny", 4, 4, "gpipe"),
     ("gpt3-tiny", 4, 2, "interleaved"),
@@ -552,8 +551,9 @@ def test_huggingface_llama_trains_with_context_parallelism_as_in_one_process(
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "case, steps",
-    [("llama", 5), ("mixtral", 2)]
-    + [pytest.param(c, 2, marks=pytest.mark.slow) for c in ("gpt2", "t5", "bert", "falcon")],
+    [("llama", 5)]
+    # Mixtral's pp2 x tp2 step is checked in one process in CI (test_hf_training); its torchrun run is ~40 s.
+    + [pytest.param(c, 2, marks=pytest.mark.slow) for c in ("mixtral", "gpt2", "t5", "bert", "falcon")],
 )
 def test_huggingface_models_train_pp2_x_tp2_under_torchrun_as_in_one_process(
     case: str, steps: int, tmp_path: Path
