@@ -38,7 +38,7 @@ class DeviceSpec:
     name: str
     peak_flops: dict[str, float]
     memory_bandwidth: float  # bytes/s of device memory (HBM)
-    memory_bytes: float  # usable device memory
+    memory_bytes: float  # device memory as the driver reports it (torch.cuda.mem_get_info()'s total)
     link_bandwidth: float  # bytes/s per direction to a peer in the same node (NVLink)
     link_latency: float  # seconds per point-to-point message
     internode_bandwidth: float  # bytes/s per direction to a peer in another node (InfiniBand)
@@ -81,17 +81,29 @@ class DeviceSpec:
     overlap_efficiency: float = 0.21
     source: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    # Of memory_bytes, what no tensor can use: the CUDA context, cuBLAS workspaces and NCCL's communicator buffers live
+    # outside torch's allocator. A plan's default memory limit is the difference (`usable_memory`).
+    runtime_reserve: float = 0.0
 
     def __post_init__(self) -> None:
         for attr in ("memory_bandwidth", "memory_bytes", "link_bandwidth", "internode_bandwidth"):
             if getattr(self, attr) <= 0:
                 raise ValueError(f"DeviceSpec {self.name!r}: {attr} must be positive, got {getattr(self, attr)}")
+        if not 0 <= self.runtime_reserve < self.memory_bytes:
+            raise ValueError(
+                f"DeviceSpec {self.name!r}: runtime_reserve must lie in [0, memory_bytes), got {self.runtime_reserve}"
+            )
         if not self.peak_flops or min(self.peak_flops.values()) <= 0:
             raise ValueError(f"DeviceSpec {self.name!r}: peak_flops needs positive entries, got {self.peak_flops}")
         efficiencies = (self.compute_efficiency, self.memory_efficiency, self.link_efficiency,
                         self.misaligned_gemm_efficiency, self.partly_aligned_gemm_efficiency)  # fmt: skip
         if not all(0 < e <= 1 for e in efficiencies):
             raise ValueError(f"DeviceSpec {self.name!r}: efficiencies must lie in (0, 1]")
+
+    @property
+    def usable_memory(self) -> float:
+        """Bytes per device a plan's tensors may take (memory_bytes less runtime_reserve): the default memory limit."""
+        return self.memory_bytes - self.runtime_reserve
 
     def flops_per_second(self, dtype: torch.dtype | str) -> float:
         """Achievable FLOP/s for matrix work in `dtype` (unknown dtypes use the float32 figure)."""
@@ -128,6 +140,20 @@ class DeviceSpec:
         return cls(**data)
 
 
+# What torch reports as a device's total memory (its OutOfMemoryError reads "GPU 0 has a total capacity of ..."):
+# 79.1-79.25 GiB on the 80 GB A100 SXM4 and H100 SXM5 (by driver), 139.8 GiB on the 141 GB H200. Not measured here:
+# the figures are the low end of those reported in public error logs; `torch.cuda.mem_get_info()` on the device itself
+# is the measurement to replace them with.
+_80GB_REPORTED = 79.1 * GiB
+_H200_REPORTED = 139.8 * GiB
+# Taken before any tensor: the CUDA context (about 0.5 GiB on Ampere / Hopper with CUDA 12's lazy module loading),
+# NCCL's buffers (NCCL_BUFFSIZE, 4 MiB, per channel and peer, for every process group a rank joins: tensor, pipeline,
+# data and context parallel) and cuBLAS workspaces. An estimate, not a measurement: one process in a public H200 log
+# held 1.46 GiB beyond what torch had allocated (139.60 GiB in use, 138.14 allocated). The allocator's fragmentation
+# comes on top and is not modelled (expandable_segments keeps it small).
+_GPU_RUNTIME_RESERVE = 1.5 * GiB
+
+
 def _hopper(name: str, hbm_bandwidth: float, memory_bytes: float, source: str) -> DeviceSpec:
     # H100 SXM5 and H200 share the GH100 compute die: dense bf16/fp16 989.4 TFLOP/s, tf32 494.7,
     # fp32 (non-tensor-core; what torch uses for fp32 matmul unless TF32 is enabled) 66.9.
@@ -142,6 +168,7 @@ def _hopper(name: str, hbm_bandwidth: float, memory_bytes: float, source: str) -
         },
         memory_bandwidth=hbm_bandwidth,
         memory_bytes=memory_bytes,
+        runtime_reserve=_GPU_RUNTIME_RESERVE,
         link_bandwidth=450 * GB,  # NVLink 4: 900 GB/s bidirectional
         link_latency=10e-6,
         internode_bandwidth=50 * GB,  # one 400 Gb/s NDR InfiniBand NIC per GPU
@@ -176,8 +203,8 @@ def _hopper(name: str, hbm_bandwidth: float, memory_bytes: float, source: str) -
 
 
 PRESETS: dict[str, DeviceSpec] = {
-    "h100": _hopper("h100", 3.35e12, 80 * GiB, "NVIDIA H100 SXM5 80GB datasheet"),
-    "h200": _hopper("h200", 4.8e12, 141 * GB, "NVIDIA H200 SXM 141GB datasheet"),
+    "h100": _hopper("h100", 3.35e12, _80GB_REPORTED, "NVIDIA H100 SXM5 80GB datasheet"),
+    "h200": _hopper("h200", 4.8e12, _H200_REPORTED, "NVIDIA H200 SXM 141GB datasheet"),
     "a100": DeviceSpec(
         name="a100",
         peak_flops={
@@ -187,7 +214,8 @@ PRESETS: dict[str, DeviceSpec] = {
             "float32": 19.5 * TFLOPS,
         },
         memory_bandwidth=2.039e12,
-        memory_bytes=80 * GiB,
+        memory_bytes=_80GB_REPORTED,
+        runtime_reserve=_GPU_RUNTIME_RESERVE,
         link_bandwidth=300 * GB,  # NVLink 3: 600 GB/s bidirectional
         link_latency=10e-6,
         internode_bandwidth=25 * GB,  # one 200 Gb/s HDR NIC per GPU

@@ -1,9 +1,10 @@
 """options: compile()'s options as one validated, keyword-only record (`CompileOptions`).
 
 Every field is checked at construction, with a message naming the option and the fix, so the passes read typed
-values (`options.spec.memory_bytes`, `options.schedules`) instead of a bare dict. Example:
+values (`options.spec.usable_memory`, `options.schedules`) instead of a bare dict. Example:
 `CompileOptions.create(devices=8, device_type="h100", schedule="auto")` has spec = the h100 preset, schedules =
-("1f1b", "interleaved", "zero-bubble", "zbv") and memory_limit = 80 GiB.
+("1f1b", "interleaved", "zero-bubble", "zbv") and memory_limit = 77.6 GiB (the h100's usable memory: what the driver
+reports, 79.1 GiB, less the CUDA context's and NCCL's reserve).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class CompileOptions:
             spec=spec,
             microbatches=microbatches,
             training=bool(training),
-            memory_limit=memory_bytes(memory_limit) if memory_limit is not None else spec.memory_bytes,
+            memory_limit=memory_bytes(memory_limit) if memory_limit is not None else spec.usable_memory,
             schedules=AUTO_SCHEDULES if schedule == "auto" else DEFAULT_SCHEDULES if schedule is None else (schedule,),
             pipeline=pipeline,
             tensor_parallel=tensor_parallel,

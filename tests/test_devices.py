@@ -10,6 +10,7 @@ import torch
 import partitioner
 import zoo
 from partitioner.devices import PRESETS, measure_link
+from partitioner.options import CompileOptions
 from partitioner.plan.graph import tied_sync_time
 
 
@@ -55,3 +56,15 @@ def test_tied_embedding_sync_is_priced_once_per_step() -> None:
 def test_summary_says_whether_sends_overlap_compute() -> None:
     assert "sends add to compute" in _gpt(2, PRESETS["cpu"]).plan.summary()
     assert "sends overlap compute" in _gpt(2, PRESETS["h100"]).plan.summary()
+
+
+def test_the_default_memory_limit_leaves_the_runtime_its_reserve() -> None:
+    h100 = PRESETS["h100"]
+    assert 0 < h100.runtime_reserve < h100.memory_bytes < 80 * 2**30  # the driver reports less than the datasheet
+    options = CompileOptions.create(devices=8, device_type="h100")
+    assert options.memory_limit == h100.usable_memory == h100.memory_bytes - h100.runtime_reserve
+    assert CompileOptions.create(devices=8, device_type="h100", memory_limit="70GiB").memory_limit == 70 * 2**30
+    assert PRESETS["cpu"].usable_memory == PRESETS["cpu"].memory_bytes  # no CUDA context, no NCCL
+    assert partitioner.DeviceSpec.from_dict(h100.to_dict()) == h100
+    with pytest.raises(ValueError, match="runtime_reserve"):
+        dataclasses.replace(h100, runtime_reserve=h100.memory_bytes)

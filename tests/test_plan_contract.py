@@ -115,7 +115,7 @@ def test_a_saved_plan_is_priced_on_its_own_device_unless_told_otherwise() -> Non
     text = cm.plan.to_json()
     assert partitioner.compile(model, 2, x, plan=text).plan == cm.plan
     h100 = partitioner.compile(model, 2, x, plan=text, device_type="h100").plan
-    assert h100.device_type["name"] == "h100" and h100.memory_limit == partitioner.PRESETS["h100"].memory_bytes
+    assert h100.device_type["name"] == "h100" and h100.memory_limit == partitioner.PRESETS["h100"].usable_memory
     assert h100.node_stage == cm.plan.node_stage and h100.tensor == cm.plan.tensor
     assert [s.nodes for s in h100.stages] == [s.nodes for s in cm.plan.stages]
     assert h100.predicted["step_time"] < cm.plan.predicted["step_time"] / 5  # an H100 against the cpu preset
