@@ -260,3 +260,34 @@ def test_the_step_floor_never_exceeds_the_priced_step(mode, schedule, pp, dp, co
     assert floor <= step_end(priced, tied_sync=1e-3, tied_ranks=[0]) * (1 + 1e-9) + 1e-15
     if stages == 1:
         assert floor == pytest.approx(step_end(priced), rel=1e-9, abs=1e-15)
+
+
+def test_zero2_under_a_split_backward_is_priced_as_the_runtime_runs_it() -> None:
+    # The runtime runs zero2 and fsdp alike under zero-bubble / zbv (one FSDP2 group per stage, gathered from the
+    # first forward to the last weight gradient, reduce-scattered once): no per-microbatch scatter and nothing
+    # transient beyond the gathered state that state_divisors already holds.
+    kw = dict(tp=1, dp=8, weight_bytes=4e9, grad_bytes=4e9, forward=1e-3, backward=2e-3, layers=4, largest_layer=1e9,
+              split_backward=True)  # fmt: skip
+    zero2 = data_parallel_cost("zero2", PRESETS["h100"], **kw)
+    assert zero2 == data_parallel_cost("fsdp", PRESETS["h100"], **kw)
+    assert zero2.transient == 0.0 and zero2.backward == 0.0
+    assert data_parallel_cost("zero2", PRESETS["h100"], **{**kw, "split_backward": False}).transient == 1e9
+
+
+@pytest.mark.parametrize("mode", ["zero2", "fsdp"])
+def test_a_rank_holds_one_layer_in_flight_whatever_its_stages(mode: str) -> None:
+    # A rank runs one layer at a time: with 4 stages per rank (interleaved) it holds the largest of its stages' gathered
+    # layers / unreduced gradients once, not once per stage.
+    pp, per_rank, dp = 2, 4, 8
+    stages = pp * per_rank
+    largest = [1e9 * (1 + s) for s in range(stages)]
+    layout = Layout(pp, 1, dp, 2 * stages, "interleaved", mode, 0, True)
+    costs = [StageCost(forward=1e-3, backward=2e-3, static_bytes=5e9) for _ in range(stages)]
+    state = [StageState(trainable=4 * big, layers=4, largest=big) for big in largest]
+    pg = dataclasses.replace(synthetic_graph([0.0, 1.0], [(0, 1)], [0.0, 0.0]), spec=PRESETS["h100"])
+    priced = price_step(pg, layout, costs, state, fast=True)
+    rank_of = get_schedule("interleaved").stage_ranks(stages, pp)
+    per_stage = [extra.transient for extra in priced.data_parallel]
+    assert min(per_stage) > 0
+    want = [per_rank * 5e9 + max(t for s, t in enumerate(per_stage) if rank_of[s] == r) for r in range(pp)]
+    assert list(priced.simulation.peak_memory) == pytest.approx(want)

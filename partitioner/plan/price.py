@@ -139,14 +139,23 @@ def step_parts(pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], st
         ]
         for s, extra in enumerate(dp_costs):
             tails[rank_of[s]] += extra.tail
+        # A rank runs one layer at a time, so it holds one layer's gathered weights / unreduced gradients whichever of
+        # its stages runs: the largest of its stages' transients, held by one stage's static bytes (adding each
+        # stage's would count a rank of v stages v times: Llama 3 405B at zero-bubble x 2 stages per rank was refused
+        # at 81.2 GiB for a split the DP held to 80).
+        holder = {}
+        for s, extra in enumerate(dp_costs):
+            r = rank_of[s]
+            if r not in holder or extra.transient > dp_costs[holder[r]].transient:
+                holder[r] = s
         costs = [
             dataclasses.replace(
                 cost,
                 forward=cost.forward + extra.forward,
                 backward=cost.backward + extra.backward,
-                static_bytes=cost.static_bytes + extra.transient,
+                static_bytes=cost.static_bytes + (extra.transient if holder[rank_of[s]] == s else 0.0),
             )  # fmt: skip
-            for cost, extra in zip(costs, dp_costs)
+            for s, (cost, extra) in enumerate(zip(costs, dp_costs))
         ]
     # Every rank sums its stages' step-phase gradients once the backward is over, priced at the whole graph's (one
     # call, latency-bound: a rank's share moves fewer bytes for the same latencies)

@@ -143,7 +143,7 @@ def data_parallel_cost(
             tail += all_gather_time(spec, weight_bytes, dp, internode=across)
         return DataParallelCost(tail=tail)
     grad_share = largest_layer * grad_bytes / max(weight_bytes, 1.0)
-    if mode == "zero2":
+    if mode == "zero2" and not split_backward:  # split: one FSDP2 group per stage, gathered all step, as fsdp's below
         scatter = all_gather_time(spec, grad_bytes, dp, internode=across)  # a reduce-scatter moves as much
         gather = all_gather_time(spec, weight_bytes, dp, internode=across)
         return DataParallelCost(backward=_hidden(scatter, backward, layers), tail=gather, transient=grad_share)
