@@ -5,15 +5,15 @@ forced it, and carried into `Plan.fallbacks`:
 1. "fx": torch.fx symbolic tracing of the whole model (module-level graph: nn.Linear & co. stay
    `call_module`, which the tensor-parallel rewrite relies on; shapes stay dynamic).
 2. "export": torch.export, non-strict (ATen-level graph), with every dim of every tensor input marked
-   `Dim.AUTO` (min 1, size-oblivious: no size is assumed to be != 1): export keeps a dim symbolic where the
-   model's code allows and fixes it where the code pins it. Calls are checked against what it kept
-   (`input_shapes`, `DynamicDim`) and against the conditions it derived for the symbolic dims (its guards),
-   so a graph is never run on a shape it does not hold for. Dim 0 is the batch `cm.step` splits into
-   microbatches: when it stays fixed (or only the static export works), `Fallback(path="static shapes")` says
-   why and calls with another batch size get an error saying what to do; when the code tells a one-row batch
-   apart, torch's default export (2+ rows assumed to hold for 1) is taken if its graph matches the model on a
-   row of the example (on meta, where nothing runs: if it makes the ATen calls of the model's own export at one
-   row, capture.one_row), else `Fallback(path="batch > 1")` (see `_trace_export_dynamic`).
+   `Dim.AUTO`: export keeps a dim symbolic where the model's code allows and fixes it where the code pins it.
+   Calls are checked against what it kept (`input_shapes`, `DynamicDim`) and against the conditions it derived
+   for the symbolic dims (its guards), so a graph is never run on a shape it does not hold for. Dim 0 is the
+   batch `cm.step` splits into microbatches: when it stays fixed (or only the static export works),
+   `Fallback(path="static shapes")` says why and calls with another batch size get an error saying what to do.
+   torch's default export assumes what it traced for 2+ rows holds for 1; the batch's range is widened to one
+   row only where the graph matches the model on a row of the example (on meta, where nothing runs: where it
+   makes the ATen calls of the model's own export at one row, capture.one_row), else `Fallback(path="batch > 1")`
+   (see `_trace_export_dynamic`; the size-oblivious export where the default one fails).
 3. "module-level": fx tracing with a tracer that keeps every submodule fx cannot trace as one opaque
    `call_module` leaf, found top-down: trace, find the innermost module the failure happened in, make it
    a leaf, trace again (a leaf whose output then breaks its parent makes the parent the leaf). A leaf

@@ -29,64 +29,90 @@ class _Exported:
 def _trace_export_dynamic(
     model: nn.Module, signature: inspect.Signature, flat: dict[str, Any], tensor_names: list[str], rebuild: Callable
 ) -> tuple[_Exported, list[Fallback]]:
-    """Path 2: export with every input dim left to export (Dim.AUTO, size-oblivious); the static export if that
-    fails. Returns the export and what it gave up: `Fallback(path="static shapes")` when dim 0 of some input
-    stayed fixed, `"batch > 1"` when the graph does not take one-row batches (the model's code tells them
-    apart, and they could not be shown to be computed alike). Raises when the static export fails too.
+    """Path 2: export with every input dim left to export (Dim.AUTO); the static export if that fails. Returns the
+    export and what it gave up: `Fallback(path="static shapes")` when dim 0 of some input stayed fixed, `"batch > 1"`
+    when the graph does not take one-row batches (the model's code tells them apart, and they could not be shown to
+    be computed alike). Raises when the static export fails too.
 
-    One-row batches: with size-oblivious symbols, code such as HF's `if batch_size != position_ids.shape[0]:
-    expand(...)` becomes a guard `batch != 1`, refusing the one-row microbatches a step may cut. torch's default
-    export assumes instead that what it traced for 2+ rows holds for 1 (right for such an expand, wrong for a
-    branch that computes something else at 1). That export is taken only where it is checked: with real weights its
-    graph must give what the model gives on the example's first row; on meta (nothing runs) it must make the ATen
-    calls the model's own export at one row makes (capture.one_row), which costs two more exports.
+    One-row batches: torch's default export assumes that what it traced for 2+ rows holds for 1 (its 0/1
+    specialization: every symbolic size starts at 2). Right for HF's `if batch_size != position_ids.shape[0]:
+    expand(...)`, a no-op at one row; wrong for a branch that computes something else at 1. So the batch's range is
+    widened to 1 only where that is checked: with real weights the graph must give what the model gives on the
+    example's first row; on meta (nothing runs) it must make the ATen calls the model's own export at one row makes
+    (capture.one_row, one static export). Where the default export fails, the size-oblivious one (no size assumed to
+    be != 1: a branch on `size == 1` becomes a guard) is tried, and its guards decide.
+
+    Why not size-oblivious first (safe by construction, no check needed): every HF causal LM given input ids alone
+    branches on one row, so it exported twice, three times on meta; the default export and a check cost one dynamic
+    export (plus a static one on meta). Invariant either way: a range that includes one row was exported for it or
+    shown to compute alike there.
     """
+    try:
+        exported = _trace_export(model, signature, flat, tensor_names, rebuild, dynamic=True, oblivious=False)
+    except Exception:
+        return _trace_export_oblivious(model, signature, flat, tensor_names, rebuild)
+    fixed = _fixed_batch(exported)
+    if fixed is not None:
+        return exported, [fixed]
+    refusal = _one_row_refusal(exported, flat, tensor_names, allow=True, widen=False)
+    if refusal is None:
+        if _on_meta(model, flat):  # nothing runs on meta: the two graphs' calls at one row are compared instead
+            different = _same_calls_on_one_row(model, signature, exported, flat, tensor_names, rebuild)
+        else:
+            different = _same_on_first_row(model, exported.graph_module, flat, tensor_names, rebuild)
+        if different is None:
+            _one_row_refusal(exported, flat, tensor_names, allow=True)  # widens the batch's range to one row
+            return exported, []
+        refusal = f" ({different}): torch.export assumed 2 rows or more"
+    else:
+        refusal = f": {refusal}"
+    reason = f"the graph does not take batches of one row{refusal}; calls and microbatches need more rows"
+    return exported, [Fallback("", "batch > 1", reason)]
+
+
+def _trace_export_oblivious(
+    model: nn.Module, signature: inspect.Signature, flat: dict[str, Any], tensor_names: list[str], rebuild: Callable
+) -> tuple[_Exported, list[Fallback]]:
+    """The size-oblivious export, then the static one: where torch's default export failed."""
     try:
         exported = _trace_export(model, signature, flat, tensor_names, rebuild, dynamic=True)
     except Exception as e:
         exported = _trace_export(model, signature, flat, tensor_names, rebuild, dynamic=False)
         return exported, [Fallback("", "static shapes", f"torch.export with dynamic dims failed: {_first_line(e)}")]
-    fixed = [n for n, dims in exported.shapes.items() if dims and isinstance(dims[0], int)]
-    if fixed:
-        pinned = ", ".join(f"{n!r} to {exported.shapes[n][0]}" for n in fixed)
-        reason = (
-            f"torch.export fixed dim 0 of {pinned}: the model's code pins it (e.g. it combines the input with a "
-            f"tensor of that size, reshapes it to a constant shape, or branches on it)"
-        )
-        return exported, [Fallback("", "static shapes", reason)]
+    fixed = _fixed_batch(exported)
+    if fixed is not None:
+        return exported, [fixed]
     refusal = _one_row_refusal(exported, flat, tensor_names)
     if refusal is None:
         return exported, []
-    why = ""
-    try:
-        assumed: _Exported | None = _trace_export(
-            model, signature, flat, tensor_names, rebuild, dynamic=True, oblivious=False
-        )
-    except Exception:
-        assumed = None
-    if assumed is not None and _one_row_refusal(assumed, flat, tensor_names, allow=True) is None:
-        if _on_meta(model, flat):  # nothing runs on meta: the two graphs' calls at one row are compared instead
-            different = _same_calls_on_one_row(model, signature, assumed, flat, tensor_names, rebuild)
-        else:
-            different = _same_on_first_row(model, assumed.graph_module, flat, tensor_names, rebuild)
-        if different is None:
-            return assumed, []
-        why = f" ({different})"
-    reason = f"the graph does not take batches of one row{why}: {refusal}; calls and microbatches need more rows"
+    reason = f"the graph does not take batches of one row: {refusal}; calls and microbatches need more rows"
     return exported, [Fallback("", "batch > 1", reason)]
 
 
+def _fixed_batch(exported: _Exported) -> Fallback | None:
+    """`Fallback("static shapes")` naming the inputs whose dim 0 export fixed, or None."""
+    fixed = [n for n, dims in exported.shapes.items() if dims and isinstance(dims[0], int)]
+    if not fixed:
+        return None
+    pinned = ", ".join(f"{n!r} to {exported.shapes[n][0]}" for n in fixed)
+    reason = (
+        f"torch.export fixed dim 0 of {pinned}: the model's code pins it (e.g. it combines the input with a "
+        f"tensor of that size, reshapes it to a constant shape, or branches on it)"
+    )
+    return Fallback("", "static shapes", reason)
+
+
 def _one_row_refusal(
-    exported: _Exported, flat: dict[str, Any], tensor_names: list[str], *, allow: bool = False
+    exported: _Exported, flat: dict[str, Any], tensor_names: list[str], *, allow: bool = False, widen: bool = True
 ) -> str | None:
     """Why `exported` refuses the example cut to one row in dim 0, or None. allow: take one row where export's
-    range starts at 2 (torch's default 0/1 assumption); those ranges then start at 1."""
+    range starts at 2 (torch's default 0/1 assumption); with `widen`, those ranges then start at 1."""
     batch = {dims[0].symbol for dims in exported.shapes.values() if dims and isinstance(dims[0], DynamicDim)}
     for name, dims in exported.shapes.items():
         for i, d in enumerate(dims):
             if isinstance(d, DynamicDim) and d.symbol in batch and d.min > (2 if allow else 1):
                 return f"dim {i} of {name!r} must be {d.min} or more"
-    if allow:
+    if allow and widen:
         exported.shapes = {
             n: tuple(replace(d, min=1) if isinstance(d, DynamicDim) and d.symbol in batch else d for d in dims)
             for n, dims in exported.shapes.items()
