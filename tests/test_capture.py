@@ -396,7 +396,7 @@ def test_a_view_given_as_example_is_captured_as_a_plain_tensor() -> None:
         torch.testing.assert_close(_run(c, x), model(x))
 
 
-def test_default_microbatches_keep_two_rows_where_a_guard_refuses_one() -> None:
+def test_default_microbatches_keep_two_rows_where_the_graph_refuses_one() -> None:
     """A graph that refuses one-row batches (the model computes something else at one row, so the batch's range
     stays from 2, where torch's default export put it): the default microbatch count leaves every chunk 2 rows or
     more (the search may then take fewer), and the step runs."""

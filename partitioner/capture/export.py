@@ -54,19 +54,19 @@ def _trace_export_dynamic(
     fixed = _fixed_batch(exported)
     if fixed is not None:
         return exported, [fixed]
-    refusal = _one_row_refusal(exported, flat, tensor_names, allow=True, widen=False)
+    refusal = _one_row_refusal(exported, flat, tensor_names, allow=True)
     if refusal is None:
         if _on_meta(model, flat):  # nothing runs on meta: the two graphs' calls at one row are compared instead
             different = _same_calls_on_one_row(model, signature, exported, flat, tensor_names, rebuild)
         else:
             different = _same_on_first_row(model, exported.graph_module, flat, tensor_names, rebuild)
         if different is None:
-            _one_row_refusal(exported, flat, tensor_names, allow=True)  # widens the batch's range to one row
+            _widen_batch_to_one_row(exported)
             return exported, []
-        refusal = f" ({different}): torch.export assumed 2 rows or more"
+        why = f" ({different}): torch.export assumed 2 rows or more"
     else:
-        refusal = f": {refusal}"
-    reason = f"the graph does not take batches of one row{refusal}; calls and microbatches need more rows"
+        why = f": {refusal}"
+    reason = f"the graph does not take batches of one row{why}; calls and microbatches need more rows"
     return exported, [Fallback("", "batch > 1", reason)]
 
 
@@ -102,21 +102,30 @@ def _fixed_batch(exported: _Exported) -> Fallback | None:
     return Fallback("", "static shapes", reason)
 
 
+def _batch_symbols(exported: _Exported) -> set[str]:
+    """The symbols of the inputs' dim 0 that export kept dynamic."""
+    return {dims[0].symbol for dims in exported.shapes.values() if dims and isinstance(dims[0], DynamicDim)}
+
+
+def _widen_batch_to_one_row(exported: _Exported) -> None:
+    """Let the batch's ranges start at 1 (where one row was shown to compute as the graph does)."""
+    batch = _batch_symbols(exported)
+    exported.shapes = {
+        n: tuple(replace(d, min=1) if isinstance(d, DynamicDim) and d.symbol in batch else d for d in dims)
+        for n, dims in exported.shapes.items()
+    }
+
+
 def _one_row_refusal(
-    exported: _Exported, flat: dict[str, Any], tensor_names: list[str], *, allow: bool = False, widen: bool = True
+    exported: _Exported, flat: dict[str, Any], tensor_names: list[str], *, allow: bool = False
 ) -> str | None:
     """Why `exported` refuses the example cut to one row in dim 0, or None. allow: take one row where export's
-    range starts at 2 (torch's default 0/1 assumption); with `widen`, those ranges then start at 1."""
-    batch = {dims[0].symbol for dims in exported.shapes.values() if dims and isinstance(dims[0], DynamicDim)}
+    range starts at 2 (torch's default 0/1 assumption, which the caller then checks)."""
+    batch = _batch_symbols(exported)
     for name, dims in exported.shapes.items():
         for i, d in enumerate(dims):
             if isinstance(d, DynamicDim) and d.symbol in batch and d.min > (2 if allow else 1):
                 return f"dim {i} of {name!r} must be {d.min} or more"
-    if allow and widen:
-        exported.shapes = {
-            n: tuple(replace(d, min=1) if isinstance(d, DynamicDim) and d.symbol in batch else d for d in dims)
-            for n, dims in exported.shapes.items()
-        }
     if exported.guards is None:
         return None
     stand_ins = dict(flat)  # meta tensors of the example's shapes, one row where dim 0 is symbolic
@@ -164,7 +173,7 @@ def _same_calls_on_one_row(
 ) -> str | None:  # fmt: skip
     """None when `assumed` makes, on one row, the ATen calls the model's own export at one row makes
     (capture.one_row: for models on meta, where nothing can be run); else why not."""
-    batch = {d[0].symbol for d in assumed.shapes.values() if d and isinstance(d[0], DynamicDim)}
+    batch = _batch_symbols(assumed)
     one = dict(flat)
     for n in tensor_names:
         dims, t = assumed.shapes[n], flat[n]
