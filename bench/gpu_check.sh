@@ -4,7 +4,9 @@
 # A: compile the Triton kernels (and torch.compile's references) for the benchmark shapes, four processes at once
 #    (the compiles are CPU work; Triton's and Inductor's caches keep them for the timed runs);
 # B: the `gpu` tests; C: bench/kernels.py (bf16); D: bench/device_rates.py; E: bench/step_fidelity.py --breakdown;
-# F: bench/activation_memory.py (what the runtime keeps for backward against what the plan prices).
+# F: bench/activation_memory.py (what the runtime keeps for backward against what the plan prices);
+# R (first, ~20 s): bench/runtime_reserve.py (the memory held outside torch's allocator: DeviceSpec.runtime_reserve).
+# SKIP=D (or any phase letters) leaves phases out, e.g. device rates already recorded for this GPU and torch.
 # Each phase runs under its own cap, cut to what is left of BUDGET seconds, so a slow phase cannot starve the others.
 # Copy the written .md / .json into bench/results/ with the machine's name and date (the files carry both).
 export PYTHONPATH=$PWD TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
@@ -22,6 +24,9 @@ cap() {
   $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)"
 } >$R/env.txt 2>&1
 cat $R/env.txt
+skip() { [[ "${SKIP:-}" == *$1* ]] && echo "(skipped)"; }
+echo "== R: runtime reserve $(date +%T)"
+skip R || { timeout $(cap 60) $PY bench/runtime_reserve.py --out $R >$R/reserve.log 2>&1; echo "rc=$?" && cat $R/reserve.log; }
 echo "== A: compile caches $(date +%T)"
 T=$(cap 150)
 for c in slot_attention vq vq_st msglam; do
@@ -37,8 +42,7 @@ echo "== C: kernel benchmarks $(date +%T)"
 timeout $(cap 200) $PY bench/kernels.py --dtypes bf16 --out $R >$R/kernels.log 2>&1
 echo "rc=$?" && grep -E "\| (met|missed) \|" $R/kernels.log | tail -20
 echo "== D: device rates $(date +%T)"
-timeout $(cap 100) $PY bench/device_rates.py --out $R >$R/rates.log 2>&1
-echo "rc=$?" && tail -n 12 $R/rates.log
+skip D || { timeout $(cap 100) $PY bench/device_rates.py --out $R >$R/rates.log 2>&1; echo "rc=$?" && tail -n 12 $R/rates.log; }
 echo "== E: step fidelity $(date +%T)"
 timeout $(cap 150) $PY bench/step_fidelity.py --steps 6 --breakdown --out $R >$R/step.log 2>&1
 echo "rc=$?" && tail -n 10 $R/step.log

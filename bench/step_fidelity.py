@@ -34,7 +34,9 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ is sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+# Run as a script, bench/ is sys.path[0]; there bench/kernels.py would shadow any top-level `kernels` (Hugging Face's,
+# which transformers imports), so it goes and the repository root takes its place.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"

@@ -141,16 +141,18 @@ class DeviceSpec:
 
 
 # What torch reports as a device's total memory (its OutOfMemoryError reads "GPU 0 has a total capacity of ..."):
-# 79.1-79.25 GiB on the 80 GB A100 SXM4 and H100 SXM5 (by driver), 139.8 GiB on the 141 GB H200. Not measured here:
-# the figures are the low end of those reported in public error logs; `torch.cuda.mem_get_info()` on the device itself
-# is the measurement to replace them with.
+# 79.1-79.25 GiB on the 80 GB A100 SXM4 and H100 SXM5 (by driver; the low end of public error logs), 139.8 GiB on the
+# 141 GB H200 (measured: `torch.cuda.mem_get_info()`, bench/results/runtime-reserve-NVIDIA_H200-20261204-1759.md).
 _80GB_REPORTED = 79.1 * GiB
 _H200_REPORTED = 139.8 * GiB
-# Taken before any tensor: the CUDA context (about 0.5 GiB on Ampere / Hopper with CUDA 12's lazy module loading),
-# NCCL's buffers (NCCL_BUFFSIZE, 4 MiB, per channel and peer, for every process group a rank joins: tensor, pipeline,
-# data and context parallel) and cuBLAS workspaces. An estimate, not a measurement: one process in a public H200 log
-# held 1.46 GiB beyond what torch had allocated (139.60 GiB in use, 138.14 allocated). The allocator's fragmentation
-# comes on top and is not modelled (expandable_segments keeps it small).
+# Taken before any tensor: the CUDA context, cuBLAS workspaces and NCCL's communicators. Measured on an H200 (torch
+# 2.11, CUDA 13.0, NCCL 2.28.9; bench/runtime_reserve.py, the same file as above): the context 0.51 GiB, cuBLAS
+# +0.22, flash attention +0.02, a first NCCL communicator +0.54 (one rank), each further one +0.38 whatever
+# NCCL_BUFFSIZE (0.50 with NCCL_CUMEM_ENABLE=0): 1.29 GiB with one process group, 2.43 with four. A communicator with
+# peers adds buffers per channel and peer that one GPU cannot show. 1.5 GiB covers a rank of one or two
+# communicators; one in tensor, pipeline, data and context groups holds about 1 GiB more, which this flat reserve does
+# not price (the reserve per communicator is open work, #15). The allocator's fragmentation comes on top and is not
+# modelled (expandable_segments keeps it small).
 _GPU_RUNTIME_RESERVE = 1.5 * GiB
 
 
