@@ -47,6 +47,10 @@ sequence). The data degree `dp` may be left empty: it is then the GPUs over tp x
 does not add up (tp x pp x cp x dp other than the GPUs, a global batch the replicas' micro batches do not divide)
 is refused naming the row. Empty, "n/a" or "-" in `vp` is one stage per rank.
 
+Optimizer state: every run kept fp32 master weights and Adam moments beside its 16-bit ones (Megatron-LM's
+mixed-precision optimizer; torchtitan's FSDP2 holds fp32 parameters and casts them to bf16 for compute): 16 bytes
+per parameter, so each compile passes `master_weights=True`.
+
 Precision: BF16 or FP16 (the `precision` column). A row trained in FP8 (Transformer Engine, NeMo's H100 tables) is
 refused with a note, not priced as 16-bit: the cost model has no FP8 GEMMs.
 
@@ -269,7 +273,7 @@ def check(row: Row, *, search: bool) -> dict:
             recompute=None if row.recompute == SEARCHED else row.recompute,
             data_parallel=row.data_parallel,
             overlap_grad_reduce=row.overlap_grad_reduce, sequence_parallel=row.sequence_parallel,
-            context_parallel=row.cp,
+            context_parallel=row.cp, master_weights=True,
         )  # fmt: skip
         plan = cm.plan
         p = plan.predicted
@@ -283,7 +287,8 @@ def check(row: Row, *, search: bool) -> dict:
     if search:
         t0 = time.perf_counter()
         try:
-            cm = partitioner.compile(model, row.gpus, inputs, device_type=row.device, schedule="auto")
+            cm = partitioner.compile(model, row.gpus, inputs, device_type=row.device, schedule="auto",
+                                     master_weights=True)  # fmt: skip
             plan = cm.plan
             modes = sorted({s.recompute for s in plan.stages})
             out.update(

@@ -367,6 +367,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     verbose: bool = True,
     capture: str = "auto",
     pad_gemms: bool = True,
+    master_weights: bool | None = None,
 ) -> CompiledModel:
     """Partition `model` over `devices` and return a callable compiled model.
 
@@ -429,6 +430,12 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     (the GPU presets), pad such matrix products with zeros and slice the result (partitioner.passes.align: e.g. an
     LM head over a 50,257-token vocabulary), where the cost model prices the padded product and its copies lower;
     the plan records them (`padded_gemms`). Outputs equal the model's up to the rounding of another GEMM kernel.
+    master_weights: how the memory and the optimizer step are priced for training. False: Adam's two moments in each
+    parameter's dtype, as torch's optimizers keep them over the model's own parameters (what `make_optimizer` runs:
+    8 bytes per bf16 parameter with its weight and gradient, 16 per fp32 one). True: fp32 moments and an fp32 master
+    copy of every 16-bit parameter, as the mixed-precision optimizers of Megatron-LM and DeepSpeed keep them (16
+    bytes per parameter): for plans of runs whose optimizer does that (the runtime itself keeps no master copy).
+    None: a saved plan's setting, else False. The plan records it (`master_weights`).
     Raises ValueError on bad options, inputs that do not fit the model, or memory no layout satisfies.
     """
     if not isinstance(model, nn.Module):
@@ -439,7 +446,7 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
         stages_per_device=stages_per_device, plan=plan, mincut=mincut, cost=cost, batch_dim=batch_dim,
         recompute=recompute, data_parallel=data_parallel, overlap_grad_reduce=overlap_grad_reduce,
         sequence_parallel=sequence_parallel, context_parallel=context_parallel, verbose=verbose, capture=capture,
-        pad_gemms=pad_gemms,
+        pad_gemms=pad_gemms, master_weights=master_weights,
     )  # fmt: skip
     example_inputs = as_call(example_inputs)
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
@@ -527,7 +534,7 @@ def _build_graph(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], progres
         measured = _profile(cm.model, gm, inputs, o.training) if o.cost == "profile" else None
         costs = node_costs(gm, o.spec, training=o.training, measured=measured)
         pads = _gemm_pads(gm, o, costs) if measured is None and o.saved_plan is None else {}
-        pg = build_planning_graph(gm, costs, o.spec, training=o.training)
+        pg = build_planning_graph(gm, costs, o.spec, training=o.training, master_weights=o.master_weights)
     # Training splits the batch: prove that samples stay independent (plan.batch) before planning a split.
     with progress.phase("batch"):
         dims = batch_dims_of(o.batch_dim, captured.input_names, inputs)
@@ -587,6 +594,7 @@ def _build_placement(cm: CompiledModel, args: tuple, kwargs: dict[str, Any], rea
     with Progress(label, enabled=o.verbose) as progress:
         with progress.phase("record"):
             record = record_calls(cm.model, tuple(args), dict(kwargs), training=o.training)
+            record.master_weights = o.master_weights
         with progress.phase("plan"):
             plan, layout = plan_placement(
                 record, model_name=type(cm.model).__name__, devices=o.devices, spec=o.spec,

@@ -50,6 +50,7 @@ class CompileOptions:
     verbose: bool = True  # a progress line on a terminal for compiles over 2 s (partitioner.progress)
     capture: str = "auto"  # "auto": fx, export, module-level leaves, then module placement; or "module-placement"
     pad_gemms: bool = True  # pad tensor-core GEMMs with misaligned rows where the cost model says so (passes.align)
+    master_weights: bool = False  # Adam's state priced as fp32 moments and masters (plan.graph.static_bytes_per_param)
 
     @classmethod
     def create(
@@ -76,6 +77,7 @@ class CompileOptions:
         verbose: bool = True,
         capture: str = "auto",
         pad_gemms: bool = True,
+        master_weights: bool | None = None,
     ) -> CompileOptions:
         """compile()'s arguments, checked and normalized (see compile's docstring for their meaning).
 
@@ -138,6 +140,10 @@ class CompileOptions:
             spec = get_device_spec(device_type)
         if memory_limit is None and saved is not None and device_type is None:
             memory_limit = saved.memory_limit
+        if master_weights is None:  # a saved plan is priced with its own optimizer state
+            master_weights = saved.master_weights if saved is not None else False
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights must be True, False or None, got {master_weights!r}")
         return cls(
             devices=devices,
             spec=spec,
@@ -160,6 +166,7 @@ class CompileOptions:
             verbose=bool(verbose),
             capture=capture,
             pad_gemms=bool(pad_gemms),
+            master_weights=master_weights,
         )
 
 

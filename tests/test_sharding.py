@@ -28,11 +28,11 @@ from partitioner.simulate import StageCost
 from tests.planning_graphs import synthetic_graph
 
 
-def _one_parameter_graph(numel: int, element_size: int):
+def _one_parameter_graph(numel: int, element_size: int, master_weights: bool = True):
     """One node reading one trainable parameter of `numel` elements (Adam: plan.graph.static_bytes_per_param)."""
     from partitioner.plan.graph import static_bytes_per_param
 
-    static = static_bytes_per_param(numel, element_size, training=True)
+    static = static_bytes_per_param(numel, element_size, training=True, master_weights=master_weights)
     pg = synthetic_graph([0.0, 1.0], [(0, 1)], [0.0, 0.0], params=[[], ["w"]], param_static={"w": static})
     return dataclasses.replace(pg, param_bytes={"w": numel * element_size}, trainable=frozenset({"w"}))
 
@@ -49,6 +49,12 @@ def test_bytes_per_parameter_are_zero_s(d: int) -> None:
     # hsdp shards over its group only; fp32 training (no master copy) holds 4 + 4 + 8 under ddp.
     assert scale_graph(pg, None, d, "hsdp", shard=2).param_static["w"] / 1000 == pytest.approx(8)
     assert scale_graph(_one_parameter_graph(1000, 4), None, d, "ddp").param_static["w"] / 1000 == pytest.approx(16)
+    # Without master weights (torch's Adam over bf16 parameters): moments in bf16, 2 + 2 + 4 bytes, sharded the same
+    plain = _one_parameter_graph(1000, 2, master_weights=False)
+    want = {"ddp": 8, "zero1": 4 + 4 / d, "zero2": 2 + 6 / d, "fsdp": 8 / d}
+    for mode, per_param in want.items():
+        assert scale_graph(plain, None, d, mode).param_static["w"] / 1000 == pytest.approx(per_param), mode
+    assert scale_graph(_one_parameter_graph(1000, 4, False), None, d, "ddp").param_static["w"] / 1000 == 16
 
 
 def test_schedules_that_split_the_backward_keep_fsdp_state_gathered() -> None:
@@ -107,9 +113,15 @@ def test_dp_groups_that_leave_the_node_use_the_network() -> None:
 
 def test_the_optimizer_step_is_memory_bound_and_sharded_with_its_state() -> None:
     spec = PRESETS["h100"]
-    # 1e9 bf16 parameters: 4 x 2 + 16 + 2 x 4 = 32 bytes each.
-    assert optimizer_step_time(spec, 2e9, 1, 2) == pytest.approx(32e9 / spec.bytes_per_second() + spec.kernel_overhead)
-    assert optimizer_step_time(spec, 2e9, 8, 2) == pytest.approx(4e9 / spec.bytes_per_second() + spec.kernel_overhead)
+    # 1e9 bf16 parameters with fp32 masters and moments: 4 x 2 + 4 x 4 + 2 x 4 = 32 bytes each.
+    step = optimizer_step_time(spec, 2e9, 1, 2, master_weights=True)
+    assert step == pytest.approx(32e9 / spec.bytes_per_second() + spec.kernel_overhead)
+    step = optimizer_step_time(spec, 2e9, 8, 2, master_weights=True)
+    assert step == pytest.approx(4e9 / spec.bytes_per_second() + spec.kernel_overhead)
+    # torch's Adam over bf16 parameters: bf16 moments, no master, 4 x 2 + 4 x 2 = 16 bytes each; fp32 the same
+    # either way (4 x 4 + 4 x 4).
+    assert optimizer_step_time(spec, 2e9, 1, 2) == pytest.approx(16e9 / spec.bytes_per_second() + spec.kernel_overhead)
+    assert optimizer_step_time(spec, 4e9, 1, 4) == optimizer_step_time(spec, 4e9, 1, 4, master_weights=True)
 
 
 def test_the_search_shards_the_training_state_when_replicas_do_not_fit() -> None:
@@ -132,15 +144,18 @@ def test_compile_records_the_chosen_mode_and_a_forced_one() -> None:
     with torch.device("meta"):
         model = zoo.get("gpt3-1.3b").to(torch.bfloat16)
     x = zoo.example_inputs("gpt3-1.3b", batch=64, device="meta", seq=2048)
-    # 1.3B parameters x 16 bytes = 21 GB of training state: at 16 GB per device a DDP replica cannot hold it.
-    cm = partitioner.compile(model, 8, x, memory_limit="16GB", pipeline=1, tensor_parallel=1)
+    # 1.3B parameters x 16 bytes (fp32 masters and moments) = 21 GB of training state: at 16 GB per device a DDP
+    # replica cannot hold it.
+    kw = dict(pipeline=1, tensor_parallel=1, master_weights=True)
+    cm = partitioner.compile(model, 8, x, memory_limit="16GB", **kw)
     assert cm.plan.data_parallel in ("zero1", "zero2", "fsdp") and cm.plan.data_degree == 8
     assert cm.plan.predicted["peak_memory"] <= 16e9
-    forced = partitioner.compile(model, 8, x, memory_limit="80GB", pipeline=1, tensor_parallel=1, data_parallel="fsdp")
+    assert cm.plan.master_weights and "with fp32 master weights" in cm.plan.summary()
+    forced = partitioner.compile(model, 8, x, memory_limit="80GB", data_parallel="fsdp", **kw)
     assert forced.plan.data_parallel == "fsdp"
     assert partitioner.Plan.from_json(forced.plan.to_json()) == forced.plan
     with pytest.raises(partitioner.InfeasibleMemoryError):
-        partitioner.compile(model, 8, x, memory_limit="16GB", pipeline=1, tensor_parallel=1, data_parallel="ddp")
+        partitioner.compile(model, 8, x, memory_limit="16GB", data_parallel="ddp", **kw)
 
 
 def test_split_backward_schedules_price_hsdp_with_its_shard_group() -> None:
@@ -291,3 +306,23 @@ def test_a_rank_holds_one_layer_in_flight_whatever_its_stages(mode: str) -> None
     assert min(per_stage) > 0
     want = [per_rank * 5e9 + max(t for s, t in enumerate(per_stage) if rank_of[s] == r) for r in range(pp)]
     assert list(priced.simulation.peak_memory) == pytest.approx(want)
+
+
+def test_master_weights_price_fp32_moments_and_masters_and_travel_with_the_plan() -> None:
+    """A bf16 model's training state: 8 bytes per parameter as torch's Adam keeps it (bf16 moments), 16 with fp32
+    masters and moments; the plan records which, and a saved plan is priced again with its own."""
+    with torch.device("meta"):
+        model = zoo.get("gpt3-tiny").to(torch.bfloat16)
+    x = zoo.example_inputs("gpt3-tiny", batch=8, device="meta")
+    kw = dict(pipeline=1, tensor_parallel=1, microbatches=1, verbose=False)
+    plain = partitioner.compile(model, 1, x, **kw)
+    master = partitioner.compile(model, 1, x, master_weights=True, **kw)
+    params = sum(p.numel() for p in model.parameters())  # tied copies once, as the plan holds them
+    assert (plain.plan.master_weights, master.plan.master_weights) == (False, True)
+    gap = master.plan.predicted["peak_memory"] - plain.plan.predicted["peak_memory"]
+    assert gap == pytest.approx(8 * params)
+    assert master.plan.predicted["optimizer_step"] > plain.plan.predicted["optimizer_step"]
+    again = partitioner.compile(model, 1, x, plan=master.plan.to_json(), verbose=False)
+    assert again.plan.master_weights and again.plan.predicted == pytest.approx(master.plan.predicted)
+    with pytest.raises(ValueError, match="master_weights"):
+        partitioner.compile(model, 1, x, master_weights="yes", **kw)

@@ -69,6 +69,7 @@ class CallRecord:
     # under its first name)
     tensors: dict[str, tuple[int, int, bool, bool]] = field(default_factory=dict)
     children: dict[int, list[int]] = field(default_factory=dict)  # call index -> the calls made directly in it
+    master_weights: bool = False  # the optimizer's state as plan.graph.static_bytes_per_param prices it
 
     def __post_init__(self) -> None:
         for c in self.calls[1:]:

@@ -78,16 +78,22 @@ def _range_stages(stage_of: np.ndarray, ranges: Sequence[tuple[int, int]]) -> tu
     return np.minimum.reduceat(padded, bounds)[::2], np.maximum.reduceat(padded, bounds)[::2]
 
 
-def static_bytes_per_param(numel: int, element_size: int, *, training: bool, is_buffer: bool = False) -> int:
+def static_bytes_per_param(
+    numel: int, element_size: int, *, training: bool, is_buffer: bool = False, master_weights: bool = False
+) -> int:
     """Bytes a parameter holds on its device for the whole step.
 
-    Training with Adam: weights + grads in the parameter dtype, two fp32 moments, and an fp32 master
-    copy when the parameter is in a 16-bit dtype (Megatron's accounting: 16 bytes/param either way).
+    Training with Adam: weights + grads in the parameter dtype and two moments. The moments are in the parameter's
+    dtype, as torch's optimizers keep them over the model's own parameters (8 bytes per bf16 parameter), unless
+    `master_weights`: then they are fp32 and a 16-bit parameter has an fp32 master copy too (Megatron's and
+    DeepSpeed's mixed-precision optimizers, Rajbhandari et al.'s accounting: 16 bytes per parameter). An fp32
+    parameter holds 16 bytes either way.
     """
     if not training or is_buffer:
         return numel * element_size
-    master = 4 * numel if element_size < 4 else 0
-    return 2 * numel * element_size + 8 * numel + master
+    moment = 4 if master_weights else element_size
+    master = 4 * numel if master_weights and element_size < 4 else 0
+    return 2 * numel * element_size + 2 * moment * numel + master
 
 
 @dataclass
@@ -120,6 +126,7 @@ class PlanningGraph:
     regions: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     trainable: frozenset[str] = frozenset()  # canonical names of the parameters that get a gradient
     param_element_size: int = 4  # bytes per element of the trainable parameters (the largest share's dtype)
+    master_weights: bool = False  # the optimizer keeps fp32 moments and masters (static_bytes_per_param)
     # Adjacent pipeline stages sit on different nodes (set by plan.search.scale_graph from the degrees: Megatron's
     # placement puts tp, then dp inside a node, so a pipeline of tp x dp x pp > devices_per_node ranks crosses
     # nodes, and its slowest boundary paces every microbatch).
@@ -333,9 +340,10 @@ class PlanningGraph:
 
 
 def build_planning_graph(
-    gm: fx.GraphModule, costs: dict[str, NodeCost], spec: DeviceSpec, *, training: bool
+    gm: fx.GraphModule, costs: dict[str, NodeCost], spec: DeviceSpec, *, training: bool, master_weights: bool = False
 ) -> PlanningGraph:
-    """Reduce an annotated graph to a PlanningGraph (see module docstring for what is kept)."""
+    """Reduce an annotated graph to a PlanningGraph (see module docstring for what is kept; `master_weights`:
+    static_bytes_per_param's)."""
     nodes = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
     index = {n: i for i, n in enumerate(nodes)}
     num_inputs = sum(n.op == "placeholder" for n in nodes)
@@ -355,7 +363,11 @@ def build_planning_graph(
         if key not in canonical:
             canonical[key] = name
             param_static[name] = static_bytes_per_param(
-                t.numel(), t.element_size(), training=training and t.requires_grad, is_buffer=is_buffer
+                t.numel(),
+                t.element_size(),
+                training=training and t.requires_grad,
+                is_buffer=is_buffer,
+                master_weights=master_weights,
             )
             param_bytes[name] = t.numel() * t.element_size()
         alias_of[name] = canonical[key]
@@ -433,6 +445,7 @@ def build_planning_graph(
         regions=find_regions(gm, names, params, succs) if training else {},
         trainable=frozenset(p for p in param_static if param_static[p] > param_bytes[p]),
         param_element_size=max(by_size, key=by_size.get) if by_size else 4,
+        master_weights=master_weights,
     )
 
 

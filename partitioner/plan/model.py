@@ -553,6 +553,7 @@ def _make_plan(
         or (get_schedule(best.schedule).data_parallel_mode() if d.grad_group > 1 else ""),
         data_parallel_shard=hsdp_shard(d.tp, d.dp, o.spec.devices_per_node) if best.data_parallel == "hsdp" else 0,
         overlap_grad_reduce=best.overlap_grad_reduce,
+        master_weights=pg.master_weights,
         reasons=_reasons(best, evaluated, o, [st.recompute for st in stages]),
         context_degree=d.cp,
         context=(

@@ -227,7 +227,8 @@ class _Pricer:
     def static_of(self, name: str) -> float:
         """Bytes a copy of parameter / buffer `name` holds for the step (weights, gradients, optimizer state)."""
         n, size, grad, buffer = self.record.tensors[name]
-        return static_bytes_per_param(n, size, training=self.record.training and grad, is_buffer=buffer)
+        return static_bytes_per_param(n, size, training=self.record.training and grad, is_buffer=buffer,
+                                      master_weights=self.record.master_weights)  # fmt: skip
 
     def comm(self, index: int, lo: int, hi: int) -> float:
         """Seconds per microbatch and direction to send units[lo:hi]'s inputs from the driver and their outputs back
@@ -452,6 +453,7 @@ def _to_plan(record: CallRecord, layout: PlacementLayout, *, model_name: str, fi
         microbatches=m,
         schedule="gpipe",
         training=record.training,
+        master_weights=record.master_weights,
         memory_limit=memory_limit,
         stages=stages,
         node_stage={u.path: s for s, units in enumerate(layout.stages) for u in units},

@@ -116,7 +116,7 @@ def step_parts(pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], st
         held = [0.0] * layout.pp
         for s, st in enumerate(state):
             held[rank_of[s]] += st.trainable  # stages share their rank's optimizer step
-        optimizer = [optimizer_step_time(pg.spec, w, fo, pg.param_element_size) for w in held]
+        optimizer = [optimizer_step_time(pg.spec, w, fo, pg.param_element_size, pg.master_weights) for w in held]
     dp_costs = [DataParallelCost()] * num_stages
     if layout.dp > 1 and pg.training:
         dp_costs = [

@@ -96,6 +96,9 @@ class Plan:
     # matrix-product node -> [pad of K, pad of N]: tensor-core GEMMs whose rows the applier pads to the device's
     # alignment and slices back (passes.align); at tensor degree > 1 only those the layout leaves whole
     padded_gemms: dict[str, list[int]] = field(default_factory=dict)
+    # the optimizer state the memory and the optimizer step were priced with (compile's master_weights): fp32 moments
+    # and masters, or moments in the parameters' dtype; False in plans saved before it was recorded
+    master_weights: bool = False
     version: int = PLAN_VERSION
 
     @property
@@ -158,6 +161,7 @@ class Plan:
                 "context_degree",
                 "context",
                 "padded_gemms",
+                "master_weights",
             },
         )
         if unknown or missing:
@@ -252,7 +256,9 @@ def _format_plan(plan: Plan) -> str:
         f"{_count(plan.microbatches, 'microbatch', 'microbatches')}, {plan.schedule}"
         + (f", data parallel {plan.data_parallel}" if plan.data_degree > 1 and plan.data_parallel else "")
         + (" (gradients reduced after the backward)" if plan.data_degree > 1 and not plan.overlap_grad_reduce else "")
-        + f"; {'training' if plan.training else 'inference'}; captured with {plan.capture}; {plan.cost_model} costs)",
+        + f"; {'training' if plan.training else 'inference'}"
+        + (" with fp32 master weights" if plan.training and plan.master_weights else "")
+        + f"; captured with {plan.capture}; {plan.cost_model} costs)",
         "",
     ]
     rows = []

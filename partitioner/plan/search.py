@@ -922,6 +922,7 @@ class _Evaluator:
                 c.data_parallel, g.spec, tp=d.tp, dp=d.grad_group, weight_bytes=g.trainable_bytes / d.pp,
                 microbatches=counts[0], element_size=g.param_element_size, shard=c.data_parallel_shard,
                 split_backward=get_schedule(c.schedule).split_backward, overlap_grad_reduce=self.overlap_grad_reduce,
+                master_weights=g.master_weights,
             ))  # fmt: skip
         return bound
 

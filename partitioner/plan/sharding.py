@@ -1,7 +1,8 @@
 """plan.sharding: how data-parallel replicas hold their training state, and what keeping it in step costs.
 
-Per parameter, with w its bytes, g its gradient's, o its optimizer state's (Adam: two fp32 moments, plus an fp32
-master copy of a 16-bit weight) and d the ranks that shard (the data degree; HSDP's shard group):
+Per parameter, with w its bytes, g its gradient's, o its optimizer state's (Adam: two moments, fp32 with an fp32
+master copy of a 16-bit weight under master_weights: plan.graph.static_bytes_per_param) and d the ranks that shard
+(the data degree; HSDP's shard group):
 
     mode     held per rank            collectives per step (ring; k ranks move (k - 1)/k of the bytes)
     ddp      w + g + o                all-reduce g once, bucketed into the last microbatch's backward
@@ -13,9 +14,10 @@ master copy of a 16-bit weight) and d the ranks that shard (the data degree; HSD
              group, replicated        across groups once per step
              across groups
 
-These are Rajbhandari et al. 2020 ("ZeRO"), Fig. 1: 16 bytes per parameter for mixed-precision Adam under ddp,
-4 + 12/d (zero1), 2 + 14/d (zero2), 16/d (fsdp). fsdp and zero2 also hold one layer's full gradient while it is
-reduced, and fsdp one layer's full weights while they are used plus the next one's prefetched (`transient`).
+These are Rajbhandari et al. 2020 ("ZeRO"), Fig. 1, with master weights: 16 bytes per parameter for
+mixed-precision Adam under ddp, 4 + 12/d (zero1), 2 + 14/d (zero2), 16/d (fsdp); without them (bf16 moments) 8,
+4 + 4/d, 2 + 6/d and 8/d. fsdp and zero2 also hold one layer's full gradient while it is reduced, and fsdp one
+layer's full weights while they are used plus the next one's prefetched (`transient`).
 
 Overlap: a collective that runs in a microbatch's forward or backward hides behind that compute (FSDP2 prefetches
 the next layer's parameters, DDP all-reduces a bucket while the backward goes on), so it adds
@@ -183,6 +185,7 @@ def data_parallel_floor(
     shard: int = 0,
     split_backward: bool = False,
     overlap_grad_reduce: bool = True,
+    master_weights: bool = False,
 ) -> float:
     """A lower bound on the step of a rank holding `weight_bytes` of trainable parameters (per tp rank) under
     `mode`, whatever its compute and its split into stages: each of its `microbatches` forwards and backwards lasts
@@ -192,7 +195,7 @@ def data_parallel_floor(
     the step: what the search ranks layouts by before it plans them (FSDP over 64 ranks of a 175B model: 100 s of
     gathers a compute-only bound does not see)."""
     fo = state_divisors(mode, dp, shard, split_backward=split_backward)[2] if mode and dp > 1 else 1
-    floor = optimizer_step_time(spec, weight_bytes, fo, element_size)
+    floor = optimizer_step_time(spec, weight_bytes, fo, element_size, master_weights)
     if dp <= 1 or not mode or weight_bytes <= 0:
         return floor
     kw = dict(tp=tp, dp=dp, weight_bytes=weight_bytes, grad_bytes=weight_bytes, layers=1, largest_layer=0.0,
@@ -202,15 +205,20 @@ def data_parallel_floor(
     return floor + microbatches * (bare.forward + bare.backward) + hidden.tail
 
 
-def optimizer_step_time(spec: DeviceSpec, weight_bytes: float, divisor: int, element_size: int) -> float:
+def optimizer_step_time(
+    spec: DeviceSpec, weight_bytes: float, divisor: int, element_size: int, master_weights: bool = False
+) -> float:
     """Seconds of one Adam step over `weight_bytes` of parameters whose optimizer state is split `divisor` ways.
 
     Memory-bound: per parameter it reads the weight, the gradient (once more for the gradient norm that clipping
-    needs), two fp32 moments and, for a 16-bit weight, its fp32 master copy, and writes the weight, the moments and
-    the master copy: 4 e + 8 + 8 + 2 m bytes for element size e (m = 4 master bytes when e < 4, else 0)."""
+    needs), two moments and, for a 16-bit weight under `master_weights`, its fp32 master copy, and writes the weight,
+    the moments and the master copy: 4 e + 4 s + 2 m bytes for element size e, moments of s bytes (4 under
+    `master_weights`, else e: plan.graph.static_bytes_per_param) and m = 4 master bytes (0 for an fp32 weight or
+    without master weights)."""
     if weight_bytes <= 0:
         return 0.0
     params = weight_bytes / element_size / max(divisor, 1)
-    master = 4 if element_size < 4 else 0
-    per_param = 4 * element_size + 16 + 2 * master
+    moment = 4 if master_weights else element_size
+    master = 4 if master_weights and element_size < 4 else 0
+    per_param = 4 * element_size + 4 * moment + 2 * master
     return params * per_param / spec.bytes_per_second() + spec.kernel_overhead
