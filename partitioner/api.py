@@ -384,8 +384,8 @@ def compile(  # noqa: A001  (the product's name for it, as torch.compile)
     microbatches: per training step (default: searched; it starts at the largest count <= 4 x pipeline degree
     dividing the batch per replica, doubles while a layout does not fit or is faster, and the winner falls to fewer
     while that is faster; a requested count must divide every replica's batch). memory_limit: bytes per device
-    for the plan's tensors (default: the device's `usable_memory`, what the driver reports less the CUDA context's and
-    NCCL's reserve).
+    for the plan's tensors and the NCCL communicators of its process groups (partitioner.plan.communicators; default:
+    the device's `usable_memory`, what the driver reports less the CUDA context's and libraries' reserve).
     schedule: a torch.distributed.pipelining schedule ("gpipe", "1f1b", "interleaved", "looped-bfs",
     "zero-bubble", "zbv"), "auto" (the best of 1f1b, interleaved, zero-bubble, zbv), or None (1f1b and
     gpipe, both priced: torch's 1F1B needs a microbatch per stage at least, and GPipe can win on memory); the

@@ -81,18 +81,22 @@ class DeviceSpec:
     overlap_efficiency: float = 0.21
     source: str = ""
     extra: dict[str, float] = field(default_factory=dict)
-    # Of memory_bytes, what no tensor can use: the CUDA context, cuBLAS workspaces and NCCL's communicator buffers live
-    # outside torch's allocator. A plan's default memory limit is the difference (`usable_memory`).
+    # Of memory_bytes, what no tensor can use: the CUDA context, cuBLAS workspaces and NCCL's own state live outside
+    # torch's allocator. A plan's default memory limit is the difference (`usable_memory`).
     runtime_reserve: float = 0.0
+    # What each NCCL communicator a rank holds takes besides (outside torch's allocator too): a plan prices it per
+    # layout, by the process groups its ranks join (plan.communicators), inside the memory limit.
+    communicator_memory: float = 0.0
 
     def __post_init__(self) -> None:
         for attr in ("memory_bandwidth", "memory_bytes", "link_bandwidth", "internode_bandwidth"):
             if getattr(self, attr) <= 0:
                 raise ValueError(f"DeviceSpec {self.name!r}: {attr} must be positive, got {getattr(self, attr)}")
-        if not 0 <= self.runtime_reserve < self.memory_bytes:
-            raise ValueError(
-                f"DeviceSpec {self.name!r}: runtime_reserve must lie in [0, memory_bytes), got {self.runtime_reserve}"
-            )
+        for attr in ("runtime_reserve", "communicator_memory"):
+            if not 0 <= getattr(self, attr) < self.memory_bytes:
+                raise ValueError(
+                    f"DeviceSpec {self.name!r}: {attr} must lie in [0, memory_bytes), got {getattr(self, attr)}"
+                )
         if not self.peak_flops or min(self.peak_flops.values()) <= 0:
             raise ValueError(f"DeviceSpec {self.name!r}: peak_flops needs positive entries, got {self.peak_flops}")
         efficiencies = (self.compute_efficiency, self.memory_efficiency, self.link_efficiency,
@@ -148,12 +152,14 @@ _H200_REPORTED = 139.8 * GiB
 # Taken before any tensor: the CUDA context, cuBLAS workspaces and NCCL's communicators. Measured on an H200 (torch
 # 2.11, CUDA 13.0, NCCL 2.28.9; bench/runtime_reserve.py, the same file as above): the context 0.51 GiB, cuBLAS
 # +0.22, flash attention +0.02, a first NCCL communicator +0.54 (one rank), each further one +0.38 whatever
-# NCCL_BUFFSIZE (0.50 with NCCL_CUMEM_ENABLE=0): 1.29 GiB with one process group, 2.43 with four. A communicator with
-# peers adds buffers per channel and peer that one GPU cannot show. 1.5 GiB covers a rank of one or two
-# communicators; one in tensor, pipeline, data and context groups holds about 1 GiB more, which this flat reserve does
-# not price (the reserve per communicator is open work, #15). The allocator's fragmentation comes on top and is not
-# modelled (expandable_segments keeps it small).
-_GPU_RUNTIME_RESERVE = 1.5 * GiB
+# NCCL_BUFFSIZE (0.50 with NCCL_CUMEM_ENABLE=0; bench/results/gpu-tests-NVIDIA_H200-20261204.md). So the reserve is
+# what any process holds, the first communicator's excess over the others included (0.51 + 0.22 + 0.02 + 0.16), and
+# each communicator is 0.38 GiB more, priced per layout (plan.communicators: 1.29 GiB in all for a rank of one
+# process group, 2.43 for one of four). A communicator with peers adds buffers per channel and peer that one GPU
+# cannot show, so both are lower bounds; assumed alike on the A100 and H100 with the same software. The allocator's
+# fragmentation comes on top and is not modelled (expandable_segments keeps it small).
+_GPU_RUNTIME_RESERVE = 0.91 * GiB
+_NCCL_COMMUNICATOR = 0.38 * GiB
 
 
 def _hopper(name: str, hbm_bandwidth: float, memory_bytes: float, source: str) -> DeviceSpec:
@@ -171,6 +177,7 @@ def _hopper(name: str, hbm_bandwidth: float, memory_bytes: float, source: str) -
         memory_bandwidth=hbm_bandwidth,
         memory_bytes=memory_bytes,
         runtime_reserve=_GPU_RUNTIME_RESERVE,
+        communicator_memory=_NCCL_COMMUNICATOR,
         link_bandwidth=450 * GB,  # NVLink 4: 900 GB/s bidirectional
         link_latency=10e-6,
         internode_bandwidth=50 * GB,  # one 400 Gb/s NDR InfiniBand NIC per GPU
@@ -218,6 +225,7 @@ PRESETS: dict[str, DeviceSpec] = {
         memory_bandwidth=2.039e12,
         memory_bytes=_80GB_REPORTED,
         runtime_reserve=_GPU_RUNTIME_RESERVE,
+        communicator_memory=_NCCL_COMMUNICATOR,
         link_bandwidth=300 * GB,  # NVLink 3: 600 GB/s bidirectional
         link_latency=10e-6,
         internode_bandwidth=25 * GB,  # one 200 Gb/s HDR NIC per GPU

@@ -319,6 +319,8 @@ def train_hf_with_compiled_step(
         cm.zero_grad()
     state = cm.full_state_dict()
     distributed = cm.pipeline is not None
+    # the process groups this rank joined (the default one included): what plan.communicators counts
+    groups = len(dist.distributed_c10d._world.pg_map) if distributed else 0
     if distributed:
         cm.pipeline.close()
     if (not dist.is_initialized() or dist.get_rank() == 0) and out:
@@ -326,8 +328,10 @@ def train_hf_with_compiled_step(
         sharded = sorted(p for p, s in cm.tensor_parallel_plan.param_shard.items() if s["dim"] is not None) if (
             cm.tensor_parallel_plan is not None) else []  # fmt: skip
         torch.save(
-            {"losses": losses, "state": state, "distributed": distributed, "chunks": chunks, "sharded": sharded}, out
-        )
+            {"losses": losses, "state": state, "distributed": distributed, "chunks": chunks, "sharded": sharded,
+             "groups": groups, "data_parallel": cm.plan.data_parallel, "data_degree": cm.plan.data_degree},
+            out,
+        )  # fmt: skip
 
 
 def nccl_pipeline_step(*, steps: int = 2, lr: float = 0.1, seed: int = 0, out: str | None = None) -> None:

@@ -14,6 +14,10 @@ from partitioner.devices import PRESETS
 from partitioner.plan.graph import PlanningGraph, evaluate
 from partitioner.plan.recompute import ActivationModel
 
+# The H100 preset without its NCCL communicators' memory (0.38 GiB each, plan.communicators): for tests that plan tiny
+# models under memory limits of a few MiB, which the communicators of any multi-device layout would exceed alone.
+H100_TENSORS_ONLY = dataclasses.replace(PRESETS["h100"], communicator_memory=0.0)
+
 
 def synthetic_graph(
     compute: list[float],
@@ -52,6 +56,7 @@ def synthetic_graph(
         link_latency=link_latency,
         overlaps_comm=overlaps_comm,
         link_efficiency=1.0,
+        communicator_memory=0.0,  # bytes here are abstract units: no NCCL communicator beside them
     )
     c = np.asarray(compute, dtype=np.float64)
     params = params or [[] for _ in range(n)]

@@ -32,6 +32,7 @@ from partitioner.plan.search import scale_graph
 from partitioner.plan.tensor import plan_tensor_parallel
 from partitioner.runtime.cp_local import check_context_parallel, check_tensor_context_parallel
 from partitioner.runtime.tp_local import ThreadGroup, _run_threads
+from tests.planning_graphs import H100_TENSORS_ONLY
 from tests.test_tensor_parallel import nano_graph, prepare, zoo_graph
 
 
@@ -328,8 +329,9 @@ def test_the_search_splits_one_long_sequence_over_the_devices_it_cannot_fill_oth
     torch.manual_seed(0)
     model = zoo.get("gpt3-tiny", n_ctx=2048, n_layer=4, n_head=1)
     x = (torch.randint(0, 512, (1, 2048)),)
-    searched = partitioner.compile(model, devices=4, example_inputs=x, memory_limit="16MiB").plan
-    without = partitioner.compile(model, devices=4, example_inputs=x, memory_limit="16MiB", context_parallel=1).plan
+    kw = dict(devices=4, example_inputs=x, memory_limit="16MiB", device_type=H100_TENSORS_ONLY)
+    searched = partitioner.compile(model, **kw).plan
+    without = partitioner.compile(model, **kw, context_parallel=1).plan
     assert without.context_degree == 1 and searched.context_degree > 1
     assert searched.predicted["step_time"] < without.predicted["step_time"]
     assert any(r.startswith(f"context parallel {searched.context_degree}: without it") for r in searched.reasons)

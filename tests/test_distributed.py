@@ -21,6 +21,7 @@ import torch
 import partitioner
 import zoo
 from partitioner.launch import free_port, spawn
+from partitioner.plan.communicators import rank_communicators
 from partitioner.runtime.distributed import PEER_FAILURE_EXIT_CODE, StageAdapter, data_parallel_mode
 from partitioner.runtime.materialize import materialize_modules, record_init
 
@@ -545,6 +546,8 @@ def test_huggingface_llama_trains_with_context_parallelism_as_in_one_process(
     assert (local["distributed"], ranks["distributed"]) == (False, True)
     assert ranks["losses"] == pytest.approx(local["losses"], abs=1e-5, rel=0)
     _assert_state_equal(ranks["state"], local["state"])
+    # the plan prices as many NCCL communicators as the runtime made process groups (plan.communicators)
+    assert ranks["groups"] == rank_communicators(pipeline, tp, 2, ranks["data_degree"], ranks["data_parallel"]) > 1
 
 
 @pytest.mark.distributed
@@ -574,6 +577,7 @@ def test_huggingface_models_train_pp2_x_tp2_under_torchrun_as_in_one_process(
     local, ranks = torch.load(here), torch.load(there)
     assert (local["distributed"], ranks["distributed"]) == (False, True)
     assert len(ranks["sharded"]) >= 8  # q / o / MLP projections of both layers at least
+    assert ranks["groups"] == rank_communicators(2, 2, 1, ranks["data_degree"], ranks["data_parallel"]) > 1
     assert ranks["losses"] == pytest.approx(local["losses"], abs=1e-5, rel=0)
     _assert_state_equal(ranks["state"], local["state"])
     fresh = next(c for c in CASES + MORE_CASES if c.name == case).build()

@@ -14,11 +14,12 @@ import partitioner
 import zoo
 from partitioner.plan.recompute_bound import forced_recompute_floor
 from partitioner.plan.search import search
+from tests.planning_graphs import H100_TENSORS_ONLY
 
 
 def _tiny_graph():
     cm = partitioner.compile(zoo.get("gpt3-tiny"), devices=1, example_inputs=zoo.example_inputs("gpt3-tiny", batch=16),
-                             device_type="h100", verbose=False)  # fmt: skip
+                             device_type=H100_TENSORS_ONLY, verbose=False)  # fmt: skip
     return cm.planning_graph
 
 

@@ -19,7 +19,7 @@ from partitioner.plan.graph import build_planning_graph, evaluate
 from partitioner.plan.model import TensorParallelLayouts
 from partitioner.plan.recompute import activation_model, layer_path, module_path
 from partitioner.plan.search import scale_graph
-from tests.planning_graphs import reference_activation_model
+from tests.planning_graphs import H100_TENSORS_ONLY, reference_activation_model
 from zoo.gpt3 import GPT, GPTConfig
 
 
@@ -224,9 +224,10 @@ def test_the_free_search_is_never_slower_than_a_forced_layout() -> None:
         model = zoo.get("gpt3-tiny", n_head=8)
     x = zoo.example_inputs("gpt3-tiny", batch=32, device="meta")
     limit = 3 * 2**20
-    forced = partitioner.compile(model, 8, x, memory_limit=limit, pipeline=2, tensor_parallel=2, microbatches=4,
-                                 recompute="full", data_parallel="ddp")  # fmt: skip
-    free = partitioner.compile(model, 8, x, memory_limit=limit)
+    kw = dict(memory_limit=limit, device_type=H100_TENSORS_ONLY)
+    forced = partitioner.compile(model, 8, x, pipeline=2, tensor_parallel=2, microbatches=4, recompute="full",
+                                 data_parallel="ddp", **kw)  # fmt: skip
+    free = partitioner.compile(model, 8, x, **kw)
     assert free.plan.predicted["step_time"] <= forced.plan.predicted["step_time"] * (1 + 1e-9)
     assert free.plan.predicted["peak_memory"] <= limit
 

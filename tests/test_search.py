@@ -11,7 +11,7 @@ import torch
 import partitioner
 import zoo
 from partitioner.plan.search import MIN_SHARDED_SHARE, Degrees, TensorParallelModel, other_counts, scale_graph, search
-from tests.planning_graphs import synthetic_graph
+from tests.planning_graphs import H100_TENSORS_ONLY, synthetic_graph
 
 
 def _chain(n: int = 12, static: int = 100, saved_bytes: float = 8.0):
@@ -118,7 +118,7 @@ def _tiny_gpt_on_meta():
 
 
 # Without recompute and with every replica holding its whole training state: the pipeline x tensor mechanics alone.
-PLAIN = dict(recompute="none", data_parallel="ddp")
+PLAIN = dict(recompute="none", data_parallel="ddp", device_type=H100_TENSORS_ONLY)
 
 
 @pytest.mark.parametrize(("sequence_parallel", "expected"), [(False, (12, 3, 4)), (None, (8, 1, 8))])

@@ -29,8 +29,8 @@ from partitioner.schedules import get_schedule
 from partitioner.simulate import SimResult, StageCost, StepTimes, fast_replay, replay_lower_bound, simulate
 
 __all__ = [
-    "ContiguousState", "Layout", "PricedStep", "StageState", "StepParts", "price_step", "stage_state", "step_end",
-    "step_floor", "step_parts",
+    "ContiguousState", "Layout", "PricedStep", "StageState", "StepParts", "first_stages", "price_step", "stage_state",
+    "step_end", "step_floor", "step_parts",
 ]  # fmt: skip
 
 
@@ -53,6 +53,7 @@ class Layout:
     data_parallel: str = ""
     data_parallel_shard: int = 0
     overlap_grad_reduce: bool = True
+    rank_overhead: float = 0.0  # bytes each rank holds whatever it runs (its NCCL communicators: plan.communicators)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,14 @@ def step_floor(parts: StepParts, layout: Layout) -> float:
     bound = replay_lower_bound(parts.costs, num_microbatches=layout.microbatches, schedule=layout.schedule,
                                num_ranks=layout.pp)  # fmt: skip
     return bound + min(t + o for t, o in zip(parts.tails, parts.optimizer))
+
+
+def first_stages(rank_of: Sequence[int]) -> set[int]:
+    """The first stage each rank runs (what holds a rank's own bytes, counted once per rank)."""
+    first: dict[int, int] = {}
+    for s, r in enumerate(rank_of):
+        first.setdefault(r, s)
+    return set(first.values())
 
 
 def step_parts(pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], state: Sequence[StageState]) -> StepParts:
@@ -156,6 +165,12 @@ def step_parts(pg: PlanningGraph, layout: Layout, costs: Sequence[StageCost], st
                 static_bytes=cost.static_bytes + (extra.transient if holder[rank_of[s]] == s else 0.0),
             )  # fmt: skip
             for s, (cost, extra) in enumerate(zip(costs, dp_costs))
+        ]
+    if layout.rank_overhead > 0:  # held by each rank's first stage
+        first = first_stages(rank_of)
+        costs = [
+            dataclasses.replace(cost, static_bytes=cost.static_bytes + layout.rank_overhead) if s in first else cost
+            for s, cost in enumerate(costs)
         ]
     # Every rank sums its stages' step-phase gradients once the backward is over, priced at the whole graph's (one
     # call, latency-bound: a rank's share moves fewer bytes for the same latencies)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from partitioner.plan.communicators import communicator_bytes, rank_communicators
 from partitioner.plan.context_cost import ContextParallelModel
 from partitioner.plan.graph import PlanningGraph, StageMetrics, evaluate, tied_sync_time, to_stage_costs
 from partitioner.plan.pipeline import (
@@ -49,7 +50,7 @@ from partitioner.plan.pipeline import (
     refine_plan,
     too_many_stages,
 )
-from partitioner.plan.price import Layout, price_step, stage_state, step_end, step_floor, step_parts
+from partitioner.plan.price import Layout, first_stages, price_step, stage_state, step_end, step_floor, step_parts
 from partitioner.plan.recompute import ScaledSaves
 from partitioner.plan.recompute_bound import forced_recompute_floor
 from partitioner.plan.sharding import (
@@ -867,6 +868,7 @@ class _Evaluator:
         alone = d.pp == 1 and "1f1b" in self.schedules and self.stages_per_device is None
         schedules = ("1f1b",) if alone else self.schedules
         combos = [(s, mode, sp) for sp in self.sp_options(d.tp) for s in schedules for mode in self.modes(d, s)]
+        limit = self.memory_limit
         for schedule, mode, sp in combos:
             split = get_schedule(schedule).split_backward and mode in ("zero2", "fsdp", "hsdp")
             g = self.graph(d.tp, d.dp, mode + (":split" if split else ""), d.pp, sp)
@@ -890,12 +892,13 @@ class _Evaluator:
                     c.note += f" of at least {self.min_chunk} samples (the captured graph's smallest batch)"
             elif d.pp * k > max_stages(g):
                 c.note = too_many_stages(g, d.pp * k)
-            elif (static := sum(g.param_static.values()) / d.pp) > self.memory_limit:
+            elif (static := sum(g.param_static.values()) / d.pp) + (comms := _communicator_bytes(c)) > limit:
                 # Even a perfectly even split of the training state overflows: no DP needed to know.
-                c.note = (
-                    f"its weights and training state alone need {format_bytes(static)} per device, over "
-                    f"{format_bytes(self.memory_limit)}"
-                )
+                c.note = f"its weights and training state alone need {format_bytes(static)} per device"
+                if comms:
+                    count = rank_communicators(d.pp, d.tp, d.cp, d.dp, mode)
+                    c.note += f" and its {count} NCCL communicators {format_bytes(comms)}"
+                c.note += f", over {format_bytes(limit)}"
                 c.out_of_memory = True
             out.append(c)
         return out
@@ -1099,15 +1102,17 @@ def price_candidate(
     if math.isfinite(beat) and (floor := step_floor(parts, layout)) >= beat:
         return floor
     priced = price_step(g, layout, costs, state, fast=fast, parts=parts)
+    # a rank's communicators on its first stage, as step_parts holds them
+    first = first_stages(get_schedule(c.schedule).stage_ranks(num_stages, d.pp)) if layout.rank_overhead else set()
     metrics = [
         dataclasses.replace(
             met,
             forward=met.forward + m * extra.forward,
             backward=met.backward + m * extra.backward,
-            static_bytes=met.static_bytes + extra.transient,
-            peak_memory=met.peak_memory + extra.transient,
+            static_bytes=met.static_bytes + extra.transient + (layout.rank_overhead if s in first else 0.0),
+            peak_memory=met.peak_memory + extra.transient + (layout.rank_overhead if s in first else 0.0),
         )  # fmt: skip
-        for met, extra in zip(metrics, priced.data_parallel)
+        for s, (met, extra) in enumerate(zip(metrics, priced.data_parallel))
     ]
     sim = priced.simulation
     c.stage_of, c.metrics = list(stage_of), metrics
@@ -1129,7 +1134,13 @@ def _layout(c: Candidate) -> Layout:
     """The pricing layout: its dp is the gradient group (dp x cp: the cp ranks hold the same weights)."""
     d = c.degrees
     return Layout(d.pp, d.tp, d.grad_group, c.microbatches, c.schedule, c.data_parallel, c.data_parallel_shard,
-                  c.overlap_grad_reduce)  # fmt: skip
+                  c.overlap_grad_reduce, _communicator_bytes(c))  # fmt: skip
+
+
+def _communicator_bytes(c: Candidate) -> float:
+    """What the NCCL communicators of one of the candidate's ranks take (plan.communicators)."""
+    d = c.degrees
+    return communicator_bytes(c.graph.spec, d.pp, d.tp, d.cp, d.dp, c.data_parallel)
 
 
 def _data_parallel_transient(c: Candidate) -> float:
@@ -1163,9 +1174,10 @@ def _evaluate(
     `beat` (ranking only): a split whose step cannot go below it (plan.price.step_floor) is not replayed; where no
     split of c's in-flight models was priced fitting and some were skipped so, c is noted as skipped, its bound the
     least of their floors."""
-    # What FSDP / ZeRO-2 hold besides the stage's state (a layer's gathered weights and gradients) is known before the
-    # split: the DP plans within what is left (plan.sharding.data_parallel_cost prices it after).
-    room = memory_limit - _data_parallel_transient(c)
+    # What FSDP / ZeRO-2 hold besides the stage's state (a layer's gathered weights and gradients) and what the rank's
+    # NCCL communicators take are known before the split: the DP plans within what is left (plan.price adds both
+    # after).
+    room = memory_limit - _data_parallel_transient(c) - _communicator_bytes(c)
     v = c.stages_per_device
     # 2x, 4x, ... the equal share, up to the whole room per stage (one stage per rank: its share is the whole room)
     looser = [2**k for k in range(1, v.bit_length()) if 2**k < v] + [v] if v > 1 else []
